@@ -1,1 +1,9 @@
-//! placeholder
+//! Types and helpers shared by the Sluice coordinator, workers and tests: wire messages, job kinds, the model client, telemetry and shutdown.
+
+pub mod nats;
+pub mod provider;
+pub mod sample;
+pub mod shutdown;
+pub mod spec;
+pub mod telemetry;
+pub mod wire;

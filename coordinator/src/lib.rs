@@ -1,1 +1,79 @@
-//! placeholder
+//! The Sluice coordinator: ingests jobs into Postgres, splits them into chunks on JetStream, reconciles lost chunks and serves the control API.
+
+pub mod api;
+pub mod client;
+pub mod config;
+pub mod error;
+pub mod ingest;
+pub mod metrics;
+pub mod model;
+pub mod publish;
+pub mod reconcile;
+pub mod store;
+
+pub use config::ServeConfig;
+pub use error::Error;
+
+use std::net::SocketAddr;
+
+use tokio_util::sync::CancellationToken;
+
+/// A coordinator bound to its listening address, ready to run.
+pub struct Coordinator {
+    listener: tokio::net::TcpListener,
+    state: api::AppState,
+    config: ServeConfig,
+}
+
+impl Coordinator {
+    /// Connects to Postgres and NATS, applies migrations, declares the stream
+    /// and binds the API listener. Every failure names the address it tried.
+    pub async fn bind(config: ServeConfig) -> Result<Self, Error> {
+        config.validate()?;
+        let pool = store::connect(&config.database_url, config.db_pool_size).await?;
+        migrations::MIGRATOR.run(&pool).await.map_err(Error::Migrate)?;
+        let nats = common::nats::connect(&config.nats_url).await?;
+        let js = async_nats::jetstream::new(nats);
+        common::nats::ensure_stream(&js, &config.nats_url).await?;
+        let listener = tokio::net::TcpListener::bind(&config.listen)
+            .await
+            .map_err(|source| Error::Bind { addr: config.listen.clone(), source })?;
+        let state = api::AppState::new(pool, js);
+        Ok(Coordinator { listener, state, config })
+    }
+
+    /// The address the API listens on (useful when binding port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().expect("bound listener has an address")
+    }
+
+    /// Serves the API and runs the reconciler until `shutdown` is cancelled.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
+        let addr = self.local_addr();
+        tracing::info!(%addr, "coordinator listening");
+        let reconciler = if self.config.reconcile_interval_ms > 0 {
+            Some(tokio::spawn(reconcile::run(
+                self.state.clone(),
+                reconcile::Settings::from(&self.config),
+                shutdown.clone(),
+            )))
+        } else {
+            None
+        };
+        let app = api::router(self.state);
+        let stop = shutdown.clone();
+        axum::serve(self.listener, app)
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await
+            .map_err(|source| Error::Bind { addr: addr.to_string(), source })?;
+        if let Some(r) = reconciler {
+            let _ = r.await;
+        }
+        Ok(())
+    }
+}
+
+/// Runs a coordinator with `config` until `shutdown` is cancelled.
+pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> Result<(), Error> {
+    Coordinator::bind(config).await?.run(shutdown).await
+}

@@ -1,0 +1,258 @@
+//! Client for OpenAI-compatible `/v1/chat/completions` endpoints, with errors sorted into the classes retries act on.
+
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// One chat message.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
+}
+
+/// What a worker asks of the model for one item.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChatRequest {
+    pub model: String,
+    pub messages: Vec<Message>,
+    pub temperature: f32,
+    pub max_tokens: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub response_format: Option<Value>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub logprobs: bool,
+}
+
+/// A successful answer.
+#[derive(Debug, Clone)]
+pub struct Completion {
+    pub content: String,
+    pub model: String,
+    pub tokens_in: u32,
+    pub tokens_out: u32,
+    /// Sum of the answer tokens' log-probabilities, when the provider sent them.
+    pub logprob_sum: Option<f64>,
+}
+
+/// Why a call failed, by what should be done about it.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    #[error("rate limited by the provider (HTTP 429)")]
+    RateLimited { retry_after: Option<Duration> },
+    #[error("transient transport failure: {0}")]
+    Transient(String),
+    #[error("the provider refused the API key (HTTP {status})")]
+    Auth { status: u16 },
+    #[error("the provider rejected the request (HTTP {status}): {message}")]
+    InvalidRequest { status: u16, message: String },
+    #[error("provider server error (HTTP {status})")]
+    Server { status: u16, retry_after: Option<Duration> },
+    #[error("the provider's response is not a valid chat completion: {0}")]
+    Malformed(String),
+}
+
+impl CallError {
+    /// Short, bounded name used in results and metric labels.
+    pub fn class(&self) -> &'static str {
+        match self {
+            CallError::RateLimited { .. } => "rate_limited",
+            CallError::Transient(_) => "transient",
+            CallError::Auth { .. } => "auth",
+            CallError::InvalidRequest { .. } => "invalid_request",
+            CallError::Server { .. } => "server",
+            CallError::Malformed(_) => "malformed",
+        }
+    }
+
+    /// Whether the same call may succeed if tried again.
+    pub fn is_retryable(&self) -> bool {
+        !matches!(self, CallError::Auth { .. } | CallError::InvalidRequest { .. })
+    }
+
+    /// The earliest time the provider asked us to come back, if it said.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            CallError::RateLimited { retry_after } | CallError::Server { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+}
+
+/// Where the model lives and how to reach it.
+#[derive(Debug, Clone)]
+pub struct ProviderConfig {
+    /// Base URL including `/v1`, e.g. `https://api.openai.com/v1`.
+    pub base_url: String,
+    pub api_key: Option<SecretString>,
+    pub timeout: Duration,
+    /// Most idle pooled connections kept per host.
+    pub pool_size: usize,
+}
+
+/// A pooled HTTP client for one provider endpoint.
+#[derive(Clone)]
+pub struct ChatClient {
+    http: reqwest::Client,
+    url: String,
+    api_key: Option<SecretString>,
+}
+
+impl ChatClient {
+    pub fn new(config: &ProviderConfig) -> Result<Self, reqwest::Error> {
+        let http = reqwest::Client::builder()
+            .timeout(config.timeout)
+            .connect_timeout(Duration::from_secs(5))
+            .pool_max_idle_per_host(config.pool_size)
+            .tcp_nodelay(true)
+            .build()?;
+        let url = format!("{}/chat/completions", config.base_url.trim_end_matches('/'));
+        Ok(ChatClient { http, url, api_key: config.api_key.clone() })
+    }
+
+    /// The endpoint this client calls.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Sends one chat completion request.
+    pub async fn complete(&self, request: &ChatRequest) -> Result<Completion, CallError> {
+        let mut builder = self.http.post(&self.url).json(request);
+        if let Some(key) = &self.api_key {
+            builder = builder.bearer_auth(key.expose_secret());
+        }
+        let response = builder.send().await.map_err(transport_error)?;
+        let status = response.status().as_u16();
+        let retry_after = retry_after(response.headers());
+        if status != 200 {
+            let body = response.text().await.unwrap_or_default();
+            return Err(match status {
+                429 => CallError::RateLimited { retry_after },
+                401 | 403 => CallError::Auth { status },
+                408 => CallError::Transient(format!("HTTP {status}")),
+                400..=499 => CallError::InvalidRequest { status, message: truncate(&body, 300) },
+                _ => CallError::Server { status, retry_after },
+            });
+        }
+        let bytes = response.bytes().await.map_err(transport_error)?;
+        parse_completion(&bytes)
+    }
+}
+
+fn transport_error(e: reqwest::Error) -> CallError {
+    let kind = if e.is_timeout() {
+        "timeout"
+    } else if e.is_connect() {
+        "connect"
+    } else {
+        "transport"
+    };
+    CallError::Transient(format!("{kind}: {}", std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_else(|| e.to_string())))
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_string(),
+    }
+}
+
+/// Reads `Retry-After` as seconds (integer or decimal).
+pub fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    let v = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?;
+    let secs: f64 = v.trim().parse().ok()?;
+    (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs.min(3600.0)))
+}
+
+#[derive(Deserialize)]
+struct RawCompletion {
+    #[serde(default)]
+    model: String,
+    choices: Vec<RawChoice>,
+    #[serde(default)]
+    usage: Option<RawUsage>,
+}
+#[derive(Deserialize)]
+struct RawChoice {
+    message: RawMessage,
+    #[serde(default)]
+    logprobs: Option<RawLogprobs>,
+}
+#[derive(Deserialize)]
+struct RawMessage {
+    #[serde(default)]
+    content: Option<String>,
+}
+#[derive(Deserialize)]
+struct RawUsage {
+    #[serde(default)]
+    prompt_tokens: u32,
+    #[serde(default)]
+    completion_tokens: u32,
+}
+#[derive(Deserialize)]
+struct RawLogprobs {
+    #[serde(default)]
+    content: Option<Vec<RawToken>>,
+}
+#[derive(Deserialize)]
+struct RawToken {
+    logprob: f64,
+}
+
+/// Parses a chat completion body; anything unexpected is `Malformed`.
+pub fn parse_completion(body: &[u8]) -> Result<Completion, CallError> {
+    let raw: RawCompletion =
+        serde_json::from_slice(body).map_err(|e| CallError::Malformed(format!("body is not a chat completion: {e}")))?;
+    let choice = raw.choices.into_iter().next().ok_or_else(|| CallError::Malformed("no choices".into()))?;
+    let content = choice.message.content.ok_or_else(|| CallError::Malformed("no message content".into()))?;
+    let logprob_sum = choice
+        .logprobs
+        .and_then(|l| l.content)
+        .map(|tokens| tokens.iter().map(|t| t.logprob).sum::<f64>())
+        .filter(|s| s.is_finite());
+    let usage = raw.usage.unwrap_or(RawUsage { prompt_tokens: 0, completion_tokens: 0 });
+    Ok(Completion {
+        content,
+        model: raw.model,
+        tokens_in: usage.prompt_tokens,
+        tokens_out: usage.completion_tokens,
+        logprob_sum,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_a_completion_with_logprobs() {
+        let body = br#"{"model":"m","choices":[{"message":{"role":"assistant","content":"hi"},
+            "logprobs":{"content":[{"token":"h","logprob":-0.5},{"token":"i","logprob":-0.25}]}}],
+            "usage":{"prompt_tokens":7,"completion_tokens":2}}"#;
+        let c = parse_completion(body).unwrap();
+        assert_eq!(c.content, "hi");
+        assert_eq!((c.tokens_in, c.tokens_out), (7, 2));
+        assert_eq!(c.logprob_sum, Some(-0.75));
+    }
+
+    #[test]
+    fn malformed_bodies_are_classified() {
+        for body in [&b"not json"[..], br#"{"choices":[]}"#, br#"{"choices":[{"message":{}}]}"#] {
+            let err = parse_completion(body).unwrap_err();
+            assert_eq!(err.class(), "malformed", "{}", String::from_utf8_lossy(body));
+            assert!(err.is_retryable());
+        }
+    }
+
+    #[test]
+    fn retry_after_seconds() {
+        let mut h = reqwest::header::HeaderMap::new();
+        h.insert(reqwest::header::RETRY_AFTER, "1.5".parse().unwrap());
+        assert_eq!(retry_after(&h), Some(Duration::from_millis(1500)));
+        h.insert(reqwest::header::RETRY_AFTER, "soon".parse().unwrap());
+        assert_eq!(retry_after(&h), None);
+    }
+}

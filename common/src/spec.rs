@@ -1,0 +1,216 @@
+//! Job kinds as data: `job.toml`, a prompt template and an output schema, loaded from a folder under `jobs/`.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+/// The contents of a job kind's `job.toml`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    /// Name of the kind, e.g. `classify`.
+    pub kind: String,
+    #[serde(default)]
+    pub description: String,
+    /// Model name sent to the provider.
+    pub model: String,
+    #[serde(default)]
+    pub temperature: f32,
+    pub max_tokens: u32,
+    /// Items per chunk message.
+    #[serde(default = "default_chunk_size")]
+    pub chunk_size: u32,
+    /// Results below this confidence are flagged for review.
+    #[serde(default = "default_threshold")]
+    pub confidence_threshold: f64,
+    /// Prompt template file, relative to the kind's folder.
+    #[serde(default = "default_template")]
+    pub template: String,
+    /// JSON schema of the model's output, relative to the kind's folder.
+    #[serde(default = "default_schema")]
+    pub schema: String,
+    /// Optional system message sent before the rendered prompt.
+    #[serde(default)]
+    pub system: Option<String>,
+    /// Fields every input line must carry (they are what the template uses).
+    #[serde(default)]
+    pub input_fields: Vec<String>,
+    /// The output field that holds the short answer (a label, a summary).
+    pub answer_field: String,
+    /// Allowed labels for classification kinds; available to the template as `labels`.
+    #[serde(default)]
+    pub labels: Vec<String>,
+    /// Ask the provider for token log-probabilities (used for confidence).
+    #[serde(default)]
+    pub logprobs: bool,
+}
+
+fn default_chunk_size() -> u32 {
+    100
+}
+fn default_threshold() -> f64 {
+    0.7
+}
+fn default_template() -> String {
+    "prompt.j2".into()
+}
+fn default_schema() -> String {
+    "schema.json".into()
+}
+
+/// A job kind with its template and schema read from disk, ready to submit.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobKind {
+    pub spec: JobSpec,
+    pub template: String,
+    pub schema: Value,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    #[error("cannot read {path}")]
+    Read { path: PathBuf, #[source] source: std::io::Error },
+    #[error("invalid job spec {path}")]
+    Toml { path: PathBuf, #[source] source: toml::de::Error },
+    #[error("invalid JSON in output schema {path}")]
+    SchemaJson { path: PathBuf, #[source] source: serde_json::Error },
+    #[error("output schema is not a valid JSON schema: {0}")]
+    Schema(String),
+    #[error("prompt template does not compile")]
+    Template(#[source] minijinja::Error),
+    #[error("job spec: {0}")]
+    Invalid(String),
+}
+
+impl JobKind {
+    /// Reads `dir/job.toml` and the template and schema it names.
+    pub fn load(dir: &Path) -> Result<Self, SpecError> {
+        let spec_path = dir.join("job.toml");
+        let text = read(&spec_path)?;
+        let spec: JobSpec =
+            toml::from_str(&text).map_err(|source| SpecError::Toml { path: spec_path.clone(), source })?;
+        let template = read(&dir.join(&spec.template))?;
+        let schema_path = dir.join(&spec.schema);
+        let schema = serde_json::from_str(&read(&schema_path)?)
+            .map_err(|source| SpecError::SchemaJson { path: schema_path, source })?;
+        let kind = JobKind { spec, template, schema };
+        kind.validate()?;
+        Ok(kind)
+    }
+
+    /// Checks everything that can be checked before any input is read.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        let s = &self.spec;
+        if s.chunk_size == 0 || s.chunk_size > 10_000 {
+            return Err(SpecError::Invalid(format!("chunk_size must be 1..=10000, got {}", s.chunk_size)));
+        }
+        if !(0.0..=1.0).contains(&s.confidence_threshold) {
+            return Err(SpecError::Invalid(format!(
+                "confidence_threshold must be within 0..=1, got {}",
+                s.confidence_threshold
+            )));
+        }
+        if s.max_tokens == 0 {
+            return Err(SpecError::Invalid("max_tokens must be at least 1".into()));
+        }
+        self.validator()?;
+        Prompt::new(self)?;
+        Ok(())
+    }
+
+    /// Compiles the output schema.
+    pub fn validator(&self) -> Result<jsonschema::Validator, SpecError> {
+        jsonschema::validator_for(&self.schema).map_err(|e| SpecError::Schema(e.to_string()))
+    }
+
+    /// Hex SHA-256 of the prompt template (and system message): recorded with
+    /// every result so an answer can be traced to the exact prompt version.
+    pub fn template_hash(&self) -> String {
+        let mut h = Sha256::new();
+        if let Some(system) = &self.spec.system {
+            h.update(system.as_bytes());
+            h.update([0u8]);
+        }
+        h.update(self.template.as_bytes());
+        hex::encode(h.finalize())[..16].to_string()
+    }
+}
+
+fn read(path: &Path) -> Result<String, SpecError> {
+    std::fs::read_to_string(path).map_err(|source| SpecError::Read { path: path.to_path_buf(), source })
+}
+
+/// A compiled prompt template.
+pub struct Prompt {
+    env: minijinja::Environment<'static>,
+    labels: Vec<String>,
+}
+
+impl Prompt {
+    pub fn new(kind: &JobKind) -> Result<Self, SpecError> {
+        let mut env = minijinja::Environment::new();
+        env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
+        env.add_template_owned("prompt", kind.template.clone()).map_err(SpecError::Template)?;
+        Ok(Prompt { env, labels: kind.spec.labels.clone() })
+    }
+
+    /// Renders the prompt for one item; the item's fields and `labels` are in scope.
+    pub fn render(&self, item: &Value) -> Result<String, minijinja::Error> {
+        let mut ctx = match item {
+            Value::Object(map) => map.clone(),
+            other => {
+                let mut m = serde_json::Map::new();
+                m.insert("input".into(), other.clone());
+                m
+            }
+        };
+        ctx.insert("labels".into(), Value::from(self.labels.clone()));
+        self.env.get_template("prompt")?.render(minijinja::value::Serde(&ctx))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn repo_jobs() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../jobs")
+    }
+
+    #[test]
+    fn shipped_kinds_load_and_render() {
+        for name in ["classify", "summarize"] {
+            let kind = JobKind::load(&repo_jobs().join(name)).unwrap();
+            assert_eq!(kind.spec.kind, name);
+            let prompt = Prompt::new(&kind).unwrap();
+            let text = prompt.render(&serde_json::json!({"id": "1", "text": "The striker scored."})).unwrap();
+            assert!(text.contains("The striker scored."), "{text}");
+            assert_eq!(kind.template_hash().len(), 16);
+        }
+    }
+
+    #[test]
+    fn missing_template_variable_is_an_error() {
+        let kind = JobKind::load(&repo_jobs().join("classify")).unwrap();
+        let prompt = Prompt::new(&kind).unwrap();
+        assert!(prompt.render(&serde_json::json!({"id": "1"})).is_err());
+    }
+
+    #[test]
+    fn invalid_threshold_is_rejected() {
+        let mut kind = JobKind::load(&repo_jobs().join("classify")).unwrap();
+        kind.spec.confidence_threshold = 1.5;
+        let err = kind.validate().unwrap_err().to_string();
+        assert!(err.contains("confidence_threshold"), "{err}");
+    }
+
+    #[test]
+    fn template_hash_changes_with_template() {
+        let mut kind = JobKind::load(&repo_jobs().join("classify")).unwrap();
+        let before = kind.template_hash();
+        kind.template.push_str("\nBe brief.");
+        assert_ne!(before, kind.template_hash());
+    }
+}

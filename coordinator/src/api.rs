@@ -1,0 +1,217 @@
+//! The coordinator's HTTP control API, used by the `sluice` CLI.
+
+use async_nats::jetstream;
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use futures::StreamExt;
+use serde::Deserialize;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::ingest::{self, Mode};
+use crate::model::{ApiError, Created, NewJob};
+use crate::{metrics as m, publish, store, Error};
+
+/// Shared handles of the API handlers and the reconciler.
+#[derive(Clone)]
+pub struct AppState {
+    pub pool: PgPool,
+    pub js: jetstream::Context,
+}
+
+impl AppState {
+    pub fn new(pool: PgPool, js: jetstream::Context) -> Self {
+        m::describe();
+        AppState { pool, js }
+    }
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/v1/jobs", post(create_job).get(list_jobs))
+        .route("/v1/jobs/{id}", get(job_status))
+        .route("/v1/jobs/{id}/input", put(upload_input))
+        .route("/v1/jobs/{id}/cancel", post(cancel_job))
+        .route("/v1/jobs/{id}/results", get(results))
+        .with_state(state)
+}
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        let status = match &self {
+            Error::JobNotFound(_) => StatusCode::NOT_FOUND,
+            Error::JobState { .. } => StatusCode::CONFLICT,
+            Error::Spec(_) | Error::Upload(_) => StatusCode::BAD_REQUEST,
+            Error::Db(_) | Error::DbConnect { .. } | Error::Nats(_) | Error::Publish { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        if status.is_server_error() {
+            tracing::error!(error = &self as &dyn std::error::Error, "request failed");
+        }
+        (status, Json(ApiError { error: chain(&self), report: None })).into_response()
+    }
+}
+
+/// The error and its sources on one line, for API clients.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+async fn create_job(State(st): State<AppState>, Json(job): Json<NewJob>) -> Result<impl IntoResponse, Error> {
+    job.kind.validate()?;
+    let job_id = store::create_job(&st.pool, &job).await?;
+    tracing::info!(%job_id, kind = %job.kind.spec.kind, "job created");
+    Ok((StatusCode::CREATED, Json(Created { job_id })))
+}
+
+#[derive(Deserialize)]
+struct InputParams {
+    #[serde(default)]
+    skip_invalid: bool,
+}
+
+async fn upload_input(
+    State(st): State<AppState>,
+    Path(job_id): Path<Uuid>,
+    Query(p): Query<InputParams>,
+    body: Body,
+) -> Result<Response, Error> {
+    let spec = store::job_spec(&st.pool, job_id).await?;
+    let mode = if p.skip_invalid { Mode::SkipInvalid } else { Mode::Strict };
+    let report =
+        ingest::ingest(&st.pool, job_id, spec.input_fields.clone(), spec.chunk_size, mode, body.into_data_stream())
+            .await?;
+    if report.state == "rejected" {
+        tracing::info!(%job_id, invalid = report.invalid_lines, "input rejected");
+        let error = format!("input rejected: {} invalid line(s); nothing was ingested", report.invalid_lines);
+        return Ok((StatusCode::UNPROCESSABLE_ENTITY, Json(ApiError { error, report: Some(report) })).into_response());
+    }
+    tracing::info!(%job_id, items = report.items, chunks = report.chunks, secs = report.ingest_seconds, "input ingested");
+    // The items are committed; if publishing fails now the reconciler
+    // publishes the chunks later, so the job is accepted either way.
+    let chunks = store::unpublished_chunks(&st.pool, job_id).await?;
+    if let Err(err) = publish::publish_chunks(&st.js, &st.pool, &chunks, "submit").await {
+        tracing::warn!(%job_id, error = &err as &dyn std::error::Error, "publishing chunks failed; the reconciler will retry");
+    }
+    Ok(Json(report).into_response())
+}
+
+async fn job_status(State(st): State<AppState>, Path(job_id): Path<Uuid>) -> Result<impl IntoResponse, Error> {
+    Ok(Json(store::status(&st.pool, job_id).await?))
+}
+
+#[derive(Deserialize)]
+struct ListParams {
+    #[serde(default = "default_limit")]
+    limit: i64,
+}
+fn default_limit() -> i64 {
+    20
+}
+
+async fn list_jobs(State(st): State<AppState>, Query(p): Query<ListParams>) -> Result<impl IntoResponse, Error> {
+    Ok(Json(store::list_jobs(&st.pool, p.limit.clamp(1, 1000)).await?))
+}
+
+async fn cancel_job(State(st): State<AppState>, Path(job_id): Path<Uuid>) -> Result<impl IntoResponse, Error> {
+    store::cancel(&st.pool, job_id).await?;
+    metrics::counter!(m::JOBS_FINISHED, "state" => "cancelled").increment(1);
+    Ok(Json(store::status(&st.pool, job_id).await?))
+}
+
+#[derive(Deserialize)]
+struct ResultParams {
+    #[serde(default = "default_format")]
+    format: String,
+}
+fn default_format() -> String {
+    "jsonl".into()
+}
+
+/// CSV columns of a result export.
+pub const CSV_HEADER: &str = "id,state,answer,confidence,error_class,error,model,attempts,template_hash\n";
+
+async fn results(
+    State(st): State<AppState>,
+    Path(job_id): Path<Uuid>,
+    Query(p): Query<ResultParams>,
+) -> Result<Response, Error> {
+    // Fails with 404 before streaming if the job does not exist.
+    store::job_spec(&st.pool, job_id).await?;
+    let csv = match p.format.as_str() {
+        "jsonl" => false,
+        "csv" => true,
+        other => {
+            let error = format!("unknown format {other:?}: use jsonl or csv");
+            return Ok((StatusCode::BAD_REQUEST, Json(ApiError { error, report: None })).into_response());
+        }
+    };
+    let pool = st.pool.clone();
+    let rows = async_stream_rows(pool, job_id, csv);
+    let content_type = if csv { "text/csv" } else { "application/x-ndjson" };
+    Ok(([(header::CONTENT_TYPE, content_type)], Body::from_stream(rows)).into_response())
+}
+
+fn async_stream_rows(
+    pool: PgPool,
+    job_id: Uuid,
+    csv: bool,
+) -> impl futures::Stream<Item = Result<Vec<u8>, Error>> + Send + 'static {
+    let header = csv.then(|| Ok(CSV_HEADER.as_bytes().to_vec()));
+    // Keyset pagination keeps memory bounded whatever the job's size.
+    let pages = futures::stream::try_unfold(Some(0i64), move |after| {
+        let pool = pool.clone();
+        async move {
+            let Some(after) = after else { return Ok(None) };
+            let page = store::results_page(&pool, job_id, after, 2_000).await?;
+            if page.is_empty() {
+                return Ok(None);
+            }
+            let last = page.last().map(|(seq, _)| *seq);
+            let mut out = Vec::with_capacity(page.len() * 200);
+            for (_, row) in &page {
+                if csv {
+                    write_csv_row(&mut out, row);
+                } else {
+                    serde_json::to_writer(&mut out, row).expect("result row serialises");
+                    out.push(b'\n');
+                }
+            }
+            Ok(Some((out, last)))
+        }
+    });
+    futures::stream::iter(header).chain(pages)
+}
+
+fn write_csv_row(out: &mut Vec<u8>, r: &store::ResultRow) {
+    let mut w = csv::WriterBuilder::new().has_headers(false).from_writer(Vec::new());
+    let confidence = r.confidence.map(|c| format!("{c:.4}")).unwrap_or_default();
+    let attempts = r.attempts.to_string();
+    w.write_record([
+        r.id.as_str(),
+        r.state.as_str(),
+        r.answer.as_deref().unwrap_or(""),
+        confidence.as_str(),
+        r.error_class.as_deref().unwrap_or(""),
+        r.error.as_deref().unwrap_or(""),
+        r.model.as_deref().unwrap_or(""),
+        attempts.as_str(),
+        r.template_hash.as_str(),
+    ])
+    .expect("writing to memory");
+    out.extend_from_slice(&w.into_inner().expect("writing to memory"));
+}

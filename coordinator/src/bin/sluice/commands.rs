@@ -1,0 +1,313 @@
+//! The `sluice` subcommands: what each does, its flags, and how it prints.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use coordinator::client::{Client, ClientError};
+use coordinator::model::{IngestReport, JobStatus, NewJob};
+use futures::StreamExt;
+use indicatif::{ProgressBar, ProgressStyle};
+use uuid::Uuid;
+
+/// Sluice pushes large batches of documents through language models within
+/// the provider's limits, losing nothing.
+///
+/// Typical use:
+///   sluice sample classify --count 10000 > docs.jsonl
+///   sluice submit jobs/classify --input docs.jsonl --watch
+///   sluice results JOB_ID --format csv > results.csv
+#[derive(Debug, Parser)]
+#[command(name = "sluice", version, verbatim_doc_comment)]
+pub struct Cli {
+    /// URL of the coordinator's API.
+    #[arg(long, global = true, env = "SLUICE_COORDINATOR", default_value = "http://127.0.0.1:7700")]
+    coordinator: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the coordinator service (API, chunk publishing, reconciler).
+    Serve {
+        #[command(flatten)]
+        config: coordinator::ServeConfig,
+        #[command(flatten)]
+        telemetry: common::telemetry::TelemetryConfig,
+    },
+    /// Submit a job: a job-kind folder (e.g. jobs/classify) and a JSONL input file.
+    ///
+    /// Each input line is a JSON object with a unique "id" (or "custom_id") and
+    /// the fields the kind's template uses. By default a file with any bad line
+    /// is rejected with nothing ingested; every bad line is listed with its number.
+    Submit {
+        /// Folder holding job.toml, the prompt template and the output schema.
+        job_dir: PathBuf,
+        /// JSONL input file.
+        #[arg(long, short)]
+        input: PathBuf,
+        /// Ingest the good lines and record the bad ones instead of rejecting the file.
+        #[arg(long)]
+        skip_invalid: bool,
+        /// Keep watching the job's progress until it finishes.
+        #[arg(long)]
+        watch: bool,
+        /// Print machine-readable JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a job's progress: counts by state, items/s and ETA.
+    Status {
+        job: Uuid,
+        /// Show a live progress bar until the job finishes.
+        #[arg(long)]
+        watch: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List recent jobs, newest first.
+    Jobs {
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Export a job's results in input order.
+    Results {
+        job: Uuid,
+        #[arg(long, default_value = "jsonl", value_parser = ["jsonl", "csv"])]
+        format: String,
+        /// Write to this file instead of standard output.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
+    /// Cancel a job: no new work starts; results so far are kept.
+    Cancel {
+        job: Uuid,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print deterministic synthetic documents with known answers as JSONL.
+    Sample {
+        /// Job kind the documents are for (classify or summarize).
+        #[arg(value_parser = ["classify", "summarize"])]
+        kind: String,
+        #[arg(long, default_value_t = 1000)]
+        count: u64,
+        /// Different seeds give different documents.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+}
+
+/// Runs one command and returns the process exit code.
+pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+    let client = Client::new(&cli.coordinator);
+    match cli.command {
+        Command::Serve { config, telemetry } => {
+            common::telemetry::init(&telemetry)?;
+            coordinator::run(config, common::shutdown::on_signals()).await?;
+        }
+        Command::Submit { job_dir, input, skip_invalid, watch, json } => {
+            return submit(&client, job_dir, input, skip_invalid, watch, json).await;
+        }
+        Command::Status { job, watch, json } => {
+            let status = if watch { watch_job(&client, job, json).await? } else { client.status(job).await? };
+            print_status(&status, json);
+        }
+        Command::Jobs { limit, json } => {
+            let jobs = client.jobs(limit).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&jobs)?);
+            } else if jobs.is_empty() {
+                println!("no jobs yet: submit one with `sluice submit jobs/classify --input docs.jsonl`");
+            } else {
+                println!("{:<36}  {:<10}  {:<10}  {:>8}  {:>8}  {:>6}  created", "job", "kind", "state", "total", "done", "failed");
+                for j in jobs {
+                    println!(
+                        "{:<36}  {:<10}  {:<10}  {:>8}  {:>8}  {:>6}  {}",
+                        j.job_id,
+                        j.kind,
+                        j.state,
+                        j.total,
+                        j.done(),
+                        j.failed,
+                        j.created_at.format("%Y-%m-%d %H:%M:%S")
+                    );
+                }
+            }
+        }
+        Command::Results { job, format, output } => {
+            let mut stream = client.results(job, &format).await?;
+            let mut out: Box<dyn Write> = match &output {
+                Some(p) => Box::new(std::io::BufWriter::new(
+                    std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))?,
+                )),
+                None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
+            };
+            while let Some(piece) = stream.next().await {
+                out.write_all(&piece?)?;
+            }
+            out.flush()?;
+            if let Some(p) = output {
+                eprintln!("results written to {}", p.display());
+            }
+        }
+        Command::Cancel { job, json } => {
+            let status = client.cancel(job).await?;
+            print_status(&status, json);
+        }
+        Command::Sample { kind: _, count, seed } => {
+            let stdout = std::io::stdout();
+            let mut out = std::io::BufWriter::new(stdout.lock());
+            for i in 0..count {
+                serde_json::to_writer(&mut out, &common::sample::document(seed, i))?;
+                out.write_all(b"\n")?;
+            }
+            out.flush()?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn submit(
+    client: &Client,
+    job_dir: PathBuf,
+    input: PathBuf,
+    skip_invalid: bool,
+    watch: bool,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let kind = common::spec::JobKind::load(&job_dir)
+        .with_context(|| format!("cannot load the job kind in {}", job_dir.display()))?;
+    let size = std::fs::metadata(&input).with_context(|| format!("cannot read input {}", input.display()))?.len();
+    let input_name = input.file_name().map(|n| n.to_string_lossy().into_owned());
+    let job_id = client.create_job(&NewJob { kind, input_name }).await?;
+    let bar = progress_bar(size, "{spinner} uploading [{bar:30}] {bytes}/{total_bytes} ({bytes_per_sec})", json);
+    let b = bar.clone();
+    let result = client.upload_file(job_id, &input, skip_invalid, move |sent| b.set_position(sent)).await;
+    bar.finish_and_clear();
+    let report = match result {
+        Ok(r) => r,
+        Err(ClientError::Api { message, report: Some(report), .. }) => {
+            print_report(&report, json);
+            eprintln!("error: {message}");
+            eprintln!("fix the lines above, or pass --skip-invalid to ingest the good lines and record the bad ones");
+            return Ok(ExitCode::from(2));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    print_report(&report, json);
+    if watch {
+        let status = watch_job(client, job_id, json).await?;
+        print_status(&status, json);
+    } else if !json {
+        println!("watch it with: sluice status {job_id} --watch");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_report(r: &IngestReport, json: bool) {
+    if json {
+        println!("{}", serde_json::to_string(r).expect("report serialises"));
+        return;
+    }
+    for e in &r.errors {
+        eprintln!("line {}: {}", e.line, e.reason);
+    }
+    if r.invalid_lines as usize > r.errors.len() {
+        eprintln!("... and {} more invalid lines", r.invalid_lines as usize - r.errors.len());
+    }
+    if r.state == "rejected" {
+        eprintln!("job {} rejected: {} invalid line(s), nothing ingested", r.job_id, r.invalid_lines);
+    } else {
+        println!("{}", r.job_id);
+        eprintln!(
+            "submitted: {} items in {} chunks ({} invalid lines skipped), ingested in {:.2}s",
+            r.items, r.chunks, r.invalid_lines, r.ingest_seconds
+        );
+    }
+}
+
+fn progress_bar(len: u64, template: &str, quiet: bool) -> ProgressBar {
+    if quiet || !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(len);
+    bar.set_style(ProgressStyle::with_template(template).expect("valid template").progress_chars("=> "));
+    bar.enable_steady_tick(Duration::from_millis(120));
+    bar
+}
+
+/// Polls a job until it reaches a final state, with a progress bar on a terminal
+/// and a line every few seconds otherwise.
+async fn watch_job(client: &Client, job: Uuid, quiet: bool) -> anyhow::Result<JobStatus> {
+    let first = client.status(job).await?;
+    let bar = progress_bar(
+        first.total,
+        "{spinner} [{elapsed_precise}] [{bar:30}] {pos}/{len} {msg}",
+        quiet,
+    );
+    let plain = !quiet && bar.is_hidden();
+    let mut last_print = std::time::Instant::now();
+    let mut status = first;
+    loop {
+        bar.set_length(status.total);
+        bar.set_position(status.done());
+        bar.set_message(format!("{:.0} items/s, {} failed{}", status.items_per_s, status.failed, eta(&status)));
+        if plain && last_print.elapsed() >= Duration::from_secs(5) {
+            eprintln!("{}: {}/{} done, {} failed, {:.0} items/s{}", status.state, status.done(), status.total, status.failed, status.items_per_s, eta(&status));
+            last_print = std::time::Instant::now();
+        }
+        if status.is_final() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        status = client.status(job).await?;
+    }
+    bar.finish_and_clear();
+    Ok(status)
+}
+
+fn eta(s: &JobStatus) -> String {
+    s.eta_s.map(|e| format!(", ETA {}s", e.ceil() as u64)).unwrap_or_default()
+}
+
+fn print_status(s: &JobStatus, json: bool) {
+    if json {
+        println!("{}", serde_json::to_string_pretty(s).expect("status serialises"));
+        return;
+    }
+    println!("job      {}  ({}, {})", s.job_id, s.kind, s.state);
+    if let Some(name) = &s.input_name {
+        println!("input    {name}");
+    }
+    println!(
+        "items    {} total: {} succeeded, {} failed, {} pending{}",
+        s.total,
+        s.succeeded,
+        s.failed,
+        s.pending,
+        if s.invalid_lines > 0 { format!(" ({} invalid lines)", s.invalid_lines) } else { String::new() }
+    );
+    println!("chunks   {}/{} done", s.chunks_done, s.chunks_total);
+    let elapsed = match (s.started_at, s.finished_at) {
+        (Some(a), Some(b)) => format!(" in {:.1}s", (b - a).num_milliseconds() as f64 / 1000.0),
+        _ => String::new(),
+    };
+    println!("rate     {:.1} items/s{}{}", s.items_per_s, eta(s), elapsed);
+}
+
+/// The error with its causes, each once.
+pub fn render_error(err: &anyhow::Error) -> String {
+    let mut s = err.to_string();
+    for cause in err.chain().skip(1) {
+        s.push_str("\n  caused by: ");
+        s.push_str(&cause.to_string());
+    }
+    s
+}

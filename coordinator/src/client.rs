@@ -1,0 +1,125 @@
+//! HTTP client of the coordinator's control API, used by the CLI and tests.
+
+use std::path::Path;
+
+use futures::{Stream, TryStreamExt};
+use reqwest::StatusCode;
+use uuid::Uuid;
+
+use crate::model::{ApiError, Created, IngestReport, JobStatus, NewJob};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach the Sluice coordinator at {url}: is `sluice serve` running? (`scripts/demo` starts one; set SLUICE_COORDINATOR to use another)")]
+    Unreachable { url: String, #[source] source: reqwest::Error },
+    #[error("{message}")]
+    Api { status: StatusCode, message: String, report: Option<Box<IngestReport>> },
+    #[error("request to {url} failed")]
+    Http { url: String, #[source] source: reqwest::Error },
+    #[error("cannot read {path}")]
+    Read { path: String, #[source] source: std::io::Error },
+}
+
+/// A client of one coordinator.
+#[derive(Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    base: String,
+}
+
+impl Client {
+    pub fn new(base: &str) -> Self {
+        Client { http: reqwest::Client::new(), base: base.trim_end_matches('/').to_string() }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    async fn send(&self, req: reqwest::RequestBuilder, url: &str) -> Result<reqwest::Response, ClientError> {
+        let resp = req.send().await.map_err(|source| {
+            if source.is_connect() {
+                ClientError::Unreachable { url: self.base.clone(), source }
+            } else {
+                ClientError::Http { url: url.to_string(), source }
+            }
+        })?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status();
+        let text = resp.text().await.unwrap_or_default();
+        Err(match serde_json::from_str::<ApiError>(&text) {
+            Ok(e) => ClientError::Api { status, message: e.error, report: e.report.map(Box::new) },
+            Err(_) => ClientError::Api { status, message: format!("HTTP {status}: {text}"), report: None },
+        })
+    }
+
+    async fn json<T: serde::de::DeserializeOwned>(&self, resp: reqwest::Response, url: &str) -> Result<T, ClientError> {
+        resp.json().await.map_err(|source| ClientError::Http { url: url.to_string(), source })
+    }
+
+    pub async fn create_job(&self, job: &NewJob) -> Result<Uuid, ClientError> {
+        let url = self.url("/v1/jobs");
+        let resp = self.send(self.http.post(&url).json(job), &url).await?;
+        Ok(self.json::<Created>(resp, &url).await?.job_id)
+    }
+
+    /// Uploads a job's input from any byte stream.
+    pub async fn upload<S>(&self, job_id: Uuid, body: S, skip_invalid: bool) -> Result<IngestReport, ClientError>
+    where
+        S: Stream<Item = Result<bytes::Bytes, std::io::Error>> + Send + Sync + 'static,
+    {
+        let url = self.url(&format!("/v1/jobs/{job_id}/input?skip_invalid={skip_invalid}"));
+        let resp = self.send(self.http.put(&url).body(reqwest::Body::wrap_stream(body)), &url).await?;
+        self.json(resp, &url).await
+    }
+
+    /// Uploads a job's input from a file, calling `progress` with the bytes sent so far.
+    pub async fn upload_file(
+        &self,
+        job_id: Uuid,
+        path: &Path,
+        skip_invalid: bool,
+        progress: impl Fn(u64) + Send + Sync + 'static,
+    ) -> Result<IngestReport, ClientError> {
+        let file = tokio::fs::File::open(path)
+            .await
+            .map_err(|source| ClientError::Read { path: path.display().to_string(), source })?;
+        let mut sent = 0u64;
+        let stream = tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024).inspect_ok(move |b| {
+            sent += b.len() as u64;
+            progress(sent);
+        });
+        self.upload(job_id, stream, skip_invalid).await
+    }
+
+    pub async fn status(&self, job_id: Uuid) -> Result<JobStatus, ClientError> {
+        let url = self.url(&format!("/v1/jobs/{job_id}"));
+        let resp = self.send(self.http.get(&url), &url).await?;
+        self.json(resp, &url).await
+    }
+
+    pub async fn jobs(&self, limit: u32) -> Result<Vec<JobStatus>, ClientError> {
+        let url = self.url(&format!("/v1/jobs?limit={limit}"));
+        let resp = self.send(self.http.get(&url), &url).await?;
+        self.json(resp, &url).await
+    }
+
+    pub async fn cancel(&self, job_id: Uuid) -> Result<JobStatus, ClientError> {
+        let url = self.url(&format!("/v1/jobs/{job_id}/cancel"));
+        let resp = self.send(self.http.post(&url), &url).await?;
+        self.json(resp, &url).await
+    }
+
+    /// Streams a job's results in `format` (`jsonl` or `csv`).
+    pub async fn results(
+        &self,
+        job_id: Uuid,
+        format: &str,
+    ) -> Result<impl Stream<Item = Result<bytes::Bytes, ClientError>>, ClientError> {
+        let url = self.url(&format!("/v1/jobs/{job_id}/results?format={format}"));
+        let resp = self.send(self.http.get(&url), &url).await?;
+        Ok(resp.bytes_stream().map_err(move |source| ClientError::Http { url: url.clone(), source }))
+    }
+}

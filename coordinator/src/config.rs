@@ -1,0 +1,58 @@
+//! Configuration of `sluice serve`, from flags or `SLUICE_*` environment variables.
+
+use crate::Error;
+
+/// Settings of the coordinator service.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeConfig {
+    /// Postgres connection URL.
+    #[arg(long, env = "SLUICE_DATABASE_URL", default_value = "postgres://sluice:sluice@127.0.0.1:5432/sluice")]
+    pub database_url: String,
+    /// Most connections the coordinator keeps open to Postgres.
+    #[arg(long, env = "SLUICE_DB_POOL_SIZE", default_value_t = 8)]
+    pub db_pool_size: u32,
+    /// NATS server URL (JetStream must be enabled).
+    #[arg(long, env = "SLUICE_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+    /// Address the control API listens on.
+    #[arg(long, env = "SLUICE_LISTEN", default_value = "127.0.0.1:7700")]
+    pub listen: String,
+    /// How often the reconciler looks for lost chunks and finished jobs, in milliseconds (0 disables it).
+    #[arg(long, env = "SLUICE_RECONCILE_INTERVAL_MS", default_value_t = 10_000)]
+    pub reconcile_interval_ms: u64,
+    /// How long a pending chunk must have been published before the reconciler
+    /// may republish it when its job has no message left in the stream, in milliseconds.
+    #[arg(long, env = "SLUICE_REPUBLISH_AFTER_MS", default_value_t = 30_000)]
+    pub republish_after_ms: u64,
+}
+
+impl ServeConfig {
+    /// Checks the settings once, at start-up.
+    pub fn validate(&self) -> Result<(), Error> {
+        if !self.database_url.starts_with("postgres://") && !self.database_url.starts_with("postgresql://") {
+            return Err(Error::Config(format!(
+                "SLUICE_DATABASE_URL must start with postgres://, got {:?}",
+                self.database_url
+            )));
+        }
+        if !self.nats_url.contains("://") && !self.nats_url.contains(':') {
+            return Err(Error::Config(format!("SLUICE_NATS_URL is not a URL: {:?}", self.nats_url)));
+        }
+        if self.db_pool_size == 0 {
+            return Err(Error::Config("SLUICE_DB_POOL_SIZE must be at least 1".into()));
+        }
+        Ok(())
+    }
+
+    /// A configuration for tests and embedding: given URLs, port 0, fast reconciler.
+    pub fn for_urls(database_url: &str, nats_url: &str) -> Self {
+        ServeConfig {
+            database_url: database_url.to_string(),
+            db_pool_size: 8,
+            nats_url: nats_url.to_string(),
+            listen: "127.0.0.1:0".into(),
+            reconcile_interval_ms: 1_000,
+            republish_after_ms: 2_000,
+        }
+    }
+}

@@ -1,0 +1,82 @@
+//! Request and response bodies of the control API, shared by the server and the CLI's client.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// `POST /v1/jobs`: a job kind to run, before its input is uploaded.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NewJob {
+    pub kind: common::spec::JobKind,
+    /// Name of the input file, for the user's reference.
+    #[serde(default)]
+    pub input_name: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Created {
+    pub job_id: Uuid,
+}
+
+/// One refused input line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LineError {
+    pub line: u64,
+    pub reason: String,
+}
+
+/// The outcome of uploading a job's input.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct IngestReport {
+    pub job_id: Uuid,
+    /// `running` when accepted, `rejected` when nothing was ingested.
+    pub state: String,
+    pub items: u64,
+    pub chunks: u64,
+    pub invalid_lines: u64,
+    /// The first refused lines (at most 100), in input order.
+    pub errors: Vec<LineError>,
+    pub ingest_seconds: f64,
+}
+
+/// A job and its progress, as `sluice status` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobStatus {
+    pub job_id: Uuid,
+    pub kind: String,
+    pub state: String,
+    pub input_name: Option<String>,
+    pub total: u64,
+    pub succeeded: u64,
+    pub failed: u64,
+    pub pending: u64,
+    pub invalid_lines: u64,
+    pub chunks_total: u64,
+    pub chunks_done: u64,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    /// Items finished per second since the job started.
+    pub items_per_s: f64,
+    /// Estimated seconds to completion at the current rate.
+    pub eta_s: Option<f64>,
+}
+
+impl JobStatus {
+    pub fn done(&self) -> u64 {
+        self.succeeded + self.failed
+    }
+
+    /// True once the job can make no more progress.
+    pub fn is_final(&self) -> bool {
+        matches!(self.state.as_str(), "completed" | "cancelled" | "rejected")
+    }
+}
+
+/// An API error body.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApiError {
+    pub error: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report: Option<IngestReport>,
+}

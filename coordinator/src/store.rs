@@ -1,0 +1,317 @@
+//! Postgres queries of the coordinator: jobs, chunks, progress and results.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sqlx::postgres::{PgPoolOptions, PgRow};
+use sqlx::{PgPool, Postgres, Row, Transaction};
+use uuid::Uuid;
+
+use crate::model::JobStatus;
+use crate::Error;
+
+/// Opens a pool, checking the connection once so a wrong URL fails at start.
+pub async fn connect(url: &str, max: u32) -> Result<PgPool, Error> {
+    PgPoolOptions::new()
+        .max_connections(max)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect(url)
+        .await
+        .map_err(|source| Error::DbConnect { url: redact_url(url), source })
+}
+
+/// Removes the password from a connection URL before it is shown to anyone.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let userinfo = &url[s + 3..at];
+            match userinfo.find(':') {
+                Some(c) => format!("{}{}:***{}", &url[..s + 3], &userinfo[..c], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// Stores a new job in state `uploading`.
+pub async fn create_job(pool: &PgPool, job: &crate::model::NewJob) -> Result<Uuid, Error> {
+    let id = Uuid::now_v7();
+    sqlx::query(
+        "INSERT INTO jobs (id, kind, spec, template, template_hash, output_schema, input_name)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+    )
+    .bind(id)
+    .bind(&job.kind.spec.kind)
+    .bind(sqlx::types::Json(&job.kind.spec))
+    .bind(&job.kind.template)
+    .bind(job.kind.template_hash())
+    .bind(&job.kind.schema)
+    .bind(&job.input_name)
+    .execute(pool)
+    .await?;
+    Ok(id)
+}
+
+/// The spec of a job, as stored at submission.
+pub async fn job_spec(pool: &PgPool, job_id: Uuid) -> Result<common::spec::JobSpec, Error> {
+    let spec: Option<sqlx::types::Json<common::spec::JobSpec>> =
+        sqlx::query_scalar("SELECT spec FROM jobs WHERE id = $1").bind(job_id).fetch_optional(pool).await?;
+    spec.map(|s| s.0).ok_or(Error::JobNotFound(job_id))
+}
+
+/// Splits `total` items into chunks of `size`, returning how many were made.
+pub async fn create_chunks(
+    tx: &mut Transaction<'_, Postgres>,
+    job_id: Uuid,
+    total: i64,
+    size: i64,
+) -> Result<u64, Error> {
+    let n = sqlx::query(
+        "INSERT INTO chunks (job_id, chunk_no, first_seq, last_seq)
+         SELECT $1, g, g * $2 + 1, LEAST((g + 1) * $2, $3)
+         FROM generate_series(0, (($3 + $2 - 1) / $2) - 1) AS g",
+    )
+    .bind(job_id)
+    .bind(size)
+    .bind(total)
+    .execute(&mut **tx)
+    .await?
+    .rows_affected();
+    Ok(n)
+}
+
+/// A chunk to (re)publish.
+#[derive(Debug, Clone)]
+pub struct ChunkRow {
+    pub msg: common::wire::ChunkMsg,
+    pub generation: i32,
+}
+
+fn chunk_row(job_id: Uuid, r: &PgRow) -> ChunkRow {
+    ChunkRow {
+        msg: common::wire::ChunkMsg {
+            job_id,
+            chunk_no: r.get("chunk_no"),
+            first_seq: r.get("first_seq"),
+            last_seq: r.get("last_seq"),
+        },
+        generation: r.get("generation"),
+    }
+}
+
+/// Pending chunks of a job that have never been published.
+pub async fn unpublished_chunks(pool: &PgPool, job_id: Uuid) -> Result<Vec<ChunkRow>, Error> {
+    let rows = sqlx::query(
+        "SELECT chunk_no, first_seq, last_seq, generation FROM chunks
+         WHERE job_id = $1 AND state = 'pending' AND published_at IS NULL ORDER BY chunk_no",
+    )
+    .bind(job_id)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.iter().map(|r| chunk_row(job_id, r)).collect())
+}
+
+/// Pending chunks of a job last published before `before` (or never), with
+/// their generation bumped so the republished message gets a fresh `Nats-Msg-Id`.
+pub async fn claim_stale_chunks(pool: &PgPool, job_id: Uuid, before: DateTime<Utc>) -> Result<Vec<ChunkRow>, Error> {
+    let rows = sqlx::query(
+        "UPDATE chunks SET generation = generation + 1, published_at = NULL
+         WHERE job_id = $1 AND state = 'pending'
+           AND (published_at < $2
+                -- never published: only once the submitter had time to publish it itself
+                OR (published_at IS NULL AND (SELECT started_at FROM jobs WHERE id = $1) < $2))
+         RETURNING chunk_no, first_seq, last_seq, generation",
+    )
+    .bind(job_id)
+    .bind(before)
+    .fetch_all(pool)
+    .await?;
+    let mut chunks: Vec<ChunkRow> = rows.iter().map(|r| chunk_row(job_id, r)).collect();
+    chunks.sort_by_key(|c| c.msg.chunk_no);
+    Ok(chunks)
+}
+
+/// Records that chunks were published.
+pub async fn mark_published(pool: &PgPool, job_id: Uuid, chunk_nos: &[i32]) -> Result<(), Error> {
+    sqlx::query("UPDATE chunks SET published_at = now() WHERE job_id = $1 AND chunk_no = ANY($2)")
+        .bind(job_id)
+        .bind(chunk_nos)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// Running jobs that still have pending chunks.
+pub async fn running_jobs(pool: &PgPool) -> Result<Vec<Uuid>, Error> {
+    Ok(sqlx::query_scalar("SELECT id FROM jobs WHERE state = 'running' ORDER BY created_at").fetch_all(pool).await?)
+}
+
+/// Marks a running job completed if none of its chunks is pending; true if it did.
+pub async fn complete_if_done(pool: &PgPool, job_id: Uuid) -> Result<bool, Error> {
+    let n = sqlx::query(
+        "UPDATE jobs SET state = 'completed', finished_at = now()
+         WHERE id = $1 AND state = 'running'
+           AND NOT EXISTS (SELECT 1 FROM chunks WHERE job_id = $1 AND state = 'pending')",
+    )
+    .bind(job_id)
+    .execute(pool)
+    .await?
+    .rows_affected();
+    Ok(n > 0)
+}
+
+/// Progress of one job, computed from Postgres.
+pub async fn status(pool: &PgPool, job_id: Uuid) -> Result<JobStatus, Error> {
+    let row = sqlx::query(
+        "SELECT j.id, j.kind, j.state, j.input_name, j.total_items, j.invalid_lines,
+                j.created_at, j.started_at, j.finished_at,
+                (SELECT count(*) FROM results r WHERE r.job_id = j.id AND r.state = 'succeeded') AS succeeded,
+                (SELECT count(*) FROM results r WHERE r.job_id = j.id AND r.state = 'failed') AS failed,
+                (SELECT count(*) FROM chunks c WHERE c.job_id = j.id) AS chunks_total,
+                (SELECT count(*) FROM chunks c WHERE c.job_id = j.id AND c.state = 'done') AS chunks_done,
+                (SELECT max(created_at) FROM results r WHERE r.job_id = j.id) AS last_result_at
+         FROM jobs j WHERE j.id = $1",
+    )
+    .bind(job_id)
+    .fetch_optional(pool)
+    .await?
+    .ok_or(Error::JobNotFound(job_id))?;
+    Ok(status_from_row(&row))
+}
+
+fn status_from_row(row: &PgRow) -> JobStatus {
+    let total: i64 = row.get("total_items");
+    let succeeded: i64 = row.get("succeeded");
+    let failed: i64 = row.get("failed");
+    let done = succeeded + failed;
+    let started_at: Option<DateTime<Utc>> = row.get("started_at");
+    let finished_at: Option<DateTime<Utc>> = row.get("finished_at");
+    let last_result_at: Option<DateTime<Utc>> = row.get("last_result_at");
+    // Rate over the time the job has been running: until now, or until its
+    // last result once it is finished.
+    let end = finished_at.max(last_result_at).filter(|_| finished_at.is_some()).unwrap_or_else(Utc::now);
+    let items_per_s = match started_at {
+        Some(s) if done > 0 => {
+            let secs = (end - s).num_milliseconds().max(1) as f64 / 1000.0;
+            done as f64 / secs
+        }
+        _ => 0.0,
+    };
+    let pending = (total - done).max(0);
+    let state: String = row.get("state");
+    let eta_s = (state == "running" && items_per_s > 0.0).then(|| pending as f64 / items_per_s);
+    JobStatus {
+        job_id: row.get("id"),
+        kind: row.get("kind"),
+        state,
+        input_name: row.get("input_name"),
+        total: total as u64,
+        succeeded: succeeded as u64,
+        failed: failed as u64,
+        pending: pending as u64,
+        invalid_lines: row.get::<i64, _>("invalid_lines") as u64,
+        chunks_total: row.get::<i64, _>("chunks_total") as u64,
+        chunks_done: row.get::<i64, _>("chunks_done") as u64,
+        created_at: row.get("created_at"),
+        started_at,
+        finished_at,
+        items_per_s,
+        eta_s,
+    }
+}
+
+/// The most recent jobs, newest first.
+pub async fn list_jobs(pool: &PgPool, limit: i64) -> Result<Vec<JobStatus>, Error> {
+    let ids: Vec<Uuid> = sqlx::query_scalar("SELECT id FROM jobs ORDER BY created_at DESC LIMIT $1")
+        .bind(limit)
+        .fetch_all(pool)
+        .await?;
+    let mut out = Vec::with_capacity(ids.len());
+    for id in ids {
+        out.push(status(pool, id).await?);
+    }
+    Ok(out)
+}
+
+/// Stops a job: no new chunk is started; finished results stay.
+pub async fn cancel(pool: &PgPool, job_id: Uuid) -> Result<(), Error> {
+    let n = sqlx::query(
+        "UPDATE jobs SET state = 'cancelled', finished_at = now() WHERE id = $1 AND state IN ('uploading', 'running')",
+    )
+    .bind(job_id)
+    .execute(pool)
+    .await?
+    .rows_affected();
+    if n == 0 {
+        let st = status(pool, job_id).await?;
+        return Err(Error::JobState { job_id, state: st.state, expected: "uploading or running" });
+    }
+    Ok(())
+}
+
+/// One exported result.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ResultRow {
+    pub id: String,
+    pub state: String,
+    pub answer: Option<String>,
+    pub output: Option<Value>,
+    pub confidence: Option<f64>,
+    pub error_class: Option<String>,
+    pub error: Option<String>,
+    pub model: Option<String>,
+    pub attempts: i32,
+    pub template_hash: String,
+    pub tokens_in: i32,
+    pub tokens_out: i32,
+}
+
+/// Up to `limit` results of a job with `seq > after`, in input order.
+pub async fn results_page(pool: &PgPool, job_id: Uuid, after: i64, limit: i64) -> Result<Vec<(i64, ResultRow)>, Error> {
+    let rows = sqlx::query(
+        "SELECT seq, item_id, state, answer, output, confidence, error_class, error, model, attempts,
+                template_hash, tokens_in, tokens_out
+         FROM results WHERE job_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+    )
+    .bind(job_id)
+    .bind(after)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .iter()
+        .map(|row| {
+            (
+                row.get("seq"),
+                ResultRow {
+                    id: row.get("item_id"),
+                    state: row.get("state"),
+                    answer: row.get("answer"),
+                    output: row.get("output"),
+                    confidence: row.get("confidence"),
+                    error_class: row.get("error_class"),
+                    error: row.get("error"),
+                    model: row.get("model"),
+                    attempts: row.get("attempts"),
+                    template_hash: row.get("template_hash"),
+                    tokens_in: row.get("tokens_in"),
+                    tokens_out: row.get("tokens_out"),
+                },
+            )
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            super::redact_url("postgres://sluice:secret@127.0.0.1:5432/sluice"),
+            "postgres://sluice:***@127.0.0.1:5432/sluice"
+        );
+        assert_eq!(super::redact_url("postgres://127.0.0.1/db"), "postgres://127.0.0.1/db");
+    }
+}
