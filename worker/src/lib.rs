@@ -1,1 +1,13 @@
-//! placeholder
+//! The Sluice worker: pulls chunks from JetStream, calls the model for each item, writes results to Postgres, then acks.
+
+pub mod config;
+pub mod error;
+pub mod jobs;
+pub mod metrics;
+pub mod process;
+pub mod pull;
+pub mod store;
+
+pub use config::WorkerConfig;
+pub use error::Error;
+pub use pull::run;

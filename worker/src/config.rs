@@ -1,0 +1,134 @@
+//! Configuration of `sluice-worker`, from flags or `SLUICE_*` environment variables.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use secrecy::SecretString;
+
+use crate::Error;
+
+/// Settings of one worker process.
+#[derive(Debug, Clone, clap::Args)]
+pub struct WorkerConfig {
+    /// Postgres connection URL.
+    #[arg(long, env = "SLUICE_DATABASE_URL", default_value = "postgres://sluice:sluice@127.0.0.1:5432/sluice")]
+    pub database_url: String,
+    /// Most connections this worker keeps open to Postgres.
+    #[arg(long, env = "SLUICE_DB_POOL_SIZE", default_value_t = 4)]
+    pub db_pool_size: u32,
+    /// NATS server URL (JetStream must be enabled).
+    #[arg(long, env = "SLUICE_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+    /// Base URL of an OpenAI-compatible API, including `/v1`. The default is
+    /// the Sluice model simulator started by `scripts/demo`.
+    #[arg(long, env = "SLUICE_MODEL_BASE_URL", default_value = "http://127.0.0.1:7800/v1")]
+    pub model_base_url: String,
+    /// File holding the provider API key. The key may instead be given in the
+    /// environment variable SLUICE_MODEL_API_KEY; it is never taken from the command line.
+    #[arg(long, env = "SLUICE_MODEL_API_KEY_FILE")]
+    pub api_key_file: Option<PathBuf>,
+    /// The API key, resolved once at start-up by [`WorkerConfig::resolve`].
+    #[arg(skip)]
+    pub api_key: Option<SecretString>,
+    /// Model calls in flight at once in this worker.
+    #[arg(long, env = "SLUICE_CONCURRENCY", default_value_t = 64)]
+    pub concurrency: usize,
+    /// Chunks held at once (0: enough to keep `concurrency` calls busy, plus one).
+    #[arg(long, env = "SLUICE_MAX_CHUNKS", default_value_t = 0)]
+    pub max_chunks: usize,
+    /// Timeout of one model call, in milliseconds.
+    #[arg(long, env = "SLUICE_REQUEST_TIMEOUT_MS", default_value_t = 60_000)]
+    pub request_timeout_ms: u64,
+    /// Attempts per item before it is recorded as failed.
+    #[arg(long, env = "SLUICE_MAX_ATTEMPTS", default_value_t = 4)]
+    pub max_attempts: usize,
+    /// First retry delay in milliseconds (doubles each retry, with jitter).
+    #[arg(long, env = "SLUICE_RETRY_BASE_MS", default_value_t = 200)]
+    pub retry_base_ms: u64,
+    /// JetStream ack wait in seconds: an unacked chunk is redelivered after this.
+    /// The worker signals progress well within it while a chunk is being worked on.
+    #[arg(long, env = "SLUICE_ACK_WAIT_S", default_value_t = 30)]
+    pub ack_wait_s: u64,
+    /// On shutdown, how long in-flight chunks may take to finish, in seconds.
+    #[arg(long, env = "SLUICE_SHUTDOWN_GRACE_S", default_value_t = 20)]
+    pub shutdown_grace_s: u64,
+    /// Name recorded with every result (default: host name and process id).
+    #[arg(long, env = "SLUICE_WORKER_NAME")]
+    pub name: Option<String>,
+}
+
+impl WorkerConfig {
+    /// A configuration for tests and embedding.
+    pub fn for_urls(database_url: &str, nats_url: &str, model_base_url: &str) -> Self {
+        WorkerConfig {
+            database_url: database_url.into(),
+            db_pool_size: 4,
+            nats_url: nats_url.into(),
+            model_base_url: model_base_url.into(),
+            api_key_file: None,
+            api_key: None,
+            concurrency: 32,
+            max_chunks: 0,
+            request_timeout_ms: 10_000,
+            max_attempts: 4,
+            retry_base_ms: 50,
+            ack_wait_s: 10,
+            shutdown_grace_s: 5,
+            name: None,
+        }
+    }
+
+    /// Validates the settings and reads the API key, once, at start-up.
+    pub fn resolve(mut self) -> Result<Self, Error> {
+        if self.concurrency == 0 {
+            return Err(Error::Config("SLUICE_CONCURRENCY must be at least 1".into()));
+        }
+        if self.max_attempts == 0 {
+            return Err(Error::Config("SLUICE_MAX_ATTEMPTS must be at least 1".into()));
+        }
+        if self.ack_wait_s < 3 {
+            return Err(Error::Config("SLUICE_ACK_WAIT_S must be at least 3".into()));
+        }
+        if !self.model_base_url.starts_with("http://") && !self.model_base_url.starts_with("https://") {
+            return Err(Error::Config(format!(
+                "SLUICE_MODEL_BASE_URL must be an http(s) URL, got {:?}",
+                self.model_base_url
+            )));
+        }
+        if self.api_key.is_none() {
+            if let Some(path) = &self.api_key_file {
+                let key = std::fs::read_to_string(path)
+                    .map_err(|e| Error::Config(format!("cannot read SLUICE_MODEL_API_KEY_FILE {}: {e}", path.display())))?;
+                self.api_key = Some(SecretString::from(key.trim().to_string()));
+            } else if let Ok(key) = std::env::var("SLUICE_MODEL_API_KEY") {
+                if !key.is_empty() {
+                    self.api_key = Some(SecretString::from(key));
+                }
+            }
+        }
+        if self.name.is_none() {
+            let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+            let host = host.trim();
+            self.name = Some(format!("{}-{}", if host.is_empty() { "worker" } else { host }, std::process::id()));
+        }
+        Ok(self)
+    }
+
+    /// Chunks to hold at once.
+    pub fn chunk_slots(&self, chunk_size: usize) -> usize {
+        if self.max_chunks > 0 {
+            self.max_chunks
+        } else {
+            self.concurrency.div_ceil(chunk_size.max(1)) + 1
+        }
+    }
+
+    pub fn provider(&self) -> common::provider::ProviderConfig {
+        common::provider::ProviderConfig {
+            base_url: self.model_base_url.clone(),
+            api_key: self.api_key.clone(),
+            timeout: Duration::from_millis(self.request_timeout_ms),
+            pool_size: self.concurrency,
+        }
+    }
+}

@@ -1,0 +1,221 @@
+//! The pull loop: fetch only as many chunks as there are free slots, work on each, ack after the Postgres commit.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer::PullConsumer, AckKind, Message};
+use common::provider::ChatClient;
+use common::wire::ChunkMsg;
+use futures::StreamExt;
+use sqlx::postgres::PgPoolOptions;
+use sqlx::PgPool;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::jobs::JobCache;
+use crate::process::{run_item, RetryPolicy};
+use crate::{metrics, store, Error, WorkerConfig};
+
+/// State shared by the tasks of one worker.
+struct Shared {
+    pool: PgPool,
+    client: ChatClient,
+    jobs: JobCache,
+    /// Bounds model calls in flight across all chunks this worker holds.
+    calls: Arc<Semaphore>,
+    policy: RetryPolicy,
+    ack_wait: Duration,
+    name: String,
+}
+
+/// Runs a worker until `shutdown` is cancelled, then lets in-flight chunks
+/// finish within the grace period. Chunks not finished by then are left
+/// unacked and JetStream redelivers them to another worker.
+pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> Result<(), Error> {
+    let config = config.resolve()?;
+    metrics::describe();
+    let pool = PgPoolOptions::new()
+        .max_connections(config.db_pool_size)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect(&config.database_url)
+        .await
+        .map_err(|source| Error::DbConnect { url: redact(&config.database_url), source })?;
+    let nats = common::nats::connect(&config.nats_url).await?;
+    let js = jetstream::new(nats);
+    let stream = common::nats::ensure_stream(&js, &config.nats_url).await?;
+    let ack_wait = Duration::from_secs(config.ack_wait_s);
+    let consumer = common::nats::ensure_consumer(&stream, ack_wait).await?;
+    let client = ChatClient::new(&config.provider()).map_err(Error::Http)?;
+    let name = config.name.clone().unwrap_or_default();
+    tracing::info!(worker = %name, model_url = client.url(), concurrency = config.concurrency, "worker started");
+    let shared = Arc::new(Shared {
+        pool,
+        client,
+        jobs: JobCache::default(),
+        calls: Arc::new(Semaphore::new(config.concurrency)),
+        policy: RetryPolicy {
+            max_attempts: config.max_attempts,
+            base: Duration::from_millis(config.retry_base_ms),
+        },
+        ack_wait,
+        name,
+    });
+    // Slots are sized for the default chunk size; a job with larger chunks
+    // simply keeps fewer of them in hand.
+    let slots = Arc::new(Semaphore::new(config.chunk_slots(100)));
+    let tracker = TaskTracker::new();
+    let result = pull_loop(&consumer, &shared, &slots, &tracker, &shutdown).await;
+    tracker.close();
+    if tokio::time::timeout(Duration::from_secs(config.shutdown_grace_s), tracker.wait()).await.is_err() {
+        tracing::warn!("in-flight chunks did not finish within the grace period; JetStream will redeliver them");
+    }
+    tracing::info!(worker = %shared.name, "worker stopped");
+    result
+}
+
+async fn pull_loop(
+    consumer: &PullConsumer,
+    shared: &Arc<Shared>,
+    slots: &Arc<Semaphore>,
+    tracker: &TaskTracker,
+    shutdown: &CancellationToken,
+) -> Result<(), Error> {
+    let mut failures = 0u32;
+    loop {
+        // Wait for a free slot, then take every other free one: the fetch asks
+        // for exactly that many messages, so nothing waits unacked in a buffer.
+        let first = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            p = slots.clone().acquire_owned() => p.expect("semaphore never closed"),
+        };
+        let mut permits = vec![first];
+        while let Ok(p) = slots.clone().try_acquire_owned() {
+            permits.push(p);
+        }
+        let batch = consumer.batch().max_messages(permits.len()).expires(Duration::from_secs(1)).messages().await;
+        let mut batch = match batch {
+            Ok(b) => b,
+            Err(e) => {
+                failures += 1;
+                if failures >= 30 {
+                    return Err(Error::Pull(Box::new(e)));
+                }
+                tracing::warn!(error = &e as &dyn std::error::Error, "fetching chunks failed; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        failures = 0;
+        loop {
+            let next = tokio::select! {
+                // Messages already delivered but not started are redelivered after ack_wait.
+                _ = shutdown.cancelled() => return Ok(()),
+                m = batch.next() => m,
+            };
+            match next {
+                None => break,
+                Some(Err(e)) => {
+                    tracing::debug!(error = &*e as &dyn std::error::Error, "fetch ended with an error");
+                    break;
+                }
+                Some(Ok(msg)) => {
+                    let permit = permits.pop().expect("never more messages than permits");
+                    let shared = shared.clone();
+                    tracker.spawn(handle(shared, msg, permit));
+                }
+            }
+        }
+    }
+}
+
+/// Works on one chunk message, holding its slot until done.
+async fn handle(shared: Arc<Shared>, msg: Message, _slot: OwnedSemaphorePermit) {
+    let chunk: ChunkMsg = match serde_json::from_slice(&msg.payload) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, subject = %msg.subject, "undecodable chunk message; terminating it");
+            let _ = msg.ack_with(AckKind::Term).await;
+            return;
+        }
+    };
+    // Tell JetStream the chunk is being worked on, well within ack_wait, so a
+    // slow chunk is not handed to another worker.
+    let heartbeat = {
+        let msg_ack = msg.clone();
+        let every = shared.ack_wait / 3;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                if msg_ack.ack_with(AckKind::Progress).await.is_err() {
+                    return;
+                }
+            }
+        })
+    };
+    let outcome = work(&shared, &chunk).await;
+    heartbeat.abort();
+    match outcome {
+        Ok(_) => {
+            if let Err(e) = msg.ack().await {
+                // The results are committed: a redelivery finds the chunk done.
+                tracing::warn!(error = &*e as &dyn std::error::Error, job_id = %chunk.job_id, chunk = chunk.chunk_no, "ack failed");
+            }
+        }
+        Err(err) => {
+            tracing::warn!(error = &err as &dyn std::error::Error, job_id = %chunk.job_id, chunk = chunk.chunk_no, "chunk failed; it will be retried");
+            let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_secs(2)))).await;
+        }
+    }
+}
+
+/// Processes a chunk; `Ok` means its outcome is in Postgres (or there is nothing to do).
+async fn work(shared: &Arc<Shared>, chunk: &ChunkMsg) -> Result<(), Error> {
+    let Some(state) = store::chunk_state(&shared.pool, chunk).await? else {
+        tracing::warn!(job_id = %chunk.job_id, chunk = chunk.chunk_no, "chunk unknown to Postgres; dropping the message");
+        metrics::chunk("unknown", 0, 0);
+        return Ok(());
+    };
+    if state.chunk == "done" {
+        metrics::chunk("duplicate", 0, 0);
+        return Ok(());
+    }
+    if state.job != "running" {
+        metrics::chunk("cancelled", 0, 0);
+        return Ok(());
+    }
+    let Some(job) = shared.jobs.get(&shared.pool, chunk.job_id).await? else {
+        return Ok(());
+    };
+    let items = store::items(&shared.pool, chunk).await?;
+    // Every item is started at once; the shared call semaphore decides how
+    // many actually talk to the model.
+    let results: Vec<_> = futures::future::join_all(items.into_iter().map(|item| {
+        let shared = shared.clone();
+        let job = job.clone();
+        async move {
+            let _call = shared.calls.acquire().await.expect("semaphore never closed");
+            run_item(&shared.client, &job, &item, shared.policy).await
+        }
+    }))
+    .await;
+    store::write_chunk(&shared.pool, chunk, &job.template_hash, &shared.name, &results).await?;
+    let ok = results.iter().filter(|r| r.succeeded).count() as u64;
+    metrics::chunk("written", ok, results.len() as u64 - ok);
+    if store::complete_if_done(&shared.pool, chunk.job_id).await? {
+        tracing::info!(job_id = %chunk.job_id, "job completed");
+    }
+    Ok(())
+}
+
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => match url[s + 3..at].find(':') {
+            Some(c) => format!("{}:***{}", &url[..s + 3 + c], &url[at..]),
+            None => url.to_string(),
+        },
+        _ => url.to_string(),
+    }
+}

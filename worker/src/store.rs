@@ -1,0 +1,147 @@
+//! Postgres reads and writes of the worker: a chunk's items in, its results out in one transaction.
+
+use serde_json::Value;
+use sqlx::{PgPool, Row};
+use uuid::Uuid;
+
+use common::wire::ChunkMsg;
+
+use crate::Error;
+
+/// The state of a chunk and of its job, read before any work is done.
+pub struct ChunkState {
+    pub chunk: String,
+    pub job: String,
+}
+
+pub async fn chunk_state(pool: &PgPool, c: &ChunkMsg) -> Result<Option<ChunkState>, Error> {
+    let row = sqlx::query(
+        "SELECT c.state AS chunk, j.state AS job FROM chunks c JOIN jobs j ON j.id = c.job_id
+         WHERE c.job_id = $1 AND c.chunk_no = $2",
+    )
+    .bind(c.job_id)
+    .bind(c.chunk_no)
+    .fetch_optional(pool)
+    .await?;
+    Ok(row.map(|r| ChunkState { chunk: r.get("chunk"), job: r.get("job") }))
+}
+
+/// An item to process.
+pub struct Item {
+    pub seq: i64,
+    pub id: String,
+    pub payload: Value,
+}
+
+/// The chunk's items that have no result yet.
+pub async fn items(pool: &PgPool, c: &ChunkMsg) -> Result<Vec<Item>, Error> {
+    let rows = sqlx::query(
+        "SELECT i.seq, i.item_id, i.payload FROM items i
+         WHERE i.job_id = $1 AND i.seq BETWEEN $2 AND $3
+           AND NOT EXISTS (SELECT 1 FROM results r WHERE r.job_id = i.job_id AND r.seq = i.seq)
+         ORDER BY i.seq",
+    )
+    .bind(c.job_id)
+    .bind(c.first_seq)
+    .bind(c.last_seq)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.iter().map(|r| Item { seq: r.get("seq"), id: r.get("item_id"), payload: r.get("payload") }).collect())
+}
+
+/// The outcome of one item.
+#[derive(Debug, Clone)]
+pub struct ItemResult {
+    pub seq: i64,
+    pub item_id: String,
+    pub succeeded: bool,
+    pub output: Option<Value>,
+    pub answer: Option<String>,
+    pub confidence: Option<f64>,
+    pub error_class: Option<String>,
+    pub error: Option<String>,
+    pub model: Option<String>,
+    pub attempts: i32,
+    pub tokens_in: i32,
+    pub tokens_out: i32,
+    pub latency_ms: i32,
+}
+
+/// Writes a chunk's results and marks it done, in one transaction.
+///
+/// Results are upserted on (job, seq) and never overwritten, so a redelivered
+/// chunk processed twice leaves exactly one row per item.
+pub async fn write_chunk(
+    pool: &PgPool,
+    c: &ChunkMsg,
+    template_hash: &str,
+    worker: &str,
+    results: &[ItemResult],
+) -> Result<(), Error> {
+    let mut tx = pool.begin().await?;
+    if !results.is_empty() {
+        let col = |f: fn(&ItemResult) -> Option<String>| results.iter().map(f).collect::<Vec<_>>();
+        let seqs: Vec<i64> = results.iter().map(|r| r.seq).collect();
+        let ids: Vec<String> = results.iter().map(|r| r.item_id.clone()).collect();
+        let states: Vec<String> =
+            results.iter().map(|r| if r.succeeded { "succeeded" } else { "failed" }.to_string()).collect();
+        let outputs: Vec<Option<Value>> = results.iter().map(|r| r.output.clone()).collect();
+        let confidences: Vec<Option<f64>> = results.iter().map(|r| r.confidence).collect();
+        let attempts: Vec<i32> = results.iter().map(|r| r.attempts).collect();
+        let tin: Vec<i32> = results.iter().map(|r| r.tokens_in).collect();
+        let tout: Vec<i32> = results.iter().map(|r| r.tokens_out).collect();
+        let lat: Vec<i32> = results.iter().map(|r| r.latency_ms).collect();
+        sqlx::query(
+            "INSERT INTO results (job_id, seq, item_id, state, output, answer, confidence, error_class, error,
+                                  model, template_hash, attempts, tokens_in, tokens_out, latency_ms, worker)
+             SELECT $1, u.seq, u.item_id, u.state, u.output, u.answer, u.confidence, u.error_class, u.error,
+                    u.model, $2, u.attempts, u.tokens_in, u.tokens_out, u.latency_ms, $3
+             FROM UNNEST($4::bigint[], $5::text[], $6::text[], $7::jsonb[], $8::text[], $9::float8[],
+                         $10::text[], $11::text[], $12::text[], $13::int[], $14::int[], $15::int[], $16::int[])
+                  AS u(seq, item_id, state, output, answer, confidence, error_class, error, model,
+                       attempts, tokens_in, tokens_out, latency_ms)
+             ON CONFLICT (job_id, seq) DO NOTHING",
+        )
+        .bind(c.job_id)
+        .bind(template_hash)
+        .bind(worker)
+        .bind(&seqs)
+        .bind(&ids)
+        .bind(&states)
+        .bind(&outputs)
+        .bind(col(|r| r.answer.clone()))
+        .bind(&confidences)
+        .bind(col(|r| r.error_class.clone()))
+        .bind(col(|r| r.error.clone()))
+        .bind(col(|r| r.model.clone()))
+        .bind(&attempts)
+        .bind(&tin)
+        .bind(&tout)
+        .bind(&lat)
+        .execute(&mut *tx)
+        .await?;
+    }
+    sqlx::query("UPDATE chunks SET state = 'done', done_at = now() WHERE job_id = $1 AND chunk_no = $2 AND state = 'pending'")
+        .bind(c.job_id)
+        .bind(c.chunk_no)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Marks the job completed if this was its last pending chunk. Run after the
+/// chunk's commit: of two workers finishing the last chunks at once, the later
+/// commit sees both done. The coordinator's reconciler repeats this check.
+pub async fn complete_if_done(pool: &PgPool, job_id: Uuid) -> Result<bool, Error> {
+    let n = sqlx::query(
+        "UPDATE jobs SET state = 'completed', finished_at = now()
+         WHERE id = $1 AND state = 'running'
+           AND NOT EXISTS (SELECT 1 FROM chunks WHERE job_id = $1 AND state = 'pending')",
+    )
+    .bind(job_id)
+    .execute(pool)
+    .await?
+    .rows_affected();
+    Ok(n > 0)
+}
