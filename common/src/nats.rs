@@ -9,11 +9,24 @@ use crate::wire;
 #[derive(Debug, thiserror::Error)]
 pub enum NatsError {
     #[error("cannot reach NATS at {url}: is nats-server running with JetStream (-js)? Start it with `scripts/demo` or set SLUICE_NATS_URL")]
-    Connect { url: String, #[source] source: async_nats::ConnectError },
+    Connect {
+        url: String,
+        #[source]
+        source: async_nats::ConnectError,
+    },
     #[error("cannot create or open the JetStream stream {stream} at {url}: is JetStream enabled (nats-server -js)?")]
-    Stream { url: String, stream: &'static str, #[source] source: Box<dyn std::error::Error + Send + Sync> },
+    Stream {
+        url: String,
+        stream: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("cannot create or open the JetStream consumer {consumer}")]
-    Consumer { consumer: &'static str, #[source] source: Box<dyn std::error::Error + Send + Sync> },
+    Consumer {
+        consumer: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 /// Connects to NATS, naming the address in the error when it cannot.
@@ -23,13 +36,19 @@ pub async fn connect(url: &str) -> Result<async_nats::Client, NatsError> {
         .name("sluice")
         .connect(url)
         .await
-        .map_err(|source| NatsError::Connect { url: url.to_string(), source })
+        .map_err(|source| NatsError::Connect {
+            url: url.to_string(),
+            source,
+        })
 }
 
 /// Creates the chunk stream if it does not exist. Work-queue retention removes
 /// a message once a worker acks it, so the per-subject message count tells the
 /// reconciler whether a job still has chunks in flight.
-pub async fn ensure_stream(js: &jetstream::Context, url: &str) -> Result<stream::Stream, NatsError> {
+pub async fn ensure_stream(
+    js: &jetstream::Context,
+    url: &str,
+) -> Result<stream::Stream, NatsError> {
     js.get_or_create_stream(stream::Config {
         name: wire::STREAM.to_string(),
         subjects: vec![format!("{}.>", wire::SUBJECT_PREFIX)],
@@ -39,7 +58,11 @@ pub async fn ensure_stream(js: &jetstream::Context, url: &str) -> Result<stream:
         ..Default::default()
     })
     .await
-    .map_err(|e| NatsError::Stream { url: url.to_string(), stream: wire::STREAM, source: Box::new(e) })
+    .map_err(|e| NatsError::Stream {
+        url: url.to_string(),
+        stream: wire::STREAM,
+        source: Box::new(e),
+    })
 }
 
 /// Creates (or opens) the durable pull consumer that all workers share.
@@ -62,5 +85,8 @@ pub async fn ensure_consumer(
             },
         )
         .await
-        .map_err(|e| NatsError::Consumer { consumer: wire::CONSUMER, source: Box::new(e) })
+        .map_err(|e| NatsError::Consumer {
+            consumer: wire::CONSUMER,
+            source: Box::new(e),
+        })
 }

@@ -49,7 +49,10 @@ pub enum CallError {
     #[error("the provider rejected the request (HTTP {status}): {message}")]
     InvalidRequest { status: u16, message: String },
     #[error("provider server error (HTTP {status})")]
-    Server { status: u16, retry_after: Option<Duration> },
+    Server {
+        status: u16,
+        retry_after: Option<Duration>,
+    },
     #[error("the provider's response is not a valid chat completion: {0}")]
     Malformed(String),
 }
@@ -69,13 +72,18 @@ impl CallError {
 
     /// Whether the same call may succeed if tried again.
     pub fn is_retryable(&self) -> bool {
-        !matches!(self, CallError::Auth { .. } | CallError::InvalidRequest { .. })
+        !matches!(
+            self,
+            CallError::Auth { .. } | CallError::InvalidRequest { .. }
+        )
     }
 
     /// The earliest time the provider asked us to come back, if it said.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
-            CallError::RateLimited { retry_after } | CallError::Server { retry_after, .. } => *retry_after,
+            CallError::RateLimited { retry_after } | CallError::Server { retry_after, .. } => {
+                *retry_after
+            }
             _ => None,
         }
     }
@@ -109,7 +117,11 @@ impl ChatClient {
             .tcp_nodelay(true)
             .build()?;
         let url = format!("{}/chat/completions", config.base_url.trim_end_matches('/'));
-        Ok(ChatClient { http, url, api_key: config.api_key.clone() })
+        Ok(ChatClient {
+            http,
+            url,
+            api_key: config.api_key.clone(),
+        })
     }
 
     /// The endpoint this client calls.
@@ -132,8 +144,14 @@ impl ChatClient {
                 429 => CallError::RateLimited { retry_after },
                 401 | 403 => CallError::Auth { status },
                 408 => CallError::Transient(format!("HTTP {status}")),
-                400..=499 => CallError::InvalidRequest { status, message: truncate(&body, 300) },
-                _ => CallError::Server { status, retry_after },
+                400..=499 => CallError::InvalidRequest {
+                    status,
+                    message: truncate(&body, 300),
+                },
+                _ => CallError::Server {
+                    status,
+                    retry_after,
+                },
             });
         }
         let bytes = response.bytes().await.map_err(transport_error)?;
@@ -149,7 +167,12 @@ fn transport_error(e: reqwest::Error) -> CallError {
     } else {
         "transport"
     };
-    CallError::Transient(format!("{kind}: {}", std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_else(|| e.to_string())))
+    CallError::Transient(format!(
+        "{kind}: {}",
+        std::error::Error::source(&e)
+            .map(|s| s.to_string())
+            .unwrap_or_else(|| e.to_string())
+    ))
 }
 
 fn truncate(s: &str, max: usize) -> String {
@@ -204,16 +227,26 @@ struct RawToken {
 
 /// Parses a chat completion body; anything unexpected is `Malformed`.
 pub fn parse_completion(body: &[u8]) -> Result<Completion, CallError> {
-    let raw: RawCompletion =
-        serde_json::from_slice(body).map_err(|e| CallError::Malformed(format!("body is not a chat completion: {e}")))?;
-    let choice = raw.choices.into_iter().next().ok_or_else(|| CallError::Malformed("no choices".into()))?;
-    let content = choice.message.content.ok_or_else(|| CallError::Malformed("no message content".into()))?;
+    let raw: RawCompletion = serde_json::from_slice(body)
+        .map_err(|e| CallError::Malformed(format!("body is not a chat completion: {e}")))?;
+    let choice = raw
+        .choices
+        .into_iter()
+        .next()
+        .ok_or_else(|| CallError::Malformed("no choices".into()))?;
+    let content = choice
+        .message
+        .content
+        .ok_or_else(|| CallError::Malformed("no message content".into()))?;
     let logprob_sum = choice
         .logprobs
         .and_then(|l| l.content)
         .map(|tokens| tokens.iter().map(|t| t.logprob).sum::<f64>())
         .filter(|s| s.is_finite());
-    let usage = raw.usage.unwrap_or(RawUsage { prompt_tokens: 0, completion_tokens: 0 });
+    let usage = raw.usage.unwrap_or(RawUsage {
+        prompt_tokens: 0,
+        completion_tokens: 0,
+    });
     Ok(Completion {
         content,
         model: raw.model,
@@ -240,9 +273,18 @@ mod tests {
 
     #[test]
     fn malformed_bodies_are_classified() {
-        for body in [&b"not json"[..], br#"{"choices":[]}"#, br#"{"choices":[{"message":{}}]}"#] {
+        for body in [
+            &b"not json"[..],
+            br#"{"choices":[]}"#,
+            br#"{"choices":[{"message":{}}]}"#,
+        ] {
             let err = parse_completion(body).unwrap_err();
-            assert_eq!(err.class(), "malformed", "{}", String::from_utf8_lossy(body));
+            assert_eq!(
+                err.class(),
+                "malformed",
+                "{}",
+                String::from_utf8_lossy(body)
+            );
             assert!(err.is_retryable());
         }
     }

@@ -71,11 +71,23 @@ pub struct JobKind {
 #[derive(Debug, thiserror::Error)]
 pub enum SpecError {
     #[error("cannot read {path}")]
-    Read { path: PathBuf, #[source] source: std::io::Error },
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("invalid job spec {path}")]
-    Toml { path: PathBuf, #[source] source: toml::de::Error },
+    Toml {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
     #[error("invalid JSON in output schema {path}")]
-    SchemaJson { path: PathBuf, #[source] source: serde_json::Error },
+    SchemaJson {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
     #[error("output schema is not a valid JSON schema: {0}")]
     Schema(String),
     #[error("prompt template does not compile")]
@@ -89,13 +101,22 @@ impl JobKind {
     pub fn load(dir: &Path) -> Result<Self, SpecError> {
         let spec_path = dir.join("job.toml");
         let text = read(&spec_path)?;
-        let spec: JobSpec =
-            toml::from_str(&text).map_err(|source| SpecError::Toml { path: spec_path.clone(), source })?;
+        let spec: JobSpec = toml::from_str(&text).map_err(|source| SpecError::Toml {
+            path: spec_path.clone(),
+            source,
+        })?;
         let template = read(&dir.join(&spec.template))?;
         let schema_path = dir.join(&spec.schema);
-        let schema = serde_json::from_str(&read(&schema_path)?)
-            .map_err(|source| SpecError::SchemaJson { path: schema_path, source })?;
-        let kind = JobKind { spec, template, schema };
+        let schema =
+            serde_json::from_str(&read(&schema_path)?).map_err(|source| SpecError::SchemaJson {
+                path: schema_path,
+                source,
+            })?;
+        let kind = JobKind {
+            spec,
+            template,
+            schema,
+        };
         kind.validate()?;
         Ok(kind)
     }
@@ -104,7 +125,10 @@ impl JobKind {
     pub fn validate(&self) -> Result<(), SpecError> {
         let s = &self.spec;
         if s.chunk_size == 0 || s.chunk_size > 10_000 {
-            return Err(SpecError::Invalid(format!("chunk_size must be 1..=10000, got {}", s.chunk_size)));
+            return Err(SpecError::Invalid(format!(
+                "chunk_size must be 1..=10000, got {}",
+                s.chunk_size
+            )));
         }
         if !(0.0..=1.0).contains(&s.confidence_threshold) {
             return Err(SpecError::Invalid(format!(
@@ -139,7 +163,10 @@ impl JobKind {
 }
 
 fn read(path: &Path) -> Result<String, SpecError> {
-    std::fs::read_to_string(path).map_err(|source| SpecError::Read { path: path.to_path_buf(), source })
+    std::fs::read_to_string(path).map_err(|source| SpecError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// A compiled prompt template.
@@ -152,8 +179,12 @@ impl Prompt {
     pub fn new(kind: &JobKind) -> Result<Self, SpecError> {
         let mut env = minijinja::Environment::new();
         env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
-        env.add_template_owned("prompt", kind.template.clone()).map_err(SpecError::Template)?;
-        Ok(Prompt { env, labels: kind.spec.labels.clone() })
+        env.add_template_owned("prompt", kind.template.clone())
+            .map_err(SpecError::Template)?;
+        Ok(Prompt {
+            env,
+            labels: kind.spec.labels.clone(),
+        })
     }
 
     /// Renders the prompt for one item; the item's fields and `labels` are in scope.
@@ -167,7 +198,9 @@ impl Prompt {
             }
         };
         ctx.insert("labels".into(), Value::from(self.labels.clone()));
-        self.env.get_template("prompt")?.render(minijinja::value::Serde(&ctx))
+        self.env
+            .get_template("prompt")?
+            .render(minijinja::value::Serde(&ctx))
     }
 }
 
@@ -185,7 +218,9 @@ mod tests {
             let kind = JobKind::load(&repo_jobs().join(name)).unwrap();
             assert_eq!(kind.spec.kind, name);
             let prompt = Prompt::new(&kind).unwrap();
-            let text = prompt.render(&serde_json::json!({"id": "1", "text": "The striker scored."})).unwrap();
+            let text = prompt
+                .render(&serde_json::json!({"id": "1", "text": "The striker scored."}))
+                .unwrap();
             assert!(text.contains("The striker scored."), "{text}");
             assert_eq!(kind.template_hash().len(), 16);
         }

@@ -19,19 +19,37 @@ pub struct TelemetryConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum TelemetryError {
     #[error("invalid metrics address {addr:?} (expected host:port, e.g. 127.0.0.1:9100)")]
-    MetricsAddr { addr: String, #[source] source: std::net::AddrParseError },
+    MetricsAddr {
+        addr: String,
+        #[source]
+        source: std::net::AddrParseError,
+    },
     #[error("could not start the Prometheus endpoint on {addr}")]
-    Exporter { addr: SocketAddr, #[source] source: metrics_exporter_prometheus::BuildError },
+    Exporter {
+        addr: SocketAddr,
+        #[source]
+        source: metrics_exporter_prometheus::BuildError,
+    },
     #[error("invalid log filter {filter:?}")]
-    Filter { filter: String, #[source] source: tracing_subscriber::filter::ParseError },
+    Filter {
+        filter: String,
+        #[source]
+        source: tracing_subscriber::filter::ParseError,
+    },
 }
 
 /// Installs the global log subscriber and, if configured, the metrics exporter.
 /// Logs go to stderr so that stdout stays clean for command output.
 pub fn init(config: &TelemetryConfig) -> Result<(), TelemetryError> {
-    let filter = tracing_subscriber::EnvFilter::try_new(&config.log)
-        .map_err(|source| TelemetryError::Filter { filter: config.log.clone(), source })?;
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter = tracing_subscriber::EnvFilter::try_new(&config.log).map_err(|source| {
+        TelemetryError::Filter {
+            filter: config.log.clone(),
+            source,
+        }
+    })?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     // A second init (tests start several services in one process) is harmless.
     let _ = if config.log_format == "json" {
         builder.json().try_init()
@@ -46,11 +64,15 @@ pub fn install_metrics(addr: &str) -> Result<(), TelemetryError> {
     if addr.is_empty() {
         return Ok(());
     }
-    let addr: SocketAddr =
-        addr.parse().map_err(|source| TelemetryError::MetricsAddr { addr: addr.to_string(), source })?;
+    let addr: SocketAddr = addr.parse().map_err(|source| TelemetryError::MetricsAddr {
+        addr: addr.to_string(),
+        source,
+    })?;
     metrics_exporter_prometheus::PrometheusBuilder::new()
         .with_http_listener(addr)
-        .set_buckets(&[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0])
+        .set_buckets(&[
+            0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+        ])
         .expect("static bucket list is non-empty")
         .install()
         .map_err(|source| TelemetryError::Exporter { addr, source })

@@ -55,7 +55,14 @@ impl IntoResponse for Error {
         if status.is_server_error() {
             tracing::error!(error = &self as &dyn std::error::Error, "request failed");
         }
-        (status, Json(ApiError { error: chain(&self), report: None })).into_response()
+        (
+            status,
+            Json(ApiError {
+                error: chain(&self),
+                report: None,
+            }),
+        )
+            .into_response()
     }
 }
 
@@ -71,7 +78,10 @@ fn chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-async fn create_job(State(st): State<AppState>, Json(job): Json<NewJob>) -> Result<impl IntoResponse, Error> {
+async fn create_job(
+    State(st): State<AppState>,
+    Json(job): Json<NewJob>,
+) -> Result<impl IntoResponse, Error> {
     job.kind.validate()?;
     let job_id = store::create_job(&st.pool, &job).await?;
     tracing::info!(%job_id, kind = %job.kind.spec.kind, "job created");
@@ -91,14 +101,34 @@ async fn upload_input(
     body: Body,
 ) -> Result<Response, Error> {
     let spec = store::job_spec(&st.pool, job_id).await?;
-    let mode = if p.skip_invalid { Mode::SkipInvalid } else { Mode::Strict };
-    let report =
-        ingest::ingest(&st.pool, job_id, spec.input_fields.clone(), spec.chunk_size, mode, body.into_data_stream())
-            .await?;
+    let mode = if p.skip_invalid {
+        Mode::SkipInvalid
+    } else {
+        Mode::Strict
+    };
+    let report = ingest::ingest(
+        &st.pool,
+        job_id,
+        spec.input_fields.clone(),
+        spec.chunk_size,
+        mode,
+        body.into_data_stream(),
+    )
+    .await?;
     if report.state == "rejected" {
         tracing::info!(%job_id, invalid = report.invalid_lines, "input rejected");
-        let error = format!("input rejected: {} invalid line(s); nothing was ingested", report.invalid_lines);
-        return Ok((StatusCode::UNPROCESSABLE_ENTITY, Json(ApiError { error, report: Some(report) })).into_response());
+        let error = format!(
+            "input rejected: {} invalid line(s); nothing was ingested",
+            report.invalid_lines
+        );
+        return Ok((
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Json(ApiError {
+                error,
+                report: Some(report),
+            }),
+        )
+            .into_response());
     }
     tracing::info!(%job_id, items = report.items, chunks = report.chunks, secs = report.ingest_seconds, "input ingested");
     // The items are committed; if publishing fails now the reconciler
@@ -110,7 +140,10 @@ async fn upload_input(
     Ok(Json(report).into_response())
 }
 
-async fn job_status(State(st): State<AppState>, Path(job_id): Path<Uuid>) -> Result<impl IntoResponse, Error> {
+async fn job_status(
+    State(st): State<AppState>,
+    Path(job_id): Path<Uuid>,
+) -> Result<impl IntoResponse, Error> {
     Ok(Json(store::status(&st.pool, job_id).await?))
 }
 
@@ -123,11 +156,19 @@ fn default_limit() -> i64 {
     20
 }
 
-async fn list_jobs(State(st): State<AppState>, Query(p): Query<ListParams>) -> Result<impl IntoResponse, Error> {
-    Ok(Json(store::list_jobs(&st.pool, p.limit.clamp(1, 1000)).await?))
+async fn list_jobs(
+    State(st): State<AppState>,
+    Query(p): Query<ListParams>,
+) -> Result<impl IntoResponse, Error> {
+    Ok(Json(
+        store::list_jobs(&st.pool, p.limit.clamp(1, 1000)).await?,
+    ))
 }
 
-async fn cancel_job(State(st): State<AppState>, Path(job_id): Path<Uuid>) -> Result<impl IntoResponse, Error> {
+async fn cancel_job(
+    State(st): State<AppState>,
+    Path(job_id): Path<Uuid>,
+) -> Result<impl IntoResponse, Error> {
     store::cancel(&st.pool, job_id).await?;
     metrics::counter!(m::JOBS_FINISHED, "state" => "cancelled").increment(1);
     Ok(Json(store::status(&st.pool, job_id).await?))
@@ -143,7 +184,8 @@ fn default_format() -> String {
 }
 
 /// CSV columns of a result export.
-pub const CSV_HEADER: &str = "id,state,answer,confidence,error_class,error,model,attempts,template_hash\n";
+pub const CSV_HEADER: &str =
+    "id,state,answer,confidence,error_class,error,model,attempts,template_hash\n";
 
 async fn results(
     State(st): State<AppState>,
@@ -157,13 +199,28 @@ async fn results(
         "csv" => true,
         other => {
             let error = format!("unknown format {other:?}: use jsonl or csv");
-            return Ok((StatusCode::BAD_REQUEST, Json(ApiError { error, report: None })).into_response());
+            return Ok((
+                StatusCode::BAD_REQUEST,
+                Json(ApiError {
+                    error,
+                    report: None,
+                }),
+            )
+                .into_response());
         }
     };
     let pool = st.pool.clone();
     let rows = async_stream_rows(pool, job_id, csv);
-    let content_type = if csv { "text/csv" } else { "application/x-ndjson" };
-    Ok(([(header::CONTENT_TYPE, content_type)], Body::from_stream(rows)).into_response())
+    let content_type = if csv {
+        "text/csv"
+    } else {
+        "application/x-ndjson"
+    };
+    Ok((
+        [(header::CONTENT_TYPE, content_type)],
+        Body::from_stream(rows),
+    )
+        .into_response())
 }
 
 fn async_stream_rows(
@@ -198,7 +255,9 @@ fn async_stream_rows(
 }
 
 fn write_csv_row(out: &mut Vec<u8>, r: &store::ResultRow) {
-    let mut w = csv::WriterBuilder::new().has_headers(false).from_writer(Vec::new());
+    let mut w = csv::WriterBuilder::new()
+        .has_headers(false)
+        .from_writer(Vec::new());
     let confidence = r.confidence.map(|c| format!("{c:.4}")).unwrap_or_default();
     let attempts = r.attempts.to_string();
     w.write_record([

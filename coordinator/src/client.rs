@@ -11,13 +11,29 @@ use crate::model::{ApiError, Created, IngestReport, JobStatus, NewJob};
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("cannot reach the Sluice coordinator at {url}: is `sluice serve` running? (`scripts/demo` starts one; set SLUICE_COORDINATOR to use another)")]
-    Unreachable { url: String, #[source] source: reqwest::Error },
+    Unreachable {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
     #[error("{message}")]
-    Api { status: StatusCode, message: String, report: Option<Box<IngestReport>> },
+    Api {
+        status: StatusCode,
+        message: String,
+        report: Option<Box<IngestReport>>,
+    },
     #[error("request to {url} failed")]
-    Http { url: String, #[source] source: reqwest::Error },
+    Http {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
     #[error("cannot read {path}")]
-    Read { path: String, #[source] source: std::io::Error },
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// A client of one coordinator.
@@ -29,19 +45,32 @@ pub struct Client {
 
 impl Client {
     pub fn new(base: &str) -> Self {
-        Client { http: reqwest::Client::new(), base: base.trim_end_matches('/').to_string() }
+        Client {
+            http: reqwest::Client::new(),
+            base: base.trim_end_matches('/').to_string(),
+        }
     }
 
     fn url(&self, path: &str) -> String {
         format!("{}{}", self.base, path)
     }
 
-    async fn send(&self, req: reqwest::RequestBuilder, url: &str) -> Result<reqwest::Response, ClientError> {
+    async fn send(
+        &self,
+        req: reqwest::RequestBuilder,
+        url: &str,
+    ) -> Result<reqwest::Response, ClientError> {
         let resp = req.send().await.map_err(|source| {
             if source.is_connect() {
-                ClientError::Unreachable { url: self.base.clone(), source }
+                ClientError::Unreachable {
+                    url: self.base.clone(),
+                    source,
+                }
             } else {
-                ClientError::Http { url: url.to_string(), source }
+                ClientError::Http {
+                    url: url.to_string(),
+                    source,
+                }
             }
         })?;
         if resp.status().is_success() {
@@ -50,13 +79,28 @@ impl Client {
         let status = resp.status();
         let text = resp.text().await.unwrap_or_default();
         Err(match serde_json::from_str::<ApiError>(&text) {
-            Ok(e) => ClientError::Api { status, message: e.error, report: e.report.map(Box::new) },
-            Err(_) => ClientError::Api { status, message: format!("HTTP {status}: {text}"), report: None },
+            Ok(e) => ClientError::Api {
+                status,
+                message: e.error,
+                report: e.report.map(Box::new),
+            },
+            Err(_) => ClientError::Api {
+                status,
+                message: format!("HTTP {status}: {text}"),
+                report: None,
+            },
         })
     }
 
-    async fn json<T: serde::de::DeserializeOwned>(&self, resp: reqwest::Response, url: &str) -> Result<T, ClientError> {
-        resp.json().await.map_err(|source| ClientError::Http { url: url.to_string(), source })
+    async fn json<T: serde::de::DeserializeOwned>(
+        &self,
+        resp: reqwest::Response,
+        url: &str,
+    ) -> Result<T, ClientError> {
+        resp.json().await.map_err(|source| ClientError::Http {
+            url: url.to_string(),
+            source,
+        })
     }
 
     pub async fn create_job(&self, job: &NewJob) -> Result<Uuid, ClientError> {
@@ -66,12 +110,24 @@ impl Client {
     }
 
     /// Uploads a job's input from any byte stream.
-    pub async fn upload<S>(&self, job_id: Uuid, body: S, skip_invalid: bool) -> Result<IngestReport, ClientError>
+    pub async fn upload<S>(
+        &self,
+        job_id: Uuid,
+        body: S,
+        skip_invalid: bool,
+    ) -> Result<IngestReport, ClientError>
     where
         S: Stream<Item = Result<bytes::Bytes, std::io::Error>> + Send + Sync + 'static,
     {
-        let url = self.url(&format!("/v1/jobs/{job_id}/input?skip_invalid={skip_invalid}"));
-        let resp = self.send(self.http.put(&url).body(reqwest::Body::wrap_stream(body)), &url).await?;
+        let url = self.url(&format!(
+            "/v1/jobs/{job_id}/input?skip_invalid={skip_invalid}"
+        ));
+        let resp = self
+            .send(
+                self.http.put(&url).body(reqwest::Body::wrap_stream(body)),
+                &url,
+            )
+            .await?;
         self.json(resp, &url).await
     }
 
@@ -85,12 +141,16 @@ impl Client {
     ) -> Result<IngestReport, ClientError> {
         let file = tokio::fs::File::open(path)
             .await
-            .map_err(|source| ClientError::Read { path: path.display().to_string(), source })?;
+            .map_err(|source| ClientError::Read {
+                path: path.display().to_string(),
+                source,
+            })?;
         let mut sent = 0u64;
-        let stream = tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024).inspect_ok(move |b| {
-            sent += b.len() as u64;
-            progress(sent);
-        });
+        let stream =
+            tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024).inspect_ok(move |b| {
+                sent += b.len() as u64;
+                progress(sent);
+            });
         self.upload(job_id, stream, skip_invalid).await
     }
 
@@ -120,6 +180,11 @@ impl Client {
     ) -> Result<impl Stream<Item = Result<bytes::Bytes, ClientError>>, ClientError> {
         let url = self.url(&format!("/v1/jobs/{job_id}/results?format={format}"));
         let resp = self.send(self.http.get(&url), &url).await?;
-        Ok(resp.bytes_stream().map_err(move |source| ClientError::Http { url: url.clone(), source }))
+        Ok(resp
+            .bytes_stream()
+            .map_err(move |source| ClientError::Http {
+                url: url.clone(),
+                source,
+            }))
     }
 }

@@ -6,7 +6,11 @@ use crate::Error;
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServeConfig {
     /// Postgres connection URL.
-    #[arg(long, env = "SLUICE_DATABASE_URL", default_value = "postgres://sluice:sluice@127.0.0.1:5432/sluice")]
+    #[arg(
+        long,
+        env = "SLUICE_DATABASE_URL",
+        default_value = "postgres://sluice:sluice@127.0.0.1:5432/sluice"
+    )]
     pub database_url: String,
     /// Most connections the coordinator keeps open to Postgres.
     #[arg(long, env = "SLUICE_DB_POOL_SIZE", default_value_t = 8)]
@@ -29,17 +33,24 @@ pub struct ServeConfig {
 impl ServeConfig {
     /// Checks the settings once, at start-up.
     pub fn validate(&self) -> Result<(), Error> {
-        if !self.database_url.starts_with("postgres://") && !self.database_url.starts_with("postgresql://") {
+        if !self.database_url.starts_with("postgres://")
+            && !self.database_url.starts_with("postgresql://")
+        {
             return Err(Error::Config(format!(
                 "SLUICE_DATABASE_URL must start with postgres://, got {:?}",
                 self.database_url
             )));
         }
         if !self.nats_url.contains("://") && !self.nats_url.contains(':') {
-            return Err(Error::Config(format!("SLUICE_NATS_URL is not a URL: {:?}", self.nats_url)));
+            return Err(Error::Config(format!(
+                "SLUICE_NATS_URL is not a URL: {:?}",
+                self.nats_url
+            )));
         }
         if self.db_pool_size == 0 {
-            return Err(Error::Config("SLUICE_DB_POOL_SIZE must be at least 1".into()));
+            return Err(Error::Config(
+                "SLUICE_DB_POOL_SIZE must be at least 1".into(),
+            ));
         }
         Ok(())
     }

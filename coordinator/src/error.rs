@@ -7,7 +7,11 @@ pub enum Error {
     #[error("invalid configuration: {0}")]
     Config(String),
     #[error("cannot connect to Postgres at {url}: is it running and does the database exist? (`scripts/demo` starts it)")]
-    DbConnect { url: String, #[source] source: sqlx::Error },
+    DbConnect {
+        url: String,
+        #[source]
+        source: sqlx::Error,
+    },
     #[error("database error")]
     Db(#[from] sqlx::Error),
     #[error("cannot apply database migrations")]
@@ -15,13 +19,26 @@ pub enum Error {
     #[error(transparent)]
     Nats(#[from] common::nats::NatsError),
     #[error("cannot listen on {addr}")]
-    Bind { addr: String, #[source] source: std::io::Error },
+    Bind {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("failed to publish chunk {chunk_no} of job {job_id}")]
-    Publish { job_id: Uuid, chunk_no: i32, #[source] source: Box<dyn std::error::Error + Send + Sync> },
+    Publish {
+        job_id: Uuid,
+        chunk_no: i32,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("no job {0}")]
     JobNotFound(Uuid),
     #[error("job {job_id} is {state}, expected {expected}")]
-    JobState { job_id: Uuid, state: String, expected: &'static str },
+    JobState {
+        job_id: Uuid,
+        state: String,
+        expected: &'static str,
+    },
     #[error("invalid job kind")]
     Spec(#[from] common::spec::SpecError),
     #[error("reading the uploaded input failed")]

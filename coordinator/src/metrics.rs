@@ -15,7 +15,14 @@ pub const INGEST_SECONDS: &str = "sluice_ingest_duration_seconds";
 pub fn describe() {
     metrics::describe_counter!(ITEMS_INGESTED, "Items accepted into Postgres at ingest");
     metrics::describe_counter!(LINES_REJECTED, "Input lines refused at ingest, by reason");
-    metrics::describe_counter!(CHUNKS_PUBLISHED, "Chunk messages published to JetStream, by cause");
+    metrics::describe_counter!(
+        CHUNKS_PUBLISHED,
+        "Chunk messages published to JetStream, by cause"
+    );
     metrics::describe_counter!(JOBS_FINISHED, "Jobs that reached a final state");
-    metrics::describe_histogram!(INGEST_SECONDS, metrics::Unit::Seconds, "Time to ingest one job's input");
+    metrics::describe_histogram!(
+        INGEST_SECONDS,
+        metrics::Unit::Seconds,
+        "Time to ingest one job's input"
+    );
 }

@@ -22,7 +22,9 @@ pub async fn publish_chunks(
         let mut acks = Vec::with_capacity(window.len());
         for c in window {
             let payload = serde_json::to_vec(&c.msg).expect("chunk message serialises");
-            let publish = PublishMessage::build().payload(payload.into()).message_id(c.msg.msg_id(c.generation));
+            let publish = PublishMessage::build()
+                .payload(payload.into())
+                .message_id(c.msg.msg_id(c.generation));
             let ack = js
                 .send_publish(common::wire::chunk_subject(c.msg.job_id), publish)
                 .await
@@ -40,5 +42,9 @@ pub async fn publish_chunks(
 }
 
 fn publish_error(c: &ChunkRow, e: impl std::error::Error + Send + Sync + 'static) -> Error {
-    Error::Publish { job_id: c.msg.job_id, chunk_no: c.msg.chunk_no, source: Box::new(e) }
+    Error::Publish {
+        job_id: c.msg.job_id,
+        chunk_no: c.msg.chunk_no,
+        source: Box::new(e),
+    }
 }

@@ -41,7 +41,10 @@ pub async fn run(state: AppState, settings: Settings, shutdown: CancellationToke
             _ = tick.tick() => {}
         }
         if let Err(err) = pass(&state, settings).await {
-            tracing::warn!(error = &err as &dyn std::error::Error, "reconciliation pass failed");
+            tracing::warn!(
+                error = &err as &dyn std::error::Error,
+                "reconciliation pass failed"
+            );
         }
     }
 }
@@ -57,7 +60,8 @@ pub async fn pass(state: &AppState, settings: Settings) -> Result<(), Error> {
         if messages_in_stream(state, job_id).await? > 0 {
             continue;
         }
-        let before = chrono::Utc::now() - chrono::Duration::from_std(settings.republish_after).unwrap_or_default();
+        let before = chrono::Utc::now()
+            - chrono::Duration::from_std(settings.republish_after).unwrap_or_default();
         let chunks = store::claim_stale_chunks(&state.pool, job_id, before).await?;
         if chunks.is_empty() {
             continue;
@@ -70,9 +74,17 @@ pub async fn pass(state: &AppState, settings: Settings) -> Result<(), Error> {
 
 async fn messages_in_stream(state: &AppState, job_id: Uuid) -> Result<usize, Error> {
     let nats_err = |e: Box<dyn std::error::Error + Send + Sync>| {
-        Error::Nats(common::nats::NatsError::Stream { url: String::new(), stream: common::wire::STREAM, source: e })
+        Error::Nats(common::nats::NatsError::Stream {
+            url: String::new(),
+            stream: common::wire::STREAM,
+            source: e,
+        })
     };
-    let stream = state.js.get_stream(common::wire::STREAM).await.map_err(|e| nats_err(Box::new(e)))?;
+    let stream = state
+        .js
+        .get_stream(common::wire::STREAM)
+        .await
+        .map_err(|e| nats_err(Box::new(e)))?;
     let subject = common::wire::chunk_subject(job_id);
     let counts: Vec<(String, usize)> = stream
         .info_with_subjects(&subject)
@@ -81,5 +93,9 @@ async fn messages_in_stream(state: &AppState, job_id: Uuid) -> Result<usize, Err
         .try_collect()
         .await
         .map_err(|e| nats_err(Box::new(e)))?;
-    Ok(counts.iter().filter(|(s, _)| *s == subject).map(|(_, n)| n).sum())
+    Ok(counts
+        .iter()
+        .filter(|(s, _)| *s == subject)
+        .map(|(_, n)| n)
+        .sum())
 }

@@ -18,7 +18,10 @@ pub async fn connect(url: &str, max: u32) -> Result<PgPool, Error> {
         .acquire_timeout(Duration::from_secs(10))
         .connect(url)
         .await
-        .map_err(|source| Error::DbConnect { url: redact_url(url), source })
+        .map_err(|source| Error::DbConnect {
+            url: redact_url(url),
+            source,
+        })
 }
 
 /// Removes the password from a connection URL before it is shown to anyone.
@@ -57,7 +60,10 @@ pub async fn create_job(pool: &PgPool, job: &crate::model::NewJob) -> Result<Uui
 /// The spec of a job, as stored at submission.
 pub async fn job_spec(pool: &PgPool, job_id: Uuid) -> Result<common::spec::JobSpec, Error> {
     let spec: Option<sqlx::types::Json<common::spec::JobSpec>> =
-        sqlx::query_scalar("SELECT spec FROM jobs WHERE id = $1").bind(job_id).fetch_optional(pool).await?;
+        sqlx::query_scalar("SELECT spec FROM jobs WHERE id = $1")
+            .bind(job_id)
+            .fetch_optional(pool)
+            .await?;
     spec.map(|s| s.0).ok_or(Error::JobNotFound(job_id))
 }
 
@@ -115,7 +121,11 @@ pub async fn unpublished_chunks(pool: &PgPool, job_id: Uuid) -> Result<Vec<Chunk
 
 /// Pending chunks of a job last published before `before` (or never), with
 /// their generation bumped so the republished message gets a fresh `Nats-Msg-Id`.
-pub async fn claim_stale_chunks(pool: &PgPool, job_id: Uuid, before: DateTime<Utc>) -> Result<Vec<ChunkRow>, Error> {
+pub async fn claim_stale_chunks(
+    pool: &PgPool,
+    job_id: Uuid,
+    before: DateTime<Utc>,
+) -> Result<Vec<ChunkRow>, Error> {
     let rows = sqlx::query(
         "UPDATE chunks SET generation = generation + 1, published_at = NULL
          WHERE job_id = $1 AND state = 'pending'
@@ -145,7 +155,11 @@ pub async fn mark_published(pool: &PgPool, job_id: Uuid, chunk_nos: &[i32]) -> R
 
 /// Running jobs that still have pending chunks.
 pub async fn running_jobs(pool: &PgPool) -> Result<Vec<Uuid>, Error> {
-    Ok(sqlx::query_scalar("SELECT id FROM jobs WHERE state = 'running' ORDER BY created_at").fetch_all(pool).await?)
+    Ok(
+        sqlx::query_scalar("SELECT id FROM jobs WHERE state = 'running' ORDER BY created_at")
+            .fetch_all(pool)
+            .await?,
+    )
 }
 
 /// Marks a running job completed if none of its chunks is pending; true if it did.
@@ -191,7 +205,10 @@ fn status_from_row(row: &PgRow) -> JobStatus {
     let last_result_at: Option<DateTime<Utc>> = row.get("last_result_at");
     // Rate over the time the job has been running: until now, or until its
     // last result once it is finished.
-    let end = finished_at.max(last_result_at).filter(|_| finished_at.is_some()).unwrap_or_else(Utc::now);
+    let end = finished_at
+        .max(last_result_at)
+        .filter(|_| finished_at.is_some())
+        .unwrap_or_else(Utc::now);
     let items_per_s = match started_at {
         Some(s) if done > 0 => {
             let secs = (end - s).num_milliseconds().max(1) as f64 / 1000.0;
@@ -224,10 +241,11 @@ fn status_from_row(row: &PgRow) -> JobStatus {
 
 /// The most recent jobs, newest first.
 pub async fn list_jobs(pool: &PgPool, limit: i64) -> Result<Vec<JobStatus>, Error> {
-    let ids: Vec<Uuid> = sqlx::query_scalar("SELECT id FROM jobs ORDER BY created_at DESC LIMIT $1")
-        .bind(limit)
-        .fetch_all(pool)
-        .await?;
+    let ids: Vec<Uuid> =
+        sqlx::query_scalar("SELECT id FROM jobs ORDER BY created_at DESC LIMIT $1")
+            .bind(limit)
+            .fetch_all(pool)
+            .await?;
     let mut out = Vec::with_capacity(ids.len());
     for id in ids {
         out.push(status(pool, id).await?);
@@ -246,7 +264,11 @@ pub async fn cancel(pool: &PgPool, job_id: Uuid) -> Result<(), Error> {
     .rows_affected();
     if n == 0 {
         let st = status(pool, job_id).await?;
-        return Err(Error::JobState { job_id, state: st.state, expected: "uploading or running" });
+        return Err(Error::JobState {
+            job_id,
+            state: st.state,
+            expected: "uploading or running",
+        });
     }
     Ok(())
 }
@@ -269,7 +291,12 @@ pub struct ResultRow {
 }
 
 /// Up to `limit` results of a job with `seq > after`, in input order.
-pub async fn results_page(pool: &PgPool, job_id: Uuid, after: i64, limit: i64) -> Result<Vec<(i64, ResultRow)>, Error> {
+pub async fn results_page(
+    pool: &PgPool,
+    job_id: Uuid,
+    after: i64,
+    limit: i64,
+) -> Result<Vec<(i64, ResultRow)>, Error> {
     let rows = sqlx::query(
         "SELECT seq, item_id, state, answer, output, confidence, error_class, error, model, attempts,
                 template_hash, tokens_in, tokens_out
@@ -312,6 +339,9 @@ mod tests {
             super::redact_url("postgres://sluice:secret@127.0.0.1:5432/sluice"),
             "postgres://sluice:***@127.0.0.1:5432/sluice"
         );
-        assert_eq!(super::redact_url("postgres://127.0.0.1/db"), "postgres://127.0.0.1/db");
+        assert_eq!(
+            super::redact_url("postgres://127.0.0.1/db"),
+            "postgres://127.0.0.1/db"
+        );
     }
 }

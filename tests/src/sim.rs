@@ -73,7 +73,13 @@ pub struct SimConfig {
 
 impl SimConfig {
     fn any_fault(&self) -> bool {
-        self.error_500 + self.error_503 + self.error_429 + self.hang + self.malformed + self.bad_output > 0.0
+        self.error_500
+            + self.error_503
+            + self.error_429
+            + self.hang
+            + self.malformed
+            + self.bad_output
+            > 0.0
     }
 }
 
@@ -189,14 +195,23 @@ pub fn router(sim: Arc<Sim>) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat))
         .route("/v1/models", get(models))
-        .route("/stats", get(|State(s): State<Arc<Sim>>| async move { Json(s.stats()) }))
+        .route(
+            "/stats",
+            get(|State(s): State<Arc<Sim>>| async move { Json(s.stats()) }),
+        )
         .route("/admin/config", get(get_config).post(set_config))
         .with_state(sim)
 }
 
 /// Serves the simulator on `listener` until `shutdown` is cancelled.
-pub async fn serve(listener: tokio::net::TcpListener, sim: Arc<Sim>, shutdown: CancellationToken) -> std::io::Result<()> {
-    axum::serve(listener, router(sim)).with_graceful_shutdown(async move { shutdown.cancelled().await }).await
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    sim: Arc<Sim>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(sim))
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
 }
 
 async fn models() -> Json<Value> {
@@ -227,12 +242,23 @@ fn unit(h: u64) -> f64 {
 }
 
 fn error(status: StatusCode, kind: &str, message: &str) -> Response {
-    (status, Json(json!({"error": {"message": message, "type": kind}}))).into_response()
+    (
+        status,
+        Json(json!({"error": {"message": message, "type": kind}})),
+    )
+        .into_response()
 }
 
 fn with_retry_after(mut resp: Response, secs: f64) -> Response {
-    let value = if secs.fract() == 0.0 { format!("{}", secs as u64) } else { format!("{secs:.3}") };
-    resp.headers_mut().insert("retry-after", HeaderValue::from_str(&value).expect("number"));
+    let value = if secs.fract() == 0.0 {
+        format!("{}", secs as u64)
+    } else {
+        format!("{secs:.3}")
+    };
+    resp.headers_mut().insert(
+        "retry-after",
+        HeaderValue::from_str(&value).expect("number"),
+    );
     resp
 }
 
@@ -246,13 +272,31 @@ async fn chat(State(sim): State<Arc<Sim>>, body: Bytes) -> Response {
     let config = sim.config.read().expect("config lock").clone();
     let request: Value = match serde_json::from_slice(&body) {
         Ok(v) => v,
-        Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_request_error", &format!("body is not JSON: {e}")),
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                &format!("body is not JSON: {e}"),
+            )
+        }
     };
     let Some(messages) = request["messages"].as_array() else {
-        return error(StatusCode::BAD_REQUEST, "invalid_request_error", "missing messages");
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "missing messages",
+        );
     };
-    let prompt_chars: usize = messages.iter().map(|m| m["content"].as_str().map_or(0, str::len)).sum();
-    let text = messages.iter().rev().find(|m| m["role"] == "user").and_then(|m| m["content"].as_str()).unwrap_or("");
+    let prompt_chars: usize = messages
+        .iter()
+        .map(|m| m["content"].as_str().map_or(0, str::len))
+        .sum();
+    let text = messages
+        .iter()
+        .rev()
+        .find(|m| m["role"] == "user")
+        .and_then(|m| m["content"].as_str())
+        .unwrap_or("");
     let tokens_in = approx_tokens(prompt_chars);
     let max_tokens = request["max_tokens"].as_u64().unwrap_or(256) as u32;
 
@@ -263,17 +307,28 @@ async fn chat(State(sim): State<Arc<Sim>>, body: Bytes) -> Response {
         match l.check() {
             Ok(snap) => {
                 headers.insert("x-ratelimit-limit-requests", limits.rpm.into());
-                headers.insert("x-ratelimit-remaining-requests", snap.remaining_burst_capacity().into());
+                headers.insert(
+                    "x-ratelimit-remaining-requests",
+                    snap.remaining_burst_capacity().into(),
+                );
             }
             Err(not_until) => {
-                let wait = not_until.wait_time_from(governor::clock::Clock::now(&DefaultClock::default()));
+                let wait =
+                    not_until.wait_time_from(governor::clock::Clock::now(&DefaultClock::default()));
                 c.status_429.fetch_add(1, Ordering::Relaxed);
-                let mut resp = error(StatusCode::TOO_MANY_REQUESTS, "rate_limit_exceeded", "Rate limit reached for requests");
-                resp.headers_mut().insert("x-ratelimit-limit-requests", limits.rpm.into());
-                resp.headers_mut().insert("x-ratelimit-remaining-requests", 0u32.into());
+                let mut resp = error(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limit_exceeded",
+                    "Rate limit reached for requests",
+                );
+                resp.headers_mut()
+                    .insert("x-ratelimit-limit-requests", limits.rpm.into());
+                resp.headers_mut()
+                    .insert("x-ratelimit-remaining-requests", 0u32.into());
                 resp.headers_mut().insert(
                     "x-ratelimit-reset-requests",
-                    HeaderValue::from_str(&format!("{}ms", wait.as_millis().max(1))).expect("ascii"),
+                    HeaderValue::from_str(&format!("{}ms", wait.as_millis().max(1)))
+                        .expect("ascii"),
                 );
                 return with_retry_after(resp, (wait.as_secs_f64() * 1000.0).ceil() / 1000.0);
             }
@@ -284,18 +339,32 @@ async fn chat(State(sim): State<Arc<Sim>>, body: Bytes) -> Response {
         match l.check_n(cost) {
             Ok(Ok(snap)) => {
                 headers.insert("x-ratelimit-limit-tokens", limits.tpm.into());
-                headers.insert("x-ratelimit-remaining-tokens", snap.remaining_burst_capacity().into());
+                headers.insert(
+                    "x-ratelimit-remaining-tokens",
+                    snap.remaining_burst_capacity().into(),
+                );
             }
             Ok(Err(not_until)) => {
-                let wait = not_until.wait_time_from(governor::clock::Clock::now(&DefaultClock::default()));
+                let wait =
+                    not_until.wait_time_from(governor::clock::Clock::now(&DefaultClock::default()));
                 c.status_429.fetch_add(1, Ordering::Relaxed);
-                let mut resp = error(StatusCode::TOO_MANY_REQUESTS, "rate_limit_exceeded", "Rate limit reached for tokens");
-                resp.headers_mut().insert("x-ratelimit-limit-tokens", limits.tpm.into());
-                resp.headers_mut().insert("x-ratelimit-remaining-tokens", 0u32.into());
+                let mut resp = error(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limit_exceeded",
+                    "Rate limit reached for tokens",
+                );
+                resp.headers_mut()
+                    .insert("x-ratelimit-limit-tokens", limits.tpm.into());
+                resp.headers_mut()
+                    .insert("x-ratelimit-remaining-tokens", 0u32.into());
                 return with_retry_after(resp, (wait.as_secs_f64() * 1000.0).ceil() / 1000.0);
             }
             Err(_) => {
-                return error(StatusCode::BAD_REQUEST, "invalid_request_error", "request exceeds the tokens-per-minute limit on its own");
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request_error",
+                    "request exceeds the tokens-per-minute limit on its own",
+                );
             }
         }
     }
@@ -311,7 +380,11 @@ async fn chat(State(sim): State<Arc<Sim>>, body: Bytes) -> Response {
     };
     let draw = unit(hash_of((config.seed, request_hash, attempt)));
     let latency = config.latency_ms
-        + if config.latency_jitter_ms > 0 { hash_of((request_hash, attempt, 1u8)) % (config.latency_jitter_ms + 1) } else { 0 };
+        + if config.latency_jitter_ms > 0 {
+            hash_of((request_hash, attempt, 1u8)) % (config.latency_jitter_ms + 1)
+        } else {
+            0
+        };
 
     // Faults, in a fixed order over [0, 1).
     let mut edge = 0.0;
@@ -341,26 +414,47 @@ async fn chat(State(sim): State<Arc<Sim>>, body: Bytes) -> Response {
     match fault {
         Some("500") => {
             c.status_500.fetch_add(1, Ordering::Relaxed);
-            return error(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "simulated internal error");
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                "simulated internal error",
+            );
         }
         Some("503") => {
             c.status_503.fetch_add(1, Ordering::Relaxed);
-            let resp = error(StatusCode::SERVICE_UNAVAILABLE, "server_error", "simulated overload");
+            let resp = error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "simulated overload",
+            );
             return with_retry_after(resp, config.retry_after_s);
         }
         Some("429") => {
             c.status_429.fetch_add(1, Ordering::Relaxed);
-            let resp = error(StatusCode::TOO_MANY_REQUESTS, "rate_limit_exceeded", "simulated rate limit");
+            let resp = error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_exceeded",
+                "simulated rate limit",
+            );
             return with_retry_after(resp, config.retry_after_s);
         }
         Some("hang") => {
             c.hangs.fetch_add(1, Ordering::Relaxed);
             tokio::time::sleep(Duration::from_millis(config.hang_ms)).await;
-            return error(StatusCode::GATEWAY_TIMEOUT, "timeout", "simulated hang ended");
+            return error(
+                StatusCode::GATEWAY_TIMEOUT,
+                "timeout",
+                "simulated hang ended",
+            );
         }
         Some("malformed") => {
             c.malformed.fetch_add(1, Ordering::Relaxed);
-            return (StatusCode::OK, [("content-type", "application/json")], "{\"choices\": [{\"message\": ").into_response();
+            return (
+                StatusCode::OK,
+                [("content-type", "application/json")],
+                "{\"choices\": [{\"message\": ",
+            )
+                .into_response();
         }
         _ => {}
     }
@@ -404,7 +498,9 @@ async fn chat(State(sim): State<Arc<Sim>>, body: Bytes) -> Response {
 
 /// The document part of a prompt: what follows the last "Document:" marker, or all of it.
 fn document(text: &str) -> &str {
-    text.rsplit_once("Document:").map_or(text, |(_, d)| d).trim()
+    text.rsplit_once("Document:")
+        .map_or(text, |(_, d)| d)
+        .trim()
 }
 
 /// The first words of the document, at most `max` characters.
@@ -429,7 +525,10 @@ fn summary(text: &str, max: usize) -> String {
 /// probability the simulated model gives its choices.
 fn fill(schema: &Value, text: &str, p: &mut f64) -> Value {
     if let Some(options) = schema["enum"].as_array() {
-        let labels: Vec<String> = options.iter().filter_map(|o| o.as_str().map(String::from)).collect();
+        let labels: Vec<String> = options
+            .iter()
+            .filter_map(|o| o.as_str().map(String::from))
+            .collect();
         if let Some((label, prob)) = common::sample::best_label(document(text), &labels) {
             *p *= prob;
             return Value::String(label.to_string());
@@ -479,14 +578,20 @@ mod tests {
     fn summaries_respect_max_length() {
         let schema = json!({"type": "string", "maxLength": 20});
         let mut p = 1.0;
-        let v = fill(&schema, "Document: one two three four five six seven eight", &mut p);
+        let v = fill(
+            &schema,
+            "Document: one two three four five six seven eight",
+            &mut p,
+        );
         assert!(v.as_str().unwrap().len() <= 20, "{v}");
         assert_eq!(v, "one two three four");
     }
 
     #[test]
     fn draws_are_uniformish_and_deterministic() {
-        let draws: Vec<f64> = (0..10_000u64).map(|i| unit(hash_of((1u64, i, 1u32)))).collect();
+        let draws: Vec<f64> = (0..10_000u64)
+            .map(|i| unit(hash_of((1u64, i, 1u32))))
+            .collect();
         assert!(draws.iter().all(|d| (0.0..1.0).contains(d)));
         let below = draws.iter().filter(|d| **d < 0.3).count();
         assert!((2_700..3_300).contains(&below), "{below}");

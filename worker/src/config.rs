@@ -11,7 +11,11 @@ use crate::Error;
 #[derive(Debug, Clone, clap::Args)]
 pub struct WorkerConfig {
     /// Postgres connection URL.
-    #[arg(long, env = "SLUICE_DATABASE_URL", default_value = "postgres://sluice:sluice@127.0.0.1:5432/sluice")]
+    #[arg(
+        long,
+        env = "SLUICE_DATABASE_URL",
+        default_value = "postgres://sluice:sluice@127.0.0.1:5432/sluice"
+    )]
     pub database_url: String,
     /// Most connections this worker keeps open to Postgres.
     #[arg(long, env = "SLUICE_DB_POOL_SIZE", default_value_t = 4)]
@@ -21,7 +25,11 @@ pub struct WorkerConfig {
     pub nats_url: String,
     /// Base URL of an OpenAI-compatible API, including `/v1`. The default is
     /// the Sluice model simulator started by `scripts/demo`.
-    #[arg(long, env = "SLUICE_MODEL_BASE_URL", default_value = "http://127.0.0.1:7800/v1")]
+    #[arg(
+        long,
+        env = "SLUICE_MODEL_BASE_URL",
+        default_value = "http://127.0.0.1:7800/v1"
+    )]
     pub model_base_url: String,
     /// File holding the provider API key. The key may instead be given in the
     /// environment variable SLUICE_MODEL_API_KEY; it is never taken from the command line.
@@ -81,15 +89,21 @@ impl WorkerConfig {
     /// Validates the settings and reads the API key, once, at start-up.
     pub fn resolve(mut self) -> Result<Self, Error> {
         if self.concurrency == 0 {
-            return Err(Error::Config("SLUICE_CONCURRENCY must be at least 1".into()));
+            return Err(Error::Config(
+                "SLUICE_CONCURRENCY must be at least 1".into(),
+            ));
         }
         if self.max_attempts == 0 {
-            return Err(Error::Config("SLUICE_MAX_ATTEMPTS must be at least 1".into()));
+            return Err(Error::Config(
+                "SLUICE_MAX_ATTEMPTS must be at least 1".into(),
+            ));
         }
         if self.ack_wait_s < 3 {
             return Err(Error::Config("SLUICE_ACK_WAIT_S must be at least 3".into()));
         }
-        if !self.model_base_url.starts_with("http://") && !self.model_base_url.starts_with("https://") {
+        if !self.model_base_url.starts_with("http://")
+            && !self.model_base_url.starts_with("https://")
+        {
             return Err(Error::Config(format!(
                 "SLUICE_MODEL_BASE_URL must be an http(s) URL, got {:?}",
                 self.model_base_url
@@ -97,8 +111,12 @@ impl WorkerConfig {
         }
         if self.api_key.is_none() {
             if let Some(path) = &self.api_key_file {
-                let key = std::fs::read_to_string(path)
-                    .map_err(|e| Error::Config(format!("cannot read SLUICE_MODEL_API_KEY_FILE {}: {e}", path.display())))?;
+                let key = std::fs::read_to_string(path).map_err(|e| {
+                    Error::Config(format!(
+                        "cannot read SLUICE_MODEL_API_KEY_FILE {}: {e}",
+                        path.display()
+                    ))
+                })?;
                 self.api_key = Some(SecretString::from(key.trim().to_string()));
             } else if let Ok(key) = std::env::var("SLUICE_MODEL_API_KEY") {
                 if !key.is_empty() {
@@ -109,7 +127,11 @@ impl WorkerConfig {
         if self.name.is_none() {
             let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
             let host = host.trim();
-            self.name = Some(format!("{}-{}", if host.is_empty() { "worker" } else { host }, std::process::id()));
+            self.name = Some(format!(
+                "{}-{}",
+                if host.is_empty() { "worker" } else { host },
+                std::process::id()
+            ));
         }
         Ok(self)
     }

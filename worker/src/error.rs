@@ -5,7 +5,11 @@ pub enum Error {
     #[error("invalid configuration: {0}")]
     Config(String),
     #[error("cannot connect to Postgres at {url}: is it running and migrated? (`sluice serve` applies migrations)")]
-    DbConnect { url: String, #[source] source: sqlx::Error },
+    DbConnect {
+        url: String,
+        #[source]
+        source: sqlx::Error,
+    },
     #[error("database error")]
     Db(#[from] sqlx::Error),
     #[error(transparent)]
@@ -15,5 +19,9 @@ pub enum Error {
     #[error("pulling chunks from JetStream failed")]
     Pull(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("job {job_id} has an invalid stored kind")]
-    Spec { job_id: uuid::Uuid, #[source] source: common::spec::SpecError },
+    Spec {
+        job_id: uuid::Uuid,
+        #[source]
+        source: common::spec::SpecError,
+    },
 }

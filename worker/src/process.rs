@@ -50,7 +50,8 @@ pub struct RetryPolicy {
 
 /// Parses and validates model output, returning the value and its short answer.
 pub fn validate_output(job: &CompiledJob, content: &str) -> Result<(Value, String), String> {
-    let value: Value = serde_json::from_str(content.trim()).map_err(|e| format!("not JSON: {e}"))?;
+    let value: Value =
+        serde_json::from_str(content.trim()).map_err(|e| format!("not JSON: {e}"))?;
     if let Some(err) = job.validator.iter_errors(&value).next() {
         return Err(format!("{} at {}", err, err.instance_path()));
     }
@@ -63,7 +64,12 @@ pub fn validate_output(job: &CompiledJob, content: &str) -> Result<(Value, Strin
 }
 
 /// Processes one item to a result; never fails: failures become failed results.
-pub async fn run_item(client: &ChatClient, job: &CompiledJob, item: &Item, policy: RetryPolicy) -> ItemResult {
+pub async fn run_item(
+    client: &ChatClient,
+    job: &CompiledJob,
+    item: &Item,
+    policy: RetryPolicy,
+) -> ItemResult {
     let started = Instant::now();
     let mut result = ItemResult {
         seq: item.seq,
@@ -91,9 +97,15 @@ pub async fn run_item(client: &ChatClient, job: &CompiledJob, item: &Item, polic
     let spec = &job.kind.spec;
     let mut messages = Vec::with_capacity(2);
     if let Some(system) = &spec.system {
-        messages.push(Message { role: "system".into(), content: system.clone() });
+        messages.push(Message {
+            role: "system".into(),
+            content: system.clone(),
+        });
     }
-    messages.push(Message { role: "user".into(), content: prompt });
+    messages.push(Message {
+        role: "user".into(),
+        content: prompt,
+    });
     let request = ChatRequest {
         model: spec.model.clone(),
         messages,
@@ -114,7 +126,12 @@ pub async fn run_item(client: &ChatClient, job: &CompiledJob, item: &Item, polic
                 Err(ItemError::Call(e))
             }
             Ok(c) => {
-                metrics::model_call(&request.model, "ok", t.elapsed(), Some((c.tokens_in, c.tokens_out)));
+                metrics::model_call(
+                    &request.model,
+                    "ok",
+                    t.elapsed(),
+                    Some((c.tokens_in, c.tokens_out)),
+                );
                 tokens.0.fetch_add(c.tokens_in, Ordering::Relaxed);
                 tokens.1.fetch_add(c.tokens_out, Ordering::Relaxed);
                 match validate_output(job, &c.content) {
@@ -142,7 +159,11 @@ pub async fn run_item(client: &ChatClient, job: &CompiledJob, item: &Item, polic
     match outcome {
         Ok((c, value, answer)) => {
             result.succeeded = true;
-            result.model = Some(if c.model.is_empty() { request.model.clone() } else { c.model });
+            result.model = Some(if c.model.is_empty() {
+                request.model.clone()
+            } else {
+                c.model
+            });
             result.confidence = c.logprob_sum.map(|s| s.exp().clamp(0.0, 1.0));
             result.output = Some(value);
             result.answer = Some(answer);

@@ -40,7 +40,10 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> Result<()
         .acquire_timeout(Duration::from_secs(10))
         .connect(&config.database_url)
         .await
-        .map_err(|source| Error::DbConnect { url: redact(&config.database_url), source })?;
+        .map_err(|source| Error::DbConnect {
+            url: redact(&config.database_url),
+            source,
+        })?;
     let nats = common::nats::connect(&config.nats_url).await?;
     let js = jetstream::new(nats);
     let stream = common::nats::ensure_stream(&js, &config.nats_url).await?;
@@ -67,7 +70,10 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> Result<()
     let tracker = TaskTracker::new();
     let result = pull_loop(&consumer, &shared, &slots, &tracker, &shutdown).await;
     tracker.close();
-    if tokio::time::timeout(Duration::from_secs(config.shutdown_grace_s), tracker.wait()).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(config.shutdown_grace_s), tracker.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!("in-flight chunks did not finish within the grace period; JetStream will redeliver them");
     }
     tracing::info!(worker = %shared.name, "worker stopped");
@@ -93,7 +99,12 @@ async fn pull_loop(
         while let Ok(p) = slots.clone().try_acquire_owned() {
             permits.push(p);
         }
-        let batch = consumer.batch().max_messages(permits.len()).expires(Duration::from_secs(1)).messages().await;
+        let batch = consumer
+            .batch()
+            .max_messages(permits.len())
+            .expires(Duration::from_secs(1))
+            .messages()
+            .await;
         let mut batch = match batch {
             Ok(b) => b,
             Err(e) => {
@@ -101,7 +112,10 @@ async fn pull_loop(
                 if failures >= 30 {
                     return Err(Error::Pull(Box::new(e)));
                 }
-                tracing::warn!(error = &e as &dyn std::error::Error, "fetching chunks failed; retrying");
+                tracing::warn!(
+                    error = &e as &dyn std::error::Error,
+                    "fetching chunks failed; retrying"
+                );
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 continue;
             }
@@ -116,7 +130,10 @@ async fn pull_loop(
             match next {
                 None => break,
                 Some(Err(e)) => {
-                    tracing::debug!(error = &*e as &dyn std::error::Error, "fetch ended with an error");
+                    tracing::debug!(
+                        error = &*e as &dyn std::error::Error,
+                        "fetch ended with an error"
+                    );
                     break;
                 }
                 Some(Ok(msg)) => {
@@ -166,7 +183,9 @@ async fn handle(shared: Arc<Shared>, msg: Message, _slot: OwnedSemaphorePermit) 
         }
         Err(err) => {
             tracing::warn!(error = &err as &dyn std::error::Error, job_id = %chunk.job_id, chunk = chunk.chunk_no, "chunk failed; it will be retried");
-            let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_secs(2)))).await;
+            let _ = msg
+                .ack_with(AckKind::Nak(Some(Duration::from_secs(2))))
+                .await;
         }
     }
 }
@@ -196,12 +215,23 @@ async fn work(shared: &Arc<Shared>, chunk: &ChunkMsg) -> Result<(), Error> {
         let shared = shared.clone();
         let job = job.clone();
         async move {
-            let _call = shared.calls.acquire().await.expect("semaphore never closed");
+            let _call = shared
+                .calls
+                .acquire()
+                .await
+                .expect("semaphore never closed");
             run_item(&shared.client, &job, &item, shared.policy).await
         }
     }))
     .await;
-    store::write_chunk(&shared.pool, chunk, &job.template_hash, &shared.name, &results).await?;
+    store::write_chunk(
+        &shared.pool,
+        chunk,
+        &job.template_hash,
+        &shared.name,
+        &results,
+    )
+    .await?;
     let ok = results.iter().filter(|r| r.succeeded).count() as u64;
     metrics::chunk("written", ok, results.len() as u64 - ok);
     if store::complete_if_done(&shared.pool, chunk.job_id).await? {

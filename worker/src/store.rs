@@ -23,7 +23,10 @@ pub async fn chunk_state(pool: &PgPool, c: &ChunkMsg) -> Result<Option<ChunkStat
     .bind(c.chunk_no)
     .fetch_optional(pool)
     .await?;
-    Ok(row.map(|r| ChunkState { chunk: r.get("chunk"), job: r.get("job") }))
+    Ok(row.map(|r| ChunkState {
+        chunk: r.get("chunk"),
+        job: r.get("job"),
+    }))
 }
 
 /// An item to process.
@@ -46,7 +49,14 @@ pub async fn items(pool: &PgPool, c: &ChunkMsg) -> Result<Vec<Item>, Error> {
     .bind(c.last_seq)
     .fetch_all(pool)
     .await?;
-    Ok(rows.iter().map(|r| Item { seq: r.get("seq"), id: r.get("item_id"), payload: r.get("payload") }).collect())
+    Ok(rows
+        .iter()
+        .map(|r| Item {
+            seq: r.get("seq"),
+            id: r.get("item_id"),
+            payload: r.get("payload"),
+        })
+        .collect())
 }
 
 /// The outcome of one item.
@@ -83,8 +93,10 @@ pub async fn write_chunk(
         let col = |f: fn(&ItemResult) -> Option<String>| results.iter().map(f).collect::<Vec<_>>();
         let seqs: Vec<i64> = results.iter().map(|r| r.seq).collect();
         let ids: Vec<String> = results.iter().map(|r| r.item_id.clone()).collect();
-        let states: Vec<String> =
-            results.iter().map(|r| if r.succeeded { "succeeded" } else { "failed" }.to_string()).collect();
+        let states: Vec<String> = results
+            .iter()
+            .map(|r| if r.succeeded { "succeeded" } else { "failed" }.to_string())
+            .collect();
         let outputs: Vec<Option<Value>> = results.iter().map(|r| r.output.clone()).collect();
         let confidences: Vec<Option<f64>> = results.iter().map(|r| r.confidence).collect();
         let attempts: Vec<i32> = results.iter().map(|r| r.attempts).collect();

