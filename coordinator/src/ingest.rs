@@ -414,7 +414,7 @@ mod tests {
         check(b"{\"id\":\"a\"}\n", &[Err("missing field \"text\"")]);
         check(
             b"{\"id\":\"a\",\"text\":\"\xff\"}\n",
-            &[Err("invalid UTF-8 at byte 21")],
+            &[Err("invalid UTF-8 at byte 19")],
         );
         check(
             b"{\"id\":\"a\",\"text\":\"x\"}\n{\"id\":\"a\",\"text\":\"y\"}\n",

