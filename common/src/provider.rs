@@ -35,13 +35,80 @@ pub struct Completion {
     pub tokens_out: u32,
     /// Sum of the answer tokens' log-probabilities, when the provider sent them.
     pub logprob_sum: Option<f64>,
+    /// What the provider said about its limits in the response headers.
+    pub rate: RateInfo,
+}
+
+/// The provider's `x-ratelimit-*` headers: its real limits and what is left.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct RateInfo {
+    /// Requests per minute allowed (`x-ratelimit-limit-requests`).
+    pub limit_requests: Option<f64>,
+    pub remaining_requests: Option<f64>,
+    /// Tokens per minute allowed (`x-ratelimit-limit-tokens`).
+    pub limit_tokens: Option<f64>,
+    pub remaining_tokens: Option<f64>,
+    /// When the request budget is full again (`x-ratelimit-reset-requests`).
+    pub reset_requests: Option<Duration>,
+    pub reset_tokens: Option<Duration>,
+}
+
+impl RateInfo {
+    pub fn from_headers(h: &reqwest::header::HeaderMap) -> Self {
+        let num =
+            |name: &str| h.get(name)?.to_str().ok()?.trim().parse::<f64>().ok().filter(|v| v.is_finite() && *v >= 0.0);
+        let dur = |name: &str| parse_reset(h.get(name)?.to_str().ok()?);
+        RateInfo {
+            limit_requests: num("x-ratelimit-limit-requests"),
+            remaining_requests: num("x-ratelimit-remaining-requests"),
+            limit_tokens: num("x-ratelimit-limit-tokens"),
+            remaining_tokens: num("x-ratelimit-remaining-tokens"),
+            reset_requests: dur("x-ratelimit-reset-requests"),
+            reset_tokens: dur("x-ratelimit-reset-tokens"),
+        }
+    }
+}
+
+/// Parses OpenAI-style reset durations: `1s`, `250ms`, `6m0s`, `1m30.5s`, or plain seconds.
+pub fn parse_reset(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    if let Ok(secs) = s.parse::<f64>() {
+        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs.min(3600.0)));
+    }
+    let mut total = 0.0;
+    let mut num = String::new();
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c.is_ascii_digit() || c == '.' {
+            num.push(c);
+            continue;
+        }
+        let value: f64 = num.parse().ok()?;
+        num.clear();
+        total += match c {
+            'h' => value * 3600.0,
+            'm' if chars.peek() == Some(&'s') => {
+                chars.next();
+                value / 1000.0
+            }
+            'm' => value * 60.0,
+            's' => value,
+            _ => return None,
+        };
+    }
+    if !num.is_empty() {
+        return None;
+    }
+    (total.is_finite()).then(|| Duration::from_secs_f64(total.min(3600.0)))
 }
 
 /// Why a call failed, by what should be done about it.
 #[derive(Debug, thiserror::Error)]
 pub enum CallError {
     #[error("rate limited by the provider (HTTP 429)")]
-    RateLimited { retry_after: Option<Duration> },
+    RateLimited { retry_after: Option<Duration>, rate: RateInfo },
+    #[error("the provider's quota or spending cap is exhausted (HTTP 429): {message}")]
+    QuotaExceeded { message: String },
     #[error("transient transport failure: {0}")]
     Transient(String),
     #[error("the provider refused the API key (HTTP {status})")]
@@ -49,10 +116,7 @@ pub enum CallError {
     #[error("the provider rejected the request (HTTP {status}): {message}")]
     InvalidRequest { status: u16, message: String },
     #[error("provider server error (HTTP {status})")]
-    Server {
-        status: u16,
-        retry_after: Option<Duration>,
-    },
+    Server { status: u16, retry_after: Option<Duration> },
     #[error("the provider's response is not a valid chat completion: {0}")]
     Malformed(String),
 }
@@ -62,6 +126,7 @@ impl CallError {
     pub fn class(&self) -> &'static str {
         match self {
             CallError::RateLimited { .. } => "rate_limited",
+            CallError::QuotaExceeded { .. } => "quota_exceeded",
             CallError::Transient(_) => "transient",
             CallError::Auth { .. } => "auth",
             CallError::InvalidRequest { .. } => "invalid_request",
@@ -72,18 +137,16 @@ impl CallError {
 
     /// Whether the same call may succeed if tried again.
     pub fn is_retryable(&self) -> bool {
-        !matches!(
-            self,
-            CallError::Auth { .. } | CallError::InvalidRequest { .. }
-        )
+        !matches!(self, CallError::Auth { .. } | CallError::InvalidRequest { .. } | CallError::QuotaExceeded { .. })
     }
 
     /// The earliest time the provider asked us to come back, if it said.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
-            CallError::RateLimited { retry_after } | CallError::Server { retry_after, .. } => {
-                *retry_after
+            CallError::RateLimited { retry_after, rate } => {
+                retry_after.or(rate.reset_requests.max(rate.reset_tokens).filter(|d| !d.is_zero()))
             }
+            CallError::Server { retry_after, .. } => *retry_after,
             _ => None,
         }
     }
@@ -117,11 +180,7 @@ impl ChatClient {
             .tcp_nodelay(true)
             .build()?;
         let url = format!("{}/chat/completions", config.base_url.trim_end_matches('/'));
-        Ok(ChatClient {
-            http,
-            url,
-            api_key: config.api_key.clone(),
-        })
+        Ok(ChatClient { http, url, api_key: config.api_key.clone() })
     }
 
     /// The endpoint this client calls.
@@ -138,24 +197,25 @@ impl ChatClient {
         let response = builder.send().await.map_err(transport_error)?;
         let status = response.status().as_u16();
         let retry_after = retry_after(response.headers());
+        let rate = RateInfo::from_headers(response.headers());
         if status != 200 {
             let body = response.text().await.unwrap_or_default();
             return Err(match status {
-                429 => CallError::RateLimited { retry_after },
+                // A spending cap or exhausted quota answers 429 too, but waiting does not help.
+                429 if body.contains("insufficient_quota") || body.contains("quota_exceeded") => {
+                    CallError::QuotaExceeded { message: truncate(&body, 300) }
+                }
+                429 => CallError::RateLimited { retry_after, rate },
                 401 | 403 => CallError::Auth { status },
                 408 => CallError::Transient(format!("HTTP {status}")),
-                400..=499 => CallError::InvalidRequest {
-                    status,
-                    message: truncate(&body, 300),
-                },
-                _ => CallError::Server {
-                    status,
-                    retry_after,
-                },
+                400..=499 => CallError::InvalidRequest { status, message: truncate(&body, 300) },
+                _ => CallError::Server { status, retry_after },
             });
         }
         let bytes = response.bytes().await.map_err(transport_error)?;
-        parse_completion(&bytes)
+        let mut completion = parse_completion(&bytes)?;
+        completion.rate = rate;
+        Ok(completion)
     }
 }
 
@@ -169,9 +229,7 @@ fn transport_error(e: reqwest::Error) -> CallError {
     };
     CallError::Transient(format!(
         "{kind}: {}",
-        std::error::Error::source(&e)
-            .map(|s| s.to_string())
-            .unwrap_or_else(|| e.to_string())
+        std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_else(|| e.to_string())
     ))
 }
 
@@ -229,30 +287,21 @@ struct RawToken {
 pub fn parse_completion(body: &[u8]) -> Result<Completion, CallError> {
     let raw: RawCompletion = serde_json::from_slice(body)
         .map_err(|e| CallError::Malformed(format!("body is not a chat completion: {e}")))?;
-    let choice = raw
-        .choices
-        .into_iter()
-        .next()
-        .ok_or_else(|| CallError::Malformed("no choices".into()))?;
-    let content = choice
-        .message
-        .content
-        .ok_or_else(|| CallError::Malformed("no message content".into()))?;
+    let choice = raw.choices.into_iter().next().ok_or_else(|| CallError::Malformed("no choices".into()))?;
+    let content = choice.message.content.ok_or_else(|| CallError::Malformed("no message content".into()))?;
     let logprob_sum = choice
         .logprobs
         .and_then(|l| l.content)
         .map(|tokens| tokens.iter().map(|t| t.logprob).sum::<f64>())
         .filter(|s| s.is_finite());
-    let usage = raw.usage.unwrap_or(RawUsage {
-        prompt_tokens: 0,
-        completion_tokens: 0,
-    });
+    let usage = raw.usage.unwrap_or(RawUsage { prompt_tokens: 0, completion_tokens: 0 });
     Ok(Completion {
         content,
         model: raw.model,
         tokens_in: usage.prompt_tokens,
         tokens_out: usage.completion_tokens,
         logprob_sum,
+        rate: RateInfo::default(),
     })
 }
 
@@ -273,20 +322,23 @@ mod tests {
 
     #[test]
     fn malformed_bodies_are_classified() {
-        for body in [
-            &b"not json"[..],
-            br#"{"choices":[]}"#,
-            br#"{"choices":[{"message":{}}]}"#,
-        ] {
+        for body in [&b"not json"[..], br#"{"choices":[]}"#, br#"{"choices":[{"message":{}}]}"#] {
             let err = parse_completion(body).unwrap_err();
-            assert_eq!(
-                err.class(),
-                "malformed",
-                "{}",
-                String::from_utf8_lossy(body)
-            );
+            assert_eq!(err.class(), "malformed", "{}", String::from_utf8_lossy(body));
             assert!(err.is_retryable());
         }
+    }
+
+    #[test]
+    fn reset_durations() {
+        let check = |s: &str, ms: Option<u64>| assert_eq!(parse_reset(s).map(|d| d.as_millis() as u64), ms, "{s}");
+        check("1s", Some(1000));
+        check("250ms", Some(250));
+        check("6m0s", Some(360_000));
+        check("1m30.5s", Some(90_500));
+        check("0.75", Some(750));
+        check("soon", None);
+        check("5x", None);
     }
 
     #[test]

@@ -9,33 +9,11 @@ use serde_json::{json, Value};
 pub const TOPICS: &[(&str, &[&str])] = &[
     (
         "business",
-        &[
-            "market",
-            "shares",
-            "profit",
-            "revenue",
-            "investors",
-            "merger",
-            "quarterly",
-            "earnings",
-            "bank",
-            "retailer",
-        ],
+        &["market", "shares", "profit", "revenue", "investors", "merger", "quarterly", "earnings", "bank", "retailer"],
     ),
     (
         "sports",
-        &[
-            "match",
-            "goal",
-            "striker",
-            "season",
-            "coach",
-            "tournament",
-            "league",
-            "champion",
-            "referee",
-            "stadium",
-        ],
+        &["match", "goal", "striker", "season", "coach", "tournament", "league", "champion", "referee", "stadium"],
     ),
     (
         "technology",
@@ -154,27 +132,16 @@ pub fn document(seed: u64, index: u64) -> Value {
     let mut text = tokens.join(" ");
     text.push('.');
     let mut chars = text.chars();
-    let text: String = chars
-        .next()
-        .map(|c| c.to_ascii_uppercase())
-        .into_iter()
-        .chain(chars)
-        .collect();
+    let text: String = chars.next().map(|c| c.to_ascii_uppercase()).into_iter().chain(chars).collect();
     json!({ "id": format!("doc-{:07}", index + 1), "text": text, "expected": label })
 }
 
 /// How strongly `text` speaks of `label`: its topic words plus the label itself.
 pub fn score(text: &str, label: &str) -> usize {
-    let vocab = TOPICS
-        .iter()
-        .find(|(l, _)| l.eq_ignore_ascii_case(label))
-        .map(|(_, w)| *w)
-        .unwrap_or(&[]);
+    let vocab = TOPICS.iter().find(|(l, _)| l.eq_ignore_ascii_case(label)).map(|(_, w)| *w).unwrap_or(&[]);
     text.split(|c: char| !c.is_alphanumeric())
         .filter(|w| !w.is_empty())
-        .filter(|w| {
-            w.eq_ignore_ascii_case(label) || vocab.iter().any(|v| v.eq_ignore_ascii_case(w))
-        })
+        .filter(|w| w.eq_ignore_ascii_case(label) || vocab.iter().any(|v| v.eq_ignore_ascii_case(w)))
         .count()
 }
 
@@ -183,15 +150,8 @@ pub fn score(text: &str, label: &str) -> usize {
 pub fn best_label<'a>(text: &str, candidates: &'a [String]) -> Option<(&'a str, f64)> {
     let scores: Vec<usize> = candidates.iter().map(|c| score(text, c)).collect();
     let total: usize = scores.iter().sum();
-    let (i, best) = scores
-        .iter()
-        .enumerate()
-        .max_by(|a, b| a.1.cmp(b.1).then(b.0.cmp(&a.0)))?;
-    let p = if total == 0 {
-        1.0 / candidates.len() as f64
-    } else {
-        *best as f64 / total as f64
-    };
+    let (i, best) = scores.iter().enumerate().max_by(|a, b| a.1.cmp(b.1).then(b.0.cmp(&a.0)))?;
+    let p = if total == 0 { 1.0 / candidates.len() as f64 } else { *best as f64 / total as f64 };
     Some((candidates[i].as_str(), p))
 }
 
@@ -218,9 +178,8 @@ mod tests {
 
     #[test]
     fn all_topics_occur() {
-        let seen: std::collections::HashSet<String> = (0..200)
-            .map(|i| document(3, i)["expected"].as_str().unwrap().to_string())
-            .collect();
+        let seen: std::collections::HashSet<String> =
+            (0..200).map(|i| document(3, i)["expected"].as_str().unwrap().to_string()).collect();
         assert_eq!(seen.len(), TOPICS.len());
     }
 

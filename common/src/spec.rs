@@ -42,6 +42,10 @@ pub struct JobSpec {
     /// Allowed labels for classification kinds; available to the template as `labels`.
     #[serde(default)]
     pub labels: Vec<String>,
+    /// Models tried in order when the main one keeps failing (server errors,
+    /// an open breaker, or a request it refuses, e.g. too long a context).
+    #[serde(default)]
+    pub fallback_models: Vec<String>,
     /// Ask the provider for token log-probabilities (used for confidence).
     #[serde(default)]
     pub logprobs: bool,
@@ -101,22 +105,13 @@ impl JobKind {
     pub fn load(dir: &Path) -> Result<Self, SpecError> {
         let spec_path = dir.join("job.toml");
         let text = read(&spec_path)?;
-        let spec: JobSpec = toml::from_str(&text).map_err(|source| SpecError::Toml {
-            path: spec_path.clone(),
-            source,
-        })?;
+        let spec: JobSpec =
+            toml::from_str(&text).map_err(|source| SpecError::Toml { path: spec_path.clone(), source })?;
         let template = read(&dir.join(&spec.template))?;
         let schema_path = dir.join(&spec.schema);
-        let schema =
-            serde_json::from_str(&read(&schema_path)?).map_err(|source| SpecError::SchemaJson {
-                path: schema_path,
-                source,
-            })?;
-        let kind = JobKind {
-            spec,
-            template,
-            schema,
-        };
+        let schema = serde_json::from_str(&read(&schema_path)?)
+            .map_err(|source| SpecError::SchemaJson { path: schema_path, source })?;
+        let kind = JobKind { spec, template, schema };
         kind.validate()?;
         Ok(kind)
     }
@@ -125,10 +120,7 @@ impl JobKind {
     pub fn validate(&self) -> Result<(), SpecError> {
         let s = &self.spec;
         if s.chunk_size == 0 || s.chunk_size > 10_000 {
-            return Err(SpecError::Invalid(format!(
-                "chunk_size must be 1..=10000, got {}",
-                s.chunk_size
-            )));
+            return Err(SpecError::Invalid(format!("chunk_size must be 1..=10000, got {}", s.chunk_size)));
         }
         if !(0.0..=1.0).contains(&s.confidence_threshold) {
             return Err(SpecError::Invalid(format!(
@@ -163,10 +155,7 @@ impl JobKind {
 }
 
 fn read(path: &Path) -> Result<String, SpecError> {
-    std::fs::read_to_string(path).map_err(|source| SpecError::Read {
-        path: path.to_path_buf(),
-        source,
-    })
+    std::fs::read_to_string(path).map_err(|source| SpecError::Read { path: path.to_path_buf(), source })
 }
 
 /// A compiled prompt template.
@@ -179,12 +168,8 @@ impl Prompt {
     pub fn new(kind: &JobKind) -> Result<Self, SpecError> {
         let mut env = minijinja::Environment::new();
         env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
-        env.add_template_owned("prompt", kind.template.clone())
-            .map_err(SpecError::Template)?;
-        Ok(Prompt {
-            env,
-            labels: kind.spec.labels.clone(),
-        })
+        env.add_template_owned("prompt", kind.template.clone()).map_err(SpecError::Template)?;
+        Ok(Prompt { env, labels: kind.spec.labels.clone() })
     }
 
     /// Renders the prompt for one item; the item's fields and `labels` are in scope.
@@ -198,9 +183,7 @@ impl Prompt {
             }
         };
         ctx.insert("labels".into(), Value::from(self.labels.clone()));
-        self.env
-            .get_template("prompt")?
-            .render(minijinja::value::Serde(&ctx))
+        self.env.get_template("prompt")?.render(minijinja::value::Serde(&ctx))
     }
 }
 
@@ -218,9 +201,7 @@ mod tests {
             let kind = JobKind::load(&repo_jobs().join(name)).unwrap();
             assert_eq!(kind.spec.kind, name);
             let prompt = Prompt::new(&kind).unwrap();
-            let text = prompt
-                .render(&serde_json::json!({"id": "1", "text": "The striker scored."}))
-                .unwrap();
+            let text = prompt.render(&serde_json::json!({"id": "1", "text": "The striker scored."})).unwrap();
             assert!(text.contains("The striker scored."), "{text}");
             assert_eq!(kind.template_hash().len(), 16);
         }

@@ -41,21 +41,11 @@ pub enum TelemetryError {
 /// Installs the global log subscriber and, if configured, the metrics exporter.
 /// Logs go to stderr so that stdout stays clean for command output.
 pub fn init(config: &TelemetryConfig) -> Result<(), TelemetryError> {
-    let filter = tracing_subscriber::EnvFilter::try_new(&config.log).map_err(|source| {
-        TelemetryError::Filter {
-            filter: config.log.clone(),
-            source,
-        }
-    })?;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let filter = tracing_subscriber::EnvFilter::try_new(&config.log)
+        .map_err(|source| TelemetryError::Filter { filter: config.log.clone(), source })?;
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     // A second init (tests start several services in one process) is harmless.
-    let _ = if config.log_format == "json" {
-        builder.json().try_init()
-    } else {
-        builder.try_init()
-    };
+    let _ = if config.log_format == "json" { builder.json().try_init() } else { builder.try_init() };
     install_metrics(&config.metrics_addr)
 }
 
@@ -64,15 +54,11 @@ pub fn install_metrics(addr: &str) -> Result<(), TelemetryError> {
     if addr.is_empty() {
         return Ok(());
     }
-    let addr: SocketAddr = addr.parse().map_err(|source| TelemetryError::MetricsAddr {
-        addr: addr.to_string(),
-        source,
-    })?;
+    let addr: SocketAddr =
+        addr.parse().map_err(|source| TelemetryError::MetricsAddr { addr: addr.to_string(), source })?;
     metrics_exporter_prometheus::PrometheusBuilder::new()
         .with_http_listener(addr)
-        .set_buckets(&[
-            0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-        ])
+        .set_buckets(&[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0])
         .expect("static bucket list is non-empty")
         .install()
         .map_err(|source| TelemetryError::Exporter { addr, source })

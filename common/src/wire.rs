@@ -47,12 +47,7 @@ mod tests {
 
     #[test]
     fn msg_id_differs_by_generation_only() {
-        let m = ChunkMsg {
-            job_id: Uuid::nil(),
-            chunk_no: 3,
-            first_seq: 201,
-            last_seq: 300,
-        };
+        let m = ChunkMsg { job_id: Uuid::nil(), chunk_no: 3, first_seq: 201, last_seq: 300 };
         assert_ne!(m.msg_id(0), m.msg_id(1));
         assert_eq!(m.msg_id(0), m.msg_id(0));
         assert_eq!(m.item_count(), 100);

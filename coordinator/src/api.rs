@@ -1,5 +1,7 @@
 //! The coordinator's HTTP control API, used by the `sluice` CLI.
 
+use std::sync::Arc;
+
 use async_nats::jetstream;
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
@@ -10,23 +12,26 @@ use axum::{Json, Router};
 use futures::StreamExt;
 use serde::Deserialize;
 use sqlx::PgPool;
+use tokio::sync::Notify;
 use uuid::Uuid;
 
 use crate::ingest::{self, Mode};
 use crate::model::{ApiError, Created, NewJob};
-use crate::{metrics as m, publish, store, Error};
+use crate::{metrics as m, store, Error};
 
-/// Shared handles of the API handlers and the reconciler.
+/// Shared handles of the API handlers, the publisher and the reconciler.
 #[derive(Clone)]
 pub struct AppState {
     pub pool: PgPool,
     pub js: jetstream::Context,
+    /// Wakes the publisher when a job has new chunks to publish.
+    pub wake: Arc<Notify>,
 }
 
 impl AppState {
     pub fn new(pool: PgPool, js: jetstream::Context) -> Self {
         m::describe();
-        AppState { pool, js }
+        AppState { pool, js, wake: Arc::new(Notify::new()) }
     }
 }
 
@@ -37,6 +42,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/jobs/{id}", get(job_status))
         .route("/v1/jobs/{id}/input", put(upload_input))
         .route("/v1/jobs/{id}/cancel", post(cancel_job))
+        .route("/v1/jobs/{id}/resume", post(resume_job))
         .route("/v1/jobs/{id}/results", get(results))
         .with_state(state)
 }
@@ -55,14 +61,7 @@ impl IntoResponse for Error {
         if status.is_server_error() {
             tracing::error!(error = &self as &dyn std::error::Error, "request failed");
         }
-        (
-            status,
-            Json(ApiError {
-                error: chain(&self),
-                report: None,
-            }),
-        )
-            .into_response()
+        (status, Json(ApiError { error: chain(&self), report: None })).into_response()
     }
 }
 
@@ -78,10 +77,7 @@ fn chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-async fn create_job(
-    State(st): State<AppState>,
-    Json(job): Json<NewJob>,
-) -> Result<impl IntoResponse, Error> {
+async fn create_job(State(st): State<AppState>, Json(job): Json<NewJob>) -> Result<impl IntoResponse, Error> {
     job.kind.validate()?;
     let job_id = store::create_job(&st.pool, &job).await?;
     tracing::info!(%job_id, kind = %job.kind.spec.kind, "job created");
@@ -101,49 +97,22 @@ async fn upload_input(
     body: Body,
 ) -> Result<Response, Error> {
     let spec = store::job_spec(&st.pool, job_id).await?;
-    let mode = if p.skip_invalid {
-        Mode::SkipInvalid
-    } else {
-        Mode::Strict
-    };
-    let report = ingest::ingest(
-        &st.pool,
-        job_id,
-        spec.input_fields.clone(),
-        spec.chunk_size,
-        mode,
-        body.into_data_stream(),
-    )
-    .await?;
+    let mode = if p.skip_invalid { Mode::SkipInvalid } else { Mode::Strict };
+    let report =
+        ingest::ingest(&st.pool, job_id, spec.input_fields.clone(), spec.chunk_size, mode, body.into_data_stream())
+            .await?;
     if report.state == "rejected" {
         tracing::info!(%job_id, invalid = report.invalid_lines, "input rejected");
-        let error = format!(
-            "input rejected: {} invalid line(s); nothing was ingested",
-            report.invalid_lines
-        );
-        return Ok((
-            StatusCode::UNPROCESSABLE_ENTITY,
-            Json(ApiError {
-                error,
-                report: Some(report),
-            }),
-        )
-            .into_response());
+        let error = format!("input rejected: {} invalid line(s); nothing was ingested", report.invalid_lines);
+        return Ok((StatusCode::UNPROCESSABLE_ENTITY, Json(ApiError { error, report: Some(report) })).into_response());
     }
     tracing::info!(%job_id, items = report.items, chunks = report.chunks, secs = report.ingest_seconds, "input ingested");
-    // The items are committed; if publishing fails now the reconciler
-    // publishes the chunks later, so the job is accepted either way.
-    let chunks = store::unpublished_chunks(&st.pool, job_id).await?;
-    if let Err(err) = publish::publish_chunks(&st.js, &st.pool, &chunks, "submit").await {
-        tracing::warn!(%job_id, error = &err as &dyn std::error::Error, "publishing chunks failed; the reconciler will retry");
-    }
+    // The publisher sends the chunks; Postgres already holds everything.
+    st.wake.notify_one();
     Ok(Json(report).into_response())
 }
 
-async fn job_status(
-    State(st): State<AppState>,
-    Path(job_id): Path<Uuid>,
-) -> Result<impl IntoResponse, Error> {
+async fn job_status(State(st): State<AppState>, Path(job_id): Path<Uuid>) -> Result<impl IntoResponse, Error> {
     Ok(Json(store::status(&st.pool, job_id).await?))
 }
 
@@ -156,22 +125,31 @@ fn default_limit() -> i64 {
     20
 }
 
-async fn list_jobs(
-    State(st): State<AppState>,
-    Query(p): Query<ListParams>,
-) -> Result<impl IntoResponse, Error> {
-    Ok(Json(
-        store::list_jobs(&st.pool, p.limit.clamp(1, 1000)).await?,
-    ))
+async fn list_jobs(State(st): State<AppState>, Query(p): Query<ListParams>) -> Result<impl IntoResponse, Error> {
+    Ok(Json(store::list_jobs(&st.pool, p.limit.clamp(1, 1000)).await?))
 }
 
-async fn cancel_job(
-    State(st): State<AppState>,
-    Path(job_id): Path<Uuid>,
-) -> Result<impl IntoResponse, Error> {
+async fn cancel_job(State(st): State<AppState>, Path(job_id): Path<Uuid>) -> Result<impl IntoResponse, Error> {
     store::cancel(&st.pool, job_id).await?;
     metrics::counter!(m::JOBS_FINISHED, "state" => "cancelled").increment(1);
     Ok(Json(store::status(&st.pool, job_id).await?))
+}
+
+#[derive(Deserialize)]
+struct ResumeParams {
+    #[serde(default)]
+    failed_only: bool,
+}
+
+async fn resume_job(
+    State(st): State<AppState>,
+    Path(job_id): Path<Uuid>,
+    Query(p): Query<ResumeParams>,
+) -> Result<impl IntoResponse, Error> {
+    let resumed = store::resume(&st.pool, job_id, p.failed_only).await?;
+    tracing::info!(%job_id, failed_reset = resumed.failed_reset, chunks = resumed.chunks, "job resumed");
+    st.wake.notify_one();
+    Ok(Json(resumed))
 }
 
 #[derive(Deserialize)]
@@ -184,8 +162,7 @@ fn default_format() -> String {
 }
 
 /// CSV columns of a result export.
-pub const CSV_HEADER: &str =
-    "id,state,answer,confidence,error_class,error,model,attempts,template_hash\n";
+pub const CSV_HEADER: &str = "id,state,answer,confidence,error_class,error,model,attempts,template_hash\n";
 
 async fn results(
     State(st): State<AppState>,
@@ -199,28 +176,13 @@ async fn results(
         "csv" => true,
         other => {
             let error = format!("unknown format {other:?}: use jsonl or csv");
-            return Ok((
-                StatusCode::BAD_REQUEST,
-                Json(ApiError {
-                    error,
-                    report: None,
-                }),
-            )
-                .into_response());
+            return Ok((StatusCode::BAD_REQUEST, Json(ApiError { error, report: None })).into_response());
         }
     };
     let pool = st.pool.clone();
     let rows = async_stream_rows(pool, job_id, csv);
-    let content_type = if csv {
-        "text/csv"
-    } else {
-        "application/x-ndjson"
-    };
-    Ok((
-        [(header::CONTENT_TYPE, content_type)],
-        Body::from_stream(rows),
-    )
-        .into_response())
+    let content_type = if csv { "text/csv" } else { "application/x-ndjson" };
+    Ok(([(header::CONTENT_TYPE, content_type)], Body::from_stream(rows)).into_response())
 }
 
 fn async_stream_rows(
@@ -255,9 +217,7 @@ fn async_stream_rows(
 }
 
 fn write_csv_row(out: &mut Vec<u8>, r: &store::ResultRow) {
-    let mut w = csv::WriterBuilder::new()
-        .has_headers(false)
-        .from_writer(Vec::new());
+    let mut w = csv::WriterBuilder::new().has_headers(false).from_writer(Vec::new());
     let confidence = r.confidence.map(|c| format!("{c:.4}")).unwrap_or_default();
     let attempts = r.attempts.to_string();
     w.write_record([

@@ -17,11 +17,7 @@ pub enum ClientError {
         source: reqwest::Error,
     },
     #[error("{message}")]
-    Api {
-        status: StatusCode,
-        message: String,
-        report: Option<Box<IngestReport>>,
-    },
+    Api { status: StatusCode, message: String, report: Option<Box<IngestReport>> },
     #[error("request to {url} failed")]
     Http {
         url: String,
@@ -45,32 +41,19 @@ pub struct Client {
 
 impl Client {
     pub fn new(base: &str) -> Self {
-        Client {
-            http: reqwest::Client::new(),
-            base: base.trim_end_matches('/').to_string(),
-        }
+        Client { http: reqwest::Client::new(), base: base.trim_end_matches('/').to_string() }
     }
 
     fn url(&self, path: &str) -> String {
         format!("{}{}", self.base, path)
     }
 
-    async fn send(
-        &self,
-        req: reqwest::RequestBuilder,
-        url: &str,
-    ) -> Result<reqwest::Response, ClientError> {
+    async fn send(&self, req: reqwest::RequestBuilder, url: &str) -> Result<reqwest::Response, ClientError> {
         let resp = req.send().await.map_err(|source| {
             if source.is_connect() {
-                ClientError::Unreachable {
-                    url: self.base.clone(),
-                    source,
-                }
+                ClientError::Unreachable { url: self.base.clone(), source }
             } else {
-                ClientError::Http {
-                    url: url.to_string(),
-                    source,
-                }
+                ClientError::Http { url: url.to_string(), source }
             }
         })?;
         if resp.status().is_success() {
@@ -79,28 +62,13 @@ impl Client {
         let status = resp.status();
         let text = resp.text().await.unwrap_or_default();
         Err(match serde_json::from_str::<ApiError>(&text) {
-            Ok(e) => ClientError::Api {
-                status,
-                message: e.error,
-                report: e.report.map(Box::new),
-            },
-            Err(_) => ClientError::Api {
-                status,
-                message: format!("HTTP {status}: {text}"),
-                report: None,
-            },
+            Ok(e) => ClientError::Api { status, message: e.error, report: e.report.map(Box::new) },
+            Err(_) => ClientError::Api { status, message: format!("HTTP {status}: {text}"), report: None },
         })
     }
 
-    async fn json<T: serde::de::DeserializeOwned>(
-        &self,
-        resp: reqwest::Response,
-        url: &str,
-    ) -> Result<T, ClientError> {
-        resp.json().await.map_err(|source| ClientError::Http {
-            url: url.to_string(),
-            source,
-        })
+    async fn json<T: serde::de::DeserializeOwned>(&self, resp: reqwest::Response, url: &str) -> Result<T, ClientError> {
+        resp.json().await.map_err(|source| ClientError::Http { url: url.to_string(), source })
     }
 
     pub async fn create_job(&self, job: &NewJob) -> Result<Uuid, ClientError> {
@@ -110,24 +78,12 @@ impl Client {
     }
 
     /// Uploads a job's input from any byte stream.
-    pub async fn upload<S>(
-        &self,
-        job_id: Uuid,
-        body: S,
-        skip_invalid: bool,
-    ) -> Result<IngestReport, ClientError>
+    pub async fn upload<S>(&self, job_id: Uuid, body: S, skip_invalid: bool) -> Result<IngestReport, ClientError>
     where
         S: Stream<Item = Result<bytes::Bytes, std::io::Error>> + Send + Sync + 'static,
     {
-        let url = self.url(&format!(
-            "/v1/jobs/{job_id}/input?skip_invalid={skip_invalid}"
-        ));
-        let resp = self
-            .send(
-                self.http.put(&url).body(reqwest::Body::wrap_stream(body)),
-                &url,
-            )
-            .await?;
+        let url = self.url(&format!("/v1/jobs/{job_id}/input?skip_invalid={skip_invalid}"));
+        let resp = self.send(self.http.put(&url).body(reqwest::Body::wrap_stream(body)), &url).await?;
         self.json(resp, &url).await
     }
 
@@ -141,16 +97,12 @@ impl Client {
     ) -> Result<IngestReport, ClientError> {
         let file = tokio::fs::File::open(path)
             .await
-            .map_err(|source| ClientError::Read {
-                path: path.display().to_string(),
-                source,
-            })?;
+            .map_err(|source| ClientError::Read { path: path.display().to_string(), source })?;
         let mut sent = 0u64;
-        let stream =
-            tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024).inspect_ok(move |b| {
-                sent += b.len() as u64;
-                progress(sent);
-            });
+        let stream = tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024).inspect_ok(move |b| {
+            sent += b.len() as u64;
+            progress(sent);
+        });
         self.upload(job_id, stream, skip_invalid).await
     }
 
@@ -172,6 +124,12 @@ impl Client {
         self.json(resp, &url).await
     }
 
+    pub async fn resume(&self, job_id: Uuid, failed_only: bool) -> Result<crate::store::Resumed, ClientError> {
+        let url = self.url(&format!("/v1/jobs/{job_id}/resume?failed_only={failed_only}"));
+        let resp = self.send(self.http.post(&url), &url).await?;
+        self.json(resp, &url).await
+    }
+
     /// Streams a job's results in `format` (`jsonl` or `csv`).
     pub async fn results(
         &self,
@@ -180,11 +138,6 @@ impl Client {
     ) -> Result<impl Stream<Item = Result<bytes::Bytes, ClientError>>, ClientError> {
         let url = self.url(&format!("/v1/jobs/{job_id}/results?format={format}"));
         let resp = self.send(self.http.get(&url), &url).await?;
-        Ok(resp
-            .bytes_stream()
-            .map_err(move |source| ClientError::Http {
-                url: url.clone(),
-                source,
-            }))
+        Ok(resp.bytes_stream().map_err(move |source| ClientError::Http { url: url.clone(), source }))
     }
 }

@@ -6,11 +6,7 @@ use crate::Error;
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServeConfig {
     /// Postgres connection URL.
-    #[arg(
-        long,
-        env = "SLUICE_DATABASE_URL",
-        default_value = "postgres://sluice:sluice@127.0.0.1:5432/sluice"
-    )]
+    #[arg(long, env = "SLUICE_DATABASE_URL", default_value = "postgres://sluice:sluice@127.0.0.1:5432/sluice")]
     pub database_url: String,
     /// Most connections the coordinator keeps open to Postgres.
     #[arg(long, env = "SLUICE_DB_POOL_SIZE", default_value_t = 8)]
@@ -21,6 +17,13 @@ pub struct ServeConfig {
     /// Address the control API listens on.
     #[arg(long, env = "SLUICE_LISTEN", default_value = "127.0.0.1:7700")]
     pub listen: String,
+    /// Most chunk messages of one job in the stream at once; jobs are topped
+    /// up in turn, so a small job never waits behind all of a big one.
+    #[arg(long, env = "SLUICE_PUBLISH_WINDOW", default_value_t = 128)]
+    pub publish_window: usize,
+    /// How often the publisher tops jobs up, in milliseconds.
+    #[arg(long, env = "SLUICE_PUBLISH_INTERVAL_MS", default_value_t = 100)]
+    pub publish_interval_ms: u64,
     /// How often the reconciler looks for lost chunks and finished jobs, in milliseconds (0 disables it).
     #[arg(long, env = "SLUICE_RECONCILE_INTERVAL_MS", default_value_t = 10_000)]
     pub reconcile_interval_ms: u64,
@@ -33,24 +36,20 @@ pub struct ServeConfig {
 impl ServeConfig {
     /// Checks the settings once, at start-up.
     pub fn validate(&self) -> Result<(), Error> {
-        if !self.database_url.starts_with("postgres://")
-            && !self.database_url.starts_with("postgresql://")
-        {
+        if !self.database_url.starts_with("postgres://") && !self.database_url.starts_with("postgresql://") {
             return Err(Error::Config(format!(
                 "SLUICE_DATABASE_URL must start with postgres://, got {:?}",
                 self.database_url
             )));
         }
         if !self.nats_url.contains("://") && !self.nats_url.contains(':') {
-            return Err(Error::Config(format!(
-                "SLUICE_NATS_URL is not a URL: {:?}",
-                self.nats_url
-            )));
+            return Err(Error::Config(format!("SLUICE_NATS_URL is not a URL: {:?}", self.nats_url)));
+        }
+        if self.publish_window == 0 {
+            return Err(Error::Config("SLUICE_PUBLISH_WINDOW must be at least 1".into()));
         }
         if self.db_pool_size == 0 {
-            return Err(Error::Config(
-                "SLUICE_DB_POOL_SIZE must be at least 1".into(),
-            ));
+            return Err(Error::Config("SLUICE_DB_POOL_SIZE must be at least 1".into()));
         }
         Ok(())
     }
@@ -62,6 +61,8 @@ impl ServeConfig {
             db_pool_size: 8,
             nats_url: nats_url.to_string(),
             listen: "127.0.0.1:0".into(),
+            publish_window: 128,
+            publish_interval_ms: 100,
             reconcile_interval_ms: 1_000,
             republish_after_ms: 2_000,
         }

@@ -6,7 +6,9 @@ use uuid::Uuid;
 pub enum Error {
     #[error("invalid configuration: {0}")]
     Config(String),
-    #[error("cannot connect to Postgres at {url}: is it running and does the database exist? (`scripts/demo` starts it)")]
+    #[error(
+        "cannot connect to Postgres at {url}: is it running and does the database exist? (`scripts/demo` starts it)"
+    )]
     DbConnect {
         url: String,
         #[source]
@@ -34,11 +36,7 @@ pub enum Error {
     #[error("no job {0}")]
     JobNotFound(Uuid),
     #[error("job {job_id} is {state}, expected {expected}")]
-    JobState {
-        job_id: Uuid,
-        state: String,
-        expected: &'static str,
-    },
+    JobState { job_id: Uuid, state: String, expected: &'static str },
     #[error("invalid job kind")]
     Spec(#[from] common::spec::SpecError),
     #[error("reading the uploaded input failed")]

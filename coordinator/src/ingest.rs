@@ -125,26 +125,19 @@ pub struct Validator {
 
 impl Validator {
     pub fn new(required: Vec<String>) -> Self {
-        Validator {
-            required,
-            seen: HashSet::new(),
-        }
+        Validator { required, seen: HashSet::new() }
     }
 
     /// Checks one line: size, UTF-8, JSON object, id (`id` or `custom_id`),
     /// required fields, duplicate ids.
     pub fn check(&mut self, line: RawLine) -> Checked {
         let bytes = match line {
-            RawLine::TooLong => {
-                return Checked::Bad(format!("line is longer than {} KiB", MAX_LINE_BYTES / 1024))
-            }
+            RawLine::TooLong => return Checked::Bad(format!("line is longer than {} KiB", MAX_LINE_BYTES / 1024)),
             RawLine::Line(b) => b,
         };
         let text = match std::str::from_utf8(&bytes) {
             Ok(t) => t,
-            Err(e) => {
-                return Checked::Bad(format!("invalid UTF-8 at byte {}", e.valid_up_to() + 1))
-            }
+            Err(e) => return Checked::Bad(format!("invalid UTF-8 at byte {}", e.valid_up_to() + 1)),
         };
         if text.trim().is_empty() {
             return Checked::Blank;
@@ -159,9 +152,7 @@ impl Validator {
         let id = match map.get("id").or_else(|| map.get("custom_id")) {
             Some(Value::String(s)) if !s.is_empty() => s.clone(),
             Some(Value::Number(n)) => n.to_string(),
-            Some(_) => {
-                return Checked::Bad("field \"id\" must be a non-empty string or a number".into())
-            }
+            Some(_) => return Checked::Bad("field \"id\" must be a non-empty string or a number".into()),
             None => return Checked::Bad("missing field \"id\" (or \"custom_id\")".into()),
         };
         if let Some(missing) = self.required.iter().find(|f| !map.contains_key(f.as_str())) {
@@ -205,26 +196,17 @@ where
 {
     let started = Instant::now();
     let mut tx = pool.begin().await?;
-    let state: Option<String> =
-        sqlx::query_scalar("SELECT state FROM jobs WHERE id = $1 FOR UPDATE")
-            .bind(job_id)
-            .fetch_optional(&mut *tx)
-            .await?;
+    let state: Option<String> = sqlx::query_scalar("SELECT state FROM jobs WHERE id = $1 FOR UPDATE")
+        .bind(job_id)
+        .fetch_optional(&mut *tx)
+        .await?;
     match state.as_deref() {
         None => return Err(Error::JobNotFound(job_id)),
         Some("uploading") => {}
-        Some(other) => {
-            return Err(Error::JobState {
-                job_id,
-                state: other.to_string(),
-                expected: "uploading",
-            })
-        }
+        Some(other) => return Err(Error::JobState { job_id, state: other.to_string(), expected: "uploading" }),
     }
 
-    let mut copy = tx
-        .copy_in_raw("COPY items (job_id, seq, item_id, line_no, payload) FROM STDIN")
-        .await?;
+    let mut copy = tx.copy_in_raw("COPY items (job_id, seq, item_id, line_no, payload) FROM STDIN").await?;
     let job_field = job_id.to_string();
     let mut validator = Validator::new(required);
     let mut splitter = LineSplitter::default();
@@ -242,10 +224,7 @@ where
             Checked::Bad(reason) => {
                 invalid += 1;
                 metrics::counter!(m::LINES_REJECTED).increment(1);
-                let e = LineError {
-                    line: line_no,
-                    reason,
-                };
+                let e = LineError { line: line_no, reason };
                 if errors.len() < MAX_REPORTED_ERRORS {
                     errors.push(e.clone());
                 }
@@ -287,10 +266,7 @@ where
 
     let empty = seq == 0 && invalid == 0;
     if empty {
-        errors.push(LineError {
-            line: 0,
-            reason: "input is empty: no JSONL lines found".into(),
-        });
+        errors.push(LineError { line: 0, reason: "input is empty: no JSONL lines found".into() });
     }
     let rejected = empty || (mode == Mode::Strict && invalid > 0) || seq == 0;
     if rejected {
@@ -329,8 +305,7 @@ where
         .execute(&mut *tx)
         .await?;
     }
-    let chunks =
-        crate::store::create_chunks(&mut tx, job_id, seq as i64, chunk_size as i64).await?;
+    let chunks = crate::store::create_chunks(&mut tx, job_id, seq as i64, chunk_size as i64).await?;
     sqlx::query(
         "UPDATE jobs SET state = 'running', total_items = $2, invalid_lines = $3, started_at = now() WHERE id = $1",
     )
@@ -391,15 +366,9 @@ mod tests {
 
     #[test]
     fn good_lines() {
-        check(
-            b"{\"id\":\"a\",\"text\":\"x\"}\n{\"id\":2,\"text\":\"y\"}\n",
-            &[Ok("a"), Ok("2")],
-        );
+        check(b"{\"id\":\"a\",\"text\":\"x\"}\n{\"id\":2,\"text\":\"y\"}\n", &[Ok("a"), Ok("2")]);
         check(b"{\"custom_id\":\"req-1\",\"text\":\"x\"}", &[Ok("req-1")]);
-        check(
-            b"{\"id\":\"a\",\"text\":\"x\"}\r\n\n   \n{\"id\":\"b\",\"text\":\"y\"}\r\n",
-            &[Ok("a"), Ok("b")],
-        );
+        check(b"{\"id\":\"a\",\"text\":\"x\"}\r\n\n   \n{\"id\":\"b\",\"text\":\"y\"}\r\n", &[Ok("a"), Ok("b")]);
     }
 
     #[test]
@@ -407,19 +376,10 @@ mod tests {
         check(b"{\"id\":\"a\",\"text\":\"x\"\n", &[Err("invalid JSON")]);
         check(b"[1,2]\n", &[Err("expected a JSON object")]);
         check(b"{\"text\":\"x\"}\n", &[Err("missing field \"id\"")]);
-        check(
-            b"{\"id\":\"\",\"text\":\"x\"}\n",
-            &[Err("non-empty string")],
-        );
+        check(b"{\"id\":\"\",\"text\":\"x\"}\n", &[Err("non-empty string")]);
         check(b"{\"id\":\"a\"}\n", &[Err("missing field \"text\"")]);
-        check(
-            b"{\"id\":\"a\",\"text\":\"\xff\"}\n",
-            &[Err("invalid UTF-8 at byte 19")],
-        );
-        check(
-            b"{\"id\":\"a\",\"text\":\"x\"}\n{\"id\":\"a\",\"text\":\"y\"}\n",
-            &[Ok("a"), Err("duplicate id \"a\"")],
-        );
+        check(b"{\"id\":\"a\",\"text\":\"\xff\"}\n", &[Err("invalid UTF-8 at byte 19")]);
+        check(b"{\"id\":\"a\",\"text\":\"x\"}\n{\"id\":\"a\",\"text\":\"y\"}\n", &[Ok("a"), Err("duplicate id \"a\"")]);
     }
 
     #[test]

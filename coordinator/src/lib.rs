@@ -31,32 +31,20 @@ impl Coordinator {
     pub async fn bind(config: ServeConfig) -> Result<Self, Error> {
         config.validate()?;
         let pool = store::connect(&config.database_url, config.db_pool_size).await?;
-        migrations::MIGRATOR
-            .run(&pool)
-            .await
-            .map_err(Error::Migrate)?;
+        migrations::MIGRATOR.run(&pool).await.map_err(Error::Migrate)?;
         let nats = common::nats::connect(&config.nats_url).await?;
         let js = async_nats::jetstream::new(nats);
         common::nats::ensure_stream(&js, &config.nats_url).await?;
         let listener = tokio::net::TcpListener::bind(&config.listen)
             .await
-            .map_err(|source| Error::Bind {
-                addr: config.listen.clone(),
-                source,
-            })?;
+            .map_err(|source| Error::Bind { addr: config.listen.clone(), source })?;
         let state = api::AppState::new(pool, js);
-        Ok(Coordinator {
-            listener,
-            state,
-            config,
-        })
+        Ok(Coordinator { listener, state, config })
     }
 
     /// The address the API listens on (useful when binding port 0).
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener
-            .local_addr()
-            .expect("bound listener has an address")
+        self.listener.local_addr().expect("bound listener has an address")
     }
 
     /// Serves the API and runs the reconciler until `shutdown` is cancelled.
@@ -72,18 +60,24 @@ impl Coordinator {
         } else {
             None
         };
+        let publisher = tokio::spawn(publish::run(
+            self.state.js.clone(),
+            self.state.pool.clone(),
+            self.config.publish_window,
+            std::time::Duration::from_millis(self.config.publish_interval_ms),
+            self.state.wake.clone(),
+            shutdown.clone(),
+        ));
         let app = api::router(self.state);
         let stop = shutdown.clone();
         axum::serve(self.listener, app)
             .with_graceful_shutdown(async move { stop.cancelled().await })
             .await
-            .map_err(|source| Error::Bind {
-                addr: addr.to_string(),
-                source,
-            })?;
+            .map_err(|source| Error::Bind { addr: addr.to_string(), source })?;
         if let Some(r) = reconciler {
             let _ = r.await;
         }
+        let _ = publisher.await;
         Ok(())
     }
 }

@@ -4,8 +4,10 @@
 pub const ITEMS_INGESTED: &str = "sluice_items_ingested_total";
 /// Input lines refused at ingest (label `reason`).
 pub const LINES_REJECTED: &str = "sluice_lines_rejected_total";
-/// Chunk messages published (label `cause`: `submit` or `reconcile`).
+/// Chunk messages published (label `cause`: `publish`).
 pub const CHUNKS_PUBLISHED: &str = "sluice_chunks_published_total";
+/// Chunks found missing from JetStream and reopened for publishing.
+pub const CHUNKS_REOPENED: &str = "sluice_chunks_reopened_total";
 /// Jobs that reached a final state (label `state`).
 pub const JOBS_FINISHED: &str = "sluice_jobs_finished_total";
 /// Seconds spent ingesting one job's input.
@@ -15,14 +17,8 @@ pub const INGEST_SECONDS: &str = "sluice_ingest_duration_seconds";
 pub fn describe() {
     metrics::describe_counter!(ITEMS_INGESTED, "Items accepted into Postgres at ingest");
     metrics::describe_counter!(LINES_REJECTED, "Input lines refused at ingest, by reason");
-    metrics::describe_counter!(
-        CHUNKS_PUBLISHED,
-        "Chunk messages published to JetStream, by cause"
-    );
+    metrics::describe_counter!(CHUNKS_PUBLISHED, "Chunk messages published to JetStream, by cause");
+    metrics::describe_counter!(CHUNKS_REOPENED, "Chunks found missing from JetStream and reopened");
     metrics::describe_counter!(JOBS_FINISHED, "Jobs that reached a final state");
-    metrics::describe_histogram!(
-        INGEST_SECONDS,
-        metrics::Unit::Seconds,
-        "Time to ingest one job's input"
-    );
+    metrics::describe_histogram!(INGEST_SECONDS, metrics::Unit::Seconds, "Time to ingest one job's input");
 }

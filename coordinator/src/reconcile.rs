@@ -2,16 +2,14 @@
 //!
 //! A job's chunk messages live on their own subject in a work-queue stream, so
 //! a message disappears exactly when a worker acks it after committing the
-//! chunk's results. If Postgres still has pending chunks for a job whose
-//! subject holds no message at all, those chunks were lost (stream purged,
-//! publish failed after commit, coordinator crashed mid-publish) and are
-//! published again under a new generation.
+//! chunk's results. If Postgres still has chunks that were published a while
+//! ago and are still pending, but the job's subject holds no message at all,
+//! those messages were lost (stream purged, a message dropped): the chunks are
+//! marked unpublished under a new generation and the publisher sends them again.
 
 use std::time::Duration;
 
-use futures::TryStreamExt;
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 
 use crate::api::AppState;
 use crate::{metrics as m, publish, store, Error, ServeConfig};
@@ -41,10 +39,7 @@ pub async fn run(state: AppState, settings: Settings, shutdown: CancellationToke
             _ = tick.tick() => {}
         }
         if let Err(err) = pass(&state, settings).await {
-            tracing::warn!(
-                error = &err as &dyn std::error::Error,
-                "reconciliation pass failed"
-            );
+            tracing::warn!(error = &err as &dyn std::error::Error, "reconciliation pass failed");
         }
     }
 }
@@ -57,45 +52,17 @@ pub async fn pass(state: &AppState, settings: Settings) -> Result<(), Error> {
             tracing::info!(%job_id, "job completed (seen by reconciler)");
             continue;
         }
-        if messages_in_stream(state, job_id).await? > 0 {
+        if publish::messages_in_stream(&state.js, job_id).await? > 0 {
             continue;
         }
-        let before = chrono::Utc::now()
-            - chrono::Duration::from_std(settings.republish_after).unwrap_or_default();
-        let chunks = store::claim_stale_chunks(&state.pool, job_id, before).await?;
-        if chunks.is_empty() {
-            continue;
+        let before = chrono::Utc::now() - chrono::Duration::from_std(settings.republish_after).unwrap_or_default();
+        let lost = store::reopen_lost_chunks(&state.pool, job_id, before).await?;
+        if lost > 0 {
+            // The publisher sends them again, under their new generation.
+            tracing::warn!(%job_id, chunks = lost, "chunks missing from JetStream will be republished");
+            metrics::counter!(m::CHUNKS_REOPENED).increment(lost);
+            state.wake.notify_one();
         }
-        tracing::warn!(%job_id, chunks = chunks.len(), "republishing chunks missing from JetStream");
-        publish::publish_chunks(&state.js, &state.pool, &chunks, "reconcile").await?;
     }
     Ok(())
-}
-
-async fn messages_in_stream(state: &AppState, job_id: Uuid) -> Result<usize, Error> {
-    let nats_err = |e: Box<dyn std::error::Error + Send + Sync>| {
-        Error::Nats(common::nats::NatsError::Stream {
-            url: String::new(),
-            stream: common::wire::STREAM,
-            source: e,
-        })
-    };
-    let stream = state
-        .js
-        .get_stream(common::wire::STREAM)
-        .await
-        .map_err(|e| nats_err(Box::new(e)))?;
-    let subject = common::wire::chunk_subject(job_id);
-    let counts: Vec<(String, usize)> = stream
-        .info_with_subjects(&subject)
-        .await
-        .map_err(|e| nats_err(Box::new(e)))?
-        .try_collect()
-        .await
-        .map_err(|e| nats_err(Box::new(e)))?;
-    Ok(counts
-        .iter()
-        .filter(|(s, _)| *s == subject)
-        .map(|(_, n)| n)
-        .sum())
 }

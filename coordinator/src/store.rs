@@ -18,10 +18,7 @@ pub async fn connect(url: &str, max: u32) -> Result<PgPool, Error> {
         .acquire_timeout(Duration::from_secs(10))
         .connect(url)
         .await
-        .map_err(|source| Error::DbConnect {
-            url: redact_url(url),
-            source,
-        })
+        .map_err(|source| Error::DbConnect { url: redact_url(url), source })
 }
 
 /// Removes the password from a connection URL before it is shown to anyone.
@@ -60,10 +57,7 @@ pub async fn create_job(pool: &PgPool, job: &crate::model::NewJob) -> Result<Uui
 /// The spec of a job, as stored at submission.
 pub async fn job_spec(pool: &PgPool, job_id: Uuid) -> Result<common::spec::JobSpec, Error> {
     let spec: Option<sqlx::types::Json<common::spec::JobSpec>> =
-        sqlx::query_scalar("SELECT spec FROM jobs WHERE id = $1")
-            .bind(job_id)
-            .fetch_optional(pool)
-            .await?;
+        sqlx::query_scalar("SELECT spec FROM jobs WHERE id = $1").bind(job_id).fetch_optional(pool).await?;
     spec.map(|s| s.0).ok_or(Error::JobNotFound(job_id))
 }
 
@@ -107,40 +101,32 @@ fn chunk_row(job_id: Uuid, r: &PgRow) -> ChunkRow {
     }
 }
 
-/// Pending chunks of a job that have never been published.
-pub async fn unpublished_chunks(pool: &PgPool, job_id: Uuid) -> Result<Vec<ChunkRow>, Error> {
+/// Up to `limit` pending chunks of a job that are not published, in order.
+pub async fn unpublished_chunks(pool: &PgPool, job_id: Uuid, limit: i64) -> Result<Vec<ChunkRow>, Error> {
     let rows = sqlx::query(
         "SELECT chunk_no, first_seq, last_seq, generation FROM chunks
-         WHERE job_id = $1 AND state = 'pending' AND published_at IS NULL ORDER BY chunk_no",
+         WHERE job_id = $1 AND state = 'pending' AND published_at IS NULL ORDER BY chunk_no LIMIT $2",
     )
     .bind(job_id)
+    .bind(limit)
     .fetch_all(pool)
     .await?;
     Ok(rows.iter().map(|r| chunk_row(job_id, r)).collect())
 }
 
-/// Pending chunks of a job last published before `before` (or never), with
-/// their generation bumped so the republished message gets a fresh `Nats-Msg-Id`.
-pub async fn claim_stale_chunks(
-    pool: &PgPool,
-    job_id: Uuid,
-    before: DateTime<Utc>,
-) -> Result<Vec<ChunkRow>, Error> {
-    let rows = sqlx::query(
+/// Marks pending chunks of a job that were last published before `before` as
+/// unpublished again, with their generation bumped so the new message gets a
+/// fresh `Nats-Msg-Id`. Returns how many.
+pub async fn reopen_lost_chunks(pool: &PgPool, job_id: Uuid, before: DateTime<Utc>) -> Result<u64, Error> {
+    Ok(sqlx::query(
         "UPDATE chunks SET generation = generation + 1, published_at = NULL
-         WHERE job_id = $1 AND state = 'pending'
-           AND (published_at < $2
-                -- never published: only once the submitter had time to publish it itself
-                OR (published_at IS NULL AND (SELECT started_at FROM jobs WHERE id = $1) < $2))
-         RETURNING chunk_no, first_seq, last_seq, generation",
+         WHERE job_id = $1 AND state = 'pending' AND published_at < $2",
     )
     .bind(job_id)
     .bind(before)
-    .fetch_all(pool)
-    .await?;
-    let mut chunks: Vec<ChunkRow> = rows.iter().map(|r| chunk_row(job_id, r)).collect();
-    chunks.sort_by_key(|c| c.msg.chunk_no);
-    Ok(chunks)
+    .execute(pool)
+    .await?
+    .rows_affected())
 }
 
 /// Records that chunks were published.
@@ -155,11 +141,7 @@ pub async fn mark_published(pool: &PgPool, job_id: Uuid, chunk_nos: &[i32]) -> R
 
 /// Running jobs that still have pending chunks.
 pub async fn running_jobs(pool: &PgPool) -> Result<Vec<Uuid>, Error> {
-    Ok(
-        sqlx::query_scalar("SELECT id FROM jobs WHERE state = 'running' ORDER BY created_at")
-            .fetch_all(pool)
-            .await?,
-    )
+    Ok(sqlx::query_scalar("SELECT id FROM jobs WHERE state = 'running' ORDER BY created_at").fetch_all(pool).await?)
 }
 
 /// Marks a running job completed if none of its chunks is pending; true if it did.
@@ -205,10 +187,7 @@ fn status_from_row(row: &PgRow) -> JobStatus {
     let last_result_at: Option<DateTime<Utc>> = row.get("last_result_at");
     // Rate over the time the job has been running: until now, or until its
     // last result once it is finished.
-    let end = finished_at
-        .max(last_result_at)
-        .filter(|_| finished_at.is_some())
-        .unwrap_or_else(Utc::now);
+    let end = finished_at.max(last_result_at).filter(|_| finished_at.is_some()).unwrap_or_else(Utc::now);
     let items_per_s = match started_at {
         Some(s) if done > 0 => {
             let secs = (end - s).num_milliseconds().max(1) as f64 / 1000.0;
@@ -242,10 +221,7 @@ fn status_from_row(row: &PgRow) -> JobStatus {
 /// The most recent jobs, newest first.
 pub async fn list_jobs(pool: &PgPool, limit: i64) -> Result<Vec<JobStatus>, Error> {
     let ids: Vec<Uuid> =
-        sqlx::query_scalar("SELECT id FROM jobs ORDER BY created_at DESC LIMIT $1")
-            .bind(limit)
-            .fetch_all(pool)
-            .await?;
+        sqlx::query_scalar("SELECT id FROM jobs ORDER BY created_at DESC LIMIT $1").bind(limit).fetch_all(pool).await?;
     let mut out = Vec::with_capacity(ids.len());
     for id in ids {
         out.push(status(pool, id).await?);
@@ -264,13 +240,67 @@ pub async fn cancel(pool: &PgPool, job_id: Uuid) -> Result<(), Error> {
     .rows_affected();
     if n == 0 {
         let st = status(pool, job_id).await?;
-        return Err(Error::JobState {
-            job_id,
-            state: st.state,
-            expected: "uploading or running",
-        });
+        return Err(Error::JobState { job_id, state: st.state, expected: "uploading or running" });
     }
     Ok(())
+}
+
+/// What `resume` reopened.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Resumed {
+    /// Failed results removed so their items run again.
+    pub failed_reset: u64,
+    /// Chunks reopened.
+    pub chunks: u64,
+}
+
+/// Re-runs the unfinished items of a completed or cancelled job: items without
+/// a result, and failed ones (only failed ones with `failed_only`). Items with
+/// a successful result are never sent to the model again.
+pub async fn resume(pool: &PgPool, job_id: Uuid, failed_only: bool) -> Result<Resumed, Error> {
+    let mut tx = pool.begin().await?;
+    let state: Option<String> = sqlx::query_scalar("SELECT state FROM jobs WHERE id = $1 FOR UPDATE")
+        .bind(job_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+    match state.as_deref() {
+        None => return Err(Error::JobNotFound(job_id)),
+        Some("completed" | "cancelled") => {}
+        Some(other) => {
+            return Err(Error::JobState { job_id, state: other.to_string(), expected: "completed or cancelled" })
+        }
+    }
+    let failed: Vec<i64> =
+        sqlx::query_scalar("DELETE FROM results WHERE job_id = $1 AND state = 'failed' RETURNING seq")
+            .bind(job_id)
+            .fetch_all(&mut *tx)
+            .await?;
+    // Reopen every chunk with an item lacking a result (or, with failed_only,
+    // every chunk that held a failed item).
+    let chunks = sqlx::query(
+        "UPDATE chunks c SET state = 'pending', published_at = NULL, done_at = NULL, generation = generation + 1
+         WHERE c.job_id = $1
+           AND CASE WHEN $2 THEN EXISTS (SELECT 1 FROM UNNEST($3::bigint[]) AS f(seq)
+                                         WHERE f.seq BETWEEN c.first_seq AND c.last_seq)
+               ELSE EXISTS (SELECT 1 FROM items i WHERE i.job_id = c.job_id
+                              AND i.seq BETWEEN c.first_seq AND c.last_seq
+                              AND NOT EXISTS (SELECT 1 FROM results r WHERE r.job_id = i.job_id AND r.seq = i.seq))
+               END",
+    )
+    .bind(job_id)
+    .bind(failed_only)
+    .bind(&failed)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if chunks > 0 {
+        sqlx::query("UPDATE jobs SET state = 'running', finished_at = NULL WHERE id = $1")
+            .bind(job_id)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(Resumed { failed_reset: failed.len() as u64, chunks })
 }
 
 /// One exported result.
@@ -291,12 +321,7 @@ pub struct ResultRow {
 }
 
 /// Up to `limit` results of a job with `seq > after`, in input order.
-pub async fn results_page(
-    pool: &PgPool,
-    job_id: Uuid,
-    after: i64,
-    limit: i64,
-) -> Result<Vec<(i64, ResultRow)>, Error> {
+pub async fn results_page(pool: &PgPool, job_id: Uuid, after: i64, limit: i64) -> Result<Vec<(i64, ResultRow)>, Error> {
     let rows = sqlx::query(
         "SELECT seq, item_id, state, answer, output, confidence, error_class, error, model, attempts,
                 template_hash, tokens_in, tokens_out
@@ -339,9 +364,6 @@ mod tests {
             super::redact_url("postgres://sluice:secret@127.0.0.1:5432/sluice"),
             "postgres://sluice:***@127.0.0.1:5432/sluice"
         );
-        assert_eq!(
-            super::redact_url("postgres://127.0.0.1/db"),
-            "postgres://127.0.0.1/db"
-        );
+        assert_eq!(super::redact_url("postgres://127.0.0.1/db"), "postgres://127.0.0.1/db");
     }
 }

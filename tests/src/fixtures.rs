@@ -52,13 +52,13 @@ impl NatsServer {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .with_context(|| format!("cannot start {bin}: run the tests with scripts/test, which installs it, or set SLUICE_NATS_SERVER"))?;
+            .with_context(|| {
+                format!(
+                    "cannot start {bin}: run the tests with scripts/test, which installs it, or set SLUICE_NATS_SERVER"
+                )
+            })?;
         let ports = dir.path().join(format!("nats-server_{}.ports", child.id()));
-        let mut server = NatsServer {
-            child,
-            url: String::new(),
-            _dir: dir,
-        };
+        let mut server = NatsServer { child, url: String::new(), _dir: dir };
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if let Ok(text) = std::fs::read_to_string(&ports) {
@@ -73,10 +73,7 @@ impl NatsServer {
                 bail!("nats-server exited early with {status}");
             }
             if Instant::now() > deadline {
-                bail!(
-                    "nats-server did not write its ports file {}",
-                    ports.display()
-                );
+                bail!("nats-server did not write its ports file {}", ports.display());
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -114,28 +111,13 @@ impl TestDb {
         let name = format!("sluice_t_{}", uuid::Uuid::new_v4().simple());
         let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&admin_url)
             .await
-            .with_context(|| {
-                format!("cannot reach Postgres at {admin_url}: run scripts/test, which starts it")
-            })?;
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-            .execute(&mut admin)
-            .await?;
-        let base = admin_url
-            .rsplit_once('/')
-            .map(|(b, _)| b)
-            .unwrap_or(&admin_url);
+            .with_context(|| format!("cannot reach Postgres at {admin_url}: run scripts/test, which starts it"))?;
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut admin).await?;
+        let base = admin_url.rsplit_once('/').map(|(b, _)| b).unwrap_or(&admin_url);
         let url = format!("{base}/{name}");
-        let pool = sqlx::postgres::PgPoolOptions::new()
-            .max_connections(4)
-            .connect(&url)
-            .await?;
+        let pool = sqlx::postgres::PgPoolOptions::new().max_connections(4).connect(&url).await?;
         migrations::MIGRATOR.run(&pool).await?;
-        Ok(TestDb {
-            url,
-            pool,
-            admin_url,
-            name,
-        })
+        Ok(TestDb { url, pool, admin_url, name })
     }
 }
 
@@ -144,20 +126,13 @@ impl Drop for TestDb {
         let (admin_url, name) = (self.admin_url.clone(), self.name.clone());
         // Drop runs outside async context: use a small runtime on a thread.
         let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .ok()?;
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
             rt.block_on(async {
-                let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&admin_url)
+                let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&admin_url).await.ok()?;
+                sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")))
+                    .execute(&mut admin)
                     .await
-                    .ok()?;
-                sqlx::query(sqlx::AssertSqlSafe(format!(
-                    "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-                )))
-                .execute(&mut admin)
-                .await
-                .ok()
+                    .ok()
             })
         })
         .join();
@@ -207,10 +182,7 @@ pub struct Stack {
 
 impl Stack {
     /// Starts everything but workers. `tune` may adjust the coordinator's configuration.
-    pub async fn start(
-        sim: SimConfig,
-        tune: impl FnOnce(&mut coordinator::ServeConfig),
-    ) -> anyhow::Result<Self> {
+    pub async fn start(sim: SimConfig, tune: impl FnOnce(&mut coordinator::ServeConfig)) -> anyhow::Result<Self> {
         let db = TestDb::create().await?;
         let nats = NatsServer::start()?;
         let sim = SimServer::start(sim).await?;
@@ -221,15 +193,7 @@ impl Stack {
         let stop = CancellationToken::new();
         tokio::spawn(coord.run(stop.clone()));
         let client = coordinator::client::Client::new(&format!("http://{coordinator_addr}"));
-        Ok(Stack {
-            db,
-            nats,
-            sim,
-            client,
-            coordinator_addr,
-            stop,
-            workers: Vec::new(),
-        })
+        Ok(Stack { db, nats, sim, client, coordinator_addr, stop, workers: Vec::new() })
     }
 
     /// A worker configuration pointing at this stack.
@@ -238,10 +202,7 @@ impl Stack {
     }
 
     /// Starts an in-process worker; returns the token that stops it.
-    pub fn add_worker(
-        &mut self,
-        tune: impl FnOnce(&mut worker::WorkerConfig),
-    ) -> CancellationToken {
+    pub fn add_worker(&mut self, tune: impl FnOnce(&mut worker::WorkerConfig)) -> CancellationToken {
         let mut config = self.worker_config();
         config.name = Some(format!("test-worker-{}", self.workers.len() + 1));
         tune(&mut config);
@@ -263,8 +224,7 @@ impl Stack {
         input: Vec<u8>,
         skip_invalid: bool,
     ) -> Result<coordinator::model::IngestReport, coordinator::client::ClientError> {
-        let kind =
-            common::spec::JobKind::load(&jobs_dir().join(kind)).expect("shipped job kind loads");
+        let kind = common::spec::JobKind::load(&jobs_dir().join(kind)).expect("shipped job kind loads");
         self.submit_kind(kind, input, skip_invalid).await
     }
 
@@ -274,29 +234,16 @@ impl Stack {
         input: Vec<u8>,
         skip_invalid: bool,
     ) -> Result<coordinator::model::IngestReport, coordinator::client::ClientError> {
-        let job_id = self
-            .client
-            .create_job(&coordinator::model::NewJob {
-                kind,
-                input_name: Some("test.jsonl".into()),
-            })
-            .await?;
+        let job_id =
+            self.client.create_job(&coordinator::model::NewJob { kind, input_name: Some("test.jsonl".into()) }).await?;
         // Send the input in small pieces so line splitting across reads is exercised.
-        let pieces: Vec<Result<bytes::Bytes, std::io::Error>> = input
-            .chunks(4096)
-            .map(|c| Ok(bytes::Bytes::copy_from_slice(c)))
-            .collect();
-        self.client
-            .upload(job_id, futures::stream::iter(pieces), skip_invalid)
-            .await
+        let pieces: Vec<Result<bytes::Bytes, std::io::Error>> =
+            input.chunks(4096).map(|c| Ok(bytes::Bytes::copy_from_slice(c))).collect();
+        self.client.upload(job_id, futures::stream::iter(pieces), skip_invalid).await
     }
 
     /// Waits until the job is completed.
-    pub async fn wait_completed(
-        &self,
-        job_id: uuid::Uuid,
-        timeout: Duration,
-    ) -> anyhow::Result<()> {
+    pub async fn wait_completed(&self, job_id: uuid::Uuid, timeout: Duration) -> anyhow::Result<()> {
         wait_for("job completion", timeout, || async {
             let st = self.client.status(job_id).await?;
             Ok(st.state == "completed")
@@ -332,26 +279,17 @@ pub fn sample_jsonl(seed: u64, count: u64) -> Vec<u8> {
 /// Path of a binary built from this workspace (tests run from target/<profile>/deps).
 pub fn workspace_bin(name: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .context("test binary has no target directory")?;
+    let dir = exe.parent().and_then(Path::parent).context("test binary has no target directory")?;
     let path = dir.join(name);
     if !path.exists() {
-        bail!(
-            "{} is missing: build it first with `cargo build --workspace --bins`",
-            path.display()
-        );
+        bail!("{} is missing: build it first with `cargo build --workspace --bins`", path.display());
     }
     Ok(path)
 }
 
 /// A TCP port that was free a moment ago, for services that cannot bind port 0.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
 }
 
 /// A worker in its own process, for tests that kill it.
@@ -365,11 +303,7 @@ impl WorkerProcess {
     }
 
     /// Like [`WorkerProcess::spawn`], with extra environment variables.
-    pub fn spawn_with(
-        config: &worker::WorkerConfig,
-        name: &str,
-        env: &[(&str, &str)],
-    ) -> anyhow::Result<Self> {
+    pub fn spawn_with(config: &worker::WorkerConfig, name: &str, env: &[(&str, &str)]) -> anyhow::Result<Self> {
         let child = Command::new(workspace_bin("sluice-worker")?)
             .envs(env.iter().copied())
             .env("SLUICE_DATABASE_URL", &config.database_url)

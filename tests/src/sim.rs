@@ -66,6 +66,21 @@ pub struct SimConfig {
     /// Share of requests whose answer violates the requested schema.
     #[arg(long, default_value_t = 0.0)]
     pub bad_output: f64,
+    /// Share of requests answered 429 with an `insufficient_quota` error (a spending cap).
+    #[arg(long, default_value_t = 0.0)]
+    pub quota: f64,
+    /// Models that are down: every request for them gets 503.
+    #[arg(long = "down-model")]
+    pub down_models: Vec<String>,
+    /// Models that refuse every request with 400 `context_length_exceeded`.
+    #[arg(long = "reject-model")]
+    pub reject_models: Vec<String>,
+    /// If set, requests must carry `Authorization: Bearer <api_key>` or get 401.
+    #[arg(long)]
+    pub api_key: Option<String>,
+    /// Keep a log of every request (time, item, model, status) at `GET /log`.
+    #[arg(long)]
+    pub log_requests: bool,
     /// Seed of the fault draws.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -73,13 +88,7 @@ pub struct SimConfig {
 
 impl SimConfig {
     fn any_fault(&self) -> bool {
-        self.error_500
-            + self.error_503
-            + self.error_429
-            + self.hang
-            + self.malformed
-            + self.bad_output
-            > 0.0
+        self.error_500 + self.error_503 + self.error_429 + self.hang + self.malformed + self.bad_output > 0.0
     }
 }
 
@@ -91,9 +100,8 @@ type Limiter = RateLimiter<NotKeyed, InMemoryState, DefaultClock, StateInformati
 fn limiter(per_minute: u32) -> Option<Limiter> {
     let per_minute = NonZeroU32::new(per_minute)?;
     let burst = NonZeroU32::new((per_minute.get() / 60).max(1)).expect("at least 1");
-    let quota = Quota::with_period(Duration::from_secs(60) / per_minute.get())
-        .expect("positive period")
-        .allow_burst(burst);
+    let quota =
+        Quota::with_period(Duration::from_secs(60) / per_minute.get()).expect("positive period").allow_burst(burst);
     Some(RateLimiter::direct(quota).with_middleware::<StateInformationMiddleware>())
 }
 
@@ -110,6 +118,28 @@ struct Counters {
     bad_output: AtomicU64,
     tokens_in: AtomicU64,
     tokens_out: AtomicU64,
+}
+
+/// One logged request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogEntry {
+    /// Milliseconds since the simulator started.
+    pub t_ms: u64,
+    /// Wall-clock milliseconds since the epoch, to compare with other processes' clocks.
+    pub wall_ms: u64,
+    /// The document the request is about (hash of the first user message),
+    /// the same for every attempt at one item.
+    pub item: u64,
+    pub model: String,
+    pub status: u16,
+}
+
+/// Requests counted in one second of the simulator's life.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Second {
+    pub requests: u32,
+    pub ok: u32,
+    pub status_429: u32,
 }
 
 /// A snapshot of the counters.
@@ -142,6 +172,9 @@ pub struct Sim {
     counters: Counters,
     /// How often each distinct request was seen, so faults can differ between attempts.
     attempts: Mutex<HashMap<u64, u32>>,
+    /// Counts per second since start, for rate-limit benchmarks.
+    timeline: Mutex<Vec<Second>>,
+    log: Mutex<Vec<LogEntry>>,
     started: Instant,
 }
 
@@ -158,6 +191,8 @@ impl Sim {
             limits: RwLock::new(limits),
             counters: Counters::default(),
             attempts: Mutex::new(HashMap::new()),
+            timeline: Mutex::new(Vec::new()),
+            log: Mutex::new(Vec::new()),
             started: Instant::now(),
         })
     }
@@ -170,6 +205,43 @@ impl Sim {
             tpm: config.tpm,
         });
         *self.config.write().expect("config lock") = config;
+    }
+
+    /// Requests per second since start.
+    pub fn timeline(&self) -> Vec<Second> {
+        self.timeline.lock().expect("timeline lock").clone()
+    }
+
+    /// Every request seen while `log_requests` was on.
+    pub fn log(&self) -> Vec<LogEntry> {
+        self.log.lock().expect("log lock").clone()
+    }
+
+    /// Counts a finished request in the timeline and, if enabled, the log.
+    fn record(&self, status: StatusCode, item: u64, model: &str, log: bool) {
+        let t = self.started.elapsed();
+        {
+            let mut tl = self.timeline.lock().expect("timeline lock");
+            let sec = t.as_secs() as usize;
+            if tl.len() <= sec {
+                tl.resize(sec + 1, Second::default());
+            }
+            let s = &mut tl[sec];
+            s.requests += 1;
+            s.ok += (status == StatusCode::OK) as u32;
+            s.status_429 += (status == StatusCode::TOO_MANY_REQUESTS) as u32;
+        }
+        if log {
+            self.log.lock().expect("log lock").push(LogEntry {
+                t_ms: t.as_millis() as u64,
+                wall_ms: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64),
+                item,
+                model: model.to_string(),
+                status: status.as_u16(),
+            });
+        }
     }
 
     pub fn stats(&self) -> Stats {
@@ -195,10 +267,7 @@ pub fn router(sim: Arc<Sim>) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat))
         .route("/v1/models", get(models))
-        .route(
-            "/stats",
-            get(|State(s): State<Arc<Sim>>| async move { Json(s.stats()) }),
-        )
+        .route("/stats", get(|State(s): State<Arc<Sim>>| async move { Json(s.stats()) }))
         .route("/admin/config", get(get_config).post(set_config))
         .with_state(sim)
 }
@@ -209,9 +278,7 @@ pub async fn serve(
     sim: Arc<Sim>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(sim))
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
+    axum::serve(listener, router(sim)).with_graceful_shutdown(async move { shutdown.cancelled().await }).await
 }
 
 async fn models() -> Json<Value> {
@@ -242,23 +309,12 @@ fn unit(h: u64) -> f64 {
 }
 
 fn error(status: StatusCode, kind: &str, message: &str) -> Response {
-    (
-        status,
-        Json(json!({"error": {"message": message, "type": kind}})),
-    )
-        .into_response()
+    (status, Json(json!({"error": {"message": message, "type": kind}}))).into_response()
 }
 
 fn with_retry_after(mut resp: Response, secs: f64) -> Response {
-    let value = if secs.fract() == 0.0 {
-        format!("{}", secs as u64)
-    } else {
-        format!("{secs:.3}")
-    };
-    resp.headers_mut().insert(
-        "retry-after",
-        HeaderValue::from_str(&value).expect("number"),
-    );
+    let value = if secs.fract() == 0.0 { format!("{}", secs as u64) } else { format!("{secs:.3}") };
+    resp.headers_mut().insert("retry-after", HeaderValue::from_str(&value).expect("number"));
     resp
 }
 
@@ -266,37 +322,36 @@ fn approx_tokens(chars: usize) -> u32 {
     (chars / 4 + 1) as u32
 }
 
-async fn chat(State(sim): State<Arc<Sim>>, body: Bytes) -> Response {
-    let c = &sim.counters;
-    c.requests.fetch_add(1, Ordering::Relaxed);
+async fn chat(State(sim): State<Arc<Sim>>, headers: HeaderMap, body: Bytes) -> Response {
+    sim.counters.requests.fetch_add(1, Ordering::Relaxed);
     let config = sim.config.read().expect("config lock").clone();
     let request: Value = match serde_json::from_slice(&body) {
         Ok(v) => v,
-        Err(e) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "invalid_request_error",
-                &format!("body is not JSON: {e}"),
-            )
+        Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_request_error", &format!("body is not JSON: {e}")),
+    };
+    let item = request["messages"]
+        .as_array()
+        .and_then(|m| m.iter().find(|m| m["role"] == "user"))
+        .map_or(0, |m| hash_of(m["content"].as_str().unwrap_or("")));
+    let model = request["model"].as_str().unwrap_or("sim-small").to_string();
+    let response = answer(&sim, &config, &headers, &request, &body).await;
+    sim.record(response.status(), item, &model, config.log_requests);
+    response
+}
+
+async fn answer(sim: &Sim, config: &SimConfig, auth: &HeaderMap, request: &Value, body: &[u8]) -> Response {
+    let c = &sim.counters;
+    if let Some(key) = &config.api_key {
+        let expected = format!("Bearer {key}");
+        if auth.get("authorization").and_then(|v| v.to_str().ok()) != Some(expected.as_str()) {
+            return error(StatusCode::UNAUTHORIZED, "invalid_api_key", "Incorrect API key provided");
         }
-    };
+    }
     let Some(messages) = request["messages"].as_array() else {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "invalid_request_error",
-            "missing messages",
-        );
+        return error(StatusCode::BAD_REQUEST, "invalid_request_error", "missing messages");
     };
-    let prompt_chars: usize = messages
-        .iter()
-        .map(|m| m["content"].as_str().map_or(0, str::len))
-        .sum();
-    let text = messages
-        .iter()
-        .rev()
-        .find(|m| m["role"] == "user")
-        .and_then(|m| m["content"].as_str())
-        .unwrap_or("");
+    let prompt_chars: usize = messages.iter().map(|m| m["content"].as_str().map_or(0, str::len)).sum();
+    let text = messages.iter().rev().find(|m| m["role"] == "user").and_then(|m| m["content"].as_str()).unwrap_or("");
     let tokens_in = approx_tokens(prompt_chars);
     let max_tokens = request["max_tokens"].as_u64().unwrap_or(256) as u32;
 
@@ -307,28 +362,18 @@ async fn chat(State(sim): State<Arc<Sim>>, body: Bytes) -> Response {
         match l.check() {
             Ok(snap) => {
                 headers.insert("x-ratelimit-limit-requests", limits.rpm.into());
-                headers.insert(
-                    "x-ratelimit-remaining-requests",
-                    snap.remaining_burst_capacity().into(),
-                );
+                headers.insert("x-ratelimit-remaining-requests", snap.remaining_burst_capacity().into());
             }
             Err(not_until) => {
-                let wait =
-                    not_until.wait_time_from(governor::clock::Clock::now(&DefaultClock::default()));
+                let wait = not_until.wait_time_from(governor::clock::Clock::now(&DefaultClock::default()));
                 c.status_429.fetch_add(1, Ordering::Relaxed);
-                let mut resp = error(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "rate_limit_exceeded",
-                    "Rate limit reached for requests",
-                );
-                resp.headers_mut()
-                    .insert("x-ratelimit-limit-requests", limits.rpm.into());
-                resp.headers_mut()
-                    .insert("x-ratelimit-remaining-requests", 0u32.into());
+                let mut resp =
+                    error(StatusCode::TOO_MANY_REQUESTS, "rate_limit_exceeded", "Rate limit reached for requests");
+                resp.headers_mut().insert("x-ratelimit-limit-requests", limits.rpm.into());
+                resp.headers_mut().insert("x-ratelimit-remaining-requests", 0u32.into());
                 resp.headers_mut().insert(
                     "x-ratelimit-reset-requests",
-                    HeaderValue::from_str(&format!("{}ms", wait.as_millis().max(1)))
-                        .expect("ascii"),
+                    HeaderValue::from_str(&format!("{}ms", wait.as_millis().max(1))).expect("ascii"),
                 );
                 return with_retry_after(resp, (wait.as_secs_f64() * 1000.0).ceil() / 1000.0);
             }
@@ -339,24 +384,15 @@ async fn chat(State(sim): State<Arc<Sim>>, body: Bytes) -> Response {
         match l.check_n(cost) {
             Ok(Ok(snap)) => {
                 headers.insert("x-ratelimit-limit-tokens", limits.tpm.into());
-                headers.insert(
-                    "x-ratelimit-remaining-tokens",
-                    snap.remaining_burst_capacity().into(),
-                );
+                headers.insert("x-ratelimit-remaining-tokens", snap.remaining_burst_capacity().into());
             }
             Ok(Err(not_until)) => {
-                let wait =
-                    not_until.wait_time_from(governor::clock::Clock::now(&DefaultClock::default()));
+                let wait = not_until.wait_time_from(governor::clock::Clock::now(&DefaultClock::default()));
                 c.status_429.fetch_add(1, Ordering::Relaxed);
-                let mut resp = error(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "rate_limit_exceeded",
-                    "Rate limit reached for tokens",
-                );
-                resp.headers_mut()
-                    .insert("x-ratelimit-limit-tokens", limits.tpm.into());
-                resp.headers_mut()
-                    .insert("x-ratelimit-remaining-tokens", 0u32.into());
+                let mut resp =
+                    error(StatusCode::TOO_MANY_REQUESTS, "rate_limit_exceeded", "Rate limit reached for tokens");
+                resp.headers_mut().insert("x-ratelimit-limit-tokens", limits.tpm.into());
+                resp.headers_mut().insert("x-ratelimit-remaining-tokens", 0u32.into());
                 return with_retry_after(resp, (wait.as_secs_f64() * 1000.0).ceil() / 1000.0);
             }
             Err(_) => {
@@ -369,7 +405,19 @@ async fn chat(State(sim): State<Arc<Sim>>, body: Bytes) -> Response {
         }
     }
 
-    let request_hash = hash_of(&body[..]);
+    let model = request["model"].as_str().unwrap_or("sim-small");
+    if config.down_models.iter().any(|m| m == model) {
+        c.status_503.fetch_add(1, Ordering::Relaxed);
+        return error(StatusCode::SERVICE_UNAVAILABLE, "server_error", "the model is down");
+    }
+    if config.reject_models.iter().any(|m| m == model) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "context_length_exceeded",
+            "This model's maximum context length is exceeded",
+        );
+    }
+    let request_hash = hash_of(body);
     let attempt = if config.any_fault() {
         let mut seen = sim.attempts.lock().expect("attempts lock");
         let n = seen.entry(request_hash).or_insert(0);
@@ -405,6 +453,8 @@ async fn chat(State(sim): State<Arc<Sim>>, body: Bytes) -> Response {
         Some("malformed")
     } else if hit(config.bad_output) {
         Some("bad_output")
+    } else if hit(config.quota) {
+        Some("quota")
     } else {
         None
     };
@@ -414,46 +464,34 @@ async fn chat(State(sim): State<Arc<Sim>>, body: Bytes) -> Response {
     match fault {
         Some("500") => {
             c.status_500.fetch_add(1, Ordering::Relaxed);
-            return error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "server_error",
-                "simulated internal error",
-            );
+            return error(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "simulated internal error");
         }
         Some("503") => {
             c.status_503.fetch_add(1, Ordering::Relaxed);
-            let resp = error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "server_error",
-                "simulated overload",
-            );
+            let resp = error(StatusCode::SERVICE_UNAVAILABLE, "server_error", "simulated overload");
             return with_retry_after(resp, config.retry_after_s);
         }
         Some("429") => {
             c.status_429.fetch_add(1, Ordering::Relaxed);
-            let resp = error(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limit_exceeded",
-                "simulated rate limit",
-            );
+            let resp = error(StatusCode::TOO_MANY_REQUESTS, "rate_limit_exceeded", "simulated rate limit");
             return with_retry_after(resp, config.retry_after_s);
         }
         Some("hang") => {
             c.hangs.fetch_add(1, Ordering::Relaxed);
             tokio::time::sleep(Duration::from_millis(config.hang_ms)).await;
-            return error(
-                StatusCode::GATEWAY_TIMEOUT,
-                "timeout",
-                "simulated hang ended",
-            );
+            return error(StatusCode::GATEWAY_TIMEOUT, "timeout", "simulated hang ended");
+        }
+        Some("quota") => {
+            c.status_429.fetch_add(1, Ordering::Relaxed);
+            return (
+                StatusCode::TOO_MANY_REQUESTS,
+                Json(json!({"error": {"message": "You exceeded your current quota", "type": "insufficient_quota", "code": "insufficient_quota"}})),
+            )
+                .into_response();
         }
         Some("malformed") => {
             c.malformed.fetch_add(1, Ordering::Relaxed);
-            return (
-                StatusCode::OK,
-                [("content-type", "application/json")],
-                "{\"choices\": [{\"message\": ",
-            )
+            return (StatusCode::OK, [("content-type", "application/json")], "{\"choices\": [{\"message\": ")
                 .into_response();
         }
         _ => {}
@@ -479,7 +517,6 @@ async fn chat(State(sim): State<Arc<Sim>>, body: Bytes) -> Response {
     } else {
         Value::Null
     };
-    let model = request["model"].as_str().unwrap_or("sim-small");
     let body = json!({
         "id": format!("chatcmpl-sim-{request_hash:016x}"),
         "object": "chat.completion",
@@ -498,9 +535,7 @@ async fn chat(State(sim): State<Arc<Sim>>, body: Bytes) -> Response {
 
 /// The document part of a prompt: what follows the last "Document:" marker, or all of it.
 fn document(text: &str) -> &str {
-    text.rsplit_once("Document:")
-        .map_or(text, |(_, d)| d)
-        .trim()
+    text.rsplit_once("Document:").map_or(text, |(_, d)| d).trim()
 }
 
 /// The first words of the document, at most `max` characters.
@@ -525,10 +560,7 @@ fn summary(text: &str, max: usize) -> String {
 /// probability the simulated model gives its choices.
 fn fill(schema: &Value, text: &str, p: &mut f64) -> Value {
     if let Some(options) = schema["enum"].as_array() {
-        let labels: Vec<String> = options
-            .iter()
-            .filter_map(|o| o.as_str().map(String::from))
-            .collect();
+        let labels: Vec<String> = options.iter().filter_map(|o| o.as_str().map(String::from)).collect();
         if let Some((label, prob)) = common::sample::best_label(document(text), &labels) {
             *p *= prob;
             return Value::String(label.to_string());
@@ -563,7 +595,8 @@ mod tests {
 
     #[test]
     fn fills_enums_with_the_known_label() {
-        let schema = json!({"type": "object", "properties": {"label": {"type": "string", "enum": common::sample::labels()}}});
+        let schema =
+            json!({"type": "object", "properties": {"label": {"type": "string", "enum": common::sample::labels()}}});
         for i in 0..200 {
             let doc = common::sample::document(9, i);
             let prompt = format!("Classify.\n\nDocument:\n{}", doc["text"].as_str().unwrap());
@@ -578,20 +611,14 @@ mod tests {
     fn summaries_respect_max_length() {
         let schema = json!({"type": "string", "maxLength": 20});
         let mut p = 1.0;
-        let v = fill(
-            &schema,
-            "Document: one two three four five six seven eight",
-            &mut p,
-        );
+        let v = fill(&schema, "Document: one two three four five six seven eight", &mut p);
         assert!(v.as_str().unwrap().len() <= 20, "{v}");
         assert_eq!(v, "one two three four");
     }
 
     #[test]
     fn draws_are_uniformish_and_deterministic() {
-        let draws: Vec<f64> = (0..10_000u64)
-            .map(|i| unit(hash_of((1u64, i, 1u32))))
-            .collect();
+        let draws: Vec<f64> = (0..10_000u64).map(|i| unit(hash_of((1u64, i, 1u32)))).collect();
         assert!(draws.iter().all(|d| (0.0..1.0).contains(d)));
         let below = draws.iter().filter(|d| **d < 0.3).count();
         assert!((2_700..3_300).contains(&below), "{below}");

@@ -7,16 +7,14 @@ use sluice_tests::sim::SimConfig;
 use sqlx::Row;
 
 async fn outcome(stack: &Stack, job: uuid::Uuid) -> Vec<(String, Option<String>, i64)> {
-    sqlx::query(
-        "SELECT state, error_class, count(*) AS n FROM results WHERE job_id = $1 GROUP BY 1, 2 ORDER BY 1, 2",
-    )
-    .bind(job)
-    .fetch_all(&stack.db.pool)
-    .await
-    .unwrap()
-    .iter()
-    .map(|r| (r.get("state"), r.get("error_class"), r.get("n")))
-    .collect()
+    sqlx::query("SELECT state, error_class, count(*) AS n FROM results WHERE job_id = $1 GROUP BY 1, 2 ORDER BY 1, 2")
+        .bind(job)
+        .fetch_all(&stack.db.pool)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get("state"), r.get("error_class"), r.get("n")))
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -30,60 +28,38 @@ async fn transient_server_errors_are_retried_until_every_item_succeeds() {
         ..Default::default()
     };
     let mut stack = Stack::start(sim, |_| {}).await.unwrap();
-    stack.add_worker(|c| c.max_attempts = 8);
-    let report = stack
-        .submit("classify", sample_jsonl(8, 300), false)
-        .await
-        .unwrap();
-    stack
-        .wait_completed(report.job_id, Duration::from_secs(120))
-        .await
-        .unwrap();
-    assert_eq!(
-        outcome(&stack, report.job_id).await,
-        [("succeeded".to_string(), None, 300)]
-    );
+    stack.add_worker(|c| {
+        c.max_attempts = 8;
+        // This test is about per-item retries: keep the breaker out of it.
+        c.breaker_threshold = 1_000;
+    });
+    let report = stack.submit("classify", sample_jsonl(8, 300), false).await.unwrap();
+    stack.wait_completed(report.job_id, Duration::from_secs(120)).await.unwrap();
+    assert_eq!(outcome(&stack, report.job_id).await, [("succeeded".to_string(), None, 300)]);
     let stats = stack.sim.sim.stats();
-    assert!(
-        stats.status_500 > 0 && stats.status_503 > 0 && stats.malformed > 0,
-        "{stats:?}"
-    );
+    assert!(stats.status_500 > 0 && stats.status_503 > 0 && stats.malformed > 0, "{stats:?}");
     // Retried items record their attempts; the total matches the simulator's count.
-    let attempts: i64 =
-        sqlx::query_scalar("SELECT sum(attempts)::bigint FROM results WHERE job_id = $1")
-            .bind(report.job_id)
-            .fetch_one(&stack.db.pool)
-            .await
-            .unwrap();
+    let attempts: i64 = sqlx::query_scalar("SELECT sum(attempts)::bigint FROM results WHERE job_id = $1")
+        .bind(report.job_id)
+        .fetch_one(&stack.db.pool)
+        .await
+        .unwrap();
     assert_eq!(attempts as u64, stats.requests);
     assert!(attempts > 300);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn output_that_violates_the_schema_fails_the_item_after_bounded_attempts() {
-    let sim = SimConfig {
-        bad_output: 1.0,
-        ..Default::default()
-    };
+    let sim = SimConfig { bad_output: 1.0, ..Default::default() };
     let mut stack = Stack::start(sim, |_| {}).await.unwrap();
-    stack.add_worker(|c| c.max_attempts = 3);
-    let report = stack
-        .submit("classify", sample_jsonl(8, 50), false)
-        .await
-        .unwrap();
-    stack
-        .wait_completed(report.job_id, Duration::from_secs(60))
-        .await
-        .unwrap();
+    stack.add_worker(|c| c.max_repairs = 2);
+    let report = stack.submit("classify", sample_jsonl(8, 50), false).await.unwrap();
+    stack.wait_completed(report.job_id, Duration::from_secs(60)).await.unwrap();
     assert_eq!(
         outcome(&stack, report.job_id).await,
-        [("failed".to_string(), Some("bad_output".to_string()), 50)]
+        [("failed".to_string(), Some("failed_validation".to_string()), 50)]
     );
-    assert_eq!(
-        stack.sim.sim.stats().requests,
-        150,
-        "three attempts per item, no more"
-    );
+    assert_eq!(stack.sim.sim.stats().requests, 150, "one call and two re-asks per item, no more");
     let error: String = sqlx::query_scalar("SELECT error FROM results WHERE job_id = $1 LIMIT 1")
         .bind(report.job_id)
         .fetch_one(&stack.db.pool)
@@ -94,29 +70,15 @@ async fn output_that_violates_the_schema_fails_the_item_after_bounded_attempts()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hanging_calls_time_out_and_are_retried() {
-    let sim = SimConfig {
-        hang: 0.2,
-        hang_ms: 60_000,
-        seed: 1,
-        ..Default::default()
-    };
+    let sim = SimConfig { hang: 0.2, hang_ms: 60_000, seed: 1, ..Default::default() };
     let mut stack = Stack::start(sim, |_| {}).await.unwrap();
     stack.add_worker(|c| {
         c.request_timeout_ms = 300;
         c.max_attempts = 10;
     });
-    let report = stack
-        .submit("classify", sample_jsonl(8, 100), false)
-        .await
-        .unwrap();
-    stack
-        .wait_completed(report.job_id, Duration::from_secs(120))
-        .await
-        .unwrap();
-    assert_eq!(
-        outcome(&stack, report.job_id).await,
-        [("succeeded".to_string(), None, 100)]
-    );
+    let report = stack.submit("classify", sample_jsonl(8, 100), false).await.unwrap();
+    stack.wait_completed(report.job_id, Duration::from_secs(120)).await.unwrap();
+    assert_eq!(outcome(&stack, report.job_id).await, [("succeeded".to_string(), None, 100)]);
     assert!(stack.sim.sim.stats().hangs > 0);
 }
 
@@ -126,41 +88,19 @@ async fn a_refused_request_is_not_retried() {
     stack.add_worker(|_| {});
     // The simulator answers 400 to a request that alone exceeds its
     // tokens-per-minute limit, as providers do: retrying cannot help.
-    stack.sim.sim.set_config(SimConfig {
-        tpm: 10,
-        ..Default::default()
-    });
-    let report = stack
-        .submit("classify", sample_jsonl(8, 20), false)
-        .await
-        .unwrap();
-    stack
-        .wait_completed(report.job_id, Duration::from_secs(60))
-        .await
-        .unwrap();
-    assert_eq!(
-        outcome(&stack, report.job_id).await,
-        [(
-            "failed".to_string(),
-            Some("invalid_request".to_string()),
-            20
-        )]
-    );
+    stack.sim.sim.set_config(SimConfig { tpm: 10, ..Default::default() });
+    let report = stack.submit("classify", sample_jsonl(8, 20), false).await.unwrap();
+    stack.wait_completed(report.job_id, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(outcome(&stack, report.job_id).await, [("failed".to_string(), Some("invalid_request".to_string()), 20)]);
     assert_eq!(stack.sim.sim.stats().requests, 20, "one attempt per item");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancelled_job_stops_and_keeps_its_results() {
-    let sim = SimConfig {
-        latency_ms: 50,
-        ..Default::default()
-    };
+    let sim = SimConfig { latency_ms: 50, ..Default::default() };
     let mut stack = Stack::start(sim, |_| {}).await.unwrap();
     stack.add_worker(|c| c.concurrency = 4);
-    let report = stack
-        .submit("classify", sample_jsonl(8, 2_000), false)
-        .await
-        .unwrap();
+    let report = stack.submit("classify", sample_jsonl(8, 2_000), false).await.unwrap();
     sluice_tests::fixtures::wait_for("some results", Duration::from_secs(60), || async {
         Ok(stack.client.status(report.job_id).await?.succeeded > 0)
     })
@@ -171,22 +111,12 @@ async fn a_cancelled_job_stops_and_keeps_its_results() {
     // Chunks in hand finish; no new chunk starts. Wait until the stream is drained.
     sluice_tests::fixtures::wait_for("the stream to drain", Duration::from_secs(60), || async {
         let js = async_nats::jetstream::new(async_nats::connect(stack.nats.url()).await?);
-        Ok(js
-            .get_stream(common::wire::STREAM)
-            .await?
-            .info()
-            .await?
-            .state
-            .messages
-            == 0)
+        Ok(js.get_stream(common::wire::STREAM).await?.info().await?.state.messages == 0)
     })
     .await
     .unwrap();
     let st = stack.client.status(report.job_id).await.unwrap();
     assert_eq!(st.state, "cancelled");
     assert!(st.succeeded > 0 && st.succeeded < 2_000, "{st:?}");
-    assert!(
-        stack.client.cancel(report.job_id).await.is_err(),
-        "cancelling twice is refused"
-    );
+    assert!(stack.client.cancel(report.job_id).await.is_err(), "cancelling twice is refused");
 }

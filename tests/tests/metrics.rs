@@ -4,9 +4,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use sluice_tests::fixtures::SimServer;
-use sluice_tests::fixtures::{
-    free_port, sample_jsonl, wait_for, workspace_bin, NatsServer, TestDb, WorkerProcess,
-};
+use sluice_tests::fixtures::{free_port, sample_jsonl, wait_for, workspace_bin, NatsServer, TestDb, WorkerProcess};
 use sluice_tests::sim::SimConfig;
 
 struct Killed(std::process::Child);
@@ -18,12 +16,7 @@ impl Drop for Killed {
 }
 
 async fn metrics(port: u16) -> String {
-    reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
+    reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await.unwrap().text().await.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -49,58 +42,27 @@ async fn coordinator_and_worker_processes_export_metrics() {
             .unwrap(),
     );
     let client = coordinator::client::Client::new(&format!("http://127.0.0.1:{api}"));
-    wait_for("the coordinator API", Duration::from_secs(30), || async {
-        Ok(client.jobs(1).await.is_ok())
-    })
-    .await
-    .unwrap();
+    wait_for("the coordinator API", Duration::from_secs(30), || async { Ok(client.jobs(1).await.is_ok()) })
+        .await
+        .unwrap();
     let config = worker::WorkerConfig::for_urls(&db.url, nats.url(), &sim.base_url());
     let addr = format!("127.0.0.1:{worker_metrics}");
-    let _worker =
-        WorkerProcess::spawn_with(&config, "metrics-worker", &[("SLUICE_METRICS_ADDR", &addr)])
-            .unwrap();
+    let _worker = WorkerProcess::spawn_with(&config, "metrics-worker", &[("SLUICE_METRICS_ADDR", &addr)]).unwrap();
 
-    let kind =
-        common::spec::JobKind::load(&sluice_tests::fixtures::jobs_dir().join("classify")).unwrap();
-    let job = client
-        .create_job(&coordinator::model::NewJob {
-            kind,
-            input_name: None,
-        })
-        .await
-        .unwrap();
+    let kind = common::spec::JobKind::load(&sluice_tests::fixtures::jobs_dir().join("classify")).unwrap();
+    let job = client.create_job(&coordinator::model::NewJob { kind, input_name: None }).await.unwrap();
     let input = vec![Ok(bytes::Bytes::from(sample_jsonl(6, 120)))];
-    client
-        .upload(job, futures::stream::iter(input), false)
+    client.upload(job, futures::stream::iter(input), false).await.unwrap();
+    wait_for("completion", Duration::from_secs(60), || async { Ok(client.status(job).await?.state == "completed") })
         .await
         .unwrap();
-    wait_for("completion", Duration::from_secs(60), || async {
-        Ok(client.status(job).await?.state == "completed")
-    })
-    .await
-    .unwrap();
 
     let w = metrics(worker_metrics).await;
-    assert!(
-        w.contains("sluice_items_total{outcome=\"succeeded\"} 120"),
-        "{w}"
-    );
-    assert!(
-        w.contains("sluice_model_calls_total{model=\"sim-small\",outcome=\"ok\"} 120"),
-        "{w}"
-    );
-    assert!(
-        w.contains("sluice_model_call_duration_seconds_bucket{model=\"sim-small\",outcome=\"ok\""),
-        "{w}"
-    );
-    assert!(
-        w.contains("sluice_tokens_total{model=\"sim-small\",direction=\"out\"}"),
-        "{w}"
-    );
+    assert!(w.contains("sluice_items_total{outcome=\"succeeded\"} 120"), "{w}");
+    assert!(w.contains("sluice_model_calls_total{model=\"sim-small\",outcome=\"ok\"} 120"), "{w}");
+    assert!(w.contains("sluice_model_call_duration_seconds_bucket{model=\"sim-small\",outcome=\"ok\""), "{w}");
+    assert!(w.contains("sluice_tokens_total{model=\"sim-small\",direction=\"out\"}"), "{w}");
     let c = metrics(coord_metrics).await;
     assert!(c.contains("sluice_items_ingested_total 120"), "{c}");
-    assert!(
-        c.contains("sluice_chunks_published_total{cause=\"submit\"} 2"),
-        "{c}"
-    );
+    assert!(c.contains("sluice_chunks_published_total{cause=\"publish\"} 2"), "{c}");
 }

@@ -32,10 +32,7 @@ fn expected_labels(seed: u64, count: u64) -> HashMap<String, String> {
     (0..count)
         .map(|i| {
             let d = common::sample::document(seed, i);
-            (
-                d["id"].as_str().unwrap().to_string(),
-                d["expected"].as_str().unwrap().to_string(),
-            )
+            (d["id"].as_str().unwrap().to_string(), d["expected"].as_str().unwrap().to_string())
         })
         .collect()
 }
@@ -45,25 +42,12 @@ async fn two_workers_classify_2000_documents_exactly_once_and_correctly() {
     let mut stack = Stack::start(SimConfig::default(), |_| {}).await.unwrap();
     stack.add_worker(|_| {});
     stack.add_worker(|_| {});
-    let report = stack
-        .submit("classify", sample_jsonl(11, 2_000), false)
-        .await
-        .unwrap();
-    assert_eq!(
-        (report.items, report.chunks, report.invalid_lines),
-        (2_000, 20, 0)
-    );
-    stack
-        .wait_completed(report.job_id, Duration::from_secs(120))
-        .await
-        .unwrap();
+    let report = stack.submit("classify", sample_jsonl(11, 2_000), false).await.unwrap();
+    assert_eq!((report.items, report.chunks, report.invalid_lines), (2_000, 20, 0));
+    stack.wait_completed(report.job_id, Duration::from_secs(120)).await.unwrap();
 
     let got = results(&stack, report.job_id).await;
-    assert_eq!(
-        result_rows(&stack, report.job_id).await,
-        2_000,
-        "one row per item"
-    );
+    assert_eq!(result_rows(&stack, report.job_id).await, 2_000, "one row per item");
     let expected = expected_labels(11, 2_000);
     assert_eq!(got.len(), expected.len());
     for (id, label) in &expected {
@@ -72,65 +56,45 @@ async fn two_workers_classify_2000_documents_exactly_once_and_correctly() {
         assert_eq!(answer.as_deref(), Some(label.as_str()), "{id}");
     }
     // Both workers took part: the work was really shared.
-    let workers: i64 =
-        sqlx::query_scalar("SELECT count(DISTINCT worker) FROM results WHERE job_id = $1")
-            .bind(report.job_id)
-            .fetch_one(&stack.db.pool)
-            .await
-            .unwrap();
+    let workers: i64 = sqlx::query_scalar("SELECT count(DISTINCT worker) FROM results WHERE job_id = $1")
+        .bind(report.job_id)
+        .fetch_one(&stack.db.pool)
+        .await
+        .unwrap();
     assert_eq!(workers, 2);
     let status = stack.client.status(report.job_id).await.unwrap();
-    assert_eq!(
-        (status.succeeded, status.failed, status.pending),
-        (2_000, 0, 0)
-    );
+    assert_eq!((status.succeeded, status.failed, status.pending), (2_000, 0, 0));
     // The simulator saw one call per item: no item was called twice.
     assert_eq!(stack.sim.sim.stats().requests, 2_000);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_killed_with_sigkill_mid_job_loses_nothing() {
-    let sim = SimConfig {
-        latency_ms: 20,
-        ..Default::default()
-    };
+    let sim = SimConfig { latency_ms: 20, ..Default::default() };
     let stack = Stack::start(sim, |_| {}).await.unwrap();
     let mut config = stack.worker_config();
     config.concurrency = 16;
     config.ack_wait_s = 3;
     let mut victim = WorkerProcess::spawn(&config, "victim").unwrap();
-    let report = stack
-        .submit("classify", sample_jsonl(5, 1_500), false)
-        .await
-        .unwrap();
+    let report = stack.submit("classify", sample_jsonl(5, 1_500), false).await.unwrap();
     let job = report.job_id;
 
     // Kill the worker once it has written some results, mid-job.
-    wait_for("first results", Duration::from_secs(60), || async {
-        Ok(result_rows(&stack, job).await >= 200)
-    })
-    .await
-    .unwrap();
-    victim.kill9();
-    let at_kill = result_rows(&stack, job).await;
-    assert!(
-        at_kill < 1_500,
-        "the job must still be running when the worker dies"
-    );
-
-    let survivor = WorkerProcess::spawn(&config, "survivor").unwrap();
-    stack
-        .wait_completed(job, Duration::from_secs(120))
+    wait_for("first results", Duration::from_secs(60), || async { Ok(result_rows(&stack, job).await >= 200) })
         .await
         .unwrap();
+    victim.kill9();
+    let at_kill = result_rows(&stack, job).await;
+    assert!(at_kill < 1_500, "the job must still be running when the worker dies");
+
+    let survivor = WorkerProcess::spawn(&config, "survivor").unwrap();
+    stack.wait_completed(job, Duration::from_secs(120)).await.unwrap();
     drop(survivor);
 
     assert_eq!(result_rows(&stack, job).await, 1_500);
     let expected = expected_labels(5, 1_500);
     let got = results(&stack, job).await;
-    assert!(expected
-        .iter()
-        .all(|(id, l)| got[id].1.as_deref() == Some(l.as_str())));
+    assert!(expected.iter().all(|(id, l)| got[id].1.as_deref() == Some(l.as_str())));
     let by_worker: Vec<(String, i64)> =
         sqlx::query("SELECT worker, count(*) AS n FROM results WHERE job_id = $1 GROUP BY worker ORDER BY worker")
             .bind(job)
@@ -140,11 +104,7 @@ async fn a_worker_killed_with_sigkill_mid_job_loses_nothing() {
             .iter()
             .map(|r| (r.get("worker"), r.get("n")))
             .collect();
-    assert_eq!(
-        by_worker.len(),
-        2,
-        "both workers wrote results: {by_worker:?}"
-    );
+    assert_eq!(by_worker.len(), 2, "both workers wrote results: {by_worker:?}");
     // Every item was called at least once, and whatever the victim had in
     // flight was redone, yet there is exactly one row per item.
     assert!(stack.sim.sim.stats().requests >= 1_500);
@@ -153,10 +113,7 @@ async fn a_worker_killed_with_sigkill_mid_job_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chunks_lost_by_jetstream_are_republished_by_the_reconciler() {
     let mut stack = Stack::start(SimConfig::default(), |_| {}).await.unwrap();
-    let report = stack
-        .submit("classify", sample_jsonl(3, 500), false)
-        .await
-        .unwrap();
+    let report = stack.submit("classify", sample_jsonl(3, 500), false).await.unwrap();
     // Lose every message of the job before any worker sees it.
     let js = async_nats::jetstream::new(async_nats::connect(stack.nats.url()).await.unwrap());
     let mut stream = js.get_stream(common::wire::STREAM).await.unwrap();
@@ -164,45 +121,28 @@ async fn chunks_lost_by_jetstream_are_republished_by_the_reconciler() {
     assert_eq!(stream.info().await.unwrap().state.messages, 0);
 
     stack.add_worker(|_| {});
-    stack
-        .wait_completed(report.job_id, Duration::from_secs(60))
+    stack.wait_completed(report.job_id, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(result_rows(&stack, report.job_id).await, 500);
+    let republished: i64 = sqlx::query_scalar("SELECT count(*) FROM chunks WHERE job_id = $1 AND generation > 0")
+        .bind(report.job_id)
+        .fetch_one(&stack.db.pool)
         .await
         .unwrap();
-    assert_eq!(result_rows(&stack, report.job_id).await, 500);
-    let republished: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM chunks WHERE job_id = $1 AND generation > 0")
-            .bind(report.job_id)
-            .fetch_one(&stack.db.pool)
-            .await
-            .unwrap();
     assert_eq!(republished, 5, "every lost chunk was republished once");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_duplicate_chunk_message_costs_no_second_model_call() {
-    let mut stack = Stack::start(SimConfig::default(), |c| c.reconcile_interval_ms = 0)
-        .await
-        .unwrap();
-    let report = stack
-        .submit("classify", sample_jsonl(4, 100), false)
-        .await
-        .unwrap();
+    let mut stack = Stack::start(SimConfig::default(), |c| c.reconcile_interval_ms = 0).await.unwrap();
+    let report = stack.submit("classify", sample_jsonl(4, 100), false).await.unwrap();
     stack.add_worker(|_| {});
-    stack
-        .wait_completed(report.job_id, Duration::from_secs(60))
-        .await
-        .unwrap();
+    stack.wait_completed(report.job_id, Duration::from_secs(60)).await.unwrap();
     assert_eq!(stack.sim.sim.stats().requests, 100);
 
     // Publish the (only) chunk again under a new message id, as a reconciler
     // racing a slow worker might: the worker finds it done and acks it.
     let js = async_nats::jetstream::new(async_nats::connect(stack.nats.url()).await.unwrap());
-    let msg = common::wire::ChunkMsg {
-        job_id: report.job_id,
-        chunk_no: 0,
-        first_seq: 1,
-        last_seq: 100,
-    };
+    let msg = common::wire::ChunkMsg { job_id: report.job_id, chunk_no: 0, first_seq: 1, last_seq: 100 };
     js.send_publish(
         common::wire::chunk_subject(report.job_id),
         async_nats::jetstream::message::PublishMessage::build()
@@ -213,17 +153,13 @@ async fn a_duplicate_chunk_message_costs_no_second_model_call() {
     .unwrap()
     .await
     .unwrap();
-    wait_for(
-        "the duplicate to be consumed",
-        Duration::from_secs(30),
-        || {
-            let js = js.clone();
-            async move {
-                let mut s = js.get_stream(common::wire::STREAM).await?;
-                Ok(s.info().await?.state.messages == 0)
-            }
-        },
-    )
+    wait_for("the duplicate to be consumed", Duration::from_secs(30), || {
+        let js = js.clone();
+        async move {
+            let mut s = js.get_stream(common::wire::STREAM).await?;
+            Ok(s.info().await?.state.messages == 0)
+        }
+    })
     .await
     .unwrap();
     assert_eq!(stack.sim.sim.stats().requests, 100);

@@ -11,11 +11,7 @@ use crate::Error;
 #[derive(Debug, Clone, clap::Args)]
 pub struct WorkerConfig {
     /// Postgres connection URL.
-    #[arg(
-        long,
-        env = "SLUICE_DATABASE_URL",
-        default_value = "postgres://sluice:sluice@127.0.0.1:5432/sluice"
-    )]
+    #[arg(long, env = "SLUICE_DATABASE_URL", default_value = "postgres://sluice:sluice@127.0.0.1:5432/sluice")]
     pub database_url: String,
     /// Most connections this worker keeps open to Postgres.
     #[arg(long, env = "SLUICE_DB_POOL_SIZE", default_value_t = 4)]
@@ -25,11 +21,7 @@ pub struct WorkerConfig {
     pub nats_url: String,
     /// Base URL of an OpenAI-compatible API, including `/v1`. The default is
     /// the Sluice model simulator started by `scripts/demo`.
-    #[arg(
-        long,
-        env = "SLUICE_MODEL_BASE_URL",
-        default_value = "http://127.0.0.1:7800/v1"
-    )]
+    #[arg(long, env = "SLUICE_MODEL_BASE_URL", default_value = "http://127.0.0.1:7800/v1")]
     pub model_base_url: String,
     /// File holding the provider API key. The key may instead be given in the
     /// environment variable SLUICE_MODEL_API_KEY; it is never taken from the command line.
@@ -53,6 +45,31 @@ pub struct WorkerConfig {
     /// First retry delay in milliseconds (doubles each retry, with jitter).
     #[arg(long, env = "SLUICE_RETRY_BASE_MS", default_value_t = 200)]
     pub retry_base_ms: u64,
+    /// 429 answers tolerated per item before it fails as rate_limited.
+    #[arg(long, env = "SLUICE_MAX_RATE_LIMITED", default_value_t = 50)]
+    pub max_rate_limited: usize,
+    /// Re-asks with the validation error after output that fails the schema.
+    #[arg(long, env = "SLUICE_MAX_REPAIRS", default_value_t = 2)]
+    pub max_repairs: usize,
+    /// Cluster-wide requests per minute for each model of this provider key
+    /// (0: no limit). Every worker must be given the same value.
+    #[arg(long, env = "SLUICE_RPM", default_value_t = 0.0)]
+    pub rpm: f64,
+    /// Cluster-wide tokens per minute (prompt + completion) for each model of
+    /// this provider key (0: no limit).
+    #[arg(long, env = "SLUICE_TPM", default_value_t = 0.0)]
+    pub tpm: f64,
+    /// Consecutive failed calls (server errors, timeouts) across the cluster
+    /// that open a model's circuit breaker.
+    #[arg(long, env = "SLUICE_BREAKER_THRESHOLD", default_value_t = 5)]
+    pub breaker_threshold: u32,
+    /// While a breaker is open, one probe call is let through per this many milliseconds.
+    #[arg(long, env = "SLUICE_BREAKER_INTERVAL_MS", default_value_t = 5_000)]
+    pub breaker_interval_ms: u64,
+    /// Deliveries of a chunk after which its unfinished items are recorded as
+    /// failed (redeliveries_exhausted) instead of being tried again.
+    #[arg(long, env = "SLUICE_MAX_DELIVERIES", default_value_t = 50)]
+    pub max_deliveries: i64,
     /// JetStream ack wait in seconds: an unacked chunk is redelivered after this.
     /// The worker signals progress well within it while a chunk is being worked on.
     #[arg(long, env = "SLUICE_ACK_WAIT_S", default_value_t = 30)]
@@ -80,6 +97,13 @@ impl WorkerConfig {
             request_timeout_ms: 10_000,
             max_attempts: 4,
             retry_base_ms: 50,
+            max_rate_limited: 50,
+            max_repairs: 2,
+            rpm: 0.0,
+            tpm: 0.0,
+            breaker_threshold: 5,
+            breaker_interval_ms: 1_000,
+            max_deliveries: 50,
             ack_wait_s: 10,
             shutdown_grace_s: 5,
             name: None,
@@ -89,21 +113,24 @@ impl WorkerConfig {
     /// Validates the settings and reads the API key, once, at start-up.
     pub fn resolve(mut self) -> Result<Self, Error> {
         if self.concurrency == 0 {
-            return Err(Error::Config(
-                "SLUICE_CONCURRENCY must be at least 1".into(),
-            ));
+            return Err(Error::Config("SLUICE_CONCURRENCY must be at least 1".into()));
         }
         if self.max_attempts == 0 {
-            return Err(Error::Config(
-                "SLUICE_MAX_ATTEMPTS must be at least 1".into(),
-            ));
+            return Err(Error::Config("SLUICE_MAX_ATTEMPTS must be at least 1".into()));
+        }
+        if self.rpm < 0.0 || self.tpm < 0.0 || !self.rpm.is_finite() || !self.tpm.is_finite() {
+            return Err(Error::Config("SLUICE_RPM and SLUICE_TPM must be 0 (no limit) or positive".into()));
+        }
+        if self.breaker_threshold == 0 {
+            return Err(Error::Config("SLUICE_BREAKER_THRESHOLD must be at least 1".into()));
+        }
+        if self.max_deliveries < 1 {
+            return Err(Error::Config("SLUICE_MAX_DELIVERIES must be at least 1".into()));
         }
         if self.ack_wait_s < 3 {
             return Err(Error::Config("SLUICE_ACK_WAIT_S must be at least 3".into()));
         }
-        if !self.model_base_url.starts_with("http://")
-            && !self.model_base_url.starts_with("https://")
-        {
+        if !self.model_base_url.starts_with("http://") && !self.model_base_url.starts_with("https://") {
             return Err(Error::Config(format!(
                 "SLUICE_MODEL_BASE_URL must be an http(s) URL, got {:?}",
                 self.model_base_url
@@ -112,10 +139,7 @@ impl WorkerConfig {
         if self.api_key.is_none() {
             if let Some(path) = &self.api_key_file {
                 let key = std::fs::read_to_string(path).map_err(|e| {
-                    Error::Config(format!(
-                        "cannot read SLUICE_MODEL_API_KEY_FILE {}: {e}",
-                        path.display()
-                    ))
+                    Error::Config(format!("cannot read SLUICE_MODEL_API_KEY_FILE {}: {e}", path.display()))
                 })?;
                 self.api_key = Some(SecretString::from(key.trim().to_string()));
             } else if let Ok(key) = std::env::var("SLUICE_MODEL_API_KEY") {
@@ -127,11 +151,7 @@ impl WorkerConfig {
         if self.name.is_none() {
             let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
             let host = host.trim();
-            self.name = Some(format!(
-                "{}-{}",
-                if host.is_empty() { "worker" } else { host },
-                std::process::id()
-            ));
+            self.name = Some(format!("{}-{}", if host.is_empty() { "worker" } else { host }, std::process::id()));
         }
         Ok(self)
     }
@@ -142,6 +162,26 @@ impl WorkerConfig {
             self.max_chunks
         } else {
             self.concurrency.div_ceil(chunk_size.max(1)) + 1
+        }
+    }
+
+    /// Names the API key in shared state and results without revealing it.
+    pub fn key_id(&self) -> String {
+        use secrecy::ExposeSecret;
+        use sha2::Digest;
+        match &self.api_key {
+            Some(k) => hex::encode(sha2::Sha256::digest(k.expose_secret().as_bytes()))[..12].to_string(),
+            None => "none".into(),
+        }
+    }
+
+    pub fn guards(&self) -> crate::guard::GuardConfig {
+        crate::guard::GuardConfig {
+            key_id: self.key_id(),
+            endpoint: self.model_base_url.clone(),
+            limits: crate::limit::Limits { rpm: self.rpm, tpm: self.tpm },
+            breaker_threshold: self.breaker_threshold,
+            breaker_interval: Duration::from_millis(self.breaker_interval_ms),
         }
     }
 

@@ -16,6 +16,8 @@ pub enum Error {
     Nats(#[from] common::nats::NatsError),
     #[error("cannot build the HTTP client for the model provider")]
     Http(#[source] reqwest::Error),
+    #[error("shared state in NATS KV is unavailable")]
+    Kv(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("pulling chunks from JetStream failed")]
     Pull(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("job {job_id} has an invalid stored kind")]

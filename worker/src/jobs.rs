@@ -27,29 +27,19 @@ pub struct JobCache {
 }
 
 impl JobCache {
-    pub async fn get(
-        &self,
-        pool: &PgPool,
-        job_id: Uuid,
-    ) -> Result<Option<Arc<CompiledJob>>, Error> {
+    pub async fn get(&self, pool: &PgPool, job_id: Uuid) -> Result<Option<Arc<CompiledJob>>, Error> {
         if let Some(j) = self.jobs.lock().expect("job cache lock").get(&job_id) {
             return Ok(Some(j.clone()));
         }
-        let Some(row) = sqlx::query(
-            "SELECT spec, template, template_hash, output_schema FROM jobs WHERE id = $1",
-        )
-        .bind(job_id)
-        .fetch_optional(pool)
-        .await?
+        let Some(row) = sqlx::query("SELECT spec, template, template_hash, output_schema FROM jobs WHERE id = $1")
+            .bind(job_id)
+            .fetch_optional(pool)
+            .await?
         else {
             return Ok(None);
         };
         let spec: sqlx::types::Json<common::spec::JobSpec> = row.get("spec");
-        let kind = JobKind {
-            spec: spec.0,
-            template: row.get("template"),
-            schema: row.get("output_schema"),
-        };
+        let kind = JobKind { spec: spec.0, template: row.get("template"), schema: row.get("output_schema") };
         let spec_err = |source| Error::Spec { job_id, source };
         let prompt = Prompt::new(&kind).map_err(spec_err)?;
         let validator = kind.validator().map_err(spec_err)?;
@@ -57,13 +47,8 @@ impl JobCache {
             "type": "json_schema",
             "json_schema": { "name": kind.spec.kind, "schema": kind.schema, "strict": true }
         });
-        let compiled = Arc::new(CompiledJob {
-            template_hash: row.get("template_hash"),
-            kind,
-            prompt,
-            validator,
-            response_format,
-        });
+        let compiled =
+            Arc::new(CompiledJob { template_hash: row.get("template_hash"), kind, prompt, validator, response_format });
         let mut jobs = self.jobs.lock().expect("job cache lock");
         // Bound memory on long-lived workers; reloading a job is cheap.
         if jobs.len() > 1_000 {

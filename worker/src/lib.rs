@@ -1,8 +1,12 @@
 //! The Sluice worker: pulls chunks from JetStream, calls the model for each item, writes results to Postgres, then acks.
 
+pub mod breaker;
 pub mod config;
 pub mod error;
+pub mod guard;
 pub mod jobs;
+pub mod kvstate;
+pub mod limit;
 pub mod metrics;
 pub mod process;
 pub mod pull;

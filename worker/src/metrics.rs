@@ -10,43 +10,29 @@ pub const MODEL_CALLS: &str = "sluice_model_calls_total";
 pub const MODEL_CALL_SECONDS: &str = "sluice_model_call_duration_seconds";
 /// Tokens used (labels `model`, `direction`: in, out).
 pub const TOKENS: &str = "sluice_tokens_total";
-/// Chunks finished by this worker (label `outcome`: written, duplicate, cancelled).
+/// Chunk deliveries handled by this worker (label `outcome`: written, partial, duplicate, cancelled, exhausted, unknown).
 pub const CHUNKS: &str = "sluice_chunks_total";
 
 pub fn describe() {
     metrics::describe_counter!(ITEMS, "Items finished, by outcome");
     metrics::describe_counter!(MODEL_CALLS, "Model calls, by model and outcome");
-    metrics::describe_histogram!(
-        MODEL_CALL_SECONDS,
-        metrics::Unit::Seconds,
-        "Model call latency"
-    );
+    metrics::describe_histogram!(MODEL_CALL_SECONDS, metrics::Unit::Seconds, "Model call latency");
     metrics::describe_counter!(TOKENS, "Tokens used, by model and direction");
     metrics::describe_counter!(CHUNKS, "Chunks finished, by outcome");
 }
 
 /// Records one model call.
-pub fn model_call(
-    model: &str,
-    outcome: &'static str,
-    latency: Duration,
-    tokens: Option<(u32, u32)>,
-) {
+pub fn model_call(model: &str, outcome: &'static str, latency: Duration, tokens: Option<(u32, u32)>) {
     let model = model.to_string();
     metrics::counter!(MODEL_CALLS, "model" => model.clone(), "outcome" => outcome).increment(1);
     metrics::histogram!(MODEL_CALL_SECONDS, "model" => model.clone(), "outcome" => outcome)
         .record(latency.as_secs_f64());
     if let Some((tin, tout)) = tokens {
-        metrics::counter!(TOKENS, "model" => model.clone(), "direction" => "in")
-            .increment(tin as u64);
+        metrics::counter!(TOKENS, "model" => model.clone(), "direction" => "in").increment(tin as u64);
         metrics::counter!(TOKENS, "model" => model, "direction" => "out").increment(tout as u64);
     }
     if outcome != "ok" {
-        tracing::debug!(
-            outcome,
-            latency_ms = latency.as_millis() as u64,
-            "model call failed"
-        );
+        tracing::debug!(outcome, latency_ms = latency.as_millis() as u64, "model call failed");
     }
 }
 

@@ -1,57 +1,51 @@
-//! Runs one item through the model: render the prompt, call with bounded retries, validate the output.
+//! Runs one item through the model: render the prompt, pass the shared guards, call, and act on each error class.
+//!
+//! | class | action |
+//! |---|---|
+//! | rate limited (429) | pause the key cluster-wide until Retry-After, then retry (bounded separately) |
+//! | quota exceeded (429 with a quota error) | fail the item, no retry |
+//! | auth (401/403) | fail the item at once, never retry the same key |
+//! | invalid request (400) | try the next fallback model (e.g. larger context), else fail |
+//! | server (5xx), transient (timeout, reset), malformed body | count against the breaker, retry with back-off (never before Retry-After), then the next fallback model |
+//! | bad output (not JSON, schema violation) | re-ask with the validation error, bounded, then `failed_validation` |
+//! | breaker open | hold the item back: the chunk is redelivered later |
 
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use backon::{ExponentialBuilder, Retryable};
-use common::provider::{CallError, ChatClient, ChatRequest, Completion, Message};
+use backon::{BackoffBuilder, ExponentialBuilder};
+use common::provider::{CallError, ChatClient, ChatRequest, Message};
 use serde_json::Value;
 
+use crate::breaker::Gate;
+use crate::guard::Guards;
 use crate::jobs::CompiledJob;
 use crate::metrics;
 use crate::store::{Item, ItemResult};
+use crate::Error;
 
-/// Why an item failed, as recorded in its result.
-#[derive(Debug, thiserror::Error)]
-pub enum ItemError {
-    #[error(transparent)]
-    Call(#[from] CallError),
-    #[error("output does not match the schema: {0}")]
-    BadOutput(String),
-}
-
-impl ItemError {
-    pub fn class(&self) -> &'static str {
-        match self {
-            ItemError::Call(e) => e.class(),
-            ItemError::BadOutput(_) => "bad_output",
-        }
-    }
-    fn is_retryable(&self) -> bool {
-        match self {
-            ItemError::Call(e) => e.is_retryable(),
-            ItemError::BadOutput(_) => true,
-        }
-    }
-    fn retry_after(&self) -> Option<Duration> {
-        match self {
-            ItemError::Call(e) => e.retry_after(),
-            ItemError::BadOutput(_) => None,
-        }
-    }
-}
-
-/// Retry policy for one item.
+/// Retry budgets of one item.
 #[derive(Debug, Clone, Copy)]
 pub struct RetryPolicy {
+    /// Attempts per model for server and transient errors.
     pub max_attempts: usize,
     pub base: Duration,
+    /// 429s tolerated per item before it fails as `rate_limited`.
+    pub max_rate_limited: usize,
+    /// Re-asks after output that fails validation.
+    pub max_repairs: usize,
+}
+
+/// What became of an item.
+#[derive(Debug)]
+pub enum Outcome {
+    Done(ItemResult),
+    /// Not attempted to the end because the breaker is open; retry after this long.
+    Held(Duration),
 }
 
 /// Parses and validates model output, returning the value and its short answer.
 pub fn validate_output(job: &CompiledJob, content: &str) -> Result<(Value, String), String> {
-    let value: Value =
-        serde_json::from_str(content.trim()).map_err(|e| format!("not JSON: {e}"))?;
+    let value: Value = serde_json::from_str(content.trim()).map_err(|e| format!("not JSON: {e}"))?;
     if let Some(err) = job.validator.iter_errors(&value).next() {
         return Err(format!("{} at {}", err, err.instance_path()));
     }
@@ -63,13 +57,22 @@ pub fn validate_output(job: &CompiledJob, content: &str) -> Result<(Value, Strin
     Ok((value, answer))
 }
 
-/// Processes one item to a result; never fails: failures become failed results.
-pub async fn run_item(
-    client: &ChatClient,
-    job: &CompiledJob,
-    item: &Item,
-    policy: RetryPolicy,
-) -> ItemResult {
+/// Rough prompt size in tokens (4 characters each), reserved before a call.
+fn estimate_tokens(messages: &[Message], max_tokens: u32) -> u32 {
+    let chars: usize = messages.iter().map(|m| m.content.len()).sum();
+    (chars / 4 + 1) as u32 + max_tokens
+}
+
+/// Everything an item needs from its worker.
+pub struct ItemContext<'a> {
+    pub client: &'a ChatClient,
+    pub guards: &'a Guards,
+    pub policy: RetryPolicy,
+}
+
+/// Processes one item. Guard failures (KV unreachable) are errors; every
+/// model failure becomes a failed result or a hold.
+pub async fn run_item(ctx: &ItemContext<'_>, job: &CompiledJob, item: &Item) -> Result<Outcome, Error> {
     let started = Instant::now();
     let mut result = ItemResult {
         seq: item.seq,
@@ -91,88 +94,155 @@ pub async fn run_item(
         Err(e) => {
             result.error_class = Some("template".into());
             result.error = Some(format!("cannot render the prompt: {e}"));
-            return result;
+            return Ok(Outcome::Done(result));
         }
     };
     let spec = &job.kind.spec;
-    let mut messages = Vec::with_capacity(2);
+    let mut base = Vec::with_capacity(2);
     if let Some(system) = &spec.system {
-        messages.push(Message {
-            role: "system".into(),
-            content: system.clone(),
-        });
+        base.push(Message { role: "system".into(), content: system.clone() });
     }
-    messages.push(Message {
-        role: "user".into(),
-        content: prompt,
-    });
-    let request = ChatRequest {
-        model: spec.model.clone(),
-        messages,
-        temperature: spec.temperature,
-        max_tokens: spec.max_tokens,
-        response_format: Some(job.response_format.clone()),
-        logprobs: spec.logprobs,
-    };
-    let attempts = AtomicU32::new(0);
-    let tokens = (AtomicU32::new(0), AtomicU32::new(0));
-    let call = || async {
-        attempts.fetch_add(1, Ordering::Relaxed);
-        let t = Instant::now();
-        let completion: Result<Completion, CallError> = client.complete(&request).await;
-        match completion {
-            Err(e) => {
-                metrics::model_call(&request.model, e.class(), t.elapsed(), None);
-                Err(ItemError::Call(e))
+    base.push(Message { role: "user".into(), content: prompt });
+
+    let models: Vec<&String> = std::iter::once(&spec.model).chain(spec.fallback_models.iter()).collect();
+    let mut last: Option<(&'static str, String)> = None;
+    let mut held: Option<Duration> = None;
+    'models: for model in models {
+        let breaker = ctx.guards.breaker(model).await?;
+        let limiter = ctx.guards.limiter(model);
+        let mut backoff = ExponentialBuilder::default()
+            .with_min_delay(ctx.policy.base)
+            .with_max_delay(Duration::from_secs(30))
+            .with_max_times(ctx.policy.max_attempts.saturating_sub(1))
+            .with_jitter()
+            .build();
+        let mut messages = base.clone();
+        let (mut repairs, mut rate_limited) = (0, 0);
+        loop {
+            match breaker.gate().await? {
+                Gate::Closed | Gate::Probe => {}
+                Gate::Open(wait) => {
+                    // Try the next model; if none is left, hold the item.
+                    held = Some(held.map_or(wait, |h| h.min(wait)));
+                    continue 'models;
+                }
             }
-            Ok(c) => {
-                metrics::model_call(
-                    &request.model,
-                    "ok",
-                    t.elapsed(),
-                    Some((c.tokens_in, c.tokens_out)),
-                );
-                tokens.0.fetch_add(c.tokens_in, Ordering::Relaxed);
-                tokens.1.fetch_add(c.tokens_out, Ordering::Relaxed);
-                match validate_output(job, &c.content) {
-                    Ok((value, answer)) => Ok((c, value, answer)),
-                    Err(msg) => Err(ItemError::BadOutput(msg)),
+            let request = ChatRequest {
+                model: model.clone(),
+                messages: messages.clone(),
+                temperature: spec.temperature,
+                max_tokens: spec.max_tokens,
+                response_format: Some(job.response_format.clone()),
+                logprobs: spec.logprobs,
+            };
+            let reservation = match &limiter {
+                Some(l) => Some(l.acquire(estimate_tokens(&request.messages, spec.max_tokens)).await?),
+                None => None,
+            };
+            result.attempts += 1;
+            let t = Instant::now();
+            let response = ctx.client.complete(&request).await;
+            let outcome = match &response {
+                Ok(_) => "ok",
+                Err(e) => e.class(),
+            };
+            match response {
+                Ok(c) => {
+                    metrics::model_call(model, outcome, t.elapsed(), Some((c.tokens_in, c.tokens_out)));
+                    breaker.record(true).await?;
+                    if let (Some(l), Some(r)) = (&limiter, reservation) {
+                        l.settle(r, c.tokens_in + c.tokens_out);
+                        l.observe(&c.rate).await?;
+                    }
+                    result.tokens_in += c.tokens_in as i32;
+                    result.tokens_out += c.tokens_out as i32;
+                    match validate_output(job, &c.content) {
+                        Ok((value, answer)) => {
+                            result.succeeded = true;
+                            result.model = Some(if c.model.is_empty() { model.clone() } else { c.model });
+                            result.confidence = c.logprob_sum.map(|s| s.exp().clamp(0.0, 1.0));
+                            result.output = Some(value);
+                            result.answer = Some(answer);
+                            return Ok(Outcome::Done(finish(result, started)));
+                        }
+                        Err(msg) if repairs < ctx.policy.max_repairs => {
+                            repairs += 1;
+                            messages.push(Message { role: "assistant".into(), content: c.content });
+                            messages.push(Message {
+                                role: "user".into(),
+                                content: format!(
+                                    "Your answer does not match the required JSON schema: {msg}. Reply again with JSON only."
+                                ),
+                            });
+                        }
+                        Err(msg) => {
+                            last = Some(("failed_validation", format!("output does not match the schema: {msg}")));
+                            break 'models;
+                        }
+                    }
+                }
+                Err(e) => {
+                    metrics::model_call(model, outcome, t.elapsed(), None);
+                    if let (Some(l), Some(r)) = (&limiter, reservation) {
+                        l.settle(r, 0);
+                    }
+                    let class = e.class();
+                    let message = e.to_string();
+                    match e {
+                        CallError::RateLimited { retry_after, rate } => {
+                            rate_limited += 1;
+                            if let Some(l) = &limiter {
+                                l.rate_limited(retry_after, &rate).await?;
+                            } else {
+                                tokio::time::sleep(retry_after.unwrap_or(Duration::from_secs(1))).await;
+                            }
+                            if rate_limited > ctx.policy.max_rate_limited {
+                                last = Some((class, message));
+                                break 'models;
+                            }
+                        }
+                        CallError::QuotaExceeded { .. } | CallError::Auth { .. } => {
+                            last = Some((class, message));
+                            break 'models;
+                        }
+                        CallError::InvalidRequest { .. } => {
+                            last = Some((class, message));
+                            continue 'models;
+                        }
+                        CallError::Server { .. } | CallError::Transient(_) | CallError::Malformed(_) => {
+                            breaker.record(false).await?;
+                            let retry_after = e.retry_after();
+                            last = Some((class, message));
+                            match backoff.next() {
+                                Some(d) => tokio::time::sleep(retry_after.map_or(d, |ra| d.max(ra))).await,
+                                None => continue 'models,
+                            }
+                        }
+                    }
                 }
             }
         }
-    };
-    let backoff = ExponentialBuilder::default()
-        .with_min_delay(policy.base)
-        .with_max_delay(Duration::from_secs(30))
-        .with_max_times(policy.max_attempts.saturating_sub(1))
-        .with_jitter();
-    let outcome = call
-        .retry(backoff)
-        .when(|e: &ItemError| e.is_retryable())
-        // Never retry earlier than the provider asked.
-        .adjust(|e: &ItemError, next| next.map(|d| e.retry_after().map_or(d, |ra| d.max(ra))))
-        .await;
-    result.attempts = attempts.load(Ordering::Relaxed) as i32;
-    result.tokens_in = tokens.0.load(Ordering::Relaxed) as i32;
-    result.tokens_out = tokens.1.load(Ordering::Relaxed) as i32;
-    result.latency_ms = started.elapsed().as_millis().min(i32::MAX as u128) as i32;
-    match outcome {
-        Ok((c, value, answer)) => {
-            result.succeeded = true;
-            result.model = Some(if c.model.is_empty() {
-                request.model.clone()
-            } else {
-                c.model
-            });
-            result.confidence = c.logprob_sum.map(|s| s.exp().clamp(0.0, 1.0));
-            result.output = Some(value);
-            result.answer = Some(answer);
-        }
-        Err(e) => {
-            result.model = Some(request.model.clone());
-            result.error_class = Some(e.class().to_string());
-            result.error = Some(e.to_string());
-        }
     }
-    result
+    // Every model was tried, or the item failed permanently.
+    if let (Some(wait), true) =
+        (held, last.is_none() || result.attempts == 0 || last.as_ref().is_some_and(|(c, _)| is_breaker_class(c)))
+    {
+        return Ok(Outcome::Held(wait));
+    }
+    let (class, message) = last.unwrap_or(("unknown", "no attempt was made".into()));
+    result.model = Some(spec.model.clone());
+    result.error_class = Some(class.to_string());
+    result.error = Some(message);
+    Ok(Outcome::Done(finish(result, started)))
+}
+
+/// Classes that count against the breaker: an item that last failed with one
+/// of them while a breaker is open is held, not failed.
+fn is_breaker_class(class: &str) -> bool {
+    matches!(class, "server" | "transient" | "malformed")
+}
+
+fn finish(mut r: ItemResult, started: Instant) -> ItemResult {
+    r.latency_ms = started.elapsed().as_millis().min(i32::MAX as u128) as i32;
+    r
 }

@@ -13,19 +13,23 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::guard::Guards;
 use crate::jobs::JobCache;
-use crate::process::{run_item, RetryPolicy};
+use crate::process::{run_item, ItemContext, Outcome, RetryPolicy};
+use crate::store::ItemResult;
 use crate::{metrics, store, Error, WorkerConfig};
 
 /// State shared by the tasks of one worker.
 struct Shared {
     pool: PgPool,
     client: ChatClient,
+    guards: Guards,
     jobs: JobCache,
     /// Bounds model calls in flight across all chunks this worker holds.
     calls: Arc<Semaphore>,
     policy: RetryPolicy,
     ack_wait: Duration,
+    max_deliveries: i64,
     name: String,
 }
 
@@ -40,28 +44,30 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> Result<()
         .acquire_timeout(Duration::from_secs(10))
         .connect(&config.database_url)
         .await
-        .map_err(|source| Error::DbConnect {
-            url: redact(&config.database_url),
-            source,
-        })?;
+        .map_err(|source| Error::DbConnect { url: redact(&config.database_url), source })?;
     let nats = common::nats::connect(&config.nats_url).await?;
     let js = jetstream::new(nats);
     let stream = common::nats::ensure_stream(&js, &config.nats_url).await?;
     let ack_wait = Duration::from_secs(config.ack_wait_s);
     let consumer = common::nats::ensure_consumer(&stream, ack_wait).await?;
     let client = ChatClient::new(&config.provider()).map_err(Error::Http)?;
+    let state = common::nats::ensure_state_bucket(&js).await?;
     let name = config.name.clone().unwrap_or_default();
     tracing::info!(worker = %name, model_url = client.url(), concurrency = config.concurrency, "worker started");
     let shared = Arc::new(Shared {
         pool,
         client,
+        guards: Guards::new(state, config.guards()),
         jobs: JobCache::default(),
         calls: Arc::new(Semaphore::new(config.concurrency)),
         policy: RetryPolicy {
             max_attempts: config.max_attempts,
             base: Duration::from_millis(config.retry_base_ms),
+            max_rate_limited: config.max_rate_limited,
+            max_repairs: config.max_repairs,
         },
         ack_wait,
+        max_deliveries: config.max_deliveries,
         name,
     });
     // Slots are sized for the default chunk size; a job with larger chunks
@@ -70,10 +76,7 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> Result<()
     let tracker = TaskTracker::new();
     let result = pull_loop(&consumer, &shared, &slots, &tracker, &shutdown).await;
     tracker.close();
-    if tokio::time::timeout(Duration::from_secs(config.shutdown_grace_s), tracker.wait())
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(Duration::from_secs(config.shutdown_grace_s), tracker.wait()).await.is_err() {
         tracing::warn!("in-flight chunks did not finish within the grace period; JetStream will redeliver them");
     }
     tracing::info!(worker = %shared.name, "worker stopped");
@@ -99,12 +102,7 @@ async fn pull_loop(
         while let Ok(p) = slots.clone().try_acquire_owned() {
             permits.push(p);
         }
-        let batch = consumer
-            .batch()
-            .max_messages(permits.len())
-            .expires(Duration::from_secs(1))
-            .messages()
-            .await;
+        let batch = consumer.batch().max_messages(permits.len()).expires(Duration::from_secs(1)).messages().await;
         let mut batch = match batch {
             Ok(b) => b,
             Err(e) => {
@@ -112,10 +110,7 @@ async fn pull_loop(
                 if failures >= 30 {
                     return Err(Error::Pull(Box::new(e)));
                 }
-                tracing::warn!(
-                    error = &e as &dyn std::error::Error,
-                    "fetching chunks failed; retrying"
-                );
+                tracing::warn!(error = &e as &dyn std::error::Error, "fetching chunks failed; retrying");
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 continue;
             }
@@ -130,10 +125,7 @@ async fn pull_loop(
             match next {
                 None => break,
                 Some(Err(e)) => {
-                    tracing::debug!(
-                        error = &*e as &dyn std::error::Error,
-                        "fetch ended with an error"
-                    );
+                    tracing::debug!(error = &*e as &dyn std::error::Error, "fetch ended with an error");
                     break;
                 }
                 Some(Ok(msg)) => {
@@ -172,72 +164,108 @@ async fn handle(shared: Arc<Shared>, msg: Message, _slot: OwnedSemaphorePermit) 
             }
         })
     };
-    let outcome = work(&shared, &chunk).await;
+    let delivered = msg.info().map(|i| i.delivered).unwrap_or(1);
+    let outcome = work(&shared, &chunk, delivered).await;
     heartbeat.abort();
     match outcome {
-        Ok(_) => {
+        Ok(ChunkOutcome::Finished) => {
             if let Err(e) = msg.ack().await {
                 // The results are committed: a redelivery finds the chunk done.
                 tracing::warn!(error = &*e as &dyn std::error::Error, job_id = %chunk.job_id, chunk = chunk.chunk_no, "ack failed");
             }
         }
+        Ok(ChunkOutcome::Held(wait)) => {
+            tracing::debug!(job_id = %chunk.job_id, chunk = chunk.chunk_no, ?wait, "chunk held back: circuit breaker open");
+            let _ = msg.ack_with(AckKind::Nak(Some(wait.max(Duration::from_millis(500))))).await;
+        }
         Err(err) => {
             tracing::warn!(error = &err as &dyn std::error::Error, job_id = %chunk.job_id, chunk = chunk.chunk_no, "chunk failed; it will be retried");
-            let _ = msg
-                .ack_with(AckKind::Nak(Some(Duration::from_secs(2))))
-                .await;
+            let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_secs(2)))).await;
         }
     }
 }
 
-/// Processes a chunk; `Ok` means its outcome is in Postgres (or there is nothing to do).
-async fn work(shared: &Arc<Shared>, chunk: &ChunkMsg) -> Result<(), Error> {
+/// How a chunk delivery ended.
+enum ChunkOutcome {
+    /// Its outcome is in Postgres (or there was nothing to do): ack.
+    Finished,
+    /// Some items were held back by an open breaker: redeliver after this long.
+    Held(Duration),
+}
+
+/// Processes a chunk delivery. Results of finished items are written even
+/// when others are held back, so a redelivery only redoes the rest.
+async fn work(shared: &Arc<Shared>, chunk: &ChunkMsg, delivered: i64) -> Result<ChunkOutcome, Error> {
     let Some(state) = store::chunk_state(&shared.pool, chunk).await? else {
         tracing::warn!(job_id = %chunk.job_id, chunk = chunk.chunk_no, "chunk unknown to Postgres; dropping the message");
         metrics::chunk("unknown", 0, 0);
-        return Ok(());
+        return Ok(ChunkOutcome::Finished);
     };
     if state.chunk == "done" {
         metrics::chunk("duplicate", 0, 0);
-        return Ok(());
+        return Ok(ChunkOutcome::Finished);
     }
     if state.job != "running" {
         metrics::chunk("cancelled", 0, 0);
-        return Ok(());
+        return Ok(ChunkOutcome::Finished);
     }
     let Some(job) = shared.jobs.get(&shared.pool, chunk.job_id).await? else {
-        return Ok(());
+        return Ok(ChunkOutcome::Finished);
     };
     let items = store::items(&shared.pool, chunk).await?;
+    if delivered > shared.max_deliveries {
+        // Give up on this chunk rather than let its items vanish silently.
+        let results: Vec<ItemResult> = items
+            .iter()
+            .map(|item| {
+                ItemResult::failed(
+                    item,
+                    "redeliveries_exhausted",
+                    format!("chunk was delivered {delivered} times without finishing"),
+                )
+            })
+            .collect();
+        store::write_chunk(&shared.pool, chunk, &job.template_hash, &shared.name, &results, true).await?;
+        metrics::chunk("exhausted", 0, results.len() as u64);
+        store::complete_if_done(&shared.pool, chunk.job_id).await?;
+        return Ok(ChunkOutcome::Finished);
+    }
     // Every item is started at once; the shared call semaphore decides how
     // many actually talk to the model.
-    let results: Vec<_> = futures::future::join_all(items.into_iter().map(|item| {
+    let outcomes = futures::future::join_all(items.into_iter().map(|item| {
         let shared = shared.clone();
         let job = job.clone();
         async move {
-            let _call = shared
-                .calls
-                .acquire()
-                .await
-                .expect("semaphore never closed");
-            run_item(&shared.client, &job, &item, shared.policy).await
+            let _call = shared.calls.acquire().await.expect("semaphore never closed");
+            let ctx = ItemContext { client: &shared.client, guards: &shared.guards, policy: shared.policy };
+            run_item(&ctx, &job, &item).await
         }
     }))
     .await;
-    store::write_chunk(
-        &shared.pool,
-        chunk,
-        &job.template_hash,
-        &shared.name,
-        &results,
-    )
-    .await?;
+    let mut results = Vec::with_capacity(outcomes.len());
+    let mut held: Option<Duration> = None;
+    let mut failure = None;
+    for o in outcomes {
+        match o {
+            Ok(Outcome::Done(r)) => results.push(r),
+            Ok(Outcome::Held(d)) => held = Some(held.map_or(d, |h| h.min(d))),
+            Err(e) => failure = Some(e),
+        }
+    }
+    let finished = held.is_none() && failure.is_none();
+    store::write_chunk(&shared.pool, chunk, &job.template_hash, &shared.name, &results, finished).await?;
     let ok = results.iter().filter(|r| r.succeeded).count() as u64;
-    metrics::chunk("written", ok, results.len() as u64 - ok);
+    metrics::chunk(if finished { "written" } else { "partial" }, ok, results.len() as u64 - ok);
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    if let Some(wait) = held {
+        return Ok(ChunkOutcome::Held(wait));
+    }
     if store::complete_if_done(&shared.pool, chunk.job_id).await? {
         tracing::info!(job_id = %chunk.job_id, "job completed");
     }
-    Ok(())
+    Ok(ChunkOutcome::Finished)
 }
 
 fn redact(url: &str) -> String {

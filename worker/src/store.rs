@@ -23,10 +23,7 @@ pub async fn chunk_state(pool: &PgPool, c: &ChunkMsg) -> Result<Option<ChunkStat
     .bind(c.chunk_no)
     .fetch_optional(pool)
     .await?;
-    Ok(row.map(|r| ChunkState {
-        chunk: r.get("chunk"),
-        job: r.get("job"),
-    }))
+    Ok(row.map(|r| ChunkState { chunk: r.get("chunk"), job: r.get("job") }))
 }
 
 /// An item to process.
@@ -49,14 +46,7 @@ pub async fn items(pool: &PgPool, c: &ChunkMsg) -> Result<Vec<Item>, Error> {
     .bind(c.last_seq)
     .fetch_all(pool)
     .await?;
-    Ok(rows
-        .iter()
-        .map(|r| Item {
-            seq: r.get("seq"),
-            id: r.get("item_id"),
-            payload: r.get("payload"),
-        })
-        .collect())
+    Ok(rows.iter().map(|r| Item { seq: r.get("seq"), id: r.get("item_id"), payload: r.get("payload") }).collect())
 }
 
 /// The outcome of one item.
@@ -77,7 +67,28 @@ pub struct ItemResult {
     pub latency_ms: i32,
 }
 
-/// Writes a chunk's results and marks it done, in one transaction.
+impl ItemResult {
+    /// A failed result that never reached the model.
+    pub fn failed(item: &Item, class: &str, error: String) -> Self {
+        ItemResult {
+            seq: item.seq,
+            item_id: item.id.clone(),
+            succeeded: false,
+            output: None,
+            answer: None,
+            confidence: None,
+            error_class: Some(class.to_string()),
+            error: Some(error),
+            model: None,
+            attempts: 0,
+            tokens_in: 0,
+            tokens_out: 0,
+            latency_ms: 0,
+        }
+    }
+}
+
+/// Writes a chunk's results and, when `done`, marks it done, in one transaction.
 ///
 /// Results are upserted on (job, seq) and never overwritten, so a redelivered
 /// chunk processed twice leaves exactly one row per item.
@@ -87,16 +98,15 @@ pub async fn write_chunk(
     template_hash: &str,
     worker: &str,
     results: &[ItemResult],
+    done: bool,
 ) -> Result<(), Error> {
     let mut tx = pool.begin().await?;
     if !results.is_empty() {
         let col = |f: fn(&ItemResult) -> Option<String>| results.iter().map(f).collect::<Vec<_>>();
         let seqs: Vec<i64> = results.iter().map(|r| r.seq).collect();
         let ids: Vec<String> = results.iter().map(|r| r.item_id.clone()).collect();
-        let states: Vec<String> = results
-            .iter()
-            .map(|r| if r.succeeded { "succeeded" } else { "failed" }.to_string())
-            .collect();
+        let states: Vec<String> =
+            results.iter().map(|r| if r.succeeded { "succeeded" } else { "failed" }.to_string()).collect();
         let outputs: Vec<Option<Value>> = results.iter().map(|r| r.output.clone()).collect();
         let confidences: Vec<Option<f64>> = results.iter().map(|r| r.confidence).collect();
         let attempts: Vec<i32> = results.iter().map(|r| r.attempts).collect();
@@ -133,11 +143,13 @@ pub async fn write_chunk(
         .execute(&mut *tx)
         .await?;
     }
-    sqlx::query("UPDATE chunks SET state = 'done', done_at = now() WHERE job_id = $1 AND chunk_no = $2 AND state = 'pending'")
-        .bind(c.job_id)
-        .bind(c.chunk_no)
-        .execute(&mut *tx)
-        .await?;
+    if done {
+        sqlx::query("UPDATE chunks SET state = 'done', done_at = now() WHERE job_id = $1 AND chunk_no = $2 AND state = 'pending'")
+            .bind(c.job_id)
+            .bind(c.chunk_no)
+            .execute(&mut *tx)
+            .await?;
+    }
     tx.commit().await?;
     Ok(())
 }

@@ -24,12 +24,7 @@ use uuid::Uuid;
 #[command(name = "sluice", version, verbatim_doc_comment)]
 pub struct Cli {
     /// URL of the coordinator's API.
-    #[arg(
-        long,
-        global = true,
-        env = "SLUICE_COORDINATOR",
-        default_value = "http://127.0.0.1:7700"
-    )]
+    #[arg(long, global = true, env = "SLUICE_COORDINATOR", default_value = "http://127.0.0.1:7700")]
     coordinator: String,
     #[command(subcommand)]
     command: Command,
@@ -81,6 +76,20 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Re-run a completed or cancelled job's unfinished items: those without a
+    /// result and those that failed. Items with an answer are never sent to the
+    /// model again.
+    Resume {
+        job: Uuid,
+        /// Only re-run failed items (and items without a result in the same chunks).
+        #[arg(long)]
+        failed_only: bool,
+        /// Show a live progress bar until the job finishes.
+        #[arg(long)]
+        watch: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Print deterministic synthetic documents with known answers as JSONL.
     Sample {
         /// Job kind the documents are for (classify or summarize).
@@ -126,11 +135,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Submit(args) => return submit(&client, args).await,
         Command::Status { job, watch, json } => {
-            let status = if watch {
-                watch_job(&client, job, json).await?
-            } else {
-                client.status(job).await?
-            };
+            let status = if watch { watch_job(&client, job, json).await? } else { client.status(job).await? };
             print_status(&status, json);
         }
         Command::Jobs { limit, json } => {
@@ -138,9 +143,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&jobs)?);
             } else if jobs.is_empty() {
-                println!(
-                    "no jobs yet: submit one with `sluice submit jobs/classify --input docs.jsonl`"
-                );
+                println!("no jobs yet: submit one with `sluice submit jobs/classify --input docs.jsonl`");
             } else {
                 println!(
                     "{:<36}  {:<10}  {:<10}  {:>8}  {:>8}  {:>6}  created",
@@ -160,16 +163,11 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        Command::Results {
-            job,
-            format,
-            output,
-        } => {
+        Command::Results { job, format, output } => {
             let mut stream = client.results(job, &format).await?;
             let mut out: Box<dyn Write> = match &output {
                 Some(p) => Box::new(std::io::BufWriter::new(
-                    std::fs::File::create(p)
-                        .with_context(|| format!("cannot create {}", p.display()))?,
+                    std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))?,
                 )),
                 None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
             };
@@ -181,15 +179,26 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 eprintln!("results written to {}", p.display());
             }
         }
+        Command::Resume { job, failed_only, watch, json } => {
+            let resumed = client.resume(job, failed_only).await?;
+            if json && !watch {
+                println!("{}", serde_json::to_string(&resumed)?);
+            } else {
+                eprintln!(
+                    "resumed: {} failed item(s) reset, {} chunk(s) reopened",
+                    resumed.failed_reset, resumed.chunks
+                );
+            }
+            if watch {
+                let status = watch_job(&client, job, json).await?;
+                print_status(&status, json);
+            }
+        }
         Command::Cancel { job, json } => {
             let status = client.cancel(job).await?;
             print_status(&status, json);
         }
-        Command::Sample {
-            kind: _,
-            count,
-            seed,
-        } => {
+        Command::Sample { kind: _, count, seed } => {
             let stdout = std::io::stdout();
             let mut out = std::io::BufWriter::new(stdout.lock());
             for i in 0..count {
@@ -203,43 +212,22 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 async fn submit(client: &Client, args: SubmitArgs) -> anyhow::Result<ExitCode> {
-    let SubmitArgs {
-        job_dir,
-        input,
-        skip_invalid,
-        model,
-        watch,
-        json,
-    } = args;
+    let SubmitArgs { job_dir, input, skip_invalid, model, watch, json } = args;
     let mut kind = common::spec::JobKind::load(&job_dir)
         .with_context(|| format!("cannot load the job kind in {}", job_dir.display()))?;
     if let Some(model) = model {
         kind.spec.model = model;
     }
-    let size = std::fs::metadata(&input)
-        .with_context(|| format!("cannot read input {}", input.display()))?
-        .len();
+    let size = std::fs::metadata(&input).with_context(|| format!("cannot read input {}", input.display()))?.len();
     let input_name = input.file_name().map(|n| n.to_string_lossy().into_owned());
     let job_id = client.create_job(&NewJob { kind, input_name }).await?;
-    let bar = progress_bar(
-        size,
-        "{spinner} uploading [{bar:30}] {bytes}/{total_bytes} ({bytes_per_sec})",
-        json,
-    );
+    let bar = progress_bar(size, "{spinner} uploading [{bar:30}] {bytes}/{total_bytes} ({bytes_per_sec})", json);
     let b = bar.clone();
-    let result = client
-        .upload_file(job_id, &input, skip_invalid, move |sent| {
-            b.set_position(sent)
-        })
-        .await;
+    let result = client.upload_file(job_id, &input, skip_invalid, move |sent| b.set_position(sent)).await;
     bar.finish_and_clear();
     let report = match result {
         Ok(r) => r,
-        Err(ClientError::Api {
-            message,
-            report: Some(report),
-            ..
-        }) => {
+        Err(ClientError::Api { message, report: Some(report), .. }) => {
             print_report(&report, json);
             eprintln!("error: {message}");
             eprintln!("fix the lines above, or pass --skip-invalid to ingest the good lines and record the bad ones");
@@ -266,16 +254,10 @@ fn print_report(r: &IngestReport, json: bool) {
         eprintln!("line {}: {}", e.line, e.reason);
     }
     if r.invalid_lines as usize > r.errors.len() {
-        eprintln!(
-            "... and {} more invalid lines",
-            r.invalid_lines as usize - r.errors.len()
-        );
+        eprintln!("... and {} more invalid lines", r.invalid_lines as usize - r.errors.len());
     }
     if r.state == "rejected" {
-        eprintln!(
-            "job {} rejected: {} invalid line(s), nothing ingested",
-            r.job_id, r.invalid_lines
-        );
+        eprintln!("job {} rejected: {} invalid line(s), nothing ingested", r.job_id, r.invalid_lines);
     } else {
         println!("{}", r.job_id);
         eprintln!(
@@ -290,11 +272,7 @@ fn progress_bar(len: u64, template: &str, quiet: bool) -> ProgressBar {
         return ProgressBar::hidden();
     }
     let bar = ProgressBar::new(len);
-    bar.set_style(
-        ProgressStyle::with_template(template)
-            .expect("valid template")
-            .progress_chars("=> "),
-    );
+    bar.set_style(ProgressStyle::with_template(template).expect("valid template").progress_chars("=> "));
     bar.enable_steady_tick(Duration::from_millis(120));
     bar
 }
@@ -303,23 +281,14 @@ fn progress_bar(len: u64, template: &str, quiet: bool) -> ProgressBar {
 /// and a line every few seconds otherwise.
 async fn watch_job(client: &Client, job: Uuid, quiet: bool) -> anyhow::Result<JobStatus> {
     let first = client.status(job).await?;
-    let bar = progress_bar(
-        first.total,
-        "{spinner} [{elapsed_precise}] [{bar:30}] {pos}/{len} {msg}",
-        quiet,
-    );
+    let bar = progress_bar(first.total, "{spinner} [{elapsed_precise}] [{bar:30}] {pos}/{len} {msg}", quiet);
     let plain = !quiet && bar.is_hidden();
     let mut last_print = std::time::Instant::now();
     let mut status = first;
     loop {
         bar.set_length(status.total);
         bar.set_position(status.done());
-        bar.set_message(format!(
-            "{:.0} items/s, {} failed{}",
-            status.items_per_s,
-            status.failed,
-            eta(&status)
-        ));
+        bar.set_message(format!("{:.0} items/s, {} failed{}", status.items_per_s, status.failed, eta(&status)));
         if plain && last_print.elapsed() >= Duration::from_secs(5) {
             eprintln!(
                 "{}: {}/{} done, {} failed, {:.0} items/s{}",
@@ -343,17 +312,12 @@ async fn watch_job(client: &Client, job: Uuid, quiet: bool) -> anyhow::Result<Jo
 }
 
 fn eta(s: &JobStatus) -> String {
-    s.eta_s
-        .map(|e| format!(", ETA {}s", e.ceil() as u64))
-        .unwrap_or_default()
+    s.eta_s.map(|e| format!(", ETA {}s", e.ceil() as u64)).unwrap_or_default()
 }
 
 fn print_status(s: &JobStatus, json: bool) {
     if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(s).expect("status serialises")
-        );
+        println!("{}", serde_json::to_string_pretty(s).expect("status serialises"));
         return;
     }
     println!("job      {}  ({}, {})", s.job_id, s.kind, s.state);
@@ -366,11 +330,7 @@ fn print_status(s: &JobStatus, json: bool) {
         s.succeeded,
         s.failed,
         s.pending,
-        if s.invalid_lines > 0 {
-            format!(" ({} invalid lines)", s.invalid_lines)
-        } else {
-            String::new()
-        }
+        if s.invalid_lines > 0 { format!(" ({} invalid lines)", s.invalid_lines) } else { String::new() }
     );
     println!("chunks   {}/{} done", s.chunks_done, s.chunks_total);
     let elapsed = match (s.started_at, s.finished_at) {

@@ -1,0 +1,281 @@
+//! Resilient model calls: each error class handled as it deserves, the shared breaker, fallbacks, resume and fair sharing.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use secrecy::SecretString;
+use sluice_tests::fixtures::{jobs_dir, sample_jsonl, wait_for, Stack};
+use sluice_tests::sim::SimConfig;
+use sqlx::Row;
+use uuid::Uuid;
+
+async fn outcome(stack: &Stack, job: Uuid) -> Vec<(String, Option<String>, Option<String>, i64)> {
+    sqlx::query(
+        "SELECT state, error_class, model, count(*) AS n FROM results WHERE job_id = $1 GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
+    )
+    .bind(job)
+    .fetch_all(&stack.db.pool)
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| (r.get("state"), r.get("error_class"), r.get("model"), r.get("n")))
+    .collect()
+}
+
+fn row(state: &str, class: Option<&str>, model: &str, n: i64) -> (String, Option<String>, Option<String>, i64) {
+    (state.into(), class.map(Into::into), Some(model.into()), n)
+}
+
+fn classify_with_fallback() -> common::spec::JobKind {
+    let mut kind = common::spec::JobKind::load(&jobs_dir().join("classify")).unwrap();
+    kind.spec.fallback_models = vec!["sim-large".into()];
+    kind
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429_is_retried_no_earlier_than_retry_after() {
+    let sim = SimConfig { error_429: 0.3, retry_after_s: 0.4, log_requests: true, seed: 5, ..Default::default() };
+    let mut stack = Stack::start(sim, |_| {}).await.unwrap();
+    // A limit far above what the test uses, so the shared limiter is active.
+    stack.add_worker(|c| c.rpm = 1_000_000.0);
+    let report = stack.submit("classify", sample_jsonl(21, 60), false).await.unwrap();
+    stack.wait_completed(report.job_id, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(outcome(&stack, report.job_id).await, [row("succeeded", None, "sim-small", 60)]);
+
+    let log = stack.sim.sim.log();
+    let mut by_item: HashMap<u64, Vec<(u64, u16)>> = HashMap::new();
+    for e in &log {
+        by_item.entry(e.item).or_default().push((e.t_ms, e.status));
+    }
+    let mut checked = 0;
+    for attempts in by_item.values() {
+        for pair in attempts.windows(2) {
+            if pair[0].1 == 429 {
+                checked += 1;
+                let gap = pair[1].0 - pair[0].0;
+                assert!(gap >= 390, "retried {gap} ms after a 429 with Retry-After: 0.4");
+            }
+        }
+    }
+    assert!(checked > 5, "the test must see retried 429s, saw {checked}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quota_429_fails_the_item_without_retry() {
+    let mut stack = Stack::start(SimConfig { quota: 1.0, ..Default::default() }, |_| {}).await.unwrap();
+    stack.add_worker(|_| {});
+    let report = stack.submit("classify", sample_jsonl(22, 30), false).await.unwrap();
+    stack.wait_completed(report.job_id, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(outcome(&stack, report.job_id).await, [row("failed", Some("quota_exceeded"), "sim-small", 30)]);
+    assert_eq!(stack.sim.sim.stats().requests, 30);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_api_key_fails_fast() {
+    let sim = SimConfig { api_key: Some("the-right-key".into()), ..Default::default() };
+    let mut stack = Stack::start(sim, |_| {}).await.unwrap();
+    stack.add_worker(|c| c.api_key = Some(SecretString::from("a-wrong-key")));
+    let report = stack.submit("classify", sample_jsonl(23, 30), false).await.unwrap();
+    stack.wait_completed(report.job_id, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(outcome(&stack, report.job_id).await, [row("failed", Some("auth"), "sim-small", 30)]);
+    assert_eq!(stack.sim.sim.stats().requests, 30, "never retried with the same key");
+
+    // The right key works, and is sent as a bearer token.
+    let mut stack =
+        Stack::start(SimConfig { api_key: Some("the-right-key".into()), ..Default::default() }, |_| {}).await.unwrap();
+    stack.add_worker(|c| c.api_key = Some(SecretString::from("the-right-key")));
+    let report = stack.submit("classify", sample_jsonl(23, 30), false).await.unwrap();
+    stack.wait_completed(report.job_id, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(outcome(&stack, report.job_id).await, [row("succeeded", None, "sim-small", 30)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_request_goes_to_the_fallback_model() {
+    let sim = SimConfig { reject_models: vec!["sim-small".into()], ..Default::default() };
+    let mut stack = Stack::start(sim, |_| {}).await.unwrap();
+    stack.add_worker(|_| {});
+    let report = stack.submit_kind(classify_with_fallback(), sample_jsonl(24, 40), false).await.unwrap();
+    stack.wait_completed(report.job_id, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(outcome(&stack, report.job_id).await, [row("succeeded", None, "sim-large", 40)]);
+    assert_eq!(stack.sim.sim.stats().requests, 80, "one refused call and one fallback call per item");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_that_is_down_falls_back_to_the_next_one() {
+    let sim = SimConfig { down_models: vec!["sim-small".into()], ..Default::default() };
+    let mut stack = Stack::start(sim, |_| {}).await.unwrap();
+    stack.add_worker(|c| c.max_attempts = 2);
+    let report = stack.submit_kind(classify_with_fallback(), sample_jsonl(25, 100), false).await.unwrap();
+    stack.wait_completed(report.job_id, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(outcome(&stack, report.job_id).await, [row("succeeded", None, "sim-large", 100)]);
+    // Once the breaker of sim-small opened, items went straight to sim-large.
+    let stats = stack.sim.sim.stats();
+    assert!(stats.status_503 < 100, "{stats:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_failing_validation_is_asked_again_with_the_error() {
+    let sim = SimConfig { bad_output: 0.5, seed: 9, ..Default::default() };
+    let mut stack = Stack::start(sim, |_| {}).await.unwrap();
+    stack.add_worker(|c| c.max_repairs = 6);
+    let report = stack.submit("classify", sample_jsonl(26, 100), false).await.unwrap();
+    stack.wait_completed(report.job_id, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(outcome(&stack, report.job_id).await, [row("succeeded", None, "sim-small", 100)]);
+    let stats = stack.sim.sim.stats();
+    assert!(stats.bad_output > 20 && stats.requests == 100 + stats.bad_output, "{stats:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_opens_the_shared_breaker_and_the_job_completes_after_recovery() {
+    let sim = SimConfig { error_503: 1.0, retry_after_s: 0.05, log_requests: true, ..Default::default() };
+    let mut stack = Stack::start(sim, |_| {}).await.unwrap();
+    let interval = Duration::from_millis(500);
+    for _ in 0..2 {
+        stack.add_worker(|c| {
+            c.concurrency = 2;
+            c.breaker_threshold = 5;
+            c.breaker_interval_ms = interval.as_millis() as u64;
+            c.max_attempts = 20;
+        });
+    }
+    let report = stack.submit("classify", sample_jsonl(27, 200), false).await.unwrap();
+
+    let js = async_nats::jetstream::new(async_nats::connect(stack.nats.url()).await.unwrap());
+    let kv = common::nats::ensure_state_bucket(&js).await.unwrap();
+    let key = worker::breaker::key(&stack.sim.base_url(), "sim-small");
+    let read = || {
+        let (kv, key) = (kv.clone(), key.clone());
+        async move {
+            let v = kv.get(key).await?;
+            Ok::<_, anyhow::Error>(v.map(|b| serde_json::from_slice::<worker::breaker::BreakerState>(&b).unwrap()))
+        }
+    };
+    wait_for("the breaker to open", Duration::from_secs(30), || async { Ok(read().await?.is_some_and(|s| s.open)) })
+        .await
+        .unwrap();
+    let opened_at = read().await.unwrap().unwrap().opened_at_ms;
+    // Let the outage last a few probe intervals.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let log = stack.sim.sim.log();
+    let failed_before_open = log.iter().filter(|e| e.status == 503 && e.wall_ms <= opened_at).count();
+    assert!(failed_before_open <= 10, "the breaker opened after {failed_before_open} failed calls");
+    // Calls in flight when it opened may still land just after; then only probes.
+    let settle = opened_at + 300;
+    let now = log.last().map_or(settle, |e| e.wall_ms.max(settle));
+    let probes = log.iter().filter(|e| e.wall_ms > settle).count() as u64;
+    let allowed = (now - settle) / interval.as_millis() as u64 + 1;
+    assert!(probes <= allowed, "{probes} calls while open over {} ms; at most {allowed} probes", now - settle);
+
+    // Recovery: the next probe succeeds, the breaker closes, the job completes.
+    stack.sim.sim.set_config(SimConfig { log_requests: true, ..Default::default() });
+    wait_for("the breaker to close", Duration::from_secs(30), || async { Ok(read().await?.is_some_and(|s| !s.open)) })
+        .await
+        .unwrap();
+    stack.wait_completed(report.job_id, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(outcome(&stack, report.job_id).await, [row("succeeded", None, "sim-small", 200)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunks_redelivered_too_often_fail_their_items_with_a_reason() {
+    let sim = SimConfig { error_503: 1.0, retry_after_s: 0.01, ..Default::default() };
+    let mut stack = Stack::start(sim, |_| {}).await.unwrap();
+    stack.add_worker(|c| {
+        c.breaker_threshold = 1;
+        c.breaker_interval_ms = 300;
+        c.max_deliveries = 3;
+    });
+    let report = stack.submit("classify", sample_jsonl(28, 20), false).await.unwrap();
+    stack.wait_completed(report.job_id, Duration::from_secs(60)).await.unwrap();
+    let rows = outcome(&stack, report.job_id).await;
+    let total: i64 = rows.iter().map(|r| r.3).sum();
+    assert_eq!(total, 20, "every item has a result: {rows:?}");
+    assert!(rows.iter().all(|r| r.0 == "failed"), "{rows:?}");
+    assert!(rows.iter().any(|r| r.1.as_deref() == Some("redeliveries_exhausted")), "{rows:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_reruns_only_unfinished_items() {
+    let sim = SimConfig { bad_output: 0.3, seed: 4, ..Default::default() };
+    let mut stack = Stack::start(sim, |_| {}).await.unwrap();
+    stack.add_worker(|c| c.max_repairs = 0);
+    let report = stack.submit("classify", sample_jsonl(29, 300), false).await.unwrap();
+    let job = report.job_id;
+    stack.wait_completed(job, Duration::from_secs(60)).await.unwrap();
+    let status = stack.client.status(job).await.unwrap();
+    assert!(status.failed > 30 && status.failed < 150, "{status:?}");
+    assert_eq!(stack.sim.sim.stats().requests, 300);
+
+    // A running job cannot be resumed; a completed one can.
+    stack.sim.sim.set_config(SimConfig::default());
+    let resumed = stack.client.resume(job, false).await.unwrap();
+    assert_eq!(resumed.failed_reset, status.failed);
+    stack.wait_completed(job, Duration::from_secs(60)).await.unwrap();
+    let after = stack.client.status(job).await.unwrap();
+    assert_eq!((after.succeeded, after.failed), (300, 0));
+    assert_eq!(stack.sim.sim.stats().requests, 300 + status.failed, "only the failed items were called again");
+
+    let again = stack.client.resume(job, false).await.unwrap();
+    assert_eq!((again.failed_reset, again.chunks), (0, 0), "nothing left to do");
+    assert_eq!(stack.client.status(job).await.unwrap().state, "completed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_continues_a_cancelled_job_and_refuses_a_running_one() {
+    let sim = SimConfig { latency_ms: 30, ..Default::default() };
+    let mut stack = Stack::start(sim, |_| {}).await.unwrap();
+    stack.add_worker(|c| c.concurrency = 4);
+    let report = stack.submit("classify", sample_jsonl(30, 1_000), false).await.unwrap();
+    let job = report.job_id;
+    wait_for("some results", Duration::from_secs(60), || async { Ok(stack.client.status(job).await?.succeeded > 0) })
+        .await
+        .unwrap();
+    let err = stack.client.resume(job, false).await.unwrap_err();
+    assert!(err.to_string().contains("is running"), "{err}");
+    stack.client.cancel(job).await.unwrap();
+    stack.client.resume(job, false).await.unwrap();
+    stack.wait_completed(job, Duration::from_secs(120)).await.unwrap();
+    let st = stack.client.status(job).await.unwrap();
+    assert_eq!((st.succeeded, st.failed), (1_000, 0));
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM results WHERE job_id = $1")
+        .bind(job)
+        .fetch_one(&stack.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 1_000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_job_is_not_starved_by_a_big_one() {
+    let sim = SimConfig { latency_ms: 10, ..Default::default() };
+    let mut stack = Stack::start(sim, |c| c.publish_window = 2).await.unwrap();
+    let big = stack.submit("classify", sample_jsonl(31, 4_000), false).await.unwrap();
+    let small = stack.submit("classify", sample_jsonl(32, 100), false).await.unwrap();
+    stack.add_worker(|c| c.concurrency = 20);
+    stack.wait_completed(small.job_id, Duration::from_secs(120)).await.unwrap();
+    let big_status = stack.client.status(big.job_id).await.unwrap();
+    assert!(big_status.done() < 2_000, "the small job finished early: big job at {}", big_status.done());
+    stack.wait_completed(big.job_id, Duration::from_secs(120)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_workers_together_stay_within_the_shared_limit() {
+    let mut stack = Stack::start(SimConfig::default(), |_| {}).await.unwrap();
+    for _ in 0..3 {
+        stack.add_worker(|c| c.rpm = 1_200.0); // 20 requests per second for the whole cluster
+    }
+    let report = stack.submit("classify", sample_jsonl(33, 160), false).await.unwrap();
+    stack.wait_completed(report.job_id, Duration::from_secs(60)).await.unwrap();
+    let timeline = stack.sim.sim.timeline();
+    let per_second: Vec<u32> = timeline.iter().map(|s| s.requests).collect();
+    // Any 3 whole seconds may hold 60 requests plus the bucket's small burst.
+    for w in per_second.windows(3) {
+        let n: u32 = w.iter().sum();
+        assert!(n <= 60 + 5, "{n} requests in 3 s with a 20/s limit: {per_second:?}");
+    }
+    let workers: i64 = sqlx::query_scalar("SELECT count(DISTINCT worker) FROM results WHERE job_id = $1")
+        .bind(report.job_id)
+        .fetch_one(&stack.db.pool)
+        .await
+        .unwrap();
+    assert!(workers >= 2, "the work was shared");
+}

@@ -1,0 +1,166 @@
+//! Circuit breakers shared by all workers: one per provider endpoint and model, kept in NATS KV.
+//!
+//! The breaker opens after `threshold` consecutive failed calls anywhere in
+//! the cluster (server errors, timeouts, malformed answers; not rate limits or
+//! refused requests). While open, one call per `interval` is let through as a
+//! probe, claimed with compare-and-set so only one worker makes it; a success
+//! closes the breaker. Each worker follows the state through a KV watch, so
+//! checking the breaker before a call costs no network round trip.
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use crate::kvstate::now_ms;
+
+use async_nats::jetstream::kv;
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+
+use crate::Error;
+
+/// The breaker as stored in KV.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct BreakerState {
+    pub open: bool,
+    /// Consecutive failures seen by the cluster.
+    pub failures: u32,
+    pub opened_at_ms: u64,
+    /// The next probe may be sent at this time.
+    pub probe_at_ms: u64,
+}
+
+/// What a caller may do now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gate {
+    Closed,
+    /// The breaker is open and this caller won the right to send one probe.
+    Probe,
+    /// The breaker is open: hold the work back for about this long.
+    Open(Duration),
+}
+
+pub struct Breaker {
+    kv: kv::Store,
+    key: String,
+    threshold: u32,
+    interval: Duration,
+    /// The latest state seen through the watch; shared with the watch task.
+    cache: Arc<RwLock<BreakerState>>,
+    watcher: tokio::task::JoinHandle<()>,
+}
+
+/// The KV key of the breaker for `model` at `endpoint`.
+pub fn key(endpoint: &str, model: &str) -> String {
+    format!("cb.{}.{}", common::nats::key_part(endpoint), common::nats::key_part(model))
+}
+
+impl Drop for Breaker {
+    fn drop(&mut self) {
+        self.watcher.abort();
+    }
+}
+
+impl Breaker {
+    pub async fn new(
+        kv: kv::Store,
+        endpoint: &str,
+        model: &str,
+        threshold: u32,
+        interval: Duration,
+    ) -> Result<Self, Error> {
+        let key = key(endpoint, model);
+        let cache = Arc::new(RwLock::new(BreakerState::default()));
+        let mut watch = kv.watch_with_history(&key).await.map_err(|e| Error::Kv(Box::new(e)))?;
+        let c = cache.clone();
+        let watcher = tokio::spawn(async move {
+            while let Some(Ok(entry)) = watch.next().await {
+                let state = match entry.operation {
+                    kv::Operation::Put => serde_json::from_slice(&entry.value).unwrap_or_default(),
+                    _ => BreakerState::default(),
+                };
+                *c.write().expect("breaker cache lock") = state;
+            }
+        });
+        Ok(Breaker { kv, key, threshold, interval, cache, watcher })
+    }
+
+    pub fn state(&self) -> BreakerState {
+        self.cache.read().expect("breaker cache lock").clone()
+    }
+
+    /// Decides whether a call may go out now.
+    pub async fn gate(&self) -> Result<Gate, Error> {
+        let state = self.state();
+        if !state.open {
+            return Ok(Gate::Closed);
+        }
+        let now = now_ms();
+        if now < state.probe_at_ms {
+            return Ok(Gate::Open(Duration::from_millis(state.probe_at_ms - now)));
+        }
+        let interval = self.interval.as_millis() as u64;
+        let mut won = false;
+        self.modify(|s, now| {
+            won = false;
+            if !s.open {
+                return false;
+            }
+            if now < s.probe_at_ms {
+                return false;
+            }
+            s.probe_at_ms = now + interval;
+            won = true;
+            true
+        })
+        .await?;
+        Ok(if won {
+            Gate::Probe
+        } else if self.state().open {
+            Gate::Open(self.interval)
+        } else {
+            Gate::Closed
+        })
+    }
+
+    /// Records the outcome of a call that went out.
+    pub async fn record(&self, ok: bool) -> Result<(), Error> {
+        if ok {
+            let s = self.state();
+            if !s.open && s.failures == 0 {
+                return Ok(());
+            }
+            let key = self.key.clone();
+            return self
+                .modify(|s, _| {
+                    let changed = s.open || s.failures > 0;
+                    if s.open {
+                        tracing::info!(breaker = %key, "circuit breaker closed");
+                    }
+                    *s = BreakerState::default();
+                    changed
+                })
+                .await;
+        }
+        let (threshold, interval) = (self.threshold, self.interval.as_millis() as u64);
+        let key = self.key.clone();
+        self.modify(|s, now| {
+            s.failures += 1;
+            if !s.open && s.failures >= threshold {
+                s.open = true;
+                s.opened_at_ms = now;
+                s.probe_at_ms = now + interval;
+                tracing::warn!(breaker = %key, failures = s.failures, "circuit breaker opened");
+            }
+            true
+        })
+        .await
+    }
+
+    async fn modify(&self, f: impl FnMut(&mut BreakerState, u64) -> bool) -> Result<(), Error> {
+        if let Some(state) = crate::kvstate::modify(&self.kv, &self.key, |_| BreakerState::default(), f).await? {
+            // Reflect our own write at once rather than waiting for the watch.
+            *self.cache.write().expect("breaker cache lock") = state;
+        }
+        Ok(())
+    }
+}
