@@ -78,6 +78,9 @@ pub struct SimConfig {
     /// If set, requests must carry `Authorization: Bearer <api_key>` or get 401.
     #[arg(long)]
     pub api_key: Option<String>,
+    /// Send no `x-ratelimit-*` headers (only 429 and Retry-After), as some providers do.
+    #[arg(long)]
+    pub no_limit_headers: bool,
     /// Keep a log of every request (time, item, model, status) at `GET /log`.
     #[arg(long)]
     pub log_requests: bool,
@@ -268,6 +271,8 @@ pub fn router(sim: Arc<Sim>) -> Router {
         .route("/v1/chat/completions", post(chat))
         .route("/v1/models", get(models))
         .route("/stats", get(|State(s): State<Arc<Sim>>| async move { Json(s.stats()) }))
+        .route("/stats/timeline", get(|State(s): State<Arc<Sim>>| async move { Json(s.timeline()) }))
+        .route("/log", get(|State(s): State<Arc<Sim>>| async move { Json(s.log()) }))
         .route("/admin/config", get(get_config).post(set_config))
         .with_state(sim)
 }
@@ -334,7 +339,14 @@ async fn chat(State(sim): State<Arc<Sim>>, headers: HeaderMap, body: Bytes) -> R
         .and_then(|m| m.iter().find(|m| m["role"] == "user"))
         .map_or(0, |m| hash_of(m["content"].as_str().unwrap_or("")));
     let model = request["model"].as_str().unwrap_or("sim-small").to_string();
-    let response = answer(&sim, &config, &headers, &request, &body).await;
+    let mut response = answer(&sim, &config, &headers, &request, &body).await;
+    if config.no_limit_headers {
+        let names: Vec<_> =
+            response.headers().keys().filter(|k| k.as_str().starts_with("x-ratelimit-")).cloned().collect();
+        for name in names {
+            response.headers_mut().remove(name);
+        }
+    }
     sim.record(response.status(), item, &model, config.log_requests);
     response
 }

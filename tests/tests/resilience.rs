@@ -263,7 +263,9 @@ async fn three_workers_together_stay_within_the_shared_limit() {
     for _ in 0..3 {
         stack.add_worker(|c| c.rpm = 1_200.0); // 20 requests per second for the whole cluster
     }
-    let report = stack.submit("classify", sample_jsonl(33, 160), false).await.unwrap();
+    let mut kind = common::spec::JobKind::load(&jobs_dir().join("classify")).unwrap();
+    kind.spec.chunk_size = 10; // enough chunks for every worker to hold some
+    let report = stack.submit_kind(kind, sample_jsonl(33, 160), false).await.unwrap();
     stack.wait_completed(report.job_id, Duration::from_secs(60)).await.unwrap();
     let timeline = stack.sim.sim.timeline();
     let per_second: Vec<u32> = timeline.iter().map(|s| s.requests).collect();
@@ -278,4 +280,23 @@ async fn three_workers_together_stay_within_the_shared_limit() {
         .await
         .unwrap();
     assert!(workers >= 2, "the work was shared");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_stopping_gracefully_hands_back_its_chunks_without_wasting_a_call() {
+    let sim = SimConfig { latency_ms: 20, ..Default::default() };
+    let mut stack = Stack::start(sim, |_| {}).await.unwrap();
+    let leaving = stack.add_worker(|c| c.concurrency = 8);
+    stack.add_worker(|c| c.concurrency = 8);
+    let report = stack.submit("classify", sample_jsonl(34, 1_000), false).await.unwrap();
+    let job = report.job_id;
+    wait_for("some results", Duration::from_secs(60), || async { Ok(stack.client.status(job).await?.done() >= 200) })
+        .await
+        .unwrap();
+    leaving.cancel();
+    stack.wait_completed(job, Duration::from_secs(120)).await.unwrap();
+    let st = stack.client.status(job).await.unwrap();
+    assert_eq!((st.succeeded, st.failed), (1_000, 0));
+    // Calls under way finished and were written; nothing was called twice.
+    assert_eq!(stack.sim.sim.stats().requests, 1_000);
 }

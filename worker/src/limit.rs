@@ -25,6 +25,9 @@ use crate::Error;
 const BURST_S: f64 = 0.2;
 /// Seconds of budget leased to a worker at a time.
 const LEASE_S: f64 = 0.1;
+/// After a 429 cuts the limit, further 429s within this many ms do not cut
+/// it again: they are answers to calls already under way.
+const CUT_INTERVAL_MS: u64 = 250;
 /// How long a lease may be spent.
 const LEASE_TTL: Duration = Duration::from_millis(500);
 
@@ -42,6 +45,10 @@ pub struct Bucket {
     pub tpm: f64,
     /// The provider told us its limits: do not drift back up.
     pub from_headers: bool,
+    /// When the limit was last cut after a 429: a burst of 429s from one
+    /// overload cuts it once, not once per answer (see [`CUT_INTERVAL_MS`]).
+    #[serde(default)]
+    pub last_cut_ms: u64,
 }
 
 /// Configured limits per minute; 0 means no limit of that kind.
@@ -61,6 +68,7 @@ impl Bucket {
             rpm: l.rpm,
             tpm: l.tpm,
             from_headers: false,
+            last_cut_ms: 0,
         }
     }
 
@@ -116,7 +124,9 @@ impl Bucket {
     pub fn rate_limited(&mut self, now: u64, pause: Duration, rate: &RateInfo, l: Limits) {
         self.paused_until_ms = self.paused_until_ms.max(now + pause.as_millis() as u64);
         self.req = self.req.min(0.0);
-        if !self.learn(rate, l) {
+        self.tok = self.tok.min(0.0);
+        if !self.learn(rate, l) && (self.last_cut_ms == 0 || now >= self.last_cut_ms + CUT_INTERVAL_MS) {
+            self.last_cut_ms = now;
             self.rpm = (self.rpm * 0.8).max(1.0);
             if l.tpm > 0.0 {
                 self.tpm = (self.tpm * 0.8).max(1.0);
@@ -211,6 +221,7 @@ impl Limiter {
         {
             let mut p = self.pool.lock().expect("pool lock");
             p.req = 0.0;
+            p.tok = p.tok.min(0.0);
         }
         let pause = retry_after.unwrap_or(Duration::from_secs(1));
         let limits = self.limits;
@@ -312,10 +323,12 @@ mod tests {
 
     #[test]
     fn a_429_pauses_and_lowers_the_limit_unless_headers_say_more() {
-        let mut b = Bucket::full(0, L);
-        b.rate_limited(0, Duration::from_secs(2), &RateInfo::default(), L);
-        assert_eq!(b.take(1000, 1.0, L).unwrap_err(), Duration::from_secs(1));
+        let mut b = Bucket::full(1000, L);
+        b.rate_limited(1000, Duration::from_secs(2), &RateInfo::default(), L);
+        assert_eq!(b.take(2000, 1.0, L).unwrap_err(), Duration::from_secs(1));
         assert_eq!(b.rpm, 4800.0);
+        b.rate_limited(1100, Duration::ZERO, &RateInfo::default(), L);
+        assert_eq!(b.rpm, 4800.0, "a second 429 right after the first does not cut again");
         let rate = RateInfo { limit_requests: Some(3000.0), ..Default::default() };
         b.rate_limited(0, Duration::from_secs(1), &rate, L);
         assert_eq!(b.rpm, 3000.0);

@@ -39,7 +39,8 @@ pub struct RetryPolicy {
 #[derive(Debug)]
 pub enum Outcome {
     Done(ItemResult),
-    /// Not attempted to the end because the breaker is open; retry after this long.
+    /// Not attempted to the end because the breaker is open (retry after this
+    /// long) or the worker is shutting down (zero).
     Held(Duration),
 }
 
@@ -68,6 +69,9 @@ pub struct ItemContext<'a> {
     pub client: &'a ChatClient,
     pub guards: &'a Guards,
     pub policy: RetryPolicy,
+    /// Cancelled when the worker shuts down: items not yet under way are held
+    /// back so the chunk's finished results can be written at once.
+    pub stop: &'a tokio_util::sync::CancellationToken,
 }
 
 /// Processes one item. Guard failures (KV unreachable) are errors; every
@@ -119,6 +123,9 @@ pub async fn run_item(ctx: &ItemContext<'_>, job: &CompiledJob, item: &Item) -> 
         let mut messages = base.clone();
         let (mut repairs, mut rate_limited) = (0, 0);
         loop {
+            if ctx.stop.is_cancelled() {
+                return Ok(Outcome::Held(Duration::ZERO));
+            }
             match breaker.gate().await? {
                 Gate::Closed | Gate::Probe => {}
                 Gate::Open(wait) => {
@@ -136,7 +143,10 @@ pub async fn run_item(ctx: &ItemContext<'_>, job: &CompiledJob, item: &Item) -> 
                 logprobs: spec.logprobs,
             };
             let reservation = match &limiter {
-                Some(l) => Some(l.acquire(estimate_tokens(&request.messages, spec.max_tokens)).await?),
+                Some(l) => tokio::select! {
+                    r = l.acquire(estimate_tokens(&request.messages, spec.max_tokens)) => Some(r?),
+                    _ = ctx.stop.cancelled() => return Ok(Outcome::Held(Duration::ZERO)),
+                },
                 None => None,
             };
             result.attempts += 1;
@@ -151,7 +161,10 @@ pub async fn run_item(ctx: &ItemContext<'_>, job: &CompiledJob, item: &Item) -> 
                     metrics::model_call(model, outcome, t.elapsed(), Some((c.tokens_in, c.tokens_out)));
                     breaker.record(true).await?;
                     if let (Some(l), Some(r)) = (&limiter, reservation) {
-                        l.settle(r, c.tokens_in + c.tokens_out);
+                        // Providers charge the limit with the prompt and max_tokens,
+                        // whatever the answer's length: correct the estimate of
+                        // the prompt with the real count, keep max_tokens.
+                        l.settle(r, c.tokens_in + c.tokens_out.max(spec.max_tokens));
                         l.observe(&c.rate).await?;
                     }
                     result.tokens_in += c.tokens_in as i32;

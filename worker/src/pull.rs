@@ -33,9 +33,10 @@ struct Shared {
     name: String,
 }
 
-/// Runs a worker until `shutdown` is cancelled, then lets in-flight chunks
-/// finish within the grace period. Chunks not finished by then are left
-/// unacked and JetStream redelivers them to another worker.
+/// Runs a worker until `shutdown` is cancelled. Then no new chunk is fetched
+/// and no new call starts; calls under way finish within the grace period,
+/// their results are written, and the chunks are handed back (Nak) so another
+/// worker does the rest. Chunks not written by then are redelivered after ack_wait.
 pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> Result<(), Error> {
     let config = config.resolve()?;
     metrics::describe();
@@ -131,7 +132,7 @@ async fn pull_loop(
                 Some(Ok(msg)) => {
                     let permit = permits.pop().expect("never more messages than permits");
                     let shared = shared.clone();
-                    tracker.spawn(handle(shared, msg, permit));
+                    tracker.spawn(handle(shared, msg, permit, shutdown.clone()));
                 }
             }
         }
@@ -139,7 +140,7 @@ async fn pull_loop(
 }
 
 /// Works on one chunk message, holding its slot until done.
-async fn handle(shared: Arc<Shared>, msg: Message, _slot: OwnedSemaphorePermit) {
+async fn handle(shared: Arc<Shared>, msg: Message, _slot: OwnedSemaphorePermit, stop: CancellationToken) {
     let chunk: ChunkMsg = match serde_json::from_slice(&msg.payload) {
         Ok(c) => c,
         Err(e) => {
@@ -165,7 +166,7 @@ async fn handle(shared: Arc<Shared>, msg: Message, _slot: OwnedSemaphorePermit) 
         })
     };
     let delivered = msg.info().map(|i| i.delivered).unwrap_or(1);
-    let outcome = work(&shared, &chunk, delivered).await;
+    let outcome = work(&shared, &chunk, delivered, &stop).await;
     heartbeat.abort();
     match outcome {
         Ok(ChunkOutcome::Finished) => {
@@ -195,7 +196,12 @@ enum ChunkOutcome {
 
 /// Processes a chunk delivery. Results of finished items are written even
 /// when others are held back, so a redelivery only redoes the rest.
-async fn work(shared: &Arc<Shared>, chunk: &ChunkMsg, delivered: i64) -> Result<ChunkOutcome, Error> {
+async fn work(
+    shared: &Arc<Shared>,
+    chunk: &ChunkMsg,
+    delivered: i64,
+    stop: &CancellationToken,
+) -> Result<ChunkOutcome, Error> {
     let Some(state) = store::chunk_state(&shared.pool, chunk).await? else {
         tracing::warn!(job_id = %chunk.job_id, chunk = chunk.chunk_no, "chunk unknown to Postgres; dropping the message");
         metrics::chunk("unknown", 0, 0);
@@ -236,8 +242,11 @@ async fn work(shared: &Arc<Shared>, chunk: &ChunkMsg, delivered: i64) -> Result<
         let shared = shared.clone();
         let job = job.clone();
         async move {
-            let _call = shared.calls.acquire().await.expect("semaphore never closed");
-            let ctx = ItemContext { client: &shared.client, guards: &shared.guards, policy: shared.policy };
+            let _call = tokio::select! {
+                permit = shared.calls.acquire() => permit.expect("semaphore never closed"),
+                _ = stop.cancelled() => return Ok(Outcome::Held(Duration::ZERO)),
+            };
+            let ctx = ItemContext { client: &shared.client, guards: &shared.guards, policy: shared.policy, stop };
             run_item(&ctx, &job, &item).await
         }
     }))
