@@ -300,3 +300,33 @@ async fn a_worker_stopping_gracefully_hands_back_its_chunks_without_wasting_a_ca
     // Calls under way finished and were written; nothing was called twice.
     assert_eq!(stack.sim.sim.stats().requests, 1_000);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_an_outage_resume_calls_only_the_unfinished_items() {
+    let sim = SimConfig { latency_ms: 10, ..Default::default() };
+    let mut stack = Stack::start(sim, |_| {}).await.unwrap();
+    stack.add_worker(|c| {
+        c.concurrency = 8;
+        c.breaker_threshold = 3;
+        c.breaker_interval_ms = 200;
+    });
+    let report = stack.submit("classify", sample_jsonl(35, 600), false).await.unwrap();
+    let job = report.job_id;
+    wait_for("some results", Duration::from_secs(60), || async { Ok(stack.client.status(job).await?.done() >= 100) })
+        .await
+        .unwrap();
+    // The provider goes down; the user gives up on the job for now.
+    stack.sim.sim.set_config(SimConfig { error_503: 1.0, retry_after_s: 0.01, ..Default::default() });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stack.client.cancel(job).await.unwrap();
+    let before = stack.client.status(job).await.unwrap();
+    assert!(before.done() < 600, "{before:?}");
+
+    // Back up: resume runs the rest, and no item that had an answer is called again.
+    stack.sim.sim.set_config(SimConfig::default());
+    stack.client.resume(job, false).await.unwrap();
+    stack.wait_completed(job, Duration::from_secs(120)).await.unwrap();
+    let after = stack.client.status(job).await.unwrap();
+    assert_eq!((after.succeeded, after.failed), (600, 0));
+    assert_eq!(stack.sim.sim.stats().ok, 600, "exactly one answered call per item");
+}
