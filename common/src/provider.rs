@@ -152,12 +152,18 @@ impl CallError {
     }
 }
 
+/// Names an API key in shared state, logs and results without revealing it:
+/// the first 12 hex digits of its SHA-256.
+pub fn key_id(key: &SecretString) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(key.expose_secret().as_bytes()))[..12].to_string()
+}
+
 /// Where the model lives and how to reach it.
 #[derive(Debug, Clone)]
 pub struct ProviderConfig {
     /// Base URL including `/v1`, e.g. `https://api.openai.com/v1`.
     pub base_url: String,
-    pub api_key: Option<SecretString>,
     pub timeout: Duration,
     /// Most idle pooled connections kept per host.
     pub pool_size: usize,
@@ -168,7 +174,6 @@ pub struct ProviderConfig {
 pub struct ChatClient {
     http: reqwest::Client,
     url: String,
-    api_key: Option<SecretString>,
 }
 
 impl ChatClient {
@@ -180,7 +185,7 @@ impl ChatClient {
             .tcp_nodelay(true)
             .build()?;
         let url = format!("{}/chat/completions", config.base_url.trim_end_matches('/'));
-        Ok(ChatClient { http, url, api_key: config.api_key.clone() })
+        Ok(ChatClient { http, url })
     }
 
     /// The endpoint this client calls.
@@ -188,10 +193,14 @@ impl ChatClient {
         &self.url
     }
 
-    /// Sends one chat completion request.
-    pub async fn complete(&self, request: &ChatRequest) -> Result<Completion, CallError> {
+    /// Sends one chat completion request, with `api_key` as the bearer token if given.
+    pub async fn complete(
+        &self,
+        request: &ChatRequest,
+        api_key: Option<&SecretString>,
+    ) -> Result<Completion, CallError> {
         let mut builder = self.http.post(&self.url).json(request);
-        if let Some(key) = &self.api_key {
+        if let Some(key) = api_key {
             builder = builder.bearer_auth(key.expose_secret());
         }
         let response = builder.send().await.map_err(transport_error)?;

@@ -26,14 +26,19 @@ pub struct ChunkMsg {
     pub chunk_no: i32,
     pub first_seq: i64,
     pub last_seq: i64,
+    /// Which publication of the chunk this is. A chunk reopened by the
+    /// reconciler or by `resume` gets a new generation, and a worker drops a
+    /// message older than the chunk's current one.
+    #[serde(default)]
+    pub generation: i32,
 }
 
 impl ChunkMsg {
-    /// `Nats-Msg-Id` for this chunk. The generation changes only when the
-    /// reconciler republishes a lost chunk, so a retried publish of the same
-    /// generation is dropped by JetStream's duplicate window.
-    pub fn msg_id(&self, generation: i32) -> String {
-        format!("{}.{}.{}", self.job_id, self.chunk_no, generation)
+    /// `Nats-Msg-Id` for this chunk. The generation changes only when a chunk
+    /// is reopened, so a retried publish of the same generation is dropped by
+    /// JetStream's duplicate window.
+    pub fn msg_id(&self) -> String {
+        format!("{}.{}.{}", self.job_id, self.chunk_no, self.generation)
     }
 
     pub fn item_count(&self) -> i64 {
@@ -47,9 +52,14 @@ mod tests {
 
     #[test]
     fn msg_id_differs_by_generation_only() {
-        let m = ChunkMsg { job_id: Uuid::nil(), chunk_no: 3, first_seq: 201, last_seq: 300 };
-        assert_ne!(m.msg_id(0), m.msg_id(1));
-        assert_eq!(m.msg_id(0), m.msg_id(0));
+        let m = ChunkMsg { job_id: Uuid::nil(), chunk_no: 3, first_seq: 201, last_seq: 300, generation: 0 };
+        assert_ne!(m.msg_id(), ChunkMsg { generation: 1, ..m }.msg_id());
+        // Messages from before generations existed still decode.
+        let old: ChunkMsg = serde_json::from_str(
+            r#"{"job_id":"00000000-0000-0000-0000-000000000000","chunk_no":3,"first_seq":201,"last_seq":300}"#,
+        )
+        .unwrap();
+        assert_eq!(old, m);
         assert_eq!(m.item_count(), 100);
         let json = serde_json::to_string(&m).unwrap();
         assert_eq!(serde_json::from_str::<ChunkMsg>(&json).unwrap(), m);

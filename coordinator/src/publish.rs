@@ -17,7 +17,9 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::store::{self, ChunkRow};
+use common::wire::ChunkMsg;
+
+use crate::store;
 use crate::{metrics as m, Error};
 
 /// How many publishes may await their acks at once.
@@ -28,24 +30,24 @@ const WINDOW: usize = 512;
 pub async fn publish_chunks(
     js: &jetstream::Context,
     pool: &PgPool,
-    chunks: &[ChunkRow],
+    chunks: &[ChunkMsg],
     cause: &'static str,
 ) -> Result<(), Error> {
     for window in chunks.chunks(WINDOW) {
         let mut acks = Vec::with_capacity(window.len());
         for c in window {
-            let payload = serde_json::to_vec(&c.msg).expect("chunk message serialises");
-            let publish = PublishMessage::build().payload(payload.into()).message_id(c.msg.msg_id(c.generation));
+            let payload = serde_json::to_vec(c).expect("chunk message serialises");
+            let publish = PublishMessage::build().payload(payload.into()).message_id(c.msg_id());
             let ack = js
-                .send_publish(common::wire::chunk_subject(c.msg.job_id), publish)
+                .send_publish(common::wire::chunk_subject(c.job_id), publish)
                 .await
                 .map_err(|e| publish_error(c, e))?;
             acks.push(async move { ack.await.map_err(|e| publish_error(c, e)) });
         }
         try_join_all(acks).await?;
         if let Some(first) = window.first() {
-            let nos: Vec<i32> = window.iter().map(|c| c.msg.chunk_no).collect();
-            store::mark_published(pool, first.msg.job_id, &nos).await?;
+            let nos: Vec<i32> = window.iter().map(|c| c.chunk_no).collect();
+            store::mark_published(pool, first.job_id, &nos).await?;
         }
         metrics::counter!(m::CHUNKS_PUBLISHED, "cause" => cause).increment(window.len() as u64);
     }
@@ -106,6 +108,6 @@ pub async fn run(
     }
 }
 
-fn publish_error(c: &ChunkRow, e: impl std::error::Error + Send + Sync + 'static) -> Error {
-    Error::Publish { job_id: c.msg.job_id, chunk_no: c.msg.chunk_no, source: Box::new(e) }
+fn publish_error(c: &ChunkMsg, e: impl std::error::Error + Send + Sync + 'static) -> Error {
+    Error::Publish { job_id: c.job_id, chunk_no: c.chunk_no, source: Box::new(e) }
 }

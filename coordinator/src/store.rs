@@ -8,6 +8,8 @@ use sqlx::postgres::{PgPoolOptions, PgRow};
 use sqlx::{PgPool, Postgres, Row, Transaction};
 use uuid::Uuid;
 
+use common::wire::ChunkMsg;
+
 use crate::model::JobStatus;
 use crate::Error;
 
@@ -82,27 +84,18 @@ pub async fn create_chunks(
     Ok(n)
 }
 
-/// A chunk to (re)publish.
-#[derive(Debug, Clone)]
-pub struct ChunkRow {
-    pub msg: common::wire::ChunkMsg,
-    pub generation: i32,
-}
-
-fn chunk_row(job_id: Uuid, r: &PgRow) -> ChunkRow {
-    ChunkRow {
-        msg: common::wire::ChunkMsg {
-            job_id,
-            chunk_no: r.get("chunk_no"),
-            first_seq: r.get("first_seq"),
-            last_seq: r.get("last_seq"),
-        },
+fn chunk_msg(job_id: Uuid, r: &PgRow) -> ChunkMsg {
+    ChunkMsg {
+        job_id,
+        chunk_no: r.get("chunk_no"),
+        first_seq: r.get("first_seq"),
+        last_seq: r.get("last_seq"),
         generation: r.get("generation"),
     }
 }
 
 /// Up to `limit` pending chunks of a job that are not published, in order.
-pub async fn unpublished_chunks(pool: &PgPool, job_id: Uuid, limit: i64) -> Result<Vec<ChunkRow>, Error> {
+pub async fn unpublished_chunks(pool: &PgPool, job_id: Uuid, limit: i64) -> Result<Vec<ChunkMsg>, Error> {
     let rows = sqlx::query(
         "SELECT chunk_no, first_seq, last_seq, generation FROM chunks
          WHERE job_id = $1 AND state = 'pending' AND published_at IS NULL ORDER BY chunk_no LIMIT $2",
@@ -111,7 +104,7 @@ pub async fn unpublished_chunks(pool: &PgPool, job_id: Uuid, limit: i64) -> Resu
     .bind(limit)
     .fetch_all(pool)
     .await?;
-    Ok(rows.iter().map(|r| chunk_row(job_id, r)).collect())
+    Ok(rows.iter().map(|r| chunk_msg(job_id, r)).collect())
 }
 
 /// Marks pending chunks of a job that were last published before `before` as

@@ -139,15 +139,15 @@ async fn a_duplicate_chunk_message_costs_no_second_model_call() {
     stack.wait_completed(report.job_id, Duration::from_secs(60)).await.unwrap();
     assert_eq!(stack.sim.sim.stats().requests, 100);
 
-    // Publish the (only) chunk again under a new message id, as a reconciler
-    // racing a slow worker might: the worker finds it done and acks it.
+    // Publish the (only) chunk again under another message id, as a
+    // redelivery racing a slow worker might: the worker finds it done and acks it.
     let js = async_nats::jetstream::new(async_nats::connect(stack.nats.url()).await.unwrap());
-    let msg = common::wire::ChunkMsg { job_id: report.job_id, chunk_no: 0, first_seq: 1, last_seq: 100 };
+    let msg = common::wire::ChunkMsg { job_id: report.job_id, chunk_no: 0, first_seq: 1, last_seq: 100, generation: 0 };
     js.send_publish(
         common::wire::chunk_subject(report.job_id),
         async_nats::jetstream::message::PublishMessage::build()
             .payload(serde_json::to_vec(&msg).unwrap().into())
-            .message_id(msg.msg_id(7)),
+            .message_id("a-second-copy"),
     )
     .await
     .unwrap()

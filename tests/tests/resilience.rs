@@ -71,22 +71,29 @@ async fn a_quota_429_fails_the_item_without_retry() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_refused_api_key_fails_fast() {
+async fn a_refused_api_key_fails_fast_or_moves_to_the_next_key() {
     let sim = SimConfig { api_key: Some("the-right-key".into()), ..Default::default() };
     let mut stack = Stack::start(sim, |_| {}).await.unwrap();
-    stack.add_worker(|c| c.api_key = Some(SecretString::from("a-wrong-key")));
+    stack.add_worker(|c| c.api_keys = vec![SecretString::from("a-wrong-key")]);
     let report = stack.submit("classify", sample_jsonl(23, 30), false).await.unwrap();
     stack.wait_completed(report.job_id, Duration::from_secs(60)).await.unwrap();
     assert_eq!(outcome(&stack, report.job_id).await, [row("failed", Some("auth"), "sim-small", 30)]);
-    assert_eq!(stack.sim.sim.stats().requests, 30, "never retried with the same key");
+    let calls = stack.sim.sim.stats().requests;
+    assert!((1..=30).contains(&calls), "never retried with the same key: {calls} calls for 30 items");
 
     // The right key works, and is sent as a bearer token.
-    let mut stack =
-        Stack::start(SimConfig { api_key: Some("the-right-key".into()), ..Default::default() }, |_| {}).await.unwrap();
-    stack.add_worker(|c| c.api_key = Some(SecretString::from("the-right-key")));
+    let sim = SimConfig { api_key: Some("the-right-key".into()), log_requests: true, ..Default::default() };
+    let mut stack = Stack::start(sim, |_| {}).await.unwrap();
+    // With a refused key first and a good one second, the worker moves on.
+    stack.add_worker(|c| {
+        c.concurrency = 4;
+        c.api_keys = vec![SecretString::from("a-wrong-key"), SecretString::from("the-right-key")];
+    });
     let report = stack.submit("classify", sample_jsonl(23, 30), false).await.unwrap();
     stack.wait_completed(report.job_id, Duration::from_secs(60)).await.unwrap();
     assert_eq!(outcome(&stack, report.job_id).await, [row("succeeded", None, "sim-small", 30)]);
+    let refused = stack.sim.sim.log().iter().filter(|e| e.status == 401).count();
+    assert!((1..=4).contains(&refused), "the wrong key is dropped after the calls already under way: {refused}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -23,13 +23,15 @@ pub struct WorkerConfig {
     /// the Sluice model simulator started by `scripts/demo`.
     #[arg(long, env = "SLUICE_MODEL_BASE_URL", default_value = "http://127.0.0.1:7800/v1")]
     pub model_base_url: String,
-    /// File holding the provider API key. The key may instead be given in the
-    /// environment variable SLUICE_MODEL_API_KEY; it is never taken from the command line.
+    /// File holding the provider API key, or several keys one per line (used
+    /// in order: when the provider refuses one, the next is tried). The keys
+    /// may instead be given in the environment variable SLUICE_MODEL_API_KEY,
+    /// separated by commas; they are never taken from the command line.
     #[arg(long, env = "SLUICE_MODEL_API_KEY_FILE")]
     pub api_key_file: Option<PathBuf>,
-    /// The API key, resolved once at start-up by [`WorkerConfig::resolve`].
+    /// The API keys, resolved once at start-up by [`WorkerConfig::resolve`].
     #[arg(skip)]
-    pub api_key: Option<SecretString>,
+    pub api_keys: Vec<SecretString>,
     /// Model calls in flight at once in this worker.
     #[arg(long, env = "SLUICE_CONCURRENCY", default_value_t = 64)]
     pub concurrency: usize,
@@ -91,7 +93,7 @@ impl WorkerConfig {
             nats_url: nats_url.into(),
             model_base_url: model_base_url.into(),
             api_key_file: None,
-            api_key: None,
+            api_keys: Vec::new(),
             concurrency: 32,
             max_chunks: 0,
             request_timeout_ms: 10_000,
@@ -136,17 +138,20 @@ impl WorkerConfig {
                 self.model_base_url
             )));
         }
-        if self.api_key.is_none() {
-            if let Some(path) = &self.api_key_file {
-                let key = std::fs::read_to_string(path).map_err(|e| {
+        if self.api_keys.is_empty() {
+            let text = if let Some(path) = &self.api_key_file {
+                std::fs::read_to_string(path).map_err(|e| {
                     Error::Config(format!("cannot read SLUICE_MODEL_API_KEY_FILE {}: {e}", path.display()))
-                })?;
-                self.api_key = Some(SecretString::from(key.trim().to_string()));
-            } else if let Ok(key) = std::env::var("SLUICE_MODEL_API_KEY") {
-                if !key.is_empty() {
-                    self.api_key = Some(SecretString::from(key));
-                }
-            }
+                })?
+            } else {
+                std::env::var("SLUICE_MODEL_API_KEY").unwrap_or_default().replace(',', "\n")
+            };
+            self.api_keys = text
+                .lines()
+                .map(str::trim)
+                .filter(|k| !k.is_empty())
+                .map(|k| SecretString::from(k.to_string()))
+                .collect();
         }
         if self.name.is_none() {
             let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
@@ -165,19 +170,8 @@ impl WorkerConfig {
         }
     }
 
-    /// Names the API key in shared state and results without revealing it.
-    pub fn key_id(&self) -> String {
-        use secrecy::ExposeSecret;
-        use sha2::Digest;
-        match &self.api_key {
-            Some(k) => hex::encode(sha2::Sha256::digest(k.expose_secret().as_bytes()))[..12].to_string(),
-            None => "none".into(),
-        }
-    }
-
     pub fn guards(&self) -> crate::guard::GuardConfig {
         crate::guard::GuardConfig {
-            key_id: self.key_id(),
             endpoint: self.model_base_url.clone(),
             limits: crate::limit::Limits { rpm: self.rpm, tpm: self.tpm },
             breaker_threshold: self.breaker_threshold,
@@ -188,7 +182,6 @@ impl WorkerConfig {
     pub fn provider(&self) -> common::provider::ProviderConfig {
         common::provider::ProviderConfig {
             base_url: self.model_base_url.clone(),
-            api_key: self.api_key.clone(),
             timeout: Duration::from_millis(self.request_timeout_ms),
             pool_size: self.concurrency,
         }

@@ -13,8 +13,6 @@ use crate::Error;
 /// Settings of the guards, from the worker's configuration.
 #[derive(Debug, Clone)]
 pub struct GuardConfig {
-    /// Identifies the API key without revealing it (a hash prefix, or "none").
-    pub key_id: String,
     /// The provider endpoint the breakers are for.
     pub endpoint: String,
     pub limits: Limits,
@@ -26,7 +24,8 @@ pub struct GuardConfig {
 pub struct Guards {
     kv: kv::Store,
     config: GuardConfig,
-    limiters: Mutex<HashMap<String, Arc<Limiter>>>,
+    /// By (key id, model): a limit belongs to an API key and a model.
+    limiters: Mutex<HashMap<(String, String), Arc<Limiter>>>,
     breakers: tokio::sync::Mutex<HashMap<String, Arc<Breaker>>>,
 }
 
@@ -35,8 +34,8 @@ impl Guards {
         Guards { kv, config, limiters: Mutex::default(), breakers: tokio::sync::Mutex::default() }
     }
 
-    /// The model's limiter, or `None` when no limit is configured.
-    pub fn limiter(&self, model: &str) -> Option<Arc<Limiter>> {
+    /// The limiter of an API key (by id) and model, or `None` when no limit is configured.
+    pub fn limiter(&self, key_id: &str, model: &str) -> Option<Arc<Limiter>> {
         let l = self.config.limits;
         if l.rpm <= 0.0 && l.tpm <= 0.0 {
             return None;
@@ -45,8 +44,8 @@ impl Guards {
         let limits = Limits { rpm: if l.rpm > 0.0 { l.rpm } else { 1e9 }, tpm: l.tpm };
         let mut map = self.limiters.lock().expect("limiters lock");
         Some(
-            map.entry(model.to_string())
-                .or_insert_with(|| Arc::new(Limiter::new(self.kv.clone(), &self.config.key_id, model, limits)))
+            map.entry((key_id.to_string(), model.to_string()))
+                .or_insert_with(|| Arc::new(Limiter::new(self.kv.clone(), key_id, model, limits)))
                 .clone(),
         )
     }

@@ -5,6 +5,7 @@ pub mod config;
 pub mod error;
 pub mod guard;
 pub mod jobs;
+pub mod keys;
 pub mod kvstate;
 pub mod limit;
 pub mod metrics;

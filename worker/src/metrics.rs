@@ -10,7 +10,7 @@ pub const MODEL_CALLS: &str = "sluice_model_calls_total";
 pub const MODEL_CALL_SECONDS: &str = "sluice_model_call_duration_seconds";
 /// Tokens used (labels `model`, `direction`: in, out).
 pub const TOKENS: &str = "sluice_tokens_total";
-/// Chunk deliveries handled by this worker (label `outcome`: written, partial, duplicate, cancelled, exhausted, unknown).
+/// Chunk deliveries handled by this worker (label `outcome`: written, partial, duplicate, stale, cancelled, exhausted, unknown).
 pub const CHUNKS: &str = "sluice_chunks_total";
 
 pub fn describe() {

@@ -4,7 +4,7 @@
 //! |---|---|
 //! | rate limited (429) | pause the key cluster-wide until Retry-After, then retry (bounded separately) |
 //! | quota exceeded (429 with a quota error) | fail the item, no retry |
-//! | auth (401/403) | fail the item at once, never retry the same key |
+//! | auth (401/403) | set the key aside and use the next configured key; with none left, fail the item |
 //! | invalid request (400) | try the next fallback model (e.g. larger context), else fail |
 //! | server (5xx), transient (timeout, reset), malformed body | count against the breaker, retry with back-off (never before Retry-After), then the next fallback model |
 //! | bad output (not JSON, schema violation) | re-ask with the validation error, bounded, then `failed_validation` |
@@ -68,6 +68,7 @@ fn estimate_tokens(messages: &[Message], max_tokens: u32) -> u32 {
 pub struct ItemContext<'a> {
     pub client: &'a ChatClient,
     pub guards: &'a Guards,
+    pub keys: &'a crate::keys::KeyRing,
     pub policy: RetryPolicy,
     /// Cancelled when the worker shuts down: items not yet under way are held
     /// back so the chunk's finished results can be written at once.
@@ -113,7 +114,6 @@ pub async fn run_item(ctx: &ItemContext<'_>, job: &CompiledJob, item: &Item) -> 
     let mut held: Option<Duration> = None;
     'models: for model in models {
         let breaker = ctx.guards.breaker(model).await?;
-        let limiter = ctx.guards.limiter(model);
         let mut backoff = ExponentialBuilder::default()
             .with_min_delay(ctx.policy.base)
             .with_max_delay(Duration::from_secs(30))
@@ -134,6 +134,11 @@ pub async fn run_item(ctx: &ItemContext<'_>, job: &CompiledJob, item: &Item) -> 
                     continue 'models;
                 }
             }
+            let Some(key) = ctx.keys.current() else {
+                last = Some(("auth", "the provider refused every configured API key".into()));
+                break 'models;
+            };
+            let limiter = ctx.guards.limiter(key.id, model);
             let request = ChatRequest {
                 model: model.clone(),
                 messages: messages.clone(),
@@ -151,7 +156,7 @@ pub async fn run_item(ctx: &ItemContext<'_>, job: &CompiledJob, item: &Item) -> 
             };
             result.attempts += 1;
             let t = Instant::now();
-            let response = ctx.client.complete(&request).await;
+            let response = ctx.client.complete(&request, key.secret).await;
             let outcome = match &response {
                 Ok(_) => "ok",
                 Err(e) => e.class(),
@@ -214,7 +219,14 @@ pub async fn run_item(ctx: &ItemContext<'_>, job: &CompiledJob, item: &Item) -> 
                                 break 'models;
                             }
                         }
-                        CallError::QuotaExceeded { .. } | CallError::Auth { .. } => {
+                        CallError::Auth { .. } => {
+                            if ctx.keys.refuse(key.index) {
+                                continue; // the next key, at once
+                            }
+                            last = Some((class, message));
+                            break 'models;
+                        }
+                        CallError::QuotaExceeded { .. } => {
                             last = Some((class, message));
                             break 'models;
                         }

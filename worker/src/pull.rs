@@ -24,6 +24,7 @@ struct Shared {
     pool: PgPool,
     client: ChatClient,
     guards: Guards,
+    keys: crate::keys::KeyRing,
     jobs: JobCache,
     /// Bounds model calls in flight across all chunks this worker holds.
     calls: Arc<Semaphore>,
@@ -59,6 +60,7 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> Result<()
         pool,
         client,
         guards: Guards::new(state, config.guards()),
+        keys: crate::keys::KeyRing::new(config.api_keys.clone()),
         jobs: JobCache::default(),
         calls: Arc::new(Semaphore::new(config.concurrency)),
         policy: RetryPolicy {
@@ -211,6 +213,11 @@ async fn work(
         metrics::chunk("duplicate", 0, 0);
         return Ok(ChunkOutcome::Finished);
     }
+    if chunk.generation < state.generation {
+        // The chunk was reopened and published again; that newer message does the work.
+        metrics::chunk("stale", 0, 0);
+        return Ok(ChunkOutcome::Finished);
+    }
     if state.job != "running" {
         metrics::chunk("cancelled", 0, 0);
         return Ok(ChunkOutcome::Finished);
@@ -246,7 +253,13 @@ async fn work(
                 permit = shared.calls.acquire() => permit.expect("semaphore never closed"),
                 _ = stop.cancelled() => return Ok(Outcome::Held(Duration::ZERO)),
             };
-            let ctx = ItemContext { client: &shared.client, guards: &shared.guards, policy: shared.policy, stop };
+            let ctx = ItemContext {
+                client: &shared.client,
+                guards: &shared.guards,
+                keys: &shared.keys,
+                policy: shared.policy,
+                stop,
+            };
             run_item(&ctx, &job, &item).await
         }
     }))

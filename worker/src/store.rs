@@ -12,18 +12,19 @@ use crate::Error;
 pub struct ChunkState {
     pub chunk: String,
     pub job: String,
+    pub generation: i32,
 }
 
 pub async fn chunk_state(pool: &PgPool, c: &ChunkMsg) -> Result<Option<ChunkState>, Error> {
     let row = sqlx::query(
-        "SELECT c.state AS chunk, j.state AS job FROM chunks c JOIN jobs j ON j.id = c.job_id
+        "SELECT c.state AS chunk, j.state AS job, c.generation FROM chunks c JOIN jobs j ON j.id = c.job_id
          WHERE c.job_id = $1 AND c.chunk_no = $2",
     )
     .bind(c.job_id)
     .bind(c.chunk_no)
     .fetch_optional(pool)
     .await?;
-    Ok(row.map(|r| ChunkState { chunk: r.get("chunk"), job: r.get("job") }))
+    Ok(row.map(|r| ChunkState { chunk: r.get("chunk"), job: r.get("job"), generation: r.get("generation") }))
 }
 
 /// An item to process.
