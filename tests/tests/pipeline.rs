@@ -114,9 +114,16 @@ async fn a_worker_killed_with_sigkill_mid_job_loses_nothing() {
 async fn chunks_lost_by_jetstream_are_republished_by_the_reconciler() {
     let mut stack = Stack::start(SimConfig::default(), |_| {}).await.unwrap();
     let report = stack.submit("classify", sample_jsonl(3, 500), false).await.unwrap();
-    // Lose every message of the job before any worker sees it.
+    // Once the publisher has sent them, lose every message of the job before
+    // any worker sees it.
     let js = async_nats::jetstream::new(async_nats::connect(stack.nats.url()).await.unwrap());
     let mut stream = js.get_stream(common::wire::STREAM).await.unwrap();
+    wait_for("the chunks to be published", Duration::from_secs(30), || {
+        let js = js.clone();
+        async move { Ok(js.get_stream(common::wire::STREAM).await?.info().await?.state.messages == 5) }
+    })
+    .await
+    .unwrap();
     stream.purge().await.unwrap();
     assert_eq!(stream.info().await.unwrap().state.messages, 0);
 
