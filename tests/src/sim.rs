@@ -121,6 +121,8 @@ struct Counters {
     bad_output: AtomicU64,
     tokens_in: AtomicU64,
     tokens_out: AtomicU64,
+    in_flight: AtomicU64,
+    max_in_flight: AtomicU64,
 }
 
 /// One logged request.
@@ -158,6 +160,8 @@ pub struct Stats {
     pub bad_output: u64,
     pub tokens_in: u64,
     pub tokens_out: u64,
+    /// Most requests the simulator was answering at once.
+    pub max_in_flight: u64,
     pub uptime_s: f64,
 }
 
@@ -261,6 +265,7 @@ impl Sim {
             bad_output: l(&c.bad_output),
             tokens_in: l(&c.tokens_in),
             tokens_out: l(&c.tokens_out),
+            max_in_flight: l(&c.max_in_flight),
             uptime_s: self.started.elapsed().as_secs_f64(),
         }
     }
@@ -329,6 +334,9 @@ fn approx_tokens(chars: usize) -> u32 {
 
 async fn chat(State(sim): State<Arc<Sim>>, headers: HeaderMap, body: Bytes) -> Response {
     sim.counters.requests.fetch_add(1, Ordering::Relaxed);
+    let now = sim.counters.in_flight.fetch_add(1, Ordering::AcqRel) + 1;
+    sim.counters.max_in_flight.fetch_max(now, Ordering::AcqRel);
+    let _leaving = InFlight(&sim.counters.in_flight);
     let config = sim.config.read().expect("config lock").clone();
     let request: Value = match serde_json::from_slice(&body) {
         Ok(v) => v,
@@ -349,6 +357,15 @@ async fn chat(State(sim): State<Arc<Sim>>, headers: HeaderMap, body: Bytes) -> R
     }
     sim.record(response.status(), item, &model, config.log_requests);
     response
+}
+
+/// Counts a request out of the in-flight gauge however its handler ends.
+struct InFlight<'a>(&'a AtomicU64);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 async fn answer(sim: &Sim, config: &SimConfig, auth: &HeaderMap, request: &Value, body: &[u8]) -> Response {

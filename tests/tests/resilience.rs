@@ -337,3 +337,38 @@ async fn after_an_outage_resume_calls_only_the_unfinished_items() {
     assert_eq!((after.succeeded, after.failed), (600, 0));
     assert_eq!(stack.sim.sim.stats().ok, 600, "exactly one answered call per item");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_concurrency_cap_holds_across_workers_and_a_lone_worker_uses_all_of_it() {
+    let sim = SimConfig { latency_ms: 100, ..Default::default() };
+    let mut stack = Stack::start(sim, |_| {}).await.unwrap();
+    let mut kind = common::spec::JobKind::load(&jobs_dir().join("classify")).unwrap();
+    kind.spec.chunk_size = 10;
+
+    // Alone, one worker fills the whole cap.
+    let lone = stack.add_worker(|c| c.max_in_flight = 6);
+    let report = stack.submit_kind(kind.clone(), sample_jsonl(36, 120), false).await.unwrap();
+    stack.wait_completed(report.job_id, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(stack.sim.sim.stats().max_in_flight, 6);
+    lone.cancel();
+
+    // Three workers, each able to run 16 calls, together never exceed it.
+    let mut stack = Stack::start(SimConfig { latency_ms: 100, ..Default::default() }, |_| {}).await.unwrap();
+    for _ in 0..3 {
+        stack.add_worker(|c| {
+            c.concurrency = 16;
+            c.max_in_flight = 6;
+        });
+    }
+    let report = stack.submit_kind(kind, sample_jsonl(37, 300), false).await.unwrap();
+    stack.wait_completed(report.job_id, Duration::from_secs(120)).await.unwrap();
+    let stats = stack.sim.sim.stats();
+    assert!(stats.max_in_flight <= 6, "{stats:?}");
+    assert_eq!(stats.ok, 300);
+    let workers: i64 = sqlx::query_scalar("SELECT count(DISTINCT worker) FROM results WHERE job_id = $1")
+        .bind(report.job_id)
+        .fetch_one(&stack.db.pool)
+        .await
+        .unwrap();
+    assert!(workers >= 2, "the slots were shared");
+}

@@ -61,6 +61,10 @@ pub struct WorkerConfig {
     /// this provider key (0: no limit).
     #[arg(long, env = "SLUICE_TPM", default_value_t = 0.0)]
     pub tpm: f64,
+    /// Calls in flight allowed across the whole cluster for each model of this
+    /// provider key (0: no cap beyond each worker's SLUICE_CONCURRENCY).
+    #[arg(long, env = "SLUICE_MAX_IN_FLIGHT", default_value_t = 0)]
+    pub max_in_flight: u32,
     /// Consecutive failed calls (server errors, timeouts) across the cluster
     /// that open a model's circuit breaker.
     #[arg(long, env = "SLUICE_BREAKER_THRESHOLD", default_value_t = 5)]
@@ -105,6 +109,7 @@ impl WorkerConfig {
             tpm: 0.0,
             breaker_threshold: 5,
             breaker_interval_ms: 1_000,
+            max_in_flight: 0,
             max_deliveries: 50,
             ack_wait_s: 10,
             shutdown_grace_s: 5,
@@ -176,6 +181,8 @@ impl WorkerConfig {
             limits: crate::limit::Limits { rpm: self.rpm, tpm: self.tpm },
             breaker_threshold: self.breaker_threshold,
             breaker_interval: Duration::from_millis(self.breaker_interval_ms),
+            max_in_flight: self.max_in_flight,
+            worker: self.name.clone().unwrap_or_default(),
         }
     }
 

@@ -7,6 +7,7 @@ use std::time::Duration;
 use async_nats::jetstream::kv;
 
 use crate::breaker::Breaker;
+use crate::cap::Cap;
 use crate::limit::{Limiter, Limits};
 use crate::Error;
 
@@ -18,6 +19,10 @@ pub struct GuardConfig {
     pub limits: Limits,
     pub breaker_threshold: u32,
     pub breaker_interval: Duration,
+    /// Calls in flight allowed across the cluster per API key and model (0: no cap).
+    pub max_in_flight: u32,
+    /// This worker's name, under which it holds cap slots.
+    pub worker: String,
 }
 
 /// Limiters and breakers by model, created on first use.
@@ -27,11 +32,18 @@ pub struct Guards {
     /// By (key id, model): a limit belongs to an API key and a model.
     limiters: Mutex<HashMap<(String, String), Arc<Limiter>>>,
     breakers: tokio::sync::Mutex<HashMap<String, Arc<Breaker>>>,
+    caps: Mutex<HashMap<(String, String), Arc<Cap>>>,
 }
 
 impl Guards {
     pub fn new(kv: kv::Store, config: GuardConfig) -> Self {
-        Guards { kv, config, limiters: Mutex::default(), breakers: tokio::sync::Mutex::default() }
+        Guards {
+            kv,
+            config,
+            limiters: Mutex::default(),
+            breakers: tokio::sync::Mutex::default(),
+            caps: Mutex::default(),
+        }
     }
 
     /// The limiter of an API key (by id) and model, or `None` when no limit is configured.
@@ -46,6 +58,20 @@ impl Guards {
         Some(
             map.entry((key_id.to_string(), model.to_string()))
                 .or_insert_with(|| Arc::new(Limiter::new(self.kv.clone(), key_id, model, limits)))
+                .clone(),
+        )
+    }
+
+    /// The cluster-wide cap on calls in flight for a key and model, or `None` when not configured.
+    pub fn cap(&self, key_id: &str, model: &str) -> Option<Arc<Cap>> {
+        let c = &self.config;
+        if c.max_in_flight == 0 {
+            return None;
+        }
+        let mut map = self.caps.lock().expect("caps lock");
+        Some(
+            map.entry((key_id.to_string(), model.to_string()))
+                .or_insert_with(|| Cap::start(self.kv.clone(), key_id, model, &c.worker, c.max_in_flight))
                 .clone(),
         )
     }

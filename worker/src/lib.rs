@@ -1,6 +1,7 @@
 //! The Sluice worker: pulls chunks from JetStream, calls the model for each item, writes results to Postgres, then acks.
 
 pub mod breaker;
+pub mod cap;
 pub mod config;
 pub mod error;
 pub mod guard;

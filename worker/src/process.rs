@@ -138,6 +138,15 @@ pub async fn run_item(ctx: &ItemContext<'_>, job: &CompiledJob, item: &Item) -> 
                 last = Some(("auth", "the provider refused every configured API key".into()));
                 break 'models;
             };
+            // A slot under the cluster-wide cap first, then the rate budget:
+            // a reservation must not wait for a slot and be spent late.
+            let _slot = match ctx.guards.cap(key.id, model) {
+                Some(cap) => tokio::select! {
+                    p = cap.acquire() => Some(p),
+                    _ = ctx.stop.cancelled() => return Ok(Outcome::Held(Duration::ZERO)),
+                },
+                None => None,
+            };
             let limiter = ctx.guards.limiter(key.id, model);
             let request = ChatRequest {
                 model: model.clone(),
