@@ -24,6 +24,27 @@ pub struct ChatRequest {
     pub response_format: Option<Value>,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub logprobs: bool,
+    /// Alternatives per token to return with `logprobs`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub top_logprobs: Option<u8>,
+    /// Answers to sample (more than one for agreement).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub n: Option<u32>,
+}
+
+/// One answer token with its log-probability and the alternatives the model considered.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct TokenLogprob {
+    pub token: String,
+    pub logprob: f64,
+    #[serde(default)]
+    pub top_logprobs: Vec<TopLogprob>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct TopLogprob {
+    pub token: String,
+    pub logprob: f64,
 }
 
 /// A successful answer.
@@ -33,8 +54,10 @@ pub struct Completion {
     pub model: String,
     pub tokens_in: u32,
     pub tokens_out: u32,
-    /// Sum of the answer tokens' log-probabilities, when the provider sent them.
-    pub logprob_sum: Option<f64>,
+    /// The first answer's tokens with log-probabilities, when asked for and sent.
+    pub tokens: Vec<TokenLogprob>,
+    /// Further sampled answers (with `n` > 1), after `content`.
+    pub others: Vec<String>,
     /// What the provider said about its limits in the response headers.
     pub rate: RateInfo,
 }
@@ -138,6 +161,18 @@ impl CallError {
     /// Whether the same call may succeed if tried again.
     pub fn is_retryable(&self) -> bool {
         !matches!(self, CallError::Auth { .. } | CallError::InvalidRequest { .. } | CallError::QuotaExceeded { .. })
+    }
+
+    /// The HTTP status the provider answered with, if it answered.
+    pub fn http_status(&self) -> Option<u16> {
+        match self {
+            CallError::RateLimited { .. } | CallError::QuotaExceeded { .. } => Some(429),
+            CallError::Auth { status }
+            | CallError::InvalidRequest { status, .. }
+            | CallError::Server { status, .. } => Some(*status),
+            CallError::Malformed(_) => Some(200),
+            CallError::Transient(_) => None,
+        }
     }
 
     /// The earliest time the provider asked us to come back, if it said.
@@ -285,31 +320,26 @@ struct RawUsage {
 #[derive(Deserialize)]
 struct RawLogprobs {
     #[serde(default)]
-    content: Option<Vec<RawToken>>,
-}
-#[derive(Deserialize)]
-struct RawToken {
-    logprob: f64,
+    content: Option<Vec<TokenLogprob>>,
 }
 
 /// Parses a chat completion body; anything unexpected is `Malformed`.
 pub fn parse_completion(body: &[u8]) -> Result<Completion, CallError> {
     let raw: RawCompletion = serde_json::from_slice(body)
         .map_err(|e| CallError::Malformed(format!("body is not a chat completion: {e}")))?;
-    let choice = raw.choices.into_iter().next().ok_or_else(|| CallError::Malformed("no choices".into()))?;
+    let mut choices = raw.choices.into_iter();
+    let choice = choices.next().ok_or_else(|| CallError::Malformed("no choices".into()))?;
     let content = choice.message.content.ok_or_else(|| CallError::Malformed("no message content".into()))?;
-    let logprob_sum = choice
-        .logprobs
-        .and_then(|l| l.content)
-        .map(|tokens| tokens.iter().map(|t| t.logprob).sum::<f64>())
-        .filter(|s| s.is_finite());
+    let tokens = choice.logprobs.and_then(|l| l.content).unwrap_or_default();
+    let others = choices.filter_map(|c| c.message.content).collect();
     let usage = raw.usage.unwrap_or(RawUsage { prompt_tokens: 0, completion_tokens: 0 });
     Ok(Completion {
         content,
         model: raw.model,
         tokens_in: usage.prompt_tokens,
         tokens_out: usage.completion_tokens,
-        logprob_sum,
+        tokens,
+        others,
         rate: RateInfo::default(),
     })
 }
@@ -326,7 +356,9 @@ mod tests {
         let c = parse_completion(body).unwrap();
         assert_eq!(c.content, "hi");
         assert_eq!((c.tokens_in, c.tokens_out), (7, 2));
-        assert_eq!(c.logprob_sum, Some(-0.75));
+        assert_eq!(c.tokens.len(), 2);
+        assert_eq!(c.tokens[1].logprob, -0.25);
+        assert!(c.others.is_empty());
     }
 
     #[test]

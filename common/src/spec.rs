@@ -46,9 +46,44 @@ pub struct JobSpec {
     /// an open breaker, or a request it refuses, e.g. too long a context).
     #[serde(default)]
     pub fallback_models: Vec<String>,
-    /// Ask the provider for token log-probabilities (used for confidence).
+    /// How each result's confidence is computed.
     #[serde(default)]
-    pub logprobs: bool,
+    pub confidence: ConfidenceStrategy,
+    /// With `self_reported`: the output field holding the model's own confidence.
+    #[serde(default = "default_confidence_field")]
+    pub confidence_field: String,
+    /// With `agreement`: answers sampled per item (`n` in the request).
+    #[serde(default = "default_samples")]
+    pub samples: u32,
+    /// Longest accepted model output, in bytes.
+    #[serde(default = "default_max_output_bytes")]
+    pub max_output_bytes: usize,
+}
+
+/// How confidence is computed; recorded with its components in every result.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConfidenceStrategy {
+    /// No confidence: results are never flagged for review.
+    #[default]
+    None,
+    /// The probability the model gave the chosen label, normalised over the
+    /// allowed labels (from `top_logprobs`).
+    Logprobs,
+    /// A confidence field in the model's output, clamped and discounted.
+    SelfReported,
+    /// Several sampled answers: the share that agree with the majority.
+    Agreement,
+}
+
+fn default_confidence_field() -> String {
+    "confidence".into()
+}
+fn default_samples() -> u32 {
+    5
+}
+fn default_max_output_bytes() -> usize {
+    16 * 1024
 }
 
 fn default_chunk_size() -> u32 {
@@ -127,6 +162,12 @@ impl JobKind {
                 "confidence_threshold must be within 0..=1, got {}",
                 s.confidence_threshold
             )));
+        }
+        if s.confidence == ConfidenceStrategy::Agreement && !(2..=20).contains(&s.samples) {
+            return Err(SpecError::Invalid(format!("samples must be 2..=20 for agreement, got {}", s.samples)));
+        }
+        if s.confidence == ConfidenceStrategy::Logprobs && s.labels.is_empty() {
+            return Err(SpecError::Invalid("confidence = \"logprobs\" needs `labels`".into()));
         }
         if s.max_tokens == 0 {
             return Err(SpecError::Invalid("max_tokens must be at least 1".into()));

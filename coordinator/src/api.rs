@@ -17,7 +17,7 @@ use uuid::Uuid;
 
 use crate::ingest::{self, Mode};
 use crate::model::{ApiError, Created, NewJob};
-use crate::{metrics as m, store, Error};
+use crate::{metrics as m, review, store, Error};
 
 /// Shared handles of the API handlers, the publisher and the reconciler.
 #[derive(Clone)]
@@ -44,6 +44,9 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/jobs/{id}/cancel", post(cancel_job))
         .route("/v1/jobs/{id}/resume", post(resume_job))
         .route("/v1/jobs/{id}/results", get(results))
+        .route("/v1/jobs/{id}/review", get(review_export).post(review_import))
+        // Decision files are read whole (they are validated before anything is applied).
+        .layer(axum::extract::DefaultBodyLimit::max(256 * 1024 * 1024))
         .with_state(state)
 }
 
@@ -52,7 +55,7 @@ impl IntoResponse for Error {
         let status = match &self {
             Error::JobNotFound(_) => StatusCode::NOT_FOUND,
             Error::JobState { .. } => StatusCode::CONFLICT,
-            Error::Spec(_) | Error::Upload(_) => StatusCode::BAD_REQUEST,
+            Error::Spec(_) | Error::Upload(_) | Error::Invalid(_) => StatusCode::BAD_REQUEST,
             Error::Db(_) | Error::DbConnect { .. } | Error::Nats(_) | Error::Publish { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -77,9 +80,36 @@ fn chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-async fn create_job(State(st): State<AppState>, Json(job): Json<NewJob>) -> Result<impl IntoResponse, Error> {
+/// Who is acting, as the CLI reports it in `x-sluice-actor`; recorded in the audit trail.
+pub struct Actor(pub String);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Actor {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let actor = parts
+            .headers
+            .get("x-sluice-actor")
+            .and_then(|v| v.to_str().ok())
+            .map(|s| s.chars().filter(|c| !c.is_control()).take(100).collect::<String>())
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "unknown".into());
+        Ok(Actor(actor))
+    }
+}
+
+async fn create_job(
+    State(st): State<AppState>,
+    Actor(actor): Actor,
+    Json(job): Json<NewJob>,
+) -> Result<impl IntoResponse, Error> {
     job.kind.validate()?;
-    let job_id = store::create_job(&st.pool, &job).await?;
+    if let Some(t) = job.review_below {
+        if !(0.0..=1.0).contains(&t) {
+            return Err(Error::Invalid(format!("review_below must be within 0..=1, got {t}")));
+        }
+    }
+    let job_id = store::create_job(&st.pool, &job, &actor).await?;
     tracing::info!(%job_id, kind = %job.kind.spec.kind, "job created");
     Ok((StatusCode::CREATED, Json(Created { job_id })))
 }
@@ -92,6 +122,7 @@ struct InputParams {
 
 async fn upload_input(
     State(st): State<AppState>,
+    Actor(actor): Actor,
     Path(job_id): Path<Uuid>,
     Query(p): Query<InputParams>,
     body: Body,
@@ -107,6 +138,9 @@ async fn upload_input(
         return Ok((StatusCode::UNPROCESSABLE_ENTITY, Json(ApiError { error, report: Some(report) })).into_response());
     }
     tracing::info!(%job_id, items = report.items, chunks = report.chunks, secs = report.ingest_seconds, "input ingested");
+    let detail =
+        serde_json::json!({"items": report.items, "chunks": report.chunks, "invalid_lines": report.invalid_lines});
+    store::event(&st.pool, job_id, "chunked", &actor, detail).await?;
     // The publisher sends the chunks; Postgres already holds everything.
     st.wake.notify_one();
     Ok(Json(report).into_response())
@@ -129,8 +163,12 @@ async fn list_jobs(State(st): State<AppState>, Query(p): Query<ListParams>) -> R
     Ok(Json(store::list_jobs(&st.pool, p.limit.clamp(1, 1000)).await?))
 }
 
-async fn cancel_job(State(st): State<AppState>, Path(job_id): Path<Uuid>) -> Result<impl IntoResponse, Error> {
-    store::cancel(&st.pool, job_id).await?;
+async fn cancel_job(
+    State(st): State<AppState>,
+    Actor(actor): Actor,
+    Path(job_id): Path<Uuid>,
+) -> Result<impl IntoResponse, Error> {
+    store::cancel(&st.pool, job_id, &actor).await?;
     metrics::counter!(m::JOBS_FINISHED, "state" => "cancelled").increment(1);
     Ok(Json(store::status(&st.pool, job_id).await?))
 }
@@ -143,10 +181,11 @@ struct ResumeParams {
 
 async fn resume_job(
     State(st): State<AppState>,
+    Actor(actor): Actor,
     Path(job_id): Path<Uuid>,
     Query(p): Query<ResumeParams>,
 ) -> Result<impl IntoResponse, Error> {
-    let resumed = store::resume(&st.pool, job_id, p.failed_only).await?;
+    let resumed = store::resume(&st.pool, job_id, p.failed_only, &actor).await?;
     tracing::info!(%job_id, failed_reset = resumed.failed_reset, chunks = resumed.chunks, "job resumed");
     st.wake.notify_one();
     Ok(Json(resumed))
@@ -162,15 +201,75 @@ fn default_format() -> String {
 }
 
 /// CSV columns of a result export.
-pub const CSV_HEADER: &str = "id,state,answer,confidence,error_class,error,model,attempts,template_hash\n";
+pub const CSV_HEADER: &str =
+    "id,state,answer,answer_source,model_answer,confidence,error_class,error,model,attempts,template_hash\n";
+
+#[derive(Deserialize)]
+struct ReviewParams {
+    below: Option<f64>,
+    #[serde(default = "default_format")]
+    format: String,
+}
+
+async fn review_export(
+    State(st): State<AppState>,
+    Actor(actor): Actor,
+    Path(job_id): Path<Uuid>,
+    Query(p): Query<ReviewParams>,
+) -> Result<Response, Error> {
+    let spec = store::job_spec(&st.pool, job_id).await?;
+    let items = review::queue(&st.pool, job_id, p.below).await?;
+    let body = review::render(&items, &p.format, &spec.labels).map_err(Error::Invalid)?;
+    let detail = serde_json::json!({"what": "review", "format": p.format, "below": p.below, "items": items.len()});
+    store::event(&st.pool, job_id, "exported", &actor, detail).await?;
+    let content_type = match p.format.as_str() {
+        "csv" => "text/csv",
+        "label-studio" => "application/json",
+        _ => "application/x-ndjson",
+    };
+    Ok(([(header::CONTENT_TYPE, content_type)], body).into_response())
+}
+
+#[derive(Deserialize)]
+struct ImportParams {
+    #[serde(default = "default_format")]
+    format: String,
+    #[serde(default)]
+    source: Option<String>,
+}
+
+async fn review_import(
+    State(st): State<AppState>,
+    Actor(actor): Actor,
+    Path(job_id): Path<Uuid>,
+    Query(p): Query<ImportParams>,
+    body: axum::body::Bytes,
+) -> Result<Response, Error> {
+    let csv_format = match p.format.as_str() {
+        "jsonl" => false,
+        "csv" => true,
+        other => return Err(Error::Invalid(format!("unknown format {other:?}: use jsonl or csv"))),
+    };
+    let source = p.source.unwrap_or_else(|| format!("upload.{}", p.format));
+    let report = review::import(&st.pool, job_id, &body, csv_format, &source, &actor).await?;
+    if !report.errors.is_empty() {
+        let error = format!("{} bad line(s) in the decisions; nothing was applied", report.errors.len());
+        let body = serde_json::json!({"error": error, "import": report});
+        return Ok((StatusCode::UNPROCESSABLE_ENTITY, Json(body)).into_response());
+    }
+    Ok(Json(report).into_response())
+}
 
 async fn results(
     State(st): State<AppState>,
+    Actor(actor): Actor,
     Path(job_id): Path<Uuid>,
     Query(p): Query<ResultParams>,
 ) -> Result<Response, Error> {
     // Fails with 404 before streaming if the job does not exist.
     store::job_spec(&st.pool, job_id).await?;
+    store::event(&st.pool, job_id, "exported", &actor, serde_json::json!({"what": "results", "format": p.format}))
+        .await?;
     let csv = match p.format.as_str() {
         "jsonl" => false,
         "csv" => true,
@@ -224,6 +323,8 @@ fn write_csv_row(out: &mut Vec<u8>, r: &store::ResultRow) {
         r.id.as_str(),
         r.state.as_str(),
         r.answer.as_deref().unwrap_or(""),
+        r.answer_source.as_deref().unwrap_or(""),
+        r.model_answer.as_deref().unwrap_or(""),
         confidence.as_str(),
         r.error_class.as_deref().unwrap_or(""),
         r.error.as_deref().unwrap_or(""),

@@ -6,7 +6,7 @@ use futures::{Stream, TryStreamExt};
 use reqwest::StatusCode;
 use uuid::Uuid;
 
-use crate::model::{ApiError, Created, IngestReport, JobStatus, NewJob};
+use crate::model::{ApiError, Created, ImportReport, IngestReport, JobStatus, NewJob};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -18,6 +18,8 @@ pub enum ClientError {
     },
     #[error("{message}")]
     Api { status: StatusCode, message: String, report: Option<Box<IngestReport>> },
+    #[error("{message}")]
+    Decisions { message: String, errors: Vec<crate::model::DecisionError> },
     #[error("request to {url} failed")]
     Http {
         url: String,
@@ -37,11 +39,19 @@ pub enum ClientError {
 pub struct Client {
     http: reqwest::Client,
     base: String,
+    /// Who is acting: recorded with job events in the audit trail.
+    actor: String,
 }
 
 impl Client {
     pub fn new(base: &str) -> Self {
-        Client { http: reqwest::Client::new(), base: base.trim_end_matches('/').to_string() }
+        Client { http: reqwest::Client::new(), base: base.trim_end_matches('/').to_string(), actor: "unknown".into() }
+    }
+
+    /// Names the person or system acting, for the audit trail.
+    pub fn with_actor(mut self, actor: &str) -> Self {
+        self.actor = actor.to_string();
+        self
     }
 
     fn url(&self, path: &str) -> String {
@@ -49,7 +59,7 @@ impl Client {
     }
 
     async fn send(&self, req: reqwest::RequestBuilder, url: &str) -> Result<reqwest::Response, ClientError> {
-        let resp = req.send().await.map_err(|source| {
+        let resp = req.header("x-sluice-actor", &self.actor).send().await.map_err(|source| {
             if source.is_connect() {
                 ClientError::Unreachable { url: self.base.clone(), source }
             } else {
@@ -61,6 +71,14 @@ impl Client {
         }
         let status = resp.status();
         let text = resp.text().await.unwrap_or_default();
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
+            if let Ok(import) = serde_json::from_value::<ImportReport>(v["import"].clone()) {
+                return Err(ClientError::Decisions {
+                    message: v["error"].as_str().unwrap_or_default().to_string(),
+                    errors: import.errors,
+                });
+            }
+        }
         Err(match serde_json::from_str::<ApiError>(&text) {
             Ok(e) => ClientError::Api { status, message: e.error, report: e.report.map(Box::new) },
             Err(_) => ClientError::Api { status, message: format!("HTTP {status}: {text}"), report: None },
@@ -127,6 +145,35 @@ impl Client {
     pub async fn resume(&self, job_id: Uuid, failed_only: bool) -> Result<crate::store::Resumed, ClientError> {
         let url = self.url(&format!("/v1/jobs/{job_id}/resume?failed_only={failed_only}"));
         let resp = self.send(self.http.post(&url), &url).await?;
+        self.json(resp, &url).await
+    }
+
+    /// The review queue in `format` (`jsonl`, `csv` or `label-studio`).
+    pub async fn review_export(
+        &self,
+        job_id: Uuid,
+        below: Option<f64>,
+        format: &str,
+    ) -> Result<bytes::Bytes, ClientError> {
+        let mut url = self.url(&format!("/v1/jobs/{job_id}/review?format={format}"));
+        if let Some(b) = below {
+            url.push_str(&format!("&below={b}"));
+        }
+        let resp = self.send(self.http.get(&url), &url).await?;
+        resp.bytes().await.map_err(|source| ClientError::Http { url, source })
+    }
+
+    /// Imports review decisions (`jsonl` or `csv`); all or nothing.
+    pub async fn review_import(
+        &self,
+        job_id: Uuid,
+        body: Vec<u8>,
+        format: &str,
+        source: &str,
+    ) -> Result<ImportReport, ClientError> {
+        let url = self.url(&format!("/v1/jobs/{job_id}/review?format={format}"));
+        let req = self.http.post(&url).query(&[("source", source)]).body(body);
+        let resp = self.send(req, &url).await?;
         self.json(resp, &url).await
     }
 

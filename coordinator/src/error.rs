@@ -39,6 +39,8 @@ pub enum Error {
     JobState { job_id: Uuid, state: String, expected: &'static str },
     #[error("invalid job kind")]
     Spec(#[from] common::spec::SpecError),
+    #[error("{0}")]
+    Invalid(String),
     #[error("reading the uploaded input failed")]
     Upload(#[source] axum::Error),
 }

@@ -9,6 +9,7 @@ pub mod metrics;
 pub mod model;
 pub mod publish;
 pub mod reconcile;
+pub mod review;
 pub mod store;
 
 pub use config::ServeConfig;

@@ -11,6 +11,9 @@ pub struct NewJob {
     /// Name of the input file, for the user's reference.
     #[serde(default)]
     pub input_name: Option<String>,
+    /// Review threshold for this job instead of the kind's `confidence_threshold`.
+    #[serde(default)]
+    pub review_below: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -47,9 +50,22 @@ pub struct JobStatus {
     pub state: String,
     pub input_name: Option<String>,
     pub total: u64,
+    /// Items with an answer (including those flagged for review).
     pub succeeded: u64,
+    /// Answers below the review threshold, waiting for a human.
+    pub needs_review: u64,
+    /// Answers a human has decided.
+    pub reviewed: u64,
     pub failed: u64,
     pub pending: u64,
+    /// Tokens and cost of every attempt so far (from the audit trail).
+    pub tokens_in: u64,
+    pub tokens_out: u64,
+    pub cost_usd: f64,
+    /// Cost so far scaled to all items, once some are done.
+    pub projected_cost_usd: Option<f64>,
+    /// The job's review threshold.
+    pub review_below: Option<f64>,
     pub invalid_lines: u64,
     pub chunks_total: u64,
     pub chunks_done: u64,
@@ -79,4 +95,15 @@ pub struct ApiError {
     pub error: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub report: Option<IngestReport>,
+}
+
+/// One line of a review decisions file that could not be used.
+pub type DecisionError = LineError;
+
+/// The outcome of importing review decisions.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ImportReport {
+    pub applied: u64,
+    /// The refused lines (nothing is applied when there are any).
+    pub errors: Vec<DecisionError>,
 }

@@ -38,11 +38,11 @@ pub fn redact_url(url: &str) -> String {
 }
 
 /// Stores a new job in state `uploading`.
-pub async fn create_job(pool: &PgPool, job: &crate::model::NewJob) -> Result<Uuid, Error> {
+pub async fn create_job(pool: &PgPool, job: &crate::model::NewJob, actor: &str) -> Result<Uuid, Error> {
     let id = Uuid::now_v7();
     sqlx::query(
-        "INSERT INTO jobs (id, kind, spec, template, template_hash, output_schema, input_name)
-         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        "INSERT INTO jobs (id, kind, spec, template, template_hash, output_schema, input_name, review_below, submitted_by)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
     )
     .bind(id)
     .bind(&job.kind.spec.kind)
@@ -51,9 +51,25 @@ pub async fn create_job(pool: &PgPool, job: &crate::model::NewJob) -> Result<Uui
     .bind(job.kind.template_hash())
     .bind(&job.kind.schema)
     .bind(&job.input_name)
+    .bind(job.review_below)
+    .bind(actor)
     .execute(pool)
     .await?;
+    event(pool, id, "submitted", actor, serde_json::json!({"kind": job.kind.spec.kind, "input": job.input_name}))
+        .await?;
     Ok(id)
+}
+
+/// Appends a job event to the audit trail.
+pub async fn event(pool: &PgPool, job_id: Uuid, event: &str, actor: &str, detail: Value) -> Result<(), Error> {
+    sqlx::query("INSERT INTO audit_events (job_id, event, actor, detail) VALUES ($1, $2, $3, $4)")
+        .bind(job_id)
+        .bind(event)
+        .bind(actor)
+        .bind(detail)
+        .execute(pool)
+        .await?;
+    Ok(())
 }
 
 /// The spec of a job, as stored at submission.
@@ -156,7 +172,13 @@ pub async fn status(pool: &PgPool, job_id: Uuid) -> Result<JobStatus, Error> {
     let row = sqlx::query(
         "SELECT j.id, j.kind, j.state, j.input_name, j.total_items, j.invalid_lines,
                 j.created_at, j.started_at, j.finished_at,
-                (SELECT count(*) FROM results r WHERE r.job_id = j.id AND r.state = 'succeeded') AS succeeded,
+                (SELECT count(*) FROM results r WHERE r.job_id = j.id AND r.state <> 'failed') AS succeeded,
+                (SELECT count(*) FROM results r WHERE r.job_id = j.id AND r.state = 'needs_review') AS needs_review,
+                (SELECT count(*) FROM results r WHERE r.job_id = j.id AND r.state = 'reviewed') AS reviewed,
+                (SELECT coalesce(sum(tokens_in), 0)::bigint FROM audit_attempts a WHERE a.job_id = j.id) AS tokens_in,
+                (SELECT coalesce(sum(tokens_out), 0)::bigint FROM audit_attempts a WHERE a.job_id = j.id) AS tokens_out,
+                (SELECT coalesce(sum(cost_usd), 0)::float8 FROM audit_attempts a WHERE a.job_id = j.id) AS cost_usd,
+                j.review_below, j.spec->>'confidence_threshold' AS kind_threshold,
                 (SELECT count(*) FROM results r WHERE r.job_id = j.id AND r.state = 'failed') AS failed,
                 (SELECT count(*) FROM chunks c WHERE c.job_id = j.id) AS chunks_total,
                 (SELECT count(*) FROM chunks c WHERE c.job_id = j.id AND c.state = 'done') AS chunks_done,
@@ -191,6 +213,10 @@ fn status_from_row(row: &PgRow) -> JobStatus {
     let pending = (total - done).max(0);
     let state: String = row.get("state");
     let eta_s = (state == "running" && items_per_s > 0.0).then(|| pending as f64 / items_per_s);
+    let cost_usd: f64 = row.get("cost_usd");
+    let projected_cost_usd = (done > 0).then(|| cost_usd / done as f64 * total as f64);
+    let review_below: Option<f64> = row.get("review_below");
+    let kind_threshold: Option<String> = row.get("kind_threshold");
     JobStatus {
         job_id: row.get("id"),
         kind: row.get("kind"),
@@ -198,6 +224,13 @@ fn status_from_row(row: &PgRow) -> JobStatus {
         input_name: row.get("input_name"),
         total: total as u64,
         succeeded: succeeded as u64,
+        needs_review: row.get::<i64, _>("needs_review") as u64,
+        reviewed: row.get::<i64, _>("reviewed") as u64,
+        tokens_in: row.get::<i64, _>("tokens_in") as u64,
+        tokens_out: row.get::<i64, _>("tokens_out") as u64,
+        cost_usd,
+        projected_cost_usd,
+        review_below: review_below.or_else(|| kind_threshold.and_then(|t| t.parse().ok())),
         failed: failed as u64,
         pending: pending as u64,
         invalid_lines: row.get::<i64, _>("invalid_lines") as u64,
@@ -223,7 +256,7 @@ pub async fn list_jobs(pool: &PgPool, limit: i64) -> Result<Vec<JobStatus>, Erro
 }
 
 /// Stops a job: no new chunk is started; finished results stay.
-pub async fn cancel(pool: &PgPool, job_id: Uuid) -> Result<(), Error> {
+pub async fn cancel(pool: &PgPool, job_id: Uuid, actor: &str) -> Result<(), Error> {
     let n = sqlx::query(
         "UPDATE jobs SET state = 'cancelled', finished_at = now() WHERE id = $1 AND state IN ('uploading', 'running')",
     )
@@ -235,7 +268,7 @@ pub async fn cancel(pool: &PgPool, job_id: Uuid) -> Result<(), Error> {
         let st = status(pool, job_id).await?;
         return Err(Error::JobState { job_id, state: st.state, expected: "uploading or running" });
     }
-    Ok(())
+    event(pool, job_id, "cancelled", actor, serde_json::json!({})).await
 }
 
 /// What `resume` reopened.
@@ -250,7 +283,7 @@ pub struct Resumed {
 /// Re-runs the unfinished items of a completed or cancelled job: items without
 /// a result, and failed ones (only failed ones with `failed_only`). Items with
 /// a successful result are never sent to the model again.
-pub async fn resume(pool: &PgPool, job_id: Uuid, failed_only: bool) -> Result<Resumed, Error> {
+pub async fn resume(pool: &PgPool, job_id: Uuid, failed_only: bool, actor: &str) -> Result<Resumed, Error> {
     let mut tx = pool.begin().await?;
     let state: Option<String> = sqlx::query_scalar("SELECT state FROM jobs WHERE id = $1 FOR UPDATE")
         .bind(job_id)
@@ -293,6 +326,8 @@ pub async fn resume(pool: &PgPool, job_id: Uuid, failed_only: bool) -> Result<Re
             .await?;
     }
     tx.commit().await?;
+    let detail = serde_json::json!({"failed_only": failed_only, "failed_reset": failed.len(), "chunks": chunks});
+    event(pool, job_id, "resumed", actor, detail).await?;
     Ok(Resumed { failed_reset: failed.len() as u64, chunks })
 }
 
@@ -301,7 +336,12 @@ pub async fn resume(pool: &PgPool, job_id: Uuid, failed_only: bool) -> Result<Re
 pub struct ResultRow {
     pub id: String,
     pub state: String,
+    /// The final answer: the reviewer's if there is one, else the model's.
     pub answer: Option<String>,
+    /// `model`, or `human:<reviewer>` when a reviewer decided.
+    pub answer_source: Option<String>,
+    pub model_answer: Option<String>,
+    pub reviewed_at: Option<DateTime<Utc>>,
     pub output: Option<Value>,
     pub confidence: Option<f64>,
     pub error_class: Option<String>,
@@ -317,7 +357,7 @@ pub struct ResultRow {
 pub async fn results_page(pool: &PgPool, job_id: Uuid, after: i64, limit: i64) -> Result<Vec<(i64, ResultRow)>, Error> {
     let rows = sqlx::query(
         "SELECT seq, item_id, state, answer, output, confidence, error_class, error, model, attempts,
-                template_hash, tokens_in, tokens_out
+                template_hash, tokens_in, tokens_out, human_answer, reviewer, reviewed_at
          FROM results WHERE job_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
     )
     .bind(job_id)
@@ -333,7 +373,13 @@ pub async fn results_page(pool: &PgPool, job_id: Uuid, after: i64, limit: i64) -
                 ResultRow {
                     id: row.get("item_id"),
                     state: row.get("state"),
-                    answer: row.get("answer"),
+                    answer: row.get::<Option<String>, _>("human_answer").or_else(|| row.get("answer")),
+                    answer_source: match row.get::<Option<String>, _>("reviewer") {
+                        Some(r) => Some(format!("human:{r}")),
+                        None => row.get::<Option<String>, _>("answer").map(|_| "model".to_string()),
+                    },
+                    model_answer: row.get("answer"),
+                    reviewed_at: row.get("reviewed_at"),
                     output: row.get("output"),
                     confidence: row.get("confidence"),
                     error_class: row.get("error_class"),

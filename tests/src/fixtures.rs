@@ -108,7 +108,9 @@ pub fn admin_url() -> String {
 impl TestDb {
     pub async fn create() -> anyhow::Result<Self> {
         let admin_url = admin_url();
-        let name = format!("sluice_t_{}", uuid::Uuid::new_v4().simple());
+        // The process id lets scripts/test drop databases of test runs that
+        // died, and only those.
+        let name = format!("sluice_t_{}_{}", std::process::id(), uuid::Uuid::new_v4().simple());
         let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&admin_url)
             .await
             .with_context(|| format!("cannot reach Postgres at {admin_url}: run scripts/test, which starts it"))?;
@@ -234,8 +236,10 @@ impl Stack {
         input: Vec<u8>,
         skip_invalid: bool,
     ) -> Result<coordinator::model::IngestReport, coordinator::client::ClientError> {
-        let job_id =
-            self.client.create_job(&coordinator::model::NewJob { kind, input_name: Some("test.jsonl".into()) }).await?;
+        let job_id = self
+            .client
+            .create_job(&coordinator::model::NewJob { kind, input_name: Some("test.jsonl".into()), review_below: None })
+            .await?;
         // Send the input in small pieces so line splitting across reads is exercised.
         let pieces: Vec<Result<bytes::Bytes, std::io::Error>> =
             input.chunks(4096).map(|c| Ok(bytes::Bytes::copy_from_slice(c))).collect();

@@ -78,6 +78,10 @@ pub struct SimConfig {
     /// If set, requests must carry `Authorization: Bearer <api_key>` or get 401.
     #[arg(long)]
     pub api_key: Option<String>,
+    /// Share of documents the simulated model gets wrong (decided per document):
+    /// it picks another label and, as real models tend to, is less sure of it.
+    #[arg(long, default_value_t = 0.0)]
+    pub wrong: f64,
     /// Send no `x-ratelimit-*` headers (only 429 and Retry-After), as some providers do.
     #[arg(long)]
     pub no_limit_headers: bool,
@@ -527,39 +531,85 @@ async fn answer(sim: &Sim, config: &SimConfig, auth: &HeaderMap, request: &Value
     }
 
     let schema = &request["response_format"]["json_schema"]["schema"];
-    let (content, p) = if fault == Some("bad_output") {
+    let n = request["n"].as_u64().unwrap_or(1).clamp(1, 20) as usize;
+    let temperature = request["temperature"].as_f64().unwrap_or(1.0);
+    let model_cfg = Answering { wrong: config.wrong, seed: config.seed };
+    let mut choices = Vec::with_capacity(n);
+    let mut tokens_out = 0u32;
+    for i in 0..n {
+        // The first answer is the model's best; further samples are drawn
+        // from its distribution when the temperature allows.
+        let draw = (i > 0 && temperature > 0.0).then(|| unit(hash_of((request_hash, i as u64, 7u8))));
+        let mut pick = Pick::default();
+        let content = if fault == Some("bad_output") {
+            json!({"sim_bad_output": true}).to_string()
+        } else if schema.is_object() {
+            fill(schema, text, &model_cfg, draw, &mut pick).to_string()
+        } else {
+            summary(text, 200)
+        };
+        tokens_out += approx_tokens(content.len()).min(max_tokens.max(1));
+        let logprobs =
+            if request["logprobs"].as_bool() == Some(true) { token_logprobs(&content, &pick) } else { Value::Null };
+        choices.push(json!({
+            "index": i,
+            "message": {"role": "assistant", "content": content},
+            "logprobs": logprobs,
+            "finish_reason": "stop"
+        }));
+    }
+    if fault == Some("bad_output") {
         c.bad_output.fetch_add(1, Ordering::Relaxed);
-        (json!({"sim_bad_output": true}).to_string(), 0.5)
-    } else if schema.is_object() {
-        let mut p = 1.0;
-        let v = fill(schema, text, &mut p);
-        (v.to_string(), p)
-    } else {
-        (summary(text, 200), 0.9)
-    };
-    let tokens_out = approx_tokens(content.len()).min(max_tokens.max(1));
+    }
     c.ok.fetch_add(1, Ordering::Relaxed);
     c.tokens_in.fetch_add(tokens_in as u64, Ordering::Relaxed);
     c.tokens_out.fetch_add(tokens_out as u64, Ordering::Relaxed);
-    let logprobs = if request["logprobs"].as_bool() == Some(true) {
-        json!({"content": [{"token": content, "logprob": p.max(1e-9).ln(), "top_logprobs": []}]})
-    } else {
-        Value::Null
-    };
     let body = json!({
         "id": format!("chatcmpl-sim-{request_hash:016x}"),
         "object": "chat.completion",
         "created": 0,
         "model": model,
-        "choices": [{
-            "index": 0,
-            "message": {"role": "assistant", "content": content},
-            "logprobs": logprobs,
-            "finish_reason": "stop"
-        }],
+        "choices": choices,
         "usage": {"prompt_tokens": tokens_in, "completion_tokens": tokens_out, "total_tokens": tokens_in + tokens_out}
     });
     (StatusCode::OK, headers, Json(body)).into_response()
+}
+
+/// How the simulated model answers.
+struct Answering {
+    wrong: f64,
+    seed: u64,
+}
+
+/// The label chosen for an enum and the probabilities the model gave every label.
+#[derive(Debug, Default)]
+struct Pick {
+    label: Option<String>,
+    probs: Vec<(String, f64)>,
+}
+
+/// Tokens of `content` as a provider would return them with `logprobs`: the
+/// chosen label is one token carrying its probability and the alternatives
+/// (`top_logprobs`); the JSON around it is certain.
+fn token_logprobs(content: &str, pick: &Pick) -> Value {
+    let certain = |t: &str| json!({"token": t, "logprob": 0.0, "top_logprobs": []});
+    let Some(label) = &pick.label else {
+        return json!({"content": [certain(content)]});
+    };
+    let quoted = format!("\"{label}\"");
+    let Some(at) = content.find(&quoted) else {
+        return json!({"content": [certain(content)]});
+    };
+    let (before, after) = (&content[..at + 1], &content[at + 1 + label.len()..]);
+    let p = pick.probs.iter().find(|(l, _)| l == label).map_or(1.0, |(_, p)| *p);
+    let mut top: Vec<&(String, f64)> = pick.probs.iter().collect();
+    top.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let top: Vec<Value> = top.iter().map(|(l, p)| json!({"token": l, "logprob": p.max(1e-12).ln()})).collect();
+    json!({"content": [
+        certain(before),
+        {"token": label, "logprob": p.max(1e-12).ln(), "top_logprobs": top},
+        certain(after)
+    ]})
 }
 
 /// The document part of a prompt: what follows the last "Document:" marker, or all of it.
@@ -585,23 +635,71 @@ fn summary(text: &str, max: usize) -> String {
     out
 }
 
-/// A value satisfying `schema`, derived from `text`; `p` collects the
-/// probability the simulated model gives its choices.
-fn fill(schema: &Value, text: &str, p: &mut f64) -> Value {
+/// The probability the model gives each label: topic words plus smoothing,
+/// so every label has some.
+fn label_probs(text: &str, labels: &[String]) -> Vec<(String, f64)> {
+    let scores: Vec<f64> = labels.iter().map(|l| common::sample::score(text, l) as f64 + 0.05).collect();
+    let total: f64 = scores.iter().sum();
+    labels.iter().cloned().zip(scores.iter().map(|s| s / total)).collect()
+}
+
+/// A value satisfying `schema`, derived from `text`. Enum labels are chosen by
+/// the label probabilities: the most likely one, or one drawn with `draw`.
+fn fill(schema: &Value, text: &str, how: &Answering, draw: Option<f64>, pick: &mut Pick) -> Value {
     if let Some(options) = schema["enum"].as_array() {
         let labels: Vec<String> = options.iter().filter_map(|o| o.as_str().map(String::from)).collect();
-        if let Some((label, prob)) = common::sample::best_label(document(text), &labels) {
-            *p *= prob;
-            return Value::String(label.to_string());
+        if labels.is_empty() {
+            return options.first().cloned().unwrap_or(Value::Null);
         }
-        return options.first().cloned().unwrap_or(Value::Null);
+        let doc = document(text);
+        let mut probs = label_probs(doc, &labels);
+        // A document the model gets wrong: it prefers the runner-up label,
+        // without much conviction.
+        let h = hash_of((how.seed, doc, 11u8));
+        if labels.len() > 1 && unit(h) < how.wrong {
+            let mut order: Vec<usize> = (0..probs.len()).collect();
+            order.sort_by(|a, b| probs[*b].1.total_cmp(&probs[*a].1));
+            let (best, second) = (order[0], order[1]);
+            let p_wrong = 0.40 + 0.2 * unit(hash_of((h, 1u8)));
+            let p_right = (1.0 - p_wrong) * 0.6;
+            let rest = (1.0 - p_wrong - p_right) / (probs.len() - 2).max(1) as f64;
+            for (i, p) in probs.iter_mut().enumerate() {
+                p.1 = if i == second {
+                    p_wrong
+                } else if i == best {
+                    p_right
+                } else {
+                    rest
+                };
+            }
+        }
+        let chosen = match draw {
+            Some(u) => {
+                let mut acc = 0.0;
+                probs
+                    .iter()
+                    .find(|(_, p)| {
+                        acc += p;
+                        u < acc
+                    })
+                    .unwrap_or(&probs[probs.len() - 1])
+                    .0
+                    .clone()
+            }
+            None => probs.iter().max_by(|a, b| a.1.total_cmp(&b.1)).map(|(l, _)| l.clone()).unwrap_or_default(),
+        };
+        if pick.label.is_none() {
+            pick.label = Some(chosen.clone());
+            pick.probs = probs;
+        }
+        return Value::String(chosen);
     }
     match schema["type"].as_str() {
         Some("object") => {
             let mut out = serde_json::Map::new();
             if let Some(props) = schema["properties"].as_object() {
                 for (name, sub) in props {
-                    out.insert(name.clone(), fill(sub, text, p));
+                    out.insert(name.clone(), fill(sub, text, how, draw, pick));
                 }
             }
             Value::Object(out)
@@ -626,23 +724,52 @@ mod tests {
     fn fills_enums_with_the_known_label() {
         let schema =
             json!({"type": "object", "properties": {"label": {"type": "string", "enum": common::sample::labels()}}});
+        let how = Answering { wrong: 0.0, seed: 0 };
         for i in 0..200 {
             let doc = common::sample::document(9, i);
             let prompt = format!("Classify.\n\nDocument:\n{}", doc["text"].as_str().unwrap());
-            let mut p = 1.0;
-            let v = fill(&schema, &prompt, &mut p);
+            let mut pick = Pick::default();
+            let v = fill(&schema, &prompt, &how, None, &mut pick);
             assert_eq!(v["label"], doc["expected"]);
-            assert!(p > 0.5);
+            let p = pick.probs.iter().find(|(l, _)| *l == doc["expected"]).unwrap().1;
+            assert!(p > 0.6, "{p}");
+            assert!((pick.probs.iter().map(|(_, p)| p).sum::<f64>() - 1.0).abs() < 1e-9);
         }
     }
 
     #[test]
     fn summaries_respect_max_length() {
         let schema = json!({"type": "string", "maxLength": 20});
-        let mut p = 1.0;
-        let v = fill(&schema, "Document: one two three four five six seven eight", &mut p);
+        let how = Answering { wrong: 0.0, seed: 0 };
+        let v = fill(&schema, "Document: one two three four five six seven eight", &how, None, &mut Pick::default());
         assert!(v.as_str().unwrap().len() <= 20, "{v}");
         assert_eq!(v, "one two three four");
+    }
+
+    #[test]
+    fn wrong_answers_are_the_runner_up_with_less_probability() {
+        let schema = json!({"type": "string", "enum": common::sample::labels()});
+        let how = Answering { wrong: 1.0, seed: 0 };
+        for i in 0..100 {
+            let doc = common::sample::document(10, i);
+            let mut pick = Pick::default();
+            let v = fill(&schema, doc["text"].as_str().unwrap(), &how, None, &mut pick);
+            assert_ne!(v, doc["expected"]);
+            let p = pick.probs.iter().find(|(l, _)| *l == v).unwrap().1;
+            assert!((0.4..0.6).contains(&p), "{p}");
+        }
+    }
+
+    #[test]
+    fn logprobs_single_out_the_label_token() {
+        let pick = Pick { label: Some("sports".into()), probs: vec![("sports".into(), 0.8), ("health".into(), 0.2)] };
+        let v = token_logprobs(r#"{"label":"sports"}"#, &pick);
+        let tokens = v["content"].as_array().unwrap();
+        let text: String = tokens.iter().map(|t| t["token"].as_str().unwrap()).collect();
+        assert_eq!(text, r#"{"label":"sports"}"#);
+        assert_eq!(tokens[1]["token"], "sports");
+        assert!((tokens[1]["logprob"].as_f64().unwrap() - 0.8f64.ln()).abs() < 1e-12);
+        assert_eq!(tokens[1]["top_logprobs"].as_array().unwrap().len(), 2);
     }
 
     #[test]

@@ -93,7 +93,11 @@ async fn skip_invalid_ingests_the_good_lines_and_records_the_bad_ones() {
 async fn a_second_upload_to_the_same_job_is_refused() {
     let stack = Stack::start(SimConfig::default(), |_| {}).await.unwrap();
     let kind = common::spec::JobKind::load(&sluice_tests::fixtures::jobs_dir().join("classify")).unwrap();
-    let job_id = stack.client.create_job(&coordinator::model::NewJob { kind, input_name: None }).await.unwrap();
+    let job_id = stack
+        .client
+        .create_job(&coordinator::model::NewJob { kind, input_name: None, review_below: None })
+        .await
+        .unwrap();
     let body = || futures::stream::iter(vec![Ok(bytes::Bytes::from(sample_jsonl(1, 10)))]);
     stack.client.upload(job_id, body(), false).await.unwrap();
     let err = stack.client.upload(job_id, body(), false).await.unwrap_err();

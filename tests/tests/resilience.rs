@@ -9,9 +9,13 @@ use sluice_tests::sim::SimConfig;
 use sqlx::Row;
 use uuid::Uuid;
 
+/// Results by (state, error class, model). Answers flagged for review count
+/// as succeeded here: these tests are about getting an answer at all.
 async fn outcome(stack: &Stack, job: Uuid) -> Vec<(String, Option<String>, Option<String>, i64)> {
     sqlx::query(
-        "SELECT state, error_class, model, count(*) AS n FROM results WHERE job_id = $1 GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
+        "SELECT CASE WHEN state = 'needs_review' THEN 'succeeded' ELSE state END AS state, error_class, model,
+                count(*) AS n
+         FROM results WHERE job_id = $1 GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
     )
     .bind(job)
     .fetch_all(&stack.db.pool)
@@ -20,6 +24,19 @@ async fn outcome(stack: &Stack, job: Uuid) -> Vec<(String, Option<String>, Optio
     .iter()
     .map(|r| (r.get("state"), r.get("error_class"), r.get("model"), r.get("n")))
     .collect()
+}
+
+/// Results whose confidence carries the penalty `reason`.
+async fn penalised(stack: &Stack, job: Uuid, reason: &str) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM results WHERE job_id = $1
+           AND confidence_detail->'penalties' @> jsonb_build_array(jsonb_build_object('reason', $2::text))",
+    )
+    .bind(job)
+    .bind(reason)
+    .fetch_one(&stack.db.pool)
+    .await
+    .unwrap()
 }
 
 fn row(state: &str, class: Option<&str>, model: &str, n: i64) -> (String, Option<String>, Option<String>, i64) {
@@ -105,6 +122,7 @@ async fn a_refused_request_goes_to_the_fallback_model() {
     stack.wait_completed(report.job_id, Duration::from_secs(60)).await.unwrap();
     assert_eq!(outcome(&stack, report.job_id).await, [row("succeeded", None, "sim-large", 40)]);
     assert_eq!(stack.sim.sim.stats().requests, 80, "one refused call and one fallback call per item");
+    assert_eq!(penalised(&stack, report.job_id, "fallback_model").await, 40, "a fallback answer is trusted less");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -124,12 +142,14 @@ async fn a_model_that_is_down_falls_back_to_the_next_one() {
 async fn output_failing_validation_is_asked_again_with_the_error() {
     let sim = SimConfig { bad_output: 0.5, seed: 9, ..Default::default() };
     let mut stack = Stack::start(sim, |_| {}).await.unwrap();
-    stack.add_worker(|c| c.max_repairs = 6);
+    stack.add_worker(|c| c.max_repairs = 12);
     let report = stack.submit("classify", sample_jsonl(26, 100), false).await.unwrap();
     stack.wait_completed(report.job_id, Duration::from_secs(60)).await.unwrap();
     assert_eq!(outcome(&stack, report.job_id).await, [row("succeeded", None, "sim-small", 100)]);
     let stats = stack.sim.sim.stats();
     assert!(stats.bad_output > 20 && stats.requests == 100 + stats.bad_output, "{stats:?}");
+    let repaired = penalised(&stack, report.job_id, "repaired").await;
+    assert!(repaired > 10 && repaired < 100, "repaired answers are trusted less: {repaired}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -83,6 +83,14 @@ pub struct WorkerConfig {
     /// On shutdown, how long in-flight chunks may take to finish, in seconds.
     #[arg(long, env = "SLUICE_SHUTDOWN_GRACE_S", default_value_t = 20)]
     pub shutdown_grace_s: u64,
+    /// Price table (TOML, dollars per million tokens by model) for the cost of
+    /// each attempt. The default is used only if it exists.
+    #[arg(long, env = "SLUICE_PRICES_FILE", default_value = "deploy/prices.toml")]
+    pub prices_file: PathBuf,
+    /// Personal data redacted from prompts and outputs kept in the audit
+    /// trail: a comma-separated list of email, phone, card, iban, or all / none.
+    #[arg(long, env = "SLUICE_REDACT", default_value = "all")]
+    pub redact: String,
     /// Name recorded with every result (default: host name and process id).
     #[arg(long, env = "SLUICE_WORKER_NAME")]
     pub name: Option<String>,
@@ -114,6 +122,8 @@ impl WorkerConfig {
             ack_wait_s: 10,
             shutdown_grace_s: 5,
             name: None,
+            prices_file: PathBuf::from("../deploy/prices.toml"),
+            redact: "all".into(),
         }
     }
 
@@ -175,6 +185,18 @@ impl WorkerConfig {
         }
     }
 
+    /// The price table; a missing default file means no prices.
+    pub fn prices(&self) -> Result<common::prices::PriceTable, Error> {
+        if !self.prices_file.exists() && self.prices_file.ends_with("deploy/prices.toml") {
+            return Ok(common::prices::PriceTable::default());
+        }
+        common::prices::PriceTable::load(&self.prices_file).map_err(|e| Error::Config(chain(&e)))
+    }
+
+    pub fn redaction(&self) -> Result<common::redact::Redaction, Error> {
+        common::redact::Redaction::parse(&self.redact).map_err(|e| Error::Config(format!("SLUICE_REDACT: {e}")))
+    }
+
     pub fn guards(&self) -> crate::guard::GuardConfig {
         crate::guard::GuardConfig {
             endpoint: self.model_base_url.clone(),
@@ -193,4 +215,15 @@ impl WorkerConfig {
             pool_size: self.concurrency,
         }
     }
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
 }

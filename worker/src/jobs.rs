@@ -18,6 +18,8 @@ pub struct CompiledJob {
     pub template_hash: String,
     /// `response_format` sent with every request, built from the output schema.
     pub response_format: Value,
+    /// Results with a confidence below this go to the review queue.
+    pub review_below: f64,
 }
 
 /// Compiled jobs by id. Jobs are immutable once submitted, so entries never go stale.
@@ -31,10 +33,11 @@ impl JobCache {
         if let Some(j) = self.jobs.lock().expect("job cache lock").get(&job_id) {
             return Ok(Some(j.clone()));
         }
-        let Some(row) = sqlx::query("SELECT spec, template, template_hash, output_schema FROM jobs WHERE id = $1")
-            .bind(job_id)
-            .fetch_optional(pool)
-            .await?
+        let Some(row) =
+            sqlx::query("SELECT spec, template, template_hash, output_schema, review_below FROM jobs WHERE id = $1")
+                .bind(job_id)
+                .fetch_optional(pool)
+                .await?
         else {
             return Ok(None);
         };
@@ -47,8 +50,16 @@ impl JobCache {
             "type": "json_schema",
             "json_schema": { "name": kind.spec.kind, "schema": kind.schema, "strict": true }
         });
-        let compiled =
-            Arc::new(CompiledJob { template_hash: row.get("template_hash"), kind, prompt, validator, response_format });
+        let review_below: Option<f64> = row.get("review_below");
+        let review_below = review_below.unwrap_or(kind.spec.confidence_threshold);
+        let compiled = Arc::new(CompiledJob {
+            template_hash: row.get("template_hash"),
+            kind,
+            prompt,
+            validator,
+            response_format,
+            review_below,
+        });
         let mut jobs = self.jobs.lock().expect("job cache lock");
         // Bound memory on long-lived workers; reloading a job is cheap.
         if jobs.len() > 1_000 {

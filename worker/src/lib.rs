@@ -2,6 +2,7 @@
 
 pub mod breaker;
 pub mod cap;
+pub mod confidence;
 pub mod config;
 pub mod error;
 pub mod guard;

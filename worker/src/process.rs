@@ -14,14 +14,17 @@ use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use common::provider::{CallError, ChatClient, ChatRequest, Message};
-use serde_json::Value;
+use serde_json::{json, Value};
 
 use crate::breaker::Gate;
+use crate::confidence;
 use crate::guard::Guards;
 use crate::jobs::CompiledJob;
 use crate::metrics;
-use crate::store::{Item, ItemResult};
+use crate::store::{AttemptRecord, Item, ItemResult};
 use crate::Error;
+use common::spec::ConfidenceStrategy;
+use sha2::{Digest, Sha256};
 
 /// Retry budgets of one item.
 #[derive(Debug, Clone, Copy)]
@@ -40,12 +43,17 @@ pub struct RetryPolicy {
 pub enum Outcome {
     Done(ItemResult),
     /// Not attempted to the end because the breaker is open (retry after this
-    /// long) or the worker is shutting down (zero).
-    Held(Duration),
+    /// long) or the worker is shutting down (zero). The attempts made so far
+    /// still go to the audit trail.
+    Held(Duration, Vec<AttemptRecord>),
 }
 
 /// Parses and validates model output, returning the value and its short answer.
 pub fn validate_output(job: &CompiledJob, content: &str) -> Result<(Value, String), String> {
+    let limit = job.kind.spec.max_output_bytes;
+    if content.len() > limit {
+        return Err(format!("output is {} bytes, over the limit of {limit}", content.len()));
+    }
     let value: Value = serde_json::from_str(content.trim()).map_err(|e| format!("not JSON: {e}"))?;
     if let Some(err) = job.validator.iter_errors(&value).next() {
         return Err(format!("{} at {}", err, err.instance_path()));
@@ -73,35 +81,22 @@ pub struct ItemContext<'a> {
     /// Cancelled when the worker shuts down: items not yet under way are held
     /// back so the chunk's finished results can be written at once.
     pub stop: &'a tokio_util::sync::CancellationToken,
+    pub prices: &'a common::prices::PriceTable,
+    pub redaction: common::redact::Redaction,
 }
 
 /// Processes one item. Guard failures (KV unreachable) are errors; every
 /// model failure becomes a failed result or a hold.
 pub async fn run_item(ctx: &ItemContext<'_>, job: &CompiledJob, item: &Item) -> Result<Outcome, Error> {
     let started = Instant::now();
-    let mut result = ItemResult {
-        seq: item.seq,
-        item_id: item.id.clone(),
-        succeeded: false,
-        output: None,
-        answer: None,
-        confidence: None,
-        error_class: None,
-        error: None,
-        model: None,
-        attempts: 0,
-        tokens_in: 0,
-        tokens_out: 0,
-        latency_ms: 0,
-    };
     let prompt = match job.prompt.render(&item.payload) {
         Ok(p) => p,
         Err(e) => {
-            result.error_class = Some("template".into());
-            result.error = Some(format!("cannot render the prompt: {e}"));
-            return Ok(Outcome::Done(result));
+            return Ok(Outcome::Done(ItemResult::failed(item, "template", format!("cannot render the prompt: {e}"))))
         }
     };
+    let mut result = ItemResult::failed(item, "unknown", String::new());
+    let mut log: Vec<AttemptRecord> = Vec::new();
     let spec = &job.kind.spec;
     let mut base = Vec::with_capacity(2);
     if let Some(system) = &spec.system {
@@ -112,7 +107,9 @@ pub async fn run_item(ctx: &ItemContext<'_>, job: &CompiledJob, item: &Item) -> 
     let models: Vec<&String> = std::iter::once(&spec.model).chain(spec.fallback_models.iter()).collect();
     let mut last: Option<(&'static str, String)> = None;
     let mut held: Option<Duration> = None;
-    'models: for model in models {
+    let samples = if spec.confidence == ConfidenceStrategy::Agreement { spec.samples } else { 1 };
+    let held_now = |log: &mut Vec<AttemptRecord>| Ok(Outcome::Held(Duration::ZERO, std::mem::take(log)));
+    'models: for (model_index, model) in models.into_iter().enumerate() {
         let breaker = ctx.guards.breaker(model).await?;
         let mut backoff = ExponentialBuilder::default()
             .with_min_delay(ctx.policy.base)
@@ -124,7 +121,7 @@ pub async fn run_item(ctx: &ItemContext<'_>, job: &CompiledJob, item: &Item) -> 
         let (mut repairs, mut rate_limited) = (0, 0);
         loop {
             if ctx.stop.is_cancelled() {
-                return Ok(Outcome::Held(Duration::ZERO));
+                return held_now(&mut log);
             }
             match breaker.gate().await? {
                 Gate::Closed | Gate::Probe => {}
@@ -143,7 +140,7 @@ pub async fn run_item(ctx: &ItemContext<'_>, job: &CompiledJob, item: &Item) -> 
             let _slot = match ctx.guards.cap(key.id, model) {
                 Some(cap) => tokio::select! {
                     p = cap.acquire() => Some(p),
-                    _ = ctx.stop.cancelled() => return Ok(Outcome::Held(Duration::ZERO)),
+                    _ = ctx.stop.cancelled() => return held_now(&mut log),
                 },
                 None => None,
             };
@@ -154,12 +151,14 @@ pub async fn run_item(ctx: &ItemContext<'_>, job: &CompiledJob, item: &Item) -> 
                 temperature: spec.temperature,
                 max_tokens: spec.max_tokens,
                 response_format: Some(job.response_format.clone()),
-                logprobs: spec.logprobs,
+                logprobs: spec.confidence == ConfidenceStrategy::Logprobs,
+                top_logprobs: (spec.confidence == ConfidenceStrategy::Logprobs).then_some(5),
+                n: (samples > 1).then_some(samples),
             };
             let reservation = match &limiter {
                 Some(l) => tokio::select! {
                     r = l.acquire(estimate_tokens(&request.messages, spec.max_tokens)) => Some(r?),
-                    _ = ctx.stop.cancelled() => return Ok(Outcome::Held(Duration::ZERO)),
+                    _ = ctx.stop.cancelled() => return held_now(&mut log),
                 },
                 None => None,
             };
@@ -170,6 +169,27 @@ pub async fn run_item(ctx: &ItemContext<'_>, job: &CompiledJob, item: &Item) -> 
                 Ok(_) => "ok",
                 Err(e) => e.class(),
             };
+            let (tin, tout) = response.as_ref().map_or((0, 0), |c| (c.tokens_in, c.tokens_out));
+            log.push(AttemptRecord {
+                attempt: log.len() as i32 + 1,
+                model: model.clone(),
+                fallback: model_index > 0,
+                request_hash: hex::encode(Sha256::digest(serde_json::to_vec(&request).unwrap_or_default()))[..16]
+                    .to_string(),
+                outcome: outcome.to_string(),
+                error_class: response.as_ref().err().map(|e| e.class().to_string()),
+                http_status: match &response {
+                    Ok(_) => Some(200),
+                    Err(e) => e.http_status().map(i32::from),
+                },
+                latency_ms: t.elapsed().as_millis().min(i32::MAX as u128) as i32,
+                tokens_in: tin as i32,
+                tokens_out: tout as i32,
+                cost_usd: ctx.prices.cost(model, tin, tout),
+                api_key_id: key.id.to_string(),
+                prompt: ctx.redaction.apply(&request.messages.last().map(|m| m.content.as_str()).unwrap_or("")),
+                output: response.as_ref().ok().map(|c| ctx.redaction.apply(&c.content)),
+            });
             match response {
                 Ok(c) => {
                     metrics::model_call(model, outcome, t.elapsed(), Some((c.tokens_in, c.tokens_out)));
@@ -183,13 +203,60 @@ pub async fn run_item(ctx: &ItemContext<'_>, job: &CompiledJob, item: &Item) -> 
                     }
                     result.tokens_in += c.tokens_in as i32;
                     result.tokens_out += c.tokens_out as i32;
-                    match validate_output(job, &c.content) {
-                        Ok((value, answer)) => {
+                    // With agreement several answers come back: the majority wins.
+                    let contents: Vec<&String> = std::iter::once(&c.content).chain(c.others.iter()).collect();
+                    let checked: Vec<Result<(Value, String), String>> =
+                        contents.iter().map(|content| validate_output(job, content)).collect();
+                    let verdict = if samples > 1 {
+                        let answers: Vec<Option<String>> =
+                            checked.iter().map(|r| r.as_ref().ok().map(|(_, a)| a.clone())).collect();
+                        match confidence::agreement(&answers) {
+                            Some((majority, share)) => {
+                                let chosen = checked
+                                    .iter()
+                                    .flatten()
+                                    .find(|(_, a)| *a == majority)
+                                    .cloned()
+                                    .expect("the majority answer comes from a valid sample");
+                                Ok((chosen, Ok(share), json!({"samples": answers.len(), "agreeing": share})))
+                            }
+                            None => Err(checked.into_iter().find_map(Result::err).unwrap_or_default()),
+                        }
+                    } else {
+                        checked.into_iter().next().expect("one answer at least").map(|(value, answer)| {
+                            let raw = match spec.confidence {
+                                ConfidenceStrategy::Logprobs => {
+                                    confidence::label_probability(&c.tokens, &answer, &spec.labels)
+                                        .map(|(n, _)| n)
+                                        .ok_or_else(|| {
+                                            "the provider sent no log-probabilities for the answer".to_string()
+                                        })
+                                }
+                                ConfidenceStrategy::SelfReported => {
+                                    confidence::self_reported(value.get(&spec.confidence_field))
+                                        .map(|v| v * confidence::SELF_REPORT_DISCOUNT)
+                                        .map_err(|e| format!("self-reported confidence unusable: {e}"))
+                                }
+                                _ => Ok(1.0),
+                            };
+                            ((value, answer), raw, Value::Null)
+                        })
+                    };
+                    match verdict {
+                        Ok(((value, answer), raw, components)) => {
+                            let scored =
+                                confidence::score(spec.confidence, raw, repairs > 0, model_index > 0, components);
                             result.succeeded = true;
+                            result.needs_review = spec.confidence != ConfidenceStrategy::None
+                                && scored.value.is_none_or(|v| v < job.review_below);
+                            result.error_class = None;
+                            result.error = None;
                             result.model = Some(if c.model.is_empty() { model.clone() } else { c.model });
-                            result.confidence = c.logprob_sum.map(|s| s.exp().clamp(0.0, 1.0));
+                            result.confidence = scored.value;
+                            result.confidence_detail = Some(scored.detail);
                             result.output = Some(value);
                             result.answer = Some(answer);
+                            result.log = log;
                             return Ok(Outcome::Done(finish(result, started)));
                         }
                         Err(msg) if repairs < ctx.policy.max_repairs => {
@@ -261,12 +328,13 @@ pub async fn run_item(ctx: &ItemContext<'_>, job: &CompiledJob, item: &Item) -> 
     if let (Some(wait), true) =
         (held, last.is_none() || result.attempts == 0 || last.as_ref().is_some_and(|(c, _)| is_breaker_class(c)))
     {
-        return Ok(Outcome::Held(wait));
+        return Ok(Outcome::Held(wait, log));
     }
     let (class, message) = last.unwrap_or(("unknown", "no attempt was made".into()));
     result.model = Some(spec.model.clone());
     result.error_class = Some(class.to_string());
     result.error = Some(message);
+    result.log = log;
     Ok(Outcome::Done(finish(result, started)))
 }
 

@@ -25,6 +25,8 @@ struct Shared {
     client: ChatClient,
     guards: Guards,
     keys: crate::keys::KeyRing,
+    prices: common::prices::PriceTable,
+    redaction: common::redact::Redaction,
     jobs: JobCache,
     /// Bounds model calls in flight across all chunks this worker holds.
     calls: Arc<Semaphore>,
@@ -61,6 +63,8 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> Result<()
         client,
         guards: Guards::new(state, config.guards()),
         keys: crate::keys::KeyRing::new(config.api_keys.clone()),
+        prices: config.prices()?,
+        redaction: config.redaction()?,
         jobs: JobCache::default(),
         calls: Arc::new(Semaphore::new(config.concurrency)),
         policy: RetryPolicy {
@@ -238,7 +242,7 @@ async fn work(
                 )
             })
             .collect();
-        store::write_chunk(&shared.pool, chunk, &job.template_hash, &shared.name, &results, true).await?;
+        store::write_chunk(&shared.pool, chunk, &job.template_hash, &shared.name, &results, &[], true).await?;
         metrics::chunk("exhausted", 0, results.len() as u64);
         store::complete_if_done(&shared.pool, chunk.job_id).await?;
         return Ok(ChunkOutcome::Finished);
@@ -251,7 +255,7 @@ async fn work(
         async move {
             let _call = tokio::select! {
                 permit = shared.calls.acquire() => permit.expect("semaphore never closed"),
-                _ = stop.cancelled() => return Ok(Outcome::Held(Duration::ZERO)),
+                _ = stop.cancelled() => return (item, Ok(Outcome::Held(Duration::ZERO, Vec::new()))),
             };
             let ctx = ItemContext {
                 client: &shared.client,
@@ -259,23 +263,30 @@ async fn work(
                 keys: &shared.keys,
                 policy: shared.policy,
                 stop,
+                prices: &shared.prices,
+                redaction: shared.redaction,
             };
-            run_item(&ctx, &job, &item).await
+            let outcome = run_item(&ctx, &job, &item).await;
+            (item, outcome)
         }
     }))
     .await;
     let mut results = Vec::with_capacity(outcomes.len());
     let mut held: Option<Duration> = None;
+    let mut held_log = Vec::new();
     let mut failure = None;
-    for o in outcomes {
+    for (item, o) in outcomes {
         match o {
             Ok(Outcome::Done(r)) => results.push(r),
-            Ok(Outcome::Held(d)) => held = Some(held.map_or(d, |h| h.min(d))),
+            Ok(Outcome::Held(d, log)) => {
+                held = Some(held.map_or(d, |h| h.min(d)));
+                held_log.extend(log.into_iter().map(|a| (item.seq, item.id.clone(), a)));
+            }
             Err(e) => failure = Some(e),
         }
     }
     let finished = held.is_none() && failure.is_none();
-    store::write_chunk(&shared.pool, chunk, &job.template_hash, &shared.name, &results, finished).await?;
+    store::write_chunk(&shared.pool, chunk, &job.template_hash, &shared.name, &results, &held_log, finished).await?;
     let ok = results.iter().filter(|r| r.succeeded).count() as u64;
     metrics::chunk(if finished { "written" } else { "partial" }, ok, results.len() as u64 - ok);
     if let Some(e) = failure {

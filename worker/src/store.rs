@@ -50,12 +50,37 @@ pub async fn items(pool: &PgPool, c: &ChunkMsg) -> Result<Vec<Item>, Error> {
     Ok(rows.iter().map(|r| Item { seq: r.get("seq"), id: r.get("item_id"), payload: r.get("payload") }).collect())
 }
 
+/// One call to the model, as the audit trail keeps it.
+#[derive(Debug, Clone)]
+pub struct AttemptRecord {
+    pub attempt: i32,
+    pub model: String,
+    pub fallback: bool,
+    pub request_hash: String,
+    pub outcome: String,
+    pub error_class: Option<String>,
+    pub http_status: Option<i32>,
+    pub latency_ms: i32,
+    pub tokens_in: i32,
+    pub tokens_out: i32,
+    pub cost_usd: f64,
+    pub api_key_id: String,
+    /// The prompt and output with personal data redacted.
+    pub prompt: String,
+    pub output: Option<String>,
+}
+
 /// The outcome of one item.
 #[derive(Debug, Clone)]
 pub struct ItemResult {
     pub seq: i64,
     pub item_id: String,
     pub succeeded: bool,
+    /// Succeeded, but its confidence is below the job's review threshold.
+    pub needs_review: bool,
+    pub confidence_detail: Option<Value>,
+    /// Every call made for this item in this delivery.
+    pub log: Vec<AttemptRecord>,
     pub output: Option<Value>,
     pub answer: Option<String>,
     pub confidence: Option<f64>,
@@ -69,12 +94,24 @@ pub struct ItemResult {
 }
 
 impl ItemResult {
+    /// The state stored in `results.state`.
+    pub fn state(&self) -> &'static str {
+        match (self.succeeded, self.needs_review) {
+            (true, false) => "succeeded",
+            (true, true) => "needs_review",
+            (false, _) => "failed",
+        }
+    }
+
     /// A failed result that never reached the model.
     pub fn failed(item: &Item, class: &str, error: String) -> Self {
         ItemResult {
             seq: item.seq,
             item_id: item.id.clone(),
             succeeded: false,
+            needs_review: false,
+            confidence_detail: None,
+            log: Vec::new(),
             output: None,
             answer: None,
             confidence: None,
@@ -99,6 +136,7 @@ pub async fn write_chunk(
     template_hash: &str,
     worker: &str,
     results: &[ItemResult],
+    held: &[(i64, String, AttemptRecord)],
     done: bool,
 ) -> Result<(), Error> {
     let mut tx = pool.begin().await?;
@@ -106,8 +144,8 @@ pub async fn write_chunk(
         let col = |f: fn(&ItemResult) -> Option<String>| results.iter().map(f).collect::<Vec<_>>();
         let seqs: Vec<i64> = results.iter().map(|r| r.seq).collect();
         let ids: Vec<String> = results.iter().map(|r| r.item_id.clone()).collect();
-        let states: Vec<String> =
-            results.iter().map(|r| if r.succeeded { "succeeded" } else { "failed" }.to_string()).collect();
+        let states: Vec<String> = results.iter().map(|r| r.state().to_string()).collect();
+        let details: Vec<Option<Value>> = results.iter().map(|r| r.confidence_detail.clone()).collect();
         let outputs: Vec<Option<Value>> = results.iter().map(|r| r.output.clone()).collect();
         let confidences: Vec<Option<f64>> = results.iter().map(|r| r.confidence).collect();
         let attempts: Vec<i32> = results.iter().map(|r| r.attempts).collect();
@@ -116,13 +154,15 @@ pub async fn write_chunk(
         let lat: Vec<i32> = results.iter().map(|r| r.latency_ms).collect();
         sqlx::query(
             "INSERT INTO results (job_id, seq, item_id, state, output, answer, confidence, error_class, error,
-                                  model, template_hash, attempts, tokens_in, tokens_out, latency_ms, worker)
+                                  model, template_hash, attempts, tokens_in, tokens_out, latency_ms, worker,
+                                  confidence_detail)
              SELECT $1, u.seq, u.item_id, u.state, u.output, u.answer, u.confidence, u.error_class, u.error,
-                    u.model, $2, u.attempts, u.tokens_in, u.tokens_out, u.latency_ms, $3
+                    u.model, $2, u.attempts, u.tokens_in, u.tokens_out, u.latency_ms, $3, u.detail
              FROM UNNEST($4::bigint[], $5::text[], $6::text[], $7::jsonb[], $8::text[], $9::float8[],
-                         $10::text[], $11::text[], $12::text[], $13::int[], $14::int[], $15::int[], $16::int[])
+                         $10::text[], $11::text[], $12::text[], $13::int[], $14::int[], $15::int[], $16::int[],
+                         $17::jsonb[])
                   AS u(seq, item_id, state, output, answer, confidence, error_class, error, model,
-                       attempts, tokens_in, tokens_out, latency_ms)
+                       attempts, tokens_in, tokens_out, latency_ms, detail)
              ON CONFLICT (job_id, seq) DO NOTHING",
         )
         .bind(c.job_id)
@@ -141,9 +181,16 @@ pub async fn write_chunk(
         .bind(&tin)
         .bind(&tout)
         .bind(&lat)
+        .bind(&details)
         .execute(&mut *tx)
         .await?;
     }
+    let attempts: Vec<(i64, &str, &AttemptRecord)> = results
+        .iter()
+        .flat_map(|r| r.log.iter().map(move |a| (r.seq, r.item_id.as_str(), a)))
+        .chain(held.iter().map(|(seq, id, a)| (*seq, id.as_str(), a)))
+        .collect();
+    write_attempts(&mut tx, c, template_hash, worker, &attempts).await?;
     if done {
         sqlx::query("UPDATE chunks SET state = 'done', done_at = now() WHERE job_id = $1 AND chunk_no = $2 AND state = 'pending'")
             .bind(c.job_id)
@@ -152,6 +199,53 @@ pub async fn write_chunk(
             .await?;
     }
     tx.commit().await?;
+    Ok(())
+}
+
+/// Appends attempts to the audit trail.
+async fn write_attempts(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    c: &ChunkMsg,
+    template_hash: &str,
+    worker: &str,
+    attempts: &[(i64, &str, &AttemptRecord)],
+) -> Result<(), Error> {
+    if attempts.is_empty() {
+        return Ok(());
+    }
+    let v = |f: fn(&AttemptRecord) -> Option<String>| -> Vec<Option<String>> {
+        attempts.iter().map(|(_, _, a)| f(a)).collect()
+    };
+    let i = |f: fn(&AttemptRecord) -> i32| -> Vec<i32> { attempts.iter().map(|(_, _, a)| f(a)).collect() };
+    sqlx::query(
+        "INSERT INTO audit_attempts (job_id, template_hash, worker, seq, item_id, attempt, model, fallback,
+                                     request_hash, outcome, error_class, http_status, latency_ms, tokens_in,
+                                     tokens_out, cost_usd, api_key_id, prompt, output)
+         SELECT $1, $2, $3, u.* FROM UNNEST($4::bigint[], $5::text[], $6::int[], $7::text[], $8::bool[], $9::text[],
+                                            $10::text[], $11::text[], $12::int[], $13::int[], $14::int[], $15::int[],
+                                            $16::float8[], $17::text[], $18::text[], $19::text[]) AS u",
+    )
+    .bind(c.job_id)
+    .bind(template_hash)
+    .bind(worker)
+    .bind(attempts.iter().map(|(seq, _, _)| *seq).collect::<Vec<i64>>())
+    .bind(attempts.iter().map(|(_, id, _)| id.to_string()).collect::<Vec<String>>())
+    .bind(i(|a| a.attempt))
+    .bind(v(|a| Some(a.model.clone())))
+    .bind(attempts.iter().map(|(_, _, a)| a.fallback).collect::<Vec<bool>>())
+    .bind(v(|a| Some(a.request_hash.clone())))
+    .bind(v(|a| Some(a.outcome.clone())))
+    .bind(v(|a| a.error_class.clone()))
+    .bind(attempts.iter().map(|(_, _, a)| a.http_status).collect::<Vec<Option<i32>>>())
+    .bind(i(|a| a.latency_ms))
+    .bind(i(|a| a.tokens_in))
+    .bind(i(|a| a.tokens_out))
+    .bind(attempts.iter().map(|(_, _, a)| a.cost_usd).collect::<Vec<f64>>())
+    .bind(v(|a| Some(a.api_key_id.clone())))
+    .bind(v(|a| Some(a.prompt.clone())))
+    .bind(v(|a| a.output.clone()))
+    .execute(&mut **tx)
+    .await?;
     Ok(())
 }
 

@@ -26,6 +26,9 @@ pub struct Cli {
     /// URL of the coordinator's API.
     #[arg(long, global = true, env = "SLUICE_COORDINATOR", default_value = "http://127.0.0.1:7700")]
     coordinator: String,
+    /// Who you are, recorded with job events in the audit trail (default: $USER).
+    #[arg(long, global = true, env = "SLUICE_ACTOR")]
+    actor: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -90,6 +93,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The review queue: export doubtful results for people, import their decisions.
+    #[command(subcommand)]
+    Review(ReviewCommand),
     /// Print deterministic synthetic documents with known answers as JSONL.
     Sample {
         /// Job kind the documents are for (classify or summarize).
@@ -103,6 +109,33 @@ enum Command {
     },
 }
 
+#[derive(Debug, Subcommand)]
+enum ReviewCommand {
+    /// Write the results that need review: those below the job's threshold
+    /// (or below --below), least confident first.
+    Export {
+        job: Uuid,
+        /// Include every answer with a confidence under this instead.
+        #[arg(long)]
+        below: Option<f64>,
+        /// jsonl, csv, or label-studio (tasks with the model's answer as a
+        /// prediction and its confidence as the score).
+        #[arg(long, default_value = "jsonl", value_parser = ["jsonl", "csv", "label-studio"])]
+        format: String,
+        /// Write to this file instead of standard output.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
+    /// Record people's decisions from a file: JSONL lines {"id", "answer",
+    /// "reviewer", "decided_at"?} or CSV with the header id,answer,reviewer[,decided_at].
+    /// Any bad line (named by number) rejects the whole file.
+    Import {
+        job: Uuid,
+        /// The decisions file; its extension (.jsonl or .csv) gives the format.
+        file: PathBuf,
+    },
+}
+
 #[derive(Debug, clap::Args)]
 struct SubmitArgs {
     /// Folder holding job.toml, the prompt template and the output schema.
@@ -113,6 +146,10 @@ struct SubmitArgs {
     /// Ingest the good lines and record the bad ones instead of rejecting the file.
     #[arg(long)]
     skip_invalid: bool,
+    /// Send results with a confidence below this to the review queue (instead
+    /// of the kind's confidence_threshold).
+    #[arg(long)]
+    review_below: Option<f64>,
     /// Model to use instead of the one in job.toml (e.g. when pointing
     /// workers at a real provider).
     #[arg(long, env = "SLUICE_MODEL")]
@@ -127,7 +164,8 @@ struct SubmitArgs {
 
 /// Runs one command and returns the process exit code.
 pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
-    let client = Client::new(&cli.coordinator);
+    let actor = cli.actor.or_else(|| std::env::var("USER").ok()).unwrap_or_else(|| "unknown".into());
+    let client = Client::new(&cli.coordinator).with_actor(&actor);
     match cli.command {
         Command::Serve { config, telemetry } => {
             common::telemetry::init(&telemetry)?;
@@ -194,6 +232,36 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 print_status(&status, json);
             }
         }
+        Command::Review(ReviewCommand::Export { job, below, format, output }) => {
+            let body = client.review_export(job, below, &format).await?;
+            match &output {
+                Some(p) => {
+                    std::fs::write(p, &body).with_context(|| format!("cannot write {}", p.display()))?;
+                    eprintln!("review queue written to {}", p.display());
+                }
+                None => std::io::stdout().write_all(&body)?,
+            }
+        }
+        Command::Review(ReviewCommand::Import { job, file }) => {
+            let format = match file.extension().and_then(|e| e.to_str()) {
+                Some("csv") => "csv",
+                Some("jsonl" | "json" | "ndjson") => "jsonl",
+                _ => anyhow::bail!("{}: name the file .jsonl or .csv so its format is known", file.display()),
+            };
+            let body = std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            let source = file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            match client.review_import(job, body, format, &source).await {
+                Ok(report) => eprintln!("{} decision(s) recorded", report.applied),
+                Err(ClientError::Decisions { message, errors }) => {
+                    for e in &errors {
+                        eprintln!("line {}: {}", e.line, e.reason);
+                    }
+                    eprintln!("error: {message}");
+                    return Ok(ExitCode::from(2));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
         Command::Cancel { job, json } => {
             let status = client.cancel(job).await?;
             print_status(&status, json);
@@ -212,7 +280,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 async fn submit(client: &Client, args: SubmitArgs) -> anyhow::Result<ExitCode> {
-    let SubmitArgs { job_dir, input, skip_invalid, model, watch, json } = args;
+    let SubmitArgs { job_dir, input, skip_invalid, model, watch, json, review_below } = args;
     let mut kind = common::spec::JobKind::load(&job_dir)
         .with_context(|| format!("cannot load the job kind in {}", job_dir.display()))?;
     if let Some(model) = model {
@@ -220,7 +288,7 @@ async fn submit(client: &Client, args: SubmitArgs) -> anyhow::Result<ExitCode> {
     }
     let size = std::fs::metadata(&input).with_context(|| format!("cannot read input {}", input.display()))?.len();
     let input_name = input.file_name().map(|n| n.to_string_lossy().into_owned());
-    let job_id = client.create_job(&NewJob { kind, input_name }).await?;
+    let job_id = client.create_job(&NewJob { kind, input_name, review_below }).await?;
     let bar = progress_bar(size, "{spinner} uploading [{bar:30}] {bytes}/{total_bytes} ({bytes_per_sec})", json);
     let b = bar.clone();
     let result = client.upload_file(job_id, &input, skip_invalid, move |sent| b.set_position(sent)).await;
@@ -332,7 +400,13 @@ fn print_status(s: &JobStatus, json: bool) {
         s.pending,
         if s.invalid_lines > 0 { format!(" ({} invalid lines)", s.invalid_lines) } else { String::new() }
     );
+    if s.needs_review > 0 || s.reviewed > 0 {
+        let threshold = s.review_below.map(|t| format!(" (confidence below {t})")).unwrap_or_default();
+        println!("review   {} waiting{threshold}, {} decided", s.needs_review, s.reviewed);
+    }
     println!("chunks   {}/{} done", s.chunks_done, s.chunks_total);
+    let projected = s.projected_cost_usd.map(|p| format!(", about ${p:.4} for the whole job")).unwrap_or_default();
+    println!("usage    {} tokens in, {} out, ${:.4}{projected}", s.tokens_in, s.tokens_out, s.cost_usd);
     let elapsed = match (s.started_at, s.finished_at) {
         (Some(a), Some(b)) => format!(" in {:.1}s", (b - a).num_milliseconds() as f64 / 1000.0),
         _ => String::new(),

@@ -1,0 +1,211 @@
+//! Confidence scores in [0, 1] for results, by the strategy of the job kind, with the components they were made of.
+
+use common::provider::TokenLogprob;
+use common::spec::ConfidenceStrategy;
+use serde_json::{json, Value};
+
+/// Factor applied to self-reported confidence: models overstate it.
+pub const SELF_REPORT_DISCOUNT: f64 = 0.9;
+/// Factor for an answer that needed a re-ask to pass validation.
+pub const REPAIRED_PENALTY: f64 = 0.8;
+/// Factor for an answer from a fallback model.
+pub const FALLBACK_PENALTY: f64 = 0.9;
+
+/// A confidence and how it was reached, stored as `confidence_detail`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Scored {
+    pub value: Option<f64>,
+    pub detail: Value,
+}
+
+/// The probability the model gave `answer`, normalised over the allowed
+/// `labels`: the token where the answer starts carries its own log-probability
+/// and those of the alternatives (`top_logprobs`). Returns (normalised, raw).
+pub fn label_probability(tokens: &[TokenLogprob], answer: &str, labels: &[String]) -> Option<(f64, f64)> {
+    if tokens.is_empty() || answer.is_empty() {
+        return None;
+    }
+    // Find the token at which the answer's text begins inside its JSON string.
+    let content: String = tokens.iter().map(|t| t.token.as_str()).collect();
+    let start = content.find(&format!("\"{answer}\"")).map(|i| i + 1)?;
+    let mut offset = 0;
+    let token = tokens.iter().find(|t| {
+        let end = offset + t.token.len();
+        let hit = start >= offset && start < end;
+        offset = end;
+        hit
+    })?;
+    let raw = token.logprob.exp();
+    if !raw.is_finite() {
+        return None;
+    }
+    // Probability of each other allowed label: the alternative token it starts with.
+    let mut others = 0.0;
+    for label in labels.iter().filter(|l| l.as_str() != answer) {
+        let p = token
+            .top_logprobs
+            .iter()
+            .filter(|t| {
+                let tok = t.token.trim_start_matches('"');
+                !tok.is_empty() && label.starts_with(tok) && !answer.starts_with(tok)
+            })
+            .map(|t| t.logprob.exp())
+            .fold(0.0, f64::max);
+        others += p;
+    }
+    let normalised = raw / (raw + others);
+    normalised.is_finite().then_some((normalised, raw))
+}
+
+/// A model's own confidence from its output field, made usable: negative
+/// values become 0, values in (1, 100] are read as percentages, larger ones
+/// become 1; non-numbers and non-finite numbers are refused.
+pub fn self_reported(v: Option<&Value>) -> Result<f64, String> {
+    let x = match v {
+        Some(Value::Number(n)) => n.as_f64().ok_or("not a number")?,
+        Some(Value::String(s)) => s.trim().parse::<f64>().map_err(|_| format!("{s:?} is not a number"))?,
+        Some(other) => return Err(format!("{other} is not a number")),
+        None => return Err("missing".into()),
+    };
+    if !x.is_finite() {
+        return Err(format!("{x} is not finite"));
+    }
+    Ok(if x < 0.0 {
+        0.0
+    } else if x <= 1.0 {
+        x
+    } else if x <= 100.0 {
+        x / 100.0
+    } else {
+        1.0
+    })
+}
+
+/// The majority answer among samples and the share that agree with it (ties:
+/// the earliest answer). `None` answers (invalid samples) count against it.
+pub fn agreement(answers: &[Option<String>]) -> Option<(String, f64)> {
+    let mut counts: Vec<(&str, usize)> = Vec::new();
+    for a in answers.iter().flatten() {
+        match counts.iter_mut().find(|(x, _)| *x == a) {
+            Some(c) => c.1 += 1,
+            None => counts.push((a, 1)),
+        }
+    }
+    let (best, n) = counts.iter().fold(None::<(&str, usize)>, |acc, &(a, n)| match acc {
+        Some((_, m)) if m >= n => acc,
+        _ => Some((a, n)),
+    })?;
+    Some((best.to_string(), n as f64 / answers.len() as f64))
+}
+
+/// Combines a raw score with penalties into the final confidence and its record.
+pub fn score(
+    strategy: ConfidenceStrategy,
+    raw: Result<f64, String>,
+    repaired: bool,
+    fallback: bool,
+    extra: Value,
+) -> Scored {
+    if strategy == ConfidenceStrategy::None {
+        return Scored { value: None, detail: json!({"strategy": "none"}) };
+    }
+    let mut penalties = Vec::new();
+    if repaired {
+        penalties.push(json!({"reason": "repaired", "factor": REPAIRED_PENALTY}));
+    }
+    if fallback {
+        penalties.push(json!({"reason": "fallback_model", "factor": FALLBACK_PENALTY}));
+    }
+    let factor = if repaired { REPAIRED_PENALTY } else { 1.0 } * if fallback { FALLBACK_PENALTY } else { 1.0 };
+    let strategy_name = serde_json::to_value(strategy).unwrap_or(Value::Null);
+    match raw {
+        Ok(r) if r.is_finite() => {
+            let value = (r * factor).clamp(0.0, 1.0);
+            Scored {
+                value: Some(value),
+                detail: json!({"strategy": strategy_name, "raw": r, "penalties": penalties, "value": value, "components": extra}),
+            }
+        }
+        Ok(r) => Scored {
+            value: None,
+            detail: json!({"strategy": strategy_name, "error": format!("{r} is not finite"), "components": extra}),
+        },
+        Err(e) => Scored { value: None, detail: json!({"strategy": strategy_name, "error": e, "components": extra}) },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use common::provider::TopLogprob;
+
+    fn labels() -> Vec<String> {
+        ["business", "sports", "health"].iter().map(|s| s.to_string()).collect()
+    }
+
+    fn tokens(label: &str, p: f64, alts: &[(&str, f64)]) -> Vec<TokenLogprob> {
+        let top = alts.iter().map(|(t, p)| TopLogprob { token: t.to_string(), logprob: p.ln() }).collect();
+        vec![
+            TokenLogprob { token: "{\"label\":\"".into(), logprob: 0.0, top_logprobs: vec![] },
+            TokenLogprob { token: label.into(), logprob: p.ln(), top_logprobs: top },
+            TokenLogprob { token: "\"}".into(), logprob: 0.0, top_logprobs: vec![] },
+        ]
+    }
+
+    #[test]
+    fn logprobs_are_normalised_over_the_allowed_labels() {
+        let check = |t: Vec<TokenLogprob>, answer: &str, expected: Option<f64>| {
+            let got = label_probability(&t, answer, &labels()).map(|(n, _)| n);
+            match (got, expected) {
+                (Some(g), Some(e)) => assert!((g - e).abs() < 1e-9, "{g} != {e}"),
+                (g, e) => assert_eq!(g, e),
+            }
+        };
+        // 0.6 for sports, 0.2 business, 0.1 for a token that is no label.
+        check(tokens("sports", 0.6, &[("sports", 0.6), ("business", 0.2), ("xyz", 0.1)]), "sports", Some(0.75));
+        // Labels split into several tokens: the first token stands for the label.
+        check(tokens("spo", 0.5, &[("spo", 0.5), ("bus", 0.5)]), "sports", None);
+        check(tokens("sports", 0.9, &[]), "sports", Some(1.0));
+        check(Vec::new(), "sports", None);
+        check(tokens("sports", 0.9, &[]), "health", None);
+    }
+
+    #[test]
+    fn self_reported_values_are_made_usable() {
+        let check = |v: Value, expected: Result<f64, ()>| {
+            assert_eq!(self_reported(Some(&v)).map_err(|_| ()), expected, "{v}");
+        };
+        check(json!(0.8), Ok(0.8));
+        check(json!(-0.3), Ok(0.0));
+        check(json!(85), Ok(0.85));
+        check(json!(1e9), Ok(1.0));
+        check(json!("0.4"), Ok(0.4));
+        check(json!("NaN"), Err(()));
+        check(json!("inf"), Err(()));
+        check(json!(null), Err(()));
+        check(json!([1]), Err(()));
+        assert!(self_reported(None).is_err());
+    }
+
+    #[test]
+    fn agreement_is_the_majority_share() {
+        let a = |v: &[Option<&str>]| v.iter().map(|x| x.map(String::from)).collect::<Vec<_>>();
+        assert_eq!(agreement(&a(&[Some("x"), Some("y"), Some("x")])), Some(("x".into(), 2.0 / 3.0)));
+        assert_eq!(agreement(&a(&[Some("x"), None, None, Some("y")])), Some(("x".into(), 0.25)));
+        assert_eq!(agreement(&a(&[None, None])), None);
+    }
+
+    #[test]
+    fn penalties_lower_the_score_and_bad_values_give_none() {
+        let s = score(ConfidenceStrategy::Logprobs, Ok(0.9), true, true, Value::Null);
+        assert!((s.value.unwrap() - 0.9 * 0.8 * 0.9).abs() < 1e-12);
+        assert_eq!(s.detail["penalties"].as_array().unwrap().len(), 2);
+        assert_eq!(score(ConfidenceStrategy::SelfReported, Ok(f64::NAN), false, false, Value::Null).value, None);
+        assert_eq!(score(ConfidenceStrategy::SelfReported, Ok(1.7), false, false, Value::Null).value, Some(1.0));
+        assert_eq!(
+            score(ConfidenceStrategy::Logprobs, Err("no logprobs".into()), false, false, Value::Null).value,
+            None
+        );
+        assert_eq!(score(ConfidenceStrategy::None, Ok(0.1), false, false, Value::Null).value, None);
+    }
+}
