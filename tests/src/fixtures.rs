@@ -82,6 +82,11 @@ impl NatsServer {
     pub fn url(&self) -> &str {
         &self.url
     }
+
+    /// The server's JetStream store, to inspect what it keeps on disk.
+    pub fn store_dir(&self) -> PathBuf {
+        self._dir.path().join("store")
+    }
 }
 
 impl Drop for NatsServer {
@@ -308,8 +313,22 @@ impl WorkerProcess {
 
     /// Like [`WorkerProcess::spawn`], with extra environment variables.
     pub fn spawn_with(config: &worker::WorkerConfig, name: &str, env: &[(&str, &str)]) -> anyhow::Result<Self> {
+        Self::spawn_logged(config, name, env, None)
+    }
+
+    /// Like [`WorkerProcess::spawn_with`], writing the worker's log (stderr) to `log`.
+    pub fn spawn_logged(
+        config: &worker::WorkerConfig,
+        name: &str,
+        env: &[(&str, &str)],
+        log: Option<&Path>,
+    ) -> anyhow::Result<Self> {
+        let stderr = match log {
+            Some(path) => Stdio::from(std::fs::File::create(path)?),
+            None => Stdio::inherit(),
+        };
         let child = Command::new(workspace_bin("sluice-worker")?)
-            .envs(env.iter().copied())
+            .stderr(stderr)
             .env("SLUICE_DATABASE_URL", &config.database_url)
             .env("SLUICE_NATS_URL", &config.nats_url)
             .env("SLUICE_MODEL_BASE_URL", &config.model_base_url)
@@ -317,6 +336,7 @@ impl WorkerProcess {
             .env("SLUICE_ACK_WAIT_S", config.ack_wait_s.to_string())
             .env("SLUICE_WORKER_NAME", name)
             .env("SLUICE_LOG", "warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .spawn()?;
         Ok(WorkerProcess { child })

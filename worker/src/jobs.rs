@@ -22,6 +22,24 @@ pub struct CompiledJob {
     pub review_below: f64,
 }
 
+impl CompiledJob {
+    /// Compiles a kind's template and schema; `review_below` overrides its threshold.
+    pub fn compile(
+        kind: JobKind,
+        template_hash: String,
+        review_below: Option<f64>,
+    ) -> Result<Self, common::spec::SpecError> {
+        let prompt = Prompt::new(&kind)?;
+        let validator = kind.validator()?;
+        let response_format = serde_json::json!({
+            "type": "json_schema",
+            "json_schema": { "name": kind.spec.kind, "schema": kind.schema, "strict": true }
+        });
+        let review_below = review_below.unwrap_or(kind.spec.confidence_threshold);
+        Ok(CompiledJob { template_hash, kind, prompt, validator, response_format, review_below })
+    }
+}
+
 /// Compiled jobs by id. Jobs are immutable once submitted, so entries never go stale.
 #[derive(Default, Clone)]
 pub struct JobCache {
@@ -43,23 +61,10 @@ impl JobCache {
         };
         let spec: sqlx::types::Json<common::spec::JobSpec> = row.get("spec");
         let kind = JobKind { spec: spec.0, template: row.get("template"), schema: row.get("output_schema") };
-        let spec_err = |source| Error::Spec { job_id, source };
-        let prompt = Prompt::new(&kind).map_err(spec_err)?;
-        let validator = kind.validator().map_err(spec_err)?;
-        let response_format = serde_json::json!({
-            "type": "json_schema",
-            "json_schema": { "name": kind.spec.kind, "schema": kind.schema, "strict": true }
-        });
-        let review_below: Option<f64> = row.get("review_below");
-        let review_below = review_below.unwrap_or(kind.spec.confidence_threshold);
-        let compiled = Arc::new(CompiledJob {
-            template_hash: row.get("template_hash"),
-            kind,
-            prompt,
-            validator,
-            response_format,
-            review_below,
-        });
+        let compiled = Arc::new(
+            CompiledJob::compile(kind, row.get("template_hash"), row.get("review_below"))
+                .map_err(|source| Error::Spec { job_id, source })?,
+        );
         let mut jobs = self.jobs.lock().expect("job cache lock");
         // Bound memory on long-lived workers; reloading a job is cheap.
         if jobs.len() > 1_000 {

@@ -348,3 +348,31 @@ fn finish(mut r: ItemResult, started: Instant) -> ItemResult {
     r.latency_ms = started.elapsed().as_millis().min(i32::MAX as u128) as i32;
     r
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(content: &str, expected: Result<&str, &str>) {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../jobs/classify");
+        let kind = common::spec::JobKind::load(&dir).unwrap();
+        let job = CompiledJob::compile(kind, "h".into(), None).unwrap();
+        match (validate_output(&job, content), expected) {
+            (Ok((_, answer)), Ok(e)) => assert_eq!(answer, e),
+            (Err(msg), Err(e)) => assert!(msg.contains(e), "{msg:?} should mention {e:?}"),
+            (got, e) => panic!("{content:?}: got {got:?}, expected {e:?}"),
+        }
+    }
+
+    #[test]
+    fn model_output_is_validated() {
+        check(r#"{"label":"sports"}"#, Ok("sports"));
+        check(" {\"label\": \"health\"}\n", Ok("health"));
+        check(r#"{"label":"cooking"}"#, Err("/label"));
+        check(r#"{"label":"sports","why":"x"}"#, Err("Additional properties"));
+        check(r#"{}"#, Err("required"));
+        check("Sure! The label is sports.", Err("not JSON"));
+        check(r#"{"label":"spo"#, Err("not JSON"));
+        check(&format!(r#"{{"label":"sports","pad":"{}"}}"#, "x".repeat(20_000)), Err("over the limit of 16384"));
+    }
+}
