@@ -9,3 +9,16 @@ pub mod shutdown;
 pub mod spec;
 pub mod telemetry;
 pub mod wire;
+
+/// An error and its sources on one line (`a: b: c`), for messages that
+/// cross a process boundary.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

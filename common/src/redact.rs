@@ -61,6 +61,17 @@ impl Redaction {
     }
 }
 
+/// A connection URL with its password replaced by `***`, fit to show in errors.
+pub fn url_password(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => match url[s + 3..at].find(':') {
+            Some(c) => format!("{}:***{}", &url[..s + 3 + c], &url[at..]),
+            None => url.to_string(),
+        },
+        _ => url.to_string(),
+    }
+}
+
 fn replace(text: &str, re: &Regex, kind: &str, accept: impl Fn(&str) -> bool) -> String {
     re.replace_all(text, |c: &regex::Captures| {
         let m = &c[0];
@@ -156,6 +167,16 @@ mod tests {
         let a = Redaction::default().apply("a@b.co");
         assert_eq!(a, Redaction::default().apply("a@b.co"));
         assert_ne!(a, Redaction::default().apply("c@d.co"));
+    }
+
+    #[test]
+    fn passwords_leave_urls() {
+        assert_eq!(
+            url_password("postgres://sluice:secret@127.0.0.1:5432/sluice"),
+            "postgres://sluice:***@127.0.0.1:5432/sluice"
+        );
+        assert_eq!(url_password("postgres://127.0.0.1/db"), "postgres://127.0.0.1/db");
+        assert_eq!(url_password("postgres://user@host/db"), "postgres://user@host/db");
     }
 
     #[test]

@@ -64,20 +64,8 @@ impl IntoResponse for Error {
         if status.is_server_error() {
             tracing::error!(error = &self as &dyn std::error::Error, "request failed");
         }
-        (status, Json(ApiError { error: chain(&self), report: None })).into_response()
+        (status, Json(ApiError { error: common::error_chain(&self), report: None })).into_response()
     }
-}
-
-/// The error and its sources on one line, for API clients.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 /// Who is acting, as the CLI reports it in `x-sluice-actor`; recorded in the audit trail.

@@ -20,21 +20,7 @@ pub async fn connect(url: &str, max: u32) -> Result<PgPool, Error> {
         .acquire_timeout(Duration::from_secs(10))
         .connect(url)
         .await
-        .map_err(|source| Error::DbConnect { url: redact_url(url), source })
-}
-
-/// Removes the password from a connection URL before it is shown to anyone.
-pub fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => {
-            let userinfo = &url[s + 3..at];
-            match userinfo.find(':') {
-                Some(c) => format!("{}{}:***{}", &url[..s + 3], &userinfo[..c], &url[at..]),
-                None => url.to_string(),
-            }
-        }
-        _ => url.to_string(),
-    }
+        .map_err(|source| Error::DbConnect { url: common::redact::url_password(url), source })
 }
 
 /// Stores a new job in state `uploading`.
@@ -155,16 +141,8 @@ pub async fn running_jobs(pool: &PgPool) -> Result<Vec<Uuid>, Error> {
 
 /// Marks a running job completed if none of its chunks is pending; true if it did.
 pub async fn complete_if_done(pool: &PgPool, job_id: Uuid) -> Result<bool, Error> {
-    let n = sqlx::query(
-        "UPDATE jobs SET state = 'completed', finished_at = now()
-         WHERE id = $1 AND state = 'running'
-           AND NOT EXISTS (SELECT 1 FROM chunks WHERE job_id = $1 AND state = 'pending')",
-    )
-    .bind(job_id)
-    .execute(pool)
-    .await?
-    .rows_affected();
-    Ok(n > 0)
+    // The rule lives in the database (migration 0003), shared with the other side.
+    Ok(sqlx::query_scalar("SELECT complete_job_if_done($1)").bind(job_id).fetch_one(pool).await?)
 }
 
 /// Progress of one job, computed from Postgres.
@@ -393,16 +371,4 @@ pub async fn results_page(pool: &PgPool, job_id: Uuid, after: i64, limit: i64) -
             )
         })
         .collect())
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn passwords_are_redacted() {
-        assert_eq!(
-            super::redact_url("postgres://sluice:secret@127.0.0.1:5432/sluice"),
-            "postgres://sluice:***@127.0.0.1:5432/sluice"
-        );
-        assert_eq!(super::redact_url("postgres://127.0.0.1/db"), "postgres://127.0.0.1/db");
-    }
 }

@@ -190,7 +190,7 @@ impl WorkerConfig {
         if !self.prices_file.exists() && self.prices_file.ends_with("deploy/prices.toml") {
             return Ok(common::prices::PriceTable::default());
         }
-        common::prices::PriceTable::load(&self.prices_file).map_err(|e| Error::Config(chain(&e)))
+        common::prices::PriceTable::load(&self.prices_file).map_err(|e| Error::Config(common::error_chain(&e)))
     }
 
     pub fn redaction(&self) -> Result<common::redact::Redaction, Error> {
@@ -215,15 +215,4 @@ impl WorkerConfig {
             pool_size: self.concurrency,
         }
     }
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }

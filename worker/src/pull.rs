@@ -48,7 +48,7 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> Result<()
         .acquire_timeout(Duration::from_secs(10))
         .connect(&config.database_url)
         .await
-        .map_err(|source| Error::DbConnect { url: redact(&config.database_url), source })?;
+        .map_err(|source| Error::DbConnect { url: common::redact::url_password(&config.database_url), source })?;
     let nats = common::nats::connect(&config.nats_url).await?;
     let js = jetstream::new(nats);
     let stream = common::nats::ensure_stream(&js, &config.nats_url).await?;
@@ -299,14 +299,4 @@ async fn work(
         tracing::info!(job_id = %chunk.job_id, "job completed");
     }
     Ok(ChunkOutcome::Finished)
-}
-
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => match url[s + 3..at].find(':') {
-            Some(c) => format!("{}:***{}", &url[..s + 3 + c], &url[at..]),
-            None => url.to_string(),
-        },
-        _ => url.to_string(),
-    }
 }

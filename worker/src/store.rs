@@ -253,14 +253,6 @@ async fn write_attempts(
 /// chunk's commit: of two workers finishing the last chunks at once, the later
 /// commit sees both done. The coordinator's reconciler repeats this check.
 pub async fn complete_if_done(pool: &PgPool, job_id: Uuid) -> Result<bool, Error> {
-    let n = sqlx::query(
-        "UPDATE jobs SET state = 'completed', finished_at = now()
-         WHERE id = $1 AND state = 'running'
-           AND NOT EXISTS (SELECT 1 FROM chunks WHERE job_id = $1 AND state = 'pending')",
-    )
-    .bind(job_id)
-    .execute(pool)
-    .await?
-    .rows_affected();
-    Ok(n > 0)
+    // The rule lives in the database (migration 0003), shared with the other side.
+    Ok(sqlx::query_scalar("SELECT complete_job_if_done($1)").bind(job_id).fetch_one(pool).await?)
 }
