@@ -196,15 +196,7 @@ where
 {
     let started = Instant::now();
     let mut tx = pool.begin().await?;
-    let state: Option<String> = sqlx::query_scalar("SELECT state FROM jobs WHERE id = $1 FOR UPDATE")
-        .bind(job_id)
-        .fetch_optional(&mut *tx)
-        .await?;
-    match state.as_deref() {
-        None => return Err(Error::JobNotFound(job_id)),
-        Some("uploading") => {}
-        Some(other) => return Err(Error::JobState { job_id, state: other.to_string(), expected: "uploading" }),
-    }
+    crate::store::lock_job(&mut tx, job_id, &["uploading"], "uploading").await?;
 
     let mut copy = tx.copy_in_raw("COPY items (job_id, seq, item_id, line_no, payload) FROM STDIN").await?;
     let job_field = job_id.to_string();

@@ -249,6 +249,25 @@ pub async fn cancel(pool: &PgPool, job_id: Uuid, actor: &str) -> Result<(), Erro
     event(pool, job_id, "cancelled", actor, serde_json::json!({})).await
 }
 
+/// Locks a job's row for the rest of the transaction and checks that it is in
+/// one of the `allowed` states (`expected` says which, for the error).
+pub async fn lock_job(
+    tx: &mut Transaction<'_, Postgres>,
+    job_id: Uuid,
+    allowed: &[&str],
+    expected: &'static str,
+) -> Result<(), Error> {
+    let state: Option<String> = sqlx::query_scalar("SELECT state FROM jobs WHERE id = $1 FOR UPDATE")
+        .bind(job_id)
+        .fetch_optional(&mut **tx)
+        .await?;
+    match state {
+        None => Err(Error::JobNotFound(job_id)),
+        Some(s) if allowed.contains(&s.as_str()) => Ok(()),
+        Some(state) => Err(Error::JobState { job_id, state, expected }),
+    }
+}
+
 /// What `resume` reopened.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Resumed {
@@ -263,17 +282,7 @@ pub struct Resumed {
 /// a successful result are never sent to the model again.
 pub async fn resume(pool: &PgPool, job_id: Uuid, failed_only: bool, actor: &str) -> Result<Resumed, Error> {
     let mut tx = pool.begin().await?;
-    let state: Option<String> = sqlx::query_scalar("SELECT state FROM jobs WHERE id = $1 FOR UPDATE")
-        .bind(job_id)
-        .fetch_optional(&mut *tx)
-        .await?;
-    match state.as_deref() {
-        None => return Err(Error::JobNotFound(job_id)),
-        Some("completed" | "cancelled") => {}
-        Some(other) => {
-            return Err(Error::JobState { job_id, state: other.to_string(), expected: "completed or cancelled" })
-        }
-    }
+    lock_job(&mut tx, job_id, &["completed", "cancelled"], "completed or cancelled").await?;
     let failed: Vec<i64> =
         sqlx::query_scalar("DELETE FROM results WHERE job_id = $1 AND state = 'failed' RETURNING seq")
             .bind(job_id)
