@@ -3,6 +3,7 @@
 pub mod nats;
 pub mod prices;
 pub mod provider;
+pub mod providers;
 pub mod redact;
 pub mod sample;
 pub mod shutdown;

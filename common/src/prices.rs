@@ -11,12 +11,39 @@ use serde::Deserialize;
 pub struct Price {
     pub input_per_mtok: f64,
     pub output_per_mtok: f64,
+    /// Input read from the provider's prompt cache (default: the input price).
+    #[serde(default)]
+    pub cached_input_per_mtok: Option<f64>,
+    /// Input written to the prompt cache (Anthropic; default: the input price).
+    #[serde(default)]
+    pub cache_write_per_mtok: Option<f64>,
+    /// Through the provider's Batch API.
+    #[serde(default)]
+    pub batch_input_per_mtok: Option<f64>,
+    #[serde(default)]
+    pub batch_output_per_mtok: Option<f64>,
 }
 
-/// Prices by model name. A model missing from the table costs nothing (and
-/// is reported as unpriced).
+/// Tokens of one call, as they are priced.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Usage {
+    /// All input tokens, cached ones included.
+    pub input: u32,
+    pub output: u32,
+    pub cached: u32,
+    pub cache_write: u32,
+}
+
+/// Prices by model name (`model`, or `provider/model` where one provider
+/// charges differently). A job whose model has no price is refused at submit
+/// unless the user allows it; its cost is then reported as unknown.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 pub struct PriceTable {
+    /// When the prices were read, and where.
+    #[serde(default)]
+    pub as_of: Option<String>,
+    #[serde(default)]
+    pub sources: Vec<String>,
     #[serde(default)]
     pub models: HashMap<String, Price>,
 }
@@ -53,18 +80,37 @@ impl PriceTable {
             toml::from_str(&text).map_err(|source| PriceError::Parse { path: p.clone(), source })?;
         for (model, price) in &table.models {
             let ok = |v: f64| v.is_finite() && v >= 0.0;
-            if !ok(price.input_per_mtok) || !ok(price.output_per_mtok) {
+            let optional = [
+                price.cached_input_per_mtok,
+                price.cache_write_per_mtok,
+                price.batch_input_per_mtok,
+                price.batch_output_per_mtok,
+            ];
+            if !ok(price.input_per_mtok) || !ok(price.output_per_mtok) || !optional.into_iter().flatten().all(ok) {
                 return Err(PriceError::Invalid { path: p, model: model.clone() });
             }
         }
         Ok(table)
     }
 
-    /// Cost of one call in US dollars.
-    pub fn cost(&self, model: &str, tokens_in: u32, tokens_out: u32) -> f64 {
-        self.models.get(model).map_or(0.0, |p| {
-            (tokens_in as f64 * p.input_per_mtok + tokens_out as f64 * p.output_per_mtok) / 1_000_000.0
-        })
+    /// The price of `model` at `provider`: `provider/model` first, then `model`.
+    pub fn get(&self, provider: &str, model: &str) -> Option<&Price> {
+        self.models.get(&format!("{provider}/{model}")).or_else(|| self.models.get(model))
+    }
+
+    /// Cost of one call in US dollars, `None` when the model has no price.
+    pub fn cost(&self, provider: &str, model: &str, u: Usage) -> Option<f64> {
+        let p = self.get(provider, model)?;
+        let cached = u.cached.min(u.input);
+        let written = u.cache_write.min(u.input - cached);
+        let plain = u.input - cached - written;
+        Some(
+            (plain as f64 * p.input_per_mtok
+                + cached as f64 * p.cached_input_per_mtok.unwrap_or(p.input_per_mtok)
+                + written as f64 * p.cache_write_per_mtok.unwrap_or(p.input_per_mtok)
+                + u.output as f64 * p.output_per_mtok)
+                / 1_000_000.0,
+        )
     }
 }
 
@@ -75,11 +121,20 @@ mod tests {
     #[test]
     fn shipped_table_loads_and_prices_calls() {
         let t = PriceTable::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/prices.toml")).unwrap();
-        assert!(t.cost("sim-small", 1_000_000, 0) > 0.0);
-        assert_eq!(t.cost("no-such-model", 1000, 1000), 0.0);
+        let u = |input, output, cached| Usage { input, output, cached, cache_write: 0 };
+        assert!(t.cost("default", "sim-small", u(1_000_000, 0, 0)).unwrap() > 0.0);
+        assert_eq!(t.cost("default", "no-such-model", u(1000, 1000, 0)), None);
         let p = t.models["sim-small"];
-        let c = t.cost("sim-small", 2_000, 500);
+        let c = t.cost("default", "sim-small", u(2_000, 500, 0)).unwrap();
         assert!((c - (2_000.0 * p.input_per_mtok + 500.0 * p.output_per_mtok) / 1e6).abs() < 1e-12);
+        // Cached input is cheaper; real models are priced, with their source named.
+        let full = t.cost("openai", "gpt-4o-mini", u(1_000_000, 0, 0)).unwrap();
+        let cached = t.cost("openai", "gpt-4o-mini", u(1_000_000, 0, 1_000_000)).unwrap();
+        assert!(cached < full, "{cached} {full}");
+        for model in ["gpt-5-mini", "o4-mini", "claude-sonnet-4-5", "claude-haiku-4-5"] {
+            assert!(t.get("x", model).is_some_and(|p| p.batch_input_per_mtok.is_some()), "{model}");
+        }
+        assert!(t.as_of.is_some() && !t.sources.is_empty());
     }
 
     #[test]

@@ -14,7 +14,8 @@ pub struct JobSpec {
     pub kind: String,
     #[serde(default)]
     pub description: String,
-    /// Model name sent to the provider.
+    /// The model: `provider/model` as named in the providers file, or a
+    /// model name only one configured provider offers.
     pub model: String,
     #[serde(default)]
     pub temperature: f32,
@@ -46,9 +47,14 @@ pub struct JobSpec {
     /// an open breaker, or a request it refuses, e.g. too long a context).
     #[serde(default)]
     pub fallback_models: Vec<String>,
-    /// How each result's confidence is computed.
-    #[serde(default)]
-    pub confidence: ConfidenceStrategy,
+    /// How each result's confidence is computed: one strategy, or several in
+    /// order of preference (`["logprobs", "agreement"]`): when the provider
+    /// cannot give what one needs (no log-probabilities), the next is used.
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub confidence: Vec<ConfidenceStrategy>,
+    /// `reasoning_effort` for models that take it (`low`, `medium`, `high`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reasoning_effort: Option<String>,
     /// With `self_reported`: the output field holding the model's own confidence.
     #[serde(default = "default_confidence_field")]
     pub confidence_field: String,
@@ -74,6 +80,37 @@ pub enum ConfidenceStrategy {
     SelfReported,
     /// Several sampled answers: the share that agree with the majority.
     Agreement,
+}
+
+/// A strategy or a list of them.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<ConfidenceStrategy>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(ConfidenceStrategy),
+        Many(Vec<ConfidenceStrategy>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+    })
+}
+
+impl JobSpec {
+    /// The strategies in order, `none` left out.
+    pub fn strategies(&self) -> impl Iterator<Item = ConfidenceStrategy> + '_ {
+        self.confidence.iter().copied().filter(|s| *s != ConfidenceStrategy::None)
+    }
+
+    /// True when results get a confidence at all (and so may go to review).
+    pub fn scores_confidence(&self) -> bool {
+        self.strategies().next().is_some()
+    }
+
+    /// Models in order of use: the main one, then the fallbacks.
+    pub fn models(&self) -> impl Iterator<Item = &String> {
+        std::iter::once(&self.model).chain(self.fallback_models.iter())
+    }
 }
 
 fn default_confidence_field() -> String {
@@ -163,10 +200,10 @@ impl JobKind {
                 s.confidence_threshold
             )));
         }
-        if s.confidence == ConfidenceStrategy::Agreement && !(2..=20).contains(&s.samples) {
+        if s.confidence.contains(&ConfidenceStrategy::Agreement) && !(2..=20).contains(&s.samples) {
             return Err(SpecError::Invalid(format!("samples must be 2..=20 for agreement, got {}", s.samples)));
         }
-        if s.confidence == ConfidenceStrategy::Logprobs && s.labels.is_empty() {
+        if s.confidence.contains(&ConfidenceStrategy::Logprobs) && s.labels.is_empty() {
             return Err(SpecError::Invalid("confidence = \"logprobs\" needs `labels`".into()));
         }
         if s.max_tokens == 0 {
@@ -261,6 +298,23 @@ mod tests {
         kind.spec.confidence_threshold = 1.5;
         let err = kind.validate().unwrap_err().to_string();
         assert!(err.contains("confidence_threshold"), "{err}");
+    }
+
+    #[test]
+    fn confidence_is_one_strategy_or_a_list() {
+        let kind = JobKind::load(&repo_jobs().join("classify")).unwrap();
+        let mut spec = toml::to_string(&kind.spec).unwrap();
+        spec = spec.replace("confidence = [\"logprobs\"]", "confidence = \"self_reported\"");
+        let one: JobSpec = toml::from_str(&spec).unwrap();
+        assert_eq!(one.confidence, [ConfidenceStrategy::SelfReported]);
+        let spec = spec.replace("confidence = \"self_reported\"", "confidence = [\"logprobs\", \"agreement\"]");
+        let many: JobSpec = toml::from_str(&spec).unwrap();
+        assert_eq!(many.confidence, [ConfidenceStrategy::Logprobs, ConfidenceStrategy::Agreement]);
+        // Specs stored before lists existed still load.
+        let stored = serde_json::to_value(&kind.spec).unwrap();
+        let mut old = stored.clone();
+        old["confidence"] = serde_json::json!("logprobs");
+        assert_eq!(serde_json::from_value::<JobSpec>(old).unwrap().confidence, [ConfidenceStrategy::Logprobs]);
     }
 
     #[test]

@@ -18,6 +18,9 @@ use uuid::Uuid;
 use crate::ingest::{self, Mode};
 use crate::model::{ApiError, Created, NewJob};
 use crate::{metrics as m, review, store, Error};
+use common::prices::PriceTable;
+use common::providers::{Catalog, Param};
+use common::spec::ConfidenceStrategy;
 
 /// Shared handles of the API handlers, the publisher and the reconciler.
 #[derive(Clone)]
@@ -26,13 +29,54 @@ pub struct AppState {
     pub js: jetstream::Context,
     /// Wakes the publisher when a job has new chunks to publish.
     pub wake: Arc<Notify>,
+    /// The providers and models the workers serve.
+    pub catalog: Arc<Catalog>,
+    pub prices: Arc<PriceTable>,
 }
 
 impl AppState {
-    pub fn new(pool: PgPool, js: jetstream::Context) -> Self {
+    pub fn new(pool: PgPool, js: jetstream::Context, catalog: Catalog, prices: PriceTable) -> Self {
         m::describe();
-        AppState { pool, js, wake: Arc::new(Notify::new()) }
+        AppState { pool, js, wake: Arc::new(Notify::new()), catalog: Arc::new(catalog), prices: Arc::new(prices) }
     }
+}
+
+/// Checks a job's models against the providers and the price table. Returns
+/// warnings the user should see before anything runs.
+pub fn check_models(catalog: &Catalog, prices: &PriceTable, job: &NewJob) -> Result<Vec<String>, Error> {
+    let spec = &job.kind.spec;
+    let mut warnings = Vec::new();
+    for (i, reference) in spec.models().enumerate() {
+        let target = catalog.resolve(reference).map_err(|msg| {
+            Error::Invalid(format!("{} {reference:?}: {msg}", if i == 0 { "model" } else { "fallback model" }))
+        })?;
+        if prices.get(target.provider, target.model).is_none() {
+            if !job.allow_unpriced {
+                let mut priced: Vec<&str> = prices.models.keys().map(String::as_str).collect();
+                priced.sort_unstable();
+                return Err(Error::Invalid(format!(
+                    "model {reference:?} has no price in the price table (priced: {}); add it to SLUICE_PRICES_FILE, or submit with --allow-unpriced and its cost will show as unknown",
+                    if priced.is_empty() { "none".to_string() } else { priced.join(", ") }
+                )));
+            }
+            warnings.push(format!("model {reference:?} has no price: the job's cost will be unknown"));
+        }
+        if i == 0 && spec.scores_confidence() {
+            let usable = spec.strategies().any(|s| match s {
+                ConfidenceStrategy::Logprobs => target.config.supports(Param::Logprobs),
+                ConfidenceStrategy::Agreement => target.config.supports(Param::N),
+                _ => true,
+            });
+            if !usable {
+                warnings.push(format!(
+                    "every item would go to review: {} cannot give what the kind's confidence strategies ({}) need; add \"self_reported\" (with a confidence field in the schema) or \"agreement\" where the model allows it",
+                    target.reference(),
+                    spec.strategies().map(|s| format!("{s:?}").to_lowercase()).collect::<Vec<_>>().join(", ")
+                ));
+            }
+        }
+    }
+    Ok(warnings)
 }
 
 pub fn router(state: AppState) -> Router {
@@ -97,9 +141,10 @@ async fn create_job(
             return Err(Error::Invalid(format!("review_below must be within 0..=1, got {t}")));
         }
     }
+    let warnings = check_models(&st.catalog, &st.prices, &job)?;
     let job_id = store::create_job(&st.pool, &job, &actor).await?;
     tracing::info!(%job_id, kind = %job.kind.spec.kind, "job created");
-    Ok((StatusCode::CREATED, Json(Created { job_id })))
+    Ok((StatusCode::CREATED, Json(Created { job_id, warnings })))
 }
 
 #[derive(Deserialize)]

@@ -89,10 +89,11 @@ impl Client {
         resp.json().await.map_err(|source| ClientError::Http { url: url.to_string(), source })
     }
 
-    pub async fn create_job(&self, job: &NewJob) -> Result<Uuid, ClientError> {
+    /// Creates a job; the answer carries its id and any warnings.
+    pub async fn create_job(&self, job: &NewJob) -> Result<Created, ClientError> {
         let url = self.url("/v1/jobs");
         let resp = self.send(self.http.post(&url).json(job), &url).await?;
-        Ok(self.json::<Created>(resp, &url).await?.job_id)
+        self.json::<Created>(resp, &url).await
     }
 
     /// Uploads a job's input from any byte stream.

@@ -31,9 +31,36 @@ pub struct ServeConfig {
     /// may republish it when its job has no message left in the stream, in milliseconds.
     #[arg(long, env = "SLUICE_REPUBLISH_AFTER_MS", default_value_t = 30_000)]
     pub republish_after_ms: u64,
+    /// The providers file the workers use (see deploy/providers.example.toml):
+    /// a job naming a provider or model it does not list is refused at submit.
+    /// Without it, any model is taken (the workers' one-provider shorthand).
+    #[arg(long, env = "SLUICE_PROVIDERS_FILE")]
+    pub providers_file: Option<std::path::PathBuf>,
+    /// Price table (TOML, dollars per million tokens by model): a job whose
+    /// model has no price is refused unless submitted with --allow-unpriced.
+    #[arg(long, env = "SLUICE_PRICES_FILE", default_value = "deploy/prices.toml")]
+    pub prices_file: std::path::PathBuf,
 }
 
 impl ServeConfig {
+    /// The providers the workers serve, read once at start-up.
+    pub fn catalog(&self) -> Result<common::providers::Catalog, Error> {
+        match &self.providers_file {
+            Some(path) => common::providers::Catalog::load(path).map_err(|e| Error::Config(common::error_chain(&e))),
+            None => Ok(common::providers::Catalog::shorthand("http://workers-shorthand/v1", Default::default())),
+        }
+    }
+
+    /// The price table, read once at start-up. A missing default file is an
+    /// empty table: every model is then unpriced.
+    pub fn prices(&self) -> Result<common::prices::PriceTable, Error> {
+        if !self.prices_file.exists() && self.prices_file.ends_with("deploy/prices.toml") {
+            tracing::warn!(path = %self.prices_file.display(), "no price table: every model is unpriced (set SLUICE_PRICES_FILE)");
+            return Ok(common::prices::PriceTable::default());
+        }
+        common::prices::PriceTable::load(&self.prices_file).map_err(|e| Error::Config(common::error_chain(&e)))
+    }
+
     /// Checks the settings once, at start-up.
     pub fn validate(&self) -> Result<(), Error> {
         if !self.database_url.starts_with("postgres://") && !self.database_url.starts_with("postgresql://") {
@@ -65,6 +92,8 @@ impl ServeConfig {
             publish_interval_ms: 100,
             reconcile_interval_ms: 1_000,
             republish_after_ms: 2_000,
+            providers_file: None,
+            prices_file: std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/prices.toml")),
         }
     }
 }

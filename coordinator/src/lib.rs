@@ -39,7 +39,9 @@ impl Coordinator {
         let listener = tokio::net::TcpListener::bind(&config.listen)
             .await
             .map_err(|source| Error::Bind { addr: config.listen.clone(), source })?;
-        let state = api::AppState::new(pool, js);
+        let catalog = config.catalog()?;
+        let prices = config.prices()?;
+        let state = api::AppState::new(pool, js, catalog, prices);
         Ok(Coordinator { listener, state, config })
     }
 

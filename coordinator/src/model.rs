@@ -14,11 +14,37 @@ pub struct NewJob {
     /// Review threshold for this job instead of the kind's `confidence_threshold`.
     #[serde(default)]
     pub review_below: Option<f64>,
+    /// Run a model that has no price (its cost is then unknown).
+    #[serde(default)]
+    pub allow_unpriced: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Created {
     pub job_id: Uuid,
+    /// What the user should know before the job runs.
+    #[serde(default)]
+    pub warnings: Vec<String>,
+}
+
+/// How many results got their confidence from one strategy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConfidenceSource {
+    /// `logprobs`, `agreement`, `self_reported`, or `none` when none could be computed.
+    pub strategy: String,
+    pub results: u64,
+    /// Why results have no confidence, or why an earlier strategy was passed over.
+    pub note: Option<String>,
+}
+
+/// How structured output was asked of a model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OutputModeUse {
+    pub provider: String,
+    pub model: String,
+    /// `json_schema`, `json_object` or `prompt`.
+    pub mode: String,
+    pub attempts: u64,
 }
 
 /// One refused input line.
@@ -64,6 +90,15 @@ pub struct JobStatus {
     pub cost_usd: f64,
     /// Cost so far scaled to all items, once some are done.
     pub projected_cost_usd: Option<f64>,
+    /// Attempts of models without a price: the cost is then unknown.
+    #[serde(default)]
+    pub unpriced_attempts: u64,
+    /// Where the results' confidence came from (detail view only).
+    #[serde(default)]
+    pub confidence_sources: Vec<ConfidenceSource>,
+    /// How structured output was asked for, per model (detail view only).
+    #[serde(default)]
+    pub output_modes: Vec<OutputModeUse>,
     /// The job's review threshold.
     pub review_below: Option<f64>,
     pub invalid_lines: u64,

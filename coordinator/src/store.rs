@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 use common::wire::ChunkMsg;
 
-use crate::model::JobStatus;
+use crate::model::{ConfidenceSource, JobStatus, OutputModeUse};
 use crate::Error;
 
 /// Opens a pool, checking the connection once so a wrong URL fails at start.
@@ -156,6 +156,7 @@ pub async fn status(pool: &PgPool, job_id: Uuid) -> Result<JobStatus, Error> {
                 (SELECT coalesce(sum(tokens_in), 0)::bigint FROM audit_attempts a WHERE a.job_id = j.id) AS tokens_in,
                 (SELECT coalesce(sum(tokens_out), 0)::bigint FROM audit_attempts a WHERE a.job_id = j.id) AS tokens_out,
                 (SELECT coalesce(sum(cost_usd), 0)::float8 FROM audit_attempts a WHERE a.job_id = j.id) AS cost_usd,
+                (SELECT count(*) FROM audit_attempts a WHERE a.job_id = j.id AND a.cost_usd IS NULL) AS unpriced,
                 j.review_below, j.spec->>'confidence_threshold' AS kind_threshold,
                 (SELECT count(*) FROM results r WHERE r.job_id = j.id AND r.state = 'failed') AS failed,
                 (SELECT count(*) FROM chunks c WHERE c.job_id = j.id) AS chunks_total,
@@ -167,7 +168,40 @@ pub async fn status(pool: &PgPool, job_id: Uuid) -> Result<JobStatus, Error> {
     .fetch_optional(pool)
     .await?
     .ok_or(Error::JobNotFound(job_id))?;
-    Ok(status_from_row(&row))
+    let mut status = status_from_row(&row);
+    let sources = sqlx::query(
+        "SELECT coalesce(confidence_detail->>'strategy', 'none') AS strategy, count(*) AS n,
+                max(coalesce(confidence_detail->>'error', confidence_detail->'skipped'->0->>'reason')) AS note
+         FROM results WHERE job_id = $1 AND state <> 'failed' GROUP BY 1 ORDER BY 2 DESC",
+    )
+    .bind(job_id)
+    .fetch_all(pool)
+    .await?;
+    status.confidence_sources = sources
+        .iter()
+        .map(|r| ConfidenceSource {
+            strategy: r.get("strategy"),
+            results: r.get::<i64, _>("n") as u64,
+            note: r.get("note"),
+        })
+        .collect();
+    let modes = sqlx::query(
+        "SELECT coalesce(provider, '') AS provider, model, output_mode, count(*) AS n FROM audit_attempts
+         WHERE job_id = $1 AND output_mode IS NOT NULL GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
+    )
+    .bind(job_id)
+    .fetch_all(pool)
+    .await?;
+    status.output_modes = modes
+        .iter()
+        .map(|r| OutputModeUse {
+            provider: r.get("provider"),
+            model: r.get("model"),
+            mode: r.get("output_mode"),
+            attempts: r.get::<i64, _>("n") as u64,
+        })
+        .collect();
+    Ok(status)
 }
 
 fn status_from_row(row: &PgRow) -> JobStatus {
@@ -208,6 +242,9 @@ fn status_from_row(row: &PgRow) -> JobStatus {
         tokens_out: row.get::<i64, _>("tokens_out") as u64,
         cost_usd,
         projected_cost_usd,
+        unpriced_attempts: row.get::<i64, _>("unpriced") as u64,
+        confidence_sources: Vec::new(),
+        output_modes: Vec::new(),
         review_below: review_below.or_else(|| kind_threshold.and_then(|t| t.parse().ok())),
         failed: failed as u64,
         pending: pending as u64,

@@ -243,8 +243,14 @@ impl Stack {
     ) -> Result<coordinator::model::IngestReport, coordinator::client::ClientError> {
         let job_id = self
             .client
-            .create_job(&coordinator::model::NewJob { kind, input_name: Some("test.jsonl".into()), review_below: None })
-            .await?;
+            .create_job(&coordinator::model::NewJob {
+                kind,
+                input_name: Some("test.jsonl".into()),
+                review_below: None,
+                allow_unpriced: false,
+            })
+            .await?
+            .job_id;
         // Send the input in small pieces so line splitting across reads is exercised.
         let pieces: Vec<Result<bytes::Bytes, std::io::Error>> =
             input.chunks(4096).map(|c| Ok(bytes::Bytes::copy_from_slice(c))).collect();

@@ -1,4 +1,4 @@
-//! The model simulator: an OpenAI-compatible server with deterministic answers, latency, rate limits and faults on demand.
+//! The model simulator: a model server speaking OpenAI's, Azure OpenAI's and Anthropic's dialects, with deterministic answers, latency, rate limits and faults on demand.
 //!
 //! Answers are derived from the request: for a JSON-schema response format the
 //! simulator fills in the schema, choosing enum labels with
@@ -15,8 +15,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
-use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -85,6 +85,34 @@ pub struct SimConfig {
     /// Send no `x-ratelimit-*` headers (only 429 and Retry-After), as some providers do.
     #[arg(long)]
     pub no_limit_headers: bool,
+    /// Rate-limit buckets hold a whole minute's budget and start full, as real
+    /// providers' do (otherwise they hold one second's), with `remaining` and
+    /// `reset` (time until full) headers on every answer.
+    #[arg(long)]
+    pub full_bucket: bool,
+    /// Input tokens per minute (0: none), counted apart as Anthropic does.
+    #[arg(long, default_value_t = 0)]
+    pub input_tpm: u32,
+    /// Output tokens per minute (0: none), counted at max_tokens when the request arrives.
+    #[arg(long, default_value_t = 0)]
+    pub output_tpm: u32,
+    /// Answer the next N requests with 429 (before any other check).
+    #[arg(long, default_value_t = 0)]
+    pub inject_429: u32,
+    /// With injected 429s: the `x-ratelimit-limit-requests` they carry (a bogus figure, say).
+    #[arg(long)]
+    pub limit_header_on_429: Option<u32>,
+    /// Refuse `response_format: json_schema` with a 400, as llama.cpp's server
+    /// and older vLLM do; the schema must then come in the prompt.
+    #[arg(long)]
+    pub no_json_schema: bool,
+    /// Never send log-probabilities, even when asked (Anthropic, most local servers).
+    #[arg(long)]
+    pub no_logprobs: bool,
+    /// Models that follow OpenAI's reasoning-model rules: 400 to `max_tokens`,
+    /// to a temperature other than 1 and to `logprobs`; reasoning tokens in usage.
+    #[arg(long = "reasoning-model")]
+    pub reasoning_models: Vec<String>,
     /// Keep a log of every request (time, item, model, status) at `GET /log`.
     #[arg(long)]
     pub log_requests: bool,
@@ -95,6 +123,7 @@ pub struct SimConfig {
 
 impl SimConfig {
     fn any_fault(&self) -> bool {
+        // (injected 429s are counted separately)
         self.error_500 + self.error_503 + self.error_429 + self.hang + self.malformed + self.bad_output > 0.0
     }
 }
@@ -104,9 +133,9 @@ type Limiter = RateLimiter<NotKeyed, InMemoryState, DefaultClock, StateInformati
 /// Builds a limiter allowing `per_minute` units per minute, smoothly: the
 /// burst is one second's worth, so no window of a few seconds sees more than
 /// the limit.
-fn limiter(per_minute: u32) -> Option<Limiter> {
+fn limiter(per_minute: u32, full: bool) -> Option<Limiter> {
     let per_minute = NonZeroU32::new(per_minute)?;
-    let burst = NonZeroU32::new((per_minute.get() / 60).max(1)).expect("at least 1");
+    let burst = if full { per_minute } else { NonZeroU32::new((per_minute.get() / 60).max(1)).expect("at least 1") };
     let quota =
         Quota::with_period(Duration::from_secs(60) / per_minute.get()).expect("positive period").allow_burst(burst);
     Some(RateLimiter::direct(quota).with_middleware::<StateInformationMiddleware>())
@@ -172,8 +201,27 @@ pub struct Stats {
 struct Limits {
     requests: Option<Limiter>,
     tokens: Option<Limiter>,
+    input: Option<Limiter>,
+    output: Option<Limiter>,
     rpm: u32,
     tpm: u32,
+    input_tpm: u32,
+    output_tpm: u32,
+}
+
+impl Limits {
+    fn new(c: &SimConfig) -> Self {
+        Limits {
+            requests: limiter(c.rpm, c.full_bucket),
+            tokens: limiter(c.tpm, c.full_bucket),
+            input: limiter(c.input_tpm, c.full_bucket),
+            output: limiter(c.output_tpm, c.full_bucket),
+            rpm: c.rpm,
+            tpm: c.tpm,
+            input_tpm: c.input_tpm,
+            output_tpm: c.output_tpm,
+        }
+    }
 }
 
 /// The simulator's shared state.
@@ -187,17 +235,16 @@ pub struct Sim {
     timeline: Mutex<Vec<Second>>,
     log: Mutex<Vec<LogEntry>>,
     started: Instant,
+    /// 429s still to inject.
+    injected: AtomicU64,
 }
 
 impl Sim {
     pub fn new(config: SimConfig) -> Arc<Self> {
-        let limits = Arc::new(Limits {
-            requests: limiter(config.rpm),
-            tokens: limiter(config.tpm),
-            rpm: config.rpm,
-            tpm: config.tpm,
-        });
+        let limits = Arc::new(Limits::new(&config));
+        let injected = AtomicU64::new(config.inject_429 as u64);
         Arc::new(Sim {
+            injected,
             config: RwLock::new(config),
             limits: RwLock::new(limits),
             counters: Counters::default(),
@@ -209,12 +256,8 @@ impl Sim {
     }
 
     pub fn set_config(&self, config: SimConfig) {
-        *self.limits.write().expect("limits lock") = Arc::new(Limits {
-            requests: limiter(config.rpm),
-            tokens: limiter(config.tpm),
-            rpm: config.rpm,
-            tpm: config.tpm,
-        });
+        *self.limits.write().expect("limits lock") = Arc::new(Limits::new(&config));
+        self.injected.store(config.inject_429 as u64, Ordering::Relaxed);
         *self.config.write().expect("config lock") = config;
     }
 
@@ -278,6 +321,8 @@ impl Sim {
 pub fn router(sim: Arc<Sim>) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat))
+        .route("/v1/messages", post(messages))
+        .route("/openai/deployments/{deployment}/chat/completions", post(azure_chat))
         .route("/v1/models", get(models))
         .route("/stats", get(|State(s): State<Arc<Sim>>| async move { Json(s.stats()) }))
         .route("/stats/timeline", get(|State(s): State<Arc<Sim>>| async move { Json(s.timeline()) }))
@@ -336,22 +381,167 @@ fn approx_tokens(chars: usize) -> u32 {
     (chars / 4 + 1) as u32
 }
 
+/// `POST /v1/chat/completions`: OpenAI and OpenAI-compatible servers.
 async fn chat(State(sim): State<Arc<Sim>>, headers: HeaderMap, body: Bytes) -> Response {
+    let request: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_request_error", &format!("body is not JSON: {e}")),
+    };
+    respond(&sim, &headers, &request, &body).await
+}
+
+/// `POST /openai/deployments/{deployment}/chat/completions?api-version=...`:
+/// Azure OpenAI, with its `api-key` header; the deployment names the model.
+async fn azure_chat(
+    State(sim): State<Arc<Sim>>,
+    Path(deployment): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if !query.contains_key("api-version") {
+        return error(StatusCode::NOT_FOUND, "404", "Resource not found (missing api-version)");
+    }
+    let mut request: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_request_error", &format!("body is not JSON: {e}")),
+    };
+    request["model"] = json!(deployment);
+    let mut auth = HeaderMap::new();
+    if let Some(key) = headers.get("api-key").and_then(|v| v.to_str().ok()) {
+        auth.insert("authorization", HeaderValue::from_str(&format!("Bearer {key}")).expect("ascii"));
+    }
+    respond(&sim, &auth, &request, &body).await
+}
+
+/// `POST /v1/messages`: Anthropic's Messages API, translated to and from the
+/// simulator's own (OpenAI-shaped) handling: `x-api-key` and
+/// `anthropic-version` headers, a forced tool for structured output, its
+/// error types and `anthropic-ratelimit-*` headers with RFC 3339 resets.
+async fn messages(State(sim): State<Arc<Sim>>, headers: HeaderMap, body: Bytes) -> Response {
+    let anthropic_error = |status: StatusCode, kind: &str, message: &str| {
+        (status, Json(json!({"type": "error", "error": {"type": kind, "message": message}}))).into_response()
+    };
+    let request: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => {
+            return anthropic_error(StatusCode::BAD_REQUEST, "invalid_request_error", &format!("body is not JSON: {e}"))
+        }
+    };
+    if headers.get("anthropic-version").is_none() {
+        return anthropic_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "anthropic-version: header is required",
+        );
+    }
+    let known =
+        ["model", "max_tokens", "system", "messages", "temperature", "tools", "tool_choice", "top_p", "metadata"];
+    if let Some(extra) = request.as_object().and_then(|o| o.keys().find(|k| !known.contains(&k.as_str()))) {
+        return anthropic_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            &format!("{extra}: Extra inputs are not permitted"),
+        );
+    }
+    if request["max_tokens"].as_u64().is_none() {
+        return anthropic_error(StatusCode::BAD_REQUEST, "invalid_request_error", "max_tokens: Field required");
+    }
+    let mut messages = Vec::new();
+    if let Some(system) = request["system"].as_str() {
+        messages.push(json!({"role": "system", "content": system}));
+    }
+    messages.extend(request["messages"].as_array().cloned().unwrap_or_default());
+    let mut inner = json!({"model": request["model"], "max_tokens": request["max_tokens"], "messages": messages});
+    if let Some(t) = request.get("temperature") {
+        inner["temperature"] = t.clone();
+    }
+    let tool = request["tool_choice"]["name"]
+        .as_str()
+        .and_then(|name| request["tools"].as_array()?.iter().find(|t| t["name"] == name).cloned());
+    if let Some(tool) = &tool {
+        inner["response_format"] =
+            json!({"type": "json_schema", "json_schema": {"name": tool["name"], "schema": tool["input_schema"]}});
+    }
+    let mut auth = HeaderMap::new();
+    if let Some(key) = headers.get("x-api-key").and_then(|v| v.to_str().ok()) {
+        auth.insert("authorization", HeaderValue::from_str(&format!("Bearer {key}")).expect("ascii"));
+    }
+    let response = respond(&sim, &auth, &inner, &body).await;
+    let (parts, body) = response.into_parts();
+    let mut out = HeaderMap::new();
+    for (name, value) in &parts.headers {
+        let n = name.as_str();
+        let Some(rest) = n.strip_prefix("x-ratelimit-") else {
+            out.insert(name.clone(), value.clone());
+            continue;
+        };
+        // x-ratelimit-{limit,remaining,reset}-{what} -> anthropic-ratelimit-{what}-{field}
+        let Some((field, what)) = rest.split_once('-') else { continue };
+        let value = if field == "reset" {
+            let ms = value.to_str().ok().and_then(|v| v.trim_end_matches("ms").parse::<i64>().ok()).unwrap_or(0);
+            let at = chrono::Utc::now() + chrono::Duration::milliseconds(ms);
+            HeaderValue::from_str(&at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)).expect("ascii")
+        } else {
+            value.clone()
+        };
+        out.insert(HeaderName::try_from(format!("anthropic-ratelimit-{what}-{field}")).expect("name"), value);
+    }
+    let bytes = axum::body::to_bytes(body, 16 << 20).await.unwrap_or_default();
+    let v: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    if parts.status != StatusCode::OK {
+        let (status, kind) = match parts.status.as_u16() {
+            503 => (StatusCode::from_u16(529).expect("529"), "overloaded_error"),
+            500 => (parts.status, "api_error"),
+            429 => (parts.status, "rate_limit_error"),
+            401 => (parts.status, "authentication_error"),
+            403 => (parts.status, "permission_error"),
+            404 => (parts.status, "not_found_error"),
+            _ => (parts.status, "invalid_request_error"),
+        };
+        let message = v["error"]["message"].as_str().unwrap_or("error").to_string();
+        let mut e = json!({"type": "error", "error": {"type": kind, "message": message}});
+        if v["error"]["type"] == "insufficient_quota" {
+            e["error"]["message"] = json!("This request would exceed your organization's spend limit.");
+            e["error"]["details"] = json!({"error_code": "enforced_spend_limit_reached"});
+        }
+        return (status, out, Json(e)).into_response();
+    }
+    if v.is_null() {
+        return (parts.status, out, bytes).into_response(); // a malformed answer stays malformed
+    }
+    let text = v["choices"][0]["message"]["content"].as_str().unwrap_or_default().to_string();
+    let content = match &tool {
+        Some(t) => json!([{"type": "tool_use", "id": "toolu_sim", "name": t["name"],
+                           "input": serde_json::from_str::<Value>(&text).unwrap_or(json!({}))}]),
+        None => json!([{"type": "text", "text": text}]),
+    };
+    let body = json!({
+        "id": format!("msg_sim_{}", v["id"].as_str().unwrap_or_default()),
+        "type": "message",
+        "role": "assistant",
+        "model": v["model"],
+        "content": content,
+        "stop_reason": if tool.is_some() { "tool_use" } else { "end_turn" },
+        "usage": {"input_tokens": v["usage"]["prompt_tokens"], "output_tokens": v["usage"]["completion_tokens"],
+                  "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
+    });
+    (StatusCode::OK, out, Json(body)).into_response()
+}
+
+/// Counts, answers and records one request in the simulator's own dialect.
+async fn respond(sim: &Sim, headers: &HeaderMap, request: &Value, body: &[u8]) -> Response {
     sim.counters.requests.fetch_add(1, Ordering::Relaxed);
     let now = sim.counters.in_flight.fetch_add(1, Ordering::AcqRel) + 1;
     sim.counters.max_in_flight.fetch_max(now, Ordering::AcqRel);
     let _leaving = InFlight(&sim.counters.in_flight);
     let config = sim.config.read().expect("config lock").clone();
-    let request: Value = match serde_json::from_slice(&body) {
-        Ok(v) => v,
-        Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_request_error", &format!("body is not JSON: {e}")),
-    };
     let item = request["messages"]
         .as_array()
         .and_then(|m| m.iter().find(|m| m["role"] == "user"))
         .map_or(0, |m| hash_of(m["content"].as_str().unwrap_or("")));
     let model = request["model"].as_str().unwrap_or("sim-small").to_string();
-    let mut response = answer(&sim, &config, &headers, &request, &body).await;
+    let mut response = answer(sim, &config, headers, request, body).await;
     if config.no_limit_headers {
         let names: Vec<_> =
             response.headers().keys().filter(|k| k.as_str().starts_with("x-ratelimit-")).cloned().collect();
@@ -386,58 +576,93 @@ async fn answer(sim: &Sim, config: &SimConfig, auth: &HeaderMap, request: &Value
     let prompt_chars: usize = messages.iter().map(|m| m["content"].as_str().map_or(0, str::len)).sum();
     let text = messages.iter().rev().find(|m| m["role"] == "user").and_then(|m| m["content"].as_str()).unwrap_or("");
     let tokens_in = approx_tokens(prompt_chars);
-    let max_tokens = request["max_tokens"].as_u64().unwrap_or(256) as u32;
 
+    if sim.injected.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1)).is_ok() {
+        c.status_429.fetch_add(1, Ordering::Relaxed);
+        let mut resp = error(StatusCode::TOO_MANY_REQUESTS, "rate_limit_exceeded", "simulated rate limit");
+        if let Some(limit) = config.limit_header_on_429 {
+            resp.headers_mut().insert("x-ratelimit-limit-requests", limit.into());
+        }
+        return with_retry_after(resp, config.retry_after_s);
+    }
     // Server-side limits, checked before anything else as a provider would.
     let limits = sim.limits.read().expect("limits lock").clone();
     let mut headers = HeaderMap::new();
-    if let Some(l) = &limits.requests {
-        match l.check() {
-            Ok(snap) => {
-                headers.insert("x-ratelimit-limit-requests", limits.rpm.into());
-                headers.insert("x-ratelimit-remaining-requests", snap.remaining_burst_capacity().into());
-            }
-            Err(not_until) => {
-                let wait = not_until.wait_time_from(governor::clock::Clock::now(&DefaultClock::default()));
-                c.status_429.fetch_add(1, Ordering::Relaxed);
-                let mut resp =
-                    error(StatusCode::TOO_MANY_REQUESTS, "rate_limit_exceeded", "Rate limit reached for requests");
-                resp.headers_mut().insert("x-ratelimit-limit-requests", limits.rpm.into());
-                resp.headers_mut().insert("x-ratelimit-remaining-requests", 0u32.into());
-                resp.headers_mut().insert(
-                    "x-ratelimit-reset-requests",
-                    HeaderValue::from_str(&format!("{}ms", wait.as_millis().max(1))).expect("ascii"),
-                );
-                return with_retry_after(resp, (wait.as_secs_f64() * 1000.0).ceil() / 1000.0);
-            }
-        }
-    }
-    if let Some(l) = &limits.tokens {
-        let cost = NonZeroU32::new(tokens_in + max_tokens).expect("positive");
+    let model_name = request["model"].as_str().unwrap_or("sim-small");
+    let reasoning = config.reasoning_models.iter().any(|m| m == model_name);
+    let max_tokens = request["max_tokens"].as_u64().or(request["max_completion_tokens"].as_u64()).unwrap_or(256) as u32;
+    let checks = [
+        (&limits.requests, 1, limits.rpm, "requests"),
+        (&limits.tokens, tokens_in + max_tokens, limits.tpm, "tokens"),
+        (&limits.input, tokens_in, limits.input_tpm, "input-tokens"),
+        (&limits.output, max_tokens, limits.output_tpm, "output-tokens"),
+    ];
+    for (l, cost, per_minute, name) in checks {
+        let Some(l) = l else { continue };
+        let Some(cost) = NonZeroU32::new(cost.max(1)) else { continue };
+        let capacity = if config.full_bucket { per_minute } else { (per_minute / 60).max(1) };
+        let period_ms = 60_000.0 / per_minute.max(1) as f64;
+        let set = |h: &mut HeaderMap, remaining: u32| {
+            h.insert(HeaderName::try_from(format!("x-ratelimit-limit-{name}")).expect("name"), per_minute.into());
+            h.insert(HeaderName::try_from(format!("x-ratelimit-remaining-{name}")).expect("name"), remaining.into());
+            let until_full = (capacity.saturating_sub(remaining) as f64 * period_ms).ceil() as u64;
+            h.insert(
+                HeaderName::try_from(format!("x-ratelimit-reset-{name}")).expect("name"),
+                HeaderValue::from_str(&format!("{until_full}ms")).expect("ascii"),
+            );
+        };
         match l.check_n(cost) {
-            Ok(Ok(snap)) => {
-                headers.insert("x-ratelimit-limit-tokens", limits.tpm.into());
-                headers.insert("x-ratelimit-remaining-tokens", snap.remaining_burst_capacity().into());
-            }
+            Ok(Ok(snap)) => set(&mut headers, snap.remaining_burst_capacity()),
             Ok(Err(not_until)) => {
                 let wait = not_until.wait_time_from(governor::clock::Clock::now(&DefaultClock::default()));
                 c.status_429.fetch_add(1, Ordering::Relaxed);
-                let mut resp =
-                    error(StatusCode::TOO_MANY_REQUESTS, "rate_limit_exceeded", "Rate limit reached for tokens");
-                resp.headers_mut().insert("x-ratelimit-limit-tokens", limits.tpm.into());
-                resp.headers_mut().insert("x-ratelimit-remaining-tokens", 0u32.into());
+                let mut resp = error(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limit_exceeded",
+                    &format!("Rate limit reached for {name}"),
+                );
+                set(resp.headers_mut(), 0);
                 return with_retry_after(resp, (wait.as_secs_f64() * 1000.0).ceil() / 1000.0);
             }
             Err(_) => {
                 return error(
                     StatusCode::BAD_REQUEST,
                     "invalid_request_error",
-                    "request exceeds the tokens-per-minute limit on its own",
+                    &format!("request exceeds the {name}-per-minute limit on its own"),
                 );
             }
         }
     }
-
+    // OpenAI's reasoning-model rules, with its error texts.
+    if reasoning {
+        let unsupported = |param: &str, message: String| {
+            (
+                StatusCode::BAD_REQUEST,
+                Json(json!({"error": {"message": message, "type": "invalid_request_error", "param": param, "code": "unsupported_parameter"}})),
+            )
+                .into_response()
+        };
+        if request.get("max_tokens").is_some() {
+            return unsupported("max_tokens", "Unsupported parameter: 'max_tokens' is not supported with this model. Use 'max_completion_tokens' instead.".into());
+        }
+        if request["temperature"].as_f64().is_some_and(|t| t != 1.0) {
+            return unsupported("temperature", format!("Unsupported value: 'temperature' does not support {} with this model. Only the default (1) value is supported.", request["temperature"]));
+        }
+        if request.get("logprobs").is_some() {
+            return unsupported(
+                "logprobs",
+                "Unsupported parameter: 'logprobs' is not supported with this model.".into(),
+            );
+        }
+    }
+    if config.no_json_schema && request["response_format"]["type"] == "json_schema" {
+        // As llama.cpp's server answers it.
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "response_format type json_schema is not supported",
+        );
+    }
     let model = request["model"].as_str().unwrap_or("sim-small");
     if config.down_models.iter().any(|m| m == model) {
         c.status_503.fetch_add(1, Ordering::Relaxed);
@@ -530,7 +755,11 @@ async fn answer(sim: &Sim, config: &SimConfig, auth: &HeaderMap, request: &Value
         _ => {}
     }
 
-    let schema = &request["response_format"]["json_schema"]["schema"];
+    let prompt_schema = schema_in_prompt(messages);
+    let schema = match &request["response_format"]["json_schema"]["schema"] {
+        Value::Null => prompt_schema.as_ref().unwrap_or(&Value::Null),
+        s => s,
+    };
     let n = request["n"].as_u64().unwrap_or(1).clamp(1, 20) as usize;
     let temperature = request["temperature"].as_f64().unwrap_or(1.0);
     let model_cfg = Answering { wrong: config.wrong, seed: config.seed };
@@ -549,8 +778,11 @@ async fn answer(sim: &Sim, config: &SimConfig, auth: &HeaderMap, request: &Value
             summary(text, 200)
         };
         tokens_out += approx_tokens(content.len()).min(max_tokens.max(1));
-        let logprobs =
-            if request["logprobs"].as_bool() == Some(true) { token_logprobs(&content, &pick) } else { Value::Null };
+        let logprobs = if request["logprobs"].as_bool() == Some(true) && !config.no_logprobs {
+            token_logprobs(&content, &pick)
+        } else {
+            Value::Null
+        };
         choices.push(json!({
             "index": i,
             "message": {"role": "assistant", "content": content},
@@ -561,6 +793,9 @@ async fn answer(sim: &Sim, config: &SimConfig, auth: &HeaderMap, request: &Value
     if fault == Some("bad_output") {
         c.bad_output.fetch_add(1, Ordering::Relaxed);
     }
+    // A reasoning model thinks before it answers: those tokens are output too.
+    let reasoning_tokens = if reasoning { 3 * tokens_out } else { 0 };
+    let tokens_out = tokens_out + reasoning_tokens;
     c.ok.fetch_add(1, Ordering::Relaxed);
     c.tokens_in.fetch_add(tokens_in as u64, Ordering::Relaxed);
     c.tokens_out.fetch_add(tokens_out as u64, Ordering::Relaxed);
@@ -570,7 +805,8 @@ async fn answer(sim: &Sim, config: &SimConfig, auth: &HeaderMap, request: &Value
         "created": 0,
         "model": model,
         "choices": choices,
-        "usage": {"prompt_tokens": tokens_in, "completion_tokens": tokens_out, "total_tokens": tokens_in + tokens_out}
+        "usage": {"prompt_tokens": tokens_in, "completion_tokens": tokens_out, "total_tokens": tokens_in + tokens_out,
+                  "completion_tokens_details": {"reasoning_tokens": reasoning_tokens}}
     });
     (StatusCode::OK, headers, Json(body)).into_response()
 }
@@ -610,6 +846,14 @@ fn token_logprobs(content: &str, pick: &Pick) -> Value {
         {"token": label, "logprob": p.max(1e-12).ln(), "top_logprobs": top},
         certain(after)
     ]})
+}
+
+/// A JSON schema spelled out in the system message (when the response format
+/// cannot carry it): what follows "JSON schema:" there.
+fn schema_in_prompt(messages: &[Value]) -> Option<Value> {
+    let system = messages.iter().find(|m| m["role"] == "system")?["content"].as_str()?;
+    let (_, rest) = system.rsplit_once("JSON schema:")?;
+    serde_json::from_str(rest.trim()).ok()
 }
 
 /// The document part of a prompt: what follows the last "Document:" marker, or all of it.

@@ -95,9 +95,10 @@ async fn a_second_upload_to_the_same_job_is_refused() {
     let kind = common::spec::JobKind::load(&sluice_tests::fixtures::jobs_dir().join("classify")).unwrap();
     let job_id = stack
         .client
-        .create_job(&coordinator::model::NewJob { kind, input_name: None, review_below: None })
+        .create_job(&coordinator::model::NewJob { kind, input_name: None, review_below: None, allow_unpriced: false })
         .await
-        .unwrap();
+        .unwrap()
+        .job_id;
     let body = || futures::stream::iter(vec![Ok(bytes::Bytes::from(sample_jsonl(1, 10)))]);
     stack.client.upload(job_id, body(), false).await.unwrap();
     let err = stack.client.upload(job_id, body(), false).await.unwrap_err();

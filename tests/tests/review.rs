@@ -170,7 +170,7 @@ async fn self_reported_and_agreement_confidence() {
     }
     // Agreement: five sampled answers; the confidence is the majority's share.
     let mut kind = common::spec::JobKind::load(&jobs_dir().join("classify")).unwrap();
-    kind.spec.confidence = common::spec::ConfidenceStrategy::Agreement;
+    kind.spec.confidence = vec![common::spec::ConfidenceStrategy::Agreement];
     kind.spec.samples = 5;
     kind.spec.temperature = 0.8;
     let report = stack.submit_kind(kind, sample_jsonl(43, 100), false).await.unwrap();

@@ -19,8 +19,18 @@ pub struct WorkerConfig {
     /// NATS server URL (JetStream must be enabled).
     #[arg(long, env = "SLUICE_NATS_URL", default_value = "nats://127.0.0.1:4222")]
     pub nats_url: String,
-    /// Base URL of an OpenAI-compatible API, including `/v1`. The default is
-    /// the Sluice model simulator started by `scripts/demo`.
+    /// The providers file (TOML): endpoints, keys, limits and parameter rules
+    /// per model; see deploy/providers.example.toml. Without it, the
+    /// SLUICE_MODEL_BASE_URL, SLUICE_MODEL_API_KEY*, SLUICE_RPM, SLUICE_TPM and
+    /// SLUICE_MAX_IN_FLIGHT settings describe one OpenAI-compatible provider
+    /// named "default" that serves any model.
+    #[arg(long, env = "SLUICE_PROVIDERS_FILE")]
+    pub providers_file: Option<PathBuf>,
+    /// The providers, read once at start-up by [`WorkerConfig::resolve`].
+    #[arg(skip)]
+    pub catalog: Option<common::providers::Catalog>,
+    /// Base URL of an OpenAI-compatible API, including `/v1` (without a
+    /// providers file). The default is the Sluice model simulator started by `scripts/demo`.
     #[arg(long, env = "SLUICE_MODEL_BASE_URL", default_value = "http://127.0.0.1:7800/v1")]
     pub model_base_url: String,
     /// File holding the provider API key, or several keys one per line (used
@@ -103,6 +113,8 @@ impl WorkerConfig {
             database_url: database_url.into(),
             db_pool_size: 4,
             nats_url: nats_url.into(),
+            providers_file: None,
+            catalog: None,
             model_base_url: model_base_url.into(),
             api_key_file: None,
             api_keys: Vec::new(),
@@ -147,7 +159,17 @@ impl WorkerConfig {
         if self.ack_wait_s < 3 {
             return Err(Error::Config("SLUICE_ACK_WAIT_S must be at least 3".into()));
         }
-        if !self.model_base_url.starts_with("http://") && !self.model_base_url.starts_with("https://") {
+        if let Some(path) = &self.providers_file {
+            if self.catalog.is_none() {
+                let catalog =
+                    common::providers::Catalog::load(path).map_err(|e| Error::Config(common::error_chain(&e)))?;
+                self.catalog = Some(catalog);
+            }
+        }
+        if self.catalog.is_none()
+            && !self.model_base_url.starts_with("http://")
+            && !self.model_base_url.starts_with("https://")
+        {
             return Err(Error::Config(format!(
                 "SLUICE_MODEL_BASE_URL must be an http(s) URL, got {:?}",
                 self.model_base_url
@@ -199,20 +221,32 @@ impl WorkerConfig {
 
     pub fn guards(&self) -> crate::guard::GuardConfig {
         crate::guard::GuardConfig {
-            endpoint: self.model_base_url.clone(),
-            limits: crate::limit::Limits { rpm: self.rpm, tpm: self.tpm },
             breaker_threshold: self.breaker_threshold,
             breaker_interval: Duration::from_millis(self.breaker_interval_ms),
-            max_in_flight: self.max_in_flight,
             worker: self.name.clone().unwrap_or_default(),
         }
     }
 
-    pub fn provider(&self) -> common::provider::ProviderConfig {
-        common::provider::ProviderConfig {
-            base_url: self.model_base_url.clone(),
-            timeout: Duration::from_millis(self.request_timeout_ms),
-            pool_size: self.concurrency,
-        }
+    /// The providers this worker serves, with their keys read: the providers
+    /// file's, or the one-provider shorthand.
+    pub fn endpoints(&self) -> Result<crate::endpoints::Endpoints, Error> {
+        let catalog = match &self.catalog {
+            Some(c) => c.clone(),
+            None => {
+                let limits = common::providers::ModelConfig {
+                    rpm: self.rpm,
+                    tpm: self.tpm,
+                    max_in_flight: self.max_in_flight,
+                    ..Default::default()
+                };
+                return crate::endpoints::Endpoints::with_shorthand_keys(
+                    common::providers::Catalog::shorthand(&self.model_base_url, limits),
+                    self.api_keys.clone(),
+                    Duration::from_millis(self.request_timeout_ms),
+                    self.concurrency,
+                );
+            }
+        };
+        crate::endpoints::Endpoints::new(catalog, Duration::from_millis(self.request_timeout_ms), self.concurrency)
     }
 }

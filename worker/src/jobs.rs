@@ -4,10 +4,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use common::spec::{JobKind, Prompt};
-use serde_json::Value;
 use sqlx::{PgPool, Row};
 use uuid::Uuid;
 
+use crate::endpoints::{Endpoints, Route};
 use crate::Error;
 
 /// Everything needed to run a job's items, compiled once.
@@ -16,27 +16,26 @@ pub struct CompiledJob {
     pub prompt: Prompt,
     pub validator: jsonschema::Validator,
     pub template_hash: String,
-    /// `response_format` sent with every request, built from the output schema.
-    pub response_format: Value,
     /// Results with a confidence below this go to the review queue.
     pub review_below: f64,
+    /// The main model and the fallbacks at their providers, or why they cannot be reached.
+    pub routes: Result<Vec<Route>, String>,
 }
 
 impl CompiledJob {
-    /// Compiles a kind's template and schema; `review_below` overrides its threshold.
+    /// Compiles a kind's template and schema and routes its models;
+    /// `review_below` overrides its threshold.
     pub fn compile(
         kind: JobKind,
         template_hash: String,
         review_below: Option<f64>,
+        endpoints: &Endpoints,
     ) -> Result<Self, common::spec::SpecError> {
         let prompt = Prompt::new(&kind)?;
         let validator = kind.validator()?;
-        let response_format = serde_json::json!({
-            "type": "json_schema",
-            "json_schema": { "name": kind.spec.kind, "schema": kind.schema, "strict": true }
-        });
         let review_below = review_below.unwrap_or(kind.spec.confidence_threshold);
-        Ok(CompiledJob { template_hash, kind, prompt, validator, response_format, review_below })
+        let routes = kind.spec.models().map(|m| endpoints.route(m)).collect();
+        Ok(CompiledJob { template_hash, kind, prompt, validator, review_below, routes })
     }
 }
 
@@ -47,7 +46,12 @@ pub struct JobCache {
 }
 
 impl JobCache {
-    pub async fn get(&self, pool: &PgPool, job_id: Uuid) -> Result<Option<Arc<CompiledJob>>, Error> {
+    pub async fn get(
+        &self,
+        pool: &PgPool,
+        job_id: Uuid,
+        endpoints: &Endpoints,
+    ) -> Result<Option<Arc<CompiledJob>>, Error> {
         if let Some(j) = self.jobs.lock().expect("job cache lock").get(&job_id) {
             return Ok(Some(j.clone()));
         }
@@ -62,7 +66,7 @@ impl JobCache {
         let spec: sqlx::types::Json<common::spec::JobSpec> = row.get("spec");
         let kind = JobKind { spec: spec.0, template: row.get("template"), schema: row.get("output_schema") };
         let compiled = Arc::new(
-            CompiledJob::compile(kind, row.get("template_hash"), row.get("review_below"))
+            CompiledJob::compile(kind, row.get("template_hash"), row.get("review_below"), endpoints)
                 .map_err(|source| Error::Spec { job_id, source })?,
         );
         let mut jobs = self.jobs.lock().expect("job cache lock");

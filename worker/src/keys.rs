@@ -6,6 +6,8 @@ use secrecy::SecretString;
 
 pub struct KeyRing {
     keys: Vec<(SecretString, String)>,
+    /// The id used when there is no key at all (a local server).
+    keyless_id: String,
     /// Keys the provider refused (401/403); never tried again by this worker.
     refused: Vec<AtomicBool>,
 }
@@ -19,7 +21,8 @@ pub struct Key<'a> {
 }
 
 impl KeyRing {
-    pub fn new(keys: Vec<SecretString>) -> Self {
+    /// The keys of `provider`, in order.
+    pub fn new(keys: Vec<SecretString>, provider: &str) -> Self {
         let keys: Vec<_> = keys
             .into_iter()
             .map(|k| {
@@ -28,13 +31,16 @@ impl KeyRing {
             })
             .collect();
         let refused = keys.iter().map(|_| AtomicBool::new(false)).collect();
-        KeyRing { keys, refused }
+        // Two keyless providers must not share limits; the shorthand's stays "none".
+        let keyless_id =
+            if provider == common::providers::SHORTHAND { "none".to_string() } else { format!("none-{provider}") };
+        KeyRing { keys, keyless_id, refused }
     }
 
     /// The first key not refused; `None` when every key was refused.
     pub fn current(&self) -> Option<Key<'_>> {
         if self.keys.is_empty() {
-            return Some(Key { index: 0, secret: None, id: "none" });
+            return Some(Key { index: 0, secret: None, id: &self.keyless_id });
         }
         self.keys
             .iter()
@@ -60,7 +66,7 @@ mod tests {
 
     #[test]
     fn refused_keys_are_skipped_in_order() {
-        let ring = KeyRing::new(vec![SecretString::from("a"), SecretString::from("b")]);
+        let ring = KeyRing::new(vec![SecretString::from("a"), SecretString::from("b")], "default");
         assert_eq!(ring.current().unwrap().index, 0);
         assert!(ring.refuse(0));
         assert_eq!(ring.current().unwrap().index, 1);
@@ -70,10 +76,11 @@ mod tests {
 
     #[test]
     fn no_keys_means_unauthenticated_calls() {
-        let ring = KeyRing::new(Vec::new());
+        let ring = KeyRing::new(Vec::new(), "default");
         let k = ring.current().unwrap();
         assert!(k.secret.is_none());
         assert_eq!(k.id, "none");
+        assert_eq!(KeyRing::new(Vec::new(), "local").current().unwrap().id, "none-local");
         assert!(!ring.refuse(0));
     }
 }

@@ -4,13 +4,27 @@
 //! cluster as a whole never exceeds the limit however many workers come and
 //! go, and a lone worker can use all of it. To keep KV traffic low a worker
 //! leases a tenth of a second's budget at a time and spends it locally; an
-//! unused lease expires instead of being spent late, so no window can exceed
-//! the limit by more than the bucket's small burst.
+//! unused lease expires instead of being spent late.
 //!
-//! The bucket also learns: a 429 pauses the key for the whole cluster until
-//! its `Retry-After`, and the provider's `x-ratelimit-limit-*` headers lower
-//! the effective limit when the configured one is too high. Without headers a
-//! 429 cuts the effective limit by a fifth, and it recovers slowly.
+//! A bucket has four dimensions: requests, tokens (prompt plus max output),
+//! input tokens and output tokens (Anthropic limits the last two apart);
+//! a dimension with no configured limit is not tracked.
+//!
+//! What the provider says is used, never trusted blindly:
+//! - **Its burst.** Providers' buckets hold a minute's budget and start full;
+//!   `*-remaining` headers say what is left. The bucket keeps an estimate of
+//!   the provider's remaining budget (the figure reported, less what was
+//!   leased since the reporting call was leased) and spends it down to one
+//!   second's worth, beyond the steady rate; without a fresh report it paces
+//!   at the steady rate with a burst of 0.2 s.
+//! - **Its limits are hypotheses.** A `*-limit` header below the configured
+//!   figure lowers the effective limit, by at most half per response; it then
+//!   decays back toward the configured figure (2% of it per second) unless a
+//!   429 within the last 10 s confirms it. A 429 without headers cuts by a
+//!   fifth, once per 250 ms, recovering 1% per second. Retry-After pauses the
+//!   key for every worker. Each cut and each return to the configured figure
+//!   is logged once, by the worker whose write made it, and the effective
+//!   limit is exported as a gauge.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -21,156 +35,334 @@ use serde::{Deserialize, Serialize};
 
 use crate::Error;
 
-/// Seconds of budget the shared bucket may hold (its burst).
+/// Seconds of budget the shared bucket may hold when pacing (its burst).
 const BURST_S: f64 = 0.2;
 /// Seconds of budget leased to a worker at a time.
 const LEASE_S: f64 = 0.1;
+/// The provider's remaining budget is spent down to this many seconds' worth.
+const PROVIDER_RESERVE_S: f64 = 1.0;
+/// At most this many requests' worth is leased at once out of the provider's burst.
+const BURST_LEASE: f64 = 32.0;
+/// A report of the provider's remaining budget is used for this long.
+const REPORT_TTL_MS: u64 = 5_000;
 /// After a 429 cuts the limit, further 429s within this many ms do not cut
 /// it again: they are answers to calls already under way.
 const CUT_INTERVAL_MS: u64 = 250;
+/// A 429 within this many ms holds a header-learned limit where it is.
+const CONFIRM_MS: u64 = 10_000;
+/// Recovery per second, as a share of the configured limit.
+const RECOVER_LEARNED: f64 = 0.02;
+const RECOVER_CUT: f64 = 0.01;
 /// How long a lease may be spent.
 const LEASE_TTL: Duration = Duration::from_millis(500);
+
+/// The dimensions, in the order of [`Bucket::dims`].
+pub const DIM_NAMES: [&str; 4] = ["requests", "tokens", "input_tokens", "output_tokens"];
+
+/// Configured limits per minute; 0 means no limit of that kind.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Limits {
+    pub rpm: f64,
+    pub tpm: f64,
+    pub input_tpm: f64,
+    pub output_tpm: f64,
+}
+
+impl Limits {
+    fn per_minute(&self) -> [f64; 4] {
+        // Token-only limits still track requests: unbounded in practice.
+        let rpm = if self.rpm > 0.0 { self.rpm } else { 1e9 };
+        [rpm, self.tpm, self.input_tpm, self.output_tpm]
+    }
+
+    pub fn any(&self) -> bool {
+        self.rpm > 0.0 || self.tpm > 0.0 || self.input_tpm > 0.0 || self.output_tpm > 0.0
+    }
+}
+
+/// What one call is expected to use.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Cost {
+    /// Prompt tokens (estimated before the call, counted after).
+    pub prompt: f64,
+    /// The output token limit of the call.
+    pub max_output: f64,
+}
+
+impl Cost {
+    /// Per dimension: one request; prompt plus max output (providers charge the
+    /// token limit with max_tokens); the prompt; the output.
+    fn amounts(&self, output: f64) -> [f64; 4] {
+        [1.0, self.prompt + self.max_output, self.prompt, output]
+    }
+}
+
+/// One dimension of the shared bucket.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Dim {
+    /// The pacing bucket's level.
+    pub level: f64,
+    /// Effective limit per minute (the configured one, or less once learned).
+    pub rate: f64,
+    /// The rate was lowered by a provider header (a hypothesis that decays).
+    pub learned: bool,
+    /// Estimate of the provider's remaining budget, from its last report.
+    pub provider: Option<f64>,
+    /// Everything leased so far: a call's lease mark against it tells how much
+    /// was sent after that call (see [`Limiter::observe`]).
+    pub leased: f64,
+}
 
 /// The shared bucket as stored in KV.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Bucket {
     /// Time of the last refill, ms since the epoch.
     pub at_ms: u64,
-    pub req: f64,
-    pub tok: f64,
+    pub dims: [Dim; 4],
     /// No worker may call before this time (a 429's Retry-After).
     pub paused_until_ms: u64,
-    /// Effective limits per minute (the configured ones, or less once learned).
-    pub rpm: f64,
-    pub tpm: f64,
-    /// The provider told us its limits: do not drift back up.
-    pub from_headers: bool,
-    /// When the limit was last cut after a 429: a burst of 429s from one
-    /// overload cuts it once, not once per answer (see [`CUT_INTERVAL_MS`]).
-    #[serde(default)]
+    /// When the provider last reported its remaining budget.
+    pub reported_ms: u64,
+    /// When the last 429 arrived.
+    pub confirmed_ms: u64,
+    /// When the limit was last cut after a 429 without headers.
     pub last_cut_ms: u64,
 }
 
-/// Configured limits per minute; 0 means no limit of that kind.
+/// Budget granted by the bucket, and where the lease stood in each dimension.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Limits {
-    pub rpm: f64,
-    pub tpm: f64,
+pub struct Grant {
+    pub amounts: [f64; 4],
+    pub marks: [f64; 4],
+}
+
+/// A change of the effective limit, to log and export.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Change {
+    pub dim: &'static str,
+    pub from: f64,
+    pub to: f64,
+    pub why: &'static str,
 }
 
 impl Bucket {
     fn full(now: u64, l: Limits) -> Self {
-        Bucket {
-            at_ms: now,
-            req: (l.rpm / 60.0 * BURST_S).max(1.0),
-            tok: l.tpm / 60.0 * BURST_S,
-            paused_until_ms: 0,
-            rpm: l.rpm,
-            tpm: l.tpm,
-            from_headers: false,
-            last_cut_ms: 0,
+        let mut b = Bucket { at_ms: now, ..Default::default() };
+        for (d, conf) in b.dims.iter_mut().zip(l.per_minute()) {
+            d.rate = conf;
+            d.level = (conf / 60.0 * BURST_S).max(1.0);
         }
+        b
     }
 
-    /// Adds what accrued since `at_ms`, up to the burst, and lets a learned
-    /// (lowered) limit recover by 1% of the configured one per second.
-    pub fn refill(&mut self, now: u64, l: Limits) {
+    fn active(l: Limits) -> [bool; 4] {
+        let c = l.per_minute();
+        [true, c[1] > 0.0, c[2] > 0.0, c[3] > 0.0]
+    }
+
+    /// Adds what accrued since `at_ms`, lets lowered limits recover, and
+    /// forgets a report of the provider's budget that is too old.
+    pub fn refill(&mut self, now: u64, l: Limits, changes: &mut Vec<Change>) {
         let dt = now.saturating_sub(self.at_ms) as f64 / 1000.0;
-        if !self.from_headers {
-            self.rpm = (self.rpm + l.rpm * 0.01 * dt).min(l.rpm);
-            self.tpm = (self.tpm + l.tpm * 0.01 * dt).min(l.tpm);
+        let stale = now.saturating_sub(self.reported_ms) > REPORT_TTL_MS;
+        let confirmed = self.confirmed_ms > 0 && now.saturating_sub(self.confirmed_ms) < CONFIRM_MS;
+        for (i, (d, conf)) in self.dims.iter_mut().zip(l.per_minute()).enumerate() {
+            if conf <= 0.0 {
+                continue;
+            }
+            if d.rate < conf {
+                let per_s = if d.learned { RECOVER_LEARNED } else { RECOVER_CUT };
+                if !(d.learned && confirmed) {
+                    d.rate = (d.rate + conf * per_s * dt).min(conf);
+                }
+                if d.rate >= conf {
+                    changes.push(Change {
+                        dim: DIM_NAMES[i],
+                        from: d.rate,
+                        to: conf,
+                        why: "back to the configured limit",
+                    });
+                    d.learned = false;
+                }
+            }
+            d.rate = d.rate.min(conf);
+            let per_s = d.rate / 60.0;
+            d.level = (d.level + per_s * dt).min((per_s * BURST_S).max(1.0));
+            d.provider = if stale { None } else { d.provider.map(|p| (p + per_s * dt).min(d.rate)) };
         }
-        self.rpm = self.rpm.min(l.rpm);
-        self.tpm = self.tpm.min(l.tpm);
-        self.req = (self.req + self.rpm / 60.0 * dt).min((self.rpm / 60.0 * BURST_S).max(1.0));
-        self.tok = (self.tok + self.tpm / 60.0 * dt).min((self.tpm / 60.0 * BURST_S).max(1.0));
         self.at_ms = self.at_ms.max(now);
     }
 
-    /// Takes a lease of up to [`LEASE_S`] of budget if at least one request
-    /// costing `est` tokens fits; otherwise says how long to wait.
-    pub fn take(&mut self, now: u64, est: f64, l: Limits) -> Result<(f64, f64), Duration> {
+    /// Takes a lease if one request costing `cost` fits; otherwise says how long to wait.
+    pub fn take(&mut self, now: u64, cost: &[f64; 4], l: Limits) -> Result<Grant, Duration> {
         if self.paused_until_ms > now {
             return Err(Duration::from_millis(self.paused_until_ms - now));
         }
-        let tokens_limited = l.tpm > 0.0;
-        // A request bigger than the whole burst must still get through: it
-        // waits for a full bucket and drives it negative.
-        let need_tok = if tokens_limited { est.min((self.tpm / 60.0 * BURST_S).max(1.0)) } else { 0.0 };
-        if self.req < 1.0 || (tokens_limited && self.tok < need_tok) {
-            let wait_req = if self.req < 1.0 { (1.0 - self.req) / (self.rpm / 60.0).max(1e-9) } else { 0.0 };
-            let wait_tok = if tokens_limited && self.tok < need_tok {
-                (need_tok - self.tok) / (self.tpm / 60.0).max(1e-9)
-            } else {
-                0.0
-            };
-            return Err(Duration::from_secs_f64(wait_req.max(wait_tok).clamp(0.002, 60.0)));
+        let active = Self::active(l);
+        let mut wait = 0.0f64;
+        // How many requests the provider's reported burst would allow now.
+        let mut burst = f64::INFINITY;
+        for i in 0..4 {
+            if !active[i] {
+                continue;
+            }
+            let d = &self.dims[i];
+            let per_s = (d.rate / 60.0).max(1e-9);
+            let need = cost[i];
+            let pace_burst = (per_s * BURST_S).max(1.0);
+            let paced = d.level >= need.min(pace_burst);
+            match d.provider {
+                Some(p) => {
+                    let spare = p - per_s * PROVIDER_RESERVE_S;
+                    burst = burst.min(if need > 0.0 { (spare / need).floor() } else { f64::INFINITY });
+                    if p < need {
+                        // The provider's budget is spent: wait for it to refill.
+                        wait = wait.max((need - p) / per_s);
+                    } else if !paced && spare < need {
+                        wait = wait.max((need.min(pace_burst) - d.level) / per_s);
+                    }
+                }
+                None => {
+                    burst = 0.0;
+                    if !paced {
+                        wait = wait.max((need.min(pace_burst) - d.level) / per_s);
+                    }
+                }
+            }
         }
-        let want_req = (self.rpm / 60.0 * LEASE_S).max(1.0);
-        let grant_req = want_req.min(self.req.floor()).max(1.0);
-        self.req -= grant_req;
-        let grant_tok = if tokens_limited {
-            let want_tok = (self.tpm / 60.0 * LEASE_S).max(est);
-            let g = want_tok.min(self.tok).max(est);
-            self.tok -= g;
-            g
-        } else {
-            f64::INFINITY
-        };
-        Ok((grant_req, grant_tok))
+        if wait > 0.0 {
+            return Err(Duration::from_secs_f64(wait.clamp(0.002, 60.0)));
+        }
+        let requests = if burst >= 1.0 { burst.min(BURST_LEASE) } else { 0.0 };
+        let mut grant = Grant { amounts: [f64::INFINITY; 4], marks: [0.0; 4] };
+        for i in 0..4 {
+            if !active[i] {
+                continue;
+            }
+            let d = &mut self.dims[i];
+            let per_s = d.rate / 60.0;
+            let paced = (per_s * LEASE_S).max(cost[i]).min(d.level.max(cost[i]));
+            let g = if i == 0 { paced.floor().max(1.0) } else { paced }.max(requests * cost[i]);
+            grant.amounts[i] = g;
+            grant.marks[i] = d.leased;
+            d.leased += g;
+            d.level = (d.level - g).max(-(per_s * BURST_S).max(1.0));
+            if let Some(p) = &mut d.provider {
+                *p -= g;
+            }
+        }
+        Ok(grant)
+    }
+
+    /// Takes in a report of the provider's budget and limits, made by a call
+    /// leased at `marks`.
+    pub fn report(&mut self, now: u64, rate: &RateInfo, marks: &[f64; 4], l: Limits, changes: &mut Vec<Change>) {
+        let remaining =
+            [rate.remaining_requests, rate.remaining_tokens, rate.remaining_input_tokens, rate.remaining_output_tokens];
+        let active = Self::active(l);
+        for i in 0..4 {
+            if let (true, Some(r)) = (active[i], remaining[i]) {
+                let d = &mut self.dims[i];
+                // What was leased after the reporting call is not in the figure yet.
+                d.provider = Some((r - (d.leased - marks[i])).max(0.0));
+                self.reported_ms = now;
+            }
+        }
+        self.learn(rate, l, changes);
+    }
+
+    /// Adopts the provider's announced limits: lower ones by at most half at
+    /// a time, higher ones (up to the configured figure) at once.
+    fn learn(&mut self, rate: &RateInfo, l: Limits, changes: &mut Vec<Change>) -> bool {
+        let limits = [rate.limit_requests, rate.limit_tokens, rate.limit_input_tokens, rate.limit_output_tokens];
+        let mut any = false;
+        for (i, (d, conf)) in self.dims.iter_mut().zip(l.per_minute()).enumerate() {
+            let (Some(limit), true) = (limits[i].filter(|v| *v > 0.0), conf > 0.0) else { continue };
+            any = true;
+            let before = d.rate;
+            if limit < d.rate {
+                d.rate = limit.max(d.rate / 2.0);
+                d.learned = true;
+                changes.push(Change {
+                    dim: DIM_NAMES[i],
+                    from: before,
+                    to: d.rate,
+                    why: "the provider announced a lower limit",
+                });
+            } else if d.learned && limit > d.rate {
+                d.rate = limit.min(conf);
+                d.learned = d.rate < conf;
+                changes.push(Change {
+                    dim: DIM_NAMES[i],
+                    from: before,
+                    to: d.rate,
+                    why: "the provider announced a higher limit",
+                });
+            }
+        }
+        any
     }
 
     /// Reacts to a 429: pause everyone, and lower the limit.
-    pub fn rate_limited(&mut self, now: u64, pause: Duration, rate: &RateInfo, l: Limits) {
+    pub fn rate_limited(&mut self, now: u64, pause: Duration, rate: &RateInfo, l: Limits, changes: &mut Vec<Change>) {
         self.paused_until_ms = self.paused_until_ms.max(now + pause.as_millis() as u64);
-        self.req = self.req.min(0.0);
-        self.tok = self.tok.min(0.0);
-        if !self.learn(rate, l) && (self.last_cut_ms == 0 || now >= self.last_cut_ms + CUT_INTERVAL_MS) {
+        self.confirmed_ms = now;
+        for d in &mut self.dims {
+            d.level = d.level.min(0.0);
+            d.provider = d.provider.map(|_| 0.0);
+        }
+        if !self.learn(rate, l, changes) && now >= self.last_cut_ms + CUT_INTERVAL_MS {
             self.last_cut_ms = now;
-            self.rpm = (self.rpm * 0.8).max(1.0);
-            if l.tpm > 0.0 {
-                self.tpm = (self.tpm * 0.8).max(1.0);
+            for (i, (d, conf)) in self.dims.iter_mut().zip(l.per_minute()).enumerate() {
+                if conf > 0.0 && (i == 0 || l.per_minute()[i] > 0.0) {
+                    let before = d.rate;
+                    d.rate = (d.rate * 0.8).max(1.0);
+                    if i == 0 || before != d.rate {
+                        changes.push(Change {
+                            dim: DIM_NAMES[i],
+                            from: before,
+                            to: d.rate,
+                            why: "429 without limit headers",
+                        });
+                    }
+                }
             }
         }
-    }
-
-    /// Lowers the effective limits to what the provider announces; true if it announced any.
-    pub fn learn(&mut self, rate: &RateInfo, l: Limits) -> bool {
-        let mut learned = false;
-        if let Some(limit) = rate.limit_requests.filter(|v| *v > 0.0) {
-            self.rpm = limit.min(l.rpm);
-            learned = true;
-        }
-        if let (Some(limit), true) = (rate.limit_tokens.filter(|v| *v > 0.0), l.tpm > 0.0) {
-            self.tpm = limit.min(l.tpm);
-            learned = true;
-        }
-        self.from_headers |= learned;
-        learned
     }
 }
 
 /// Budget leased to this worker.
 struct Pool {
-    req: f64,
-    tok: f64,
+    amounts: [f64; 4],
+    marks: [f64; 4],
     expires: Instant,
+}
+
+/// A report waiting to be taken to the shared bucket with the next lease.
+struct Pending {
+    rate: RateInfo,
+    marks: [f64; 4],
 }
 
 /// One key-and-model's limiter, as seen by one worker.
 pub struct Limiter {
     kv: kv::Store,
     key: String,
+    labels: (String, String),
     limits: Limits,
     pool: Mutex<Pool>,
+    pending: Mutex<Option<Pending>>,
+    /// The effective request rate seen at the last lease.
+    seen_rate: Mutex<[f64; 4]>,
     /// Only one task of this worker leases or waits at a time; the others
     /// queue behind it in order (tokio's mutex is fair).
     leasing: tokio::sync::Mutex<()>,
 }
 
-/// Tokens reserved for one call, settled against the real usage afterwards.
+/// What one call reserved, settled against the real usage afterwards.
 pub struct Reservation {
-    pub tokens: f64,
+    amounts: [f64; 4],
+    marks: [f64; 4],
 }
 
 impl Limiter {
@@ -178,31 +370,37 @@ impl Limiter {
         Limiter {
             kv,
             key: format!("rl.{}.{}", common::nats::key_part(key_id), common::nats::key_part(model)),
+            labels: (key_id.to_string(), model.to_string()),
             limits,
-            pool: Mutex::new(Pool { req: 0.0, tok: 0.0, expires: Instant::now() }),
+            pool: Mutex::new(Pool { amounts: [0.0; 4], marks: [0.0; 4], expires: Instant::now() }),
+            pending: Mutex::new(None),
+            seen_rate: Mutex::new(limits.per_minute()),
             leasing: tokio::sync::Mutex::new(()),
         }
     }
 
-    /// Waits until one request costing about `est_tokens` may be sent.
-    pub async fn acquire(&self, est_tokens: u32) -> Result<Reservation, Error> {
-        let est = est_tokens as f64;
+    /// Waits until one request costing about `cost` may be sent.
+    pub async fn acquire(&self, cost: Cost) -> Result<Reservation, Error> {
+        let need = cost.amounts(cost.max_output);
         let _turn = self.leasing.lock().await;
         loop {
             {
                 let mut p = self.pool.lock().expect("pool lock");
-                if Instant::now() < p.expires && p.req >= 1.0 && p.tok >= est {
-                    p.req -= 1.0;
-                    p.tok -= est;
-                    return Ok(Reservation { tokens: est });
+                if Instant::now() < p.expires && (0..4).all(|i| p.amounts[i] >= need[i]) {
+                    for (a, n) in p.amounts.iter_mut().zip(need) {
+                        *a -= n;
+                    }
+                    return Ok(Reservation { amounts: need, marks: p.marks });
                 }
             }
-            match self.lease(est).await? {
-                Ok((req, tok)) => {
+            match self.lease(&need).await? {
+                Ok(g) => {
                     let mut p = self.pool.lock().expect("pool lock");
                     let expired = Instant::now() >= p.expires;
-                    p.req = if expired { req } else { p.req + req };
-                    p.tok = if expired { tok } else { p.tok + tok };
+                    for i in 0..4 {
+                        p.amounts[i] = if expired { g.amounts[i] } else { p.amounts[i] + g.amounts[i] };
+                    }
+                    p.marks = g.marks;
                     p.expires = Instant::now() + LEASE_TTL;
                 }
                 Err(wait) => tokio::time::sleep(wait).await,
@@ -210,67 +408,105 @@ impl Limiter {
         }
     }
 
-    /// Corrects the reservation with the tokens really used.
-    pub fn settle(&self, r: Reservation, used: u32) {
+    /// Corrects the reservation with what the call really used (`prompt` and
+    /// the output limit for the token limits, `output` for an output limit).
+    pub fn settle(&self, r: Reservation, used: Cost, output: f64) {
+        let used = used.amounts(output);
         let mut p = self.pool.lock().expect("pool lock");
-        p.tok += r.tokens - used as f64;
+        for i in 1..4 {
+            p.amounts[i] += r.amounts[i] - used[i];
+        }
+    }
+
+    /// The response headers of a successful call leased as `r`: its report of
+    /// the provider's budget goes with the next lease, unless it lowers the
+    /// limit or says the budget is nearly spent, which is shared at once.
+    pub async fn observe(&self, rate: &RateInfo, r: &Reservation) -> Result<(), Error> {
+        if rate.is_empty() {
+            return Ok(());
+        }
+        let seen = *self.seen_rate.lock().expect("seen lock");
+        let limits = [rate.limit_requests, rate.limit_tokens, rate.limit_input_tokens, rate.limit_output_tokens];
+        let remaining =
+            [rate.remaining_requests, rate.remaining_tokens, rate.remaining_input_tokens, rate.remaining_output_tokens];
+        let urgent = (0..4).any(|i| {
+            limits[i].is_some_and(|v| v > 0.0 && v < seen[i] * 0.99)
+                || remaining[i].is_some_and(|v| v < seen[i] / 60.0 * PROVIDER_RESERVE_S)
+        });
+        if !urgent {
+            *self.pending.lock().expect("pending lock") = Some(Pending { rate: *rate, marks: r.marks });
+            return Ok(());
+        }
+        let (rate, marks, limits) = (*rate, r.marks, self.limits);
+        self.modify(|b, now, changes| {
+            b.refill(now, limits, changes);
+            b.report(now, &rate, &marks, limits, changes);
+            true
+        })
+        .await
     }
 
     /// A 429: pause the key for the whole cluster and lower its limit.
     pub async fn rate_limited(&self, retry_after: Option<Duration>, rate: &RateInfo) -> Result<(), Error> {
         {
             let mut p = self.pool.lock().expect("pool lock");
-            p.req = 0.0;
-            p.tok = p.tok.min(0.0);
+            for a in &mut p.amounts {
+                *a = a.min(0.0);
+            }
         }
         let pause = retry_after.unwrap_or(Duration::from_secs(1));
-        let limits = self.limits;
-        self.modify(|b, now| {
-            b.rate_limited(now, pause, rate, limits);
+        let (rate, limits) = (*rate, self.limits);
+        self.modify(|b, now, changes| {
+            b.refill(now, limits, changes);
+            b.rate_limited(now, pause, &rate, limits, changes);
             true
         })
         .await
     }
 
-    /// Headers of a successful call: adopt announced limits, and pause when
-    /// the provider says its budget is spent.
-    pub async fn observe(&self, rate: &RateInfo) -> Result<(), Error> {
+    async fn lease(&self, need: &[f64; 4]) -> Result<Result<Grant, Duration>, Error> {
         let limits = self.limits;
-        let lower_rpm = rate.limit_requests.is_some_and(|v| v > 0.0 && v < limits.rpm);
-        let lower_tpm = limits.tpm > 0.0 && rate.limit_tokens.is_some_and(|v| v > 0.0 && v < limits.tpm);
-        let spent = rate.remaining_requests.is_some_and(|r| r < 1.0) || rate.remaining_tokens.is_some_and(|r| r < 1.0);
-        if !(lower_rpm || lower_tpm || spent) {
-            return Ok(());
-        }
-        let reset = rate.reset_requests.max(rate.reset_tokens).unwrap_or(Duration::from_millis(200));
-        self.modify(|b, now| {
-            let changed =
-                (lower_rpm && rate.limit_requests != Some(b.rpm)) || (lower_tpm && rate.limit_tokens != Some(b.tpm));
-            b.learn(rate, limits);
-            if spent {
-                b.paused_until_ms = b.paused_until_ms.max(now + reset.as_millis() as u64);
-                return true;
-            }
-            changed
-        })
-        .await
-    }
-
-    async fn lease(&self, est: f64) -> Result<Result<(f64, f64), Duration>, Error> {
-        let limits = self.limits;
+        let pending = self.pending.lock().expect("pending lock").take();
         let mut grant = Err(Duration::ZERO);
-        self.modify(|b, now| {
-            b.refill(now, limits);
-            grant = b.take(now, est, limits);
-            grant.is_ok()
+        self.modify(|b, now, changes| {
+            b.refill(now, limits, changes);
+            if let Some(p) = &pending {
+                b.report(now, &p.rate, &p.marks, limits, changes);
+            }
+            grant = b.take(now, need, limits);
+            grant.is_ok() || pending.is_some()
         })
         .await?;
         Ok(grant)
     }
 
-    async fn modify(&self, f: impl FnMut(&mut Bucket, u64) -> bool) -> Result<(), Error> {
+    async fn modify(&self, mut f: impl FnMut(&mut Bucket, u64, &mut Vec<Change>) -> bool) -> Result<(), Error> {
         let limits = self.limits;
-        crate::kvstate::modify(&self.kv, &self.key, |now| Bucket::full(now, limits), f).await.map(|_| ())
+        let mut changes = Vec::new();
+        let written = crate::kvstate::modify(
+            &self.kv,
+            &self.key,
+            |now| Bucket::full(now, limits),
+            |b, now| {
+                changes.clear();
+                f(b, now, &mut changes)
+            },
+        )
+        .await?;
+        let Some(b) = written else { return Ok(()) };
+        let rates = [b.dims[0].rate, b.dims[1].rate, b.dims[2].rate, b.dims[3].rate];
+        *self.seen_rate.lock().expect("seen lock") = rates;
+        let (key_id, model) = (&self.labels.0, &self.labels.1);
+        for (i, conf) in limits.per_minute().into_iter().enumerate() {
+            if conf > 0.0 && !(i == 0 && limits.rpm <= 0.0) {
+                crate::metrics::rate_limit(key_id, model, DIM_NAMES[i], rates[i]);
+            }
+        }
+        // Logged once for the cluster: only the write that made the change logs it.
+        for c in changes {
+            tracing::warn!(key_id = %key_id, model = %model, limit = c.dim, from = c.from.round(), to = c.to.round(), "effective rate limit changed: {}", c.why);
+        }
+        Ok(())
     }
 }
 
@@ -278,82 +514,143 @@ impl Limiter {
 mod tests {
     use super::*;
 
-    const L: Limits = Limits { rpm: 6000.0, tpm: 0.0 };
+    const L: Limits = Limits { rpm: 6000.0, tpm: 0.0, input_tpm: 0.0, output_tpm: 0.0 };
+    const ONE: [f64; 4] = [1.0, 10.0, 10.0, 0.0];
+
+    fn no_changes() -> Vec<Change> {
+        Vec::new()
+    }
 
     #[test]
     fn a_full_bucket_leases_a_tenth_of_a_second() {
         let mut b = Bucket::full(0, L);
-        assert_eq!(b.req, 20.0);
-        let (req, tok) = b.take(0, 10.0, L).unwrap();
-        assert_eq!(req, 10.0);
-        assert!(tok.is_infinite());
-        assert_eq!(b.req, 10.0);
+        assert_eq!(b.dims[0].level, 20.0);
+        let g = b.take(0, &ONE, L).unwrap();
+        assert_eq!(g.amounts[0], 10.0);
+        assert!(g.amounts[1].is_infinite());
+        assert_eq!(b.dims[0].level, 10.0);
     }
 
     #[test]
     fn an_empty_bucket_says_how_long_to_wait() {
         let mut b = Bucket::full(0, L);
-        b.req = 0.0;
-        let wait = b.take(0, 1.0, L).unwrap_err();
+        b.dims[0].level = 0.0;
+        let wait = b.take(0, &ONE, L).unwrap_err();
         assert_eq!(wait, Duration::from_millis(10)); // 100 requests/s
-        b.refill(10, L);
-        assert!(b.take(10, 1.0, L).is_ok());
-    }
-
-    #[test]
-    fn refill_is_capped_at_the_burst() {
-        let mut b = Bucket::full(0, L);
-        b.refill(60_000, L);
-        assert_eq!(b.req, 20.0);
+        b.refill(10, L, &mut no_changes());
+        assert!(b.take(10, &ONE, L).is_ok());
     }
 
     #[test]
     fn no_more_than_the_limit_is_leased_over_a_minute() {
-        // Lease as fast as possible for 60 simulated seconds, in 1 ms steps.
         let mut b = Bucket::full(0, L);
         let mut granted = 0.0;
         for now in 0..60_000u64 {
-            b.refill(now, L);
-            while let Ok((r, _)) = b.take(now, 1.0, L) {
-                granted += r;
+            b.refill(now, L, &mut no_changes());
+            while let Ok(g) = b.take(now, &ONE, L) {
+                granted += g.amounts[0];
             }
         }
         assert!((6000.0..=6000.0 + 20.0).contains(&granted), "{granted}");
     }
 
     #[test]
-    fn a_429_pauses_and_lowers_the_limit_unless_headers_say_more() {
-        let mut b = Bucket::full(1000, L);
-        b.rate_limited(1000, Duration::from_secs(2), &RateInfo::default(), L);
-        assert_eq!(b.take(2000, 1.0, L).unwrap_err(), Duration::from_secs(1));
-        assert_eq!(b.rpm, 4800.0);
-        b.rate_limited(1100, Duration::ZERO, &RateInfo::default(), L);
-        assert_eq!(b.rpm, 4800.0, "a second 429 right after the first does not cut again");
-        let rate = RateInfo { limit_requests: Some(3000.0), ..Default::default() };
-        b.rate_limited(0, Duration::from_secs(1), &rate, L);
-        assert_eq!(b.rpm, 3000.0);
-        assert!(b.from_headers);
-        b.refill(100_000, L);
-        assert_eq!(b.rpm, 3000.0, "a limit the provider announced does not drift back up");
+    fn the_providers_reported_burst_is_spent_down_to_a_second_of_rate() {
+        // A provider whose bucket starts full: 6,000 requests, reported on the first answer.
+        let mut b = Bucket::full(0, L);
+        let first = b.take(0, &ONE, L).unwrap();
+        let rate = RateInfo { remaining_requests: Some(5_999.0), limit_requests: Some(6000.0), ..Default::default() };
+        b.report(300, &rate, &first.marks, L, &mut no_changes());
+        let mut granted = first.amounts[0];
+        let mut now = 300;
+        while now < 10_300 {
+            b.refill(now, L, &mut no_changes());
+            while let Ok(g) = b.take(now, &ONE, L) {
+                granted += g.amounts[0];
+            }
+            now += 1;
+        }
+        // In 10 s: the 6,000 it held plus 10 s of refill, less the reserve, and never more.
+        assert!(granted <= 6_000.0 + 1_000.0, "{granted}");
+        assert!(granted >= 6_000.0 + 1_000.0 - 150.0, "{granted}");
     }
 
     #[test]
-    fn a_lowered_limit_recovers_slowly_without_headers() {
+    fn a_report_discounts_what_was_leased_after_the_reporting_call() {
         let mut b = Bucket::full(0, L);
-        b.rate_limited(0, Duration::ZERO, &RateInfo::default(), L);
-        b.refill(10_000, L);
-        assert_eq!(b.rpm, 4800.0 + 600.0);
-        b.refill(100_000, L);
-        assert_eq!(b.rpm, 6000.0);
+        let g = b.take(0, &ONE, L).unwrap();
+        b.dims[0].leased += 40.0; // other calls leased since
+        let rate = RateInfo { remaining_requests: Some(100.0), ..Default::default() };
+        b.report(0, &rate, &g.marks, L, &mut no_changes());
+        assert_eq!(b.dims[0].provider, Some(100.0 - 40.0 - g.amounts[0]));
+    }
+
+    #[test]
+    fn a_bogus_low_limit_cuts_by_half_at_most_and_decays_back() {
+        let mut b = Bucket::full(1_000, L);
+        let mut changes = Vec::new();
+        let bogus = RateInfo { limit_requests: Some(60.0), ..Default::default() };
+        b.rate_limited(1_000, Duration::from_secs(1), &bogus, L, &mut changes);
+        assert_eq!(b.dims[0].rate, 3000.0, "one response cuts by half at most");
+        assert_eq!(changes.len(), 1);
+        // Held while 429s confirm it (10 s), then back by 2% of 6,000 per second.
+        for t in (2..=10).map(|s| s * 1_000) {
+            b.refill(t, L, &mut no_changes());
+        }
+        assert_eq!(b.dims[0].rate, 3000.0);
+        for t in (11..=20).map(|s| s * 1_000) {
+            b.refill(t, L, &mut no_changes());
+        }
+        assert!((b.dims[0].rate - 3000.0 - 1200.0).abs() < 1.0, "{}", b.dims[0].rate);
+        let mut changes = Vec::new();
+        b.refill(61_000, L, &mut changes);
+        assert_eq!(b.dims[0].rate, 6000.0);
+        assert!(!b.dims[0].learned);
+        assert_eq!(changes.len(), 1, "the return is logged once");
+    }
+
+    #[test]
+    fn a_higher_announced_limit_lifts_a_learned_one() {
+        let mut b = Bucket::full(0, Limits { rpm: 12_000.0, ..L });
+        let l = Limits { rpm: 12_000.0, ..L };
+        let r = |v| RateInfo { limit_requests: Some(v), ..Default::default() };
+        b.report(0, &r(6000.0), &[0.0; 4], l, &mut no_changes());
+        assert_eq!(b.dims[0].rate, 6000.0);
+        b.report(0, &r(3000.0), &[0.0; 4], l, &mut no_changes());
+        assert_eq!(b.dims[0].rate, 3000.0);
+        b.report(0, &r(6000.0), &[0.0; 4], l, &mut no_changes());
+        assert_eq!(b.dims[0].rate, 6000.0);
+    }
+
+    #[test]
+    fn a_429_without_headers_cuts_by_a_fifth_once_per_burst() {
+        let mut b = Bucket::full(1000, L);
+        b.rate_limited(1000, Duration::from_secs(2), &RateInfo::default(), L, &mut no_changes());
+        assert_eq!(b.take(2000, &ONE, L).unwrap_err(), Duration::from_secs(1));
+        assert_eq!(b.dims[0].rate, 4800.0);
+        b.rate_limited(1100, Duration::ZERO, &RateInfo::default(), L, &mut no_changes());
+        assert_eq!(b.dims[0].rate, 4800.0, "a second 429 right after the first does not cut again");
+        b.refill(11_000, L, &mut no_changes());
+        assert_eq!(b.dims[0].rate, 4800.0 + 600.0, "recovers 1% of the configured limit per second");
     }
 
     #[test]
     fn token_limits_bind_too() {
-        let l = Limits { rpm: 60_000.0, tpm: 60_000.0 };
+        let l = Limits { rpm: 60_000.0, tpm: 60_000.0, ..Default::default() };
         let mut b = Bucket::full(0, l);
-        assert_eq!(b.tok, 200.0);
-        let (_, tok) = b.take(0, 150.0, l).unwrap();
-        assert_eq!(tok, 150.0);
-        assert!(b.take(0, 150.0, l).is_err(), "50 tokens left, 150 needed");
+        assert_eq!(b.dims[1].level, 200.0);
+        let g = b.take(0, &[1.0, 150.0, 0.0, 0.0], l).unwrap();
+        assert_eq!(g.amounts[1], 150.0);
+        assert!(b.take(0, &[1.0, 150.0, 0.0, 0.0], l).is_err(), "50 tokens left, 150 needed");
+    }
+
+    #[test]
+    fn input_and_output_limits_are_separate() {
+        let l = Limits { rpm: 600.0, input_tpm: 6_000.0, output_tpm: 600.0, ..Default::default() };
+        let mut b = Bucket::full(0, l);
+        // 20 output tokens of burst (0.2 s of 100/s): a call with max 30 output waits.
+        let g = b.take(0, &[1.0, 0.0, 10.0, 15.0], l).unwrap();
+        assert_eq!(g.amounts[3], 15.0);
+        assert!(b.take(0, &[1.0, 0.0, 10.0, 15.0], l).is_err());
     }
 }

@@ -13,7 +13,11 @@ pub const TOKENS: &str = "sluice_tokens_total";
 /// Chunk deliveries handled by this worker (label `outcome`: written, partial, duplicate, stale, cancelled, exhausted, unknown).
 pub const CHUNKS: &str = "sluice_chunks_total";
 
+/// The effective rate limit per minute (labels `key_id`, `model`, `limit`: requests, tokens, input_tokens, output_tokens).
+pub const RATE_LIMIT: &str = "sluice_rate_limit_effective_per_minute";
+
 pub fn describe() {
+    metrics::describe_gauge!(RATE_LIMIT, "Effective rate limit per minute, as learned from the provider");
     metrics::describe_counter!(ITEMS, "Items finished, by outcome");
     metrics::describe_counter!(MODEL_CALLS, "Model calls, by model and outcome");
     metrics::describe_histogram!(MODEL_CALL_SECONDS, metrics::Unit::Seconds, "Model call latency");
@@ -41,4 +45,10 @@ pub fn chunk(outcome: &'static str, succeeded: u64, failed: u64) {
     metrics::counter!(CHUNKS, "outcome" => outcome).increment(1);
     metrics::counter!(ITEMS, "outcome" => "succeeded").increment(succeeded);
     metrics::counter!(ITEMS, "outcome" => "failed").increment(failed);
+}
+
+/// Exports the effective rate limit of a key and model.
+pub fn rate_limit(key_id: &str, model: &str, limit: &'static str, per_minute: f64) {
+    metrics::gauge!(RATE_LIMIT, "key_id" => key_id.to_string(), "model" => model.to_string(), "limit" => limit)
+        .set(per_minute);
 }

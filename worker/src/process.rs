@@ -7,19 +7,24 @@
 //! | auth (401/403) | set the key aside and use the next configured key; with none left, fail the item |
 //! | invalid request (400) | try the next fallback model (e.g. larger context), else fail |
 //! | server (5xx), transient (timeout, reset), malformed body | count against the breaker, retry with back-off (never before Retry-After), then the next fallback model |
+//! | invalid request naming `response_format` | the next weaker structured-output mode (json_schema, json_object, prompt), learned for the cluster |
 //! | bad output (not JSON, schema violation) | re-ask with the validation error, bounded, then `failed_validation` |
 //! | breaker open | hold the item back: the chunk is redelivered later |
 
 use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
-use common::provider::{CallError, ChatClient, ChatRequest, Message};
+use common::prices::Usage;
+use common::provider::{Call, CallError, Message};
+use common::providers::{ModelConfig, Param};
 use serde_json::{json, Value};
 
 use crate::breaker::Gate;
 use crate::confidence;
 use crate::guard::Guards;
 use crate::jobs::CompiledJob;
+use crate::learned::{Facts, Learned};
+use crate::limit::Cost;
 use crate::metrics;
 use crate::store::{AttemptRecord, Item, ItemResult};
 use crate::Error;
@@ -66,23 +71,67 @@ pub fn validate_output(job: &CompiledJob, content: &str) -> Result<(Value, Strin
     Ok((value, answer))
 }
 
-/// Rough prompt size in tokens (4 characters each), reserved before a call.
-fn estimate_tokens(messages: &[Message], max_tokens: u32) -> u32 {
-    let chars: usize = messages.iter().map(|m| m.content.len()).sum();
-    (chars / 4 + 1) as u32 + max_tokens
+/// Rough prompt size in tokens (4 characters each).
+fn estimate_prompt_tokens(system: Option<&str>, messages: &[Message]) -> u32 {
+    let chars: usize = messages.iter().map(|m| m.content.len()).sum::<usize>() + system.map_or(0, str::len);
+    (chars / 4 + 1) as u32
 }
 
 /// Everything an item needs from its worker.
 pub struct ItemContext<'a> {
-    pub client: &'a ChatClient,
     pub guards: &'a Guards,
-    pub keys: &'a crate::keys::KeyRing,
+    pub learned: &'a Learned,
     pub policy: RetryPolicy,
     /// Cancelled when the worker shuts down: items not yet under way are held
     /// back so the chunk's finished results can be written at once.
     pub stop: &'a tokio_util::sync::CancellationToken,
     pub prices: &'a common::prices::PriceTable,
     pub redaction: common::redact::Redaction,
+}
+
+/// The confidence strategy to ask for, given what the model can give, and
+/// those passed over with the reason.
+struct StrategyChoice {
+    current: Option<ConfidenceStrategy>,
+    rest: Vec<ConfidenceStrategy>,
+    skipped: Vec<Value>,
+}
+
+impl StrategyChoice {
+    fn new(spec: &common::spec::JobSpec, config: &ModelConfig, facts: Facts) -> Self {
+        let mut c = StrategyChoice { current: None, rest: spec.strategies().collect(), skipped: Vec::new() };
+        c.advance(config, facts, None);
+        c
+    }
+
+    /// Moves to the next strategy this model can serve; `why` is recorded for the current one.
+    fn advance(&mut self, config: &ModelConfig, facts: Facts, why: Option<&str>) {
+        if let (Some(s), Some(why)) = (self.current.take(), why) {
+            self.skipped.push(json!({"strategy": s, "reason": why}));
+        }
+        while !self.rest.is_empty() {
+            let s = self.rest.remove(0);
+            let unusable = match s {
+                ConfidenceStrategy::Logprobs if !config.supports(Param::Logprobs) => {
+                    Some("the providers file says the model gives no log-probabilities")
+                }
+                ConfidenceStrategy::Logprobs if facts.no_logprobs => {
+                    Some("the server sent no log-probabilities when asked")
+                }
+                ConfidenceStrategy::Agreement if !config.supports(Param::N) => {
+                    Some("the model cannot sample several answers in one call (n)")
+                }
+                _ => None,
+            };
+            match unusable {
+                Some(why) => self.skipped.push(json!({"strategy": s, "reason": why})),
+                None => {
+                    self.current = Some(s);
+                    return;
+                }
+            }
+        }
+    }
 }
 
 /// Processes one item. Guard failures (KV unreachable) are errors; every
@@ -95,22 +144,25 @@ pub async fn run_item(ctx: &ItemContext<'_>, job: &CompiledJob, item: &Item) -> 
             return Ok(Outcome::Done(ItemResult::failed(item, "template", format!("cannot render the prompt: {e}"))))
         }
     };
+    let routes = match &job.routes {
+        Ok(r) => r,
+        Err(msg) => return Ok(Outcome::Done(ItemResult::failed(item, "unknown_model", msg.clone()))),
+    };
     let mut result = ItemResult::failed(item, "unknown", String::new());
     let mut log: Vec<AttemptRecord> = Vec::new();
     let spec = &job.kind.spec;
-    let mut base = Vec::with_capacity(2);
-    if let Some(system) = &spec.system {
-        base.push(Message { role: "system".into(), content: system.clone() });
-    }
-    base.push(Message { role: "user".into(), content: prompt });
+    let base = vec![Message { role: "user".into(), content: prompt }];
 
-    let models: Vec<&String> = std::iter::once(&spec.model).chain(spec.fallback_models.iter()).collect();
     let mut last: Option<(&'static str, String)> = None;
     let mut held: Option<Duration> = None;
-    let samples = if spec.confidence == ConfidenceStrategy::Agreement { spec.samples } else { 1 };
     let held_now = |log: &mut Vec<AttemptRecord>| Ok(Outcome::Held(Duration::ZERO, std::mem::take(log)));
-    'models: for (model_index, model) in models.into_iter().enumerate() {
-        let breaker = ctx.guards.breaker(model).await?;
+    'models: for (model_index, route) in routes.iter().enumerate() {
+        let ep = &route.endpoint;
+        let base_url = ep.client.base_url();
+        let breaker = ctx.guards.breaker(base_url, &route.model).await?;
+        let facts = ctx.learned.get(base_url, &route.model).await?;
+        let mut output = facts.output.unwrap_or(route.config.first_output_mode()).max(route.config.first_output_mode());
+        let mut strategy = StrategyChoice::new(spec, &route.config, facts);
         let mut backoff = ExponentialBuilder::default()
             .with_min_delay(ctx.policy.base)
             .with_max_delay(Duration::from_secs(30))
@@ -123,6 +175,17 @@ pub async fn run_item(ctx: &ItemContext<'_>, job: &CompiledJob, item: &Item) -> 
             if ctx.stop.is_cancelled() {
                 return held_now(&mut log);
             }
+            let Some(key) = ep.keys.current() else {
+                last = Some(("auth", "the provider refused every configured API key".into()));
+                break 'models;
+            };
+            // A slot under the cluster-wide window first, then the breaker, then
+            // the rate budget: a reservation must not wait for a slot and be spent late.
+            let cap = ctx.guards.cap(key.id, &route.model, route.config.max_in_flight);
+            let _slot = tokio::select! {
+                p = cap.acquire() => p,
+                _ = ctx.stop.cancelled() => return held_now(&mut log),
+            };
             match breaker.gate().await? {
                 Gate::Closed | Gate::Probe => {}
                 Gate::Open(wait) => {
@@ -131,50 +194,52 @@ pub async fn run_item(ctx: &ItemContext<'_>, job: &CompiledJob, item: &Item) -> 
                     continue 'models;
                 }
             }
-            let Some(key) = ctx.keys.current() else {
-                last = Some(("auth", "the provider refused every configured API key".into()));
-                break 'models;
-            };
-            // A slot under the cluster-wide cap first, then the rate budget:
-            // a reservation must not wait for a slot and be spent late.
-            let _slot = match ctx.guards.cap(key.id, model) {
-                Some(cap) => tokio::select! {
-                    p = cap.acquire() => Some(p),
-                    _ = ctx.stop.cancelled() => return held_now(&mut log),
-                },
-                None => None,
-            };
-            let limiter = ctx.guards.limiter(key.id, model);
-            let request = ChatRequest {
-                model: model.clone(),
-                messages: messages.clone(),
-                temperature: spec.temperature,
+            let limiter = ctx.guards.limiter(key.id, &route.model, &route.config);
+            let samples = (strategy.current == Some(ConfidenceStrategy::Agreement)).then_some(spec.samples);
+            let call = Call {
+                model: &route.wire_model,
+                system: spec.system.as_deref(),
+                messages: &messages,
+                temperature: route.config.supports(Param::Temperature).then_some(spec.temperature),
                 max_tokens: spec.max_tokens,
-                response_format: Some(job.response_format.clone()),
-                logprobs: spec.confidence == ConfidenceStrategy::Logprobs,
-                top_logprobs: (spec.confidence == ConfidenceStrategy::Logprobs).then_some(5),
-                n: (samples > 1).then_some(samples),
+                max_tokens_param: route.config.max_tokens_param,
+                output,
+                schema_name: &spec.kind,
+                schema: &job.kind.schema,
+                logprobs: strategy.current == Some(ConfidenceStrategy::Logprobs),
+                n: samples,
+                reasoning_effort: if route.config.reasoning { spec.reasoning_effort.as_deref() } else { None },
+            };
+            let body = ep.client.body(&call);
+            let cost_estimate = Cost {
+                prompt: estimate_prompt_tokens(call.system, &messages) as f64,
+                max_output: spec.max_tokens as f64 * samples.unwrap_or(1) as f64,
             };
             let reservation = match &limiter {
                 Some(l) => tokio::select! {
-                    r = l.acquire(estimate_tokens(&request.messages, spec.max_tokens)) => Some(r?),
+                    r = l.acquire(cost_estimate) => Some(r?),
                     _ = ctx.stop.cancelled() => return held_now(&mut log),
                 },
                 None => None,
             };
             result.attempts += 1;
             let t = Instant::now();
-            let response = ctx.client.complete(&request, key.secret).await;
+            let response = ep.client.complete(&route.wire_model, &body, key.secret).await;
             let outcome = match &response {
                 Ok(_) => "ok",
                 Err(e) => e.class(),
             };
-            let (tin, tout) = response.as_ref().map_or((0, 0), |c| (c.tokens_in, c.tokens_out));
+            let usage = response.as_ref().map_or(Usage::default(), |c| Usage {
+                input: c.tokens_in,
+                output: c.tokens_out,
+                cached: c.tokens_cached,
+                cache_write: c.tokens_cache_write,
+            });
             log.push(AttemptRecord {
                 attempt: log.len() as i32 + 1,
-                model: model.clone(),
+                model: route.model.clone(),
                 fallback: model_index > 0,
-                request_hash: hex::encode(Sha256::digest(serde_json::to_vec(&request).unwrap_or_default()))[..16]
+                request_hash: hex::encode(Sha256::digest(serde_json::to_vec(&body).unwrap_or_default()))[..16]
                     .to_string(),
                 outcome: outcome.to_string(),
                 error_class: response.as_ref().err().map(|e| e.class().to_string()),
@@ -183,34 +248,68 @@ pub async fn run_item(ctx: &ItemContext<'_>, job: &CompiledJob, item: &Item) -> 
                     Err(e) => e.http_status().map(i32::from),
                 },
                 latency_ms: t.elapsed().as_millis().min(i32::MAX as u128) as i32,
-                tokens_in: tin as i32,
-                tokens_out: tout as i32,
-                cost_usd: ctx.prices.cost(model, tin, tout),
+                tokens_in: usage.input as i32,
+                tokens_out: usage.output as i32,
+                tokens_cached: usage.cached as i32,
+                tokens_reasoning: response.as_ref().map_or(0, |c| c.tokens_reasoning as i32),
+                cost_usd: ctx.prices.cost(&ep.name, &route.model, usage),
                 api_key_id: key.id.to_string(),
-                prompt: ctx.redaction.apply(&request.messages.last().map(|m| m.content.as_str()).unwrap_or("")),
+                provider: ep.name.clone(),
+                output_mode: output.as_str().to_string(),
+                prompt: ctx.redaction.apply(&messages.last().map(|m| m.content.as_str()).unwrap_or("")),
                 output: response.as_ref().ok().map(|c| ctx.redaction.apply(&c.content)),
             });
+            match &response {
+                Ok(_) => cap.record(true),
+                Err(e) if is_breaker_class(e.class()) => cap.record(false),
+                Err(_) => {}
+            }
             match response {
                 Ok(c) => {
-                    metrics::model_call(model, outcome, t.elapsed(), Some((c.tokens_in, c.tokens_out)));
+                    metrics::model_call(&route.model, outcome, t.elapsed(), Some((c.tokens_in, c.tokens_out)));
                     breaker.record(true).await?;
                     if let (Some(l), Some(r)) = (&limiter, reservation) {
-                        // Providers charge the limit with the prompt and max_tokens,
-                        // whatever the answer's length: correct the estimate of
-                        // the prompt with the real count, keep max_tokens.
-                        l.settle(r, c.tokens_in + c.tokens_out.max(spec.max_tokens));
-                        l.observe(&c.rate).await?;
+                        // Providers charge the token limit with the prompt and max_tokens,
+                        // whatever the answer's length (Anthropic's output limit with the
+                        // real output): correct the prompt estimate with the real count.
+                        let uncached = (c.tokens_in - c.tokens_cached.min(c.tokens_in)) as f64;
+                        l.observe(&c.rate, &r).await?;
+                        l.settle(
+                            r,
+                            Cost { prompt: uncached, max_output: cost_estimate.max_output },
+                            c.tokens_out as f64,
+                        );
                     }
                     result.tokens_in += c.tokens_in as i32;
                     result.tokens_out += c.tokens_out as i32;
+                    if strategy.current == Some(ConfidenceStrategy::Logprobs) && c.tokens.is_empty() {
+                        // The server ignores logprobs: remember it for the cluster, and
+                        // score this item with the next strategy.
+                        ctx.learned.no_logprobs(base_url, &route.model).await?;
+                        let facts = ctx.learned.get(base_url, &route.model).await?;
+                        strategy.advance(&route.config, facts, Some("the server sent no log-probabilities when asked"));
+                        if strategy.current == Some(ConfidenceStrategy::Agreement) {
+                            continue; // agreement needs its own call with n samples
+                        }
+                    }
                     // With agreement several answers come back: the majority wins.
                     let contents: Vec<&String> = std::iter::once(&c.content).chain(c.others.iter()).collect();
                     let checked: Vec<Result<(Value, String), String>> =
                         contents.iter().map(|content| validate_output(job, content)).collect();
-                    let verdict = if samples > 1 {
+                    let verdict = if strategy.current == Some(ConfidenceStrategy::Agreement) {
                         let answers: Vec<Option<String>> =
                             checked.iter().map(|r| r.as_ref().ok().map(|(_, a)| a.clone())).collect();
                         match confidence::agreement(&answers) {
+                            // A server that ignores n sends one answer: no agreement to speak of.
+                            Some(_) if answers.len() < 2 => {
+                                checked.into_iter().next().expect("one answer at least").map(|va| {
+                                    (
+                                        va,
+                                        Err("the server returned one answer where several were asked for".to_string()),
+                                        Value::Null,
+                                    )
+                                })
+                            }
                             Some((majority, share)) => {
                                 let chosen = checked
                                     .iter()
@@ -224,34 +323,47 @@ pub async fn run_item(ctx: &ItemContext<'_>, job: &CompiledJob, item: &Item) -> 
                         }
                     } else {
                         checked.into_iter().next().expect("one answer at least").map(|(value, answer)| {
-                            let raw = match spec.confidence {
-                                ConfidenceStrategy::Logprobs => {
+                            let raw = match strategy.current {
+                                Some(ConfidenceStrategy::Logprobs) => {
                                     confidence::label_probability(&c.tokens, &answer, &spec.labels)
                                         .map(|(n, _)| n)
                                         .ok_or_else(|| {
                                             "the provider sent no log-probabilities for the answer".to_string()
                                         })
                                 }
-                                ConfidenceStrategy::SelfReported => {
+                                Some(ConfidenceStrategy::SelfReported) => {
                                     confidence::self_reported(value.get(&spec.confidence_field))
                                         .map(|v| v * confidence::SELF_REPORT_DISCOUNT)
                                         .map_err(|e| format!("self-reported confidence unusable: {e}"))
                                 }
-                                _ => Ok(1.0),
+                                Some(_) => Ok(1.0),
+                                None => Err("no confidence strategy of the kind can be computed for this model".into()),
                             };
                             ((value, answer), raw, Value::Null)
                         })
                     };
                     match verdict {
                         Ok(((value, answer), raw, components)) => {
-                            let scored =
-                                confidence::score(spec.confidence, raw, repairs > 0, model_index > 0, components);
+                            let mut scored = confidence::score(
+                                strategy.current.unwrap_or(ConfidenceStrategy::None),
+                                raw,
+                                repairs > 0,
+                                model_index > 0,
+                                components,
+                            );
+                            if !strategy.skipped.is_empty() {
+                                scored.detail["skipped"] = Value::Array(std::mem::take(&mut strategy.skipped));
+                            }
+                            if strategy.current.is_none() && spec.scores_confidence() {
+                                scored.detail["error"] =
+                                    json!("no confidence strategy of the kind can be computed for this model");
+                            }
                             result.succeeded = true;
-                            result.needs_review = spec.confidence != ConfidenceStrategy::None
-                                && scored.value.is_none_or(|v| v < job.review_below);
+                            result.needs_review =
+                                spec.scores_confidence() && scored.value.is_none_or(|v| v < job.review_below);
                             result.error_class = None;
                             result.error = None;
-                            result.model = Some(if c.model.is_empty() { model.clone() } else { c.model });
+                            result.model = Some(if c.model.is_empty() { route.model.clone() } else { c.model });
                             result.confidence = scored.value;
                             result.confidence_detail = Some(scored.detail);
                             result.output = Some(value);
@@ -276,9 +388,14 @@ pub async fn run_item(ctx: &ItemContext<'_>, job: &CompiledJob, item: &Item) -> 
                     }
                 }
                 Err(e) => {
-                    metrics::model_call(model, outcome, t.elapsed(), None);
+                    metrics::model_call(&route.model, outcome, t.elapsed(), None);
                     if let (Some(l), Some(r)) = (&limiter, reservation) {
-                        l.settle(r, 0);
+                        l.settle(r, Cost::default(), 0.0);
+                    }
+                    if e.refuses_output_format() && output.weaker().is_some() {
+                        // Negotiation: a weaker mode, at once, without spending a retry.
+                        output = ctx.learned.refuse_output(base_url, &route.model, output).await?;
+                        continue;
                     }
                     let class = e.class();
                     let message = e.to_string();
@@ -296,7 +413,7 @@ pub async fn run_item(ctx: &ItemContext<'_>, job: &CompiledJob, item: &Item) -> 
                             }
                         }
                         CallError::Auth { .. } => {
-                            if ctx.keys.refuse(key.index) {
+                            if ep.keys.refuse(key.index) {
                                 continue; // the next key, at once
                             }
                             last = Some((class, message));
@@ -331,7 +448,7 @@ pub async fn run_item(ctx: &ItemContext<'_>, job: &CompiledJob, item: &Item) -> 
         return Ok(Outcome::Held(wait, log));
     }
     let (class, message) = last.unwrap_or(("unknown", "no attempt was made".into()));
-    result.model = Some(spec.model.clone());
+    result.model = Some(routes.first().map_or_else(|| spec.model.clone(), |r| r.model.clone()));
     result.error_class = Some(class.to_string());
     result.error = Some(message);
     result.log = log;
@@ -356,7 +473,13 @@ mod tests {
     fn check(content: &str, expected: Result<&str, &str>) {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../jobs/classify");
         let kind = common::spec::JobKind::load(&dir).unwrap();
-        let job = CompiledJob::compile(kind, "h".into(), None).unwrap();
+        let endpoints = crate::endpoints::Endpoints::new(
+            common::providers::Catalog::shorthand("http://127.0.0.1:1/v1", Default::default()),
+            Duration::from_secs(1),
+            1,
+        )
+        .unwrap();
+        let job = CompiledJob::compile(kind, "h".into(), None, &endpoints).unwrap();
         match (validate_output(&job, content), expected) {
             (Ok((_, answer)), Ok(e)) => assert_eq!(answer, e),
             (Err(msg), Err(e)) => assert!(msg.contains(e), "{msg:?} should mention {e:?}"),

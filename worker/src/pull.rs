@@ -4,7 +4,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::PullConsumer, AckKind, Message};
-use common::provider::ChatClient;
 use common::wire::ChunkMsg;
 use futures::StreamExt;
 use sqlx::postgres::PgPoolOptions;
@@ -13,8 +12,10 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::endpoints::Endpoints;
 use crate::guard::Guards;
 use crate::jobs::JobCache;
+use crate::learned::Learned;
 use crate::process::{run_item, ItemContext, Outcome, RetryPolicy};
 use crate::store::ItemResult;
 use crate::{metrics, store, Error, WorkerConfig};
@@ -22,9 +23,9 @@ use crate::{metrics, store, Error, WorkerConfig};
 /// State shared by the tasks of one worker.
 struct Shared {
     pool: PgPool,
-    client: ChatClient,
+    endpoints: Endpoints,
     guards: Guards,
-    keys: crate::keys::KeyRing,
+    learned: Learned,
     prices: common::prices::PriceTable,
     redaction: common::redact::Redaction,
     jobs: JobCache,
@@ -54,15 +55,15 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> Result<()
     let stream = common::nats::ensure_stream(&js, &config.nats_url).await?;
     let ack_wait = Duration::from_secs(config.ack_wait_s);
     let consumer = common::nats::ensure_consumer(&stream, ack_wait).await?;
-    let client = ChatClient::new(&config.provider()).map_err(Error::Http)?;
+    let endpoints = config.endpoints()?;
     let state = common::nats::ensure_state_bucket(&js).await?;
     let name = config.name.clone().unwrap_or_default();
-    tracing::info!(worker = %name, model_url = client.url(), concurrency = config.concurrency, "worker started");
+    tracing::info!(worker = %name, models = %endpoints.describe(), concurrency = config.concurrency, "worker started");
     let shared = Arc::new(Shared {
         pool,
-        client,
-        guards: Guards::new(state, config.guards()),
-        keys: crate::keys::KeyRing::new(config.api_keys.clone()),
+        endpoints,
+        guards: Guards::new(state.clone(), config.guards()),
+        learned: Learned::new(state),
         prices: config.prices()?,
         redaction: config.redaction()?,
         jobs: JobCache::default(),
@@ -226,7 +227,7 @@ async fn work(
         metrics::chunk("cancelled", 0, 0);
         return Ok(ChunkOutcome::Finished);
     }
-    let Some(job) = shared.jobs.get(&shared.pool, chunk.job_id).await? else {
+    let Some(job) = shared.jobs.get(&shared.pool, chunk.job_id, &shared.endpoints).await? else {
         return Ok(ChunkOutcome::Finished);
     };
     let items = store::items(&shared.pool, chunk).await?;
@@ -258,9 +259,8 @@ async fn work(
                 _ = stop.cancelled() => return (item, Ok(Outcome::Held(Duration::ZERO, Vec::new()))),
             };
             let ctx = ItemContext {
-                client: &shared.client,
                 guards: &shared.guards,
-                keys: &shared.keys,
+                learned: &shared.learned,
                 policy: shared.policy,
                 stop,
                 prices: &shared.prices,

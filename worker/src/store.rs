@@ -63,8 +63,15 @@ pub struct AttemptRecord {
     pub latency_ms: i32,
     pub tokens_in: i32,
     pub tokens_out: i32,
-    pub cost_usd: f64,
+    /// Of the input, tokens read from the provider's cache; of the output, reasoning tokens.
+    pub tokens_cached: i32,
+    pub tokens_reasoning: i32,
+    /// `None` when the model has no price.
+    pub cost_usd: Option<f64>,
     pub api_key_id: String,
+    pub provider: String,
+    /// How structured output was asked for (json_schema, json_object, prompt).
+    pub output_mode: String,
     /// The prompt and output with personal data redacted.
     pub prompt: String,
     pub output: Option<String>,
@@ -220,10 +227,12 @@ async fn write_attempts(
     sqlx::query(
         "INSERT INTO audit_attempts (job_id, template_hash, worker, seq, item_id, attempt, model, fallback,
                                      request_hash, outcome, error_class, http_status, latency_ms, tokens_in,
-                                     tokens_out, cost_usd, api_key_id, prompt, output)
+                                     tokens_out, cost_usd, api_key_id, prompt, output, provider, output_mode,
+                                     tokens_cached, tokens_reasoning)
          SELECT $1, $2, $3, u.* FROM UNNEST($4::bigint[], $5::text[], $6::int[], $7::text[], $8::bool[], $9::text[],
                                             $10::text[], $11::text[], $12::int[], $13::int[], $14::int[], $15::int[],
-                                            $16::float8[], $17::text[], $18::text[], $19::text[]) AS u",
+                                            $16::float8[], $17::text[], $18::text[], $19::text[], $20::text[],
+                                            $21::text[], $22::int[], $23::int[]) AS u",
     )
     .bind(c.job_id)
     .bind(template_hash)
@@ -240,10 +249,14 @@ async fn write_attempts(
     .bind(i(|a| a.latency_ms))
     .bind(i(|a| a.tokens_in))
     .bind(i(|a| a.tokens_out))
-    .bind(attempts.iter().map(|(_, _, a)| a.cost_usd).collect::<Vec<f64>>())
+    .bind(attempts.iter().map(|(_, _, a)| a.cost_usd).collect::<Vec<Option<f64>>>())
     .bind(v(|a| Some(a.api_key_id.clone())))
     .bind(v(|a| Some(a.prompt.clone())))
     .bind(v(|a| a.output.clone()))
+    .bind(v(|a| Some(a.provider.clone())))
+    .bind(v(|a| Some(a.output_mode.clone())))
+    .bind(i(|a| a.tokens_cached))
+    .bind(i(|a| a.tokens_reasoning))
     .execute(&mut **tx)
     .await?;
     Ok(())

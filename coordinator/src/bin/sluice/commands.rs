@@ -160,6 +160,10 @@ struct SubmitArgs {
     /// Print machine-readable JSON instead of text.
     #[arg(long)]
     json: bool,
+    /// Run a model that has no price in the price table (its cost is then
+    /// shown as unknown instead of the job being refused).
+    #[arg(long)]
+    allow_unpriced: bool,
 }
 
 /// Runs one command and returns the process exit code.
@@ -280,7 +284,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 async fn submit(client: &Client, args: SubmitArgs) -> anyhow::Result<ExitCode> {
-    let SubmitArgs { job_dir, input, skip_invalid, model, watch, json, review_below } = args;
+    let SubmitArgs { job_dir, input, skip_invalid, model, watch, json, review_below, allow_unpriced } = args;
     let mut kind = common::spec::JobKind::load(&job_dir)
         .with_context(|| format!("cannot load the job kind in {}", job_dir.display()))?;
     if let Some(model) = model {
@@ -288,7 +292,11 @@ async fn submit(client: &Client, args: SubmitArgs) -> anyhow::Result<ExitCode> {
     }
     let size = std::fs::metadata(&input).with_context(|| format!("cannot read input {}", input.display()))?.len();
     let input_name = input.file_name().map(|n| n.to_string_lossy().into_owned());
-    let job_id = client.create_job(&NewJob { kind, input_name, review_below }).await?;
+    let created = client.create_job(&NewJob { kind, input_name, review_below, allow_unpriced }).await?;
+    for w in &created.warnings {
+        eprintln!("warning: {w}");
+    }
+    let job_id = created.job_id;
     let bar = progress_bar(size, "{spinner} uploading [{bar:30}] {bytes}/{total_bytes} ({bytes_per_sec})", json);
     let b = bar.clone();
     let result = client.upload_file(job_id, &input, skip_invalid, move |sent| b.set_position(sent)).await;
@@ -405,8 +413,22 @@ fn print_status(s: &JobStatus, json: bool) {
         println!("review   {} waiting{threshold}, {} decided", s.needs_review, s.reviewed);
     }
     println!("chunks   {}/{} done", s.chunks_done, s.chunks_total);
-    let projected = s.projected_cost_usd.map(|p| format!(", about ${p:.4} for the whole job")).unwrap_or_default();
-    println!("usage    {} tokens in, {} out, ${:.4}{projected}", s.tokens_in, s.tokens_out, s.cost_usd);
+    if s.unpriced_attempts > 0 {
+        println!(
+            "usage    {} tokens in, {} out, cost unknown: {} attempts used models without a price",
+            s.tokens_in, s.tokens_out, s.unpriced_attempts
+        );
+    } else {
+        let projected = s.projected_cost_usd.map(|p| format!(", about ${p:.4} for the whole job")).unwrap_or_default();
+        println!("usage    {} tokens in, {} out, ${:.4}{projected}", s.tokens_in, s.tokens_out, s.cost_usd);
+    }
+    for c in &s.confidence_sources {
+        let note = c.note.as_deref().map(|n| format!(" ({n})")).unwrap_or_default();
+        println!("trust    {} results scored by {}{note}", c.results, c.strategy);
+    }
+    for m in &s.output_modes {
+        println!("output   {}/{} asked for {} ({} attempts)", m.provider, m.model, m.mode, m.attempts);
+    }
     let elapsed = match (s.started_at, s.finished_at) {
         (Some(a), Some(b)) => format!(" in {:.1}s", (b - a).num_milliseconds() as f64 / 1000.0),
         _ => String::new(),

@@ -1,4 +1,12 @@
-//! Client for OpenAI-compatible `/v1/chat/completions` endpoints, with errors sorted into the classes retries act on.
+//! Model API clients: one dialect-neutral call, sent in the dialect of each provider kind, with errors sorted into the classes retries act on.
+//!
+//! The dialects live beside this file: [`openai`] (OpenAI, Azure OpenAI and
+//! OpenAI-compatible servers) and [`anthropic`] (the Messages API). A new
+//! dialect is a module with a `body` and a `parse` function and an arm in
+//! [`ChatClient::complete`].
+
+pub mod anthropic;
+pub mod openai;
 
 use std::time::Duration;
 
@@ -6,30 +14,13 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+pub use crate::providers::{MaxTokensParam, OutputMode, ProviderKind};
+
 /// One chat message.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Message {
     pub role: String,
     pub content: String,
-}
-
-/// What a worker asks of the model for one item.
-#[derive(Debug, Clone, Serialize)]
-pub struct ChatRequest {
-    pub model: String,
-    pub messages: Vec<Message>,
-    pub temperature: f32,
-    pub max_tokens: u32,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub response_format: Option<Value>,
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    pub logprobs: bool,
-    /// Alternatives per token to return with `logprobs`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub top_logprobs: Option<u8>,
-    /// Answers to sample (more than one for agreement).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub n: Option<u32>,
 }
 
 /// One answer token with its log-probability and the alternatives the model considered.
@@ -48,12 +39,20 @@ pub struct TopLogprob {
 }
 
 /// A successful answer.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Completion {
     pub content: String,
     pub model: String,
+    /// Input tokens, all of them (cached ones included).
     pub tokens_in: u32,
+    /// Output tokens, reasoning tokens included.
     pub tokens_out: u32,
+    /// Of the input, tokens read from the provider's prompt cache.
+    pub tokens_cached: u32,
+    /// Of the input, tokens written to the provider's prompt cache (Anthropic).
+    pub tokens_cache_write: u32,
+    /// Of the output, tokens spent on reasoning (OpenAI reasoning models).
+    pub tokens_reasoning: u32,
     /// The first answer's tokens with log-probabilities, when asked for and sent.
     pub tokens: Vec<TokenLogprob>,
     /// Further sampled answers (with `n` > 1), after `content`.
@@ -62,7 +61,8 @@ pub struct Completion {
     pub rate: RateInfo,
 }
 
-/// The provider's `x-ratelimit-*` headers: its real limits and what is left.
+/// What the provider said about its limits: OpenAI's and Azure's
+/// `x-ratelimit-*` headers, or Anthropic's `anthropic-ratelimit-*`.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct RateInfo {
     /// Requests per minute allowed (`x-ratelimit-limit-requests`).
@@ -71,25 +71,42 @@ pub struct RateInfo {
     /// Tokens per minute allowed (`x-ratelimit-limit-tokens`).
     pub limit_tokens: Option<f64>,
     pub remaining_tokens: Option<f64>,
+    /// Input and output tokens per minute, where limited apart (Anthropic).
+    pub limit_input_tokens: Option<f64>,
+    pub remaining_input_tokens: Option<f64>,
+    pub limit_output_tokens: Option<f64>,
+    pub remaining_output_tokens: Option<f64>,
     /// When the request budget is full again (`x-ratelimit-reset-requests`).
     pub reset_requests: Option<Duration>,
     pub reset_tokens: Option<Duration>,
 }
 
 impl RateInfo {
+    /// OpenAI's headers: reset times are durations such as `6m0s` or `250ms`.
+    /// <https://platform.openai.com/docs/guides/rate-limits> ("Rate limits in headers").
+    /// Azure OpenAI sends the same names (often only `remaining-*`).
     pub fn from_headers(h: &reqwest::header::HeaderMap) -> Self {
-        let num =
-            |name: &str| h.get(name)?.to_str().ok()?.trim().parse::<f64>().ok().filter(|v| v.is_finite() && *v >= 0.0);
         let dur = |name: &str| parse_reset(h.get(name)?.to_str().ok()?);
         RateInfo {
-            limit_requests: num("x-ratelimit-limit-requests"),
-            remaining_requests: num("x-ratelimit-remaining-requests"),
-            limit_tokens: num("x-ratelimit-limit-tokens"),
-            remaining_tokens: num("x-ratelimit-remaining-tokens"),
+            limit_requests: header_num(h, "x-ratelimit-limit-requests"),
+            remaining_requests: header_num(h, "x-ratelimit-remaining-requests"),
+            limit_tokens: header_num(h, "x-ratelimit-limit-tokens"),
+            remaining_tokens: header_num(h, "x-ratelimit-remaining-tokens"),
             reset_requests: dur("x-ratelimit-reset-requests"),
             reset_tokens: dur("x-ratelimit-reset-tokens"),
+            ..Default::default()
         }
     }
+
+    /// True when the provider said anything about its budget.
+    pub fn is_empty(&self) -> bool {
+        *self == RateInfo::default()
+    }
+}
+
+/// A header holding a finite number that is not negative.
+pub(crate) fn header_num(h: &reqwest::header::HeaderMap, name: &str) -> Option<f64> {
+    h.get(name)?.to_str().ok()?.trim().parse::<f64>().ok().filter(|v| v.is_finite() && *v >= 0.0)
 }
 
 /// Parses OpenAI-style reset durations: `1s`, `250ms`, `6m0s`, `1m30.5s`, or plain seconds.
@@ -158,6 +175,18 @@ impl CallError {
         }
     }
 
+    /// A 400 that refuses the requested structured-output format (a server
+    /// without `json_schema` support): try a weaker mode rather than another model.
+    pub fn refuses_output_format(&self) -> bool {
+        match self {
+            CallError::InvalidRequest { status: 400 | 422, message } => {
+                let m = message.to_ascii_lowercase();
+                m.contains("response_format") || m.contains("json_schema") || m.contains("json_object")
+            }
+            _ => false,
+        }
+    }
+
     /// Whether the same call may succeed if tried again.
     pub fn is_retryable(&self) -> bool {
         !matches!(self, CallError::Auth { .. } | CallError::InvalidRequest { .. } | CallError::QuotaExceeded { .. })
@@ -194,11 +223,55 @@ pub fn key_id(key: &SecretString) -> String {
     hex::encode(sha2::Sha256::digest(key.expose_secret().as_bytes()))[..12].to_string()
 }
 
-/// Where the model lives and how to reach it.
+/// One call, whatever the dialect: what a worker asks of the model for one item.
 #[derive(Debug, Clone)]
-pub struct ProviderConfig {
-    /// Base URL including `/v1`, e.g. `https://api.openai.com/v1`.
+pub struct Call<'a> {
+    /// The model as the provider names it (Azure: the deployment).
+    pub model: &'a str,
+    pub system: Option<&'a str>,
+    /// User and assistant turns, in order.
+    pub messages: &'a [Message],
+    /// `None` where the model refuses the parameter.
+    pub temperature: Option<f32>,
+    pub max_tokens: u32,
+    pub max_tokens_param: MaxTokensParam,
+    /// How structured output is asked for.
+    pub output: OutputMode,
+    /// The kind's name and output schema.
+    pub schema_name: &'a str,
+    pub schema: &'a Value,
+    pub logprobs: bool,
+    /// Answers to sample (more than one for agreement).
+    pub n: Option<u32>,
+    pub reasoning_effort: Option<&'a str>,
+}
+
+impl Call<'_> {
+    /// The system message, with the schema spelled out when the response
+    /// format cannot carry it.
+    pub fn system_text(&self) -> Option<String> {
+        if self.output == OutputMode::JsonSchema {
+            return self.system.map(str::to_string);
+        }
+        let schema =
+            format!("Reply with one JSON object only, no other text, matching this JSON schema:\n{}", self.schema);
+        Some(match self.system {
+            Some(s) => format!("{s}\n\n{schema}"),
+            None => schema,
+        })
+    }
+}
+
+/// How to reach one provider endpoint.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    pub kind: ProviderKind,
+    /// Base URL, e.g. `https://api.openai.com/v1`.
     pub base_url: String,
+    /// Azure's `api-version`.
+    pub api_version: Option<String>,
+    /// Anthropic's `anthropic-version` (default `2023-06-01`).
+    pub anthropic_version: Option<String>,
     pub timeout: Duration,
     /// Most idle pooled connections kept per host.
     pub pool_size: usize,
@@ -208,56 +281,92 @@ pub struct ProviderConfig {
 #[derive(Clone)]
 pub struct ChatClient {
     http: reqwest::Client,
-    url: String,
+    endpoint: Endpoint,
 }
 
 impl ChatClient {
-    pub fn new(config: &ProviderConfig) -> Result<Self, reqwest::Error> {
+    pub fn new(endpoint: Endpoint) -> Result<Self, reqwest::Error> {
         let http = reqwest::Client::builder()
-            .timeout(config.timeout)
+            .timeout(endpoint.timeout)
             .connect_timeout(Duration::from_secs(5))
-            .pool_max_idle_per_host(config.pool_size)
+            .pool_max_idle_per_host(endpoint.pool_size)
             .tcp_nodelay(true)
             .build()?;
-        let url = format!("{}/chat/completions", config.base_url.trim_end_matches('/'));
-        Ok(ChatClient { http, url })
+        Ok(ChatClient { http, endpoint })
     }
 
-    /// The endpoint this client calls.
-    pub fn url(&self) -> &str {
-        &self.url
+    /// The endpoint's base URL (breakers are kept per endpoint and model).
+    pub fn base_url(&self) -> &str {
+        &self.endpoint.base_url
     }
 
-    /// Sends one chat completion request, with `api_key` as the bearer token if given.
+    pub fn kind(&self) -> ProviderKind {
+        self.endpoint.kind
+    }
+
+    /// The URL a call for `model` goes to.
+    pub fn url(&self, model: &str) -> String {
+        let base = self.endpoint.base_url.trim_end_matches('/');
+        match self.endpoint.kind {
+            ProviderKind::Anthropic => format!("{base}/messages"),
+            // https://learn.microsoft.com/azure/ai-services/openai/reference#chat-completions
+            ProviderKind::AzureOpenai => format!(
+                "{base}/deployments/{model}/chat/completions?api-version={}",
+                self.endpoint.api_version.as_deref().unwrap_or_default()
+            ),
+            ProviderKind::Openai | ProviderKind::OpenaiCompatible => format!("{base}/chat/completions"),
+        }
+    }
+
+    /// The request body of `call` in this endpoint's dialect.
+    pub fn body(&self, call: &Call<'_>) -> Value {
+        match self.endpoint.kind {
+            ProviderKind::Anthropic => anthropic::body(call),
+            ProviderKind::AzureOpenai => openai::body(call, false),
+            ProviderKind::Openai | ProviderKind::OpenaiCompatible => openai::body(call, true),
+        }
+    }
+
+    /// Sends `body` (from [`ChatClient::body`]) for `model`, authenticated with `api_key` if given.
     pub async fn complete(
         &self,
-        request: &ChatRequest,
+        model: &str,
+        body: &Value,
         api_key: Option<&SecretString>,
     ) -> Result<Completion, CallError> {
-        let mut builder = self.http.post(&self.url).json(request);
+        let mut builder = self.http.post(self.url(model)).json(body);
         if let Some(key) = api_key {
-            builder = builder.bearer_auth(key.expose_secret());
+            let key = key.expose_secret();
+            builder = match self.endpoint.kind {
+                // https://docs.anthropic.com/en/api/overview: x-api-key and anthropic-version headers.
+                ProviderKind::Anthropic => builder.header("x-api-key", key),
+                ProviderKind::AzureOpenai => builder.header("api-key", key),
+                _ => builder.bearer_auth(key),
+            };
+        }
+        if self.endpoint.kind == ProviderKind::Anthropic {
+            let version = self.endpoint.anthropic_version.as_deref().unwrap_or(anthropic::DEFAULT_VERSION);
+            builder = builder.header("anthropic-version", version);
         }
         let response = builder.send().await.map_err(transport_error)?;
         let status = response.status().as_u16();
-        let retry_after = retry_after(response.headers());
-        let rate = RateInfo::from_headers(response.headers());
+        let headers = response.headers().clone();
+        let (retry_after, rate) = match self.endpoint.kind {
+            ProviderKind::Anthropic => (retry_after(&headers), anthropic::rate_info(&headers)),
+            _ => (retry_after(&headers), RateInfo::from_headers(&headers)),
+        };
         if status != 200 {
             let body = response.text().await.unwrap_or_default();
-            return Err(match status {
-                // A spending cap or exhausted quota answers 429 too, but waiting does not help.
-                429 if body.contains("insufficient_quota") || body.contains("quota_exceeded") => {
-                    CallError::QuotaExceeded { message: truncate(&body, 300) }
-                }
-                429 => CallError::RateLimited { retry_after, rate },
-                401 | 403 => CallError::Auth { status },
-                408 => CallError::Transient(format!("HTTP {status}")),
-                400..=499 => CallError::InvalidRequest { status, message: truncate(&body, 300) },
-                _ => CallError::Server { status, retry_after },
+            return Err(match self.endpoint.kind {
+                ProviderKind::Anthropic => anthropic::error(status, &body, retry_after, rate),
+                _ => openai::error(status, &body, retry_after, rate),
             });
         }
         let bytes = response.bytes().await.map_err(transport_error)?;
-        let mut completion = parse_completion(&bytes)?;
+        let mut completion = match self.endpoint.kind {
+            ProviderKind::Anthropic => anthropic::parse(&bytes)?,
+            _ => openai::parse(&bytes)?,
+        };
         completion.rate = rate;
         Ok(completion)
     }
@@ -277,7 +386,7 @@ fn transport_error(e: reqwest::Error) -> CallError {
     ))
 }
 
-fn truncate(s: &str, max: usize) -> String {
+pub(crate) fn truncate(s: &str, max: usize) -> String {
     match s.char_indices().nth(max) {
         Some((i, _)) => format!("{}…", &s[..i]),
         None => s.to_string(),
@@ -291,59 +400,6 @@ pub fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
     (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs.min(3600.0)))
 }
 
-#[derive(Deserialize)]
-struct RawCompletion {
-    #[serde(default)]
-    model: String,
-    choices: Vec<RawChoice>,
-    #[serde(default)]
-    usage: Option<RawUsage>,
-}
-#[derive(Deserialize)]
-struct RawChoice {
-    message: RawMessage,
-    #[serde(default)]
-    logprobs: Option<RawLogprobs>,
-}
-#[derive(Deserialize)]
-struct RawMessage {
-    #[serde(default)]
-    content: Option<String>,
-}
-#[derive(Deserialize)]
-struct RawUsage {
-    #[serde(default)]
-    prompt_tokens: u32,
-    #[serde(default)]
-    completion_tokens: u32,
-}
-#[derive(Deserialize)]
-struct RawLogprobs {
-    #[serde(default)]
-    content: Option<Vec<TokenLogprob>>,
-}
-
-/// Parses a chat completion body; anything unexpected is `Malformed`.
-pub fn parse_completion(body: &[u8]) -> Result<Completion, CallError> {
-    let raw: RawCompletion = serde_json::from_slice(body)
-        .map_err(|e| CallError::Malformed(format!("body is not a chat completion: {e}")))?;
-    let mut choices = raw.choices.into_iter();
-    let choice = choices.next().ok_or_else(|| CallError::Malformed("no choices".into()))?;
-    let content = choice.message.content.ok_or_else(|| CallError::Malformed("no message content".into()))?;
-    let tokens = choice.logprobs.and_then(|l| l.content).unwrap_or_default();
-    let others = choices.filter_map(|c| c.message.content).collect();
-    let usage = raw.usage.unwrap_or(RawUsage { prompt_tokens: 0, completion_tokens: 0 });
-    Ok(Completion {
-        content,
-        model: raw.model,
-        tokens_in: usage.prompt_tokens,
-        tokens_out: usage.completion_tokens,
-        tokens,
-        others,
-        rate: RateInfo::default(),
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -353,7 +409,7 @@ mod tests {
         let body = br#"{"model":"m","choices":[{"message":{"role":"assistant","content":"hi"},
             "logprobs":{"content":[{"token":"h","logprob":-0.5},{"token":"i","logprob":-0.25}]}}],
             "usage":{"prompt_tokens":7,"completion_tokens":2}}"#;
-        let c = parse_completion(body).unwrap();
+        let c = openai::parse(body).unwrap();
         assert_eq!(c.content, "hi");
         assert_eq!((c.tokens_in, c.tokens_out), (7, 2));
         assert_eq!(c.tokens.len(), 2);
@@ -364,7 +420,7 @@ mod tests {
     #[test]
     fn malformed_bodies_are_classified() {
         for body in [&b"not json"[..], br#"{"choices":[]}"#, br#"{"choices":[{"message":{}}]}"#] {
-            let err = parse_completion(body).unwrap_err();
+            let err = openai::parse(body).unwrap_err();
             assert_eq!(err.class(), "malformed", "{}", String::from_utf8_lossy(body));
             assert!(err.is_retryable());
         }
