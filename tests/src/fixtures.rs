@@ -181,6 +181,11 @@ pub struct Stack {
     pub db: TestDb,
     pub nats: NatsServer,
     pub sim: SimServer,
+    /// Further simulators, for jobs spread over several providers.
+    pub others: Vec<SimServer>,
+    /// The providers file the coordinator and workers use, if any.
+    pub providers_file: Option<PathBuf>,
+    _files: Option<tempfile::TempDir>,
     pub client: coordinator::client::Client,
     pub coordinator_addr: SocketAddr,
     stop: CancellationToken,
@@ -190,22 +195,74 @@ pub struct Stack {
 impl Stack {
     /// Starts everything but workers. `tune` may adjust the coordinator's configuration.
     pub async fn start(sim: SimConfig, tune: impl FnOnce(&mut coordinator::ServeConfig)) -> anyhow::Result<Self> {
+        Self::start_inner(vec![sim], None, tune).await
+    }
+
+    /// Starts a simulator per entry of `sims` and writes `providers` as the
+    /// providers file of the coordinator and the workers, with `{sim0}`,
+    /// `{sim1}`, ... replaced by the simulators' `host:port` and `{dir}` by a
+    /// folder for key files.
+    pub async fn start_with_providers(sims: Vec<SimConfig>, providers: &str) -> anyhow::Result<Self> {
+        Self::start_inner(sims, Some(providers), |_| {}).await
+    }
+
+    async fn start_inner(
+        sims: Vec<SimConfig>,
+        providers: Option<&str>,
+        tune: impl FnOnce(&mut coordinator::ServeConfig),
+    ) -> anyhow::Result<Self> {
         let db = TestDb::create().await?;
         let nats = NatsServer::start()?;
-        let sim = SimServer::start(sim).await?;
+        let mut started = Vec::new();
+        for config in sims {
+            started.push(SimServer::start(config).await?);
+        }
         let mut config = coordinator::ServeConfig::for_urls(&db.url, nats.url());
+        let (mut files, mut providers_file) = (None, None);
+        if let Some(text) = providers {
+            let dir = tempfile::tempdir()?;
+            let mut text = text.replace("{dir}", &dir.path().display().to_string());
+            for (i, s) in started.iter().enumerate() {
+                text = text.replace(&format!("{{sim{i}}}"), &s.addr.to_string());
+            }
+            let path = dir.path().join("providers.toml");
+            std::fs::write(&path, text)?;
+            config.providers_file = Some(path.clone());
+            providers_file = Some(path);
+            files = Some(dir);
+        }
         tune(&mut config);
         let coord = coordinator::Coordinator::bind(config).await?;
         let coordinator_addr = coord.local_addr();
         let stop = CancellationToken::new();
         tokio::spawn(coord.run(stop.clone()));
         let client = coordinator::client::Client::new(&format!("http://{coordinator_addr}"));
-        Ok(Stack { db, nats, sim, client, coordinator_addr, stop, workers: Vec::new() })
+        let mut sims = started.into_iter();
+        let sim = sims.next().context("at least one simulator")?;
+        Ok(Stack {
+            db,
+            nats,
+            sim,
+            others: sims.collect(),
+            providers_file,
+            _files: files,
+            client,
+            coordinator_addr,
+            stop,
+            workers: Vec::new(),
+        })
+    }
+
+    /// The folder of the providers file (for key files), if there is one.
+    pub fn files_dir(&self) -> Option<&Path> {
+        self._files.as_ref().map(|d| d.path())
     }
 
     /// A worker configuration pointing at this stack.
     pub fn worker_config(&self) -> worker::WorkerConfig {
-        worker::WorkerConfig::for_urls(&self.db.url, self.nats.url(), &self.sim.base_url())
+        let mut c = worker::WorkerConfig::for_urls(&self.db.url, self.nats.url(), &self.sim.base_url());
+        c.providers_file = self.providers_file.clone();
+        c
     }
 
     /// Starts an in-process worker; returns the token that stops it.
@@ -338,6 +395,7 @@ impl WorkerProcess {
             .env("SLUICE_DATABASE_URL", &config.database_url)
             .env("SLUICE_NATS_URL", &config.nats_url)
             .env("SLUICE_MODEL_BASE_URL", &config.model_base_url)
+            .envs(config.providers_file.iter().map(|p| ("SLUICE_PROVIDERS_FILE", p.as_os_str())))
             .env("SLUICE_CONCURRENCY", config.concurrency.to_string())
             .env("SLUICE_ACK_WAIT_S", config.ack_wait_s.to_string())
             .env("SLUICE_WORKER_NAME", name)

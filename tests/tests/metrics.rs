@@ -36,6 +36,7 @@ async fn coordinator_and_worker_processes_export_metrics() {
             ])
             .env("SLUICE_DATABASE_URL", &db.url)
             .env("SLUICE_NATS_URL", nats.url())
+            .env("SLUICE_PRICES_FILE", concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/prices.toml"))
             .env("SLUICE_LOG", "warn")
             .stdout(Stdio::null())
             .spawn()

@@ -163,6 +163,10 @@ impl WorkerConfig {
             if self.catalog.is_none() {
                 let catalog =
                     common::providers::Catalog::load(path).map_err(|e| Error::Config(common::error_chain(&e)))?;
+                // Read every key now, so a missing key file stops the worker at start.
+                for name in catalog.providers.keys() {
+                    catalog.keys(name).map_err(|e| Error::Config(common::error_chain(&e)))?;
+                }
                 self.catalog = Some(catalog);
             }
         }

@@ -19,8 +19,8 @@
 //!   at the steady rate with a burst of 0.2 s.
 //! - **Its limits are hypotheses.** A `*-limit` header below the configured
 //!   figure lowers the effective limit, by at most half per response; it then
-//!   decays back toward the configured figure (2% of it per second) unless a
-//!   429 within the last 10 s confirms it. A 429 without headers cuts by a
+//!   decays back toward the configured figure (2.5% of it per second) unless
+//!   a 429 within the last 5 s confirms it. A 429 without headers cuts by a
 //!   fifth, once per 250 ms, recovering 1% per second. Retry-After pauses the
 //!   key for every worker. Each cut and each return to the configured figure
 //!   is logged once, by the worker whose write made it, and the effective
@@ -49,9 +49,9 @@ const REPORT_TTL_MS: u64 = 5_000;
 /// it again: they are answers to calls already under way.
 const CUT_INTERVAL_MS: u64 = 250;
 /// A 429 within this many ms holds a header-learned limit where it is.
-const CONFIRM_MS: u64 = 10_000;
+const CONFIRM_MS: u64 = 5_000;
 /// Recovery per second, as a share of the configured limit.
-const RECOVER_LEARNED: f64 = 0.02;
+const RECOVER_LEARNED: f64 = 0.025;
 const RECOVER_CUT: f64 = 0.01;
 /// How long a lease may be spent.
 const LEASE_TTL: Duration = Duration::from_millis(500);
@@ -593,12 +593,12 @@ mod tests {
         b.rate_limited(1_000, Duration::from_secs(1), &bogus, L, &mut changes);
         assert_eq!(b.dims[0].rate, 3000.0, "one response cuts by half at most");
         assert_eq!(changes.len(), 1);
-        // Held while 429s confirm it (10 s), then back by 2% of 6,000 per second.
-        for t in (2..=10).map(|s| s * 1_000) {
+        // Held while 429s confirm it (5 s), then back by 2.5% of 6,000 per second.
+        for t in (2..=5).map(|s| s * 1_000) {
             b.refill(t, L, &mut no_changes());
         }
         assert_eq!(b.dims[0].rate, 3000.0);
-        for t in (11..=20).map(|s| s * 1_000) {
+        for t in (6..=13).map(|s| s * 1_000) {
             b.refill(t, L, &mut no_changes());
         }
         assert!((b.dims[0].rate - 3000.0 - 1200.0).abs() < 1.0, "{}", b.dims[0].rate);

@@ -194,6 +194,13 @@ pub async fn run_item(ctx: &ItemContext<'_>, job: &CompiledJob, item: &Item) -> 
                     continue 'models;
                 }
             }
+            // What the cluster learned meanwhile (a local read): items started
+            // before a refusal was learned must not repeat it.
+            let facts = ctx.learned.get(base_url, &route.model).await?;
+            output = output.max(facts.output.unwrap_or(output));
+            if facts.no_logprobs && strategy.current == Some(ConfidenceStrategy::Logprobs) {
+                strategy.advance(&route.config, facts, Some("the server sent no log-probabilities when asked"));
+            }
             let limiter = ctx.guards.limiter(key.id, &route.model, &route.config);
             let samples = (strategy.current == Some(ConfidenceStrategy::Agreement)).then_some(spec.samples);
             let call = Call {
