@@ -14,9 +14,11 @@
 //! - **Its burst.** Providers' buckets hold a minute's budget and start full;
 //!   `*-remaining` headers say what is left. The bucket keeps an estimate of
 //!   the provider's remaining budget (the figure reported, less what was
-//!   leased since the reporting call was leased) and spends it down to one
-//!   second's worth, beyond the steady rate; without a fresh report it paces
-//!   at the steady rate with a burst of 0.2 s.
+//!   leased since the reporting call was leased). Where the provider's bucket
+//!   proved large (over 2 s of budget reported at once) that estimate is spent
+//!   down to 0.2 s' worth beyond the steady rate; otherwise, or without a
+//!   fresh report, the bucket paces at the steady rate with a burst of 0.2 s,
+//!   and never sends when the provider says its budget is spent.
 //! - **Its limits are hypotheses.** A `*-limit` header below the configured
 //!   figure lowers the effective limit, by at most half per response; it then
 //!   decays back toward the configured figure (2.5% of it per second) unless
@@ -39,8 +41,12 @@ use crate::Error;
 const BURST_S: f64 = 0.2;
 /// Seconds of budget leased to a worker at a time.
 const LEASE_S: f64 = 0.1;
-/// The provider's remaining budget is spent down to this many seconds' worth.
-const PROVIDER_RESERVE_S: f64 = 1.0;
+/// The provider's reported budget is spent beyond the steady rate only when
+/// its bucket holds more than this many seconds' worth (real providers' hold a
+/// minute; a bucket of a second or so is a smooth limit, not a burst).
+const BIG_BUCKET_S: f64 = 2.0;
+/// ...and then down to this many seconds' worth.
+const PROVIDER_RESERVE_S: f64 = 0.2;
 /// At most this many requests' worth is leased at once out of the provider's burst.
 const BURST_LEASE: f64 = 32.0;
 /// A report of the provider's remaining budget is used for this long.
@@ -108,6 +114,10 @@ pub struct Dim {
     pub learned: bool,
     /// Estimate of the provider's remaining budget, from its last report.
     pub provider: Option<f64>,
+    /// The provider reported more than [`BIG_BUCKET_S`] of budget at once:
+    /// its bucket holds a burst worth spending.
+    #[serde(default)]
+    pub big_bucket: bool,
     /// Everything leased so far: a call's lease mark against it tells how much
     /// was sent after that call (see [`Limiter::observe`]).
     pub leased: f64,
@@ -213,7 +223,7 @@ impl Bucket {
             let paced = d.level >= need.min(pace_burst);
             match d.provider {
                 Some(p) => {
-                    let spare = p - per_s * PROVIDER_RESERVE_S;
+                    let spare = if d.big_bucket { p - per_s * PROVIDER_RESERVE_S } else { 0.0 };
                     burst = burst.min(if need > 0.0 { (spare / need).floor() } else { f64::INFINITY });
                     if p < need {
                         // The provider's budget is spent: wait for it to refill.
@@ -265,6 +275,7 @@ impl Bucket {
                 let d = &mut self.dims[i];
                 // What was leased after the reporting call is not in the figure yet.
                 d.provider = Some((r - (d.leased - marks[i])).max(0.0));
+                d.big_bucket |= r > d.rate / 60.0 * BIG_BUCKET_S;
                 self.reported_ms = now;
             }
         }
@@ -408,10 +419,12 @@ impl Limiter {
         }
     }
 
-    /// Corrects the reservation with what the call really used (`prompt` and
-    /// the output limit for the token limits, `output` for an output limit).
-    pub fn settle(&self, r: Reservation, used: Cost, output: f64) {
-        let used = used.amounts(output);
+    /// Corrects the reservation with what the call really used: the real
+    /// prompt, and the output limit as providers count it when the call
+    /// arrives (a failed call: nothing). Counting output at its limit keeps
+    /// an output-token budget on the safe side where the provider adjusts later.
+    pub fn settle(&self, r: Reservation, used: Cost) {
+        let used = used.amounts(used.max_output);
         let mut p = self.pool.lock().expect("pool lock");
         for i in 1..4 {
             p.amounts[i] += r.amounts[i] - used[i];
@@ -572,7 +585,24 @@ mod tests {
         }
         // In 10 s: the 6,000 it held plus 10 s of refill, less the reserve, and never more.
         assert!(granted <= 6_000.0 + 1_000.0, "{granted}");
-        assert!(granted >= 6_000.0 + 1_000.0 - 150.0, "{granted}");
+        assert!(granted >= 6_000.0 + 1_000.0 - 60.0, "{granted}");
+    }
+
+    #[test]
+    fn a_small_provider_bucket_is_not_spent_beyond_the_steady_rate() {
+        // A smooth limit with one second of burst reports at most 100 remaining at 6,000/min.
+        let mut b = Bucket::full(0, L);
+        let first = b.take(0, &ONE, L).unwrap();
+        let rate = RateInfo { remaining_requests: Some(99.0), ..Default::default() };
+        b.report(10, &rate, &first.marks, L, &mut no_changes());
+        let mut granted = first.amounts[0];
+        for now in 10..10_010u64 {
+            b.refill(now, L, &mut no_changes());
+            while let Ok(g) = b.take(now, &ONE, L) {
+                granted += g.amounts[0];
+            }
+        }
+        assert!(granted <= 1_000.0 + 20.0 + 10.0, "{granted}");
     }
 
     #[test]

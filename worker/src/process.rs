@@ -277,15 +277,11 @@ pub async fn run_item(ctx: &ItemContext<'_>, job: &CompiledJob, item: &Item) -> 
                     breaker.record(true).await?;
                     if let (Some(l), Some(r)) = (&limiter, reservation) {
                         // Providers charge the token limit with the prompt and max_tokens,
-                        // whatever the answer's length (Anthropic's output limit with the
-                        // real output): correct the prompt estimate with the real count.
+                        // whatever the answer's length: correct the prompt estimate with
+                        // the real (uncached) count.
                         let uncached = (c.tokens_in - c.tokens_cached.min(c.tokens_in)) as f64;
                         l.observe(&c.rate, &r).await?;
-                        l.settle(
-                            r,
-                            Cost { prompt: uncached, max_output: cost_estimate.max_output },
-                            c.tokens_out as f64,
-                        );
+                        l.settle(r, Cost { prompt: uncached, max_output: cost_estimate.max_output });
                     }
                     result.tokens_in += c.tokens_in as i32;
                     result.tokens_out += c.tokens_out as i32;
@@ -397,7 +393,7 @@ pub async fn run_item(ctx: &ItemContext<'_>, job: &CompiledJob, item: &Item) -> 
                 Err(e) => {
                     metrics::model_call(&route.model, outcome, t.elapsed(), None);
                     if let (Some(l), Some(r)) = (&limiter, reservation) {
-                        l.settle(r, Cost::default(), 0.0);
+                        l.settle(r, Cost::default());
                     }
                     if e.refuses_output_format() && output.weaker().is_some() {
                         // Negotiation: a weaker mode, at once, without spending a retry.
