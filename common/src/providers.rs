@@ -465,6 +465,17 @@ base_url = "http://127.0.0.1:8000/v1"
     }
 
     #[test]
+    fn the_shipped_example_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/providers.example.toml");
+        let c = Catalog::load(&path).unwrap();
+        assert_eq!(c.resolve("openai/o4-mini").unwrap().config.max_tokens_param, MaxTokensParam::MaxCompletionTokens);
+        let claude = c.resolve("claude-haiku-4-5").unwrap();
+        assert!(!claude.config.supports(Param::Logprobs) && !claude.config.supports(Param::N));
+        assert_eq!(c.resolve("azure/gpt-4o-mini").unwrap().config.deployment.as_deref(), Some("gpt-4o-mini-prod"));
+        assert_eq!(c.resolve("local/Qwen/Qwen2.5-7B-Instruct").unwrap().config.max_in_flight, 32);
+    }
+
+    #[test]
     fn the_shorthand_takes_any_model() {
         let c = Catalog::shorthand("http://127.0.0.1:7800/v1", ModelConfig { rpm: 60.0, ..Default::default() });
         let t = c.resolve("sim-small").unwrap();

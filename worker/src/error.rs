@@ -24,6 +24,6 @@ pub enum Error {
     Spec {
         job_id: uuid::Uuid,
         #[source]
-        source: common::spec::SpecError,
+        source: Box<common::spec::SpecError>,
     },
 }

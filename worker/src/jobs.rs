@@ -67,7 +67,7 @@ impl JobCache {
         let kind = JobKind { spec: spec.0, template: row.get("template"), schema: row.get("output_schema") };
         let compiled = Arc::new(
             CompiledJob::compile(kind, row.get("template_hash"), row.get("review_below"), endpoints)
-                .map_err(|source| Error::Spec { job_id, source })?,
+                .map_err(|source| Error::Spec { job_id, source: Box::new(source) })?,
         );
         let mut jobs = self.jobs.lock().expect("job cache lock");
         // Bound memory on long-lived workers; reloading a job is cheap.

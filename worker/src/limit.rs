@@ -426,8 +426,8 @@ impl Limiter {
     pub fn settle(&self, r: Reservation, used: Cost) {
         let used = used.amounts(used.max_output);
         let mut p = self.pool.lock().expect("pool lock");
-        for i in 1..4 {
-            p.amounts[i] += r.amounts[i] - used[i];
+        for ((a, reserved), used) in p.amounts.iter_mut().zip(r.amounts).zip(used).skip(1) {
+            *a += reserved - used;
         }
     }
 

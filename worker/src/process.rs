@@ -263,7 +263,7 @@ pub async fn run_item(ctx: &ItemContext<'_>, job: &CompiledJob, item: &Item) -> 
                 api_key_id: key.id.to_string(),
                 provider: ep.name.clone(),
                 output_mode: output.as_str().to_string(),
-                prompt: ctx.redaction.apply(&messages.last().map(|m| m.content.as_str()).unwrap_or("")),
+                prompt: ctx.redaction.apply(messages.last().map(|m| m.content.as_str()).unwrap_or("")),
                 output: response.as_ref().ok().map(|c| ctx.redaction.apply(&c.content)),
             });
             match &response {

@@ -55,7 +55,7 @@ pub fn error(status: u16, body: &str, retry_after: Option<Duration>, rate: RateI
     match (status, kind) {
         // A workspace's spend limit answers 429 too; waiting does not help.
         (429, _) if spend_cap => CallError::QuotaExceeded { message: truncate(body, 300) },
-        (429, _) | (_, "rate_limit_error") => CallError::RateLimited { retry_after, rate },
+        (429, _) | (_, "rate_limit_error") => CallError::RateLimited { retry_after, rate: Box::new(rate) },
         (401 | 403, _) | (_, "authentication_error" | "permission_error") => CallError::Auth { status },
         (408, _) => CallError::Transient(format!("HTTP {status}")),
         // invalid_request_error, not_found_error (an unknown model), request_too_large (413).

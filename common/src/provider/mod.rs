@@ -146,7 +146,7 @@ pub fn parse_reset(s: &str) -> Option<Duration> {
 #[derive(Debug, thiserror::Error)]
 pub enum CallError {
     #[error("rate limited by the provider (HTTP 429)")]
-    RateLimited { retry_after: Option<Duration>, rate: RateInfo },
+    RateLimited { retry_after: Option<Duration>, rate: Box<RateInfo> },
     #[error("the provider's quota or spending cap is exhausted (HTTP 429): {message}")]
     QuotaExceeded { message: String },
     #[error("transient transport failure: {0}")]

@@ -72,7 +72,7 @@ pub fn error(status: u16, body: &str, retry_after: Option<Duration>, rate: RateI
         429 if quota.contains(&code("code").as_str()) || quota.contains(&code("type").as_str()) => {
             CallError::QuotaExceeded { message: truncate(body, 300) }
         }
-        429 => CallError::RateLimited { retry_after, rate },
+        429 => CallError::RateLimited { retry_after, rate: Box::new(rate) },
         401 | 403 => CallError::Auth { status },
         408 => CallError::Transient(format!("HTTP {status}")),
         400..=499 => CallError::InvalidRequest { status, message: truncate(body, 300) },
