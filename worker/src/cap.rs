@@ -93,10 +93,15 @@ impl CapState {
             return;
         }
         if fb.ok > 0 {
-            self.window += if self.window < self.ssthresh { fb.ok as f64 } else { fb.ok as f64 / self.window.max(1.0) };
-            // Not far beyond the demand: the window must mean something when it is cut.
+            // Not far beyond the demand, so the window means something when it
+            // is cut; but a dip in demand between chunks does not shrink it.
             let demand: u32 = self.holders.values().map(|h| h.want.max(h.held)).sum::<u32>().max(want);
-            self.window = self.window.min((2 * demand) as f64).max(INITIAL_WINDOW.min(self.window));
+            let ceiling = ((2 * demand) as f64).max(INITIAL_WINDOW);
+            if self.window < ceiling {
+                self.window +=
+                    if self.window < self.ssthresh { fb.ok as f64 } else { fb.ok as f64 / self.window.max(1.0) };
+                self.window = self.window.min(ceiling);
+            }
         }
     }
 
@@ -125,7 +130,18 @@ impl CapState {
         };
         let target = share.min(want.max(in_use));
         let free = cap.saturating_sub(others_held + current);
-        let held = if target > current { current + free.min(target - current) } else { target.max(in_use) };
+        // Another worker is short of slots: share out. Otherwise keep what is
+        // held (demand comes and goes between chunks) within the cap, and grow.
+        let others_short = self.holders.iter().any(|(n, h)| *n != me && h.want > h.held);
+        let held = if others_short {
+            if target > current {
+                current + free.min(target - current)
+            } else {
+                target.max(in_use)
+            }
+        } else {
+            want.max(current).min(cap.saturating_sub(others_held)).max(in_use)
+        };
         self.holders.insert(me.to_string(), Holder { held, want, expires_ms: now + EXPIRE_MS });
         held
     }
@@ -308,10 +324,22 @@ mod tests {
     }
 
     #[test]
-    fn idle_workers_give_their_slots_back() {
+    fn idle_workers_give_their_slots_back_when_another_needs_them() {
         let mut s = CapState::default();
         assert_eq!(s.rebalance("a", 4, 4, 0, 0), 4);
-        assert_eq!(s.rebalance("a", 4, 0, 0, 1), 0);
-        assert_eq!(s.rebalance("b", 4, 8, 0, 2), 4);
+        // Between chunks a wants nothing, but nobody else is short: it keeps them.
+        assert_eq!(s.rebalance("a", 4, 0, 0, 1), 4);
+        assert_eq!(s.rebalance("b", 4, 8, 0, 2), 0);
+        // b is short now: a gives back at its next renewal, and b takes them.
+        assert_eq!(s.rebalance("a", 4, 0, 0, 3), 0);
+        assert_eq!(s.rebalance("b", 4, 8, 0, 4), 4);
+    }
+
+    #[test]
+    fn a_cut_window_takes_back_idle_slots() {
+        let mut s = CapState::default();
+        assert_eq!(s.rebalance("a", 8, 8, 0, 0), 8);
+        assert_eq!(s.rebalance("a", 2, 8, 3, 1), 3, "calls under way keep their slots");
+        assert_eq!(s.rebalance("a", 2, 8, 0, 2), 2);
     }
 }
