@@ -146,3 +146,6 @@ stop_bg() { # name
 peak_rss_mb() { # pid: peak resident set (VmHWM) in MB
   awk '/VmHWM/ {printf "%d", $2/1024}' "/proc/$1/status" 2>/dev/null || echo 0
 }
+cpu_s() { # pid: CPU seconds (user + system) used so far
+  awk -v hz="$(getconf CLK_TCK)" '{printf "%.1f", ($14 + $15) / hz}' "/proc/$1/stat" 2>/dev/null || echo 0
+}

@@ -231,7 +231,8 @@ pub async fn run_item(ctx: &ItemContext<'_>, job: &CompiledJob, item: &Item) -> 
             };
             result.attempts += 1;
             let t = Instant::now();
-            let response = ep.client.complete(&route.wire_model, &body, key.secret).await;
+            let request_hash = hex::encode(&Sha256::digest(&body)[..8]);
+            let response = ep.client.complete(&route.wire_model, body, key.secret).await;
             let outcome = match &response {
                 Ok(_) => "ok",
                 Err(e) => e.class(),
@@ -246,8 +247,7 @@ pub async fn run_item(ctx: &ItemContext<'_>, job: &CompiledJob, item: &Item) -> 
                 attempt: log.len() as i32 + 1,
                 model: route.model.clone(),
                 fallback: model_index > 0,
-                request_hash: hex::encode(Sha256::digest(serde_json::to_vec(&body).unwrap_or_default()))[..16]
-                    .to_string(),
+                request_hash,
                 outcome: outcome.to_string(),
                 error_class: response.as_ref().err().map(|e| e.class().to_string()),
                 http_status: match &response {

@@ -13,37 +13,63 @@
 
 use std::time::Duration;
 
-use serde_json::{json, Map, Value};
+use serde::Serialize;
+use serde_json::Value;
+
+use super::openai::Msg;
 
 use super::{header_num, truncate, Call, CallError, Completion, OutputMode, RateInfo};
 
 /// The API version sent when the providers file names none.
 pub const DEFAULT_VERSION: &str = "2023-06-01";
 
-pub fn body(call: &Call<'_>) -> Value {
-    let messages: Vec<Value> = call.messages.iter().map(|m| json!({"role": m.role, "content": m.content})).collect();
-    let mut b = Map::new();
-    b.insert("model".into(), json!(call.model));
-    b.insert("max_tokens".into(), json!(call.max_tokens));
-    if let Some(system) = call.system_text() {
-        b.insert("system".into(), json!(system));
-    }
-    b.insert("messages".into(), Value::Array(messages));
-    if let Some(t) = call.temperature {
-        b.insert("temperature".into(), json!(t));
-    }
-    if call.output == OutputMode::JsonSchema {
-        b.insert(
-            "tools".into(),
-            json!([{
-                "name": call.schema_name,
-                "description": "Record the answer. Its input is the whole answer.",
-                "input_schema": call.schema
-            }]),
-        );
-        b.insert("tool_choice".into(), json!({"type": "tool", "name": call.schema_name}));
-    }
-    Value::Object(b)
+#[derive(Serialize)]
+struct Body<'a> {
+    model: &'a str,
+    max_tokens: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    system: Option<&'a str>,
+    messages: Vec<Msg<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    temperature: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tools: Option<[Tool<'a>; 1]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_choice: Option<ToolChoice<'a>>,
+}
+
+#[derive(Serialize)]
+struct Tool<'a> {
+    name: &'a str,
+    description: &'a str,
+    input_schema: &'a Value,
+}
+
+#[derive(Serialize)]
+struct ToolChoice<'a> {
+    #[serde(rename = "type")]
+    kind: &'a str,
+    name: &'a str,
+}
+
+/// The request body, serialized once.
+pub fn body(call: &Call<'_>) -> Vec<u8> {
+    let system = call.system_text();
+    let forced = call.output == OutputMode::JsonSchema;
+    let body = Body {
+        model: call.model,
+        max_tokens: call.max_tokens,
+        system: system.as_deref(),
+        messages: call.messages.iter().map(|m| Msg { role: &m.role, content: &m.content }).collect(),
+        temperature: call.temperature,
+        tools: forced.then_some([Tool {
+            name: call.schema_name,
+            description: "Record the answer. Its input is the whole answer.",
+            input_schema: call.schema,
+        }]),
+        tool_choice: forced.then_some(ToolChoice { kind: "tool", name: call.schema_name }),
+    };
+    serde_json::to_vec(&body).expect("a request body serialises")
 }
 
 /// Sorts an error answer into its class.
@@ -123,6 +149,7 @@ pub fn rate_info(h: &reqwest::header::HeaderMap) -> RateInfo {
 mod tests {
     use super::*;
     use crate::provider::{MaxTokensParam, Message};
+    use serde_json::json;
 
     #[test]
     fn structured_output_is_a_forced_tool() {
@@ -142,7 +169,7 @@ mod tests {
             n: None,
             reasoning_effort: None,
         };
-        let b = body(&call);
+        let b: Value = serde_json::from_slice(&body(&call)).unwrap();
         assert_eq!(b["system"], "Be careful.");
         assert_eq!(b["max_tokens"], 20);
         assert_eq!(b["tools"][0]["input_schema"], schema);

@@ -249,16 +249,16 @@ pub struct Call<'a> {
 impl Call<'_> {
     /// The system message, with the schema spelled out when the response
     /// format cannot carry it.
-    pub fn system_text(&self) -> Option<String> {
+    pub fn system_text(&self) -> Option<std::borrow::Cow<'_, str>> {
         if self.output == OutputMode::JsonSchema {
-            return self.system.map(str::to_string);
+            return self.system.map(std::borrow::Cow::Borrowed);
         }
         let schema =
             format!("Reply with one JSON object only, no other text, matching this JSON schema:\n{}", self.schema);
-        Some(match self.system {
+        Some(std::borrow::Cow::Owned(match self.system {
             Some(s) => format!("{s}\n\n{schema}"),
             None => schema,
-        })
+        }))
     }
 }
 
@@ -318,8 +318,8 @@ impl ChatClient {
         }
     }
 
-    /// The request body of `call` in this endpoint's dialect.
-    pub fn body(&self, call: &Call<'_>) -> Value {
+    /// The request body of `call` in this endpoint's dialect, as JSON bytes.
+    pub fn body(&self, call: &Call<'_>) -> Vec<u8> {
         match self.endpoint.kind {
             ProviderKind::Anthropic => anthropic::body(call),
             ProviderKind::AzureOpenai => openai::body(call, false),
@@ -331,10 +331,11 @@ impl ChatClient {
     pub async fn complete(
         &self,
         model: &str,
-        body: &Value,
+        body: Vec<u8>,
         api_key: Option<&SecretString>,
     ) -> Result<Completion, CallError> {
-        let mut builder = self.http.post(self.url(model)).json(body);
+        let mut builder =
+            self.http.post(self.url(model)).header(reqwest::header::CONTENT_TYPE, "application/json").body(body);
         if let Some(key) = api_key {
             let key = key.expose_secret();
             builder = match self.endpoint.kind {

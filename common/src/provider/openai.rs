@@ -10,56 +10,88 @@
 
 use std::time::Duration;
 
-use serde::Deserialize;
-use serde_json::{json, Map, Value};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 use super::{truncate, Call, CallError, Completion, MaxTokensParam, OutputMode, RateInfo, TokenLogprob};
 
-/// The request body. `strict` asks for strict schema adherence (OpenAI and
+#[derive(Serialize)]
+struct Body<'a> {
+    model: &'a str,
+    messages: Vec<Msg<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_tokens: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_completion_tokens: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    temperature: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    response_format: Option<ResponseFormat<'a>>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    logprobs: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    top_logprobs: Option<u8>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    n: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reasoning_effort: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+pub(crate) struct Msg<'a> {
+    pub role: &'a str,
+    pub content: &'a str,
+}
+
+#[derive(Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum ResponseFormat<'a> {
+    JsonSchema { json_schema: JsonSchema<'a> },
+    JsonObject,
+}
+
+#[derive(Serialize)]
+struct JsonSchema<'a> {
+    name: &'a str,
+    schema: &'a Value,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    strict: Option<bool>,
+}
+
+/// The request body, serialized once: it is hashed for the audit trail and
+/// sent as it is. `strict` asks for strict schema adherence (OpenAI and
 /// compatible servers; Azure takes it too, but older API versions refuse it).
-pub fn body(call: &Call<'_>, strict: bool) -> Value {
+pub fn body(call: &Call<'_>, strict: bool) -> Vec<u8> {
+    let system = call.system_text();
     let mut messages = Vec::with_capacity(call.messages.len() + 1);
-    if let Some(system) = call.system_text() {
-        messages.push(json!({"role": "system", "content": system}));
+    if let Some(system) = system.as_deref() {
+        messages.push(Msg { role: "system", content: system });
     }
-    for m in call.messages {
-        messages.push(json!({"role": m.role, "content": m.content}));
-    }
-    let mut b = Map::new();
-    b.insert("model".into(), json!(call.model));
-    b.insert("messages".into(), Value::Array(messages));
-    let max_field = match call.max_tokens_param {
-        MaxTokensParam::MaxTokens => "max_tokens",
-        MaxTokensParam::MaxCompletionTokens => "max_completion_tokens",
+    messages.extend(call.messages.iter().map(|m| Msg { role: &m.role, content: &m.content }));
+    let (max_tokens, max_completion_tokens) = match call.max_tokens_param {
+        MaxTokensParam::MaxTokens => (Some(call.max_tokens), None),
+        MaxTokensParam::MaxCompletionTokens => (None, Some(call.max_tokens)),
     };
-    b.insert(max_field.into(), json!(call.max_tokens));
-    if let Some(t) = call.temperature {
-        b.insert("temperature".into(), json!(t));
-    }
-    match call.output {
-        OutputMode::JsonSchema => {
-            let mut schema = json!({"name": call.schema_name, "schema": call.schema});
-            if strict {
-                schema["strict"] = json!(true);
-            }
-            b.insert("response_format".into(), json!({"type": "json_schema", "json_schema": schema}));
-        }
-        OutputMode::JsonObject => {
-            b.insert("response_format".into(), json!({"type": "json_object"}));
-        }
-        OutputMode::Prompt => {}
-    }
-    if call.logprobs {
-        b.insert("logprobs".into(), json!(true));
-        b.insert("top_logprobs".into(), json!(5));
-    }
-    if let Some(n) = call.n {
-        b.insert("n".into(), json!(n));
-    }
-    if let Some(effort) = call.reasoning_effort {
-        b.insert("reasoning_effort".into(), json!(effort));
-    }
-    Value::Object(b)
+    let response_format = match call.output {
+        OutputMode::JsonSchema => Some(ResponseFormat::JsonSchema {
+            json_schema: JsonSchema { name: call.schema_name, schema: call.schema, strict: strict.then_some(true) },
+        }),
+        OutputMode::JsonObject => Some(ResponseFormat::JsonObject),
+        OutputMode::Prompt => None,
+    };
+    let body = Body {
+        model: call.model,
+        messages,
+        max_tokens,
+        max_completion_tokens,
+        temperature: call.temperature,
+        response_format,
+        logprobs: call.logprobs,
+        top_logprobs: call.logprobs.then_some(5),
+        n: call.n,
+        reasoning_effort: call.reasoning_effort,
+    };
+    serde_json::to_vec(&body).expect("a request body serialises")
 }
 
 /// Sorts an error answer into its class.
@@ -151,6 +183,11 @@ pub fn parse(body: &[u8]) -> Result<Completion, CallError> {
 mod tests {
     use super::*;
     use crate::provider::Message;
+    use serde_json::json;
+
+    fn body(call: &Call<'_>, strict: bool) -> Value {
+        serde_json::from_slice(&super::body(call, strict)).unwrap()
+    }
 
     fn call<'a>(messages: &'a [Message], schema: &'a Value) -> Call<'a> {
         Call {
