@@ -142,7 +142,7 @@ async fn a_model_that_is_down_falls_back_to_the_next_one() {
 async fn output_failing_validation_is_asked_again_with_the_error() {
     let sim = SimConfig { bad_output: 0.5, seed: 9, ..Default::default() };
     let mut stack = Stack::start(sim, |_| {}).await.unwrap();
-    stack.add_worker(|c| c.max_repairs = 12);
+    stack.add_worker(|c| c.max_repairs = 20); // 21 bad answers in a row: about 1 in 2 million
     let report = stack.submit("classify", sample_jsonl(26, 100), false).await.unwrap();
     stack.wait_completed(report.job_id, Duration::from_secs(60)).await.unwrap();
     assert_eq!(outcome(&stack, report.job_id).await, [row("succeeded", None, "sim-small", 100)]);
