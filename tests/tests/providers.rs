@@ -22,6 +22,14 @@ async fn results(stack: &Stack, job: Uuid) -> Vec<(String, String, i64)> {
     .collect()
 }
 
+/// Asserts that all `n` items were answered (flagged for review or not) with
+/// their confidence from `strategy`.
+async fn assert_answered_by(stack: &Stack, job: Uuid, n: i64, strategy: &str) {
+    let r = results(stack, job).await;
+    assert_eq!(r.iter().map(|x| x.2).sum::<i64>(), n, "{r:?}");
+    assert!(r.iter().all(|(state, s, _)| state != "failed" && s == strategy), "{r:?}");
+}
+
 /// What the audit trail says of a job's calls, by provider and output mode.
 #[derive(Debug, PartialEq)]
 struct Audit {
@@ -117,9 +125,7 @@ reasoning = true
     k.spec.temperature = 0.7;
     k.spec.reasoning_effort = Some("low".into());
     let job = run(&mut stack, k, 30).await;
-    let r = results(&stack, job).await;
-    assert_eq!(r.iter().map(|x| x.2).sum::<i64>(), 30);
-    assert!(r.iter().all(|(state, strategy, _)| state != "failed" && strategy == "agreement"), "{r:?}");
+    assert_answered_by(&stack, job, 30, "agreement").await;
     let a = audit(&stack, job).await;
     assert_eq!((a[0].ok, a[0].failed), (30, 0), "no call was refused: {a:?}");
     assert!(a[0].tokens_reasoning > 0, "reasoning tokens are counted: {a:?}");
@@ -151,9 +157,7 @@ output_tpm = 1000000
     write_key(&stack, "anthropic.key", "sk-ant-test");
     // Anthropic sends no log-probabilities: summarize's self-reported confidence works.
     let job = run(&mut stack, kind("summarize", "claude/sim-small"), 30).await;
-    let r = results(&stack, job).await;
-    assert_eq!(r.iter().map(|x| x.2).sum::<i64>(), 30);
-    assert!(r.iter().all(|(s, strategy, _)| s != "failed" && strategy == "self_reported"), "{r:?}");
+    assert_answered_by(&stack, job, 30, "self_reported").await;
     let a = audit(&stack, job).await;
     assert_eq!(
         (a.len(), a[0].provider.as_str(), a[0].output_mode.as_str(), a[0].ok, a[0].failed),
@@ -210,9 +214,7 @@ base_url = "http://{sim0}/v1"
     k.spec.samples = 3;
     k.spec.temperature = 0.7;
     let job = run(&mut stack, k, 200).await;
-    let r = results(&stack, job).await;
-    assert_eq!(r.iter().map(|x| x.2).sum::<i64>(), 200);
-    assert!(r.iter().all(|(s, strategy, _)| s != "failed" && strategy == "agreement"), "{r:?}");
+    assert_answered_by(&stack, job, 200, "agreement").await;
     let a = audit(&stack, job).await;
     // Only the first calls, before the cluster learned, asked for json_schema.
     let schema = a.iter().find(|x| x.output_mode == "json_schema").map_or(0, |x| x.ok + x.failed);
