@@ -2,6 +2,8 @@
 //!
 //! Kept in NATS KV (`lm.<endpoint>.<model>`) so one worker's discovery serves
 //! every worker, and logged once: by the worker whose compare-and-set wrote it.
+//! A fact is trusted for [`RELEARN_AFTER_MS`]; then the strongest mode (and
+//! log-probabilities) are tried again, so an upgraded server is noticed.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -12,6 +14,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::Error;
 
+/// How long a learned fact holds before it is tried again.
+pub const RELEARN_AFTER_MS: u64 = 3_600_000;
+
 /// The shared entry.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct Facts {
@@ -20,6 +25,20 @@ pub struct Facts {
     /// The server answered a request for log-probabilities without them.
     #[serde(default)]
     pub no_logprobs: bool,
+    /// When the facts were last learned, ms since the epoch.
+    #[serde(default)]
+    pub at_ms: u64,
+}
+
+impl Facts {
+    /// The facts still in force at `now`: none once they are too old.
+    pub fn in_force(self, now: u64) -> Facts {
+        if now.saturating_sub(self.at_ms) > RELEARN_AFTER_MS {
+            Facts::default()
+        } else {
+            self
+        }
+    }
 }
 
 /// This worker's view of the facts, read from KV once per endpoint and model.
@@ -40,11 +59,14 @@ impl Learned {
     /// The facts of `model` at `endpoint`.
     pub async fn get(&self, endpoint: &str, model: &str) -> Result<Facts, Error> {
         let k = key(endpoint, model);
+        let now = crate::kvstate::now_ms();
         if let Some(f) = self.cache.lock().expect("learned lock").get(&k) {
-            return Ok(*f);
+            if f.in_force(now) == *f {
+                return Ok(*f);
+            }
         }
         let facts = match self.kv.get(k.clone()).await.map_err(|e| Error::Kv(Box::new(e)))? {
-            Some(bytes) => serde_json::from_slice(&bytes).unwrap_or_default(),
+            Some(bytes) => serde_json::from_slice::<Facts>(&bytes).unwrap_or_default().in_force(now),
             None => Facts::default(),
         };
         self.cache.lock().expect("learned lock").insert(k, facts);
@@ -60,7 +82,20 @@ impl Learned {
         f: impl Fn(&mut Facts) -> bool,
     ) -> Result<Facts, Error> {
         let k = key(endpoint, model);
-        let written = crate::kvstate::modify(&self.kv, &k, |_| Facts::default(), |facts, _| f(facts)).await?;
+        let written = crate::kvstate::modify(
+            &self.kv,
+            &k,
+            |_| Facts::default(),
+            |facts, now| {
+                *facts = facts.in_force(now);
+                let changed = f(facts);
+                if changed {
+                    facts.at_ms = now;
+                }
+                changed
+            },
+        )
+        .await?;
         if written.is_some() {
             tracing::warn!(endpoint, model, "{what}");
         }
@@ -93,5 +128,17 @@ impl Learned {
     pub async fn no_logprobs(&self, endpoint: &str, model: &str) -> Result<(), Error> {
         let what = "the server sends no log-probabilities; confidence uses the kind's next strategy";
         self.update(endpoint, model, what, |f| !std::mem::replace(&mut f.no_logprobs, true)).await.map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn facts_are_tried_again_after_an_hour() {
+        let f = Facts { output: Some(OutputMode::JsonObject), no_logprobs: true, at_ms: 1_000 };
+        assert_eq!(f.in_force(1_000 + RELEARN_AFTER_MS), f);
+        assert_eq!(f.in_force(1_001 + RELEARN_AFTER_MS), Facts::default());
     }
 }
