@@ -33,7 +33,7 @@ pub struct WorkerConfig {
     /// providers file). The default is the Sluice model simulator started by `scripts/demo`.
     #[arg(long, env = "SLUICE_MODEL_BASE_URL", default_value = "http://127.0.0.1:7800/v1")]
     pub model_base_url: String,
-    /// File holding the provider API key, or several keys one per line (used
+    /// Without a providers file: file holding the provider API key, or several keys one per line (used
     /// in order: when the provider refuses one, the next is tried). The keys
     /// may instead be given in the environment variable SLUICE_MODEL_API_KEY,
     /// separated by commas; they are never taken from the command line.
@@ -63,16 +63,18 @@ pub struct WorkerConfig {
     /// Re-asks with the validation error after output that fails the schema.
     #[arg(long, env = "SLUICE_MAX_REPAIRS", default_value_t = 2)]
     pub max_repairs: usize,
-    /// Cluster-wide requests per minute for each model of this provider key
-    /// (0: no limit). Every worker must be given the same value.
+    /// Without a providers file: cluster-wide requests per minute for each
+    /// model of this provider key (0: no limit). Every worker must be given
+    /// the same value.
     #[arg(long, env = "SLUICE_RPM", default_value_t = 0.0)]
     pub rpm: f64,
-    /// Cluster-wide tokens per minute (prompt + completion) for each model of
-    /// this provider key (0: no limit).
+    /// Without a providers file: cluster-wide tokens per minute (prompt +
+    /// max_tokens) for each model of this provider key (0: no limit).
     #[arg(long, env = "SLUICE_TPM", default_value_t = 0.0)]
     pub tpm: f64,
-    /// Calls in flight allowed across the whole cluster for each model of this
-    /// provider key (0: no cap beyond each worker's SLUICE_CONCURRENCY).
+    /// Without a providers file: calls in flight allowed across the whole
+    /// cluster for each model of this provider key (0: only the adaptive
+    /// window, which starts at 4 and grows with successes).
     #[arg(long, env = "SLUICE_MAX_IN_FLIGHT", default_value_t = 0)]
     pub max_in_flight: u32,
     /// Consecutive failed calls (server errors, timeouts) across the cluster
