@@ -47,7 +47,8 @@ impl ServeConfig {
     pub fn catalog(&self) -> Result<common::providers::Catalog, Error> {
         match &self.providers_file {
             Some(path) => common::providers::Catalog::load(path).map_err(|e| Error::Config(common::error_chain(&e))),
-            None => Ok(common::providers::Catalog::shorthand("http://workers-shorthand/v1", Default::default())),
+            // The workers' one-provider shorthand: any model, at a URL only they know.
+            None => Ok(common::providers::Catalog::shorthand("http://127.0.0.1/v1", Default::default())),
         }
     }
 
