@@ -62,14 +62,22 @@ pub fn check_models(catalog: &Catalog, prices: &PriceTable, job: &NewJob) -> Res
             warnings.push(format!("model {reference:?} has no price: the job's cost will be unknown"));
         }
         if i == 0 && spec.scores_confidence() {
-            let usable = spec.strategies().any(|s| match s {
+            let first = spec.strategies().find(|s| match s {
                 ConfidenceStrategy::Logprobs => target.config.supports(Param::Logprobs),
-                ConfidenceStrategy::Agreement => target.config.supports(Param::N),
                 _ => true,
             });
+            if first == Some(ConfidenceStrategy::Agreement) && !target.config.supports(Param::N) {
+                warnings.push(format!(
+                    "{} cannot sample several answers in one call: agreement makes {} calls per item, with {}× the cost",
+                    target.reference(),
+                    spec.samples,
+                    spec.samples
+                ));
+            }
+            let usable = first.is_some();
             if !usable {
                 warnings.push(format!(
-                    "every item would go to review: {} cannot give what the kind's confidence strategies ({}) need; add \"self_reported\" (with a confidence field in the schema) or \"agreement\" where the model allows it",
+                    "every item would go to review: {} cannot give what the kind's confidence strategies ({}) need; add \"agreement\", or \"self_reported\" with a confidence field in the schema",
                     target.reference(),
                     spec.strategies().map(|s| format!("{s:?}").to_lowercase()).collect::<Vec<_>>().join(", ")
                 ));

@@ -231,6 +231,9 @@ pub struct Sim {
     counters: Counters,
     /// How often each distinct request was seen, so faults can differ between attempts.
     attempts: Mutex<HashMap<u64, u32>>,
+    /// How often each distinct request was answered at a temperature above 0:
+    /// asked again, the model samples again.
+    sampled: Mutex<HashMap<u64, u32>>,
     /// Counts per second since start, for rate-limit benchmarks.
     timeline: Mutex<Vec<Second>>,
     log: Mutex<Vec<LogEntry>>,
@@ -249,6 +252,7 @@ impl Sim {
             limits: RwLock::new(limits),
             counters: Counters::default(),
             attempts: Mutex::new(HashMap::new()),
+            sampled: Mutex::new(HashMap::new()),
             timeline: Mutex::new(Vec::new()),
             log: Mutex::new(Vec::new()),
             started: Instant::now(),
@@ -765,10 +769,26 @@ async fn answer(sim: &Sim, config: &SimConfig, auth: &HeaderMap, request: &Value
     let model_cfg = Answering { wrong: config.wrong, seed: config.seed };
     let mut choices = Vec::with_capacity(n);
     let mut tokens_out = 0u32;
+    // The same request asked again at a temperature above 0 is sampled again.
+    let asked = if temperature > 0.0 {
+        let mut seen = sim.sampled.lock().expect("sampled lock");
+        let k = seen.entry(request_hash).or_insert(0);
+        *k += 1;
+        *k
+    } else {
+        1
+    };
     for i in 0..n {
-        // The first answer is the model's best; further samples are drawn
-        // from its distribution when the temperature allows.
-        let draw = (i > 0 && temperature > 0.0).then(|| unit(hash_of((request_hash, i as u64, 7u8))));
+        // The first answer to a request is the model's best; further samples
+        // (and the answers when it is asked again) are drawn from its
+        // distribution when the temperature allows.
+        let draw = if i > 0 && temperature > 0.0 {
+            Some(unit(hash_of((request_hash, i as u64, 7u8))))
+        } else if asked > 1 {
+            Some(unit(hash_of((request_hash, asked as u64, 8u8))))
+        } else {
+            None
+        };
         let mut pick = Pick::default();
         let content = if fault == Some("bad_output") {
             json!({"sim_bad_output": true}).to_string()

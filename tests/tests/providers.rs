@@ -170,6 +170,25 @@ output_tpm = 1000000
         .await
         .unwrap();
     assert!(answers.iter().all(|o| o["summary"].as_str().is_some_and(|s| !s.is_empty())), "tool input is the answer");
+
+    // Classification: no logprobs and no n, so agreement takes one call per sample.
+    let mut k = kind("classify", "claude/sim-small");
+    k.spec.confidence = vec![common::spec::ConfidenceStrategy::Logprobs, common::spec::ConfidenceStrategy::Agreement];
+    k.spec.samples = 3;
+    k.spec.temperature = 0.7;
+    let report = stack.submit_kind(k, sample_jsonl(43, 40), false).await.unwrap();
+    stack.wait_completed(report.job_id, Duration::from_secs(60)).await.unwrap();
+    assert_answered_by(&stack, report.job_id, 40, "agreement").await;
+    let a = audit(&stack, report.job_id).await;
+    assert_eq!((a[0].ok, a[0].failed), (120, 0), "three calls per item: {a:?}");
+    let disagreeing: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM results WHERE job_id = $1 AND (confidence_detail->'components'->>'agreeing')::float8 < 1",
+    )
+    .bind(report.job_id)
+    .fetch_one(&stack.db.pool)
+    .await
+    .unwrap();
+    assert!(disagreeing > 0, "samples drawn at temperature 0.7 do not all agree");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -307,11 +326,17 @@ base_url = "http://{sim0}/v1"
     let created = create(kind("classify", "openai/gpt-unpriced"), true).await.unwrap();
     assert!(created.warnings.iter().any(|w| w.contains("cost will be unknown")), "{:?}", created.warnings);
 
-    // Anthropic gives no logprobs and cannot sample n answers: say so before anything runs.
+    // Anthropic gives no logprobs: say so before anything runs.
+    let mut k = kind("classify", "claude/sim-large");
+    k.spec.confidence = vec![common::spec::ConfidenceStrategy::Logprobs];
+    let created = create(k, false).await.unwrap();
+    assert!(created.warnings.iter().any(|w| w.contains("every item would go to review")), "{:?}", created.warnings);
+    // Nor several answers per call: agreement then costs one call per sample.
     let mut k = kind("classify", "claude/sim-large");
     k.spec.confidence = vec![common::spec::ConfidenceStrategy::Logprobs, common::spec::ConfidenceStrategy::Agreement];
     let created = create(k, false).await.unwrap();
-    assert!(created.warnings.iter().any(|w| w.contains("every item would go to review")), "{:?}", created.warnings);
+    assert!(created.warnings.iter().any(|w| w.contains("agreement makes 5 calls per item")), "{:?}", created.warnings);
+    assert!(!created.warnings.iter().any(|w| w.contains("every item would go to review")), "{:?}", created.warnings);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

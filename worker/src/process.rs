@@ -118,9 +118,6 @@ impl StrategyChoice {
                 ConfidenceStrategy::Logprobs if facts.no_logprobs => {
                     Some("the server sent no log-probabilities when asked")
                 }
-                ConfidenceStrategy::Agreement if !config.supports(Param::N) => {
-                    Some("the model cannot sample several answers in one call (n)")
-                }
                 _ => None,
             };
             match unusable {
@@ -171,6 +168,8 @@ pub async fn run_item(ctx: &ItemContext<'_>, job: &CompiledJob, item: &Item) -> 
             .build();
         let mut messages = base.clone();
         let (mut repairs, mut rate_limited) = (0, 0);
+        // Answers collected for agreement by separate calls.
+        let mut drawn: Vec<String> = Vec::new();
         loop {
             if ctx.stop.is_cancelled() {
                 return held_now(&mut log);
@@ -202,7 +201,10 @@ pub async fn run_item(ctx: &ItemContext<'_>, job: &CompiledJob, item: &Item) -> 
                 strategy.advance(&route.config, facts, Some("the server sent no log-probabilities when asked"));
             }
             let limiter = ctx.guards.limiter(key.id, &route.model, &route.config);
-            let samples = (strategy.current == Some(ConfidenceStrategy::Agreement)).then_some(spec.samples);
+            // Agreement asks for `samples` answers in one call where the model
+            // can sample several (n), else makes one call per answer.
+            let agreement = strategy.current == Some(ConfidenceStrategy::Agreement);
+            let samples = (agreement && route.config.supports(Param::N)).then_some(spec.samples);
             let call = Call {
                 model: &route.wire_model,
                 system: spec.system.as_deref(),
@@ -291,12 +293,24 @@ pub async fn run_item(ctx: &ItemContext<'_>, job: &CompiledJob, item: &Item) -> 
                         ctx.learned.no_logprobs(base_url, &route.model).await?;
                         let facts = ctx.learned.get(base_url, &route.model).await?;
                         strategy.advance(&route.config, facts, Some("the server sent no log-probabilities when asked"));
-                        if strategy.current == Some(ConfidenceStrategy::Agreement) {
+                        if strategy.current == Some(ConfidenceStrategy::Agreement) && route.config.supports(Param::N) {
                             continue; // agreement needs its own call with n samples
                         }
                     }
+                    let by_calls =
+                        strategy.current == Some(ConfidenceStrategy::Agreement) && !route.config.supports(Param::N);
+                    if by_calls {
+                        drawn.push(c.content.clone());
+                        if drawn.len() < spec.samples as usize {
+                            continue; // the next sample, another call
+                        }
+                    }
                     // With agreement several answers come back: the majority wins.
-                    let contents: Vec<&String> = std::iter::once(&c.content).chain(c.others.iter()).collect();
+                    let contents: Vec<&String> = if by_calls {
+                        drawn.iter().collect()
+                    } else {
+                        std::iter::once(&c.content).chain(c.others.iter()).collect()
+                    };
                     let checked: Vec<Result<(Value, String), String>> =
                         contents.iter().map(|content| validate_output(job, content)).collect();
                     let verdict = if strategy.current == Some(ConfidenceStrategy::Agreement) {
@@ -346,7 +360,10 @@ pub async fn run_item(ctx: &ItemContext<'_>, job: &CompiledJob, item: &Item) -> 
                         })
                     };
                     match verdict {
-                        Ok(((value, answer), raw, components)) => {
+                        Ok(((value, answer), raw, mut components)) => {
+                            if by_calls {
+                                components["calls"] = json!(drawn.len());
+                            }
                             let mut scored = confidence::score(
                                 strategy.current.unwrap_or(ConfidenceStrategy::None),
                                 raw,
@@ -376,6 +393,7 @@ pub async fn run_item(ctx: &ItemContext<'_>, job: &CompiledJob, item: &Item) -> 
                         }
                         Err(msg) if repairs < ctx.policy.max_repairs => {
                             repairs += 1;
+                            drawn.clear();
                             messages.push(Message { role: "assistant".into(), content: c.content });
                             messages.push(Message {
                                 role: "user".into(),
