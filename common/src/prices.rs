@@ -98,6 +98,16 @@ impl PriceTable {
         self.models.get(&format!("{provider}/{model}")).or_else(|| self.models.get(model))
     }
 
+    /// Loads `path`; the shipped default path (`deploy/prices.toml`), when it
+    /// is missing, is an empty table: every model is then unpriced.
+    pub fn load_or_empty(path: &Path) -> Result<Self, PriceError> {
+        if !path.exists() && path.ends_with("deploy/prices.toml") {
+            tracing::warn!(path = %path.display(), "no price table: every model is unpriced (set SLUICE_PRICES_FILE)");
+            return Ok(PriceTable::default());
+        }
+        Self::load(path)
+    }
+
     /// Cost of one call in US dollars, `None` when the model has no price.
     pub fn cost(&self, provider: &str, model: &str, u: Usage) -> Option<f64> {
         let p = self.get(provider, model)?;

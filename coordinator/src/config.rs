@@ -55,11 +55,7 @@ impl ServeConfig {
     /// The price table, read once at start-up. A missing default file is an
     /// empty table: every model is then unpriced.
     pub fn prices(&self) -> Result<common::prices::PriceTable, Error> {
-        if !self.prices_file.exists() && self.prices_file.ends_with("deploy/prices.toml") {
-            tracing::warn!(path = %self.prices_file.display(), "no price table: every model is unpriced (set SLUICE_PRICES_FILE)");
-            return Ok(common::prices::PriceTable::default());
-        }
-        common::prices::PriceTable::load(&self.prices_file).map_err(|e| Error::Config(common::error_chain(&e)))
+        common::prices::PriceTable::load_or_empty(&self.prices_file).map_err(|e| Error::Config(common::error_chain(&e)))
     }
 
     /// Checks the settings once, at start-up.

@@ -215,10 +215,7 @@ impl WorkerConfig {
 
     /// The price table; a missing default file means no prices.
     pub fn prices(&self) -> Result<common::prices::PriceTable, Error> {
-        if !self.prices_file.exists() && self.prices_file.ends_with("deploy/prices.toml") {
-            return Ok(common::prices::PriceTable::default());
-        }
-        common::prices::PriceTable::load(&self.prices_file).map_err(|e| Error::Config(common::error_chain(&e)))
+        common::prices::PriceTable::load_or_empty(&self.prices_file).map_err(|e| Error::Config(common::error_chain(&e)))
     }
 
     pub fn redaction(&self) -> Result<common::redact::Redaction, Error> {

@@ -325,7 +325,7 @@ impl Bucket {
         if !self.learn(rate, l, changes) && now >= self.last_cut_ms + CUT_INTERVAL_MS {
             self.last_cut_ms = now;
             for (i, (d, conf)) in self.dims.iter_mut().zip(l.per_minute()).enumerate() {
-                if conf > 0.0 && (i == 0 || l.per_minute()[i] > 0.0) {
+                if conf > 0.0 {
                     let before = d.rate;
                     d.rate = (d.rate * 0.8).max(1.0);
                     if i == 0 || before != d.rate {
