@@ -32,12 +32,27 @@ pub struct AppState {
     /// The providers and models the workers serve.
     pub catalog: Arc<Catalog>,
     pub prices: Arc<PriceTable>,
+    /// Limits of one upload.
+    pub limits: ingest::Limits,
 }
 
 impl AppState {
-    pub fn new(pool: PgPool, js: jetstream::Context, catalog: Catalog, prices: PriceTable) -> Self {
+    pub fn new(
+        pool: PgPool,
+        js: jetstream::Context,
+        catalog: Catalog,
+        prices: PriceTable,
+        limits: ingest::Limits,
+    ) -> Self {
         m::describe();
-        AppState { pool, js, wake: Arc::new(Notify::new()), catalog: Arc::new(catalog), prices: Arc::new(prices) }
+        AppState {
+            pool,
+            js,
+            wake: Arc::new(Notify::new()),
+            catalog: Arc::new(catalog),
+            prices: Arc::new(prices),
+            limits,
+        }
     }
 }
 
@@ -107,6 +122,7 @@ impl IntoResponse for Error {
         let status = match &self {
             Error::JobNotFound(_) => StatusCode::NOT_FOUND,
             Error::JobState { .. } => StatusCode::CONFLICT,
+            Error::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Error::Spec(_) | Error::Upload(_) | Error::Invalid(_) => StatusCode::BAD_REQUEST,
             Error::Db(_) | Error::DbConnect { .. } | Error::Nats(_) | Error::Publish { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -170,9 +186,9 @@ async fn upload_input(
 ) -> Result<Response, Error> {
     let spec = store::job_spec(&st.pool, job_id).await?;
     let mode = if p.skip_invalid { Mode::SkipInvalid } else { Mode::Strict };
-    let report =
-        ingest::ingest(&st.pool, job_id, spec.input_fields.clone(), spec.chunk_size, mode, body.into_data_stream())
-            .await?;
+    let fields = spec.input_fields.clone();
+    let body = body.into_data_stream();
+    let report = ingest::ingest(&st.pool, job_id, fields, spec.chunk_size, mode, st.limits, body).await?;
     if report.state == "rejected" {
         tracing::info!(%job_id, invalid = report.invalid_lines, "input rejected");
         let error = format!("input rejected: {} invalid line(s); nothing was ingested", report.invalid_lines);

@@ -40,6 +40,16 @@ pub struct ServeConfig {
     /// model has no price is refused unless submitted with --allow-unpriced.
     #[arg(long, env = "SLUICE_PRICES_FILE", default_value = "deploy/prices.toml")]
     pub prices_file: std::path::PathBuf,
+    /// Largest accepted input file, in bytes; a larger upload is refused and nothing is ingested.
+    #[arg(long, env = "SLUICE_MAX_UPLOAD_BYTES", default_value_t = 8 << 30)]
+    pub max_upload_bytes: u64,
+    /// Most lines of one job's input; a longer file is refused and nothing is ingested.
+    #[arg(long, env = "SLUICE_MAX_JOB_LINES", default_value_t = 20_000_000)]
+    pub max_job_lines: u64,
+    /// A job whose input has not finished uploading this many seconds after it
+    /// was created (the client died, the upload was cut off) is marked `abandoned`.
+    #[arg(long, env = "SLUICE_UPLOAD_TIMEOUT_S", default_value_t = 3_600)]
+    pub upload_timeout_s: u64,
 }
 
 impl ServeConfig {
@@ -56,6 +66,11 @@ impl ServeConfig {
     /// empty table: every model is then unpriced.
     pub fn prices(&self) -> Result<common::prices::PriceTable, Error> {
         common::prices::PriceTable::load_or_empty(&self.prices_file).map_err(|e| Error::Config(common::error_chain(&e)))
+    }
+
+    /// The limits of one upload.
+    pub fn limits(&self) -> crate::ingest::Limits {
+        crate::ingest::Limits { max_bytes: self.max_upload_bytes, max_lines: self.max_job_lines }
     }
 
     /// Checks the settings once, at start-up.
@@ -91,6 +106,9 @@ impl ServeConfig {
             republish_after_ms: 2_000,
             providers_file: None,
             prices_file: std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/prices.toml")),
+            max_upload_bytes: 8 << 30,
+            max_job_lines: 20_000_000,
+            upload_timeout_s: 3_600,
         }
     }
 }

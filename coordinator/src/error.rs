@@ -41,6 +41,8 @@ pub enum Error {
     Spec(#[from] common::spec::SpecError),
     #[error("{0}")]
     Invalid(String),
+    #[error("{0}")]
+    TooLarge(String),
     #[error("reading the uploaded input failed")]
     Upload(#[source] axum::Error),
 }

@@ -1,6 +1,5 @@
 //! Streams a job's JSONL input into Postgres with COPY, validating each line without holding the file in memory.
 
-use std::collections::HashSet;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -117,19 +116,30 @@ pub enum Checked {
     Bad(String),
 }
 
-/// Validates lines one at a time, remembering ids to find duplicates.
+/// Validates lines one at a time. Duplicate ids are found by Postgres after
+/// the copy, so memory does not grow with the number of lines.
 pub struct Validator {
     required: Vec<String>,
-    seen: HashSet<String>,
+}
+
+/// Whether a JSON value holds a NUL character (`\u0000`) in a key or string:
+/// valid JSON, but Postgres text and jsonb cannot store it.
+fn holds_nul(v: &Value) -> bool {
+    match v {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(a) => a.iter().any(holds_nul),
+        Value::Object(m) => m.iter().any(|(k, v)| k.contains('\0') || holds_nul(v)),
+        _ => false,
+    }
 }
 
 impl Validator {
     pub fn new(required: Vec<String>) -> Self {
-        Validator { required, seen: HashSet::new() }
+        Validator { required }
     }
 
-    /// Checks one line: size, UTF-8, JSON object, id (`id` or `custom_id`),
-    /// required fields, duplicate ids.
+    /// Checks one line: size, UTF-8, JSON object, storable text, id (`id` or
+    /// `custom_id`), required fields.
     pub fn check(&mut self, line: RawLine) -> Checked {
         let bytes = match line {
             RawLine::TooLong => return Checked::Bad(format!("line is longer than {} KiB", MAX_LINE_BYTES / 1024)),
@@ -142,6 +152,7 @@ impl Validator {
         if text.trim().is_empty() {
             return Checked::Blank;
         }
+        // serde_json refuses lone surrogates (\ud800) as invalid JSON.
         let value: Value = match serde_json::from_str(text) {
             Ok(v) => v,
             Err(e) => return Checked::Bad(format!("invalid JSON: {e}")),
@@ -149,6 +160,9 @@ impl Validator {
         let Value::Object(map) = &value else {
             return Checked::Bad("expected a JSON object".into());
         };
+        if holds_nul(&value) {
+            return Checked::Bad("holds a NUL character (\\u0000), which cannot be stored: remove it".into());
+        }
         let id = match map.get("id").or_else(|| map.get("custom_id")) {
             Some(Value::String(s)) if !s.is_empty() => s.clone(),
             Some(Value::Number(n)) => n.to_string(),
@@ -157,9 +171,6 @@ impl Validator {
         };
         if let Some(missing) = self.required.iter().find(|f| !map.contains_key(f.as_str())) {
             return Checked::Bad(format!("missing field \"{missing}\""));
-        }
-        if !self.seen.insert(id.clone()) {
-            return Checked::Bad(format!("duplicate id \"{id}\""));
         }
         Checked::Good(GoodLine { id, payload: value })
     }
@@ -178,16 +189,162 @@ fn copy_field(out: &mut Vec<u8>, s: &str) {
     }
 }
 
+/// Limits of one upload.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Most bytes of input.
+    pub max_bytes: u64,
+    /// Most lines of input (blank ones included).
+    pub max_lines: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { max_bytes: 8 << 30, max_lines: 20_000_000 }
+    }
+}
+
+/// Refused lines waiting to be written to `rejected_lines`; written whenever
+/// this many have gathered, so memory stays bounded.
+const REJECTED_BATCH: usize = 10_000;
+
+const COPY_ITEMS: &str = "COPY items (job_id, seq, item_id, line_no, payload) FROM STDIN";
+
+/// The running state of one upload: counters, the COPY buffer, refused lines.
+struct Intake {
+    job_field: String,
+    mode: Mode,
+    limits: Limits,
+    validator: Validator,
+    splitter: LineSplitter,
+    errors: Vec<LineError>,
+    invalid: u64,
+    seq: u64,
+    line_no: u64,
+    bytes: u64,
+    buf: Vec<u8>,
+    /// Refused lines not yet written (`--skip-invalid` only).
+    rejected: Vec<LineError>,
+}
+
+impl Intake {
+    fn line(&mut self, raw: RawLine) {
+        self.line_no += 1;
+        match self.validator.check(raw) {
+            Checked::Blank => {}
+            Checked::Bad(reason) => {
+                self.invalid += 1;
+                metrics::counter!(m::LINES_REJECTED).increment(1);
+                let e = LineError { line: self.line_no, reason };
+                if self.errors.len() < MAX_REPORTED_ERRORS {
+                    self.errors.push(e.clone());
+                }
+                if self.mode == Mode::SkipInvalid {
+                    self.rejected.push(e);
+                }
+            }
+            Checked::Good(good) => {
+                // In strict mode, once a line is bad nothing more is copied:
+                // the transaction will be rolled back anyway.
+                if self.mode == Mode::Strict && self.invalid > 0 {
+                    return;
+                }
+                self.seq += 1;
+                let buf = &mut self.buf;
+                buf.extend_from_slice(self.job_field.as_bytes());
+                buf.push(b'\t');
+                buf.extend_from_slice(self.seq.to_string().as_bytes());
+                buf.push(b'\t');
+                copy_field(buf, &good.id);
+                buf.push(b'\t');
+                buf.extend_from_slice(self.line_no.to_string().as_bytes());
+                buf.push(b'\t');
+                copy_field(buf, &good.payload.to_string());
+                buf.push(b'\n');
+            }
+        }
+    }
+
+    /// Takes one piece of the body; returns why the upload must be refused, if it must.
+    fn feed(&mut self, piece: &[u8]) -> Option<String> {
+        self.bytes += piece.len() as u64;
+        if self.bytes > self.limits.max_bytes {
+            return Some(format!("the input is larger than {} bytes (SLUICE_MAX_UPLOAD_BYTES)", self.limits.max_bytes));
+        }
+        let mut splitter = std::mem::take(&mut self.splitter);
+        splitter.feed(piece, &mut |raw| self.line(raw));
+        self.splitter = splitter;
+        (self.line_no > self.limits.max_lines)
+            .then(|| format!("the input has more than {} lines (SLUICE_MAX_JOB_LINES)", self.limits.max_lines))
+    }
+
+    fn finish(&mut self) {
+        let mut splitter = std::mem::take(&mut self.splitter);
+        splitter.finish(&mut |raw| self.line(raw));
+    }
+}
+
+/// How one COPY into `items` ended.
+enum Segment {
+    /// The body is read to its end.
+    End,
+    /// Refused lines gathered: write them, then go on with a new COPY.
+    Flush,
+    /// The upload is over a limit.
+    TooLarge(String),
+}
+
+/// Copies lines from `body` into `items` until the body ends, refused lines
+/// must be written, or a limit is passed. One COPY at a time: a connection
+/// runs one statement at once.
+async fn copy_segment<S, E>(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    intake: &mut Intake,
+    body: &mut S,
+) -> Result<Segment, Error>
+where
+    S: Stream<Item = Result<Bytes, E>> + Unpin,
+    E: Into<axum::Error>,
+{
+    let mut copy = tx.copy_in_raw(COPY_ITEMS).await?;
+    let end = loop {
+        let Some(piece) = body.next().await else {
+            intake.finish();
+            break Segment::End;
+        };
+        let piece = piece.map_err(|e| Error::Upload(e.into()))?;
+        if let Some(reason) = intake.feed(&piece) {
+            copy.abort("input too large").await.ok();
+            return Ok(Segment::TooLarge(reason));
+        }
+        if intake.buf.len() >= COPY_BUFFER {
+            copy.send(std::mem::take(&mut intake.buf)).await?;
+            intake.buf.reserve(COPY_BUFFER + MAX_LINE_BYTES);
+        }
+        if intake.rejected.len() >= REJECTED_BATCH {
+            break Segment::Flush;
+        }
+    };
+    if !intake.buf.is_empty() {
+        copy.send(std::mem::take(&mut intake.buf)).await?;
+    }
+    copy.finish().await?;
+    Ok(end)
+}
+
 /// Ingests the input of job `job_id` (state `uploading`) from `body`.
 ///
 /// Items are copied inside one transaction together with the job's chunks, so
-/// a rejected job leaves nothing behind and an accepted one is complete.
+/// a rejected job leaves nothing behind and an accepted one is complete. The
+/// upload runs on a connection of its own that is closed afterwards: an
+/// upload cut off half-way (its COPY still open) never returns to the pool.
 pub async fn ingest<S, E>(
     pool: &PgPool,
     job_id: Uuid,
     required: Vec<String>,
     chunk_size: u32,
     mode: Mode,
+    limits: Limits,
     mut body: S,
 ) -> Result<IngestReport, Error>
 where
@@ -195,74 +352,61 @@ where
     E: Into<axum::Error>,
 {
     let started = Instant::now();
-    let mut tx = pool.begin().await?;
+    let mut conn = pool.acquire().await?;
+    conn.close_on_drop();
+    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
     crate::store::lock_job(&mut tx, job_id, &["uploading"], "uploading").await?;
 
-    let mut copy = tx.copy_in_raw("COPY items (job_id, seq, item_id, line_no, payload) FROM STDIN").await?;
-    let job_field = job_id.to_string();
-    let mut validator = Validator::new(required);
-    let mut splitter = LineSplitter::default();
-    let mut errors: Vec<LineError> = Vec::new();
-    let mut invalid: u64 = 0;
-    let mut seq: u64 = 0;
-    let mut line_no: u64 = 0;
-    let mut buf: Vec<u8> = Vec::with_capacity(COPY_BUFFER + MAX_LINE_BYTES);
-    let mut rejected_all: Vec<LineError> = Vec::new();
-
-    let mut handle = |raw: RawLine, buf: &mut Vec<u8>| {
-        line_no += 1;
-        match validator.check(raw) {
-            Checked::Blank => {}
-            Checked::Bad(reason) => {
-                invalid += 1;
-                metrics::counter!(m::LINES_REJECTED).increment(1);
-                let e = LineError { line: line_no, reason };
-                if errors.len() < MAX_REPORTED_ERRORS {
-                    errors.push(e.clone());
-                }
-                if mode == Mode::SkipInvalid {
-                    rejected_all.push(e);
-                }
-            }
-            Checked::Good(good) => {
-                // In strict mode, once a line is bad nothing more is copied:
-                // the transaction will be rolled back anyway.
-                if mode == Mode::Strict && invalid > 0 {
-                    return;
-                }
-                seq += 1;
-                buf.extend_from_slice(job_field.as_bytes());
-                buf.push(b'\t');
-                buf.extend_from_slice(seq.to_string().as_bytes());
-                buf.push(b'\t');
-                copy_field(buf, &good.id);
-                buf.push(b'\t');
-                buf.extend_from_slice(line_no.to_string().as_bytes());
-                buf.push(b'\t');
-                copy_field(buf, &good.payload.to_string());
-                buf.push(b'\n');
-            }
-        }
+    let mut intake = Intake {
+        job_field: job_id.to_string(),
+        mode,
+        limits,
+        validator: Validator::new(required),
+        splitter: LineSplitter::default(),
+        errors: Vec::new(),
+        invalid: 0,
+        seq: 0,
+        line_no: 0,
+        bytes: 0,
+        buf: Vec::with_capacity(COPY_BUFFER + MAX_LINE_BYTES),
+        rejected: Vec::new(),
     };
-
-    while let Some(piece) = body.next().await {
-        let piece = piece.map_err(|e| Error::Upload(e.into()))?;
-        splitter.feed(&piece, &mut |raw| handle(raw, &mut buf));
-        if buf.len() >= COPY_BUFFER {
-            copy.send(std::mem::take(&mut buf)).await?;
-            buf.reserve(COPY_BUFFER + MAX_LINE_BYTES);
+    loop {
+        let segment = copy_segment(&mut tx, &mut intake, &mut body).await?;
+        write_rejected(&mut tx, job_id, std::mem::take(&mut intake.rejected)).await?;
+        match segment {
+            Segment::End => break,
+            Segment::Flush => continue,
+            Segment::TooLarge(reason) => {
+                tx.rollback().await.ok();
+                return Err(Error::TooLarge(format!(
+                    "{reason}: nothing was ingested; split the input into several jobs"
+                )));
+            }
         }
     }
-    splitter.finish(&mut |raw| handle(raw, &mut buf));
-    drop(handle);
+    let Intake { mut errors, mut invalid, mut seq, .. } = intake;
+
+    // Duplicate ids, found by Postgres: every line repeating an earlier line's id.
+    if seq > 0 && (mode == Mode::SkipInvalid || invalid == 0) {
+        let (dups, first) = duplicates(&mut tx, job_id, mode).await?;
+        if dups > 0 {
+            invalid += dups as u64;
+            metrics::counter!(m::LINES_REJECTED).increment(dups as u64);
+            errors.extend(first);
+            errors.sort_by_key(|e| e.line);
+            errors.truncate(MAX_REPORTED_ERRORS);
+            if mode == Mode::SkipInvalid {
+                seq -= dups as u64;
+            }
+        }
+    }
 
     let empty = seq == 0 && invalid == 0;
     if empty {
         errors.push(LineError { line: 0, reason: "input is empty: no JSONL lines found".into() });
     }
-    let rejected = empty || (mode == Mode::Strict && invalid > 0) || seq == 0;
-    if rejected {
-        copy.abort("input rejected").await.ok();
+    if empty || (mode == Mode::Strict && invalid > 0) || seq == 0 {
         tx.rollback().await.ok();
         sqlx::query("UPDATE jobs SET state = 'rejected', invalid_lines = $2, finished_at = now() WHERE id = $1")
             .bind(job_id)
@@ -279,23 +423,6 @@ where
             errors,
             ingest_seconds: started.elapsed().as_secs_f64(),
         });
-    }
-    if !buf.is_empty() {
-        copy.send(buf).await?;
-    }
-    copy.finish().await?;
-
-    for batch in rejected_all.chunks(1000) {
-        let lines: Vec<i64> = batch.iter().map(|e| e.line as i64).collect();
-        let reasons: Vec<String> = batch.iter().map(|e| e.reason.clone()).collect();
-        sqlx::query(
-            "INSERT INTO rejected_lines (job_id, line_no, reason) SELECT $1, * FROM UNNEST($2::bigint[], $3::text[])",
-        )
-        .bind(job_id)
-        .bind(&lines)
-        .bind(&reasons)
-        .execute(&mut *tx)
-        .await?;
     }
     let chunks = crate::store::create_chunks(&mut tx, job_id, seq as i64, chunk_size as i64).await?;
     sqlx::query(
@@ -319,6 +446,81 @@ where
         errors,
         ingest_seconds: secs,
     })
+}
+
+/// Records refused lines (`--skip-invalid`).
+async fn write_rejected(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    job_id: Uuid,
+    rejected: Vec<LineError>,
+) -> Result<(), Error> {
+    for batch in rejected.chunks(1000) {
+        let lines: Vec<i64> = batch.iter().map(|e| e.line as i64).collect();
+        let reasons: Vec<&str> = batch.iter().map(|e| e.reason.as_str()).collect();
+        sqlx::query(
+            "INSERT INTO rejected_lines (job_id, line_no, reason) SELECT $1, * FROM UNNEST($2::bigint[], $3::text[])",
+        )
+        .bind(job_id)
+        .bind(&lines)
+        .bind(&reasons)
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(())
+}
+
+/// Finds the lines whose id an earlier line already used: returns how many and
+/// the first [`MAX_REPORTED_ERRORS`]. With `--skip-invalid` they are moved
+/// to `rejected_lines` and the remaining items numbered again without gaps.
+/// The uniqueness of ids is checked at commit (a deferred constraint), so the
+/// copy itself never fails on a duplicate.
+async fn duplicates(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    job_id: Uuid,
+    mode: Mode,
+) -> Result<(i64, Vec<LineError>), Error> {
+    const LATER: &str = "SELECT seq, line_no, item_id FROM (
+             SELECT seq, line_no, item_id, row_number() OVER (PARTITION BY item_id ORDER BY seq) AS k
+             FROM items WHERE job_id = $1) d WHERE k > 1";
+    let first: Vec<(i64, String)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT line_no, item_id FROM ({LATER}) l ORDER BY line_no LIMIT $2"
+    )))
+    .bind(job_id)
+    .bind(MAX_REPORTED_ERRORS as i64)
+    .fetch_all(&mut **tx)
+    .await?;
+    if first.is_empty() {
+        return Ok((0, Vec::new()));
+    }
+    let reason = |id: &str| format!("duplicate id \"{id}\"");
+    let first: Vec<LineError> = first.iter().map(|(l, id)| LineError { line: *l as u64, reason: reason(id) }).collect();
+    if mode == Mode::Strict {
+        let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT count(*) FROM ({LATER}) l")))
+            .bind(job_id)
+            .fetch_one(&mut **tx)
+            .await?;
+        return Ok((n, first));
+    }
+    let n = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "WITH gone AS (DELETE FROM items i USING ({LATER}) l WHERE i.job_id = $1 AND i.seq = l.seq
+                       RETURNING i.line_no, i.item_id)
+         INSERT INTO rejected_lines (job_id, line_no, reason)
+         SELECT $1, line_no, 'duplicate id \"' || item_id || '\"' FROM gone"
+    )))
+    .bind(job_id)
+    .execute(&mut **tx)
+    .await?
+    .rows_affected() as i64;
+    // Close the gaps in two steps: the primary key is checked row by row.
+    sqlx::query(
+        "UPDATE items i SET seq = -n.rn FROM (SELECT seq, row_number() OVER (ORDER BY seq) AS rn FROM items WHERE job_id = $1) n
+         WHERE i.job_id = $1 AND i.seq = n.seq",
+    )
+    .bind(job_id)
+    .execute(&mut **tx)
+    .await?;
+    sqlx::query("UPDATE items SET seq = -seq WHERE job_id = $1").bind(job_id).execute(&mut **tx).await?;
+    Ok((n, first))
 }
 
 #[cfg(test)]
@@ -371,7 +573,9 @@ mod tests {
         check(b"{\"id\":\"\",\"text\":\"x\"}\n", &[Err("non-empty string")]);
         check(b"{\"id\":\"a\"}\n", &[Err("missing field \"text\"")]);
         check(b"{\"id\":\"a\",\"text\":\"\xff\"}\n", &[Err("invalid UTF-8 at byte 19")]);
-        check(b"{\"id\":\"a\",\"text\":\"x\"}\n{\"id\":\"a\",\"text\":\"y\"}\n", &[Ok("a"), Err("duplicate id \"a\"")]);
+        check(b"{\"id\":\"a\",\"text\":\"x\\u0000y\"}\n", &[Err("NUL character")]);
+        check(b"{\"id\":\"a\",\"text\":\"x\",\"k\\u0000\":1}\n", &[Err("NUL character")]);
+        check(b"{\"id\":\"a\",\"text\":\"\\ud800\"}\n", &[Err("invalid JSON")]);
     }
 
     #[test]

@@ -41,7 +41,7 @@ impl Coordinator {
             .map_err(|source| Error::Bind { addr: config.listen.clone(), source })?;
         let catalog = config.catalog()?;
         let prices = config.prices()?;
-        let state = api::AppState::new(pool, js, catalog, prices);
+        let state = api::AppState::new(pool, js, catalog, prices, config.limits());
         Ok(Coordinator { listener, state, config })
     }
 

@@ -18,6 +18,8 @@ use crate::{metrics as m, publish, store, Error, ServeConfig};
 pub struct Settings {
     pub interval: Duration,
     pub republish_after: Duration,
+    /// Uploads older than this that never finished are abandoned.
+    pub upload_timeout: Duration,
 }
 
 impl From<&ServeConfig> for Settings {
@@ -25,6 +27,7 @@ impl From<&ServeConfig> for Settings {
         Settings {
             interval: Duration::from_millis(c.reconcile_interval_ms),
             republish_after: Duration::from_millis(c.republish_after_ms),
+            upload_timeout: Duration::from_secs(c.upload_timeout_s),
         }
     }
 }
@@ -46,6 +49,10 @@ pub async fn run(state: AppState, settings: Settings, shutdown: CancellationToke
 
 /// One reconciliation pass over all running jobs.
 pub async fn pass(state: &AppState, settings: Settings) -> Result<(), Error> {
+    for job_id in store::abandon_stale_uploads(&state.pool, settings.upload_timeout).await? {
+        tracing::warn!(%job_id, "job abandoned: its input never finished uploading");
+        metrics::counter!(m::JOBS_FINISHED, "state" => "abandoned").increment(1);
+    }
     for job_id in store::running_jobs(&state.pool).await? {
         if store::complete_if_done(&state.pool, job_id).await? {
             metrics::counter!(m::JOBS_FINISHED, "state" => "completed").increment(1);

@@ -286,6 +286,27 @@ pub async fn cancel(pool: &PgPool, job_id: Uuid, actor: &str) -> Result<(), Erro
     event(pool, job_id, "cancelled", actor, serde_json::json!({})).await
 }
 
+/// Marks jobs `abandoned` whose input has not finished uploading within
+/// `timeout` of their creation, and records it in the audit trail. A job
+/// being uploaded right now holds its row lock and is skipped.
+pub async fn abandon_stale_uploads(pool: &PgPool, timeout: Duration) -> Result<Vec<Uuid>, Error> {
+    let ids: Vec<Uuid> = sqlx::query_scalar(
+        "UPDATE jobs SET state = 'abandoned', finished_at = now()
+         WHERE id IN (SELECT id FROM jobs WHERE state = 'uploading' AND created_at < now() - $1::interval
+                      FOR UPDATE SKIP LOCKED)
+         RETURNING id",
+    )
+    .bind(timeout)
+    .fetch_all(pool)
+    .await?;
+    for id in &ids {
+        let detail =
+            serde_json::json!({"reason": "the input never finished uploading", "timeout_s": timeout.as_secs()});
+        event(pool, *id, "abandoned", "sluice", detail).await?;
+    }
+    Ok(ids)
+}
+
 /// Locks a job's row for the rest of the transaction and checks that it is in
 /// one of the `allowed` states (`expected` says which, for the error).
 pub async fn lock_job(

@@ -129,3 +129,158 @@ async fn unreachable_postgres_and_nats_are_named_in_the_error() {
     let err = coordinator::Coordinator::bind(config).await.err().unwrap().to_string();
     assert!(err.contains("cannot reach NATS at nats://127.0.0.1:9"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nul_character_is_an_invalid_line_with_its_own_line_number() {
+    let stack = Stack::start(SimConfig::default(), |_| {}).await.unwrap();
+    // Enough lines before and after that the copy has sent data on both sides of it.
+    let input = |n: u64| {
+        let mut input = sample_jsonl(3, 3);
+        input.extend_from_slice(b"{\"id\":\"nul\",\"text\":\"a\\u0000b\"}\n");
+        input.extend_from_slice(&sample_jsonl(4, n));
+        input
+    };
+    let err = stack.submit("classify", input(3_000), false).await.unwrap_err();
+    let coordinator::client::ClientError::Api { report: Some(report), .. } = err else { panic!("{err:?}") };
+    assert_eq!(report.state, "rejected");
+    assert_eq!(report.errors.len(), 1, "{:?}", report.errors);
+    assert_eq!(report.errors[0].line, 4);
+    assert!(report.errors[0].reason.contains("NUL character"), "{:?}", report.errors);
+
+    // The ids of the second part repeat none of the first (another seed, same
+    // numbering would): give them their own prefix.
+    let text = String::from_utf8(input(3_000)).unwrap();
+    let mut lines: Vec<String> = text.lines().map(String::from).collect();
+    for l in lines.iter_mut().skip(4) {
+        *l = l.replacen("\"doc-", "\"b-doc-", 1);
+    }
+    let report = stack.submit("classify", (lines.join("\n") + "\n").into_bytes(), true).await.unwrap();
+    assert_eq!(report.state, "running");
+    assert_eq!((report.items, report.invalid_lines), (3_003, 1));
+    assert_eq!(report.errors[0].line, 4);
+    let reason: String = sqlx::query_scalar("SELECT reason FROM rejected_lines WHERE job_id = $1 AND line_no = 4")
+        .bind(report.job_id)
+        .fetch_one(&stack.db.pool)
+        .await
+        .unwrap();
+    assert!(reason.contains("NUL"), "{reason}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_ids_are_found_by_the_database_and_the_rest_numbered_without_gaps() {
+    let stack = Stack::start(SimConfig::default(), |_| {}).await.unwrap();
+    let mut input = sample_jsonl(5, 500);
+    input.extend_from_slice(&sample_jsonl(5, 3)); // lines 501-503 repeat lines 1-3
+    input.extend_from_slice(b"{\"id\":\"last\",\"text\":\"x\"}\n");
+    let report = stack.submit("classify", input.clone(), true).await.unwrap();
+    assert_eq!((report.items, report.invalid_lines), (501, 3));
+    let lines: Vec<u64> = report.errors.iter().map(|e| e.line).collect();
+    assert_eq!(lines, [501, 502, 503]);
+    let (min, max, n): (i64, i64, i64) =
+        sqlx::query_as("SELECT min(seq), max(seq), count(*) FROM items WHERE job_id = $1")
+            .bind(report.job_id)
+            .fetch_one(&stack.db.pool)
+            .await
+            .unwrap();
+    assert_eq!((min, max, n), (1, 501, 501));
+    let last: (i64, i64) = sqlx::query_as("SELECT seq, line_no FROM items WHERE job_id = $1 AND item_id = 'last'")
+        .bind(report.job_id)
+        .fetch_one(&stack.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(last, (501, 504));
+    assert_eq!(count(&stack, "rejected_lines", report.job_id).await, 3);
+
+    let err = stack.submit("classify", input, false).await.unwrap_err();
+    let coordinator::client::ClientError::Api { report: Some(report), .. } = err else { panic!("{err:?}") };
+    assert_eq!((report.state.as_str(), report.invalid_lines), ("rejected", 3));
+    assert!(report.errors[0].reason.contains("duplicate id"), "{:?}", report.errors);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_over_the_limits_are_refused_and_nothing_is_ingested() {
+    let stack = Stack::start(SimConfig::default(), |c| {
+        c.max_job_lines = 100;
+        c.max_upload_bytes = 64 * 1024;
+    })
+    .await
+    .unwrap();
+    for (input, setting) in [(sample_jsonl(6, 101), "SLUICE_MAX_JOB_LINES"), (sample_jsonl(6, 99), "")] {
+        let result = stack.submit("classify", input, false).await;
+        if setting.is_empty() {
+            assert_eq!(result.unwrap().items, 99);
+            continue;
+        }
+        let err = result.unwrap_err();
+        let coordinator::client::ClientError::Api { status, message, .. } = &err else { panic!("{err:?}") };
+        assert_eq!(status.as_u16(), 413);
+        assert!(message.contains(setting) && message.contains("nothing was ingested"), "{message}");
+    }
+    let big = sample_jsonl(7, 50).repeat(1).into_iter().chain(vec![b' '; 70 * 1024]).collect::<Vec<u8>>();
+    let err = stack.submit("classify", big, false).await.unwrap_err();
+    assert!(err.to_string().contains("SLUICE_MAX_UPLOAD_BYTES"), "{err}");
+    let items: i64 = sqlx::query_scalar("SELECT count(*) FROM items").fetch_one(&stack.db.pool).await.unwrap();
+    assert_eq!(items, 99, "only the upload within the limits is stored");
+}
+
+/// Sends the head of an upload by hand and hangs up half-way, as a killed client does.
+async fn upload_cut_off(stack: &Stack) -> Uuid {
+    use tokio::io::AsyncWriteExt;
+    let kind = common::spec::JobKind::load(&sluice_tests::fixtures::jobs_dir().join("classify")).unwrap();
+    let new = coordinator::model::NewJob { kind, input_name: None, review_below: None, allow_unpriced: false };
+    let job_id = stack.client.create_job(&new).await.unwrap().job_id;
+    let body = sample_jsonl(8, 60_000);
+    let mut sock = tokio::net::TcpStream::connect(stack.coordinator_addr).await.unwrap();
+    let head = format!(
+        "PUT /v1/jobs/{job_id}/input HTTP/1.1\r\nhost: sluice\r\ncontent-type: application/x-ndjson\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    sock.write_all(head.as_bytes()).await.unwrap();
+    // Most of the body is sent at once, so the coordinator is still copying it when the client vanishes.
+    sock.write_all(&body[..body.len() * 9 / 10]).await.unwrap();
+    sock.flush().await.unwrap();
+    // Wait until the coordinator holds the job (its COPY opens right after), then vanish.
+    sluice_tests::fixtures::wait_for("the upload to start", std::time::Duration::from_secs(10), || async {
+        let mut tx = stack.db.pool.begin().await?;
+        let free: Option<i32> = sqlx::query_scalar("SELECT 1 FROM jobs WHERE id = $1 FOR UPDATE SKIP LOCKED")
+            .bind(job_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        Ok(free.is_none())
+    })
+    .await
+    .unwrap();
+    drop(sock);
+    job_id
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_cut_off_mid_upload_poisons_nothing_and_its_job_is_abandoned() {
+    let stack = Stack::start(SimConfig::default(), |c| c.upload_timeout_s = 3).await.unwrap();
+    let mut cut = Vec::new();
+    for _ in 0..5 {
+        cut.push(upload_cut_off(&stack).await);
+    }
+    for i in 0..20 {
+        let report = stack.submit("classify", sample_jsonl(100 + i, 300), false).await;
+        assert_eq!(report.unwrap_or_else(|e| panic!("submission {i} after the cut-off: {e}")).items, 300);
+    }
+    for job_id in &cut {
+        assert_eq!(count(&stack, "items", *job_id).await, 0, "nothing of a cut-off upload is kept");
+    }
+    sluice_tests::fixtures::wait_for(
+        "the cut-off jobs to be abandoned",
+        std::time::Duration::from_secs(20),
+        || async {
+            let jobs = stack.client.jobs(100).await?;
+            Ok(cut.iter().all(|id| jobs.iter().any(|j| j.job_id == *id && j.state == "abandoned")))
+        },
+    )
+    .await
+    .unwrap();
+    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_events WHERE event = 'abandoned'")
+        .fetch_one(&stack.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(events, 5);
+}
