@@ -21,6 +21,8 @@ pub enum NatsError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    #[error("a JetStream request failed")]
+    Request(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("cannot create or open the key-value bucket {bucket}")]
     Kv {
         bucket: &'static str,

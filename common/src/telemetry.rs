@@ -63,3 +63,32 @@ pub fn install_metrics(addr: &str) -> Result<(), TelemetryError> {
         .install()
         .map_err(|source| TelemetryError::Exporter { addr, source })
 }
+
+/// The health of a loop that retries: logs a failure once when it starts or
+/// changes, and once when the loop works again, never on every turn.
+#[derive(Debug, Default)]
+pub struct Health {
+    failing: Option<String>,
+}
+
+impl Health {
+    /// Records a failed turn of `what`; logs it if it is news.
+    pub fn failed(&mut self, what: &str, err: &dyn std::error::Error) {
+        let msg = crate::error_chain(err);
+        if self.failing.as_deref() != Some(msg.as_str()) {
+            tracing::warn!(error = %msg, "{what} failed; retrying until it works");
+            self.failing = Some(msg);
+        }
+    }
+
+    /// Records a good turn; logs the recovery if `what` was failing.
+    pub fn ok(&mut self, what: &str) {
+        if self.failing.take().is_some() {
+            tracing::info!("{what} works again");
+        }
+    }
+
+    pub fn is_failing(&self) -> bool {
+        self.failing.is_some()
+    }
+}

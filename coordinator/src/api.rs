@@ -34,6 +34,8 @@ pub struct AppState {
     pub prices: Arc<PriceTable>,
     /// Limits of one upload.
     pub limits: ingest::Limits,
+    /// The chunk stream, declared again if JetStream loses it.
+    pub stream: Arc<tokio::sync::Mutex<crate::publish::StreamWatch>>,
 }
 
 impl AppState {
@@ -43,6 +45,7 @@ impl AppState {
         catalog: Catalog,
         prices: PriceTable,
         limits: ingest::Limits,
+        nats_url: &str,
     ) -> Self {
         m::describe();
         AppState {
@@ -52,6 +55,7 @@ impl AppState {
             catalog: Arc::new(catalog),
             prices: Arc::new(prices),
             limits,
+            stream: Arc::new(tokio::sync::Mutex::new(crate::publish::StreamWatch::new(nats_url))),
         }
     }
 }

@@ -41,7 +41,7 @@ impl Coordinator {
             .map_err(|source| Error::Bind { addr: config.listen.clone(), source })?;
         let catalog = config.catalog()?;
         let prices = config.prices()?;
-        let state = api::AppState::new(pool, js, catalog, prices, config.limits());
+        let state = api::AppState::new(pool, js, catalog, prices, config.limits(), &config.nats_url);
         Ok(Coordinator { listener, state, config })
     }
 
@@ -66,6 +66,7 @@ impl Coordinator {
         let publisher = tokio::spawn(publish::run(
             self.state.js.clone(),
             self.state.pool.clone(),
+            self.state.stream.clone(),
             self.config.publish_window,
             std::time::Duration::from_millis(self.config.publish_interval_ms),
             self.state.wake.clone(),

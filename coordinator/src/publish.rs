@@ -54,12 +54,41 @@ pub async fn publish_chunks(
     Ok(())
 }
 
+/// Follows the chunk stream. JetStream may lose it (a new volume, a purge,
+/// disaster recovery): it is declared again when missing, and when the stream
+/// turns out to be a new one (created by this process or by a worker), every
+/// message that was in the old one is lost, so every published chunk still
+/// pending is reopened to be published again.
+pub struct StreamWatch {
+    url: String,
+    created: Option<async_nats::datetime::DateTime>,
+}
+
+impl StreamWatch {
+    pub fn new(url: &str) -> Self {
+        StreamWatch { url: url.to_string(), created: None }
+    }
+
+    /// The stream, declared again if it is missing.
+    pub async fn stream(&mut self, js: &jetstream::Context, pool: &PgPool) -> Result<jetstream::stream::Stream, Error> {
+        let stream = common::nats::ensure_stream(js, &self.url).await?;
+        let created = stream.cached_info().created;
+        if self.created.is_some_and(|seen| seen != created) {
+            let n = store::reopen_published_chunks(pool).await?;
+            tracing::warn!(
+                chunks = n,
+                "the chunk stream is new (JetStream lost its state): republishing every pending chunk"
+            );
+            metrics::counter!(m::CHUNKS_REOPENED).increment(n);
+        }
+        self.created = Some(created);
+        Ok(stream)
+    }
+}
+
 /// How many messages of `job_id` are in the stream (queued or being worked on).
-pub async fn messages_in_stream(js: &jetstream::Context, job_id: Uuid) -> Result<usize, Error> {
-    let nats_err = |e: Box<dyn std::error::Error + Send + Sync>| {
-        Error::Nats(common::nats::NatsError::Stream { url: String::new(), stream: common::wire::STREAM, source: e })
-    };
-    let stream = js.get_stream(common::wire::STREAM).await.map_err(|e| nats_err(Box::new(e)))?;
+pub async fn messages_in_stream(stream: &jetstream::stream::Stream, job_id: Uuid) -> Result<usize, Error> {
+    let nats_err = |e: Box<dyn std::error::Error + Send + Sync>| Error::Nats(common::nats::NatsError::Request(e));
     let subject = common::wire::chunk_subject(job_id);
     let counts: Vec<(String, usize)> = stream
         .info_with_subjects(&subject)
@@ -72,9 +101,15 @@ pub async fn messages_in_stream(js: &jetstream::Context, job_id: Uuid) -> Result
 }
 
 /// Tops every running job up to `window` messages in the stream, oldest job first.
-pub async fn top_up(js: &jetstream::Context, pool: &PgPool, window: usize) -> Result<(), Error> {
+pub async fn top_up(
+    js: &jetstream::Context,
+    pool: &PgPool,
+    watch: &tokio::sync::Mutex<StreamWatch>,
+    window: usize,
+) -> Result<(), Error> {
+    let stream = watch.lock().await.stream(js, pool).await?;
     for job_id in store::running_jobs(pool).await? {
-        let queued = messages_in_stream(js, job_id).await?;
+        let queued = messages_in_stream(&stream, job_id).await?;
         if queued >= window {
             continue;
         }
@@ -88,17 +123,21 @@ pub async fn top_up(js: &jetstream::Context, pool: &PgPool, window: usize) -> Re
 
 /// Runs the publisher until shutdown: a top-up every `interval`, and at once
 /// when woken (a job was submitted, resumed or lost chunks were found).
+/// Failures (NATS or Postgres away) are logged once and retried each turn.
 pub async fn run(
     js: jetstream::Context,
     pool: PgPool,
+    watch: Arc<tokio::sync::Mutex<StreamWatch>>,
     window: usize,
     interval: Duration,
     wake: Arc<Notify>,
     shutdown: CancellationToken,
 ) {
+    let mut health = common::telemetry::Health::default();
     loop {
-        if let Err(err) = top_up(&js, &pool, window).await {
-            tracing::warn!(error = &err as &dyn std::error::Error, "publishing chunks failed; retrying");
+        match top_up(&js, &pool, &watch, window).await {
+            Ok(()) => health.ok("publishing chunks"),
+            Err(err) => health.failed("publishing chunks", &err),
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,

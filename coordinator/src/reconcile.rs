@@ -36,13 +36,15 @@ impl From<&ServeConfig> for Settings {
 pub async fn run(state: AppState, settings: Settings, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(settings.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut health = common::telemetry::Health::default();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        if let Err(err) = pass(&state, settings).await {
-            tracing::warn!(error = &err as &dyn std::error::Error, "reconciliation pass failed");
+        match pass(&state, settings).await {
+            Ok(()) => health.ok("reconciling"),
+            Err(err) => health.failed("reconciling", &err),
         }
     }
 }
@@ -53,13 +55,14 @@ pub async fn pass(state: &AppState, settings: Settings) -> Result<(), Error> {
         tracing::warn!(%job_id, "job abandoned: its input never finished uploading");
         metrics::counter!(m::JOBS_FINISHED, "state" => "abandoned").increment(1);
     }
+    let stream = state.stream.lock().await.stream(&state.js, &state.pool).await?;
     for job_id in store::running_jobs(&state.pool).await? {
         if store::complete_if_done(&state.pool, job_id).await? {
             metrics::counter!(m::JOBS_FINISHED, "state" => "completed").increment(1);
             tracing::info!(%job_id, "job completed (seen by reconciler)");
             continue;
         }
-        if publish::messages_in_stream(&state.js, job_id).await? > 0 {
+        if publish::messages_in_stream(&stream, job_id).await? > 0 {
             continue;
         }
         let before = chrono::Utc::now() - chrono::Duration::from_std(settings.republish_after).unwrap_or_default();

@@ -124,6 +124,19 @@ pub async fn reopen_lost_chunks(pool: &PgPool, job_id: Uuid, before: DateTime<Ut
     .rows_affected())
 }
 
+/// Reopens every published chunk still pending of every running job, after
+/// the stream they were published to was lost. Returns how many.
+pub async fn reopen_published_chunks(pool: &PgPool) -> Result<u64, Error> {
+    Ok(sqlx::query(
+        "UPDATE chunks c SET generation = generation + 1, published_at = NULL
+         FROM jobs j WHERE j.id = c.job_id AND j.state = 'running'
+           AND c.state = 'pending' AND c.published_at IS NOT NULL",
+    )
+    .execute(pool)
+    .await?
+    .rows_affected())
+}
+
 /// Records that chunks were published.
 pub async fn mark_published(pool: &PgPool, job_id: Uuid, chunk_nos: &[i32]) -> Result<(), Error> {
     sqlx::query("UPDATE chunks SET published_at = now() WHERE job_id = $1 AND chunk_no = ANY($2)")

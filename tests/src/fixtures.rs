@@ -43,12 +43,31 @@ impl NatsServer {
     /// Starts `nats-server` (from `SLUICE_NATS_SERVER` or the PATH).
     pub fn start() -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
+        let (child, url) = Self::spawn(dir.path(), "-1")?;
+        Ok(NatsServer { child, url, _dir: dir })
+    }
+
+    /// Kills the server (SIGKILL), throws its JetStream store away and starts
+    /// it again on the same port: NATS as it comes back after losing its
+    /// volume. Clients reconnect by themselves.
+    pub fn restart_empty(&mut self) -> anyhow::Result<()> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        std::fs::remove_dir_all(self.store_dir())?;
+        let port = self.url.rsplit(':').next().context("the URL has a port")?.to_string();
+        let (child, url) = Self::spawn(self._dir.path(), &port)?;
+        self.child = child;
+        self.url = url;
+        Ok(())
+    }
+
+    fn spawn(dir: &Path, port: &str) -> anyhow::Result<(Child, String)> {
         let bin = std::env::var("SLUICE_NATS_SERVER").unwrap_or_else(|_| "nats-server".into());
-        let child = Command::new(&bin)
-            .args(["-js", "-a", "127.0.0.1", "-p", "-1", "--store_dir"])
-            .arg(dir.path().join("store"))
+        let mut child = Command::new(&bin)
+            .args(["-js", "-a", "127.0.0.1", "-p", port, "--store_dir"])
+            .arg(dir.join("store"))
             .arg("--ports_file_dir")
-            .arg(dir.path())
+            .arg(dir)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -57,22 +76,21 @@ impl NatsServer {
                     "cannot start {bin}: run the tests with scripts/test, which installs it, or set SLUICE_NATS_SERVER"
                 )
             })?;
-        let ports = dir.path().join(format!("nats-server_{}.ports", child.id()));
-        let mut server = NatsServer { child, url: String::new(), _dir: dir };
+        let ports = dir.join(format!("nats-server_{}.ports", child.id()));
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if let Ok(text) = std::fs::read_to_string(&ports) {
                 if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
                     if let Some(url) = v["nats"][0].as_str() {
-                        server.url = url.to_string();
-                        return Ok(server);
+                        return Ok((child, url.to_string()));
                     }
                 }
             }
-            if let Some(status) = server.child.try_wait()? {
+            if let Some(status) = child.try_wait()? {
                 bail!("nats-server exited early with {status}");
             }
             if Instant::now() > deadline {
+                let _ = child.kill();
                 bail!("nats-server did not write its ports file {}", ports.display());
             }
             std::thread::sleep(Duration::from_millis(20));

@@ -60,6 +60,30 @@ impl Drop for Breaker {
     }
 }
 
+/// Keeps `cache` equal to the breaker's state in KV. A watch ends when NATS
+/// goes away or loses the bucket; it is then started again (once a second
+/// until it works), from the state as it is then, so the breaker never stays stale.
+async fn follow(kv: kv::Store, key: String, mut watch: kv::Watch, cache: Arc<RwLock<BreakerState>>) {
+    loop {
+        while let Some(Ok(entry)) = watch.next().await {
+            let state = match entry.operation {
+                kv::Operation::Put => serde_json::from_slice(&entry.value).unwrap_or_default(),
+                _ => BreakerState::default(),
+            };
+            *cache.write().expect("breaker cache lock") = state;
+        }
+        watch = loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if let Ok(w) = kv.watch_with_history(&key).await {
+                break w;
+            }
+        };
+        // A bucket that came back empty holds no breaker: closed, unless the
+        // new watch says otherwise.
+        *cache.write().expect("breaker cache lock") = BreakerState::default();
+    }
+}
+
 impl Breaker {
     pub async fn new(
         kv: kv::Store,
@@ -70,17 +94,8 @@ impl Breaker {
     ) -> Result<Self, Error> {
         let key = key(endpoint, model);
         let cache = Arc::new(RwLock::new(BreakerState::default()));
-        let mut watch = kv.watch_with_history(&key).await.map_err(|e| Error::Kv(Box::new(e)))?;
-        let c = cache.clone();
-        let watcher = tokio::spawn(async move {
-            while let Some(Ok(entry)) = watch.next().await {
-                let state = match entry.operation {
-                    kv::Operation::Put => serde_json::from_slice(&entry.value).unwrap_or_default(),
-                    _ => BreakerState::default(),
-                };
-                *c.write().expect("breaker cache lock") = state;
-            }
-        });
+        let watch = kv.watch_with_history(&key).await.map_err(|e| Error::Kv(Box::new(e)))?;
+        let watcher = tokio::spawn(follow(kv.clone(), key.clone(), watch, cache.clone()));
         Ok(Breaker { kv, key, threshold, interval, cache, watcher })
     }
 

@@ -276,13 +276,15 @@ pub async fn run_item(ctx: &ItemContext<'_>, job: &CompiledJob, item: &Item) -> 
             match response {
                 Ok(c) => {
                     metrics::model_call(&route.model, outcome, t.elapsed(), Some((c.tokens_in, c.tokens_out)));
-                    breaker.record(true).await?;
+                    // The answer is paid for: shared state that cannot be updated
+                    // (NATS away) must not cost the item its result.
+                    soft(breaker.record(true).await);
                     if let (Some(l), Some(r)) = (&limiter, reservation) {
                         // Providers charge the token limit with the prompt and max_tokens,
                         // whatever the answer's length: correct the prompt estimate with
                         // the real (uncached) count.
                         let uncached = (c.tokens_in - c.tokens_cached.min(c.tokens_in)) as f64;
-                        l.observe(&c.rate, &r).await?;
+                        soft(l.observe(&c.rate, &r).await);
                         l.settle(r, Cost { prompt: uncached, max_output: cost_estimate.max_output });
                     }
                     result.tokens_in += c.tokens_in as i32;
@@ -423,9 +425,11 @@ pub async fn run_item(ctx: &ItemContext<'_>, job: &CompiledJob, item: &Item) -> 
                     match e {
                         CallError::RateLimited { retry_after, rate } => {
                             rate_limited += 1;
-                            if let Some(l) = &limiter {
-                                l.rate_limited(retry_after, &rate).await?;
-                            } else {
+                            let shared = match &limiter {
+                                Some(l) => l.rate_limited(retry_after, &rate).await.map_err(|e| soft(Err(e))).is_ok(),
+                                None => false,
+                            };
+                            if !shared {
                                 tokio::time::sleep(retry_after.unwrap_or(Duration::from_secs(1))).await;
                             }
                             if rate_limited > ctx.policy.max_rate_limited {
@@ -449,7 +453,7 @@ pub async fn run_item(ctx: &ItemContext<'_>, job: &CompiledJob, item: &Item) -> 
                             continue 'models;
                         }
                         CallError::Server { .. } | CallError::Transient(_) | CallError::Malformed(_) => {
-                            breaker.record(false).await?;
+                            soft(breaker.record(false).await);
                             let retry_after = e.retry_after();
                             last = Some((class, message));
                             match backoff.next() {
@@ -474,6 +478,13 @@ pub async fn run_item(ctx: &ItemContext<'_>, job: &CompiledJob, item: &Item) -> 
     result.error = Some(message);
     result.log = log;
     Ok(Outcome::Done(finish(result, started)))
+}
+
+/// Logs a failed update of shared state that the item can do without.
+fn soft(r: Result<(), Error>) {
+    if let Err(e) = r {
+        tracing::debug!(error = &e as &dyn std::error::Error, "shared state not updated");
+    }
 }
 
 /// Classes that count against the breaker: an item that last failed with one

@@ -52,11 +52,10 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> Result<()
         .map_err(|source| Error::DbConnect { url: common::redact::url_password(&config.database_url), source })?;
     let nats = common::nats::connect(&config.nats_url).await?;
     let js = jetstream::new(nats);
-    let stream = common::nats::ensure_stream(&js, &config.nats_url).await?;
     let ack_wait = Duration::from_secs(config.ack_wait_s);
-    let consumer = common::nats::ensure_consumer(&stream, ack_wait).await?;
+    let topology = Topology { js, url: config.nats_url.clone(), ack_wait };
+    let (consumer, state) = topology.declare().await?;
     let endpoints = config.endpoints()?;
-    let state = common::nats::ensure_state_bucket(&js).await?;
     let name = config.name.clone().unwrap_or_default();
     tracing::info!(worker = %name, models = %endpoints.describe(), concurrency = config.concurrency, "worker started");
     let shared = Arc::new(Shared {
@@ -82,7 +81,7 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> Result<()
     // simply keeps fewer of them in hand.
     let slots = Arc::new(Semaphore::new(config.chunk_slots(100)));
     let tracker = TaskTracker::new();
-    let result = pull_loop(&consumer, &shared, &slots, &tracker, &shutdown).await;
+    let result = pull_loop(&topology, consumer, &shared, &slots, &tracker, &shutdown).await;
     tracker.close();
     if tokio::time::timeout(Duration::from_secs(config.shutdown_grace_s), tracker.wait()).await.is_err() {
         tracing::warn!("in-flight chunks did not finish within the grace period; JetStream will redeliver them");
@@ -91,15 +90,57 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> Result<()
     result
 }
 
+/// What a worker needs of JetStream: the chunk stream, its consumer and the
+/// shared state bucket. Declared at start and again whenever fetching fails,
+/// so a NATS server that comes back with an empty store is set up anew
+/// without restarting anything.
+struct Topology {
+    js: jetstream::Context,
+    url: String,
+    ack_wait: Duration,
+}
+
+impl Topology {
+    async fn declare(&self) -> Result<(PullConsumer, async_nats::jetstream::kv::Store), Error> {
+        let stream = common::nats::ensure_stream(&self.js, &self.url).await?;
+        let consumer = common::nats::ensure_consumer(&stream, self.ack_wait).await?;
+        let state = common::nats::ensure_state_bucket(&self.js).await?;
+        Ok((consumer, state))
+    }
+}
+
+/// Waits before the next fetch after a failed one: 250 ms, doubling to 4 s.
+fn fetch_backoff(failures: u32) -> Duration {
+    Duration::from_millis(250 << failures.min(4))
+}
+
 async fn pull_loop(
-    consumer: &PullConsumer,
+    topology: &Topology,
+    mut consumer: PullConsumer,
     shared: &Arc<Shared>,
     slots: &Arc<Semaphore>,
     tracker: &TaskTracker,
     shutdown: &CancellationToken,
 ) -> Result<(), Error> {
     let mut failures = 0u32;
+    let mut health = common::telemetry::Health::default();
     loop {
+        if failures > 0 {
+            // Fetching failed: wait, then declare everything again (a no-op
+            // when it all still exists).
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(fetch_backoff(failures)) => {}
+            }
+            match topology.declare().await {
+                Ok((c, _)) => consumer = c,
+                Err(e) => {
+                    health.failed("declaring the chunk stream and consumer", &e);
+                    failures += 1;
+                    continue;
+                }
+            }
+        }
         // Wait for a free slot, then take every other free one: the fetch asks
         // for exactly that many messages, so nothing waits unacked in a buffer.
         let first = tokio::select! {
@@ -115,15 +156,11 @@ async fn pull_loop(
             Ok(b) => b,
             Err(e) => {
                 failures += 1;
-                if failures >= 30 {
-                    return Err(Error::Pull(Box::new(e)));
-                }
-                tracing::warn!(error = &e as &dyn std::error::Error, "fetching chunks failed; retrying");
-                tokio::time::sleep(Duration::from_millis(500)).await;
+                health.failed("fetching chunks", &e);
                 continue;
             }
         };
-        failures = 0;
+        let mut fetched = true;
         loop {
             let next = tokio::select! {
                 // Messages already delivered but not started are redelivered after ack_wait.
@@ -133,7 +170,10 @@ async fn pull_loop(
             match next {
                 None => break,
                 Some(Err(e)) => {
-                    tracing::debug!(error = &*e as &dyn std::error::Error, "fetch ended with an error");
+                    // The consumer or stream is gone, NATS is away, ...
+                    fetched = false;
+                    failures += 1;
+                    health.failed("fetching chunks", &*e);
                     break;
                 }
                 Some(Ok(msg)) => {
@@ -142,6 +182,10 @@ async fn pull_loop(
                     tracker.spawn(handle(shared, msg, permit, shutdown.clone()));
                 }
             }
+        }
+        if fetched {
+            failures = 0;
+            health.ok("fetching chunks");
         }
     }
 }
