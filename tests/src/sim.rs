@@ -7,6 +7,7 @@
 //! often the same request was seen, so a retried request may succeed and a
 //! run is reproducible for a given seed.
 
+use sha2::Digest;
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::num::NonZeroU32;
@@ -170,6 +171,10 @@ pub struct LogEntry {
     pub item: u64,
     pub model: String,
     pub status: u16,
+    /// The first 8 bytes of the SHA-256 of the request body, in hex: what
+    /// the worker's audit trail records as `request_hash`.
+    #[serde(default)]
+    pub request_hash: String,
 }
 
 /// Requests counted in one second of the simulator's life.
@@ -276,7 +281,7 @@ impl Sim {
     }
 
     /// Counts a finished request in the timeline and, if enabled, the log.
-    fn record(&self, status: StatusCode, item: u64, model: &str, log: bool) {
+    fn record(&self, status: StatusCode, item: u64, model: &str, log: Option<String>) {
         let t = self.started.elapsed();
         {
             let mut tl = self.timeline.lock().expect("timeline lock");
@@ -289,7 +294,7 @@ impl Sim {
             s.ok += (status == StatusCode::OK) as u32;
             s.status_429 += (status == StatusCode::TOO_MANY_REQUESTS) as u32;
         }
-        if log {
+        if let Some(request_hash) = log {
             self.log.lock().expect("log lock").push(LogEntry {
                 t_ms: t.as_millis() as u64,
                 wall_ms: std::time::SystemTime::now()
@@ -298,6 +303,7 @@ impl Sim {
                 item,
                 model: model.to_string(),
                 status: status.as_u16(),
+                request_hash,
             });
         }
     }
@@ -553,7 +559,8 @@ async fn respond(sim: &Sim, headers: &HeaderMap, request: &Value, body: &[u8]) -
             response.headers_mut().remove(name);
         }
     }
-    sim.record(response.status(), item, &model, config.log_requests);
+    let hash = if config.log_requests { hex::encode(&sha2::Sha256::digest(body)[..8]) } else { String::new() };
+    sim.record(response.status(), item, &model, config.log_requests.then_some(hash));
     response
 }
 

@@ -64,3 +64,87 @@ async fn a_job_survives_nats_coming_back_with_an_empty_store_without_restarts() 
         assert!(failures <= 4, "{failures} failure lines in {}:\n{text}", log.display());
     }
 }
+
+/// Request hashes and how often each occurs.
+fn tally<'a>(hashes: impl Iterator<Item = &'a str>) -> std::collections::HashMap<&'a str, i64> {
+    let mut m = std::collections::HashMap::new();
+    for h in hashes {
+        *m.entry(h).or_insert(0) += 1;
+    }
+    m
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_killed_mid_chunk_leave_every_answered_call_audited() {
+    let sim = SimConfig { latency_ms: 40, latency_jitter_ms: 20, log_requests: true, ..Default::default() };
+    let stack = Stack::start(sim, |_| {}).await.unwrap();
+    let config = {
+        let mut c = stack.worker_config();
+        c.concurrency = 4;
+        // Killed workers' chunks come back quickly; the default is 30 s.
+        c.ack_wait_s = 3;
+        c
+    };
+    let mut workers: Vec<WorkerProcess> =
+        (0..3).map(|i| WorkerProcess::spawn(&config, &format!("w{i}")).unwrap()).collect();
+    let total = 1_200;
+    let report = stack.submit("classify", sample_jsonl(82, total), false).await.unwrap();
+    for kill in 0..4 {
+        let target = (kill + 1) * 150;
+        wait_for("progress", Duration::from_secs(60), || async { Ok(results(&stack, report.job_id).await >= target) })
+            .await
+            .unwrap();
+        workers[kill as usize % 3].kill9();
+        workers[kill as usize % 3] = WorkerProcess::spawn(&config, &format!("w{kill}-b")).unwrap();
+    }
+    stack.wait_completed(report.job_id, Duration::from_secs(120)).await.unwrap();
+
+    let pool = &stack.db.pool;
+    let (n, distinct): (i64, i64) =
+        sqlx::query_as("SELECT count(*), count(DISTINCT seq) FROM results WHERE job_id = $1")
+            .bind(report.job_id)
+            .fetch_one(pool)
+            .await
+            .unwrap();
+    assert_eq!((n, distinct), (total as i64, total as i64));
+    // Every call the simulator answered was recorded before it was made.
+    let calls: Vec<String> = sqlx::query_scalar("SELECT request_hash FROM audit_calls WHERE job_id = $1")
+        .bind(report.job_id)
+        .fetch_all(pool)
+        .await
+        .unwrap();
+    let log = stack.sim.sim.log();
+    let answered = tally(log.iter().filter(|e| e.status == 200).map(|e| e.request_hash.as_str()));
+    let audited = tally(calls.iter().map(String::as_str));
+    let missing: i64 = answered.iter().map(|(h, n)| (n - audited.get(h).copied().unwrap_or(0)).max(0)).sum();
+    assert_eq!(missing, 0, "{missing} answered calls have no audit row");
+    // Outcomes are attached to their calls; calls cut off by a kill have none.
+    let (attempts, orphans, unfinished): (i64, i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM audit_attempts WHERE job_id = $1),
+                (SELECT count(*) FROM audit_attempts a WHERE job_id = $1
+                   AND NOT EXISTS (SELECT 1 FROM audit_calls c WHERE c.call_id = a.call_id)),
+                (SELECT count(*) FROM audit_calls c WHERE job_id = $1
+                   AND NOT EXISTS (SELECT 1 FROM audit_attempts a WHERE a.call_id = c.call_id))",
+    )
+    .bind(report.job_id)
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert_eq!(orphans, 0);
+    assert!(unfinished <= 4 * 4 * 2, "{unfinished} unfinished calls after 4 kills of workers with 4 calls in flight");
+    assert!(attempts >= total as i64);
+    // results.attempts counts the item's attempts in the audit trail, over every delivery.
+    let off: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM results r WHERE r.job_id = $1
+           AND r.attempts <> (SELECT count(*) FROM audit_attempts a WHERE a.job_id = r.job_id AND a.seq = r.seq)",
+    )
+    .bind(report.job_id)
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert_eq!(off, 0);
+    // Results are written in small batches: a kill repeats few calls.
+    let repeated = log.iter().filter(|e| e.status == 200).count() as i64 - total as i64;
+    assert!(repeated <= total as i64 / 10, "{repeated} calls repeated after 4 kills");
+    eprintln!("repeated calls: {repeated}, unfinished: {unfinished}");
+}

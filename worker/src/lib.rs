@@ -1,5 +1,6 @@
 //! The Sluice worker: pulls chunks from JetStream, calls the model for each item, writes results to Postgres, then acks.
 
+pub mod audit;
 pub mod breaker;
 pub mod cap;
 pub mod confidence;

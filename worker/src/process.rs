@@ -19,6 +19,7 @@ use common::provider::{Call, CallError, Message};
 use common::providers::{ModelConfig, Param};
 use serde_json::{json, Value};
 
+use crate::audit::{Audit, CallStart, ItemRef};
 use crate::breaker::Gate;
 use crate::confidence;
 use crate::guard::Guards;
@@ -49,8 +50,8 @@ pub enum Outcome {
     Done(ItemResult),
     /// Not attempted to the end because the breaker is open (retry after this
     /// long) or the worker is shutting down (zero). The attempts made so far
-    /// still go to the audit trail.
-    Held(Duration, Vec<AttemptRecord>),
+    /// are in the audit trail already.
+    Held(Duration),
 }
 
 /// Parses and validates model output, returning the value and its short answer.
@@ -79,6 +80,9 @@ fn estimate_prompt_tokens(system: Option<&str>, messages: &[Message]) -> u32 {
 
 /// Everything an item needs from its worker.
 pub struct ItemContext<'a> {
+    pub job_id: uuid::Uuid,
+    /// Every call is recorded here before it is made, and its outcome after.
+    pub audit: &'a Audit,
     pub guards: &'a Guards,
     pub learned: &'a Learned,
     pub policy: RetryPolicy,
@@ -146,13 +150,18 @@ pub async fn run_item(ctx: &ItemContext<'_>, job: &CompiledJob, item: &Item) -> 
         Err(msg) => return Ok(Outcome::Done(ItemResult::failed(item, "unknown_model", msg.clone()))),
     };
     let mut result = ItemResult::failed(item, "unknown", String::new());
-    let mut log: Vec<AttemptRecord> = Vec::new();
+    let iref = ItemRef {
+        job_id: ctx.job_id,
+        seq: item.seq,
+        item_id: item.id.clone(),
+        template_hash: job.template_hash.clone(),
+    };
     let spec = &job.kind.spec;
     let base = vec![Message { role: "user".into(), content: prompt }];
 
     let mut last: Option<(&'static str, String)> = None;
     let mut held: Option<Duration> = None;
-    let held_now = |log: &mut Vec<AttemptRecord>| Ok(Outcome::Held(Duration::ZERO, std::mem::take(log)));
+    let held_now = || Ok(Outcome::Held(Duration::ZERO));
     'models: for (model_index, route) in routes.iter().enumerate() {
         let ep = &route.endpoint;
         let base_url = ep.client.base_url();
@@ -172,7 +181,7 @@ pub async fn run_item(ctx: &ItemContext<'_>, job: &CompiledJob, item: &Item) -> 
         let mut drawn: Vec<String> = Vec::new();
         loop {
             if ctx.stop.is_cancelled() {
-                return held_now(&mut log);
+                return held_now();
             }
             let Some(key) = ep.keys.current() else {
                 last = Some(("auth", "the provider refused every configured API key".into()));
@@ -183,7 +192,7 @@ pub async fn run_item(ctx: &ItemContext<'_>, job: &CompiledJob, item: &Item) -> 
             let cap = ctx.guards.cap(key.id, &route.model, route.config.max_in_flight);
             let _slot = tokio::select! {
                 p = cap.acquire() => p,
-                _ = ctx.stop.cancelled() => return held_now(&mut log),
+                _ = ctx.stop.cancelled() => return held_now(),
             };
             match breaker.gate().await? {
                 Gate::Closed | Gate::Probe => {}
@@ -220,6 +229,22 @@ pub async fn run_item(ctx: &ItemContext<'_>, job: &CompiledJob, item: &Item) -> 
                 reasoning_effort: if route.config.reasoning { spec.reasoning_effort.as_deref() } else { None },
             };
             let body = ep.client.body(&call);
+            // Recorded before the call: a crash from here on leaves an
+            // unfinished attempt in the audit trail, never an unknown call.
+            result.attempts += 1;
+            let request_hash = hex::encode(&Sha256::digest(&body)[..8]);
+            let call_id = uuid::Uuid::now_v7();
+            let start = CallStart {
+                call_id,
+                attempt: item.prior + result.attempts,
+                provider: ep.name.clone(),
+                model: route.model.clone(),
+                request_hash: request_hash.clone(),
+            };
+            tokio::select! {
+                r = ctx.audit.begin(&iref, start) => r?,
+                _ = ctx.stop.cancelled() => return held_now(),
+            }
             let cost_estimate = Cost {
                 prompt: estimate_prompt_tokens(call.system, &messages) as f64,
                 max_output: spec.max_tokens as f64 * samples.unwrap_or(1) as f64,
@@ -227,13 +252,11 @@ pub async fn run_item(ctx: &ItemContext<'_>, job: &CompiledJob, item: &Item) -> 
             let reservation = match &limiter {
                 Some(l) => tokio::select! {
                     r = l.acquire(cost_estimate) => Some(r?),
-                    _ = ctx.stop.cancelled() => return held_now(&mut log),
+                    _ = ctx.stop.cancelled() => return held_now(),
                 },
                 None => None,
             };
-            result.attempts += 1;
             let t = Instant::now();
-            let request_hash = hex::encode(&Sha256::digest(&body)[..8]);
             let response = ep.client.complete(&route.wire_model, body, key.secret).await;
             let outcome = match &response {
                 Ok(_) => "ok",
@@ -245,8 +268,8 @@ pub async fn run_item(ctx: &ItemContext<'_>, job: &CompiledJob, item: &Item) -> 
                 cached: c.tokens_cached,
                 cache_write: c.tokens_cache_write,
             });
-            log.push(AttemptRecord {
-                attempt: log.len() as i32 + 1,
+            let record = AttemptRecord {
+                attempt: item.prior + result.attempts,
                 model: route.model.clone(),
                 fallback: model_index > 0,
                 request_hash,
@@ -267,7 +290,8 @@ pub async fn run_item(ctx: &ItemContext<'_>, job: &CompiledJob, item: &Item) -> 
                 output_mode: output.as_str().to_string(),
                 prompt: ctx.redaction.apply(messages.last().map(|m| m.content.as_str()).unwrap_or("")),
                 output: response.as_ref().ok().map(|c| ctx.redaction.apply(&c.content)),
-            });
+            };
+            ctx.audit.finished(&iref, call_id, record);
             match &response {
                 Ok(_) => cap.record(true),
                 Err(e) if is_breaker_class(e.class()) => cap.record(false),
@@ -390,7 +414,6 @@ pub async fn run_item(ctx: &ItemContext<'_>, job: &CompiledJob, item: &Item) -> 
                             result.confidence_detail = Some(scored.detail);
                             result.output = Some(value);
                             result.answer = Some(answer);
-                            result.log = log;
                             return Ok(Outcome::Done(finish(result, started)));
                         }
                         Err(msg) if repairs < ctx.policy.max_repairs => {
@@ -470,13 +493,12 @@ pub async fn run_item(ctx: &ItemContext<'_>, job: &CompiledJob, item: &Item) -> 
     if let (Some(wait), true) =
         (held, last.is_none() || result.attempts == 0 || last.as_ref().is_some_and(|(c, _)| is_breaker_class(c)))
     {
-        return Ok(Outcome::Held(wait, log));
+        return Ok(Outcome::Held(wait));
     }
     let (class, message) = last.unwrap_or(("unknown", "no attempt was made".into()));
     result.model = Some(routes.first().map_or_else(|| spec.model.clone(), |r| r.model.clone()));
     result.error_class = Some(class.to_string());
     result.error = Some(message);
-    result.log = log;
     Ok(Outcome::Done(finish(result, started)))
 }
 

@@ -1,10 +1,11 @@
 //! The pull loop: fetch only as many chunks as there are free slots, work on each, ack after the Postgres commit.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer::PullConsumer, AckKind, Message};
 use common::wire::ChunkMsg;
+use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
@@ -31,6 +32,7 @@ struct Shared {
     jobs: JobCache,
     /// Bounds model calls in flight across all chunks this worker holds.
     calls: Arc<Semaphore>,
+    audit: crate::audit::Audit,
     policy: RetryPolicy,
     ack_wait: Duration,
     max_deliveries: i64,
@@ -59,13 +61,14 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> Result<()
     let name = config.name.clone().unwrap_or_default();
     tracing::info!(worker = %name, models = %endpoints.describe(), concurrency = config.concurrency, "worker started");
     let shared = Arc::new(Shared {
-        pool,
+        pool: pool.clone(),
         endpoints,
         guards: Guards::new(state.clone(), config.guards()),
         learned: Learned::new(state),
         prices: config.prices()?,
         redaction: config.redaction()?,
         jobs: JobCache::default(),
+        audit: crate::audit::Audit::start(pool.clone(), name.clone()),
         calls: Arc::new(Semaphore::new(config.concurrency)),
         policy: RetryPolicy {
             max_attempts: config.max_attempts,
@@ -85,6 +88,9 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> Result<()
     tracker.close();
     if tokio::time::timeout(Duration::from_secs(config.shutdown_grace_s), tracker.wait()).await.is_err() {
         tracing::warn!("in-flight chunks did not finish within the grace period; JetStream will redeliver them");
+    }
+    if tokio::time::timeout(Duration::from_secs(5), shared.audit.flush()).await.is_err() {
+        tracing::warn!("the last attempts could not be written to the audit trail (Postgres unreachable)");
     }
     tracing::info!(worker = %shared.name, "worker stopped");
     result
@@ -237,6 +243,45 @@ async fn handle(shared: Arc<Shared>, msg: Message, _slot: OwnedSemaphorePermit, 
     }
 }
 
+/// Results are written when this many have gathered, or when the oldest
+/// waited this long: a worker killed with SIGKILL repeats at most the calls
+/// in flight and those of the last fraction of a second.
+const COMMIT_ITEMS: usize = 50;
+const COMMIT_EVERY: Duration = Duration::from_millis(100);
+
+/// Writes results once their attempts are in the audit trail. While Postgres
+/// cannot be reached this waits and tries again (the chunk stays this
+/// worker's: its heartbeat goes on), so answers already paid for are not
+/// thrown away; other errors, and shutdown, end it.
+async fn save(
+    shared: &Shared,
+    chunk: &ChunkMsg,
+    template_hash: &str,
+    results: &[ItemResult],
+    done: bool,
+    stop: &CancellationToken,
+) -> Result<(), Error> {
+    tokio::select! {
+        r = shared.audit.flush() => r?,
+        _ = stop.cancelled() => return Err(Error::AuditStopped),
+    }
+    let mut wait = Duration::from_millis(100);
+    loop {
+        match store::write_chunk(&shared.pool, chunk, template_hash, &shared.name, results, done).await {
+            Ok(()) => return Ok(()),
+            Err(e) if e.is_unavailable() && !stop.is_cancelled() => {
+                tracing::debug!(error = &e as &dyn std::error::Error, "results not written yet; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = stop.cancelled() => return Err(e),
+                }
+                wait = (wait * 2).min(Duration::from_secs(2));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// How a chunk delivery ended.
 enum ChunkOutcome {
     /// Its outcome is in Postgres (or there was nothing to do): ack.
@@ -287,52 +332,63 @@ async fn work(
                 )
             })
             .collect();
-        store::write_chunk(&shared.pool, chunk, &job.template_hash, &shared.name, &results, &[], true).await?;
+        save(shared, chunk, &job.template_hash, &results, true, stop).await?;
         metrics::chunk("exhausted", 0, results.len() as u64);
         store::complete_if_done(&shared.pool, chunk.job_id).await?;
         return Ok(ChunkOutcome::Finished);
     }
     // Every item is started at once; the shared call semaphore decides how
-    // many actually talk to the model.
-    let outcomes = futures::future::join_all(items.into_iter().map(|item| {
-        let shared = shared.clone();
-        let job = job.clone();
-        async move {
-            let _call = tokio::select! {
-                permit = shared.calls.acquire() => permit.expect("semaphore never closed"),
-                _ = stop.cancelled() => return (item, Ok(Outcome::Held(Duration::ZERO, Vec::new()))),
-            };
-            let ctx = ItemContext {
-                guards: &shared.guards,
-                learned: &shared.learned,
-                policy: shared.policy,
-                stop,
-                prices: &shared.prices,
-                redaction: shared.redaction,
-            };
-            let outcome = run_item(&ctx, &job, &item).await;
-            (item, outcome)
-        }
-    }))
-    .await;
-    let mut results = Vec::with_capacity(outcomes.len());
-    let mut held: Option<Duration> = None;
-    let mut held_log = Vec::new();
-    let mut failure = None;
-    for (item, o) in outcomes {
-        match o {
-            Ok(Outcome::Done(r)) => results.push(r),
-            Ok(Outcome::Held(d, log)) => {
-                held = Some(held.map_or(d, |h| h.min(d)));
-                held_log.extend(log.into_iter().map(|a| (item.seq, item.id.clone(), a)));
+    // many actually talk to the model. Results are written as they come, in
+    // small batches, so a worker that dies costs few repeated calls.
+    let mut running: FuturesUnordered<_> = items
+        .into_iter()
+        .map(|item| {
+            let shared = shared.clone();
+            let job = job.clone();
+            async move {
+                let _call = tokio::select! {
+                    permit = shared.calls.acquire() => permit.expect("semaphore never closed"),
+                    _ = stop.cancelled() => return Ok(Outcome::Held(Duration::ZERO)),
+                };
+                let ctx = ItemContext {
+                    job_id: chunk.job_id,
+                    audit: &shared.audit,
+                    guards: &shared.guards,
+                    learned: &shared.learned,
+                    policy: shared.policy,
+                    stop,
+                    prices: &shared.prices,
+                    redaction: shared.redaction,
+                };
+                run_item(&ctx, &job, &item).await
             }
+        })
+        .collect();
+    let mut batch: Vec<ItemResult> = Vec::new();
+    let mut held: Option<Duration> = None;
+    let mut failure = None;
+    let (mut ok, mut written) = (0u64, 0u64);
+    let mut last_write = Instant::now();
+    while let Some(o) = running.next().await {
+        match o {
+            Ok(Outcome::Done(r)) => batch.push(r),
+            Ok(Outcome::Held(d)) => held = Some(held.map_or(d, |h| h.min(d))),
             Err(e) => failure = Some(e),
+        }
+        let due = batch.len() >= COMMIT_ITEMS || last_write.elapsed() >= COMMIT_EVERY;
+        if due && !batch.is_empty() && !running.is_empty() {
+            save(shared, chunk, &job.template_hash, &batch, false, stop).await?;
+            ok += batch.iter().filter(|r| r.succeeded).count() as u64;
+            written += batch.len() as u64;
+            batch.clear();
+            last_write = Instant::now();
         }
     }
     let finished = held.is_none() && failure.is_none();
-    store::write_chunk(&shared.pool, chunk, &job.template_hash, &shared.name, &results, &held_log, finished).await?;
-    let ok = results.iter().filter(|r| r.succeeded).count() as u64;
-    metrics::chunk(if finished { "written" } else { "partial" }, ok, results.len() as u64 - ok);
+    save(shared, chunk, &job.template_hash, &batch, finished, stop).await?;
+    ok += batch.iter().filter(|r| r.succeeded).count() as u64;
+    written += batch.len() as u64;
+    metrics::chunk(if finished { "written" } else { "partial" }, ok, written - ok);
     if let Some(e) = failure {
         return Err(e);
     }

@@ -32,12 +32,16 @@ pub struct Item {
     pub seq: i64,
     pub id: String,
     pub payload: Value,
+    /// Attempts already in the audit trail (earlier deliveries), so numbering goes on.
+    pub prior: i32,
 }
 
 /// The chunk's items that have no result yet.
 pub async fn items(pool: &PgPool, c: &ChunkMsg) -> Result<Vec<Item>, Error> {
     let rows = sqlx::query(
-        "SELECT i.seq, i.item_id, i.payload FROM items i
+        "SELECT i.seq, i.item_id, i.payload,
+                (SELECT count(*) FROM audit_attempts a WHERE a.job_id = i.job_id AND a.seq = i.seq)::int AS prior
+         FROM items i
          WHERE i.job_id = $1 AND i.seq BETWEEN $2 AND $3
            AND NOT EXISTS (SELECT 1 FROM results r WHERE r.job_id = i.job_id AND r.seq = i.seq)
          ORDER BY i.seq",
@@ -47,7 +51,10 @@ pub async fn items(pool: &PgPool, c: &ChunkMsg) -> Result<Vec<Item>, Error> {
     .bind(c.last_seq)
     .fetch_all(pool)
     .await?;
-    Ok(rows.iter().map(|r| Item { seq: r.get("seq"), id: r.get("item_id"), payload: r.get("payload") }).collect())
+    Ok(rows
+        .iter()
+        .map(|r| Item { seq: r.get("seq"), id: r.get("item_id"), payload: r.get("payload"), prior: r.get("prior") })
+        .collect())
 }
 
 /// One call to the model, as the audit trail keeps it.
@@ -86,8 +93,6 @@ pub struct ItemResult {
     /// Succeeded, but its confidence is below the job's review threshold.
     pub needs_review: bool,
     pub confidence_detail: Option<Value>,
-    /// Every call made for this item in this delivery.
-    pub log: Vec<AttemptRecord>,
     pub output: Option<Value>,
     pub answer: Option<String>,
     pub confidence: Option<f64>,
@@ -118,7 +123,6 @@ impl ItemResult {
             succeeded: false,
             needs_review: false,
             confidence_detail: None,
-            log: Vec::new(),
             output: None,
             answer: None,
             confidence: None,
@@ -133,17 +137,17 @@ impl ItemResult {
     }
 }
 
-/// Writes a chunk's results and, when `done`, marks it done, in one transaction.
+/// Writes results of a chunk and, when `done`, marks it done, in one transaction.
 ///
 /// Results are upserted on (job, seq) and never overwritten, so a redelivered
-/// chunk processed twice leaves exactly one row per item.
+/// chunk processed twice leaves exactly one row per item. The caller has made
+/// sure the items' attempts are in the audit trail: `attempts` is their count.
 pub async fn write_chunk(
     pool: &PgPool,
     c: &ChunkMsg,
     template_hash: &str,
     worker: &str,
     results: &[ItemResult],
-    held: &[(i64, String, AttemptRecord)],
     done: bool,
 ) -> Result<(), Error> {
     let mut tx = pool.begin().await?;
@@ -155,7 +159,6 @@ pub async fn write_chunk(
         let details: Vec<Option<Value>> = results.iter().map(|r| r.confidence_detail.clone()).collect();
         let outputs: Vec<Option<Value>> = results.iter().map(|r| r.output.clone()).collect();
         let confidences: Vec<Option<f64>> = results.iter().map(|r| r.confidence).collect();
-        let attempts: Vec<i32> = results.iter().map(|r| r.attempts).collect();
         let tin: Vec<i32> = results.iter().map(|r| r.tokens_in).collect();
         let tout: Vec<i32> = results.iter().map(|r| r.tokens_out).collect();
         let lat: Vec<i32> = results.iter().map(|r| r.latency_ms).collect();
@@ -164,12 +167,13 @@ pub async fn write_chunk(
                                   model, template_hash, attempts, tokens_in, tokens_out, latency_ms, worker,
                                   confidence_detail)
              SELECT $1, u.seq, u.item_id, u.state, u.output, u.answer, u.confidence, u.error_class, u.error,
-                    u.model, $2, u.attempts, u.tokens_in, u.tokens_out, u.latency_ms, $3, u.detail
+                    u.model, $2,
+                    (SELECT count(*) FROM audit_attempts a WHERE a.job_id = $1 AND a.seq = u.seq)::int, u.tokens_in, u.tokens_out, u.latency_ms, $3, u.detail
              FROM UNNEST($4::bigint[], $5::text[], $6::text[], $7::jsonb[], $8::text[], $9::float8[],
-                         $10::text[], $11::text[], $12::text[], $13::int[], $14::int[], $15::int[], $16::int[],
-                         $17::jsonb[])
+                         $10::text[], $11::text[], $12::text[], $13::int[], $14::int[], $15::int[],
+                         $16::jsonb[])
                   AS u(seq, item_id, state, output, answer, confidence, error_class, error, model,
-                       attempts, tokens_in, tokens_out, latency_ms, detail)
+                       tokens_in, tokens_out, latency_ms, detail)
              ON CONFLICT (job_id, seq) DO NOTHING",
         )
         .bind(c.job_id)
@@ -184,7 +188,6 @@ pub async fn write_chunk(
         .bind(col(|r| r.error_class.clone()))
         .bind(col(|r| r.error.clone()))
         .bind(col(|r| r.model.clone()))
-        .bind(&attempts)
         .bind(&tin)
         .bind(&tout)
         .bind(&lat)
@@ -192,12 +195,6 @@ pub async fn write_chunk(
         .execute(&mut *tx)
         .await?;
     }
-    let attempts: Vec<(i64, &str, &AttemptRecord)> = results
-        .iter()
-        .flat_map(|r| r.log.iter().map(move |a| (r.seq, r.item_id.as_str(), a)))
-        .chain(held.iter().map(|(seq, id, a)| (*seq, id.as_str(), a)))
-        .collect();
-    write_attempts(&mut tx, c, template_hash, worker, &attempts).await?;
     if done {
         sqlx::query("UPDATE chunks SET state = 'done', done_at = now() WHERE job_id = $1 AND chunk_no = $2 AND state = 'pending'")
             .bind(c.job_id)
@@ -206,59 +203,6 @@ pub async fn write_chunk(
             .await?;
     }
     tx.commit().await?;
-    Ok(())
-}
-
-/// Appends attempts to the audit trail.
-async fn write_attempts(
-    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
-    c: &ChunkMsg,
-    template_hash: &str,
-    worker: &str,
-    attempts: &[(i64, &str, &AttemptRecord)],
-) -> Result<(), Error> {
-    if attempts.is_empty() {
-        return Ok(());
-    }
-    let v = |f: fn(&AttemptRecord) -> Option<String>| -> Vec<Option<String>> {
-        attempts.iter().map(|(_, _, a)| f(a)).collect()
-    };
-    let i = |f: fn(&AttemptRecord) -> i32| -> Vec<i32> { attempts.iter().map(|(_, _, a)| f(a)).collect() };
-    sqlx::query(
-        "INSERT INTO audit_attempts (job_id, template_hash, worker, seq, item_id, attempt, model, fallback,
-                                     request_hash, outcome, error_class, http_status, latency_ms, tokens_in,
-                                     tokens_out, cost_usd, api_key_id, prompt, output, provider, output_mode,
-                                     tokens_cached, tokens_reasoning)
-         SELECT $1, $2, $3, u.* FROM UNNEST($4::bigint[], $5::text[], $6::int[], $7::text[], $8::bool[], $9::text[],
-                                            $10::text[], $11::text[], $12::int[], $13::int[], $14::int[], $15::int[],
-                                            $16::float8[], $17::text[], $18::text[], $19::text[], $20::text[],
-                                            $21::text[], $22::int[], $23::int[]) AS u",
-    )
-    .bind(c.job_id)
-    .bind(template_hash)
-    .bind(worker)
-    .bind(attempts.iter().map(|(seq, _, _)| *seq).collect::<Vec<i64>>())
-    .bind(attempts.iter().map(|(_, id, _)| id.to_string()).collect::<Vec<String>>())
-    .bind(i(|a| a.attempt))
-    .bind(v(|a| Some(a.model.clone())))
-    .bind(attempts.iter().map(|(_, _, a)| a.fallback).collect::<Vec<bool>>())
-    .bind(v(|a| Some(a.request_hash.clone())))
-    .bind(v(|a| Some(a.outcome.clone())))
-    .bind(v(|a| a.error_class.clone()))
-    .bind(attempts.iter().map(|(_, _, a)| a.http_status).collect::<Vec<Option<i32>>>())
-    .bind(i(|a| a.latency_ms))
-    .bind(i(|a| a.tokens_in))
-    .bind(i(|a| a.tokens_out))
-    .bind(attempts.iter().map(|(_, _, a)| a.cost_usd).collect::<Vec<Option<f64>>>())
-    .bind(v(|a| Some(a.api_key_id.clone())))
-    .bind(v(|a| Some(a.prompt.clone())))
-    .bind(v(|a| a.output.clone()))
-    .bind(v(|a| Some(a.provider.clone())))
-    .bind(v(|a| Some(a.output_mode.clone())))
-    .bind(i(|a| a.tokens_cached))
-    .bind(i(|a| a.tokens_reasoning))
-    .execute(&mut **tx)
-    .await?;
     Ok(())
 }
 

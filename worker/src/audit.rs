@@ -1,0 +1,213 @@
+//! The audit writer: every model call is recorded in Postgres before it is made, and its outcome as soon as it is known, in batches.
+//!
+//! Rows go through one task per worker that writes whatever has gathered
+//! while its previous write was under way (group commit), so recording costs
+//! a call a millisecond or two and the pipeline keeps its speed. A call
+//! starts only once its `audit_calls` row is committed: a worker killed with
+//! SIGKILL loses at most the outcomes of calls in flight, which then show as
+//! calls without an attempt row. While Postgres cannot be written, no new call
+//! starts: this is the worker's breaker on the database.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sqlx::PgPool;
+use tokio::sync::{mpsc, watch};
+use uuid::Uuid;
+
+use crate::store::AttemptRecord;
+use crate::Error;
+
+/// What every row of one item's calls shares.
+#[derive(Debug, Clone)]
+pub struct ItemRef {
+    pub job_id: Uuid,
+    pub seq: i64,
+    pub item_id: String,
+    pub template_hash: String,
+}
+
+/// A call about to be made.
+#[derive(Debug, Clone)]
+pub struct CallStart {
+    pub call_id: Uuid,
+    pub attempt: i32,
+    pub provider: String,
+    pub model: String,
+    pub request_hash: String,
+}
+
+enum Row {
+    Call(ItemRef, CallStart),
+    Attempt(ItemRef, Uuid, AttemptRecord),
+}
+
+/// The handle calls use; cheap to clone.
+#[derive(Clone)]
+pub struct Audit {
+    tx: mpsc::UnboundedSender<(u64, Row)>,
+    /// The number of the last row submitted. Rows are numbered and sent under
+    /// this lock, so they reach the writer in the order of their numbers.
+    submitted: Arc<Mutex<u64>>,
+    durable: watch::Receiver<u64>,
+}
+
+impl Audit {
+    /// Starts the writer task for `worker` on `pool`.
+    pub fn start(pool: PgPool, worker: String) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (durable_tx, durable) = watch::channel(0);
+        tokio::spawn(writer(pool, worker, rx, durable_tx));
+        Audit { tx, submitted: Arc::new(Mutex::new(0)), durable }
+    }
+
+    fn submit(&self, row: Row) -> u64 {
+        let mut last = self.submitted.lock().expect("audit counter lock");
+        *last += 1;
+        let _ = self.tx.send((*last, row));
+        *last
+    }
+
+    async fn durable(&self, n: u64) -> Result<(), Error> {
+        let mut rx = self.durable.clone();
+        rx.wait_for(|d| *d >= n).await.map(|_| ()).map_err(|_| Error::AuditStopped)
+    }
+
+    /// Records a call about to be made and returns once it is committed.
+    pub async fn begin(&self, item: &ItemRef, call: CallStart) -> Result<(), Error> {
+        let n = self.submit(Row::Call(item.clone(), call));
+        self.durable(n).await
+    }
+
+    /// Records the outcome of call `call_id`; committed with the next batch.
+    pub fn finished(&self, item: &ItemRef, call_id: Uuid, attempt: AttemptRecord) {
+        self.submit(Row::Attempt(item.clone(), call_id, attempt));
+    }
+
+    /// Returns once every row recorded so far is committed.
+    pub async fn flush(&self) -> Result<(), Error> {
+        let n = *self.submitted.lock().expect("audit counter lock");
+        self.durable(n).await
+    }
+}
+
+/// Most rows in one write.
+const BATCH: usize = 2_000;
+
+async fn writer(
+    pool: PgPool,
+    worker: String,
+    mut rx: mpsc::UnboundedReceiver<(u64, Row)>,
+    durable: watch::Sender<u64>,
+) {
+    let mut health = common::telemetry::Health::default();
+    let mut batch: Vec<(u64, Row)> = Vec::new();
+    while let Some(first) = rx.recv().await {
+        batch.push(first);
+        while batch.len() < BATCH {
+            match rx.try_recv() {
+                Ok(r) => batch.push(r),
+                Err(_) => break,
+            }
+        }
+        let mut wait = Duration::from_millis(100);
+        loop {
+            match write(&pool, &worker, &batch).await {
+                Ok(()) => {
+                    health.ok("writing the audit trail");
+                    break;
+                }
+                Err(e) => {
+                    health.failed("writing the audit trail (no new model call starts meanwhile)", &e);
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+        let last = batch.last().map_or(0, |(n, _)| *n);
+        batch.clear();
+        durable.send_replace(last);
+    }
+}
+
+async fn write(pool: &PgPool, worker: &str, batch: &[(u64, Row)]) -> Result<(), Error> {
+    let calls: Vec<(&ItemRef, &CallStart)> = batch
+        .iter()
+        .filter_map(|(_, r)| match r {
+            Row::Call(i, c) => Some((i, c)),
+            _ => None,
+        })
+        .collect();
+    let attempts: Vec<(&ItemRef, Uuid, &AttemptRecord)> = batch
+        .iter()
+        .filter_map(|(_, r)| match r {
+            Row::Attempt(i, id, a) => Some((i, *id, a)),
+            _ => None,
+        })
+        .collect();
+    let mut tx = pool.begin().await?;
+    if !calls.is_empty() {
+        sqlx::query(
+            "INSERT INTO audit_calls (call_id, job_id, seq, item_id, attempt, worker, provider, model, request_hash)
+             SELECT u.call_id, u.job_id, u.seq, u.item_id, u.attempt, $1, u.provider, u.model, u.request_hash
+             FROM UNNEST($2::uuid[], $3::uuid[], $4::bigint[], $5::text[], $6::int[], $7::text[], $8::text[], $9::text[])
+                  AS u(call_id, job_id, seq, item_id, attempt, provider, model, request_hash)
+             ON CONFLICT (call_id) DO NOTHING",
+        )
+        .bind(worker)
+        .bind(calls.iter().map(|(_, c)| c.call_id).collect::<Vec<_>>())
+        .bind(calls.iter().map(|(i, _)| i.job_id).collect::<Vec<_>>())
+        .bind(calls.iter().map(|(i, _)| i.seq).collect::<Vec<_>>())
+        .bind(calls.iter().map(|(i, _)| i.item_id.as_str()).collect::<Vec<_>>())
+        .bind(calls.iter().map(|(_, c)| c.attempt).collect::<Vec<_>>())
+        .bind(calls.iter().map(|(_, c)| c.provider.as_str()).collect::<Vec<_>>())
+        .bind(calls.iter().map(|(_, c)| c.model.as_str()).collect::<Vec<_>>())
+        .bind(calls.iter().map(|(_, c)| c.request_hash.as_str()).collect::<Vec<_>>())
+        .execute(&mut *tx)
+        .await?;
+    }
+    if !attempts.is_empty() {
+        let v = |f: fn(&AttemptRecord) -> Option<&str>| -> Vec<Option<&str>> {
+            attempts.iter().map(|(_, _, a)| f(a)).collect()
+        };
+        let i = |f: fn(&AttemptRecord) -> i32| -> Vec<i32> { attempts.iter().map(|(_, _, a)| f(a)).collect() };
+        sqlx::query(
+            "INSERT INTO audit_attempts (worker, job_id, template_hash, seq, item_id, call_id, attempt, model, fallback,
+                                         request_hash, outcome, error_class, http_status, latency_ms, tokens_in,
+                                         tokens_out, cost_usd, api_key_id, prompt, output, provider, output_mode,
+                                         tokens_cached, tokens_reasoning)
+             SELECT $1, u.* FROM UNNEST($2::uuid[], $3::text[], $4::bigint[], $5::text[], $6::uuid[], $7::int[],
+                                        $8::text[], $9::bool[], $10::text[], $11::text[], $12::text[], $13::int[],
+                                        $14::int[], $15::int[], $16::int[], $17::float8[], $18::text[], $19::text[],
+                                        $20::text[], $21::text[], $22::text[], $23::int[], $24::int[]) AS u",
+        )
+        .bind(worker)
+        .bind(attempts.iter().map(|(r, _, _)| r.job_id).collect::<Vec<_>>())
+        .bind(attempts.iter().map(|(r, _, _)| r.template_hash.as_str()).collect::<Vec<_>>())
+        .bind(attempts.iter().map(|(r, _, _)| r.seq).collect::<Vec<_>>())
+        .bind(attempts.iter().map(|(r, _, _)| r.item_id.as_str()).collect::<Vec<_>>())
+        .bind(attempts.iter().map(|(_, id, _)| *id).collect::<Vec<_>>())
+        .bind(i(|a| a.attempt))
+        .bind(v(|a| Some(a.model.as_str())))
+        .bind(attempts.iter().map(|(_, _, a)| a.fallback).collect::<Vec<bool>>())
+        .bind(v(|a| Some(a.request_hash.as_str())))
+        .bind(v(|a| Some(a.outcome.as_str())))
+        .bind(v(|a| a.error_class.as_deref()))
+        .bind(attempts.iter().map(|(_, _, a)| a.http_status).collect::<Vec<Option<i32>>>())
+        .bind(i(|a| a.latency_ms))
+        .bind(i(|a| a.tokens_in))
+        .bind(i(|a| a.tokens_out))
+        .bind(attempts.iter().map(|(_, _, a)| a.cost_usd).collect::<Vec<Option<f64>>>())
+        .bind(v(|a| Some(a.api_key_id.as_str())))
+        .bind(v(|a| Some(a.prompt.as_str())))
+        .bind(v(|a| a.output.as_deref()))
+        .bind(v(|a| Some(a.provider.as_str())))
+        .bind(v(|a| Some(a.output_mode.as_str())))
+        .bind(i(|a| a.tokens_cached))
+        .bind(i(|a| a.tokens_reasoning))
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
