@@ -106,6 +106,21 @@ ensure_postgres() {
       ELSE ALTER ROLE $PG_USER LOGIN CREATEDB PASSWORD '$PG_PASSWORD'; END IF; END \$\$;" \
       || die "cannot create the Postgres role $PG_USER"
   fi
+  # The roles the coordinator and workers connect as: they own nothing, so
+  # they cannot rewrite the audit trail (deploy/roles.sql, with dev passwords).
+  if ! PGPASSWORD="$PG_PASSWORD" psql -h "$PG_HOST" -p "$PG_PORT" -U sluice_worker -d postgres -tAc 'select 1' >/dev/null 2>&1 \
+     || ! PGPASSWORD="$PG_PASSWORD" psql -h "$PG_HOST" -p "$PG_PORT" -U sluice_coordinator -d postgres -tAc 'select 1' >/dev/null 2>&1; then
+    say "creating the Postgres roles sluice_coordinator and sluice_worker"
+    as_postgres psql -p "$PG_PORT" -qc "DO \$\$ BEGIN
+      IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'sluice_app') THEN CREATE ROLE sluice_app NOLOGIN; END IF;
+      IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'sluice_coordinator') THEN
+        CREATE ROLE sluice_coordinator LOGIN PASSWORD '$PG_PASSWORD' IN ROLE sluice_app;
+      ELSE ALTER ROLE sluice_coordinator LOGIN PASSWORD '$PG_PASSWORD'; GRANT sluice_app TO sluice_coordinator; END IF;
+      IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'sluice_worker') THEN
+        CREATE ROLE sluice_worker LOGIN PASSWORD '$PG_PASSWORD' IN ROLE sluice_app;
+      ELSE ALTER ROLE sluice_worker LOGIN PASSWORD '$PG_PASSWORD'; GRANT sluice_app TO sluice_worker; END IF;
+      END \$\$;" || die "cannot create the Postgres roles sluice_coordinator and sluice_worker"
+  fi
 }
 
 ensure_database() { # name
@@ -120,6 +135,8 @@ psql_sluice() { # database, sql
 }
 
 db_url() { echo "postgres://$PG_USER:$PG_PASSWORD@$PG_HOST:$PG_PORT/$1"; }
+# database, role: the URL a coordinator or worker connects with (not the owner)
+app_db_url() { echo "postgres://$2:$PG_PASSWORD@$PG_HOST:$PG_PORT/$1"; }
 
 ensure_rust() {
   command -v cargo >/dev/null || die "cargo not found: install Rust from your distribution or rustup, then run again"

@@ -5,9 +5,19 @@ use crate::Error;
 /// Settings of the coordinator service.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServeConfig {
-    /// Postgres connection URL.
-    #[arg(long, env = "SLUICE_DATABASE_URL", default_value = "postgres://sluice:sluice@127.0.0.1:5432/sluice")]
+    /// Postgres connection URL, as a role that owns nothing (see deploy/roles.sql):
+    /// it can append to the audit trail but never rewrite it.
+    #[arg(
+        long,
+        env = "SLUICE_DATABASE_URL",
+        default_value = "postgres://sluice_coordinator:sluice@127.0.0.1:5432/sluice"
+    )]
     pub database_url: String,
+    /// Postgres URL of the role that owns the tables, used only to apply
+    /// migrations at start-up. Without it the schema must be up to date
+    /// already (`sluice migrate`), unless SLUICE_DATABASE_URL may apply them.
+    #[arg(long, env = "SLUICE_MIGRATE_DATABASE_URL")]
+    pub migrate_database_url: Option<String>,
     /// Most connections the coordinator keeps open to Postgres.
     #[arg(long, env = "SLUICE_DB_POOL_SIZE", default_value_t = 8)]
     pub db_pool_size: u32,
@@ -97,6 +107,7 @@ impl ServeConfig {
     pub fn for_urls(database_url: &str, nats_url: &str) -> Self {
         ServeConfig {
             database_url: database_url.to_string(),
+            migrate_database_url: None,
             db_pool_size: 8,
             nats_url: nats_url.to_string(),
             listen: "127.0.0.1:0".into(),

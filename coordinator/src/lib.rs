@@ -32,7 +32,7 @@ impl Coordinator {
     pub async fn bind(config: ServeConfig) -> Result<Self, Error> {
         config.validate()?;
         let pool = store::connect(&config.database_url, config.db_pool_size).await?;
-        migrations::MIGRATOR.run(&pool).await.map_err(Error::Migrate)?;
+        store::ensure_schema(&pool, config.migrate_database_url.as_deref()).await?;
         let nats = common::nats::connect(&config.nats_url).await?;
         let js = async_nats::jetstream::new(nats);
         common::nats::ensure_stream(&js, &config.nats_url).await?;

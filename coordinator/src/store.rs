@@ -23,6 +23,54 @@ pub async fn connect(url: &str, max: u32) -> Result<PgPool, Error> {
         .map_err(|source| Error::DbConnect { url: common::redact::url_password(url), source })
 }
 
+/// Applies the migrations as the owner of the tables (`owner_url`).
+pub async fn migrate(owner_url: &str) -> Result<(), Error> {
+    let pool = connect(owner_url, 1).await?;
+    let r = migrations::MIGRATOR.run(&pool).await.map_err(Error::Migrate);
+    pool.close().await;
+    r
+}
+
+/// Makes sure the schema is up to date before anything else runs: applies
+/// the migrations with `owner_url` if given; else checks the schema, and
+/// applies them with `pool` only if it is behind (a role that may not gets a
+/// clear error). Warns when `pool`'s role owns the audit trail, which it
+/// could then rewrite.
+pub async fn ensure_schema(pool: &PgPool, owner_url: Option<&str>) -> Result<(), Error> {
+    if let Some(url) = owner_url {
+        migrate(url).await?;
+    } else {
+        let latest = migrations::MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0);
+        let applied: Option<i64> = sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations WHERE success")
+            .fetch_one(pool)
+            .await
+            .or_else(|e| match &e {
+                sqlx::Error::Database(d) if d.code().as_deref() == Some("42P01") => Ok(None),
+                _ => Err(e),
+            })?;
+        if applied.unwrap_or(0) < latest {
+            migrations::MIGRATOR.run(pool).await.map_err(|e| {
+                Error::Config(format!(
+                    "the database schema is at version {} and Sluice needs {latest}, and SLUICE_DATABASE_URL's role cannot migrate it ({}): run `sluice migrate --database-url <owner's URL>`, or set SLUICE_MIGRATE_DATABASE_URL",
+                    applied.unwrap_or(0),
+                    common::error_chain(&e)
+                ))
+            })?;
+        }
+    }
+    let owns_audit: bool =
+        sqlx::query_scalar("SELECT coalesce(pg_has_role(current_user, tableowner, 'MEMBER'), false) FROM pg_tables WHERE tablename = 'audit_attempts'")
+            .fetch_optional(pool)
+            .await?
+            .unwrap_or(false);
+    if owns_audit {
+        tracing::warn!(
+            "SLUICE_DATABASE_URL connects as the owner of the audit trail, which could rewrite it: connect as an application role (deploy/roles.sql)"
+        );
+    }
+    Ok(())
+}
+
 /// Stores a new job in state `uploading`.
 pub async fn create_job(pool: &PgPool, job: &crate::model::NewJob, actor: &str) -> Result<Uuid, Error> {
     let id = Uuid::now_v7();

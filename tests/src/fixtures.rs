@@ -116,6 +116,7 @@ impl Drop for NatsServer {
 
 /// A fresh Postgres database with Sluice's migrations applied, dropped with the fixture.
 pub struct TestDb {
+    /// The owner's URL (migrations, test assertions); `pool` connects with it.
     pub url: String,
     pub pool: sqlx::PgPool,
     admin_url: String,
@@ -129,8 +130,22 @@ pub fn admin_url() -> String {
 }
 
 impl TestDb {
+    /// The URL `role` (`sluice_coordinator`, `sluice_worker`: roles that own
+    /// nothing, made by scripts/lib.sh) connects to this database with.
+    pub fn app_url(&self, role: &str) -> String {
+        let (scheme, rest) = self.url.split_once("://").expect("a URL");
+        let host = rest.split_once('@').map_or(rest, |(_, h)| h);
+        let password = rest.split_once('@').and_then(|(cred, _)| cred.split_once(':')).map_or("", |(_, p)| p);
+        format!("{scheme}://{role}:{password}@{host}")
+    }
+
     pub async fn create() -> anyhow::Result<Self> {
-        let admin_url = admin_url();
+        Self::create_on(&admin_url()).await
+    }
+
+    /// A database on the server at `admin_url` (a server-level URL of a role that may create databases).
+    pub async fn create_on(admin_url: &str) -> anyhow::Result<Self> {
+        let admin_url = admin_url.to_string();
         // The process id lets scripts/test drop databases of test runs that
         // died, and only those.
         let name = format!("sluice_t_{}_{}", std::process::id(), uuid::Uuid::new_v4().simple());
@@ -143,6 +158,95 @@ impl TestDb {
         let pool = sqlx::postgres::PgPoolOptions::new().max_connections(4).connect(&url).await?;
         migrations::MIGRATOR.run(&pool).await?;
         Ok(TestDb { url, pool, admin_url, name })
+    }
+}
+
+/// A Postgres server of the test's own, in a temporary folder, for tests
+/// that stop and start it. Its superuser is `sluice`; it has the
+/// application roles scripts/lib.sh makes on the shared server.
+pub struct PgCluster {
+    dir: tempfile::TempDir,
+    port: u16,
+    bin: PathBuf,
+    as_postgres: bool,
+}
+
+impl PgCluster {
+    pub async fn start() -> anyhow::Result<Self> {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .context("PostgreSQL's server programs are not installed: run scripts/test, which installs them")?
+            .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+            .filter(|p| p.join("initdb").exists())
+            .max()
+            .context("no initdb under /usr/lib/postgresql")?;
+        let dir = tempfile::tempdir()?;
+        // initdb refuses to run as root: the cluster then belongs to postgres.
+        let uid = Command::new("id").arg("-u").output()?.stdout;
+        let as_postgres = String::from_utf8_lossy(&uid).trim() == "0";
+        if as_postgres {
+            let ok = Command::new("chown").args(["-R", "postgres:"]).arg(dir.path()).status()?.success();
+            anyhow::ensure!(ok, "cannot hand {} to the postgres user", dir.path().display());
+        }
+        let cluster = PgCluster { dir, port: free_port(), bin, as_postgres };
+        let data = cluster.data();
+        cluster.run("initdb", &["-D", &data, "-A", "trust", "-U", "sluice", "--no-sync", "-E", "UTF8"])?;
+        cluster.start_server()?;
+        let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&cluster.admin_url()).await?;
+        sqlx::raw_sql(
+            "CREATE ROLE sluice_app NOLOGIN;
+             CREATE ROLE sluice_coordinator LOGIN IN ROLE sluice_app;
+             CREATE ROLE sluice_worker LOGIN IN ROLE sluice_app;",
+        )
+        .execute(&mut admin)
+        .await?;
+        Ok(cluster)
+    }
+
+    fn data(&self) -> String {
+        self.dir.path().join("data").display().to_string()
+    }
+
+    fn run(&self, program: &str, args: &[&str]) -> anyhow::Result<()> {
+        let path = self.bin.join(program);
+        let mut cmd = if self.as_postgres {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(&path);
+            c
+        } else {
+            Command::new(&path)
+        };
+        let out = cmd.args(args).stdin(Stdio::null()).output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "{program} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    }
+
+    /// Starts the server (again), waiting until it accepts connections.
+    pub fn start_server(&self) -> anyhow::Result<()> {
+        let opts =
+            format!("-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off", self.port, self.dir.path().display());
+        let log = self.dir.path().join("postgres.log").display().to_string();
+        self.run("pg_ctl", &["-D", &self.data(), "-l", &log, "-o", &opts, "-w", "start"])
+    }
+
+    /// Stops the server as an operator would (`pg_ctl stop -m fast`): sessions are cut off.
+    pub fn stop_server(&self) -> anyhow::Result<()> {
+        self.run("pg_ctl", &["-D", &self.data(), "-m", "fast", "-w", "stop"])
+    }
+
+    /// A server-level URL of the superuser, for [`TestDb::create_on`].
+    pub fn admin_url(&self) -> String {
+        format!("postgres://sluice:sluice@127.0.0.1:{}/postgres", self.port)
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        let _ = self.run("pg_ctl", &["-D", &self.data(), "-m", "immediate", "-w", "stop"]);
     }
 }
 
@@ -213,7 +317,12 @@ pub struct Stack {
 impl Stack {
     /// Starts everything but workers. `tune` may adjust the coordinator's configuration.
     pub async fn start(sim: SimConfig, tune: impl FnOnce(&mut coordinator::ServeConfig)) -> anyhow::Result<Self> {
-        Self::start_inner(vec![sim], None, tune).await
+        Self::start_inner(TestDb::create().await?, vec![sim], None, tune).await
+    }
+
+    /// Like [`Stack::start`], on a database of the caller's.
+    pub async fn start_on(db: TestDb, sim: SimConfig) -> anyhow::Result<Self> {
+        Self::start_inner(db, vec![sim], None, |_| {}).await
     }
 
     /// Starts a simulator per entry of `sims` and writes `providers` as the
@@ -221,21 +330,21 @@ impl Stack {
     /// `{sim1}`, ... replaced by the simulators' `host:port` and `{dir}` by a
     /// folder for key files.
     pub async fn start_with_providers(sims: Vec<SimConfig>, providers: &str) -> anyhow::Result<Self> {
-        Self::start_inner(sims, Some(providers), |_| {}).await
+        Self::start_inner(TestDb::create().await?, sims, Some(providers), |_| {}).await
     }
 
     async fn start_inner(
+        db: TestDb,
         sims: Vec<SimConfig>,
         providers: Option<&str>,
         tune: impl FnOnce(&mut coordinator::ServeConfig),
     ) -> anyhow::Result<Self> {
-        let db = TestDb::create().await?;
         let nats = NatsServer::start()?;
         let mut started = Vec::new();
         for config in sims {
             started.push(SimServer::start(config).await?);
         }
-        let mut config = coordinator::ServeConfig::for_urls(&db.url, nats.url());
+        let mut config = coordinator::ServeConfig::for_urls(&db.app_url("sluice_coordinator"), nats.url());
         let (mut files, mut providers_file) = (None, None);
         if let Some(text) = providers {
             let dir = tempfile::tempdir()?;
@@ -278,7 +387,8 @@ impl Stack {
 
     /// A worker configuration pointing at this stack.
     pub fn worker_config(&self) -> worker::WorkerConfig {
-        let mut c = worker::WorkerConfig::for_urls(&self.db.url, self.nats.url(), &self.sim.base_url());
+        let mut c =
+            worker::WorkerConfig::for_urls(&self.db.app_url("sluice_worker"), self.nats.url(), &self.sim.base_url());
         c.providers_file = self.providers_file.clone();
         c
     }

@@ -34,7 +34,7 @@ async fn coordinator_and_worker_processes_export_metrics() {
                 "--metrics-addr",
                 &format!("127.0.0.1:{coord_metrics}"),
             ])
-            .env("SLUICE_DATABASE_URL", &db.url)
+            .env("SLUICE_DATABASE_URL", db.app_url("sluice_coordinator"))
             .env("SLUICE_NATS_URL", nats.url())
             .env("SLUICE_PRICES_FILE", concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/prices.toml"))
             .env("SLUICE_LOG", "warn")
@@ -46,7 +46,7 @@ async fn coordinator_and_worker_processes_export_metrics() {
     wait_for("the coordinator API", Duration::from_secs(30), || async { Ok(client.jobs(1).await.is_ok()) })
         .await
         .unwrap();
-    let config = worker::WorkerConfig::for_urls(&db.url, nats.url(), &sim.base_url());
+    let config = worker::WorkerConfig::for_urls(&db.app_url("sluice_worker"), nats.url(), &sim.base_url());
     let addr = format!("127.0.0.1:{worker_metrics}");
     let _worker = WorkerProcess::spawn_with(&config, "metrics-worker", &[("SLUICE_METRICS_ADDR", &addr)]).unwrap();
 

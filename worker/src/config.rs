@@ -11,7 +11,7 @@ use crate::Error;
 #[derive(Debug, Clone, clap::Args)]
 pub struct WorkerConfig {
     /// Postgres connection URL.
-    #[arg(long, env = "SLUICE_DATABASE_URL", default_value = "postgres://sluice:sluice@127.0.0.1:5432/sluice")]
+    #[arg(long, env = "SLUICE_DATABASE_URL", default_value = "postgres://sluice_worker:sluice@127.0.0.1:5432/sluice")]
     pub database_url: String,
     /// Most connections this worker keeps open to Postgres.
     #[arg(long, env = "SLUICE_DB_POOL_SIZE", default_value_t = 4)]

@@ -261,9 +261,15 @@ async fn save(
     done: bool,
     stop: &CancellationToken,
 ) -> Result<(), Error> {
+    // On shutdown the flush still gets a few seconds: the answers are paid for.
+    let given_up = async {
+        stop.cancelled().await;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    };
     tokio::select! {
+        biased;
         r = shared.audit.flush() => r?,
-        _ = stop.cancelled() => return Err(Error::AuditStopped),
+        _ = given_up => return Err(Error::AuditStopped),
     }
     let mut wait = Duration::from_millis(100);
     loop {

@@ -42,6 +42,19 @@ enum Command {
         #[command(flatten)]
         telemetry: common::telemetry::TelemetryConfig,
     },
+    /// Apply the database migrations, as the role that owns the tables.
+    ///
+    /// The coordinator and workers then connect as roles that own nothing
+    /// (deploy/roles.sql), so they cannot rewrite the audit trail.
+    Migrate {
+        /// Postgres URL of the owner role.
+        #[arg(
+            long,
+            env = "SLUICE_MIGRATE_DATABASE_URL",
+            default_value = "postgres://sluice:sluice@127.0.0.1:5432/sluice"
+        )]
+        database_url: String,
+    },
     /// Submit a job: a job-kind folder (e.g. jobs/classify) and a JSONL input file.
     ///
     /// Each input line is a JSON object with a unique "id" (or "custom_id") and
@@ -174,6 +187,10 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Serve { config, telemetry } => {
             common::telemetry::init(&telemetry)?;
             coordinator::run(config, common::shutdown::on_signals()).await?;
+        }
+        Command::Migrate { database_url } => {
+            coordinator::store::migrate(&database_url).await?;
+            eprintln!("database schema is up to date");
         }
         Command::Submit(args) => return submit(&client, args).await,
         Command::Status { job, watch, json } => {

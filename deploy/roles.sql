@@ -1,0 +1,30 @@
+-- Postgres roles of a Sluice deployment. Run once per cluster as a superuser
+-- (psql -f deploy/roles.sql), with your own passwords:
+--
+--   sluice              owns the database and its tables; runs the migrations
+--                       (`sluice migrate`, or SLUICE_MIGRATE_DATABASE_URL).
+--                       Used for nothing else.
+--   sluice_coordinator  the coordinator's SLUICE_DATABASE_URL
+--   sluice_worker       the workers' SLUICE_DATABASE_URL
+--
+-- The login roles are members of sluice_app (created by the migrations if
+-- missing), which may read and change jobs, items, chunks and results, and
+-- only read and append to the audit trail (audit_calls, audit_attempts,
+-- audit_events): they own nothing, so they cannot disable its triggers, grant
+-- themselves UPDATE or DELETE, truncate or drop it (tests/tests/roles.rs).
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'sluice_app') THEN
+        CREATE ROLE sluice_app NOLOGIN;
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'sluice') THEN
+        CREATE ROLE sluice LOGIN CREATEDB PASSWORD 'change-me-owner';
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'sluice_coordinator') THEN
+        CREATE ROLE sluice_coordinator LOGIN PASSWORD 'change-me-coordinator' IN ROLE sluice_app;
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'sluice_worker') THEN
+        CREATE ROLE sluice_worker LOGIN PASSWORD 'change-me-worker' IN ROLE sluice_app;
+    END IF;
+END $$;
+-- Then, as sluice: CREATE DATABASE sluice;  and `sluice migrate`.

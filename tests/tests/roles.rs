@@ -1,0 +1,64 @@
+//! The audit trail against the roles Sluice runs as: they may append to it and read it, never rewrite it.
+
+use sluice_tests::fixtures::TestDb;
+use sqlx::Connection;
+
+/// Runs `sql` as `role` and returns the error Postgres gave, if any.
+async fn attempt(db: &TestDb, role: &str, sql: &str) -> Option<String> {
+    let mut conn = sqlx::PgConnection::connect(&db.app_url(role)).await.unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_string())).execute(&mut conn).await.err().map(|e| e.to_string())
+}
+
+#[tokio::test]
+async fn the_application_roles_cannot_rewrite_the_audit_trail() {
+    let db = TestDb::create().await.unwrap();
+    let job = uuid::Uuid::now_v7();
+    for role in ["sluice_coordinator", "sluice_worker"] {
+        // What they need: append and read.
+        let append = format!(
+            "INSERT INTO audit_events (job_id, event, actor) VALUES ('{job}', 'test', '{role}');
+             SELECT count(*) FROM audit_events; SELECT count(*) FROM audit_attempts; SELECT count(*) FROM audit_calls"
+        );
+        assert_eq!(attempt(&db, role, &append).await, None, "{role} appends and reads");
+        for table in ["audit_events", "audit_attempts", "audit_calls"] {
+            for sql in [
+                format!("ALTER TABLE {table} DISABLE TRIGGER USER"),
+                format!("ALTER TABLE {table} DISABLE TRIGGER ALL"),
+                format!("GRANT DELETE, UPDATE, TRUNCATE ON {table} TO {role}"),
+                format!("GRANT DELETE ON {table} TO sluice_app"),
+                format!("ALTER TABLE {table} OWNER TO {role}"),
+                format!("UPDATE {table} SET job_id = job_id"),
+                format!("DELETE FROM {table}"),
+                format!("TRUNCATE {table}"),
+                format!("DROP TABLE {table}"),
+                format!("DROP TRIGGER {table}_append_only ON {table}"),
+            ] {
+                let err = attempt(&db, role, &sql).await;
+                if sql.starts_with("GRANT") {
+                    // A role without the grant option gets a warning, not an error: nothing is granted.
+                    let granted: bool = sqlx::query_scalar(
+                        "SELECT has_table_privilege($1, $2, 'DELETE') OR has_table_privilege($1, $2, 'UPDATE')
+                             OR has_table_privilege($1, $2, 'TRUNCATE')",
+                    )
+                    .bind(role)
+                    .bind(table)
+                    .fetch_one(&db.pool)
+                    .await
+                    .unwrap();
+                    assert!(!granted, "{role}: {sql:?} granted something");
+                    continue;
+                }
+                assert!(
+                    err.as_deref().is_some_and(|e| e.contains("permission denied") || e.contains("must be owner")),
+                    "{role}: {sql:?} was not refused: {err:?}"
+                );
+            }
+        }
+        // Nor replace the function the triggers call, or create objects.
+        let sql = "CREATE OR REPLACE FUNCTION audit_append_only() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN OLD; END $$";
+        assert!(attempt(&db, role, sql).await.is_some(), "{role} replaced the trigger function");
+        assert!(attempt(&db, role, "CREATE TABLE mine (x int)").await.is_some(), "{role} created a table");
+    }
+    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_events").fetch_one(&db.pool).await.unwrap();
+    assert_eq!(events, 2, "both rows are still there");
+}
