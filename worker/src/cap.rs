@@ -172,9 +172,11 @@ impl Cap {
         let key = format!("cc.{}.{}", common::nats::key_part(key_id), common::nats::key_part(model));
         let (me, weak) = (worker.to_string(), Arc::downgrade(&this));
         tokio::spawn(async move {
+            let mut health = common::telemetry::Health::default();
             while let Some(cap_ref) = weak.upgrade() {
-                if let Err(err) = cap_ref.renew(&store, &key, &me, cap).await {
-                    tracing::warn!(error = &err as &dyn std::error::Error, "renewing the concurrency cap failed");
+                match cap_ref.renew(&store, &key, &me, cap).await {
+                    Ok(()) => health.ok("renewing the concurrency cap"),
+                    Err(err) => health.failed("renewing the concurrency cap", &err),
                 }
                 tokio::select! {
                     _ = cap_ref.wake.notified() => {}
