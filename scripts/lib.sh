@@ -106,6 +106,11 @@ ensure_postgres() {
       ELSE ALTER ROLE $PG_USER LOGIN CREATEDB PASSWORD '$PG_PASSWORD'; END IF; END \$\$;" \
       || die "cannot create the Postgres role $PG_USER"
   fi
+  # Dropping a test or bench database WITH (FORCE) must end the sessions of
+  # the application roles too.
+  if [ "$(PGPASSWORD="$PG_PASSWORD" psql -h "$PG_HOST" -p "$PG_PORT" -U "$PG_USER" -d postgres -tAc "SELECT pg_has_role('pg_signal_backend', 'MEMBER')" 2>/dev/null)" != t ]; then
+    as_postgres psql -p "$PG_PORT" -qc "GRANT pg_signal_backend TO $PG_USER" || die "cannot grant pg_signal_backend to $PG_USER"
+  fi
   # The roles the coordinator and workers connect as: they own nothing, so
   # they cannot rewrite the audit trail (deploy/roles.sql, with dev passwords).
   if ! PGPASSWORD="$PG_PASSWORD" psql -h "$PG_HOST" -p "$PG_PORT" -U sluice_worker -d postgres -tAc 'select 1' >/dev/null 2>&1 \
