@@ -8,11 +8,10 @@
 //! calls without an attempt row. While Postgres cannot be written, no new call
 //! starts: this is the worker's breaker on the database.
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sqlx::PgPool;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use crate::store::AttemptRecord;
@@ -38,70 +37,53 @@ pub struct CallStart {
 }
 
 enum Row {
-    Call(ItemRef, CallStart),
+    /// A call about to be made; the sender hears once its row is committed.
+    Call(ItemRef, CallStart, oneshot::Sender<()>),
     Attempt(ItemRef, Uuid, AttemptRecord),
+    /// No row: answered once everything sent before it is committed.
+    Flush(oneshot::Sender<()>),
 }
 
 /// The handle calls use; cheap to clone.
 #[derive(Clone)]
 pub struct Audit {
-    tx: mpsc::UnboundedSender<(u64, Row)>,
-    /// The number of the last row submitted. Rows are numbered and sent under
-    /// this lock, so they reach the writer in the order of their numbers.
-    submitted: Arc<Mutex<u64>>,
-    durable: watch::Receiver<u64>,
+    tx: mpsc::UnboundedSender<Row>,
 }
 
 impl Audit {
     /// Starts the writer task for `worker` on `pool`.
     pub fn start(pool: PgPool, worker: String) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
-        let (durable_tx, durable) = watch::channel(0);
-        tokio::spawn(writer(pool, worker, rx, durable_tx));
-        Audit { tx, submitted: Arc::new(Mutex::new(0)), durable }
-    }
-
-    fn submit(&self, row: Row) -> u64 {
-        let mut last = self.submitted.lock().expect("audit counter lock");
-        *last += 1;
-        let _ = self.tx.send((*last, row));
-        *last
-    }
-
-    async fn durable(&self, n: u64) -> Result<(), Error> {
-        let mut rx = self.durable.clone();
-        rx.wait_for(|d| *d >= n).await.map(|_| ()).map_err(|_| Error::AuditStopped)
+        tokio::spawn(writer(pool, worker, rx));
+        Audit { tx }
     }
 
     /// Records a call about to be made and returns once it is committed.
     pub async fn begin(&self, item: &ItemRef, call: CallStart) -> Result<(), Error> {
-        let n = self.submit(Row::Call(item.clone(), call));
-        self.durable(n).await
+        let (done, committed) = oneshot::channel();
+        self.tx.send(Row::Call(item.clone(), call, done)).map_err(|_| Error::AuditStopped)?;
+        committed.await.map_err(|_| Error::AuditStopped)
     }
 
     /// Records the outcome of call `call_id`; committed with the next batch.
     pub fn finished(&self, item: &ItemRef, call_id: Uuid, attempt: AttemptRecord) {
-        self.submit(Row::Attempt(item.clone(), call_id, attempt));
+        let _ = self.tx.send(Row::Attempt(item.clone(), call_id, attempt));
     }
 
     /// Returns once every row recorded so far is committed.
     pub async fn flush(&self) -> Result<(), Error> {
-        let n = *self.submitted.lock().expect("audit counter lock");
-        self.durable(n).await
+        let (done, committed) = oneshot::channel();
+        self.tx.send(Row::Flush(done)).map_err(|_| Error::AuditStopped)?;
+        committed.await.map_err(|_| Error::AuditStopped)
     }
 }
 
 /// Most rows in one write.
 const BATCH: usize = 2_000;
 
-async fn writer(
-    pool: PgPool,
-    worker: String,
-    mut rx: mpsc::UnboundedReceiver<(u64, Row)>,
-    durable: watch::Sender<u64>,
-) {
+async fn writer(pool: PgPool, worker: String, mut rx: mpsc::UnboundedReceiver<Row>) {
     let mut health = common::telemetry::Health::default();
-    let mut batch: Vec<(u64, Row)> = Vec::new();
+    let mut batch: Vec<Row> = Vec::new();
     while let Some(first) = rx.recv().await {
         batch.push(first);
         while batch.len() < BATCH {
@@ -124,90 +106,89 @@ async fn writer(
                 }
             }
         }
-        let last = batch.last().map_or(0, |(n, _)| *n);
-        batch.clear();
-        durable.send_replace(last);
+        for row in batch.drain(..) {
+            match row {
+                Row::Call(_, _, done) | Row::Flush(done) => {
+                    let _ = done.send(());
+                }
+                Row::Attempt(..) => {}
+            }
+        }
     }
 }
 
-async fn write(pool: &PgPool, worker: &str, batch: &[(u64, Row)]) -> Result<(), Error> {
+/// Writes a batch in one statement (atomic without a transaction of its own).
+async fn write(pool: &PgPool, worker: &str, batch: &[Row]) -> Result<(), Error> {
     let calls: Vec<(&ItemRef, &CallStart)> = batch
         .iter()
-        .filter_map(|(_, r)| match r {
-            Row::Call(i, c) => Some((i, c)),
+        .filter_map(|r| match r {
+            Row::Call(i, c, _) => Some((i, c)),
             _ => None,
         })
         .collect();
     let attempts: Vec<(&ItemRef, Uuid, &AttemptRecord)> = batch
         .iter()
-        .filter_map(|(_, r)| match r {
+        .filter_map(|r| match r {
             Row::Attempt(i, id, a) => Some((i, *id, a)),
             _ => None,
         })
         .collect();
-    let mut tx = pool.begin().await?;
-    if !calls.is_empty() {
-        sqlx::query(
-            "INSERT INTO audit_calls (call_id, job_id, seq, item_id, attempt, worker, provider, model, request_hash)
+    if calls.is_empty() && attempts.is_empty() {
+        return Ok(());
+    }
+    let v = |f: fn(&AttemptRecord) -> Option<&str>| -> Vec<Option<&str>> {
+        attempts.iter().map(|(_, _, a)| f(a)).collect()
+    };
+    let i = |f: fn(&AttemptRecord) -> i32| -> Vec<i32> { attempts.iter().map(|(_, _, a)| f(a)).collect() };
+    sqlx::query(
+        "WITH calls AS (
+             INSERT INTO audit_calls (call_id, job_id, seq, item_id, attempt, worker, provider, model, request_hash)
              SELECT u.call_id, u.job_id, u.seq, u.item_id, u.attempt, $1, u.provider, u.model, u.request_hash
              FROM UNNEST($2::uuid[], $3::uuid[], $4::bigint[], $5::text[], $6::int[], $7::text[], $8::text[], $9::text[])
                   AS u(call_id, job_id, seq, item_id, attempt, provider, model, request_hash)
-             ON CONFLICT (call_id) DO NOTHING",
-        )
-        .bind(worker)
-        .bind(calls.iter().map(|(_, c)| c.call_id).collect::<Vec<_>>())
-        .bind(calls.iter().map(|(i, _)| i.job_id).collect::<Vec<_>>())
-        .bind(calls.iter().map(|(i, _)| i.seq).collect::<Vec<_>>())
-        .bind(calls.iter().map(|(i, _)| i.item_id.as_str()).collect::<Vec<_>>())
-        .bind(calls.iter().map(|(_, c)| c.attempt).collect::<Vec<_>>())
-        .bind(calls.iter().map(|(_, c)| c.provider.as_str()).collect::<Vec<_>>())
-        .bind(calls.iter().map(|(_, c)| c.model.as_str()).collect::<Vec<_>>())
-        .bind(calls.iter().map(|(_, c)| c.request_hash.as_str()).collect::<Vec<_>>())
-        .execute(&mut *tx)
-        .await?;
-    }
-    if !attempts.is_empty() {
-        let v = |f: fn(&AttemptRecord) -> Option<&str>| -> Vec<Option<&str>> {
-            attempts.iter().map(|(_, _, a)| f(a)).collect()
-        };
-        let i = |f: fn(&AttemptRecord) -> i32| -> Vec<i32> { attempts.iter().map(|(_, _, a)| f(a)).collect() };
-        sqlx::query(
-            "INSERT INTO audit_attempts (worker, job_id, template_hash, seq, item_id, call_id, attempt, model, fallback,
-                                         request_hash, outcome, error_class, http_status, latency_ms, tokens_in,
-                                         tokens_out, cost_usd, api_key_id, prompt, output, provider, output_mode,
-                                         tokens_cached, tokens_reasoning)
-             SELECT $1, u.* FROM UNNEST($2::uuid[], $3::text[], $4::bigint[], $5::text[], $6::uuid[], $7::int[],
-                                        $8::text[], $9::bool[], $10::text[], $11::text[], $12::text[], $13::int[],
-                                        $14::int[], $15::int[], $16::int[], $17::float8[], $18::text[], $19::text[],
-                                        $20::text[], $21::text[], $22::text[], $23::int[], $24::int[]) AS u",
-        )
-        .bind(worker)
-        .bind(attempts.iter().map(|(r, _, _)| r.job_id).collect::<Vec<_>>())
-        .bind(attempts.iter().map(|(r, _, _)| r.template_hash.as_str()).collect::<Vec<_>>())
-        .bind(attempts.iter().map(|(r, _, _)| r.seq).collect::<Vec<_>>())
-        .bind(attempts.iter().map(|(r, _, _)| r.item_id.as_str()).collect::<Vec<_>>())
-        .bind(attempts.iter().map(|(_, id, _)| *id).collect::<Vec<_>>())
-        .bind(i(|a| a.attempt))
-        .bind(v(|a| Some(a.model.as_str())))
-        .bind(attempts.iter().map(|(_, _, a)| a.fallback).collect::<Vec<bool>>())
-        .bind(v(|a| Some(a.request_hash.as_str())))
-        .bind(v(|a| Some(a.outcome.as_str())))
-        .bind(v(|a| a.error_class.as_deref()))
-        .bind(attempts.iter().map(|(_, _, a)| a.http_status).collect::<Vec<Option<i32>>>())
-        .bind(i(|a| a.latency_ms))
-        .bind(i(|a| a.tokens_in))
-        .bind(i(|a| a.tokens_out))
-        .bind(attempts.iter().map(|(_, _, a)| a.cost_usd).collect::<Vec<Option<f64>>>())
-        .bind(v(|a| Some(a.api_key_id.as_str())))
-        .bind(v(|a| Some(a.prompt.as_str())))
-        .bind(v(|a| a.output.as_deref()))
-        .bind(v(|a| Some(a.provider.as_str())))
-        .bind(v(|a| Some(a.output_mode.as_str())))
-        .bind(i(|a| a.tokens_cached))
-        .bind(i(|a| a.tokens_reasoning))
-        .execute(&mut *tx)
-        .await?;
-    }
-    tx.commit().await?;
+             ON CONFLICT (call_id) DO NOTHING)
+         INSERT INTO audit_attempts (worker, job_id, template_hash, seq, item_id, call_id, attempt, model, fallback,
+                                     request_hash, outcome, error_class, http_status, latency_ms, tokens_in,
+                                     tokens_out, cost_usd, api_key_id, prompt, output, provider, output_mode,
+                                     tokens_cached, tokens_reasoning)
+         SELECT $1, u.* FROM UNNEST($10::uuid[], $11::text[], $12::bigint[], $13::text[], $14::uuid[], $15::int[],
+                                    $16::text[], $17::bool[], $18::text[], $19::text[], $20::text[], $21::int[],
+                                    $22::int[], $23::int[], $24::int[], $25::float8[], $26::text[], $27::text[],
+                                    $28::text[], $29::text[], $30::text[], $31::int[], $32::int[]) AS u",
+    )
+    .bind(worker)
+    .bind(calls.iter().map(|(_, c)| c.call_id).collect::<Vec<_>>())
+    .bind(calls.iter().map(|(i, _)| i.job_id).collect::<Vec<_>>())
+    .bind(calls.iter().map(|(i, _)| i.seq).collect::<Vec<_>>())
+    .bind(calls.iter().map(|(i, _)| i.item_id.as_str()).collect::<Vec<_>>())
+    .bind(calls.iter().map(|(_, c)| c.attempt).collect::<Vec<_>>())
+    .bind(calls.iter().map(|(_, c)| c.provider.as_str()).collect::<Vec<_>>())
+    .bind(calls.iter().map(|(_, c)| c.model.as_str()).collect::<Vec<_>>())
+    .bind(calls.iter().map(|(_, c)| c.request_hash.as_str()).collect::<Vec<_>>())
+    .bind(attempts.iter().map(|(r, _, _)| r.job_id).collect::<Vec<_>>())
+    .bind(attempts.iter().map(|(r, _, _)| r.template_hash.as_str()).collect::<Vec<_>>())
+    .bind(attempts.iter().map(|(r, _, _)| r.seq).collect::<Vec<_>>())
+    .bind(attempts.iter().map(|(r, _, _)| r.item_id.as_str()).collect::<Vec<_>>())
+    .bind(attempts.iter().map(|(_, id, _)| *id).collect::<Vec<_>>())
+    .bind(i(|a| a.attempt))
+    .bind(v(|a| Some(a.model.as_str())))
+    .bind(attempts.iter().map(|(_, _, a)| a.fallback).collect::<Vec<bool>>())
+    .bind(v(|a| Some(a.request_hash.as_str())))
+    .bind(v(|a| Some(a.outcome.as_str())))
+    .bind(v(|a| a.error_class.as_deref()))
+    .bind(attempts.iter().map(|(_, _, a)| a.http_status).collect::<Vec<Option<i32>>>())
+    .bind(i(|a| a.latency_ms))
+    .bind(i(|a| a.tokens_in))
+    .bind(i(|a| a.tokens_out))
+    .bind(attempts.iter().map(|(_, _, a)| a.cost_usd).collect::<Vec<Option<f64>>>())
+    .bind(v(|a| Some(a.api_key_id.as_str())))
+    .bind(v(|a| Some(a.prompt.as_str())))
+    .bind(v(|a| a.output.as_deref()))
+    .bind(v(|a| Some(a.provider.as_str())))
+    .bind(v(|a| Some(a.output_mode.as_str())))
+    .bind(i(|a| a.tokens_cached))
+    .bind(i(|a| a.tokens_reasoning))
+    .execute(pool)
+    .await?;
     Ok(())
 }

@@ -236,7 +236,7 @@ pub async fn run_item(ctx: &ItemContext<'_>, job: &CompiledJob, item: &Item) -> 
             let call_id = uuid::Uuid::now_v7();
             let start = CallStart {
                 call_id,
-                attempt: item.prior + result.attempts,
+                attempt: result.attempts,
                 provider: ep.name.clone(),
                 model: route.model.clone(),
                 request_hash: request_hash.clone(),
@@ -269,7 +269,7 @@ pub async fn run_item(ctx: &ItemContext<'_>, job: &CompiledJob, item: &Item) -> 
                 cache_write: c.tokens_cache_write,
             });
             let record = AttemptRecord {
-                attempt: item.prior + result.attempts,
+                attempt: result.attempts,
                 model: route.model.clone(),
                 fallback: model_index > 0,
                 request_hash,

@@ -246,7 +246,7 @@ async fn handle(shared: Arc<Shared>, msg: Message, _slot: OwnedSemaphorePermit, 
 /// Results are written when this many have gathered, or when the oldest
 /// waited this long: a worker killed with SIGKILL repeats at most the calls
 /// in flight and those of the last fraction of a second.
-const COMMIT_ITEMS: usize = 50;
+const COMMIT_ITEMS: usize = 100;
 const COMMIT_EVERY: Duration = Duration::from_millis(100);
 
 /// Writes results once their attempts are in the audit trail. While Postgres
@@ -325,7 +325,8 @@ async fn work(
     let Some(job) = shared.jobs.get(&shared.pool, chunk.job_id, &shared.endpoints).await? else {
         return Ok(ChunkOutcome::Finished);
     };
-    let items = store::items(&shared.pool, chunk).await?;
+    // A first delivery of a chunk never reopened has no earlier attempts to count.
+    let items = store::items(&shared.pool, chunk, delivered > 1 || chunk.generation > 0).await?;
     if delivered > shared.max_deliveries {
         // Give up on this chunk rather than let its items vanish silently.
         let results: Vec<ItemResult> = items

@@ -36,11 +36,14 @@ pub struct Item {
     pub prior: i32,
 }
 
-/// The chunk's items that have no result yet.
-pub async fn items(pool: &PgPool, c: &ChunkMsg) -> Result<Vec<Item>, Error> {
+/// The chunk's items that have no result yet. With `earlier_attempts` (a
+/// redelivery, a reopened chunk) each item's attempts already in the audit
+/// trail are counted, so numbering goes on; a first delivery has none.
+pub async fn items(pool: &PgPool, c: &ChunkMsg, earlier_attempts: bool) -> Result<Vec<Item>, Error> {
     let rows = sqlx::query(
         "SELECT i.seq, i.item_id, i.payload,
-                (SELECT count(*) FROM audit_attempts a WHERE a.job_id = i.job_id AND a.seq = i.seq)::int AS prior
+                CASE WHEN $4 THEN (SELECT count(*) FROM audit_attempts a WHERE a.job_id = i.job_id AND a.seq = i.seq)::int
+                     ELSE 0 END AS prior
          FROM items i
          WHERE i.job_id = $1 AND i.seq BETWEEN $2 AND $3
            AND NOT EXISTS (SELECT 1 FROM results r WHERE r.job_id = i.job_id AND r.seq = i.seq)
@@ -49,6 +52,7 @@ pub async fn items(pool: &PgPool, c: &ChunkMsg) -> Result<Vec<Item>, Error> {
     .bind(c.job_id)
     .bind(c.first_seq)
     .bind(c.last_seq)
+    .bind(earlier_attempts)
     .fetch_all(pool)
     .await?;
     Ok(rows
@@ -129,7 +133,7 @@ impl ItemResult {
             error_class: Some(class.to_string()),
             error: Some(error),
             model: None,
-            attempts: 0,
+            attempts: item.prior,
             tokens_in: 0,
             tokens_out: 0,
             latency_ms: 0,
@@ -141,7 +145,8 @@ impl ItemResult {
 ///
 /// Results are upserted on (job, seq) and never overwritten, so a redelivered
 /// chunk processed twice leaves exactly one row per item. The caller has made
-/// sure the items' attempts are in the audit trail: `attempts` is their count.
+/// sure the items' attempts are in the audit trail; `attempts` counts them
+/// over every delivery.
 pub async fn write_chunk(
     pool: &PgPool,
     c: &ChunkMsg,
@@ -167,13 +172,12 @@ pub async fn write_chunk(
                                   model, template_hash, attempts, tokens_in, tokens_out, latency_ms, worker,
                                   confidence_detail)
              SELECT $1, u.seq, u.item_id, u.state, u.output, u.answer, u.confidence, u.error_class, u.error,
-                    u.model, $2,
-                    (SELECT count(*) FROM audit_attempts a WHERE a.job_id = $1 AND a.seq = u.seq)::int, u.tokens_in, u.tokens_out, u.latency_ms, $3, u.detail
+                    u.model, $2, u.attempts, u.tokens_in, u.tokens_out, u.latency_ms, $3, u.detail
              FROM UNNEST($4::bigint[], $5::text[], $6::text[], $7::jsonb[], $8::text[], $9::float8[],
-                         $10::text[], $11::text[], $12::text[], $13::int[], $14::int[], $15::int[],
-                         $16::jsonb[])
+                         $10::text[], $11::text[], $12::text[], $13::int[], $14::int[], $15::int[], $16::int[],
+                         $17::jsonb[])
                   AS u(seq, item_id, state, output, answer, confidence, error_class, error, model,
-                       tokens_in, tokens_out, latency_ms, detail)
+                       attempts, tokens_in, tokens_out, latency_ms, detail)
              ON CONFLICT (job_id, seq) DO NOTHING",
         )
         .bind(c.job_id)
@@ -188,6 +192,7 @@ pub async fn write_chunk(
         .bind(col(|r| r.error_class.clone()))
         .bind(col(|r| r.error.clone()))
         .bind(col(|r| r.model.clone()))
+        .bind(results.iter().map(|r| r.attempts).collect::<Vec<i32>>())
         .bind(&tin)
         .bind(&tout)
         .bind(&lat)
