@@ -50,13 +50,8 @@ async fn a_job_survives_nats_coming_back_with_an_empty_store_without_restarts() 
     .await
     .unwrap();
     stack.wait_completed(report.job_id, Duration::from_secs(120)).await.unwrap();
-    let (n, distinct): (i64, i64) =
-        sqlx::query_as("SELECT count(*), count(DISTINCT seq) FROM results WHERE job_id = $1 AND state = 'succeeded'")
-            .bind(report.job_id)
-            .fetch_one(&stack.db.pool)
-            .await
-            .unwrap();
-    assert_eq!((n, distinct), (3_000, 3_000));
+    assert_one_result_each(&stack, report.job_id, 3_000).await;
+    assert_eq!(stack.client.status(report.job_id).await.unwrap().succeeded, 3_000);
     // Failures are logged once per change of state, not on every retry.
     for log in &logs {
         let text = std::fs::read_to_string(log).unwrap();
@@ -65,6 +60,30 @@ async fn a_job_survives_nats_coming_back_with_an_empty_store_without_restarts() 
         let warnings = text.lines().filter(|l| l.contains("WARN")).count();
         assert!(warnings <= 20, "{warnings} warnings in {}:\n{text}", log.display());
     }
+}
+
+/// Checks that the job has exactly one result per item.
+async fn assert_one_result_each(stack: &Stack, job: Uuid, total: u64) {
+    let (n, distinct): (i64, i64) =
+        sqlx::query_as("SELECT count(*), count(DISTINCT seq) FROM results WHERE job_id = $1")
+            .bind(job)
+            .fetch_one(&stack.db.pool)
+            .await
+            .unwrap();
+    assert_eq!((n, distinct), (total as i64, total as i64));
+}
+
+/// Calls the simulator answered that have no row in `audit_calls`, matched by request hash.
+async fn unaudited_answers(stack: &Stack, job: Uuid) -> i64 {
+    let calls: Vec<String> = sqlx::query_scalar("SELECT request_hash FROM audit_calls WHERE job_id = $1")
+        .bind(job)
+        .fetch_all(&stack.db.pool)
+        .await
+        .unwrap();
+    let log = stack.sim.sim.log();
+    let answered = tally(log.iter().filter(|e| e.status == 200).map(|e| e.request_hash.as_str()));
+    let audited = tally(calls.iter().map(String::as_str));
+    answered.iter().map(|(h, n)| (n - audited.get(h).copied().unwrap_or(0)).max(0)).sum()
 }
 
 /// Request hashes and how often each occurs.
@@ -102,24 +121,10 @@ async fn workers_killed_mid_chunk_leave_every_answered_call_audited() {
     stack.wait_completed(report.job_id, Duration::from_secs(120)).await.unwrap();
 
     let pool = &stack.db.pool;
-    let (n, distinct): (i64, i64) =
-        sqlx::query_as("SELECT count(*), count(DISTINCT seq) FROM results WHERE job_id = $1")
-            .bind(report.job_id)
-            .fetch_one(pool)
-            .await
-            .unwrap();
-    assert_eq!((n, distinct), (total as i64, total as i64));
+    assert_one_result_each(&stack, report.job_id, total).await;
     // Every call the simulator answered was recorded before it was made.
-    let calls: Vec<String> = sqlx::query_scalar("SELECT request_hash FROM audit_calls WHERE job_id = $1")
-        .bind(report.job_id)
-        .fetch_all(pool)
-        .await
-        .unwrap();
+    assert_eq!(unaudited_answers(&stack, report.job_id).await, 0, "answered calls without an audit row");
     let log = stack.sim.sim.log();
-    let answered = tally(log.iter().filter(|e| e.status == 200).map(|e| e.request_hash.as_str()));
-    let audited = tally(calls.iter().map(String::as_str));
-    let missing: i64 = answered.iter().map(|(h, n)| (n - audited.get(h).copied().unwrap_or(0)).max(0)).sum();
-    assert_eq!(missing, 0, "{missing} answered calls have no audit row");
     // Outcomes are attached to their calls; calls cut off by a kill have none.
     let (attempts, orphans, unfinished): (i64, i64, i64) = sqlx::query_as(
         "SELECT (SELECT count(*) FROM audit_attempts WHERE job_id = $1),
@@ -188,22 +193,8 @@ async fn no_model_call_is_made_while_postgres_is_down_and_the_job_completes_afte
     );
 
     stack.wait_completed(report.job_id, Duration::from_secs(120)).await.unwrap();
-    let (n, distinct): (i64, i64) =
-        sqlx::query_as("SELECT count(*), count(DISTINCT seq) FROM results WHERE job_id = $1")
-            .bind(report.job_id)
-            .fetch_one(&stack.db.pool)
-            .await
-            .unwrap();
-    assert_eq!((n, distinct), (total as i64, total as i64));
-    let calls: Vec<String> = sqlx::query_scalar("SELECT request_hash FROM audit_calls WHERE job_id = $1")
-        .bind(report.job_id)
-        .fetch_all(&stack.db.pool)
-        .await
-        .unwrap();
-    let answered = tally(log.iter().filter(|e| e.status == 200).map(|e| e.request_hash.as_str()));
-    let audited = tally(calls.iter().map(String::as_str));
-    let missing: i64 = answered.iter().map(|(h, n)| (n - audited.get(h).copied().unwrap_or(0)).max(0)).sum();
-    assert_eq!(missing, 0, "{missing} answered calls have no audit row");
+    assert_one_result_each(&stack, report.job_id, total).await;
+    assert_eq!(unaudited_answers(&stack, report.job_id).await, 0, "answered calls without an audit row");
     // Answers that arrived during the outage were kept, not asked again.
     let repeated = log.iter().filter(|e| e.status == 200).count() as i64 - total as i64;
     assert!(repeated <= 8, "{repeated} calls repeated");

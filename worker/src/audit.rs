@@ -8,6 +8,7 @@
 //! calls without an attempt row. While Postgres cannot be written, no new call
 //! starts: this is the worker's breaker on the database.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::PgPool;
@@ -38,8 +39,8 @@ pub struct CallStart {
 
 enum Row {
     /// A call about to be made; the sender hears once its row is committed.
-    Call(ItemRef, CallStart, oneshot::Sender<()>),
-    Attempt(ItemRef, Uuid, AttemptRecord),
+    Call(Arc<ItemRef>, CallStart, oneshot::Sender<()>),
+    Attempt(Arc<ItemRef>, Uuid, AttemptRecord),
     /// No row: answered once everything sent before it is committed.
     Flush(oneshot::Sender<()>),
 }
@@ -59,14 +60,14 @@ impl Audit {
     }
 
     /// Records a call about to be made and returns once it is committed.
-    pub async fn begin(&self, item: &ItemRef, call: CallStart) -> Result<(), Error> {
+    pub async fn begin(&self, item: &Arc<ItemRef>, call: CallStart) -> Result<(), Error> {
         let (done, committed) = oneshot::channel();
         self.tx.send(Row::Call(item.clone(), call, done)).map_err(|_| Error::AuditStopped)?;
         committed.await.map_err(|_| Error::AuditStopped)
     }
 
     /// Records the outcome of call `call_id`; committed with the next batch.
-    pub fn finished(&self, item: &ItemRef, call_id: Uuid, attempt: AttemptRecord) {
+    pub fn finished(&self, item: &Arc<ItemRef>, call_id: Uuid, attempt: AttemptRecord) {
         let _ = self.tx.send(Row::Attempt(item.clone(), call_id, attempt));
     }
 
@@ -122,14 +123,14 @@ async fn write(pool: &PgPool, worker: &str, batch: &[Row]) -> Result<(), Error> 
     let calls: Vec<(&ItemRef, &CallStart)> = batch
         .iter()
         .filter_map(|r| match r {
-            Row::Call(i, c, _) => Some((i, c)),
+            Row::Call(i, c, _) => Some((&**i, c)),
             _ => None,
         })
         .collect();
     let attempts: Vec<(&ItemRef, Uuid, &AttemptRecord)> = batch
         .iter()
         .filter_map(|r| match r {
-            Row::Attempt(i, id, a) => Some((i, *id, a)),
+            Row::Attempt(i, id, a) => Some((&**i, *id, a)),
             _ => None,
         })
         .collect();

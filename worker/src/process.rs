@@ -150,12 +150,12 @@ pub async fn run_item(ctx: &ItemContext<'_>, job: &CompiledJob, item: &Item) -> 
         Err(msg) => return Ok(Outcome::Done(ItemResult::failed(item, "unknown_model", msg.clone()))),
     };
     let mut result = ItemResult::failed(item, "unknown", String::new());
-    let iref = ItemRef {
+    let iref = std::sync::Arc::new(ItemRef {
         job_id: ctx.job_id,
         seq: item.seq,
         item_id: item.id.clone(),
         template_hash: job.template_hash.clone(),
-    };
+    });
     let spec = &job.kind.spec;
     let base = vec![Message { role: "user".into(), content: prompt }];
 
