@@ -47,7 +47,7 @@ pub struct RetryPolicy {
 /// What became of an item.
 #[derive(Debug)]
 pub enum Outcome {
-    Done(ItemResult),
+    Done(Box<ItemResult>),
     /// Not attempted to the end because the breaker is open (retry after this
     /// long) or the worker is shutting down (zero). The attempts made so far
     /// are in the audit trail already.
@@ -142,12 +142,16 @@ pub async fn run_item(ctx: &ItemContext<'_>, job: &CompiledJob, item: &Item) -> 
     let prompt = match job.prompt.render(&item.payload) {
         Ok(p) => p,
         Err(e) => {
-            return Ok(Outcome::Done(ItemResult::failed(item, "template", format!("cannot render the prompt: {e}"))))
+            return Ok(Outcome::Done(Box::new(ItemResult::failed(
+                item,
+                "template",
+                format!("cannot render the prompt: {e}"),
+            ))))
         }
     };
     let routes = match &job.routes {
         Ok(r) => r,
-        Err(msg) => return Ok(Outcome::Done(ItemResult::failed(item, "unknown_model", msg.clone()))),
+        Err(msg) => return Ok(Outcome::Done(Box::new(ItemResult::failed(item, "unknown_model", msg.clone())))),
     };
     let mut result = ItemResult::failed(item, "unknown", String::new());
     let iref = std::sync::Arc::new(ItemRef {
@@ -414,7 +418,7 @@ pub async fn run_item(ctx: &ItemContext<'_>, job: &CompiledJob, item: &Item) -> 
                             result.confidence_detail = Some(scored.detail);
                             result.output = Some(value);
                             result.answer = Some(answer);
-                            return Ok(Outcome::Done(finish(result, started)));
+                            return Ok(Outcome::Done(Box::new(finish(result, started))));
                         }
                         Err(msg) if repairs < ctx.policy.max_repairs => {
                             repairs += 1;
@@ -499,7 +503,7 @@ pub async fn run_item(ctx: &ItemContext<'_>, job: &CompiledJob, item: &Item) -> 
     result.model = Some(routes.first().map_or_else(|| spec.model.clone(), |r| r.model.clone()));
     result.error_class = Some(class.to_string());
     result.error = Some(message);
-    Ok(Outcome::Done(finish(result, started)))
+    Ok(Outcome::Done(Box::new(finish(result, started))))
 }
 
 /// Logs a failed update of shared state that the item can do without.

@@ -378,7 +378,7 @@ async fn work(
     let mut last_write = Instant::now();
     while let Some(o) = running.next().await {
         match o {
-            Ok(Outcome::Done(r)) => batch.push(r),
+            Ok(Outcome::Done(r)) => batch.push(*r),
             Ok(Outcome::Held(d)) => held = Some(held.map_or(d, |h| h.min(d))),
             Err(e) => failure = Some(e),
         }
