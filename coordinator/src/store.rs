@@ -49,7 +49,14 @@ pub async fn ensure_schema(pool: &PgPool, owner_url: Option<&str>) -> Result<(),
                 _ => Err(e),
             })?;
         if applied.unwrap_or(0) < latest {
-            migrations::MIGRATOR.run(pool).await.map_err(|e| {
+            // On a connection of its own, closed if the migration fails: the
+            // migrator's advisory lock must not outlive the attempt.
+            let mut conn = pool.acquire().await?;
+            let migrated = migrations::MIGRATOR.run(&mut *conn).await;
+            if migrated.is_err() {
+                sqlx::Connection::close(conn.detach()).await.ok();
+            }
+            migrated.map_err(|e| {
                 Error::Config(format!(
                     "the database schema is at version {} and Sluice needs {latest}, and SLUICE_DATABASE_URL's role cannot migrate it ({}): run `sluice migrate --database-url <owner's URL>`, or set SLUICE_MIGRATE_DATABASE_URL",
                     applied.unwrap_or(0),

@@ -145,6 +145,13 @@ impl TestDb {
 
     /// A database on the server at `admin_url` (a server-level URL of a role that may create databases).
     pub async fn create_on(admin_url: &str) -> anyhow::Result<Self> {
+        let db = Self::create_empty(admin_url).await?;
+        migrations::MIGRATOR.run(&db.pool).await?;
+        Ok(db)
+    }
+
+    /// A database without Sluice's schema, for tests of migrating it.
+    pub async fn create_empty(admin_url: &str) -> anyhow::Result<Self> {
         let admin_url = admin_url.to_string();
         // The process id lets scripts/test drop databases of test runs that
         // died, and only those.
@@ -156,7 +163,6 @@ impl TestDb {
         let base = admin_url.rsplit_once('/').map(|(b, _)| b).unwrap_or(&admin_url);
         let url = format!("{base}/{name}");
         let pool = sqlx::postgres::PgPoolOptions::new().max_connections(4).connect(&url).await?;
-        migrations::MIGRATOR.run(&pool).await?;
         Ok(TestDb { url, pool, admin_url, name })
     }
 }
