@@ -250,6 +250,8 @@ async fn upload_cut_off(stack: &Stack) -> Uuid {
     })
     .await
     .unwrap();
+    // An abrupt reset, as a killed process or a dropped network gives.
+    sock.set_linger(Some(std::time::Duration::ZERO)).unwrap();
     drop(sock);
     job_id
 }
