@@ -58,6 +58,7 @@ async fn a_job_survives_nats_coming_back_with_an_empty_store_without_restarts() 
         let failures = text.lines().filter(|l| l.contains("retrying until it works")).count();
         assert!(failures <= 6, "{failures} failure lines in {}:\n{text}", log.display());
         let warnings = text.lines().filter(|l| l.contains("WARN")).count();
+        eprintln!("{}: {failures} failure lines, {warnings} warnings", log.display());
         assert!(warnings <= 20, "{warnings} warnings in {}:\n{text}", log.display());
     }
 }
