@@ -251,6 +251,8 @@ async fn upload_cut_off(stack: &Stack) -> Uuid {
     .await
     .unwrap();
     // An abrupt reset, as a killed process or a dropped network gives.
+    // Deprecated because a non-zero linger blocks on drop; zero resets at once.
+    #[allow(deprecated)]
     sock.set_linger(Some(std::time::Duration::ZERO)).unwrap();
     drop(sock);
     job_id

@@ -72,12 +72,14 @@ async fn follow(kv: kv::Store, key: String, mut watch: kv::Watch, cache: Arc<RwL
             };
             *cache.write().expect("breaker cache lock") = state;
         }
+        tracing::warn!(breaker = %key, "the breaker's watch ended (NATS away?); following it again");
         watch = loop {
             tokio::time::sleep(Duration::from_secs(1)).await;
             if let Ok(w) = kv.watch_with_history(&key).await {
                 break w;
             }
         };
+        tracing::info!(breaker = %key, "following the breaker again");
         // A bucket that came back empty holds no breaker: closed, unless the
         // new watch says otherwise.
         *cache.write().expect("breaker cache lock") = BreakerState::default();

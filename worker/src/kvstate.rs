@@ -14,15 +14,19 @@ pub fn now_ms() -> u64 {
 
 /// Reads `key` (or `init(now)` when absent or unreadable), lets `f` change it,
 /// and writes it back only if the key has not changed meanwhile, retrying on
-/// conflict. `f` returns whether there is anything to write. Returns the state
-/// written, if any.
+/// conflict up to [`MAX_CONFLICTS`] times in a row. `f` returns whether there
+/// is anything to write. Returns the state written, if any.
+/// Conflicts in a row after which a compare-and-set gives up: far beyond what
+/// any number of workers sharing a key produces, so only a fault ends there.
+pub const MAX_CONFLICTS: usize = 100;
+
 pub async fn modify<T, I, F>(store: &kv::Store, key: &str, init: I, mut f: F) -> Result<Option<T>, Error>
 where
     T: Serialize + DeserializeOwned,
     I: Fn(u64) -> T,
     F: FnMut(&mut T, u64) -> bool,
 {
-    loop {
+    for _ in 0..MAX_CONFLICTS {
         let now = now_ms();
         let entry = store.entry(key.to_string()).await.map_err(|e| Error::Kv(Box::new(e)))?;
         let (mut state, revision) = match entry {
@@ -51,4 +55,5 @@ where
             return Ok(Some(state));
         }
     }
+    Err(Error::Kv(format!("compare-and-set on {key} lost {MAX_CONFLICTS} times in a row").into()))
 }
