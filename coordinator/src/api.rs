@@ -16,7 +16,7 @@ use tokio::sync::Notify;
 use uuid::Uuid;
 
 use crate::ingest::{self, Mode};
-use crate::model::{ApiError, Created, NewJob};
+use crate::model::{ApiError, Created, Format, NewJob};
 use crate::{metrics as m, review, store, Error};
 use common::prices::PriceTable;
 use common::providers::{Catalog, Param};
@@ -278,17 +278,14 @@ async fn review_export(
     Path(job_id): Path<Uuid>,
     Query(p): Query<ReviewParams>,
 ) -> Result<Response, Error> {
+    let format =
+        Format::parse(&p.format, &[Format::Jsonl, Format::Csv, Format::LabelStudio]).map_err(Error::Invalid)?;
     let spec = store::job_spec(&st.pool, job_id).await?;
     let items = review::queue(&st.pool, job_id, p.below).await?;
-    let body = review::render(&items, &p.format, &spec.labels).map_err(Error::Invalid)?;
+    let body = review::render(&items, format, &spec.labels);
     let detail = serde_json::json!({"what": "review", "format": p.format, "below": p.below, "items": items.len()});
     store::event(&st.pool, job_id, "exported", &actor, detail).await?;
-    let content_type = match p.format.as_str() {
-        "csv" => "text/csv",
-        "label-studio" => "application/json",
-        _ => "application/x-ndjson",
-    };
-    Ok(([(header::CONTENT_TYPE, content_type)], body).into_response())
+    Ok(([(header::CONTENT_TYPE, format.content_type())], body).into_response())
 }
 
 #[derive(Deserialize)]
@@ -306,11 +303,8 @@ async fn review_import(
     Query(p): Query<ImportParams>,
     body: axum::body::Bytes,
 ) -> Result<Response, Error> {
-    let csv_format = match p.format.as_str() {
-        "jsonl" => false,
-        "csv" => true,
-        other => return Err(Error::Invalid(format!("unknown format {other:?}: use jsonl or csv"))),
-    };
+    let format = Format::parse(&p.format, &[Format::Jsonl, Format::Csv]).map_err(Error::Invalid)?;
+    let csv_format = format == Format::Csv;
     let source = p.source.unwrap_or_else(|| format!("upload.{}", p.format));
     let report = review::import(&st.pool, job_id, &body, csv_format, &source, &actor).await?;
     if !report.errors.is_empty() {
@@ -327,22 +321,14 @@ async fn results(
     Path(job_id): Path<Uuid>,
     Query(p): Query<ResultParams>,
 ) -> Result<Response, Error> {
+    let format = Format::parse(&p.format, &[Format::Jsonl, Format::Csv]).map_err(Error::Invalid)?;
     // Fails with 404 before streaming if the job does not exist.
     store::job_spec(&st.pool, job_id).await?;
     store::event(&st.pool, job_id, "exported", &actor, serde_json::json!({"what": "results", "format": p.format}))
         .await?;
-    let csv = match p.format.as_str() {
-        "jsonl" => false,
-        "csv" => true,
-        other => {
-            let error = format!("unknown format {other:?}: use jsonl or csv");
-            return Ok((StatusCode::BAD_REQUEST, Json(ApiError { error, report: None })).into_response());
-        }
-    };
     let pool = st.pool.clone();
-    let rows = async_stream_rows(pool, job_id, csv);
-    let content_type = if csv { "text/csv" } else { "application/x-ndjson" };
-    Ok(([(header::CONTENT_TYPE, content_type)], Body::from_stream(rows)).into_response())
+    let rows = async_stream_rows(pool, job_id, format == Format::Csv);
+    Ok(([(header::CONTENT_TYPE, format.content_type())], Body::from_stream(rows)).into_response())
 }
 
 fn async_stream_rows(

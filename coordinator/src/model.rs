@@ -142,3 +142,42 @@ pub struct ImportReport {
     /// The refused lines (nothing is applied when there are any).
     pub errors: Vec<DecisionError>,
 }
+
+/// A format the API exports or imports, as named in `?format=`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Jsonl,
+    Csv,
+    /// Label Studio tasks (a JSON array), for review queues.
+    LabelStudio,
+}
+
+impl Format {
+    fn name(self) -> &'static str {
+        match self {
+            Format::Jsonl => "jsonl",
+            Format::Csv => "csv",
+            Format::LabelStudio => "label-studio",
+        }
+    }
+
+    /// Parses `name`, accepting only the formats in `allowed`; the error lists them.
+    pub fn parse(name: &str, allowed: &[Format]) -> Result<Format, String> {
+        allowed.iter().copied().find(|f| f.name() == name).ok_or_else(|| {
+            let names: Vec<&str> = allowed.iter().map(|f| f.name()).collect();
+            let list = match names.split_last() {
+                Some((last, rest)) if !rest.is_empty() => format!("{} or {last}", rest.join(", ")),
+                _ => names.join(""),
+            };
+            format!("unknown format {name:?}: use {list}")
+        })
+    }
+
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Format::Jsonl => "application/x-ndjson",
+            Format::Csv => "text/csv",
+            Format::LabelStudio => "application/json",
+        }
+    }
+}

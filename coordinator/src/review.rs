@@ -7,6 +7,7 @@ use serde_json::{json, Value};
 use sqlx::{PgPool, Row};
 use uuid::Uuid;
 
+use crate::model::Format;
 use crate::model::{DecisionError, ImportReport};
 use crate::{store, Error};
 
@@ -58,17 +59,17 @@ pub async fn queue(pool: &PgPool, job_id: Uuid, below: Option<f64>) -> Result<Ve
 
 /// Writes the queue in `format`: `jsonl`, `csv` or `label-studio` (a JSON
 /// array of tasks whose prediction carries the model's answer and score).
-pub fn render(items: &[QueueItem], format: &str, labels: &[String]) -> Result<Vec<u8>, String> {
+pub fn render(items: &[QueueItem], format: Format, labels: &[String]) -> Vec<u8> {
     match format {
-        "jsonl" => {
+        Format::Jsonl => {
             let mut out = Vec::new();
             for i in items {
                 serde_json::to_writer(&mut out, i).expect("queue item serialises");
                 out.push(b'\n');
             }
-            Ok(out)
+            out
         }
-        "csv" => {
+        Format::Csv => {
             let mut w = csv::Writer::from_writer(Vec::new());
             w.write_record(["id", "answer", "confidence", "model", "input"]).expect("writing to memory");
             for i in items {
@@ -81,9 +82,9 @@ pub fn render(items: &[QueueItem], format: &str, labels: &[String]) -> Result<Ve
                 ])
                 .expect("writing to memory");
             }
-            Ok(w.into_inner().expect("writing to memory"))
+            w.into_inner().expect("writing to memory")
         }
-        "label-studio" => {
+        Format::LabelStudio => {
             let tasks: Vec<Value> = items
                 .iter()
                 .map(|i| {
@@ -109,9 +110,8 @@ pub fn render(items: &[QueueItem], format: &str, labels: &[String]) -> Result<Ve
                     })
                 })
                 .collect();
-            Ok(serde_json::to_vec_pretty(&tasks).expect("tasks serialise"))
+            serde_json::to_vec_pretty(&tasks).expect("tasks serialise")
         }
-        other => Err(format!("unknown format {other:?}: use jsonl, csv or label-studio")),
     }
 }
 
@@ -329,12 +329,24 @@ mod tests {
             state: "needs_review".into(),
             seq: 7,
         };
-        let out: Value = serde_json::from_slice(&render(&[item], "label-studio", &["sports".into()]).unwrap()).unwrap();
+        let out: Value = serde_json::from_slice(&render(&[item], Format::LabelStudio, &["sports".into()])).unwrap();
         let task = &out[0];
         assert_eq!(task["data"]["text"], "hello");
         assert_eq!(task["data"]["sluice_id"], "doc-1");
         assert_eq!(task["predictions"][0]["score"], 0.42);
         assert_eq!(task["predictions"][0]["result"][0]["value"]["choices"][0], "sports");
-        assert!(render(&[], "xml", &[]).is_err());
+    }
+
+    #[test]
+    fn formats_are_parsed_once_with_the_allowed_ones_named() {
+        let all = [Format::Jsonl, Format::Csv, Format::LabelStudio];
+        assert_eq!(Format::parse("label-studio", &all), Ok(Format::LabelStudio));
+        assert_eq!(Format::parse("xml", &all).unwrap_err(), "unknown format \"xml\": use jsonl, csv or label-studio");
+        let two = [Format::Jsonl, Format::Csv];
+        assert_eq!(
+            Format::parse("label-studio", &two).unwrap_err(),
+            "unknown format \"label-studio\": use jsonl or csv"
+        );
+        assert_eq!(Format::parse("csv", &two).map(Format::content_type), Ok("text/csv"));
     }
 }
