@@ -87,8 +87,4 @@ impl Health {
             tracing::info!("{what} works again");
         }
     }
-
-    pub fn is_failing(&self) -> bool {
-        self.failing.is_some()
-    }
 }

@@ -453,7 +453,7 @@ pub async fn run_item(ctx: &ItemContext<'_>, job: &CompiledJob, item: &Item) -> 
                         CallError::RateLimited { retry_after, rate } => {
                             rate_limited += 1;
                             let shared = match &limiter {
-                                Some(l) => l.rate_limited(retry_after, &rate).await.map_err(|e| soft(Err(e))).is_ok(),
+                                Some(l) => soft(l.rate_limited(retry_after, &rate).await),
                                 None => false,
                             };
                             if !shared {
@@ -506,11 +506,13 @@ pub async fn run_item(ctx: &ItemContext<'_>, job: &CompiledJob, item: &Item) -> 
     Ok(Outcome::Done(Box::new(finish(result, started))))
 }
 
-/// Logs a failed update of shared state that the item can do without.
-fn soft(r: Result<(), Error>) {
-    if let Err(e) = r {
-        tracing::debug!(error = &e as &dyn std::error::Error, "shared state not updated");
+/// Logs a failed update of shared state that the item can do without;
+/// returns whether it was made.
+fn soft(r: Result<(), Error>) -> bool {
+    if let Err(e) = &r {
+        tracing::debug!(error = e as &dyn std::error::Error, "shared state not updated");
     }
+    r.is_ok()
 }
 
 /// Classes that count against the breaker: an item that last failed with one
