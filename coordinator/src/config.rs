@@ -27,10 +27,12 @@ pub struct ServeConfig {
     /// Address the control API listens on.
     #[arg(long, env = "SLUICE_LISTEN", default_value = "127.0.0.1:7700")]
     pub listen: String,
-    /// Most chunk messages of one job in the stream at once; jobs are topped
-    /// up in turn, so a small job never waits behind all of a big one.
-    #[arg(long, env = "SLUICE_PUBLISH_WINDOW", default_value_t = 128)]
-    pub publish_window: usize,
+    /// How much work may wait in the queue, in milliseconds at the pace
+    /// workers take chunks (beyond one chunk per worker asking for one). A
+    /// newly submitted job waits behind no more than this, plus what the
+    /// workers hold, and then shares the workers and the rate limit equally.
+    #[arg(long, env = "SLUICE_QUEUE_AHEAD_MS", default_value_t = 1_000)]
+    pub queue_ahead_ms: u64,
     /// How often the publisher tops jobs up, in milliseconds.
     #[arg(long, env = "SLUICE_PUBLISH_INTERVAL_MS", default_value_t = 100)]
     pub publish_interval_ms: u64,
@@ -94,9 +96,6 @@ impl ServeConfig {
         if !self.nats_url.contains("://") && !self.nats_url.contains(':') {
             return Err(Error::Config(format!("SLUICE_NATS_URL is not a URL: {:?}", self.nats_url)));
         }
-        if self.publish_window == 0 {
-            return Err(Error::Config("SLUICE_PUBLISH_WINDOW must be at least 1".into()));
-        }
         if self.db_pool_size == 0 {
             return Err(Error::Config("SLUICE_DB_POOL_SIZE must be at least 1".into()));
         }
@@ -111,7 +110,7 @@ impl ServeConfig {
             db_pool_size: 8,
             nats_url: nats_url.to_string(),
             listen: "127.0.0.1:0".into(),
-            publish_window: 128,
+            queue_ahead_ms: 1_000,
             publish_interval_ms: 100,
             reconcile_interval_ms: 1_000,
             republish_after_ms: 2_000,

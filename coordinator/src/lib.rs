@@ -63,11 +63,14 @@ impl Coordinator {
         } else {
             None
         };
-        let publisher = tokio::spawn(publish::run(
+        let publisher = publish::Publisher::new(
             self.state.js.clone(),
             self.state.pool.clone(),
             self.state.stream.clone(),
-            self.config.publish_window,
+            std::time::Duration::from_millis(self.config.queue_ahead_ms),
+        );
+        let publisher = tokio::spawn(publish::run(
+            publisher,
             std::time::Duration::from_millis(self.config.publish_interval_ms),
             self.state.wake.clone(),
             shutdown.clone(),

@@ -1,13 +1,27 @@
-//! Publishes chunk messages to JetStream, one per chunk, deduplicated by `Nats-Msg-Id`, keeping a bounded window per job.
+//! Publishes chunk messages to JetStream, deduplicated by `Nats-Msg-Id`, keeping no more work queued than workers take in about a second.
 //!
-//! Each running job has at most `window` messages in the stream at a time;
-//! the publisher tops every job up in turn. Workers receive messages in
-//! stream order, so jobs interleave: a 100-item job submitted after a
-//! 100,000-item one waits for at most one window of the big job, not for all
-//! of it, and both share the model's rate limit.
+//! Workers receive chunks in stream order, so whatever is queued when a job
+//! is submitted runs before it. The publisher therefore keeps the queue short
+//! and shares it out:
+//!
+//! - **How much is queued.** The consumer's delivery counter gives the pace at
+//!   which workers take chunks ([`Pace`]); the publisher keeps about
+//!   `SLUICE_QUEUE_AHEAD_MS` of work at that pace undelivered, plus one chunk
+//!   for every worker's pull request that is waiting. On a model limited to 20
+//!   requests a second that is no chunk at all beyond what the workers ask
+//!   for; on an unlimited one it is as many as the workers get through in that
+//!   time. A new job's first chunk therefore waits behind at most that much
+//!   work, plus what the workers already hold.
+//! - **Whose chunks.** Each chunk published goes to the running job with the
+//!   fewest messages in the stream, the oldest on a tie ([`share`]), so jobs
+//!   interleave and each gets an equal part of the workers and the rate limit.
+//!
+//! One stream request (messages per subject), one consumer request and one
+//! query make a turn when nothing needs publishing.
 
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, message::PublishMessage};
 use futures::future::try_join_all;
@@ -17,6 +31,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use common::nats::NatsError;
 use common::wire::ChunkMsg;
 
 use crate::store;
@@ -25,8 +40,8 @@ use crate::{metrics as m, Error};
 /// How many publishes may await their acks at once.
 const WINDOW: usize = 512;
 
-/// Publishes `chunks` and records them as published in Postgres. `cause`
-/// labels the metric (`submit` or `reconcile`).
+/// Publishes `chunks` (in this order, of any jobs) and records them as
+/// published in Postgres. `cause` labels the metric.
 pub async fn publish_chunks(
     js: &jetstream::Context,
     pool: &PgPool,
@@ -45,9 +60,12 @@ pub async fn publish_chunks(
             acks.push(async move { ack.await.map_err(|e| publish_error(c, e)) });
         }
         try_join_all(acks).await?;
-        if let Some(first) = window.first() {
-            let nos: Vec<i32> = window.iter().map(|c| c.chunk_no).collect();
-            store::mark_published(pool, first.job_id, &nos).await?;
+        let mut by_job: HashMap<Uuid, Vec<i32>> = HashMap::new();
+        for c in window {
+            by_job.entry(c.job_id).or_default().push(c.chunk_no);
+        }
+        for (job_id, nos) in by_job {
+            store::mark_published(pool, job_id, &nos).await?;
         }
         metrics::counter!(m::CHUNKS_PUBLISHED, "cause" => cause).increment(window.len() as u64);
     }
@@ -86,56 +104,162 @@ impl StreamWatch {
     }
 }
 
-/// How many messages of `job_id` are in the stream (queued or being worked on).
-pub async fn messages_in_stream(stream: &jetstream::stream::Stream, job_id: Uuid) -> Result<usize, Error> {
-    let nats_err = |e: Box<dyn std::error::Error + Send + Sync>| Error::Nats(common::nats::NatsError::Request(e));
-    let subject = common::wire::chunk_subject(job_id);
+fn request_error(e: impl std::error::Error + Send + Sync + 'static) -> Error {
+    Error::Nats(NatsError::Request(Box::new(e)))
+}
+
+/// How many messages each job has in the stream (queued or being worked on),
+/// in one request. A job with none is absent.
+pub async fn messages_by_job(stream: &jetstream::stream::Stream) -> Result<HashMap<Uuid, usize>, Error> {
+    let prefix = format!("{}.", common::wire::SUBJECT_PREFIX);
     let counts: Vec<(String, usize)> = stream
-        .info_with_subjects(&subject)
+        .info_with_subjects(format!("{prefix}*"))
         .await
-        .map_err(|e| nats_err(Box::new(e)))?
+        .map_err(request_error)?
         .try_collect()
         .await
-        .map_err(|e| nats_err(Box::new(e)))?;
-    Ok(counts.iter().filter(|(s, _)| *s == subject).map(|(_, n)| n).sum())
+        .map_err(request_error)?;
+    Ok(counts.into_iter().filter_map(|(subject, n)| Some((subject.strip_prefix(&prefix)?.parse().ok()?, n))).collect())
 }
 
-/// Tops every running job up to `window` messages in the stream, oldest job first.
-pub async fn top_up(
-    js: &jetstream::Context,
-    pool: &PgPool,
-    watch: &tokio::sync::Mutex<StreamWatch>,
-    window: usize,
-) -> Result<(), Error> {
-    let stream = watch.lock().await.stream(js, pool).await?;
-    for job_id in store::running_jobs(pool).await? {
-        let queued = messages_in_stream(&stream, job_id).await?;
-        if queued >= window {
-            continue;
+/// What the workers' consumer reports: chunks not yet delivered, pull
+/// requests waiting for chunks, and deliveries so far. Before any worker has
+/// started there is no consumer: everything in the stream is undelivered.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Demand {
+    pub undelivered: u64,
+    pub waiting: usize,
+    pub delivered: u64,
+}
+
+async fn demand(stream: &jetstream::stream::Stream, in_stream: u64) -> Result<Demand, Error> {
+    use async_nats::jetstream::context::ConsumerInfoErrorKind;
+    match stream.consumer_info(common::wire::CONSUMER).await {
+        Ok(info) => Ok(Demand {
+            undelivered: info.num_pending,
+            waiting: info.num_waiting,
+            delivered: info.delivered.consumer_sequence,
+        }),
+        Err(e) if e.kind() == ConsumerInfoErrorKind::NotFound => {
+            Ok(Demand { undelivered: in_stream, ..Demand::default() })
         }
-        let chunks = store::unpublished_chunks(pool, job_id, (window - queued) as i64).await?;
-        if !chunks.is_empty() {
-            publish_chunks(js, pool, &chunks, "publish").await?;
+        Err(e) => Err(request_error(e)),
+    }
+}
+
+/// The pace at which workers take chunks, in chunks per second, from the
+/// consumer's delivery counter over the last few seconds.
+#[derive(Debug, Default)]
+pub struct Pace {
+    samples: VecDeque<(Instant, u64)>,
+}
+
+/// How far back [`Pace`] looks.
+const PACE_SPAN: Duration = Duration::from_secs(3);
+
+impl Pace {
+    /// Records the delivery counter at `now` and returns the pace.
+    pub fn observe(&mut self, now: Instant, delivered: u64) -> f64 {
+        if self.samples.back().is_some_and(|&(_, last)| delivered < last) {
+            // A new consumer (JetStream lost its state): start again.
+            self.samples.clear();
+        }
+        self.samples.push_back((now, delivered));
+        while self.samples.len() > 2 && now.duration_since(self.samples[1].0) >= PACE_SPAN {
+            self.samples.pop_front();
+        }
+        let (since, first) = self.samples[0];
+        let span = now.duration_since(since).as_secs_f64();
+        if span <= 0.0 {
+            0.0
+        } else {
+            (delivered - first) as f64 / span
         }
     }
-    Ok(())
 }
 
-/// Runs the publisher until shutdown: a top-up every `interval`, and at once
-/// when woken (a job was submitted, resumed or lost chunks were found).
-/// Failures (NATS or Postgres away) are logged once and retried each turn.
-pub async fn run(
+/// How many chunks to publish now: enough that `ahead` of work at `pace`
+/// waits undelivered, and at least one for every waiting pull request.
+pub fn chunks_wanted(demand: Demand, pace: f64, ahead: Duration) -> usize {
+    let queue = (pace * ahead.as_secs_f64()).floor() as u64;
+    let wanted = queue.max(demand.waiting as u64);
+    wanted.saturating_sub(demand.undelivered) as usize
+}
+
+/// Shares `wanted` chunks out among jobs, given for each job (oldest first)
+/// how many messages it has in the stream and how many chunks it could
+/// publish: each chunk goes to the job with the fewest in the stream, the
+/// oldest on a tie. Returns the job index of each chunk, in publishing order.
+pub fn share(wanted: usize, jobs: &[(usize, usize)]) -> Vec<usize> {
+    let mut in_stream: Vec<usize> = jobs.iter().map(|&(n, _)| n).collect();
+    let mut left: Vec<usize> = jobs.iter().map(|&(_, n)| n).collect();
+    let mut order = Vec::with_capacity(wanted);
+    while order.len() < wanted {
+        let Some(next) = (0..jobs.len()).filter(|&i| left[i] > 0).min_by_key(|&i| (in_stream[i], i)) else {
+            break;
+        };
+        in_stream[next] += 1;
+        left[next] -= 1;
+        order.push(next);
+    }
+    order
+}
+
+/// The publisher's state between turns.
+pub struct Publisher {
     js: jetstream::Context,
     pool: PgPool,
     watch: Arc<tokio::sync::Mutex<StreamWatch>>,
-    window: usize,
-    interval: Duration,
-    wake: Arc<Notify>,
-    shutdown: CancellationToken,
-) {
+    ahead: Duration,
+    pace: Pace,
+}
+
+impl Publisher {
+    pub fn new(
+        js: jetstream::Context,
+        pool: PgPool,
+        watch: Arc<tokio::sync::Mutex<StreamWatch>>,
+        ahead: Duration,
+    ) -> Self {
+        Publisher { js, pool, watch, ahead, pace: Pace::default() }
+    }
+
+    /// One turn: measures the demand and publishes what it calls for.
+    pub async fn turn(&mut self) -> Result<(), Error> {
+        let stream = self.watch.lock().await.stream(&self.js, &self.pool).await?;
+        let in_stream = messages_by_job(&stream).await?;
+        let demand = demand(&stream, in_stream.values().sum::<usize>() as u64).await?;
+        let pace = self.pace.observe(Instant::now(), demand.delivered);
+        let wanted = chunks_wanted(demand, pace, self.ahead);
+        if wanted == 0 {
+            return Ok(());
+        }
+        let candidates = store::unpublished_chunks(&self.pool, wanted as i64).await?;
+        // Running jobs with chunks to publish, oldest first, as the query orders them.
+        let mut jobs: Vec<(Uuid, VecDeque<ChunkMsg>)> = Vec::new();
+        for c in candidates {
+            match jobs.last_mut() {
+                Some((id, chunks)) if *id == c.job_id => chunks.push_back(c),
+                _ => jobs.push((c.job_id, VecDeque::from([c]))),
+            }
+        }
+        let counts: Vec<(usize, usize)> =
+            jobs.iter().map(|(id, chunks)| (in_stream.get(id).copied().unwrap_or(0), chunks.len())).collect();
+        let order: Vec<ChunkMsg> = share(wanted, &counts)
+            .into_iter()
+            .map(|i| jobs[i].1.pop_front().expect("share stays within each job's chunks"))
+            .collect();
+        publish_chunks(&self.js, &self.pool, &order, "publish").await
+    }
+}
+
+/// Runs the publisher until shutdown: a turn every `interval`, and at once
+/// when woken (a job was submitted, resumed or lost chunks were found).
+/// Failures (NATS or Postgres away) are logged once and retried each turn.
+pub async fn run(mut publisher: Publisher, interval: Duration, wake: Arc<Notify>, shutdown: CancellationToken) {
     let mut health = common::telemetry::Health::default();
     loop {
-        match top_up(&js, &pool, &watch, window).await {
+        match publisher.turn().await {
             Ok(()) => health.ok("publishing chunks"),
             Err(err) => health.failed("publishing chunks", &err),
         }
@@ -149,4 +273,53 @@ pub async fn run(
 
 fn publish_error(c: &ChunkMsg, e: impl std::error::Error + Send + Sync + 'static) -> Error {
     Error::Publish { job_id: c.job_id, chunk_no: c.chunk_no, source: Box::new(e) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pace_is_deliveries_per_second_over_the_last_seconds() {
+        let t0 = Instant::now();
+        let mut pace = Pace::default();
+        assert_eq!(pace.observe(t0, 0), 0.0);
+        assert_eq!(pace.observe(t0 + Duration::from_secs(1), 50), 50.0);
+        assert_eq!(pace.observe(t0 + Duration::from_secs(2), 100), 50.0);
+        // Older samples fall out: the pace follows a slowdown.
+        for s in 3..=8 {
+            pace.observe(t0 + Duration::from_secs(s), 100 + (s - 2) * 2);
+        }
+        let p = pace.observe(t0 + Duration::from_secs(9), 114);
+        assert!((p - 2.0).abs() < 0.01, "{p}");
+        // A counter that goes back (a new consumer) starts afresh.
+        assert_eq!(pace.observe(t0 + Duration::from_secs(10), 3), 0.0);
+    }
+
+    #[test]
+    fn the_queue_holds_about_the_work_ahead_and_answers_waiting_workers() {
+        let ahead = Duration::from_secs(1);
+        let d = |undelivered, waiting| Demand { undelivered, waiting, delivered: 0 };
+        // 150 chunks a second: 150 queued.
+        assert_eq!(chunks_wanted(d(0, 0), 150.0, ahead), 150);
+        assert_eq!(chunks_wanted(d(140, 2), 150.0, ahead), 10);
+        // A chunk takes 5 s (a rate-limited model): only what workers ask for.
+        assert_eq!(chunks_wanted(d(0, 0), 0.2, ahead), 0);
+        assert_eq!(chunks_wanted(d(0, 2), 0.2, ahead), 2);
+        assert_eq!(chunks_wanted(d(1, 2), 0.2, ahead), 1);
+        assert_eq!(chunks_wanted(d(3, 2), 0.2, ahead), 0);
+    }
+
+    #[test]
+    fn chunks_go_to_the_job_with_the_fewest_in_the_stream() {
+        // A big job with 4 in the stream, a new one with none.
+        assert_eq!(share(3, &[(4, 100), (0, 1)]), vec![1, 0, 0]);
+        // Equal jobs alternate, the oldest first.
+        assert_eq!(share(4, &[(0, 10), (0, 10)]), vec![0, 1, 0, 1]);
+        // The new job catches up first.
+        assert_eq!(share(5, &[(3, 10), (0, 10)]), vec![1, 1, 1, 0, 1]);
+        // Nothing beyond what each job has.
+        assert_eq!(share(9, &[(0, 1), (0, 2)]), vec![0, 1, 1]);
+        assert!(share(5, &[]).is_empty());
+    }
 }

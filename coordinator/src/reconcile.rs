@@ -56,13 +56,14 @@ pub async fn pass(state: &AppState, settings: Settings) -> Result<(), Error> {
         metrics::counter!(m::JOBS_FINISHED, "state" => "abandoned").increment(1);
     }
     let stream = state.stream.lock().await.stream(&state.js, &state.pool).await?;
+    let in_stream = publish::messages_by_job(&stream).await?;
     for job_id in store::running_jobs(&state.pool).await? {
         if store::complete_if_done(&state.pool, job_id).await? {
             metrics::counter!(m::JOBS_FINISHED, "state" => "completed").increment(1);
             tracing::info!(%job_id, "job completed (seen by reconciler)");
             continue;
         }
-        if publish::messages_in_stream(&stream, job_id).await? > 0 {
+        if in_stream.get(&job_id).is_some_and(|&n| n > 0) {
             continue;
         }
         let before = chrono::Utc::now() - chrono::Duration::from_std(settings.republish_after).unwrap_or_default();

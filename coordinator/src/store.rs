@@ -151,17 +151,22 @@ fn chunk_msg(job_id: Uuid, r: &PgRow) -> ChunkMsg {
     }
 }
 
-/// Up to `limit` pending chunks of a job that are not published, in order.
-pub async fn unpublished_chunks(pool: &PgPool, job_id: Uuid, limit: i64) -> Result<Vec<ChunkMsg>, Error> {
+/// Up to `limit` unpublished pending chunks of every running job, the
+/// oldest job first and each job's chunks in order.
+pub async fn unpublished_chunks(pool: &PgPool, limit: i64) -> Result<Vec<ChunkMsg>, Error> {
     let rows = sqlx::query(
-        "SELECT chunk_no, first_seq, last_seq, generation FROM chunks
-         WHERE job_id = $1 AND state = 'pending' AND published_at IS NULL ORDER BY chunk_no LIMIT $2",
+        "SELECT c.job_id, c.chunk_no, c.first_seq, c.last_seq, c.generation
+         FROM jobs j CROSS JOIN LATERAL (
+             SELECT * FROM chunks c
+             WHERE c.job_id = j.id AND c.state = 'pending' AND c.published_at IS NULL
+             ORDER BY c.chunk_no LIMIT $1) c
+         WHERE j.state = 'running'
+         ORDER BY j.created_at, j.id, c.chunk_no",
     )
-    .bind(job_id)
     .bind(limit)
     .fetch_all(pool)
     .await?;
-    Ok(rows.iter().map(|r| chunk_msg(job_id, r)).collect())
+    Ok(rows.iter().map(|r| chunk_msg(r.get("job_id"), r)).collect())
 }
 
 /// Marks pending chunks of a job that were last published before `before` as
