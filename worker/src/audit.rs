@@ -176,7 +176,7 @@ async fn write(pool: &PgPool, worker: &str, batch: &[Row]) -> Result<(), Error> 
     .bind(attempts.iter().map(|(_, _, a)| a.fallback).collect::<Vec<bool>>())
     .bind(v(|a| Some(a.request_hash.as_str())))
     .bind(v(|a| Some(a.outcome.as_str())))
-    .bind(v(|a| a.error_class.as_deref()))
+    .bind(v(|a| a.error_class.map(|c| c.as_str())))
     .bind(attempts.iter().map(|(_, _, a)| a.http_status).collect::<Vec<Option<i32>>>())
     .bind(i(|a| a.latency_ms))
     .bind(i(|a| a.tokens_in))

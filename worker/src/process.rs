@@ -1,13 +1,21 @@
 //! Runs one item through the model: render the prompt, pass the shared guards, call, and act on each error class.
 //!
+//! What a failed call leads to is decided by [`next_action`], a pure function
+//! tested row by row against this table:
+//!
 //! | class | action |
 //! |---|---|
-//! | rate limited (429) | pause the key cluster-wide until Retry-After, then retry (bounded separately) |
+//! | rate limited (429) | pause the key cluster-wide until Retry-After, then retry; past `max_rate_limited` 429s, fail |
 //! | quota exceeded (429 with a quota error) | fail the item, no retry |
 //! | auth (401/403) | set the key aside and use the next configured key; with none left, fail the item |
 //! | invalid request (400) | try the next fallback model (e.g. larger context), else fail |
-//! | server (5xx), transient (timeout, reset), malformed body | count against the breaker, retry with back-off (never before Retry-After), then the next fallback model |
-//! | invalid request naming `response_format` | the next weaker structured-output mode (json_schema, json_object, prompt), learned for the cluster |
+//! | server (5xx), transient (timeout, reset), malformed body | count against the breaker, retry with back-off (never before Retry-After) up to `max_attempts` per model, then the next fallback model |
+//! | invalid request naming `response_format` | the next weaker structured-output mode (json_schema, json_object, prompt), learned for the cluster; with none left, as invalid request |
+//!
+//! And outside the call:
+//!
+//! | event | action |
+//! |---|---|
 //! | bad output (not JSON, schema violation) | re-ask with the validation error, bounded, then `failed_validation` |
 //! | breaker open | hold the item back: the chunk is redelivered later |
 
@@ -15,13 +23,14 @@ use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use common::prices::Usage;
-use common::provider::{Call, CallError, Message};
+use common::provider::{Call, CallError, Completion, ErrorClass, Message};
 use common::providers::{ModelConfig, Param};
 use serde_json::{json, Value};
 
 use crate::audit::{Audit, CallStart, ItemRef};
 use crate::breaker::Gate;
 use crate::confidence;
+use crate::endpoints::Route;
 use crate::guard::Guards;
 use crate::jobs::CompiledJob;
 use crate::learned::{Facts, Learned};
@@ -135,6 +144,85 @@ impl StrategyChoice {
     }
 }
 
+/// What to do after a failed call: the table at the top of this module, for
+/// errors the provider returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Ask again at once in the next weaker structured-output mode, learned
+    /// for the cluster; no retry is spent.
+    WeakerOutput,
+    /// Call again once the key's cluster-wide pause (Retry-After) is over.
+    RetryAfterPause,
+    /// Call again after a back-off, never before Retry-After.
+    RetryAfterBackoff,
+    /// Call again at once with the next configured API key.
+    NextKey,
+    /// Try the next fallback model; with none left, the item fails.
+    NextModel,
+    /// The item fails now.
+    Fail,
+}
+
+/// What is left of an item's budgets when a call fails.
+#[derive(Debug, Clone, Copy)]
+pub struct Budgets {
+    /// 429s the item has had, this one included, and how many it may have.
+    pub rate_limited: usize,
+    pub max_rate_limited: usize,
+    /// Server, transient and malformed failures on this model, this one
+    /// included, and the attempts each model gets.
+    pub failures: usize,
+    pub max_attempts: usize,
+    /// Another configured API key is left once this one is set aside.
+    pub other_key: bool,
+    /// There is a weaker structured-output mode than the one just refused.
+    pub weaker_output: bool,
+}
+
+/// Decides what a failed call leads to. Pure: the caller applies it.
+pub fn next_action(e: &CallError, b: &Budgets) -> Action {
+    use common::provider::ErrorClass as C;
+    if e.refuses_output_format() && b.weaker_output {
+        return Action::WeakerOutput;
+    }
+    match e.class() {
+        C::RateLimited if b.rate_limited > b.max_rate_limited => Action::Fail,
+        C::RateLimited => Action::RetryAfterPause,
+        C::QuotaExceeded => Action::Fail,
+        C::Auth if b.other_key => Action::NextKey,
+        C::Auth => Action::Fail,
+        C::InvalidRequest => Action::NextModel,
+        C::Server | C::Transient | C::Malformed if b.failures < b.max_attempts => Action::RetryAfterBackoff,
+        C::Server | C::Transient | C::Malformed => Action::NextModel,
+        // Not classes of a call.
+        C::FailedValidation | C::Template | C::UnknownModel | C::RedeliveriesExhausted => Action::Fail,
+    }
+}
+
+/// Where an item stands after the calls to one model.
+enum ModelEnd {
+    /// The answer, scored: the item is done.
+    Answered,
+    /// Try the next model (its last failure is in `ItemRun::last`).
+    Next,
+    /// The item fails with its last failure.
+    Fail,
+    /// The worker is stopping: hold the item back at once.
+    Stopping,
+}
+
+/// An item on its way through its models.
+struct ItemRun<'a> {
+    ctx: &'a ItemContext<'a>,
+    job: &'a CompiledJob,
+    iref: std::sync::Arc<ItemRef>,
+    result: ItemResult,
+    /// The last failure, what the item fails with if nothing better comes.
+    last: Option<(ErrorClass, String)>,
+    /// Set when a model's breaker was open: how long until it may be tried.
+    held: Option<Duration>,
+}
+
 /// Processes one item. Guard failures (KV unreachable) are errors; every
 /// model failure becomes a failed result or a hold.
 pub async fn run_item(ctx: &ItemContext<'_>, job: &CompiledJob, item: &Item) -> Result<Outcome, Error> {
@@ -142,31 +230,51 @@ pub async fn run_item(ctx: &ItemContext<'_>, job: &CompiledJob, item: &Item) -> 
     let prompt = match job.prompt.render(&item.payload) {
         Ok(p) => p,
         Err(e) => {
-            return Ok(Outcome::Done(Box::new(ItemResult::failed(
-                item,
-                "template",
-                format!("cannot render the prompt: {e}"),
-            ))))
+            let why = format!("cannot render the prompt: {e}");
+            return Ok(Outcome::Done(Box::new(ItemResult::failed(item, ErrorClass::Template, why))));
         }
     };
     let routes = match &job.routes {
         Ok(r) => r,
-        Err(msg) => return Ok(Outcome::Done(Box::new(ItemResult::failed(item, "unknown_model", msg.clone())))),
+        Err(msg) => {
+            return Ok(Outcome::Done(Box::new(ItemResult::failed(item, ErrorClass::UnknownModel, msg.clone()))))
+        }
     };
-    let mut result = ItemResult::failed(item, "unknown", String::new());
     let iref = std::sync::Arc::new(ItemRef {
         job_id: ctx.job_id,
         seq: item.seq,
         item_id: item.id.clone(),
         template_hash: job.template_hash.clone(),
     });
-    let spec = &job.kind.spec;
+    let mut run = ItemRun { ctx, job, iref, result: ItemResult::pending(item), last: None, held: None };
     let base = vec![Message { role: "user".into(), content: prompt }];
+    for (model_index, route) in routes.iter().enumerate() {
+        match run.on_model(route, model_index, &base).await? {
+            ModelEnd::Answered => return Ok(Outcome::Done(Box::new(finish(run.result, started)))),
+            ModelEnd::Next => continue,
+            ModelEnd::Fail => break,
+            ModelEnd::Stopping => return Ok(Outcome::Held(Duration::ZERO)),
+        }
+    }
+    // Every model was tried, or the item failed for good. A model skipped
+    // for an open breaker holds the item back, unless it failed otherwise.
+    let held_back = run.last.as_ref().is_none_or(|(c, _)| c.counts_against_breaker()) || run.result.attempts == 0;
+    if let (Some(wait), true) = (run.held, held_back) {
+        return Ok(Outcome::Held(wait));
+    }
+    let (class, message) = run.last.unwrap_or((ErrorClass::UnknownModel, "no model was tried".into()));
+    let mut result = run.result;
+    result.model = Some(routes.first().map_or_else(|| job.kind.spec.model.clone(), |r| r.model.clone()));
+    result.error_class = Some(class);
+    result.error = Some(message);
+    Ok(Outcome::Done(Box::new(finish(result, started))))
+}
 
-    let mut last: Option<(&'static str, String)> = None;
-    let mut held: Option<Duration> = None;
-    let held_now = || Ok(Outcome::Held(Duration::ZERO));
-    'models: for (model_index, route) in routes.iter().enumerate() {
+impl ItemRun<'_> {
+    /// Calls one model until it answers, the item fails, or the next model is due.
+    async fn on_model(&mut self, route: &Route, model_index: usize, base: &[Message]) -> Result<ModelEnd, Error> {
+        let ctx = self.ctx;
+        let spec = &self.job.kind.spec;
         let ep = &route.endpoint;
         let base_url = ep.client.base_url();
         let breaker = ctx.guards.breaker(base_url, &route.model).await?;
@@ -179,32 +287,29 @@ pub async fn run_item(ctx: &ItemContext<'_>, job: &CompiledJob, item: &Item) -> 
             .with_max_times(ctx.policy.max_attempts.saturating_sub(1))
             .with_jitter()
             .build();
-        let mut messages = base.clone();
-        let (mut repairs, mut rate_limited) = (0, 0);
+        let mut messages = base.to_vec();
+        let (mut repairs, mut rate_limited, mut failures) = (0, 0, 0);
         // Answers collected for agreement by separate calls.
         let mut drawn: Vec<String> = Vec::new();
         loop {
             if ctx.stop.is_cancelled() {
-                return held_now();
+                return Ok(ModelEnd::Stopping);
             }
             let Some(key) = ep.keys.current() else {
-                last = Some(("auth", "the provider refused every configured API key".into()));
-                break 'models;
+                self.last = Some((ErrorClass::Auth, "the provider refused every configured API key".into()));
+                return Ok(ModelEnd::Fail);
             };
             // A slot under the cluster-wide window first, then the breaker, then
             // the rate budget: a reservation must not wait for a slot and be spent late.
             let cap = ctx.guards.cap(key.id, &route.model, route.config.max_in_flight);
             let _slot = tokio::select! {
                 p = cap.acquire() => p,
-                _ = ctx.stop.cancelled() => return held_now(),
+                _ = ctx.stop.cancelled() => return Ok(ModelEnd::Stopping),
             };
-            match breaker.gate().await? {
-                Gate::Closed | Gate::Probe => {}
-                Gate::Open(wait) => {
-                    // Try the next model; if none is left, hold the item.
-                    held = Some(held.map_or(wait, |h| h.min(wait)));
-                    continue 'models;
-                }
+            if let Gate::Open(wait) = breaker.gate().await? {
+                // Try the next model; if none is left, hold the item.
+                self.held = Some(self.held.map_or(wait, |h| h.min(wait)));
+                return Ok(ModelEnd::Next);
             }
             // What the cluster learned meanwhile (a local read): items started
             // before a refusal was learned must not repeat it.
@@ -227,7 +332,7 @@ pub async fn run_item(ctx: &ItemContext<'_>, job: &CompiledJob, item: &Item) -> 
                 max_tokens_param: route.config.max_tokens_param,
                 output,
                 schema_name: &spec.kind,
-                schema: &job.kind.schema,
+                schema: &self.job.kind.schema,
                 logprobs: strategy.current == Some(ConfidenceStrategy::Logprobs),
                 n: samples,
                 reasoning_effort: if route.config.reasoning { spec.reasoning_effort.as_deref() } else { None },
@@ -235,19 +340,19 @@ pub async fn run_item(ctx: &ItemContext<'_>, job: &CompiledJob, item: &Item) -> 
             let body = ep.client.body(&call);
             // Recorded before the call: a crash from here on leaves an
             // unfinished attempt in the audit trail, never an unknown call.
-            result.attempts += 1;
+            self.result.attempts += 1;
             let request_hash = hex::encode(&Sha256::digest(&body)[..8]);
             let call_id = uuid::Uuid::now_v7();
             let start = CallStart {
                 call_id,
-                attempt: result.attempts,
+                attempt: self.result.attempts,
                 provider: ep.name.clone(),
                 model: route.model.clone(),
                 request_hash: request_hash.clone(),
             };
             tokio::select! {
-                r = ctx.audit.begin(&iref, start) => r?,
-                _ = ctx.stop.cancelled() => return held_now(),
+                r = ctx.audit.begin(&self.iref, start) => r?,
+                _ = ctx.stop.cancelled() => return Ok(ModelEnd::Stopping),
             }
             let cost_estimate = Cost {
                 prompt: estimate_prompt_tokens(call.system, &messages) as f64,
@@ -256,54 +361,31 @@ pub async fn run_item(ctx: &ItemContext<'_>, job: &CompiledJob, item: &Item) -> 
             let reservation = match &limiter {
                 Some(l) => tokio::select! {
                     r = l.acquire(cost_estimate) => Some(r?),
-                    _ = ctx.stop.cancelled() => return held_now(),
+                    _ = ctx.stop.cancelled() => return Ok(ModelEnd::Stopping),
                 },
                 None => None,
             };
             let t = Instant::now();
             let response = ep.client.complete(&route.wire_model, body, key.secret).await;
-            let outcome = match &response {
-                Ok(_) => "ok",
-                Err(e) => e.class(),
-            };
-            let usage = response.as_ref().map_or(Usage::default(), |c| Usage {
-                input: c.tokens_in,
-                output: c.tokens_out,
-                cached: c.tokens_cached,
-                cache_write: c.tokens_cache_write,
-            });
-            let record = AttemptRecord {
-                attempt: result.attempts,
-                model: route.model.clone(),
+            let attempt = AttemptFacts {
+                number: self.result.attempts,
+                route,
                 fallback: model_index > 0,
                 request_hash,
-                outcome: outcome.to_string(),
-                error_class: response.as_ref().err().map(|e| e.class().to_string()),
-                http_status: match &response {
-                    Ok(_) => Some(200),
-                    Err(e) => e.http_status().map(i32::from),
-                },
-                latency_ms: t.elapsed().as_millis().min(i32::MAX as u128) as i32,
-                tokens_in: usage.input as i32,
-                tokens_out: usage.output as i32,
-                tokens_cached: usage.cached as i32,
-                tokens_reasoning: response.as_ref().map_or(0, |c| c.tokens_reasoning as i32),
-                cost_usd: ctx.prices.cost(&ep.name, &route.model, usage),
-                api_key_id: key.id.to_string(),
-                provider: ep.name.clone(),
-                output_mode: output.as_str().to_string(),
-                prompt: ctx.redaction.apply(messages.last().map(|m| m.content.as_str()).unwrap_or("")),
-                output: response.as_ref().ok().map(|c| ctx.redaction.apply(&c.content)),
+                latency: t.elapsed(),
+                key_id: key.id,
+                output,
+                prompt: messages.last().map(|m| m.content.as_str()).unwrap_or(""),
             };
-            ctx.audit.finished(&iref, call_id, record);
+            ctx.audit.finished(&self.iref, call_id, attempt.record(ctx, &response));
             match &response {
                 Ok(_) => cap.record(true),
-                Err(e) if is_breaker_class(e.class()) => cap.record(false),
+                Err(e) if e.class().counts_against_breaker() => cap.record(false),
                 Err(_) => {}
             }
-            match response {
+            let e = match response {
                 Ok(c) => {
-                    metrics::model_call(&route.model, outcome, t.elapsed(), Some((c.tokens_in, c.tokens_out)));
+                    metrics::model_call(&route.model, "ok", t.elapsed(), Some((c.tokens_in, c.tokens_out)));
                     // The answer is paid for: shared state that cannot be updated
                     // (NATS away) must not cost the item its result.
                     soft(breaker.record(true).await);
@@ -315,8 +397,8 @@ pub async fn run_item(ctx: &ItemContext<'_>, job: &CompiledJob, item: &Item) -> 
                         soft(l.observe(&c.rate, &r).await);
                         l.settle(r, Cost { prompt: uncached, max_output: cost_estimate.max_output });
                     }
-                    result.tokens_in += c.tokens_in as i32;
-                    result.tokens_out += c.tokens_out as i32;
+                    self.result.tokens_in += c.tokens_in as i32;
+                    self.result.tokens_out += c.tokens_out as i32;
                     if strategy.current == Some(ConfidenceStrategy::Logprobs) && c.tokens.is_empty() {
                         // The server ignores logprobs: remember it for the cluster, and
                         // score this item with the next strategy.
@@ -335,61 +417,7 @@ pub async fn run_item(ctx: &ItemContext<'_>, job: &CompiledJob, item: &Item) -> 
                             continue; // the next sample, another call
                         }
                     }
-                    // With agreement several answers come back: the majority wins.
-                    let contents: Vec<&String> = if by_calls {
-                        drawn.iter().collect()
-                    } else {
-                        std::iter::once(&c.content).chain(c.others.iter()).collect()
-                    };
-                    let checked: Vec<Result<(Value, String), String>> =
-                        contents.iter().map(|content| validate_output(job, content)).collect();
-                    let verdict = if strategy.current == Some(ConfidenceStrategy::Agreement) {
-                        let answers: Vec<Option<String>> =
-                            checked.iter().map(|r| r.as_ref().ok().map(|(_, a)| a.clone())).collect();
-                        match confidence::agreement(&answers) {
-                            // A server that ignores n sends one answer: no agreement to speak of.
-                            Some(_) if answers.len() < 2 => {
-                                checked.into_iter().next().expect("one answer at least").map(|va| {
-                                    (
-                                        va,
-                                        Err("the server returned one answer where several were asked for".to_string()),
-                                        Value::Null,
-                                    )
-                                })
-                            }
-                            Some((majority, share)) => {
-                                let chosen = checked
-                                    .iter()
-                                    .flatten()
-                                    .find(|(_, a)| *a == majority)
-                                    .cloned()
-                                    .expect("the majority answer comes from a valid sample");
-                                Ok((chosen, Ok(share), json!({"samples": answers.len(), "agreeing": share})))
-                            }
-                            None => Err(checked.into_iter().find_map(Result::err).unwrap_or_default()),
-                        }
-                    } else {
-                        checked.into_iter().next().expect("one answer at least").map(|(value, answer)| {
-                            let raw = match strategy.current {
-                                Some(ConfidenceStrategy::Logprobs) => {
-                                    confidence::label_probability(&c.tokens, &answer, &spec.labels)
-                                        .map(|(n, _)| n)
-                                        .ok_or_else(|| {
-                                            "the provider sent no log-probabilities for the answer".to_string()
-                                        })
-                                }
-                                Some(ConfidenceStrategy::SelfReported) => {
-                                    confidence::self_reported(value.get(&spec.confidence_field))
-                                        .map(|v| v * confidence::SELF_REPORT_DISCOUNT)
-                                        .map_err(|e| format!("self-reported confidence unusable: {e}"))
-                                }
-                                Some(_) => Ok(1.0),
-                                None => Err("no confidence strategy of the kind can be computed for this model".into()),
-                            };
-                            ((value, answer), raw, Value::Null)
-                        })
-                    };
-                    match verdict {
+                    match verdict(self.job, strategy.current, &c, by_calls.then_some(&drawn[..])) {
                         Ok(((value, answer), raw, mut components)) => {
                             if by_calls {
                                 components["calls"] = json!(drawn.len());
@@ -408,17 +436,18 @@ pub async fn run_item(ctx: &ItemContext<'_>, job: &CompiledJob, item: &Item) -> 
                                 scored.detail["error"] =
                                     json!("no confidence strategy of the kind can be computed for this model");
                             }
-                            result.succeeded = true;
-                            result.needs_review =
-                                spec.scores_confidence() && scored.value.is_none_or(|v| v < job.review_below);
-                            result.error_class = None;
-                            result.error = None;
-                            result.model = Some(if c.model.is_empty() { route.model.clone() } else { c.model });
-                            result.confidence = scored.value;
-                            result.confidence_detail = Some(scored.detail);
-                            result.output = Some(value);
-                            result.answer = Some(answer);
-                            return Ok(Outcome::Done(Box::new(finish(result, started))));
+                            let r = &mut self.result;
+                            r.succeeded = true;
+                            r.needs_review =
+                                spec.scores_confidence() && scored.value.is_none_or(|v| v < self.job.review_below);
+                            r.error_class = None;
+                            r.error = None;
+                            r.model = Some(if c.model.is_empty() { route.model.clone() } else { c.model });
+                            r.confidence = scored.value;
+                            r.confidence_detail = Some(scored.detail);
+                            r.output = Some(value);
+                            r.answer = Some(answer);
+                            return Ok(ModelEnd::Answered);
                         }
                         Err(msg) if repairs < ctx.policy.max_repairs => {
                             repairs += 1;
@@ -430,80 +459,171 @@ pub async fn run_item(ctx: &ItemContext<'_>, job: &CompiledJob, item: &Item) -> 
                                     "Your answer does not match the required JSON schema: {msg}. Reply again with JSON only."
                                 ),
                             });
+                            continue;
                         }
                         Err(msg) => {
-                            last = Some(("failed_validation", format!("output does not match the schema: {msg}")));
-                            break 'models;
+                            let why = format!("output does not match the schema: {msg}");
+                            self.last = Some((ErrorClass::FailedValidation, why));
+                            return Ok(ModelEnd::Fail);
                         }
                     }
                 }
-                Err(e) => {
-                    metrics::model_call(&route.model, outcome, t.elapsed(), None);
-                    if let (Some(l), Some(r)) = (&limiter, reservation) {
-                        l.settle(r, Cost::default());
+                Err(e) => e,
+            };
+            metrics::model_call(&route.model, e.class().as_str(), t.elapsed(), None);
+            if let (Some(l), Some(r)) = (&limiter, reservation) {
+                l.settle(r, Cost::default());
+            }
+            let class = e.class();
+            if class == ErrorClass::RateLimited {
+                rate_limited += 1;
+            }
+            if class.counts_against_breaker() {
+                failures += 1;
+                soft(breaker.record(false).await);
+            }
+            let budgets = Budgets {
+                rate_limited,
+                max_rate_limited: ctx.policy.max_rate_limited,
+                failures,
+                max_attempts: ctx.policy.max_attempts,
+                // Setting the key aside is done whatever comes next.
+                other_key: class == ErrorClass::Auth && ep.keys.refuse(key.index),
+                weaker_output: output.weaker().is_some(),
+            };
+            let action = next_action(&e, &budgets);
+            if action != Action::WeakerOutput {
+                self.last = Some((class, e.to_string()));
+            }
+            match action {
+                Action::WeakerOutput => {
+                    output = ctx.learned.refuse_output(base_url, &route.model, output).await?;
+                }
+                Action::RetryAfterPause | Action::Fail if class == ErrorClass::RateLimited => {
+                    let CallError::RateLimited { retry_after, rate } = &e else { unreachable!("class checked") };
+                    // The pause is shared with the cluster even when this item gives up.
+                    let shared = match &limiter {
+                        Some(l) => soft(l.rate_limited(*retry_after, rate).await),
+                        None => false,
+                    };
+                    if action == Action::Fail {
+                        return Ok(ModelEnd::Fail);
                     }
-                    if e.refuses_output_format() && output.weaker().is_some() {
-                        // Negotiation: a weaker mode, at once, without spending a retry.
-                        output = ctx.learned.refuse_output(base_url, &route.model, output).await?;
-                        continue;
-                    }
-                    let class = e.class();
-                    let message = e.to_string();
-                    match e {
-                        CallError::RateLimited { retry_after, rate } => {
-                            rate_limited += 1;
-                            let shared = match &limiter {
-                                Some(l) => soft(l.rate_limited(retry_after, &rate).await),
-                                None => false,
-                            };
-                            if !shared {
-                                tokio::time::sleep(retry_after.unwrap_or(Duration::from_secs(1))).await;
-                            }
-                            if rate_limited > ctx.policy.max_rate_limited {
-                                last = Some((class, message));
-                                break 'models;
-                            }
-                        }
-                        CallError::Auth { .. } => {
-                            if ep.keys.refuse(key.index) {
-                                continue; // the next key, at once
-                            }
-                            last = Some((class, message));
-                            break 'models;
-                        }
-                        CallError::QuotaExceeded { .. } => {
-                            last = Some((class, message));
-                            break 'models;
-                        }
-                        CallError::InvalidRequest { .. } => {
-                            last = Some((class, message));
-                            continue 'models;
-                        }
-                        CallError::Server { .. } | CallError::Transient(_) | CallError::Malformed(_) => {
-                            soft(breaker.record(false).await);
-                            let retry_after = e.retry_after();
-                            last = Some((class, message));
-                            match backoff.next() {
-                                Some(d) => tokio::time::sleep(retry_after.map_or(d, |ra| d.max(ra))).await,
-                                None => continue 'models,
-                            }
-                        }
+                    if !shared {
+                        tokio::time::sleep(retry_after.unwrap_or(Duration::from_secs(1))).await;
                     }
                 }
+                Action::RetryAfterBackoff => {
+                    let d = backoff.next().unwrap_or(ctx.policy.base);
+                    tokio::time::sleep(e.retry_after().map_or(d, |ra| d.max(ra))).await;
+                }
+                Action::NextKey => {}
+                Action::NextModel => return Ok(ModelEnd::Next),
+                Action::RetryAfterPause | Action::Fail => return Ok(ModelEnd::Fail),
             }
         }
     }
-    // Every model was tried, or the item failed permanently.
-    if let (Some(wait), true) =
-        (held, last.is_none() || result.attempts == 0 || last.as_ref().is_some_and(|(c, _)| is_breaker_class(c)))
-    {
-        return Ok(Outcome::Held(wait));
+}
+
+/// What the audit trail records of one call besides its response.
+struct AttemptFacts<'a> {
+    number: i32,
+    route: &'a Route,
+    fallback: bool,
+    request_hash: String,
+    latency: Duration,
+    key_id: &'a str,
+    output: common::provider::OutputMode,
+    prompt: &'a str,
+}
+
+impl AttemptFacts<'_> {
+    fn record(self, ctx: &ItemContext<'_>, response: &Result<Completion, CallError>) -> AttemptRecord {
+        let usage = response.as_ref().map_or(Usage::default(), |c| Usage {
+            input: c.tokens_in,
+            output: c.tokens_out,
+            cached: c.tokens_cached,
+            cache_write: c.tokens_cache_write,
+        });
+        let provider = &self.route.endpoint.name;
+        AttemptRecord {
+            attempt: self.number,
+            model: self.route.model.clone(),
+            fallback: self.fallback,
+            request_hash: self.request_hash,
+            outcome: response.as_ref().map_or_else(|e| e.class().as_str(), |_| "ok").to_string(),
+            error_class: response.as_ref().err().map(|e| e.class()),
+            http_status: match response {
+                Ok(_) => Some(200),
+                Err(e) => e.http_status().map(i32::from),
+            },
+            latency_ms: self.latency.as_millis().min(i32::MAX as u128) as i32,
+            tokens_in: usage.input as i32,
+            tokens_out: usage.output as i32,
+            tokens_cached: usage.cached as i32,
+            tokens_reasoning: response.as_ref().map_or(0, |c| c.tokens_reasoning as i32),
+            cost_usd: ctx.prices.cost(provider, &self.route.model, usage),
+            api_key_id: self.key_id.to_string(),
+            provider: provider.clone(),
+            output_mode: self.output.as_str().to_string(),
+            prompt: ctx.redaction.apply(self.prompt),
+            output: response.as_ref().ok().map(|c| ctx.redaction.apply(&c.content)),
+        }
     }
-    let (class, message) = last.unwrap_or(("unknown", "no attempt was made".into()));
-    result.model = Some(routes.first().map_or_else(|| spec.model.clone(), |r| r.model.clone()));
-    result.error_class = Some(class.to_string());
-    result.error = Some(message);
-    Ok(Outcome::Done(Box::new(finish(result, started))))
+}
+
+/// A validated answer, its raw confidence, and the detail of how it was reached.
+type Verdict = Result<((Value, String), Result<f64, String>, Value), String>;
+
+/// Validates the answer(s) of a completion and computes the raw confidence
+/// the strategy asks for. With agreement, `drawn` holds answers collected by
+/// separate calls; otherwise the completion's own samples are used.
+fn verdict(
+    job: &CompiledJob,
+    strategy: Option<ConfidenceStrategy>,
+    c: &Completion,
+    drawn: Option<&[String]>,
+) -> Verdict {
+    let spec = &job.kind.spec;
+    let contents: Vec<&String> = match drawn {
+        Some(d) => d.iter().collect(),
+        None => std::iter::once(&c.content).chain(c.others.iter()).collect(),
+    };
+    let checked: Vec<Result<(Value, String), String>> =
+        contents.iter().map(|content| validate_output(job, content)).collect();
+    if strategy == Some(ConfidenceStrategy::Agreement) {
+        // Several answers came back: the majority wins.
+        let answers: Vec<Option<String>> = checked.iter().map(|r| r.as_ref().ok().map(|(_, a)| a.clone())).collect();
+        return match confidence::agreement(&answers) {
+            // A server that ignores n sends one answer: no agreement to speak of.
+            Some(_) if answers.len() < 2 => checked.into_iter().next().expect("one answer at least").map(|va| {
+                (va, Err("the server returned one answer where several were asked for".to_string()), Value::Null)
+            }),
+            Some((majority, share)) => {
+                let chosen = checked
+                    .iter()
+                    .flatten()
+                    .find(|(_, a)| *a == majority)
+                    .cloned()
+                    .expect("the majority answer comes from a valid sample");
+                Ok((chosen, Ok(share), json!({"samples": answers.len(), "agreeing": share})))
+            }
+            None => Err(checked.into_iter().find_map(Result::err).unwrap_or_default()),
+        };
+    }
+    checked.into_iter().next().expect("one answer at least").map(|(value, answer)| {
+        let raw = match strategy {
+            Some(ConfidenceStrategy::Logprobs) => confidence::label_probability(&c.tokens, &answer, &spec.labels)
+                .map(|(n, _)| n)
+                .ok_or_else(|| "the provider sent no log-probabilities for the answer".to_string()),
+            Some(ConfidenceStrategy::SelfReported) => confidence::self_reported(value.get(&spec.confidence_field))
+                .map(|v| v * confidence::SELF_REPORT_DISCOUNT)
+                .map_err(|e| format!("self-reported confidence unusable: {e}")),
+            Some(_) => Ok(1.0),
+            None => Err("no confidence strategy of the kind can be computed for this model".into()),
+        };
+        ((value, answer), raw, Value::Null)
+    })
 }
 
 /// Logs a failed update of shared state that the item can do without;
@@ -513,12 +633,6 @@ fn soft(r: Result<(), Error>) -> bool {
         tracing::debug!(error = e as &dyn std::error::Error, "shared state not updated");
     }
     r.is_ok()
-}
-
-/// Classes that count against the breaker: an item that last failed with one
-/// of them while a breaker is open is held, not failed.
-fn is_breaker_class(class: &str) -> bool {
-    matches!(class, "server" | "transient" | "malformed")
 }
 
 fn finish(mut r: ItemResult, started: Instant) -> ItemResult {
@@ -544,6 +658,72 @@ mod tests {
             (Ok((_, answer)), Ok(e)) => assert_eq!(answer, e),
             (Err(msg), Err(e)) => assert!(msg.contains(e), "{msg:?} should mention {e:?}"),
             (got, e) => panic!("{content:?}: got {got:?}, expected {e:?}"),
+        }
+    }
+
+    /// The table at the top of this module, row by row.
+    #[test]
+    fn each_error_class_leads_to_its_action() {
+        use common::provider::RateInfo;
+        let fresh = Budgets {
+            rate_limited: 0,
+            max_rate_limited: 5,
+            failures: 0,
+            max_attempts: 4,
+            other_key: false,
+            weaker_output: true,
+        };
+        let rate_limited = || CallError::RateLimited { retry_after: None, rate: Box::new(RateInfo::default()) };
+        let server = || CallError::Server { status: 503, retry_after: None };
+        let invalid = |m: &str| CallError::InvalidRequest { status: 400, message: m.into() };
+        let rows: Vec<(&str, CallError, Budgets, Action)> = vec![
+            ("429", rate_limited(), Budgets { rate_limited: 1, ..fresh }, Action::RetryAfterPause),
+            ("429 at the budget", rate_limited(), Budgets { rate_limited: 5, ..fresh }, Action::RetryAfterPause),
+            ("429 past the budget", rate_limited(), Budgets { rate_limited: 6, ..fresh }, Action::Fail),
+            ("quota", CallError::QuotaExceeded { message: "cap".into() }, fresh, Action::Fail),
+            (
+                "auth, another key",
+                CallError::Auth { status: 401 },
+                Budgets { other_key: true, ..fresh },
+                Action::NextKey,
+            ),
+            ("auth, no key left", CallError::Auth { status: 403 }, fresh, Action::Fail),
+            ("invalid request", invalid("context length exceeded"), fresh, Action::NextModel),
+            ("5xx", server(), Budgets { failures: 1, ..fresh }, Action::RetryAfterBackoff),
+            (
+                "transient",
+                CallError::Transient("reset".into()),
+                Budgets { failures: 3, ..fresh },
+                Action::RetryAfterBackoff,
+            ),
+            (
+                "malformed",
+                CallError::Malformed("not JSON".into()),
+                Budgets { failures: 2, ..fresh },
+                Action::RetryAfterBackoff,
+            ),
+            ("5xx, attempts spent", server(), Budgets { failures: 4, ..fresh }, Action::NextModel),
+            (
+                "transient, attempts spent",
+                CallError::Transient("t".into()),
+                Budgets { failures: 4, ..fresh },
+                Action::NextModel,
+            ),
+            (
+                "response_format refused",
+                invalid("response_format json_schema is not supported"),
+                fresh,
+                Action::WeakerOutput,
+            ),
+            (
+                "response_format refused, no weaker mode",
+                invalid("response_format is not supported"),
+                Budgets { weaker_output: false, ..fresh },
+                Action::NextModel,
+            ),
+        ];
+        for (row, error, budgets, expected) in rows {
+            assert_eq!(next_action(&error, &budgets), expected, "row {row:?}");
         }
     }
 

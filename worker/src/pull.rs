@@ -334,7 +334,7 @@ async fn work(
             .map(|item| {
                 ItemResult::failed(
                     item,
-                    "redeliveries_exhausted",
+                    common::provider::ErrorClass::RedeliveriesExhausted,
                     format!("chunk was delivered {delivered} times without finishing"),
                 )
             })

@@ -4,6 +4,7 @@ use serde_json::Value;
 use sqlx::{PgPool, Row};
 use uuid::Uuid;
 
+use common::provider::ErrorClass;
 use common::wire::ChunkMsg;
 
 use crate::Error;
@@ -69,7 +70,7 @@ pub struct AttemptRecord {
     pub fallback: bool,
     pub request_hash: String,
     pub outcome: String,
-    pub error_class: Option<String>,
+    pub error_class: Option<ErrorClass>,
     pub http_status: Option<i32>,
     pub latency_ms: i32,
     pub tokens_in: i32,
@@ -100,7 +101,7 @@ pub struct ItemResult {
     pub output: Option<Value>,
     pub answer: Option<String>,
     pub confidence: Option<f64>,
-    pub error_class: Option<String>,
+    pub error_class: Option<ErrorClass>,
     pub error: Option<String>,
     pub model: Option<String>,
     pub attempts: i32,
@@ -120,7 +121,12 @@ impl ItemResult {
     }
 
     /// A failed result that never reached the model.
-    pub fn failed(item: &Item, class: &str, error: String) -> Self {
+    pub fn failed(item: &Item, class: ErrorClass, error: String) -> Self {
+        ItemResult { error_class: Some(class), error: Some(error), ..ItemResult::pending(item) }
+    }
+
+    /// The result of an item before its first call: not succeeded, no error yet.
+    pub fn pending(item: &Item) -> Self {
         ItemResult {
             seq: item.seq,
             item_id: item.id.clone(),
@@ -130,8 +136,8 @@ impl ItemResult {
             output: None,
             answer: None,
             confidence: None,
-            error_class: Some(class.to_string()),
-            error: Some(error),
+            error_class: None,
+            error: None,
             model: None,
             attempts: item.prior,
             tokens_in: 0,
@@ -189,7 +195,7 @@ pub async fn write_chunk(
         .bind(&outputs)
         .bind(col(|r| r.answer.clone()))
         .bind(&confidences)
-        .bind(col(|r| r.error_class.clone()))
+        .bind(col(|r| r.error_class.map(|c| c.as_str().to_string())))
         .bind(col(|r| r.error.clone()))
         .bind(col(|r| r.model.clone()))
         .bind(results.iter().map(|r| r.attempts).collect::<Vec<i32>>())

@@ -189,7 +189,7 @@ mod tests {
 
         let e = |status, kind: &str| {
             let body = format!(r#"{{"type":"error","error":{{"type":"{kind}","message":"m"}}}}"#);
-            error(status, &body, None, RateInfo::default()).class()
+            error(status, &body, None, RateInfo::default()).class().as_str()
         };
         assert_eq!(e(429, "rate_limit_error"), "rate_limited");
         assert_eq!(e(529, "overloaded_error"), "server");
@@ -200,7 +200,7 @@ mod tests {
         assert_eq!(e(401, "authentication_error"), "auth");
         assert_eq!(e(403, "permission_error"), "auth");
         let spend = r#"{"type":"error","error":{"type":"rate_limit_error","message":"This request would exceed your spend limit","details":{"error_code":"enforced_spend_limit_reached"}}}"#;
-        assert_eq!(error(429, spend, None, RateInfo::default()).class(), "quota_exceeded");
+        assert_eq!(error(429, spend, None, RateInfo::default()).class().as_str(), "quota_exceeded");
     }
 
     #[test]

@@ -142,6 +142,60 @@ pub fn parse_reset(s: &str) -> Option<Duration> {
     (total.is_finite()).then(|| Duration::from_secs_f64(total.min(3600.0)))
 }
 
+/// Why an item failed or a call went wrong, as stored in
+/// `results.error_class` and `audit_attempts.error_class` and used as a
+/// metric label. The first seven are the classes of [`CallError`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorClass {
+    RateLimited,
+    QuotaExceeded,
+    Transient,
+    Auth,
+    InvalidRequest,
+    Server,
+    Malformed,
+    /// The answers did not match the output schema, re-asks included.
+    FailedValidation,
+    /// The prompt template could not be rendered for the item.
+    Template,
+    /// The job names a model no provider of the worker serves.
+    UnknownModel,
+    /// The chunk was delivered more than `SLUICE_MAX_DELIVERIES` times.
+    RedeliveriesExhausted,
+}
+
+impl ErrorClass {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorClass::RateLimited => "rate_limited",
+            ErrorClass::QuotaExceeded => "quota_exceeded",
+            ErrorClass::Transient => "transient",
+            ErrorClass::Auth => "auth",
+            ErrorClass::InvalidRequest => "invalid_request",
+            ErrorClass::Server => "server",
+            ErrorClass::Malformed => "malformed",
+            ErrorClass::FailedValidation => "failed_validation",
+            ErrorClass::Template => "template",
+            ErrorClass::UnknownModel => "unknown_model",
+            ErrorClass::RedeliveriesExhausted => "redeliveries_exhausted",
+        }
+    }
+
+    /// Failures that say the provider is unwell: they count against the
+    /// circuit breaker, and an item that last failed with one while the
+    /// breaker is open is held back rather than failed.
+    pub fn counts_against_breaker(self) -> bool {
+        matches!(self, ErrorClass::Server | ErrorClass::Transient | ErrorClass::Malformed)
+    }
+}
+
+impl std::fmt::Display for ErrorClass {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Why a call failed, by what should be done about it.
 #[derive(Debug, thiserror::Error)]
 pub enum CallError {
@@ -162,16 +216,16 @@ pub enum CallError {
 }
 
 impl CallError {
-    /// Short, bounded name used in results and metric labels.
-    pub fn class(&self) -> &'static str {
+    /// The class, used in results and metric labels.
+    pub fn class(&self) -> ErrorClass {
         match self {
-            CallError::RateLimited { .. } => "rate_limited",
-            CallError::QuotaExceeded { .. } => "quota_exceeded",
-            CallError::Transient(_) => "transient",
-            CallError::Auth { .. } => "auth",
-            CallError::InvalidRequest { .. } => "invalid_request",
-            CallError::Server { .. } => "server",
-            CallError::Malformed(_) => "malformed",
+            CallError::RateLimited { .. } => ErrorClass::RateLimited,
+            CallError::QuotaExceeded { .. } => ErrorClass::QuotaExceeded,
+            CallError::Transient(_) => ErrorClass::Transient,
+            CallError::Auth { .. } => ErrorClass::Auth,
+            CallError::InvalidRequest { .. } => ErrorClass::InvalidRequest,
+            CallError::Server { .. } => ErrorClass::Server,
+            CallError::Malformed(_) => ErrorClass::Malformed,
         }
     }
 
@@ -422,7 +476,7 @@ mod tests {
     fn malformed_bodies_are_classified() {
         for body in [&b"not json"[..], br#"{"choices":[]}"#, br#"{"choices":[{"message":{}}]}"#] {
             let err = openai::parse(body).unwrap_err();
-            assert_eq!(err.class(), "malformed", "{}", String::from_utf8_lossy(body));
+            assert_eq!(err.class(), ErrorClass::Malformed, "{}", String::from_utf8_lossy(body));
             assert!(err.is_retryable());
         }
     }

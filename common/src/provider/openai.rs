@@ -249,9 +249,9 @@ mod tests {
     #[test]
     fn quota_429s_are_told_from_rate_limits() {
         let quota = r#"{"error":{"message":"You exceeded your current quota","type":"insufficient_quota","code":"insufficient_quota"}}"#;
-        assert_eq!(error(429, quota, None, RateInfo::default()).class(), "quota_exceeded");
+        assert_eq!(error(429, quota, None, RateInfo::default()).class().as_str(), "quota_exceeded");
         let rate = r#"{"error":{"message":"Rate limit reached","type":"requests","code":"rate_limit_exceeded"}}"#;
-        assert_eq!(error(429, rate, None, RateInfo::default()).class(), "rate_limited");
+        assert_eq!(error(429, rate, None, RateInfo::default()).class().as_str(), "rate_limited");
         let refused = r#"{"error":{"message":"response_format json_schema is not supported by this model"}}"#;
         assert!(error(400, refused, None, RateInfo::default()).refuses_output_format());
     }
