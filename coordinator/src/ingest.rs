@@ -424,7 +424,8 @@ where
             ingest_seconds: started.elapsed().as_secs_f64(),
         });
     }
-    let chunks = crate::store::create_chunks(&mut tx, job_id, seq as i64, chunk_size as i64).await?;
+    let size = spread_chunk_size(chunk_size, seq as u64);
+    let chunks = crate::store::create_chunks(&mut tx, job_id, seq as i64, size).await?;
     sqlx::query(
         "UPDATE jobs SET state = 'running', total_items = $2, invalid_lines = $3, started_at = now() WHERE id = $1",
     )
@@ -523,9 +524,29 @@ async fn duplicates(
     Ok((n, first))
 }
 
+/// A job is split into at least this many chunks (when it has that many
+/// items), so that a small job submitted beside a big one spreads over the
+/// workers and gets its share of each, rather than one worker's.
+const MIN_CHUNKS: u64 = 8;
+
+/// The chunk size of a job of `items` items whose kind asks for `size`.
+fn spread_chunk_size(size: u32, items: u64) -> i64 {
+    (size as u64).min(items.div_ceil(MIN_CHUNKS)).max(1) as i64
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn small_jobs_are_split_finer() {
+        assert_eq!(spread_chunk_size(100, 100_000), 100);
+        assert_eq!(spread_chunk_size(100, 800), 100);
+        assert_eq!(spread_chunk_size(100, 100), 13); // 8 chunks
+        assert_eq!(spread_chunk_size(100, 151), 19); // 8 chunks
+        assert_eq!(spread_chunk_size(100, 5), 1);
+        assert_eq!(spread_chunk_size(100, 0), 1);
+    }
 
     /// Splits `input` and validates every line, returning the verdicts in order.
     fn run(input: &[u8], piece: usize) -> Vec<Result<String, String>> {

@@ -4,8 +4,8 @@
 //! is submitted runs before it. The publisher therefore keeps the queue short
 //! and shares it out:
 //!
-//! - **How much is queued.** The consumer's delivery counter gives the pace at
-//!   which workers take chunks ([`Pace`]); the publisher keeps about
+//! - **How much is queued.** The stream's count of acked messages gives the pace at
+//!   which workers finish chunks ([`Pace`]); the publisher keeps about
 //!   `SLUICE_QUEUE_AHEAD_MS` of work at that pace undelivered, plus one chunk
 //!   for every worker's pull request that is waiting. On a model limited to 20
 //!   requests a second that is no chunk at all beyond what the workers ask
@@ -108,47 +108,46 @@ fn request_error(e: impl std::error::Error + Send + Sync + 'static) -> Error {
     Error::Nats(NatsError::Request(Box::new(e)))
 }
 
-/// How many messages each job has in the stream (queued or being worked on),
-/// in one request. A job with none is absent.
-pub async fn messages_by_job(stream: &jetstream::stream::Stream) -> Result<HashMap<Uuid, usize>, Error> {
-    let prefix = format!("{}.", common::wire::SUBJECT_PREFIX);
-    let counts: Vec<(String, usize)> = stream
-        .info_with_subjects(format!("{prefix}*"))
-        .await
-        .map_err(request_error)?
-        .try_collect()
-        .await
-        .map_err(request_error)?;
-    Ok(counts.into_iter().filter_map(|(subject, n)| Some((subject.strip_prefix(&prefix)?.parse().ok()?, n))).collect())
+/// What the stream holds: how many messages each job has (queued or being
+/// worked on; a job with none is absent), and how many messages were ever
+/// removed from it, which in a work-queue stream means acked: finished.
+pub struct StreamCounts {
+    pub by_job: HashMap<Uuid, usize>,
+    pub finished: u64,
 }
 
-/// What the workers' consumer reports: chunks not yet delivered, pull
-/// requests waiting for chunks, and deliveries so far. Before any worker has
-/// started there is no consumer: everything in the stream is undelivered.
+/// Counts the stream's messages by job, in one request.
+pub async fn stream_counts(stream: &jetstream::stream::Stream) -> Result<StreamCounts, Error> {
+    let prefix = format!("{}.", common::wire::SUBJECT_PREFIX);
+    let info = stream.info_with_subjects(format!("{prefix}*")).await.map_err(request_error)?;
+    let finished = info.info.state.last_sequence.saturating_sub(info.info.state.messages);
+    let counts: Vec<(String, usize)> = info.try_collect().await.map_err(request_error)?;
+    let by_job =
+        counts.into_iter().filter_map(|(subject, n)| Some((subject.strip_prefix(&prefix)?.parse().ok()?, n))).collect();
+    Ok(StreamCounts { by_job, finished })
+}
+
+/// What the workers' consumer reports: chunks not yet delivered and pull
+/// requests waiting for chunks. Before any worker has started there is no
+/// consumer: everything in the stream is undelivered.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Demand {
     pub undelivered: u64,
     pub waiting: usize,
-    pub delivered: u64,
 }
 
 async fn demand(stream: &jetstream::stream::Stream, in_stream: u64) -> Result<Demand, Error> {
     use async_nats::jetstream::context::ConsumerInfoErrorKind;
     match stream.consumer_info(common::wire::CONSUMER).await {
-        Ok(info) => Ok(Demand {
-            undelivered: info.num_pending,
-            waiting: info.num_waiting,
-            delivered: info.delivered.consumer_sequence,
-        }),
-        Err(e) if e.kind() == ConsumerInfoErrorKind::NotFound => {
-            Ok(Demand { undelivered: in_stream, ..Demand::default() })
-        }
+        Ok(info) => Ok(Demand { undelivered: info.num_pending, waiting: info.num_waiting }),
+        Err(e) if e.kind() == ConsumerInfoErrorKind::NotFound => Ok(Demand { undelivered: in_stream, waiting: 0 }),
         Err(e) => Err(request_error(e)),
     }
 }
 
-/// The pace at which workers take chunks, in chunks per second, from the
-/// consumer's delivery counter over the last few seconds.
+/// The pace at which workers finish chunks, in chunks per second, over the
+/// last few seconds. (Deliveries would overstate it: filling the workers'
+/// slots at the start is not a pace.)
 #[derive(Debug, Default)]
 pub struct Pace {
     samples: VecDeque<(Instant, u64)>,
@@ -156,25 +155,24 @@ pub struct Pace {
 
 /// How far back [`Pace`] looks.
 const PACE_SPAN: Duration = Duration::from_secs(3);
+/// The shortest span [`Pace`] divides by: a handful of deliveries in the
+/// first tenth of a second is not a pace of fifty a second.
+const PACE_MIN_SPAN: Duration = Duration::from_secs(1);
 
 impl Pace {
-    /// Records the delivery counter at `now` and returns the pace.
-    pub fn observe(&mut self, now: Instant, delivered: u64) -> f64 {
-        if self.samples.back().is_some_and(|&(_, last)| delivered < last) {
-            // A new consumer (JetStream lost its state): start again.
+    /// Records the count of finished chunks at `now` and returns the pace.
+    pub fn observe(&mut self, now: Instant, finished: u64) -> f64 {
+        if self.samples.back().is_some_and(|&(_, last)| finished < last) {
+            // A new stream (JetStream lost its state): start again.
             self.samples.clear();
         }
-        self.samples.push_back((now, delivered));
+        self.samples.push_back((now, finished));
         while self.samples.len() > 2 && now.duration_since(self.samples[1].0) >= PACE_SPAN {
             self.samples.pop_front();
         }
         let (since, first) = self.samples[0];
-        let span = now.duration_since(since).as_secs_f64();
-        if span <= 0.0 {
-            0.0
-        } else {
-            (delivered - first) as f64 / span
-        }
+        let span = now.duration_since(since).max(PACE_MIN_SPAN).as_secs_f64();
+        (finished - first) as f64 / span
     }
 }
 
@@ -225,14 +223,18 @@ impl Publisher {
     }
 
     /// One turn: measures the demand and publishes what it calls for.
-    pub async fn turn(&mut self) -> Result<(), Error> {
+    /// Returns true when workers were waiting with nothing queued (the pace
+    /// is still being learned): the next turn should come soon.
+    pub async fn turn(&mut self) -> Result<bool, Error> {
         let stream = self.watch.lock().await.stream(&self.js, &self.pool).await?;
-        let in_stream = messages_by_job(&stream).await?;
+        let counts = stream_counts(&stream).await?;
+        let in_stream = counts.by_job;
         let demand = demand(&stream, in_stream.values().sum::<usize>() as u64).await?;
-        let pace = self.pace.observe(Instant::now(), demand.delivered);
+        let pace = self.pace.observe(Instant::now(), counts.finished);
         let wanted = chunks_wanted(demand, pace, self.ahead);
+        let starving = demand.waiting > 0 && demand.undelivered == 0;
         if wanted == 0 {
-            return Ok(());
+            return Ok(starving);
         }
         let candidates = store::unpublished_chunks(&self.pool, wanted as i64).await?;
         // Running jobs with chunks to publish, oldest first, as the query orders them.
@@ -249,9 +251,13 @@ impl Publisher {
             .into_iter()
             .map(|i| jobs[i].1.pop_front().expect("share stays within each job's chunks"))
             .collect();
-        publish_chunks(&self.js, &self.pool, &order, "publish").await
+        publish_chunks(&self.js, &self.pool, &order, "publish").await?;
+        Ok(starving && !order.is_empty())
     }
 }
+
+/// The next turn's delay while workers wait with nothing queued.
+const STARVING_TURN: Duration = Duration::from_millis(10);
 
 /// Runs the publisher until shutdown: a turn every `interval`, and at once
 /// when woken (a job was submitted, resumed or lost chunks were found).
@@ -259,14 +265,24 @@ impl Publisher {
 pub async fn run(mut publisher: Publisher, interval: Duration, wake: Arc<Notify>, shutdown: CancellationToken) {
     let mut health = common::telemetry::Health::default();
     loop {
-        match publisher.turn().await {
-            Ok(()) => health.ok("publishing chunks"),
-            Err(err) => health.failed("publishing chunks", &err),
-        }
+        let next = match publisher.turn().await {
+            Ok(starving) => {
+                health.ok("publishing chunks");
+                if starving {
+                    STARVING_TURN
+                } else {
+                    interval
+                }
+            }
+            Err(err) => {
+                health.failed("publishing chunks", &err);
+                interval
+            }
+        };
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = wake.notified() => {}
-            _ = tokio::time::sleep(interval) => {}
+            _ = tokio::time::sleep(next) => {}
         }
     }
 }
@@ -280,10 +296,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn pace_is_deliveries_per_second_over_the_last_seconds() {
+    fn pace_is_chunks_finished_per_second_over_the_last_seconds() {
         let t0 = Instant::now();
         let mut pace = Pace::default();
         assert_eq!(pace.observe(t0, 0), 0.0);
+        // The first deliveries are spread over a second at least.
+        assert_eq!(pace.observe(t0 + Duration::from_millis(100), 4), 4.0);
         assert_eq!(pace.observe(t0 + Duration::from_secs(1), 50), 50.0);
         assert_eq!(pace.observe(t0 + Duration::from_secs(2), 100), 50.0);
         // Older samples fall out: the pace follows a slowdown.
@@ -299,7 +317,7 @@ mod tests {
     #[test]
     fn the_queue_holds_about_the_work_ahead_and_answers_waiting_workers() {
         let ahead = Duration::from_secs(1);
-        let d = |undelivered, waiting| Demand { undelivered, waiting, delivered: 0 };
+        let d = |undelivered, waiting| Demand { undelivered, waiting };
         // 150 chunks a second: 150 queued.
         assert_eq!(chunks_wanted(d(0, 0), 150.0, ahead), 150);
         assert_eq!(chunks_wanted(d(140, 2), 150.0, ahead), 10);

@@ -56,7 +56,7 @@ pub async fn pass(state: &AppState, settings: Settings) -> Result<(), Error> {
         metrics::counter!(m::JOBS_FINISHED, "state" => "abandoned").increment(1);
     }
     let stream = state.stream.lock().await.stream(&state.js, &state.pool).await?;
-    let in_stream = publish::messages_by_job(&stream).await?;
+    let in_stream = publish::stream_counts(&stream).await?.by_job;
     for job_id in store::running_jobs(&state.pool).await? {
         if store::complete_if_done(&state.pool, job_id).await? {
             metrics::counter!(m::JOBS_FINISHED, "state" => "completed").increment(1);

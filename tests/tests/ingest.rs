@@ -71,7 +71,7 @@ async fn skip_invalid_ingests_the_good_lines_and_records_the_bad_ones() {
     input.extend_from_slice(b"{\"custom_id\":\"batch-1\",\"text\":\"The striker scored a goal in the match.\"}\n");
     let report = stack.submit("classify", input, true).await.unwrap();
     assert_eq!(report.state, "running");
-    assert_eq!((report.items, report.invalid_lines, report.chunks), (151, 2, 2));
+    assert_eq!((report.items, report.invalid_lines, report.chunks), (151, 2, 8));
     let lines: Vec<u64> = report.errors.iter().map(|e| e.line).collect();
     assert_eq!(lines, [151, 152]);
     assert_eq!(count(&stack, "items", report.job_id).await, 151);

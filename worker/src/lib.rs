@@ -7,6 +7,7 @@ pub mod confidence;
 pub mod config;
 pub mod endpoints;
 pub mod error;
+pub mod fair;
 pub mod guard;
 pub mod jobs;
 pub mod keys;

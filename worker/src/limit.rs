@@ -365,9 +365,10 @@ pub struct Limiter {
     pending: Mutex<Option<Pending>>,
     /// The effective request rate seen at the last lease.
     seen_rate: Mutex<[f64; 4]>,
-    /// Only one task of this worker leases or waits at a time; the others
-    /// queue behind it in order (tokio's mutex is fair).
-    leasing: tokio::sync::Mutex<()>,
+    /// One caller at a time takes from the pool or leases more; callers
+    /// take turns by job, so a new job's items do not queue behind every
+    /// item of an earlier one.
+    leasing: crate::fair::FairSemaphore,
 }
 
 /// What one call reserved, settled against the real usage afterwards.
@@ -386,14 +387,14 @@ impl Limiter {
             pool: Mutex::new(Pool { amounts: [0.0; 4], marks: [0.0; 4], expires: Instant::now() }),
             pending: Mutex::new(None),
             seen_rate: Mutex::new(limits.per_minute()),
-            leasing: tokio::sync::Mutex::new(()),
+            leasing: crate::fair::FairSemaphore::new(1),
         }
     }
 
-    /// Waits until one request costing about `cost` may be sent.
-    pub async fn acquire(&self, cost: Cost) -> Result<Reservation, Error> {
+    /// Waits until one request of `job` costing about `cost` may be sent.
+    pub async fn acquire(&self, job: uuid::Uuid, cost: Cost) -> Result<Reservation, Error> {
         let need = cost.amounts(cost.max_output);
-        let _turn = self.leasing.lock().await;
+        let _turn = self.leasing.acquire(job).await;
         loop {
             {
                 let mut p = self.pool.lock().expect("pool lock");

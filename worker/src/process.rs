@@ -360,7 +360,7 @@ impl ItemRun<'_> {
             };
             let reservation = match &limiter {
                 Some(l) => tokio::select! {
-                    r = l.acquire(cost_estimate) => Some(r?),
+                    r = l.acquire(ctx.job_id, cost_estimate) => Some(r?),
                     _ = ctx.stop.cancelled() => return Ok(ModelEnd::Stopping),
                 },
                 None => None,

@@ -30,13 +30,16 @@ struct Shared {
     prices: common::prices::PriceTable,
     redaction: common::redact::Redaction,
     jobs: JobCache,
-    /// Bounds model calls in flight across all chunks this worker holds.
-    calls: Arc<Semaphore>,
+    /// Bounds model calls in flight across all chunks this worker holds,
+    /// handing freed permits to jobs in turn.
+    calls: crate::fair::FairSemaphore,
     audit: crate::audit::Audit,
     policy: RetryPolicy,
     ack_wait: Duration,
     max_deliveries: i64,
     name: String,
+    /// Chunks held, by job.
+    held: std::sync::Mutex<std::collections::HashMap<uuid::Uuid, usize>>,
 }
 
 /// Runs a worker until `shutdown` is cancelled. Then no new chunk is fetched
@@ -69,7 +72,7 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> Result<()
         redaction: config.redaction()?,
         jobs: JobCache::default(),
         audit: crate::audit::Audit::start(pool.clone(), name.clone()),
-        calls: Arc::new(Semaphore::new(config.concurrency)),
+        calls: crate::fair::FairSemaphore::new(config.concurrency),
         policy: RetryPolicy {
             max_attempts: config.max_attempts,
             base: Duration::from_millis(config.retry_base_ms),
@@ -79,11 +82,13 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> Result<()
         ack_wait,
         max_deliveries: config.max_deliveries,
         name,
+        held: Default::default(),
     });
     // Slots are sized for the default chunk size; a job with larger chunks
     // simply keeps fewer of them in hand.
     let slots = Arc::new(Semaphore::new(config.chunk_slots(100)));
     let tracker = TaskTracker::new();
+    tokio::spawn(newcomer_slots(shared.clone(), slots.clone(), shutdown.clone()));
     let result = pull_loop(&topology, consumer, &shared, &slots, &tracker, &shutdown).await;
     tracker.close();
     if tokio::time::timeout(Duration::from_secs(config.shutdown_grace_s), tracker.wait()).await.is_err() {
@@ -95,6 +100,38 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> Result<()
     tracing::info!(worker = %shared.name, "worker stopped");
     result
 }
+
+/// How often a worker looks for running jobs it holds no chunk of.
+const NEWCOMERS_EVERY: Duration = Duration::from_secs(1);
+
+/// Gives the worker one more chunk slot for each running job it holds no
+/// chunk of (at most [`MAX_NEWCOMER_SLOTS`]). All its slots may be taken by a
+/// big job whose chunks last many seconds on a rate-limited model; the
+/// publisher gives the next chunk to the job with the fewest in the stream,
+/// so the extra slot takes the new job's chunk at once rather than when one
+/// of the big job's chunks is finished.
+async fn newcomer_slots(shared: Arc<Shared>, slots: Arc<Semaphore>, stop: CancellationToken) {
+    let mut extra = 0usize;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(NEWCOMERS_EVERY) => {}
+        }
+        let Ok(running) = store::running_jobs(&shared.pool).await else { continue };
+        let held = shared.held.lock().expect("held lock").len();
+        let want = running.saturating_sub(held).min(MAX_NEWCOMER_SLOTS);
+        if want > extra {
+            slots.add_permits(want - extra);
+            extra = want;
+        } else if want < extra {
+            // Slots in use are given up as they come back.
+            extra -= slots.forget_permits(extra - want);
+        }
+    }
+}
+
+/// Most extra slots a worker opens for jobs it holds no chunk of.
+const MAX_NEWCOMER_SLOTS: usize = 2;
 
 /// What a worker needs of JetStream: the chunk stream, its consumer and the
 /// shared state bucket. Declared at start and again whenever fetching fails,
@@ -223,7 +260,17 @@ async fn handle(shared: Arc<Shared>, msg: Message, _slot: OwnedSemaphorePermit, 
         })
     };
     let delivered = msg.info().map(|i| i.delivered).unwrap_or(1);
+    *shared.held.lock().expect("held lock").entry(chunk.job_id).or_default() += 1;
     let outcome = work(&shared, &chunk, delivered, &stop).await;
+    {
+        let mut held = shared.held.lock().expect("held lock");
+        if let Some(n) = held.get_mut(&chunk.job_id) {
+            *n -= 1;
+            if *n == 0 {
+                held.remove(&chunk.job_id);
+            }
+        }
+    }
     heartbeat.abort();
     match outcome {
         Ok(ChunkOutcome::Finished) => {
@@ -354,7 +401,7 @@ async fn work(
             let job = job.clone();
             async move {
                 let _call = tokio::select! {
-                    permit = shared.calls.acquire() => permit.expect("semaphore never closed"),
+                    permit = shared.calls.acquire(chunk.job_id) => permit,
                     _ = stop.cancelled() => return Ok(Outcome::Held(Duration::ZERO)),
                 };
                 let ctx = ItemContext {

@@ -217,6 +217,12 @@ pub async fn write_chunk(
     Ok(())
 }
 
+/// How many jobs are running.
+pub async fn running_jobs(pool: &PgPool) -> Result<usize, Error> {
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs WHERE state = 'running'").fetch_one(pool).await?;
+    Ok(n as usize)
+}
+
 /// Marks the job completed if this was its last pending chunk. Run after the
 /// chunk's commit: of two workers finishing the last chunks at once, the later
 /// commit sees both done. The coordinator's reconciler repeats this check.
