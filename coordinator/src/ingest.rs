@@ -424,7 +424,7 @@ where
             ingest_seconds: started.elapsed().as_secs_f64(),
         });
     }
-    let size = spread_chunk_size(chunk_size, seq as u64);
+    let size = spread_chunk_size(chunk_size, seq);
     let chunks = crate::store::create_chunks(&mut tx, job_id, seq as i64, size).await?;
     sqlx::query(
         "UPDATE jobs SET state = 'running', total_items = $2, invalid_lines = $3, started_at = now() WHERE id = $1",
