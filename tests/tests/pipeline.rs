@@ -119,7 +119,7 @@ async fn chunks_lost_by_jetstream_are_republished_by_the_reconciler() {
     // worker would, then lose it (and anything else in the stream) before
     // it is acked.
     let js = async_nats::jetstream::new(async_nats::connect(stack.nats.url()).await.unwrap());
-    let mut stream = common::nats::ensure_stream(&js, &stack.nats.url()).await.unwrap();
+    let mut stream = common::nats::ensure_stream(&js, stack.nats.url()).await.unwrap();
     let consumer = common::nats::ensure_consumer(&stream, Duration::from_secs(30)).await.unwrap();
     let mut batch = consumer.batch().max_messages(1).expires(Duration::from_secs(30)).messages().await.unwrap();
     let taken = tokio::time::timeout(Duration::from_secs(30), batch.next()).await.unwrap().unwrap().unwrap();
