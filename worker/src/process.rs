@@ -475,8 +475,16 @@ impl ItemRun<'_> {
                 l.settle(r, Cost::default());
             }
             let class = e.class();
-            if class == ErrorClass::RateLimited {
+            // What the failure says about shared state is recorded whatever
+            // comes next: a 429's pause holds for every worker even when this
+            // item gives up.
+            let (mut pause_shared, mut pause) = (false, Duration::from_secs(1));
+            if let CallError::RateLimited { retry_after, rate } = &e {
                 rate_limited += 1;
+                pause = retry_after.unwrap_or(pause);
+                if let Some(l) = &limiter {
+                    pause_shared = soft(l.rate_limited(*retry_after, rate).await);
+                }
             }
             if class.counts_against_breaker() {
                 failures += 1;
@@ -499,18 +507,10 @@ impl ItemRun<'_> {
                 Action::WeakerOutput => {
                     output = ctx.learned.refuse_output(base_url, &route.model, output).await?;
                 }
-                Action::RetryAfterPause | Action::Fail if class == ErrorClass::RateLimited => {
-                    let CallError::RateLimited { retry_after, rate } = &e else { unreachable!("class checked") };
-                    // The pause is shared with the cluster even when this item gives up.
-                    let shared = match &limiter {
-                        Some(l) => soft(l.rate_limited(*retry_after, rate).await),
-                        None => false,
-                    };
-                    if action == Action::Fail {
-                        return Ok(ModelEnd::Fail);
-                    }
-                    if !shared {
-                        tokio::time::sleep(retry_after.unwrap_or(Duration::from_secs(1))).await;
+                Action::RetryAfterPause => {
+                    // Without the shared limiter, this item waits out the pause itself.
+                    if !pause_shared {
+                        tokio::time::sleep(pause).await;
                     }
                 }
                 Action::RetryAfterBackoff => {
@@ -519,7 +519,7 @@ impl ItemRun<'_> {
                 }
                 Action::NextKey => {}
                 Action::NextModel => return Ok(ModelEnd::Next),
-                Action::RetryAfterPause | Action::Fail => return Ok(ModelEnd::Fail),
+                Action::Fail => return Ok(ModelEnd::Fail),
             }
         }
     }
