@@ -121,22 +121,47 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-impl IntoResponse for Error {
-    fn into_response(self) -> Response {
-        let status = match &self {
+impl Error {
+    /// The HTTP status an API client gets for this error.
+    pub fn status(&self) -> StatusCode {
+        match self {
             Error::JobNotFound(_) => StatusCode::NOT_FOUND,
             Error::JobState { .. } => StatusCode::CONFLICT,
             Error::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Error::Spec(_) | Error::Upload(_) | Error::Invalid(_) => StatusCode::BAD_REQUEST,
-            Error::Db(_) | Error::DbConnect { .. } | Error::Nats(_) | Error::Publish { .. } => {
-                StatusCode::SERVICE_UNAVAILABLE
+            Error::Db(e) if e.is_unavailable() => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Nats(_) | Error::Publish { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Db(_) | Error::Config(_) | Error::Migrate(_) | Error::Bind { .. } => {
+                StatusCode::INTERNAL_SERVER_ERROR
             }
-            _ => StatusCode::INTERNAL_SERVER_ERROR,
-        };
-        if status.is_server_error() {
-            tracing::error!(error = &self as &dyn std::error::Error, "request failed");
         }
-        (status, Json(ApiError { error: common::error_chain(&self), report: None })).into_response()
+    }
+}
+
+impl IntoResponse for Error {
+    /// A client error says what was wrong with the request. A server error
+    /// says only what kind of trouble it is and a request id: the details
+    /// (addresses, SQL, the error chain) go to the coordinator's log under
+    /// that id.
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let body = if status.is_server_error() {
+            let request_id = uuid::Uuid::now_v7();
+            tracing::error!(%request_id, error = &self as &dyn std::error::Error, "request failed");
+            let what = if status == StatusCode::SERVICE_UNAVAILABLE {
+                "the coordinator cannot reach Postgres or NATS right now; try again shortly"
+            } else {
+                "internal error"
+            };
+            ApiError {
+                error: format!("{what} (request id {request_id}: the coordinator's log has the details)"),
+                report: None,
+                request_id: Some(request_id),
+            }
+        } else {
+            ApiError { error: common::error_chain(&self), report: None, request_id: None }
+        };
+        (status, Json(body)).into_response()
     }
 }
 
@@ -196,7 +221,11 @@ async fn upload_input(
     if report.state == "rejected" {
         tracing::info!(%job_id, invalid = report.invalid_lines, "input rejected");
         let error = format!("input rejected: {} invalid line(s); nothing was ingested", report.invalid_lines);
-        return Ok((StatusCode::UNPROCESSABLE_ENTITY, Json(ApiError { error, report: Some(report) })).into_response());
+        return Ok((
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Json(ApiError { error, report: Some(report), request_id: None }),
+        )
+            .into_response());
     }
     tracing::info!(%job_id, items = report.items, chunks = report.chunks, secs = report.ingest_seconds, "input ingested");
     let detail =

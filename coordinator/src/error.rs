@@ -6,16 +6,8 @@ use uuid::Uuid;
 pub enum Error {
     #[error("invalid configuration: {0}")]
     Config(String),
-    #[error(
-        "cannot connect to Postgres at {url}: is it running and does the database exist? (`scripts/demo` starts it)"
-    )]
-    DbConnect {
-        url: String,
-        #[source]
-        source: sqlx::Error,
-    },
-    #[error("database error")]
-    Db(#[from] sqlx::Error),
+    #[error(transparent)]
+    Db(#[from] common::db::DbError),
     #[error("cannot apply database migrations")]
     Migrate(#[source] sqlx::migrate::MigrateError),
     #[error(transparent)]

@@ -1,5 +1,6 @@
 //! Streams a job's JSONL input into Postgres with COPY, validating each line without holding the file in memory.
 
+use common::db::Doing;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -306,7 +307,7 @@ where
     S: Stream<Item = Result<Bytes, E>> + Unpin,
     E: Into<axum::Error>,
 {
-    let mut copy = tx.copy_in_raw(COPY_ITEMS).await?;
+    let mut copy = tx.copy_in_raw(COPY_ITEMS).await.doing("copying the input into Postgres")?;
     let end = loop {
         let Some(piece) = body.next().await else {
             intake.finish();
@@ -318,7 +319,7 @@ where
             return Ok(Segment::TooLarge(reason));
         }
         if intake.buf.len() >= COPY_BUFFER {
-            copy.send(std::mem::take(&mut intake.buf)).await?;
+            copy.send(std::mem::take(&mut intake.buf)).await.doing("copying the input into Postgres")?;
             intake.buf.reserve(COPY_BUFFER + MAX_LINE_BYTES);
         }
         if intake.rejected.len() >= REJECTED_BATCH {
@@ -326,9 +327,9 @@ where
         }
     };
     if !intake.buf.is_empty() {
-        copy.send(std::mem::take(&mut intake.buf)).await?;
+        copy.send(std::mem::take(&mut intake.buf)).await.doing("copying the input into Postgres")?;
     }
-    copy.finish().await?;
+    copy.finish().await.doing("copying the input into Postgres")?;
     Ok(end)
 }
 
@@ -352,9 +353,9 @@ where
     E: Into<axum::Error>,
 {
     let started = Instant::now();
-    let mut conn = pool.acquire().await?;
+    let mut conn = pool.acquire().await.doing("ingesting the input")?;
     conn.close_on_drop();
-    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+    let mut tx = sqlx::Connection::begin(&mut *conn).await.doing("ingesting the input")?;
     crate::store::lock_job(&mut tx, job_id, &["uploading"], "uploading").await?;
 
     let mut intake = Intake {
@@ -412,7 +413,8 @@ where
             .bind(job_id)
             .bind(invalid as i64)
             .execute(pool)
-            .await?;
+            .await
+            .doing("ingesting the input")?;
         metrics::counter!(m::JOBS_FINISHED, "state" => "rejected").increment(1);
         return Ok(IngestReport {
             job_id,
@@ -433,8 +435,9 @@ where
     .bind(seq as i64)
     .bind(invalid as i64)
     .execute(&mut *tx)
-    .await?;
-    tx.commit().await?;
+    .await
+    .doing("ingesting the input")?;
+    tx.commit().await.doing("ingesting the input")?;
     metrics::counter!(m::ITEMS_INGESTED).increment(seq);
     let secs = started.elapsed().as_secs_f64();
     metrics::histogram!(m::INGEST_SECONDS).record(secs);
@@ -465,7 +468,8 @@ async fn write_rejected(
         .bind(&lines)
         .bind(&reasons)
         .execute(&mut **tx)
-        .await?;
+        .await
+        .doing("recording refused lines")?;
     }
     Ok(())
 }
@@ -489,7 +493,8 @@ async fn duplicates(
     .bind(job_id)
     .bind(MAX_REPORTED_ERRORS as i64)
     .fetch_all(&mut **tx)
-    .await?;
+    .await
+    .doing("looking for duplicate ids")?;
     if first.is_empty() {
         return Ok((0, Vec::new()));
     }
@@ -499,7 +504,8 @@ async fn duplicates(
         let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT count(*) FROM ({LATER}) l")))
             .bind(job_id)
             .fetch_one(&mut **tx)
-            .await?;
+            .await
+            .doing("looking for duplicate ids")?;
         return Ok((n, first));
     }
     let n = sqlx::query(sqlx::AssertSqlSafe(format!(
@@ -510,7 +516,8 @@ async fn duplicates(
     )))
     .bind(job_id)
     .execute(&mut **tx)
-    .await?
+    .await
+    .doing("looking for duplicate ids")?
     .rows_affected() as i64;
     // Close the gaps in two steps: the primary key is checked row by row.
     sqlx::query(
@@ -519,8 +526,12 @@ async fn duplicates(
     )
     .bind(job_id)
     .execute(&mut **tx)
-    .await?;
-    sqlx::query("UPDATE items SET seq = -seq WHERE job_id = $1").bind(job_id).execute(&mut **tx).await?;
+    .await.doing("looking for duplicate ids")?;
+    sqlx::query("UPDATE items SET seq = -seq WHERE job_id = $1")
+        .bind(job_id)
+        .execute(&mut **tx)
+        .await
+        .doing("looking for duplicate ids")?;
     Ok((n, first))
 }
 

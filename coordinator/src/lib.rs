@@ -31,7 +31,7 @@ impl Coordinator {
     /// and binds the API listener. Every failure names the address it tried.
     pub async fn bind(config: ServeConfig) -> Result<Self, Error> {
         config.validate()?;
-        let pool = store::connect(&config.database_url, config.db_pool_size).await?;
+        let pool = common::db::connect(&config.database_url, config.db_pool_size).await?;
         store::ensure_schema(&pool, config.migrate_database_url.as_deref()).await?;
         let nats = common::nats::connect(&config.nats_url).await?;
         let js = async_nats::jetstream::new(nats);

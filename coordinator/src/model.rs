@@ -130,6 +130,9 @@ pub struct ApiError {
     pub error: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub report: Option<IngestReport>,
+    /// On a server error: the id under which the coordinator logged the details.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<uuid::Uuid>,
 }
 
 /// One line of a review decisions file that could not be used.

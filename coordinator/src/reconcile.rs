@@ -58,7 +58,7 @@ pub async fn pass(state: &AppState, settings: Settings) -> Result<(), Error> {
     let stream = state.stream.lock().await.stream(&state.js, &state.pool).await?;
     let in_stream = publish::stream_counts(&stream).await?.by_job;
     for job_id in store::running_jobs(&state.pool).await? {
-        if store::complete_if_done(&state.pool, job_id).await? {
+        if common::db::complete_if_done(&state.pool, job_id).await? {
             metrics::counter!(m::JOBS_FINISHED, "state" => "completed").increment(1);
             tracing::info!(%job_id, "job completed (seen by reconciler)");
             continue;

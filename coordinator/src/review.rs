@@ -1,5 +1,6 @@
 //! The review queue: exporting doubtful results for humans (JSONL, CSV, Label Studio) and importing their decisions.
 
+use common::db::Doing;
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
@@ -40,7 +41,8 @@ pub async fn queue(pool: &PgPool, job_id: Uuid, below: Option<f64>) -> Result<Ve
     .bind(job_id)
     .bind(below)
     .fetch_all(pool)
-    .await?;
+    .await
+    .doing("reading the review queue")?;
     Ok(rows
         .iter()
         .map(|r| QueueItem {
@@ -232,7 +234,8 @@ pub async fn import(
     .bind(job_id)
     .bind(&ids)
     .fetch_all(pool)
-    .await?
+    .await
+    .doing("applying review decisions")?
     .iter()
     .map(|r| (r.get("item_id"), (r.get("seq"), r.get("has_result"))))
     .collect();
@@ -254,7 +257,7 @@ pub async fn import(
         errors.sort_by_key(|e| e.line);
         return Ok(ImportReport { applied: 0, errors });
     }
-    let mut tx = pool.begin().await?;
+    let mut tx = pool.begin().await.doing("applying review decisions")?;
     for (seq, d) in &apply {
         sqlx::query(
             "INSERT INTO reviews (job_id, seq, answer, reviewer, decided_at, source) VALUES ($1, $2, $3, $4, $5, $6)",
@@ -266,7 +269,8 @@ pub async fn import(
         .bind(d.decided_at)
         .bind(source)
         .execute(&mut *tx)
-        .await?;
+        .await
+        .doing("applying review decisions")?;
         sqlx::query(
             "UPDATE results SET human_answer = $3, reviewer = $4, reviewed_at = $5, state = 'reviewed'
              WHERE job_id = $1 AND seq = $2",
@@ -277,9 +281,10 @@ pub async fn import(
         .bind(&d.reviewer)
         .bind(d.decided_at)
         .execute(&mut *tx)
-        .await?;
+        .await
+        .doing("applying review decisions")?;
     }
-    tx.commit().await?;
+    tx.commit().await.doing("applying review decisions")?;
     let applied = apply.len() as u64;
     store::event(pool, job_id, "imported", actor, json!({"decisions": applied, "source": source})).await?;
     Ok(ImportReport { applied, errors })

@@ -1,10 +1,11 @@
 //! Postgres queries of the coordinator: jobs, chunks, progress and results.
 
+use common::db::Doing;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
-use sqlx::postgres::{PgPoolOptions, PgRow};
+use sqlx::postgres::PgRow;
 use sqlx::{PgPool, Postgres, Row, Transaction};
 use uuid::Uuid;
 
@@ -13,19 +14,9 @@ use common::wire::ChunkMsg;
 use crate::model::{ConfidenceSource, JobStatus, OutputModeUse};
 use crate::Error;
 
-/// Opens a pool, checking the connection once so a wrong URL fails at start.
-pub async fn connect(url: &str, max: u32) -> Result<PgPool, Error> {
-    PgPoolOptions::new()
-        .max_connections(max)
-        .acquire_timeout(Duration::from_secs(10))
-        .connect(url)
-        .await
-        .map_err(|source| Error::DbConnect { url: common::redact::url_password(url), source })
-}
-
 /// Applies the migrations as the owner of the tables (`owner_url`).
 pub async fn migrate(owner_url: &str) -> Result<(), Error> {
-    let pool = connect(owner_url, 1).await?;
+    let pool = common::db::connect(owner_url, 1).await?;
     let r = migrations::MIGRATOR.run(&pool).await.map_err(Error::Migrate);
     pool.close().await;
     r
@@ -47,11 +38,12 @@ pub async fn ensure_schema(pool: &PgPool, owner_url: Option<&str>) -> Result<(),
             .or_else(|e| match &e {
                 sqlx::Error::Database(d) if d.code().as_deref() == Some("42P01") => Ok(None),
                 _ => Err(e),
-            })?;
+            })
+            .doing("checking the schema version")?;
         if applied.unwrap_or(0) < latest {
             // On a connection of its own, closed if the migration fails: the
             // migrator's advisory lock must not outlive the attempt.
-            let mut conn = pool.acquire().await?;
+            let mut conn = pool.acquire().await.doing("checking the schema version")?;
             let migrated = migrations::MIGRATOR.run(&mut *conn).await;
             if migrated.is_err() {
                 sqlx::Connection::close(conn.detach()).await.ok();
@@ -68,7 +60,7 @@ pub async fn ensure_schema(pool: &PgPool, owner_url: Option<&str>) -> Result<(),
     let owns_audit: bool =
         sqlx::query_scalar("SELECT coalesce(pg_has_role(current_user, tableowner, 'MEMBER'), false) FROM pg_tables WHERE tablename = 'audit_attempts'")
             .fetch_optional(pool)
-            .await?
+            .await.doing("checking the schema version")?
             .unwrap_or(false);
     if owns_audit {
         tracing::warn!(
@@ -95,7 +87,7 @@ pub async fn create_job(pool: &PgPool, job: &crate::model::NewJob, actor: &str) 
     .bind(job.review_below)
     .bind(actor)
     .execute(pool)
-    .await?;
+    .await.doing("creating the job")?;
     event(pool, id, "submitted", actor, serde_json::json!({"kind": job.kind.spec.kind, "input": job.input_name}))
         .await?;
     Ok(id)
@@ -109,14 +101,19 @@ pub async fn event(pool: &PgPool, job_id: Uuid, event: &str, actor: &str, detail
         .bind(actor)
         .bind(detail)
         .execute(pool)
-        .await?;
+        .await
+        .doing("writing an audit event")?;
     Ok(())
 }
 
 /// The spec of a job, as stored at submission.
 pub async fn job_spec(pool: &PgPool, job_id: Uuid) -> Result<common::spec::JobSpec, Error> {
     let spec: Option<sqlx::types::Json<common::spec::JobSpec>> =
-        sqlx::query_scalar("SELECT spec FROM jobs WHERE id = $1").bind(job_id).fetch_optional(pool).await?;
+        sqlx::query_scalar("SELECT spec FROM jobs WHERE id = $1")
+            .bind(job_id)
+            .fetch_optional(pool)
+            .await
+            .doing("reading the job's kind")?;
     spec.map(|s| s.0).ok_or(Error::JobNotFound(job_id))
 }
 
@@ -136,7 +133,8 @@ pub async fn create_chunks(
     .bind(size)
     .bind(total)
     .execute(&mut **tx)
-    .await?
+    .await
+    .doing("creating chunks")?
     .rows_affected();
     Ok(n)
 }
@@ -165,7 +163,8 @@ pub async fn unpublished_chunks(pool: &PgPool, limit: i64) -> Result<Vec<ChunkMs
     )
     .bind(limit)
     .fetch_all(pool)
-    .await?;
+    .await
+    .doing("reading chunks to publish")?;
     Ok(rows.iter().map(|r| chunk_msg(r.get("job_id"), r)).collect())
 }
 
@@ -180,7 +179,8 @@ pub async fn reopen_lost_chunks(pool: &PgPool, job_id: Uuid, before: DateTime<Ut
     .bind(job_id)
     .bind(before)
     .execute(pool)
-    .await?
+    .await
+    .doing("reopening lost chunks")?
     .rows_affected())
 }
 
@@ -193,7 +193,8 @@ pub async fn reopen_published_chunks(pool: &PgPool) -> Result<u64, Error> {
            AND c.state = 'pending' AND c.published_at IS NOT NULL",
     )
     .execute(pool)
-    .await?
+    .await
+    .doing("reopening published chunks")?
     .rows_affected())
 }
 
@@ -203,19 +204,17 @@ pub async fn mark_published(pool: &PgPool, job_id: Uuid, chunk_nos: &[i32]) -> R
         .bind(job_id)
         .bind(chunk_nos)
         .execute(pool)
-        .await?;
+        .await
+        .doing("marking chunks published")?;
     Ok(())
 }
 
 /// Running jobs that still have pending chunks.
 pub async fn running_jobs(pool: &PgPool) -> Result<Vec<Uuid>, Error> {
-    Ok(sqlx::query_scalar("SELECT id FROM jobs WHERE state = 'running' ORDER BY created_at").fetch_all(pool).await?)
-}
-
-/// Marks a running job completed if none of its chunks is pending; true if it did.
-pub async fn complete_if_done(pool: &PgPool, job_id: Uuid) -> Result<bool, Error> {
-    // The rule lives in the database (migration 0003), shared with the other side.
-    Ok(sqlx::query_scalar("SELECT complete_job_if_done($1)").bind(job_id).fetch_one(pool).await?)
+    Ok(sqlx::query_scalar("SELECT id FROM jobs WHERE state = 'running' ORDER BY created_at")
+        .fetch_all(pool)
+        .await
+        .doing("listing running jobs")?)
 }
 
 /// Progress of one job, computed from Postgres.
@@ -239,7 +238,8 @@ pub async fn status(pool: &PgPool, job_id: Uuid) -> Result<JobStatus, Error> {
     )
     .bind(job_id)
     .fetch_optional(pool)
-    .await?
+    .await
+    .doing("reading the job's status")?
     .ok_or(Error::JobNotFound(job_id))?;
     let mut status = status_from_row(&row);
     let sources = sqlx::query(
@@ -249,7 +249,8 @@ pub async fn status(pool: &PgPool, job_id: Uuid) -> Result<JobStatus, Error> {
     )
     .bind(job_id)
     .fetch_all(pool)
-    .await?;
+    .await
+    .doing("reading the job's status")?;
     status.confidence_sources = sources
         .iter()
         .map(|r| ConfidenceSource {
@@ -264,7 +265,8 @@ pub async fn status(pool: &PgPool, job_id: Uuid) -> Result<JobStatus, Error> {
     )
     .bind(job_id)
     .fetch_all(pool)
-    .await?;
+    .await
+    .doing("reading the job's status")?;
     status.output_modes = modes
         .iter()
         .map(|r| OutputModeUse {
@@ -334,8 +336,11 @@ fn status_from_row(row: &PgRow) -> JobStatus {
 
 /// The most recent jobs, newest first.
 pub async fn list_jobs(pool: &PgPool, limit: i64) -> Result<Vec<JobStatus>, Error> {
-    let ids: Vec<Uuid> =
-        sqlx::query_scalar("SELECT id FROM jobs ORDER BY created_at DESC LIMIT $1").bind(limit).fetch_all(pool).await?;
+    let ids: Vec<Uuid> = sqlx::query_scalar("SELECT id FROM jobs ORDER BY created_at DESC LIMIT $1")
+        .bind(limit)
+        .fetch_all(pool)
+        .await
+        .doing("listing jobs")?;
     let mut out = Vec::with_capacity(ids.len());
     for id in ids {
         out.push(status(pool, id).await?);
@@ -350,7 +355,8 @@ pub async fn cancel(pool: &PgPool, job_id: Uuid, actor: &str) -> Result<(), Erro
     )
     .bind(job_id)
     .execute(pool)
-    .await?
+    .await
+    .doing("cancelling the job")?
     .rows_affected();
     if n == 0 {
         let st = status(pool, job_id).await?;
@@ -371,7 +377,8 @@ pub async fn abandon_stale_uploads(pool: &PgPool, timeout: Duration) -> Result<V
     )
     .bind(timeout)
     .fetch_all(pool)
-    .await?;
+    .await
+    .doing("abandoning stale uploads")?;
     for id in &ids {
         let detail =
             serde_json::json!({"reason": "the input never finished uploading", "timeout_s": timeout.as_secs()});
@@ -391,7 +398,8 @@ pub async fn lock_job(
     let state: Option<String> = sqlx::query_scalar("SELECT state FROM jobs WHERE id = $1 FOR UPDATE")
         .bind(job_id)
         .fetch_optional(&mut **tx)
-        .await?;
+        .await
+        .doing("locking the job")?;
     match state {
         None => Err(Error::JobNotFound(job_id)),
         Some(s) if allowed.contains(&s.as_str()) => Ok(()),
@@ -412,13 +420,14 @@ pub struct Resumed {
 /// a result, and failed ones (only failed ones with `failed_only`). Items with
 /// a successful result are never sent to the model again.
 pub async fn resume(pool: &PgPool, job_id: Uuid, failed_only: bool, actor: &str) -> Result<Resumed, Error> {
-    let mut tx = pool.begin().await?;
+    let mut tx = pool.begin().await.doing("resuming the job")?;
     lock_job(&mut tx, job_id, &["completed", "cancelled"], "completed or cancelled").await?;
     let failed: Vec<i64> =
         sqlx::query_scalar("DELETE FROM results WHERE job_id = $1 AND state = 'failed' RETURNING seq")
             .bind(job_id)
             .fetch_all(&mut *tx)
-            .await?;
+            .await
+            .doing("resuming the job")?;
     // Reopen every chunk with an item lacking a result (or, with failed_only,
     // every chunk that held a failed item).
     let chunks = sqlx::query(
@@ -435,15 +444,17 @@ pub async fn resume(pool: &PgPool, job_id: Uuid, failed_only: bool, actor: &str)
     .bind(failed_only)
     .bind(&failed)
     .execute(&mut *tx)
-    .await?
+    .await
+    .doing("resuming the job")?
     .rows_affected();
     if chunks > 0 {
         sqlx::query("UPDATE jobs SET state = 'running', finished_at = NULL WHERE id = $1")
             .bind(job_id)
             .execute(&mut *tx)
-            .await?;
+            .await
+            .doing("resuming the job")?;
     }
-    tx.commit().await?;
+    tx.commit().await.doing("resuming the job")?;
     let detail = serde_json::json!({"failed_only": failed_only, "failed_reset": failed.len(), "chunks": chunks});
     event(pool, job_id, "resumed", actor, detail).await?;
     Ok(Resumed { failed_reset: failed.len() as u64, chunks })
@@ -482,7 +493,8 @@ pub async fn results_page(pool: &PgPool, job_id: Uuid, after: i64, limit: i64) -
     .bind(after)
     .bind(limit)
     .fetch_all(pool)
-    .await?;
+    .await
+    .doing("reading a page of results")?;
     Ok(rows
         .iter()
         .map(|row| {

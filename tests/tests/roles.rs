@@ -1,4 +1,4 @@
-//! The audit trail against the roles Sluice runs as: they may append to it and read it, never rewrite it.
+//! The audit trail against the roles Sluice runs as: they may append to it and read it, never rewrite it; and what a client is told when the database refuses the coordinator.
 
 use sluice_tests::fixtures::TestDb;
 use sqlx::Connection;
@@ -90,4 +90,23 @@ async fn a_coordinator_that_may_not_migrate_names_the_fix_and_sluice_migrate_app
         .await
         .unwrap();
     assert_eq!(tables, 1);
+}
+
+/// A server error tells the client a request id, not the SQL error: the
+/// details (tables, roles, addresses) stay in the coordinator's log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_error_gives_the_client_a_request_id_and_no_details() {
+    let stack = sluice_tests::fixtures::Stack::start(sluice_tests::sim::SimConfig::default(), |_| {}).await.unwrap();
+    // A client error says what was wrong.
+    let missing = stack.client.status(uuid::Uuid::now_v7()).await.unwrap_err();
+    assert!(missing.to_string().contains("no job"), "{missing}");
+    // The coordinator's role loses the right to read jobs in this database only.
+    sqlx::query("REVOKE SELECT ON jobs FROM sluice_app").execute(&stack.db.pool).await.unwrap();
+    let err = stack.client.jobs(10).await.unwrap_err();
+    let coordinator::client::ClientError::Api { status, message, .. } = err else { panic!("{err}") };
+    assert_eq!(status.as_u16(), 500);
+    assert!(message.contains("request id"), "{message}");
+    for detail in ["permission", "jobs", "sluice_", "SELECT"] {
+        assert!(!message.contains(detail), "{detail:?} leaked: {message}");
+    }
 }

@@ -8,6 +8,7 @@
 //! calls without an attempt row. While Postgres cannot be written, no new call
 //! starts: this is the worker's breaker on the database.
 
+use common::db::Doing;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -190,6 +191,7 @@ async fn write(pool: &PgPool, worker: &str, batch: &[Row]) -> Result<(), Error> 
     .bind(i(|a| a.tokens_cached))
     .bind(i(|a| a.tokens_reasoning))
     .execute(pool)
-    .await?;
+    .await
+    .doing("writing the audit trail")?;
     Ok(())
 }

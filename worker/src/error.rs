@@ -4,14 +4,8 @@
 pub enum Error {
     #[error("invalid configuration: {0}")]
     Config(String),
-    #[error("cannot connect to Postgres at {url}: is it running and migrated? (`sluice serve` applies migrations)")]
-    DbConnect {
-        url: String,
-        #[source]
-        source: sqlx::Error,
-    },
-    #[error("database error")]
-    Db(#[from] sqlx::Error),
+    #[error(transparent)]
+    Db(#[from] common::db::DbError),
     #[error(transparent)]
     Nats(#[from] common::nats::NatsError),
     #[error("cannot build the HTTP client for the model provider")]
@@ -32,14 +26,6 @@ impl Error {
     /// Whether Postgres could not be reached (down, restarting, network):
     /// worth waiting for, unlike an error in what was asked of it.
     pub fn is_unavailable(&self) -> bool {
-        match self {
-            Error::Db(e) => match e {
-                sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::Tls(_) | sqlx::Error::Protocol(_) => true,
-                // Class 08: connection exception; 57P01-57P03: shut down or starting.
-                sqlx::Error::Database(d) => d.code().is_some_and(|c| c.starts_with("08") || c.starts_with("57P")),
-                _ => false,
-            },
-            _ => false,
-        }
+        matches!(self, Error::Db(e) if e.is_unavailable())
     }
 }

@@ -1,5 +1,6 @@
 //! A cache of compiled job kinds (prompt template, output schema), loaded from Postgres once per job.
 
+use common::db::Doing;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -59,7 +60,8 @@ impl JobCache {
             sqlx::query("SELECT spec, template, template_hash, output_schema, review_below FROM jobs WHERE id = $1")
                 .bind(job_id)
                 .fetch_optional(pool)
-                .await?
+                .await
+                .doing("reading the job's kind")?
         else {
             return Ok(None);
         };

@@ -7,7 +7,6 @@ use async_nats::jetstream::{self, consumer::PullConsumer, AckKind, Message};
 use common::wire::ChunkMsg;
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
-use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -49,12 +48,7 @@ struct Shared {
 pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> Result<(), Error> {
     let config = config.resolve()?;
     metrics::describe();
-    let pool = PgPoolOptions::new()
-        .max_connections(config.db_pool_size)
-        .acquire_timeout(Duration::from_secs(10))
-        .connect(&config.database_url)
-        .await
-        .map_err(|source| Error::DbConnect { url: common::redact::url_password(&config.database_url), source })?;
+    let pool = common::db::connect(&config.database_url, config.db_pool_size).await?;
     let nats = common::nats::connect(&config.nats_url).await?;
     let js = jetstream::new(nats);
     let ack_wait = Duration::from_secs(config.ack_wait_s);
@@ -388,7 +382,7 @@ async fn work(
             .collect();
         save(shared, chunk, &job.template_hash, &results, true, stop).await?;
         metrics::chunk("exhausted", 0, results.len() as u64);
-        store::complete_if_done(&shared.pool, chunk.job_id).await?;
+        common::db::complete_if_done(&shared.pool, chunk.job_id).await?;
         return Ok(ChunkOutcome::Finished);
     }
     // Every item is started at once; the shared call semaphore decides how
@@ -449,7 +443,7 @@ async fn work(
     if let Some(wait) = held {
         return Ok(ChunkOutcome::Held(wait));
     }
-    if store::complete_if_done(&shared.pool, chunk.job_id).await? {
+    if common::db::complete_if_done(&shared.pool, chunk.job_id).await? {
         tracing::info!(job_id = %chunk.job_id, "job completed");
     }
     Ok(ChunkOutcome::Finished)

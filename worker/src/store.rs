@@ -2,8 +2,8 @@
 
 use serde_json::Value;
 use sqlx::{PgPool, Row};
-use uuid::Uuid;
 
+use common::db::Doing;
 use common::provider::ErrorClass;
 use common::wire::ChunkMsg;
 
@@ -24,7 +24,8 @@ pub async fn chunk_state(pool: &PgPool, c: &ChunkMsg) -> Result<Option<ChunkStat
     .bind(c.job_id)
     .bind(c.chunk_no)
     .fetch_optional(pool)
-    .await?;
+    .await
+    .doing("reading the chunk's state")?;
     Ok(row.map(|r| ChunkState { chunk: r.get("chunk"), job: r.get("job"), generation: r.get("generation") }))
 }
 
@@ -55,7 +56,8 @@ pub async fn items(pool: &PgPool, c: &ChunkMsg, earlier_attempts: bool) -> Resul
     .bind(c.last_seq)
     .bind(earlier_attempts)
     .fetch_all(pool)
-    .await?;
+    .await
+    .doing("reading the chunk's items")?;
     Ok(rows
         .iter()
         .map(|r| Item { seq: r.get("seq"), id: r.get("item_id"), payload: r.get("payload"), prior: r.get("prior") })
@@ -161,6 +163,17 @@ pub async fn write_chunk(
     results: &[ItemResult],
     done: bool,
 ) -> Result<(), Error> {
+    Ok(write_chunk_tx(pool, c, template_hash, worker, results, done).await.doing("writing the chunk's results")?)
+}
+
+async fn write_chunk_tx(
+    pool: &PgPool,
+    c: &ChunkMsg,
+    template_hash: &str,
+    worker: &str,
+    results: &[ItemResult],
+    done: bool,
+) -> Result<(), sqlx::Error> {
     let mut tx = pool.begin().await?;
     if !results.is_empty() {
         let col = |f: fn(&ItemResult) -> Option<String>| results.iter().map(f).collect::<Vec<_>>();
@@ -219,14 +232,9 @@ pub async fn write_chunk(
 
 /// How many jobs are running.
 pub async fn running_jobs(pool: &PgPool) -> Result<usize, Error> {
-    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs WHERE state = 'running'").fetch_one(pool).await?;
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs WHERE state = 'running'")
+        .fetch_one(pool)
+        .await
+        .doing("counting running jobs")?;
     Ok(n as usize)
-}
-
-/// Marks the job completed if this was its last pending chunk. Run after the
-/// chunk's commit: of two workers finishing the last chunks at once, the later
-/// commit sees both done. The coordinator's reconciler repeats this check.
-pub async fn complete_if_done(pool: &PgPool, job_id: Uuid) -> Result<bool, Error> {
-    // The rule lives in the database (migration 0003), shared with the other side.
-    Ok(sqlx::query_scalar("SELECT complete_job_if_done($1)").bind(job_id).fetch_one(pool).await?)
 }
