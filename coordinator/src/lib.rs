@@ -55,11 +55,13 @@ impl Coordinator {
         let addr = self.local_addr();
         tracing::info!(%addr, "coordinator listening");
         let reconciler = if self.config.reconcile_interval_ms > 0 {
-            Some(tokio::spawn(reconcile::run(
-                self.state.clone(),
-                reconcile::Settings::from(&self.config),
-                shutdown.clone(),
-            )))
+            let context = reconcile::Context {
+                pool: self.state.pool.clone(),
+                js: self.state.js.clone(),
+                stream: self.state.stream.clone(),
+                wake: self.state.wake.clone(),
+            };
+            Some(tokio::spawn(reconcile::run(context, reconcile::Settings::from(&self.config), shutdown.clone())))
         } else {
             None
         };

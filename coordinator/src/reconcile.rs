@@ -7,12 +7,26 @@
 //! those messages were lost (stream purged, a message dropped): the chunks are
 //! marked unpublished under a new generation and the publisher sends them again.
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use async_nats::jetstream;
+use sqlx::PgPool;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::AppState;
+use crate::publish::StreamWatch;
 use crate::{metrics as m, publish, store, Error, ServeConfig};
+
+/// What the reconciler works with: Postgres, the chunk stream, and the
+/// publisher to wake when chunks are reopened.
+#[derive(Clone)]
+pub struct Context {
+    pub pool: PgPool,
+    pub js: jetstream::Context,
+    pub stream: Arc<tokio::sync::Mutex<StreamWatch>>,
+    pub wake: Arc<Notify>,
+}
 
 #[derive(Debug, Clone, Copy)]
 pub struct Settings {
@@ -33,7 +47,7 @@ impl From<&ServeConfig> for Settings {
 }
 
 /// Runs a reconciliation pass every `interval` until shutdown.
-pub async fn run(state: AppState, settings: Settings, shutdown: CancellationToken) {
+pub async fn run(state: Context, settings: Settings, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(settings.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut health = common::telemetry::Health::default();
@@ -50,7 +64,7 @@ pub async fn run(state: AppState, settings: Settings, shutdown: CancellationToke
 }
 
 /// One reconciliation pass over all running jobs.
-pub async fn pass(state: &AppState, settings: Settings) -> Result<(), Error> {
+pub async fn pass(state: &Context, settings: Settings) -> Result<(), Error> {
     for job_id in store::abandon_stale_uploads(&state.pool, settings.upload_timeout).await? {
         tracing::warn!(%job_id, "job abandoned: its input never finished uploading");
         metrics::counter!(m::JOBS_FINISHED, "state" => "abandoned").increment(1);

@@ -21,4 +21,9 @@ pub mod store;
 
 pub use config::WorkerConfig;
 pub use error::Error;
-pub use pull::run;
+pub use pull::Worker;
+
+/// Runs a worker with `config` until `shutdown` is cancelled.
+pub async fn run(config: WorkerConfig, shutdown: tokio_util::sync::CancellationToken) -> Result<(), Error> {
+    Worker::connect(config).await?.run(shutdown).await
+}

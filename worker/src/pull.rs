@@ -41,58 +41,85 @@ struct Shared {
     held: std::sync::Mutex<std::collections::HashMap<uuid::Uuid, usize>>,
 }
 
-/// Runs a worker until `shutdown` is cancelled. Then no new chunk is fetched
-/// and no new call starts; calls under way finish within the grace period,
-/// their results are written, and the chunks are handed back (Nak) so another
-/// worker does the rest. Chunks not written by then are redelivered after ack_wait.
-pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> Result<(), Error> {
-    let config = config.resolve()?;
-    metrics::describe();
-    let pool = common::db::connect(&config.database_url, config.db_pool_size).await?;
-    let nats = common::nats::connect(&config.nats_url).await?;
-    let js = jetstream::new(nats);
-    let ack_wait = Duration::from_secs(config.ack_wait_s);
-    let topology = Topology { js, url: config.nats_url.clone(), ack_wait };
-    let (consumer, state) = topology.declare().await?;
-    let endpoints = config.endpoints()?;
-    let name = config.name.clone().unwrap_or_default();
-    tracing::info!(worker = %name, models = %endpoints.describe(), concurrency = config.concurrency, "worker started");
-    let shared = Arc::new(Shared {
-        pool: pool.clone(),
-        endpoints,
-        guards: Guards::new(state.clone(), config.guards()),
-        learned: Learned::new(state),
-        prices: config.prices()?,
-        redaction: config.redaction()?,
-        jobs: JobCache::default(),
-        audit: crate::audit::Audit::start(pool.clone(), name.clone()),
-        calls: crate::fair::FairSemaphore::new(config.concurrency),
-        policy: RetryPolicy {
-            max_attempts: config.max_attempts,
-            base: Duration::from_millis(config.retry_base_ms),
-            max_rate_limited: config.max_rate_limited,
-            max_repairs: config.max_repairs,
-        },
-        ack_wait,
-        max_deliveries: config.max_deliveries,
-        name,
-        held: Default::default(),
-    });
-    // Slots are sized for the default chunk size; a job with larger chunks
-    // simply keeps fewer of them in hand.
-    let slots = Arc::new(Semaphore::new(config.chunk_slots(100)));
-    let tracker = TaskTracker::new();
-    tokio::spawn(newcomer_slots(shared.clone(), slots.clone(), shutdown.clone()));
-    let result = pull_loop(&topology, consumer, &shared, &slots, &tracker, &shutdown).await;
-    tracker.close();
-    if tokio::time::timeout(Duration::from_secs(config.shutdown_grace_s), tracker.wait()).await.is_err() {
-        tracing::warn!("in-flight chunks did not finish within the grace period; JetStream will redeliver them");
+/// A worker connected to Postgres and NATS, its stream and consumer
+/// declared, ready to run.
+pub struct Worker {
+    shared: Arc<Shared>,
+    topology: Topology,
+    consumer: PullConsumer,
+    slots: usize,
+    grace: Duration,
+}
+
+impl Worker {
+    /// Resolves the configuration (keys, providers, prices), connects to
+    /// Postgres and NATS and declares the stream, consumer and state bucket.
+    /// Every failure names what it tried.
+    pub async fn connect(config: WorkerConfig) -> Result<Self, Error> {
+        let config = config.resolve()?;
+        metrics::describe();
+        let pool = common::db::connect(&config.database_url, config.db_pool_size).await?;
+        let nats = common::nats::connect(&config.nats_url).await?;
+        let js = jetstream::new(nats);
+        let ack_wait = Duration::from_secs(config.ack_wait_s);
+        let topology = Topology { js, url: config.nats_url.clone(), ack_wait };
+        let (consumer, state) = topology.declare().await?;
+        let endpoints = config.endpoints()?;
+        let name = config.name.clone().unwrap_or_default();
+        tracing::info!(worker = %name, models = %endpoints.describe(), concurrency = config.concurrency, "worker started");
+        let shared = Arc::new(Shared {
+            pool: pool.clone(),
+            endpoints,
+            guards: Guards::new(state.clone(), config.guards()),
+            learned: Learned::new(state),
+            prices: config.prices()?,
+            redaction: config.redaction()?,
+            jobs: JobCache::default(),
+            audit: crate::audit::Audit::start(pool.clone(), name.clone()),
+            calls: crate::fair::FairSemaphore::new(config.concurrency),
+            policy: RetryPolicy {
+                max_attempts: config.max_attempts,
+                base: Duration::from_millis(config.retry_base_ms),
+                max_rate_limited: config.max_rate_limited,
+                max_repairs: config.max_repairs,
+            },
+            ack_wait,
+            max_deliveries: config.max_deliveries,
+            name,
+            held: Default::default(),
+        });
+        Ok(Worker {
+            shared,
+            topology,
+            consumer,
+            // Slots are sized for the default chunk size; a job with larger
+            // chunks simply keeps fewer of them in hand.
+            slots: config.chunk_slots(100),
+            grace: Duration::from_secs(config.shutdown_grace_s),
+        })
     }
-    if tokio::time::timeout(Duration::from_secs(5), shared.audit.flush()).await.is_err() {
-        tracing::warn!("the last attempts could not be written to the audit trail (Postgres unreachable)");
+
+    /// Runs until `shutdown` is cancelled. Then no new chunk is fetched and
+    /// no new call starts; calls under way finish within the grace period,
+    /// their results are written, and the chunks are handed back (Nak) so
+    /// another worker does the rest. Chunks not written by then are
+    /// redelivered after ack_wait.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
+        let Worker { shared, topology, consumer, slots, grace } = self;
+        let slots = Arc::new(Semaphore::new(slots));
+        let tracker = TaskTracker::new();
+        tokio::spawn(newcomer_slots(shared.clone(), slots.clone(), shutdown.clone()));
+        let result = pull_loop(&topology, consumer, &shared, &slots, &tracker, &shutdown).await;
+        tracker.close();
+        if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+            tracing::warn!("in-flight chunks did not finish within the grace period; JetStream will redeliver them");
+        }
+        if tokio::time::timeout(Duration::from_secs(5), shared.audit.flush()).await.is_err() {
+            tracing::warn!("the last attempts could not be written to the audit trail (Postgres unreachable)");
+        }
+        tracing::info!(worker = %shared.name, "worker stopped");
+        result
     }
-    tracing::info!(worker = %shared.name, "worker stopped");
-    result
 }
 
 /// How often a worker looks for running jobs it holds no chunk of.
