@@ -418,3 +418,31 @@ async fn the_concurrency_cap_holds_across_workers_and_a_lone_worker_uses_all_of_
         .unwrap();
     assert!(workers >= 2, "the slots were shared");
 }
+
+/// One item on a model answering in 4 s, past an ack wait of 3 s, and two
+/// workers: one works on the chunk, the other waits for work. Returns how
+/// many calls the simulator answered.
+async fn a_long_chunk(heartbeat: bool) -> u64 {
+    let sim = SimConfig { latency_ms: 4_000, ..Default::default() };
+    let mut stack = Stack::start(sim, |_| {}).await.unwrap();
+    for _ in 0..2 {
+        stack.add_worker(|c| {
+            c.ack_wait_s = 3;
+            c.heartbeat = heartbeat;
+        });
+    }
+    let report = stack.submit("classify", sample_jsonl(36, 1), false).await.unwrap();
+    stack.wait_completed(report.job_id, Duration::from_secs(60)).await.unwrap();
+    stack.sim.sim.stats().requests
+}
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunk_that_runs_past_ack_wait_stays_with_its_worker() {
+    assert_eq!(a_long_chunk(true).await, 1, "the chunk was not handed to the other worker");
+}
+
+/// The control for the test above: without progress acks JetStream hands a
+/// long chunk to the other worker, which calls its unfinished items again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_heartbeat_a_long_chunk_is_redelivered_and_called_twice() {
+    assert_eq!(a_long_chunk(false).await, 2, "the waiting worker called the item again");
+}

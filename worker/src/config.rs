@@ -106,6 +106,10 @@ pub struct WorkerConfig {
     /// Name recorded with every result (default: host name and process id).
     #[arg(long, env = "SLUICE_WORKER_NAME")]
     pub name: Option<String>,
+    /// Whether a chunk being worked on is kept this worker's with progress
+    /// acks. Always on; off only in the test that shows what it prevents.
+    #[arg(skip = true)]
+    pub heartbeat: bool,
 }
 
 impl WorkerConfig {
@@ -136,6 +140,7 @@ impl WorkerConfig {
             ack_wait_s: 10,
             shutdown_grace_s: 5,
             name: None,
+            heartbeat: true,
             prices_file: PathBuf::from("../deploy/prices.toml"),
             redact: "all".into(),
         }

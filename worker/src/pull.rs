@@ -35,6 +35,7 @@ struct Shared {
     audit: crate::audit::Audit,
     policy: RetryPolicy,
     ack_wait: Duration,
+    heartbeat: bool,
     max_deliveries: i64,
     name: String,
     /// Chunks held, by job.
@@ -84,6 +85,7 @@ impl Worker {
                 max_repairs: config.max_repairs,
             },
             ack_wait,
+            heartbeat: config.heartbeat,
             max_deliveries: config.max_deliveries,
             name,
             held: Default::default(),
@@ -266,7 +268,7 @@ async fn handle(shared: Arc<Shared>, msg: Message, _slot: OwnedSemaphorePermit, 
     };
     // Tell JetStream the chunk is being worked on, well within ack_wait, so a
     // slow chunk is not handed to another worker.
-    let heartbeat = {
+    let heartbeat = shared.heartbeat.then(|| {
         let msg_ack = msg.clone();
         let every = shared.ack_wait / 3;
         tokio::spawn(async move {
@@ -279,7 +281,7 @@ async fn handle(shared: Arc<Shared>, msg: Message, _slot: OwnedSemaphorePermit, 
                 }
             }
         })
-    };
+    });
     let delivered = msg.info().map(|i| i.delivered).unwrap_or(1);
     *shared.held.lock().expect("held lock").entry(chunk.job_id).or_default() += 1;
     let outcome = work(&shared, &chunk, delivered, &stop).await;
@@ -292,7 +294,9 @@ async fn handle(shared: Arc<Shared>, msg: Message, _slot: OwnedSemaphorePermit, 
             }
         }
     }
-    heartbeat.abort();
+    if let Some(h) = heartbeat {
+        h.abort();
+    }
     match outcome {
         Ok(ChunkOutcome::Finished) => {
             if let Err(e) = msg.ack().await {
