@@ -526,12 +526,8 @@ impl WorkerProcess {
         };
         let child = Command::new(workspace_bin("sluice-worker")?)
             .stderr(stderr)
-            .env("SLUICE_DATABASE_URL", &config.database_url)
-            .env("SLUICE_NATS_URL", &config.nats_url)
-            .env("SLUICE_MODEL_BASE_URL", &config.model_base_url)
-            .envs(config.providers_file.iter().map(|p| ("SLUICE_PROVIDERS_FILE", p.as_os_str())))
-            .env("SLUICE_CONCURRENCY", config.concurrency.to_string())
-            .env("SLUICE_ACK_WAIT_S", config.ack_wait_s.to_string())
+            // Every setting of the in-process workers, so both kinds behave alike.
+            .envs(config.to_env())
             .env("SLUICE_WORKER_NAME", name)
             .env("SLUICE_LOG", "warn")
             .envs(env.iter().copied())

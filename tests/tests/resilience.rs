@@ -181,8 +181,13 @@ async fn an_outage_opens_the_shared_breaker_and_the_job_completes_after_recovery
         .await
         .unwrap();
     let opened_at = read().await.unwrap().unwrap().opened_at_ms;
-    // Let the outage last a few probe intervals.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Let the outage last a few probe intervals: until calls have been seen
+    // well past them, or none come at all (then there were no probes either).
+    let until = opened_at + 300 + 3 * interval.as_millis() as u64;
+    let _ = wait_for("calls after a few probe intervals", Duration::from_secs(5), || async {
+        Ok(stack.sim.sim.log().last().is_some_and(|e| e.wall_ms > until))
+    })
+    .await;
     let log = stack.sim.sim.log();
     let failed_before_open = log.iter().filter(|e| e.status == 503 && e.wall_ms <= opened_at).count();
     assert!(failed_before_open <= 10, "the breaker opened after {failed_before_open} failed calls");
@@ -370,7 +375,11 @@ async fn after_an_outage_resume_calls_only_the_unfinished_items() {
         .unwrap();
     // The provider goes down; the user gives up on the job for now.
     stack.sim.sim.set_config(SimConfig { error_503: 1.0, retry_after_s: 0.01, ..Default::default() });
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    wait_for("the outage seen by the worker", Duration::from_secs(30), || async {
+        Ok(stack.sim.sim.stats().status_503 > 0)
+    })
+    .await
+    .unwrap();
     stack.client.cancel(job).await.unwrap();
     let before = stack.client.status(job).await.unwrap();
     assert!(before.done() < 600, "{before:?}");

@@ -146,6 +146,40 @@ impl WorkerConfig {
         }
     }
 
+    /// Every setting as the environment variable that sets it, for starting
+    /// a worker process with this configuration. (What is not a setting, the
+    /// resolved keys and catalog, is read again by the process.)
+    pub fn to_env(&self) -> Vec<(&'static str, String)> {
+        let path = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string());
+        let mut env = vec![
+            ("SLUICE_DATABASE_URL", self.database_url.clone()),
+            ("SLUICE_DB_POOL_SIZE", self.db_pool_size.to_string()),
+            ("SLUICE_NATS_URL", self.nats_url.clone()),
+            ("SLUICE_MODEL_BASE_URL", self.model_base_url.clone()),
+            ("SLUICE_CONCURRENCY", self.concurrency.to_string()),
+            ("SLUICE_MAX_CHUNKS", self.max_chunks.to_string()),
+            ("SLUICE_REQUEST_TIMEOUT_MS", self.request_timeout_ms.to_string()),
+            ("SLUICE_MAX_ATTEMPTS", self.max_attempts.to_string()),
+            ("SLUICE_RETRY_BASE_MS", self.retry_base_ms.to_string()),
+            ("SLUICE_MAX_RATE_LIMITED", self.max_rate_limited.to_string()),
+            ("SLUICE_MAX_REPAIRS", self.max_repairs.to_string()),
+            ("SLUICE_RPM", self.rpm.to_string()),
+            ("SLUICE_TPM", self.tpm.to_string()),
+            ("SLUICE_MAX_IN_FLIGHT", self.max_in_flight.to_string()),
+            ("SLUICE_BREAKER_THRESHOLD", self.breaker_threshold.to_string()),
+            ("SLUICE_BREAKER_INTERVAL_MS", self.breaker_interval_ms.to_string()),
+            ("SLUICE_MAX_DELIVERIES", self.max_deliveries.to_string()),
+            ("SLUICE_ACK_WAIT_S", self.ack_wait_s.to_string()),
+            ("SLUICE_SHUTDOWN_GRACE_S", self.shutdown_grace_s.to_string()),
+            ("SLUICE_PRICES_FILE", self.prices_file.display().to_string()),
+            ("SLUICE_REDACT", self.redact.clone()),
+        ];
+        env.extend(path(&self.providers_file).map(|p| ("SLUICE_PROVIDERS_FILE", p)));
+        env.extend(path(&self.api_key_file).map(|p| ("SLUICE_MODEL_API_KEY_FILE", p)));
+        env.extend(self.name.clone().map(|n| ("SLUICE_WORKER_NAME", n)));
+        env
+    }
+
     /// Validates the settings and reads the API key, once, at start-up.
     pub fn resolve(mut self) -> Result<Self, Error> {
         if self.concurrency == 0 {
@@ -256,5 +290,37 @@ impl WorkerConfig {
             }
         };
         crate::endpoints::Endpoints::new(catalog, Duration::from_millis(self.request_timeout_ms), self.concurrency)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every setting the command line knows goes into `to_env`, and reading
+    /// them back gives the same configuration.
+    #[test]
+    fn to_env_forwards_every_setting() {
+        use clap::{Args, FromArgMatches};
+        let cmd = WorkerConfig::augment_args(clap::Command::new("w"));
+        let mut config = WorkerConfig::for_urls("postgres://a/b", "nats://c:1", "http://d/v1");
+        config.providers_file = Some("p.toml".into());
+        config.api_key_file = Some("k".into());
+        config.name = Some("n".into());
+        config.concurrency = 7;
+        config.rpm = 1.5;
+        let env = config.to_env();
+        let known: Vec<&str> = cmd.get_arguments().filter_map(|a| a.get_env()?.to_str()).collect();
+        for name in &known {
+            assert!(env.iter().any(|(e, _)| e == name), "{name} is not forwarded");
+        }
+        let flag = |e: &str| {
+            let arg = cmd.get_arguments().find(|a| a.get_env().is_some_and(|v| v == e)).expect("a known variable");
+            format!("--{}", arg.get_long().expect("a long flag"))
+        };
+        let args: Vec<String> =
+            std::iter::once("w".to_string()).chain(env.iter().flat_map(|(e, v)| [flag(e), v.clone()])).collect();
+        let parsed = WorkerConfig::from_arg_matches(&cmd.try_get_matches_from(args).unwrap()).unwrap();
+        assert_eq!(format!("{parsed:?}"), format!("{config:?}"));
     }
 }
