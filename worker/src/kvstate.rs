@@ -1,4 +1,16 @@
 //! Read-modify-write of JSON state in NATS KV with compare-and-set, shared by the rate limiter and the circuit breakers.
+//!
+//! # A wire boundary
+//!
+//! The state in the `sluice_state` bucket is read and written by every
+//! worker of a cluster, old and new versions side by side during a rolling
+//! upgrade. Its types are a wire boundary like `common::wire`:
+//! [`limit::Bucket`](crate::limit::Bucket) (with its `Dim`s),
+//! [`breaker::BreakerState`](crate::breaker::BreakerState),
+//! [`cap::CapState`](crate::cap::CapState) (with its `Holder`s) and
+//! [`learned::Facts`](crate::learned::Facts). Change them only by adding
+//! fields with `#[serde(default)]`; never rename or remove one. The test
+//! below holds each type's JSON as it is today, so a rename fails it.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -56,4 +68,43 @@ where
         }
     }
     Err(Error::Kv(format!("compare-and-set on {key} lost {MAX_CONFLICTS} times in a row").into()))
+}
+
+#[cfg(test)]
+mod wire_tests {
+    use crate::breaker::BreakerState;
+    use crate::cap::CapState;
+    use crate::learned::Facts;
+    use crate::limit::Bucket;
+
+    /// Today's JSON of every KV type, as this version writes it, decodes to
+    /// the same values and is written back the same: a renamed, removed or
+    /// newly required field fails here.
+    #[test]
+    fn stored_state_of_this_version_still_decodes() {
+        fn same<T: serde::Serialize + serde::de::DeserializeOwned>(json: &str) -> T {
+            let v: T = serde_json::from_str(json).unwrap();
+            assert_eq!(serde_json::to_string(&v).unwrap(), json);
+            v
+        }
+        let dim = r#"{"level":1.5,"rate":600.0,"learned":true,"provider":12.0,"big_bucket":true,"leased":2.0}"#;
+        let bucket: Bucket = same(&format!(
+            r#"{{"at_ms":1,"dims":[{dim},{dim},{dim},{dim}],"paused_until_ms":2,"reported_ms":3,"confirmed_ms":4,"last_cut_ms":5}}"#
+        ));
+        assert_eq!(
+            (bucket.at_ms, bucket.dims[2].rate, bucket.dims[3].provider, bucket.last_cut_ms),
+            (1, 600.0, Some(12.0), 5)
+        );
+        let breaker: BreakerState = same(r#"{"open":true,"failures":5,"opened_at_ms":7,"probe_at_ms":8}"#);
+        assert!(breaker.open && breaker.probe_at_ms == 8);
+        let cap: CapState = same(
+            r#"{"holders":{"w1":{"held":2,"want":3,"expires_ms":9}},"window":8.0,"ssthresh":16.0,"last_cut_ms":10,"demand_ms":11}"#,
+        );
+        assert_eq!((cap.holders["w1"].want, cap.window, cap.demand_ms), (3, 8.0, 11));
+        let facts: Facts = same(r#"{"output":"json_object","no_logprobs":true,"at_ms":12}"#);
+        assert!(facts.output.is_some() && facts.no_logprobs && facts.at_ms == 12);
+        // Fields added since the first version are optional in what older workers wrote.
+        let old: CapState = serde_json::from_str(r#"{"holders":{}}"#).unwrap();
+        assert_eq!(old.window, 0.0);
+    }
 }
