@@ -219,64 +219,86 @@ pub async fn running_jobs(pool: &PgPool) -> Result<Vec<Uuid>, Error> {
 
 /// Progress of one job, computed from Postgres.
 pub async fn status(pool: &PgPool, job_id: Uuid) -> Result<JobStatus, Error> {
-    let row = sqlx::query(
+    statuses(pool, &[job_id]).await?.pop().ok_or(Error::JobNotFound(job_id))
+}
+
+/// The status of each of `ids` that exists, in the order given. Each table is
+/// read once for all of them (results, attempts and chunks aggregated per
+/// job), whatever the number of jobs.
+async fn statuses(pool: &PgPool, ids: &[Uuid]) -> Result<Vec<JobStatus>, Error> {
+    const DOING: &str = "reading job status";
+    let rows = sqlx::query(
         "SELECT j.id, j.kind, j.state, j.input_name, j.total_items, j.invalid_lines,
                 j.created_at, j.started_at, j.finished_at,
-                (SELECT count(*) FROM results r WHERE r.job_id = j.id AND r.state <> 'failed') AS succeeded,
-                (SELECT count(*) FROM results r WHERE r.job_id = j.id AND r.state = 'needs_review') AS needs_review,
-                (SELECT count(*) FROM results r WHERE r.job_id = j.id AND r.state = 'reviewed') AS reviewed,
-                (SELECT coalesce(sum(tokens_in), 0)::bigint FROM audit_attempts a WHERE a.job_id = j.id) AS tokens_in,
-                (SELECT coalesce(sum(tokens_out), 0)::bigint FROM audit_attempts a WHERE a.job_id = j.id) AS tokens_out,
-                (SELECT coalesce(sum(cost_usd), 0)::float8 FROM audit_attempts a WHERE a.job_id = j.id) AS cost_usd,
-                (SELECT count(*) FROM audit_attempts a WHERE a.job_id = j.id AND a.cost_usd IS NULL) AS unpriced,
                 j.review_below, j.spec->>'confidence_threshold' AS kind_threshold,
-                (SELECT count(*) FROM results r WHERE r.job_id = j.id AND r.state = 'failed') AS failed,
-                (SELECT count(*) FROM chunks c WHERE c.job_id = j.id) AS chunks_total,
-                (SELECT count(*) FROM chunks c WHERE c.job_id = j.id AND c.state = 'done') AS chunks_done,
-                (SELECT max(created_at) FROM results r WHERE r.job_id = j.id) AS last_result_at
-         FROM jobs j WHERE j.id = $1",
+                r.succeeded, r.needs_review, r.reviewed, r.failed, r.last_result_at,
+                a.tokens_in, a.tokens_out, a.cost_usd, a.unpriced,
+                c.chunks_total, c.chunks_done
+         FROM UNNEST($1::uuid[]) WITH ORDINALITY AS wanted(id, n)
+         JOIN jobs j ON j.id = wanted.id
+         CROSS JOIN LATERAL (
+             SELECT count(*) FILTER (WHERE state <> 'failed') AS succeeded,
+                    count(*) FILTER (WHERE state = 'needs_review') AS needs_review,
+                    count(*) FILTER (WHERE state = 'reviewed') AS reviewed,
+                    count(*) FILTER (WHERE state = 'failed') AS failed,
+                    max(created_at) AS last_result_at
+             FROM results WHERE job_id = j.id) r
+         CROSS JOIN LATERAL (
+             SELECT coalesce(sum(tokens_in), 0)::bigint AS tokens_in,
+                    coalesce(sum(tokens_out), 0)::bigint AS tokens_out,
+                    coalesce(sum(cost_usd), 0)::float8 AS cost_usd,
+                    count(*) FILTER (WHERE cost_usd IS NULL) AS unpriced
+             FROM audit_attempts WHERE job_id = j.id) a
+         CROSS JOIN LATERAL (
+             SELECT count(*) AS chunks_total, count(*) FILTER (WHERE state = 'done') AS chunks_done
+             FROM chunks WHERE job_id = j.id) c
+         ORDER BY wanted.n",
     )
-    .bind(job_id)
-    .fetch_optional(pool)
+    .bind(ids)
+    .fetch_all(pool)
     .await
-    .doing("reading the job's status")?
-    .ok_or(Error::JobNotFound(job_id))?;
-    let mut status = status_from_row(&row);
+    .doing(DOING)?;
+    let mut out: Vec<JobStatus> = rows.iter().map(status_from_row).collect();
     let sources = sqlx::query(
-        "SELECT coalesce(confidence_detail->>'strategy', 'none') AS strategy, count(*) AS n,
+        "SELECT job_id, coalesce(confidence_detail->>'strategy', 'none') AS strategy, count(*) AS n,
                 max(coalesce(confidence_detail->>'error', confidence_detail->'skipped'->0->>'reason')) AS note
-         FROM results WHERE job_id = $1 AND state <> 'failed' GROUP BY 1 ORDER BY 2 DESC",
+         FROM results WHERE job_id = ANY($1) AND state <> 'failed' GROUP BY 1, 2 ORDER BY 1, 3 DESC",
     )
-    .bind(job_id)
+    .bind(ids)
     .fetch_all(pool)
     .await
-    .doing("reading the job's status")?;
-    status.confidence_sources = sources
-        .iter()
-        .map(|r| ConfidenceSource {
-            strategy: r.get("strategy"),
-            results: r.get::<i64, _>("n") as u64,
-            note: r.get("note"),
-        })
-        .collect();
+    .doing(DOING)?;
     let modes = sqlx::query(
-        "SELECT coalesce(provider, '') AS provider, model, output_mode, count(*) AS n FROM audit_attempts
-         WHERE job_id = $1 AND output_mode IS NOT NULL GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
+        "SELECT job_id, coalesce(provider, '') AS provider, model, output_mode, count(*) AS n FROM audit_attempts
+         WHERE job_id = ANY($1) AND output_mode IS NOT NULL GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4",
     )
-    .bind(job_id)
+    .bind(ids)
     .fetch_all(pool)
     .await
-    .doing("reading the job's status")?;
-    status.output_modes = modes
-        .iter()
-        .map(|r| OutputModeUse {
-            provider: r.get("provider"),
-            model: r.get("model"),
-            mode: r.get("output_mode"),
-            attempts: r.get::<i64, _>("n") as u64,
-        })
-        .collect();
-    Ok(status)
+    .doing(DOING)?;
+    for status in &mut out {
+        let id = status.job_id;
+        status.confidence_sources = sources
+            .iter()
+            .filter(|r| r.get::<Uuid, _>("job_id") == id)
+            .map(|r| ConfidenceSource {
+                strategy: r.get("strategy"),
+                results: r.get::<i64, _>("n") as u64,
+                note: r.get("note"),
+            })
+            .collect();
+        status.output_modes = modes
+            .iter()
+            .filter(|r| r.get::<Uuid, _>("job_id") == id)
+            .map(|r| OutputModeUse {
+                provider: r.get("provider"),
+                model: r.get("model"),
+                mode: r.get("output_mode"),
+                attempts: r.get::<i64, _>("n") as u64,
+            })
+            .collect();
+    }
+    Ok(out)
 }
 
 fn status_from_row(row: &PgRow) -> JobStatus {
@@ -341,11 +363,7 @@ pub async fn list_jobs(pool: &PgPool, limit: i64) -> Result<Vec<JobStatus>, Erro
         .fetch_all(pool)
         .await
         .doing("listing jobs")?;
-    let mut out = Vec::with_capacity(ids.len());
-    for id in ids {
-        out.push(status(pool, id).await?);
-    }
-    Ok(out)
+    statuses(pool, &ids).await
 }
 
 /// Stops a job: no new chunk is started; finished results stay.

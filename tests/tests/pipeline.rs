@@ -49,6 +49,11 @@ async fn two_workers_classify_2000_documents_exactly_once_and_correctly() {
 
     let got = results(&stack, report.job_id).await;
     assert_eq!(result_rows(&stack, report.job_id).await, 2_000, "one row per item");
+    // The job list reports the job as its own status does.
+    let status = serde_json::to_value(stack.client.status(report.job_id).await.unwrap()).unwrap();
+    let listed = stack.client.jobs(10).await.unwrap();
+    assert_eq!(serde_json::to_value(&listed[0]).unwrap(), status);
+    assert_eq!(status["succeeded"], 2_000);
     let expected = expected_labels(11, 2_000);
     assert_eq!(got.len(), expected.len());
     for (id, label) in &expected {
