@@ -14,6 +14,11 @@ PG_USER=sluice
 PG_PASSWORD=sluice
 NATS_VERSION=2.15.1
 
+# Checked queries are compiled against the query data committed in .sqlx/,
+# never against whatever database DATABASE_URL may name; scripts/sqlx-data
+# regenerates and checks that data against the migrations.
+export SQLX_OFFLINE=true
+
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 

@@ -9,6 +9,7 @@ pub mod redact;
 pub mod sample;
 pub mod shutdown;
 pub mod spec;
+pub mod state;
 pub mod telemetry;
 pub mod wire;
 

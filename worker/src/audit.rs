@@ -142,7 +142,7 @@ async fn write(pool: &PgPool, worker: &str, batch: &[Row]) -> Result<(), Error> 
         attempts.iter().map(|(_, _, a)| f(a)).collect()
     };
     let i = |f: fn(&AttemptRecord) -> i32| -> Vec<i32> { attempts.iter().map(|(_, _, a)| f(a)).collect() };
-    sqlx::query(
+    sqlx::query!(
         "WITH calls AS (
              INSERT INTO audit_calls (call_id, job_id, seq, item_id, attempt, worker, provider, model, request_hash)
              SELECT u.call_id, u.job_id, u.seq, u.item_id, u.attempt, $1, u.provider, u.model, u.request_hash
@@ -157,39 +157,39 @@ async fn write(pool: &PgPool, worker: &str, batch: &[Row]) -> Result<(), Error> 
                                     $16::text[], $17::bool[], $18::text[], $19::text[], $20::text[], $21::int[],
                                     $22::int[], $23::int[], $24::int[], $25::float8[], $26::text[], $27::text[],
                                     $28::text[], $29::text[], $30::text[], $31::int[], $32::int[]) AS u",
+        worker,
+        calls.iter().map(|(_, c)| c.call_id).collect::<Vec<_>>() as _,
+        calls.iter().map(|(i, _)| i.job_id).collect::<Vec<_>>() as _,
+        calls.iter().map(|(i, _)| i.seq).collect::<Vec<_>>() as _,
+        calls.iter().map(|(i, _)| i.item_id.as_str()).collect::<Vec<_>>() as _,
+        calls.iter().map(|(_, c)| c.attempt).collect::<Vec<_>>() as _,
+        calls.iter().map(|(_, c)| c.provider.as_str()).collect::<Vec<_>>() as _,
+        calls.iter().map(|(_, c)| c.model.as_str()).collect::<Vec<_>>() as _,
+        calls.iter().map(|(_, c)| c.request_hash.as_str()).collect::<Vec<_>>() as _,
+        attempts.iter().map(|(r, _, _)| r.job_id).collect::<Vec<_>>() as _,
+        attempts.iter().map(|(r, _, _)| r.template_hash.as_str()).collect::<Vec<_>>() as _,
+        attempts.iter().map(|(r, _, _)| r.seq).collect::<Vec<_>>() as _,
+        attempts.iter().map(|(r, _, _)| r.item_id.as_str()).collect::<Vec<_>>() as _,
+        attempts.iter().map(|(_, id, _)| *id).collect::<Vec<_>>() as _,
+        i(|a| a.attempt) as _,
+        v(|a| Some(a.model.as_str())) as _,
+        attempts.iter().map(|(_, _, a)| a.fallback).collect::<Vec<bool>>() as _,
+        v(|a| Some(a.request_hash.as_str())) as _,
+        v(|a| Some(a.outcome.as_str())) as _,
+        v(|a| a.error_class.map(|c| c.as_str())) as _,
+        attempts.iter().map(|(_, _, a)| a.http_status).collect::<Vec<Option<i32>>>() as _,
+        i(|a| a.latency_ms) as _,
+        i(|a| a.tokens_in) as _,
+        i(|a| a.tokens_out) as _,
+        attempts.iter().map(|(_, _, a)| a.cost_usd).collect::<Vec<Option<f64>>>() as _,
+        v(|a| Some(a.api_key_id.as_str())) as _,
+        v(|a| Some(a.prompt.as_str())) as _,
+        v(|a| a.output.as_deref()) as _,
+        v(|a| Some(a.provider.as_str())) as _,
+        v(|a| Some(a.output_mode.as_str())) as _,
+        i(|a| a.tokens_cached) as _,
+        i(|a| a.tokens_reasoning) as _
     )
-    .bind(worker)
-    .bind(calls.iter().map(|(_, c)| c.call_id).collect::<Vec<_>>())
-    .bind(calls.iter().map(|(i, _)| i.job_id).collect::<Vec<_>>())
-    .bind(calls.iter().map(|(i, _)| i.seq).collect::<Vec<_>>())
-    .bind(calls.iter().map(|(i, _)| i.item_id.as_str()).collect::<Vec<_>>())
-    .bind(calls.iter().map(|(_, c)| c.attempt).collect::<Vec<_>>())
-    .bind(calls.iter().map(|(_, c)| c.provider.as_str()).collect::<Vec<_>>())
-    .bind(calls.iter().map(|(_, c)| c.model.as_str()).collect::<Vec<_>>())
-    .bind(calls.iter().map(|(_, c)| c.request_hash.as_str()).collect::<Vec<_>>())
-    .bind(attempts.iter().map(|(r, _, _)| r.job_id).collect::<Vec<_>>())
-    .bind(attempts.iter().map(|(r, _, _)| r.template_hash.as_str()).collect::<Vec<_>>())
-    .bind(attempts.iter().map(|(r, _, _)| r.seq).collect::<Vec<_>>())
-    .bind(attempts.iter().map(|(r, _, _)| r.item_id.as_str()).collect::<Vec<_>>())
-    .bind(attempts.iter().map(|(_, id, _)| *id).collect::<Vec<_>>())
-    .bind(i(|a| a.attempt))
-    .bind(v(|a| Some(a.model.as_str())))
-    .bind(attempts.iter().map(|(_, _, a)| a.fallback).collect::<Vec<bool>>())
-    .bind(v(|a| Some(a.request_hash.as_str())))
-    .bind(v(|a| Some(a.outcome.as_str())))
-    .bind(v(|a| a.error_class.map(|c| c.as_str())))
-    .bind(attempts.iter().map(|(_, _, a)| a.http_status).collect::<Vec<Option<i32>>>())
-    .bind(i(|a| a.latency_ms))
-    .bind(i(|a| a.tokens_in))
-    .bind(i(|a| a.tokens_out))
-    .bind(attempts.iter().map(|(_, _, a)| a.cost_usd).collect::<Vec<Option<f64>>>())
-    .bind(v(|a| Some(a.api_key_id.as_str())))
-    .bind(v(|a| Some(a.prompt.as_str())))
-    .bind(v(|a| a.output.as_deref()))
-    .bind(v(|a| Some(a.provider.as_str())))
-    .bind(v(|a| Some(a.output_mode.as_str())))
-    .bind(i(|a| a.tokens_cached))
-    .bind(i(|a| a.tokens_reasoning))
     .execute(pool)
     .await
     .doing("writing the audit trail")?;

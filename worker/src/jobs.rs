@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use common::spec::{JobKind, Prompt};
-use sqlx::{PgPool, Row};
+use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::endpoints::{Endpoints, Route};
@@ -56,19 +56,21 @@ impl JobCache {
         if let Some(j) = self.jobs.lock().expect("job cache lock").get(&job_id) {
             return Ok(Some(j.clone()));
         }
-        let Some(row) =
-            sqlx::query("SELECT spec, template, template_hash, output_schema, review_below FROM jobs WHERE id = $1")
-                .bind(job_id)
-                .fetch_optional(pool)
-                .await
-                .doing("reading the job's kind")?
+        let Some(row) = sqlx::query!(
+            r#"SELECT spec AS "spec: sqlx::types::Json<common::spec::JobSpec>", template, template_hash,
+                      output_schema, review_below
+               FROM jobs WHERE id = $1"#,
+            job_id
+        )
+        .fetch_optional(pool)
+        .await
+        .doing("reading the job's kind")?
         else {
             return Ok(None);
         };
-        let spec: sqlx::types::Json<common::spec::JobSpec> = row.get("spec");
-        let kind = JobKind { spec: spec.0, template: row.get("template"), schema: row.get("output_schema") };
+        let kind = JobKind { spec: row.spec.0, template: row.template, schema: row.output_schema };
         let compiled = Arc::new(
-            CompiledJob::compile(kind, row.get("template_hash"), row.get("review_below"), endpoints)
+            CompiledJob::compile(kind, row.template_hash, row.review_below, endpoints)
                 .map_err(|source| Error::Spec { job_id, source: Box::new(source) })?,
         );
         let mut jobs = self.jobs.lock().expect("job cache lock");

@@ -381,7 +381,7 @@ async fn work(
         metrics::chunk("unknown", 0, 0);
         return Ok(ChunkOutcome::Finished);
     };
-    if state.chunk == "done" {
+    if state.chunk == common::state::ChunkState::Done {
         metrics::chunk("duplicate", 0, 0);
         return Ok(ChunkOutcome::Finished);
     }
@@ -390,7 +390,7 @@ async fn work(
         metrics::chunk("stale", 0, 0);
         return Ok(ChunkOutcome::Finished);
     }
-    if state.job != "running" {
+    if state.job != common::state::JobState::Running {
         metrics::chunk("cancelled", 0, 0);
         return Ok(ChunkOutcome::Finished);
     }

@@ -1,32 +1,34 @@
 //! Postgres reads and writes of the worker: a chunk's items in, its results out in one transaction.
 
 use serde_json::Value;
-use sqlx::{PgPool, Row};
+use sqlx::PgPool;
 
 use common::db::Doing;
 use common::provider::ErrorClass;
+use common::state::{ChunkState, JobState};
 use common::wire::ChunkMsg;
 
 use crate::Error;
 
 /// The state of a chunk and of its job, read before any work is done.
-pub struct ChunkState {
-    pub chunk: String,
-    pub job: String,
+pub struct ChunkStatus {
+    pub chunk: ChunkState,
+    pub job: JobState,
     pub generation: i32,
 }
 
-pub async fn chunk_state(pool: &PgPool, c: &ChunkMsg) -> Result<Option<ChunkState>, Error> {
-    let row = sqlx::query(
-        "SELECT c.state AS chunk, j.state AS job, c.generation FROM chunks c JOIN jobs j ON j.id = c.job_id
-         WHERE c.job_id = $1 AND c.chunk_no = $2",
+pub async fn chunk_state(pool: &PgPool, c: &ChunkMsg) -> Result<Option<ChunkStatus>, Error> {
+    Ok(sqlx::query_as!(
+        ChunkStatus,
+        r#"SELECT c.state AS "chunk: ChunkState", j.state AS "job: JobState", c.generation
+           FROM chunks c JOIN jobs j ON j.id = c.job_id
+           WHERE c.job_id = $1 AND c.chunk_no = $2"#,
+        c.job_id,
+        c.chunk_no
     )
-    .bind(c.job_id)
-    .bind(c.chunk_no)
     .fetch_optional(pool)
     .await
-    .doing("reading the chunk's state")?;
-    Ok(row.map(|r| ChunkState { chunk: r.get("chunk"), job: r.get("job"), generation: r.get("generation") }))
+    .doing("reading the chunk's state")?)
 }
 
 /// An item to process.
@@ -42,26 +44,23 @@ pub struct Item {
 /// redelivery, a reopened chunk) each item's attempts already in the audit
 /// trail are counted, so numbering goes on; a first delivery has none.
 pub async fn items(pool: &PgPool, c: &ChunkMsg, earlier_attempts: bool) -> Result<Vec<Item>, Error> {
-    let rows = sqlx::query(
-        "SELECT i.seq, i.item_id, i.payload,
-                CASE WHEN $4 THEN (SELECT count(*) FROM audit_attempts a WHERE a.job_id = i.job_id AND a.seq = i.seq)::int
-                     ELSE 0 END AS prior
-         FROM items i
-         WHERE i.job_id = $1 AND i.seq BETWEEN $2 AND $3
-           AND NOT EXISTS (SELECT 1 FROM results r WHERE r.job_id = i.job_id AND r.seq = i.seq)
-         ORDER BY i.seq",
+    Ok(sqlx::query_as!(
+        Item,
+        r#"SELECT i.seq, i.item_id AS id, i.payload,
+                  CASE WHEN $4 THEN (SELECT count(*) FROM audit_attempts a WHERE a.job_id = i.job_id AND a.seq = i.seq)::int
+                       ELSE 0 END AS "prior!"
+           FROM items i
+           WHERE i.job_id = $1 AND i.seq BETWEEN $2 AND $3
+             AND NOT EXISTS (SELECT 1 FROM results r WHERE r.job_id = i.job_id AND r.seq = i.seq)
+           ORDER BY i.seq"#,
+        c.job_id,
+        c.first_seq,
+        c.last_seq,
+        earlier_attempts
     )
-    .bind(c.job_id)
-    .bind(c.first_seq)
-    .bind(c.last_seq)
-    .bind(earlier_attempts)
     .fetch_all(pool)
     .await
-    .doing("reading the chunk's items")?;
-    Ok(rows
-        .iter()
-        .map(|r| Item { seq: r.get("seq"), id: r.get("item_id"), payload: r.get("payload"), prior: r.get("prior") })
-        .collect())
+    .doing("reading the chunk's items")?)
 }
 
 /// One call to the model, as the audit trail keeps it.
@@ -114,11 +113,12 @@ pub struct ItemResult {
 
 impl ItemResult {
     /// The state stored in `results.state`.
-    pub fn state(&self) -> &'static str {
+    pub fn state(&self) -> common::state::ResultState {
+        use common::state::ResultState;
         match (self.succeeded, self.needs_review) {
-            (true, false) => "succeeded",
-            (true, true) => "needs_review",
-            (false, _) => "failed",
+            (true, false) => ResultState::Succeeded,
+            (true, true) => ResultState::NeedsReview,
+            (false, _) => ResultState::Failed,
         }
     }
 
@@ -176,17 +176,10 @@ async fn write_chunk_tx(
 ) -> Result<(), sqlx::Error> {
     let mut tx = pool.begin().await?;
     if !results.is_empty() {
-        let col = |f: fn(&ItemResult) -> Option<String>| results.iter().map(f).collect::<Vec<_>>();
-        let seqs: Vec<i64> = results.iter().map(|r| r.seq).collect();
-        let ids: Vec<String> = results.iter().map(|r| r.item_id.clone()).collect();
-        let states: Vec<String> = results.iter().map(|r| r.state().to_string()).collect();
-        let details: Vec<Option<Value>> = results.iter().map(|r| r.confidence_detail.clone()).collect();
-        let outputs: Vec<Option<Value>> = results.iter().map(|r| r.output.clone()).collect();
-        let confidences: Vec<Option<f64>> = results.iter().map(|r| r.confidence).collect();
-        let tin: Vec<i32> = results.iter().map(|r| r.tokens_in).collect();
-        let tout: Vec<i32> = results.iter().map(|r| r.tokens_out).collect();
-        let lat: Vec<i32> = results.iter().map(|r| r.latency_ms).collect();
-        sqlx::query(
+        fn col<T>(results: &[ItemResult], f: impl Fn(&ItemResult) -> T) -> Vec<T> {
+            results.iter().map(f).collect()
+        }
+        sqlx::query!(
             "INSERT INTO results (job_id, seq, item_id, state, output, answer, confidence, error_class, error,
                                   model, template_hash, attempts, tokens_in, tokens_out, latency_ms, worker,
                                   confidence_detail)
@@ -198,41 +191,42 @@ async fn write_chunk_tx(
                   AS u(seq, item_id, state, output, answer, confidence, error_class, error, model,
                        attempts, tokens_in, tokens_out, latency_ms, detail)
              ON CONFLICT (job_id, seq) DO NOTHING",
+            c.job_id,
+            template_hash,
+            worker,
+            &col(results, |r| r.seq),
+            &col(results, |r| r.item_id.clone()),
+            &col(results, |r| r.state().as_str().to_string()),
+            &col(results, |r| r.output.clone()) as _,
+            &col(results, |r| r.answer.clone()) as _,
+            &col(results, |r| r.confidence) as _,
+            &col(results, |r| r.error_class.map(|c| c.as_str().to_string())) as _,
+            &col(results, |r| r.error.clone()) as _,
+            &col(results, |r| r.model.clone()) as _,
+            &col(results, |r| r.attempts),
+            &col(results, |r| r.tokens_in),
+            &col(results, |r| r.tokens_out),
+            &col(results, |r| r.latency_ms),
+            &col(results, |r| r.confidence_detail.clone()) as _,
         )
-        .bind(c.job_id)
-        .bind(template_hash)
-        .bind(worker)
-        .bind(&seqs)
-        .bind(&ids)
-        .bind(&states)
-        .bind(&outputs)
-        .bind(col(|r| r.answer.clone()))
-        .bind(&confidences)
-        .bind(col(|r| r.error_class.map(|c| c.as_str().to_string())))
-        .bind(col(|r| r.error.clone()))
-        .bind(col(|r| r.model.clone()))
-        .bind(results.iter().map(|r| r.attempts).collect::<Vec<i32>>())
-        .bind(&tin)
-        .bind(&tout)
-        .bind(&lat)
-        .bind(&details)
         .execute(&mut *tx)
         .await?;
     }
     if done {
-        sqlx::query("UPDATE chunks SET state = 'done', done_at = now() WHERE job_id = $1 AND chunk_no = $2 AND state = 'pending'")
-            .bind(c.job_id)
-            .bind(c.chunk_no)
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query!(
+            "UPDATE chunks SET state = 'done', done_at = now() WHERE job_id = $1 AND chunk_no = $2 AND state = 'pending'",
+            c.job_id,
+            c.chunk_no
+        )
+        .execute(&mut *tx)
+        .await?;
     }
-    tx.commit().await?;
-    Ok(())
+    tx.commit().await
 }
 
 /// How many jobs are running.
 pub async fn running_jobs(pool: &PgPool) -> Result<usize, Error> {
-    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs WHERE state = 'running'")
+    let n = sqlx::query_scalar!(r#"SELECT count(*) AS "n!" FROM jobs WHERE state = 'running'"#)
         .fetch_one(pool)
         .await
         .doing("counting running jobs")?;

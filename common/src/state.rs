@@ -1,0 +1,127 @@
+//! The states of jobs, chunks and results as Postgres stores them (text, held to these values by CHECK constraints in migration 0007).
+
+use sqlx::encode::IsNull;
+use sqlx::error::BoxDynError;
+use sqlx::postgres::{PgArgumentBuffer, PgTypeInfo, PgValueRef};
+use sqlx::{Decode, Encode, Postgres, Type};
+
+/// A state name Postgres holds that this version does not know.
+#[derive(Debug, thiserror::Error)]
+#[error("unknown {what} state {found:?}")]
+pub struct UnknownState {
+    pub what: &'static str,
+    pub found: String,
+}
+
+/// Declares an enum stored as one of a fixed set of text values.
+macro_rules! text_states {
+    ($(#[$meta:meta])* $name:ident, $what:literal { $($(#[$vmeta:meta])* $variant:ident = $text:literal),+ $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+        pub enum $name {
+            $($(#[$vmeta])* #[serde(rename = $text)] $variant),+
+        }
+
+        impl $name {
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $text),+
+                }
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl std::str::FromStr for $name {
+            type Err = UnknownState;
+            fn from_str(s: &str) -> Result<Self, UnknownState> {
+                match s {
+                    $($text => Ok($name::$variant),)+
+                    _ => Err(UnknownState { what: $what, found: s.to_string() }),
+                }
+            }
+        }
+
+        impl Type<Postgres> for $name {
+            fn type_info() -> PgTypeInfo {
+                <str as Type<Postgres>>::type_info()
+            }
+            fn compatible(ty: &PgTypeInfo) -> bool {
+                <str as Type<Postgres>>::compatible(ty)
+            }
+        }
+
+        impl<'r> Decode<'r, Postgres> for $name {
+            fn decode(value: PgValueRef<'r>) -> Result<Self, BoxDynError> {
+                Ok(<&str as Decode<Postgres>>::decode(value)?.parse()?)
+            }
+        }
+
+        impl Encode<'_, Postgres> for $name {
+            fn encode_by_ref(&self, buf: &mut PgArgumentBuffer) -> Result<IsNull, BoxDynError> {
+                <&str as Encode<Postgres>>::encode(self.as_str(), buf)
+            }
+        }
+    };
+}
+
+text_states! {
+    /// `jobs.state`: uploading -> running -> completed | cancelled;
+    /// uploading -> rejected | abandoned; completed | cancelled -> running (resume).
+    JobState, "job" {
+        Uploading = "uploading",
+        Running = "running",
+        Completed = "completed",
+        Cancelled = "cancelled",
+        /// The input was refused (invalid lines without --skip-invalid, too large).
+        Rejected = "rejected",
+        /// The upload never finished.
+        Abandoned = "abandoned",
+    }
+}
+
+text_states! {
+    /// `chunks.state`: pending -> done (pending again on resume).
+    ChunkState, "chunk" {
+        Pending = "pending",
+        Done = "done",
+    }
+}
+
+text_states! {
+    /// `results.state`.
+    ResultState, "result" {
+        Succeeded = "succeeded",
+        /// Succeeded with a confidence below the job's review threshold.
+        NeedsReview = "needs_review",
+        /// A reviewer's decision replaced the model's answer or confirmed it.
+        Reviewed = "reviewed",
+        Failed = "failed",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn states_read_back_from_their_text() {
+        for s in JobState::ALL {
+            assert_eq!(s.as_str().parse::<JobState>().unwrap(), *s);
+        }
+        for s in ChunkState::ALL {
+            assert_eq!(s.as_str().parse::<ChunkState>().unwrap(), *s);
+        }
+        for s in ResultState::ALL {
+            assert_eq!(s.as_str().parse::<ResultState>().unwrap(), *s);
+            assert_eq!(serde_json::to_string(s).unwrap(), format!("\"{}\"", s.as_str()));
+        }
+        assert!("finished".parse::<JobState>().unwrap_err().to_string().contains("unknown job state"));
+    }
+}
