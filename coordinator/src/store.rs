@@ -5,8 +5,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
-use sqlx::postgres::PgRow;
-use sqlx::{PgPool, Postgres, Row, Transaction};
+use sqlx::{PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
 use common::wire::ChunkMsg;
@@ -32,7 +31,7 @@ pub async fn ensure_schema(pool: &PgPool, owner_url: Option<&str>) -> Result<(),
         migrate(url).await?;
     } else {
         let latest = migrations::MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0);
-        let applied: Option<i64> = sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations WHERE success")
+        let applied: Option<i64> = sqlx::query_scalar!("SELECT max(version) FROM _sqlx_migrations WHERE success")
             .fetch_one(pool)
             .await
             .or_else(|e| match &e {
@@ -58,7 +57,7 @@ pub async fn ensure_schema(pool: &PgPool, owner_url: Option<&str>) -> Result<(),
         }
     }
     let owns_audit: bool =
-        sqlx::query_scalar("SELECT coalesce(pg_has_role(current_user, tableowner, 'MEMBER'), false) FROM pg_tables WHERE tablename = 'audit_attempts'")
+        sqlx::query_scalar!(r#"SELECT coalesce(pg_has_role(current_user, tableowner, 'MEMBER'), false) AS "owns!" FROM pg_tables WHERE tablename = 'audit_attempts'"#)
             .fetch_optional(pool)
             .await.doing("checking the schema version")?
             .unwrap_or(false);
@@ -73,19 +72,8 @@ pub async fn ensure_schema(pool: &PgPool, owner_url: Option<&str>) -> Result<(),
 /// Stores a new job in state `uploading`.
 pub async fn create_job(pool: &PgPool, job: &crate::model::NewJob, actor: &str) -> Result<Uuid, Error> {
     let id = Uuid::now_v7();
-    sqlx::query(
-        "INSERT INTO jobs (id, kind, spec, template, template_hash, output_schema, input_name, review_below, submitted_by)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-    )
-    .bind(id)
-    .bind(&job.kind.spec.kind)
-    .bind(sqlx::types::Json(&job.kind.spec))
-    .bind(&job.kind.template)
-    .bind(job.kind.template_hash())
-    .bind(&job.kind.schema)
-    .bind(&job.input_name)
-    .bind(job.review_below)
-    .bind(actor)
+    sqlx::query!("INSERT INTO jobs (id, kind, spec, template, template_hash, output_schema, input_name, review_below, submitted_by)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)", id, &job.kind.spec.kind, sqlx::types::Json(&job.kind.spec) as _, &job.kind.template, job.kind.template_hash(), &job.kind.schema, job.input_name.as_deref(), job.review_below, actor)
     .execute(pool)
     .await.doing("creating the job")?;
     event(pool, id, "submitted", actor, serde_json::json!({"kind": job.kind.spec.kind, "input": job.input_name}))
@@ -95,25 +83,28 @@ pub async fn create_job(pool: &PgPool, job: &crate::model::NewJob, actor: &str) 
 
 /// Appends a job event to the audit trail.
 pub async fn event(pool: &PgPool, job_id: Uuid, event: &str, actor: &str, detail: Value) -> Result<(), Error> {
-    sqlx::query("INSERT INTO audit_events (job_id, event, actor, detail) VALUES ($1, $2, $3, $4)")
-        .bind(job_id)
-        .bind(event)
-        .bind(actor)
-        .bind(detail)
-        .execute(pool)
-        .await
-        .doing("writing an audit event")?;
+    sqlx::query!(
+        "INSERT INTO audit_events (job_id, event, actor, detail) VALUES ($1, $2, $3, $4)",
+        job_id,
+        event,
+        actor,
+        detail
+    )
+    .execute(pool)
+    .await
+    .doing("writing an audit event")?;
     Ok(())
 }
 
 /// The spec of a job, as stored at submission.
 pub async fn job_spec(pool: &PgPool, job_id: Uuid) -> Result<common::spec::JobSpec, Error> {
-    let spec: Option<sqlx::types::Json<common::spec::JobSpec>> =
-        sqlx::query_scalar("SELECT spec FROM jobs WHERE id = $1")
-            .bind(job_id)
-            .fetch_optional(pool)
-            .await
-            .doing("reading the job's kind")?;
+    let spec: Option<sqlx::types::Json<common::spec::JobSpec>> = sqlx::query_scalar!(
+        r#"SELECT spec AS "spec: sqlx::types::Json<common::spec::JobSpec>" FROM jobs WHERE id = $1"#,
+        job_id
+    )
+    .fetch_optional(pool)
+    .await
+    .doing("reading the job's kind")?;
     spec.map(|s| s.0).ok_or(Error::JobNotFound(job_id))
 }
 
@@ -124,14 +115,14 @@ pub async fn create_chunks(
     total: i64,
     size: i64,
 ) -> Result<u64, Error> {
-    let n = sqlx::query(
+    let n = sqlx::query!(
         "INSERT INTO chunks (job_id, chunk_no, first_seq, last_seq)
          SELECT $1, g, g * $2 + 1, LEAST((g + 1) * $2, $3)
-         FROM generate_series(0, (($3 + $2 - 1) / $2) - 1) AS g",
+         FROM generate_series(0, (($3::bigint + $2::bigint - 1) / $2::bigint) - 1) AS g",
+        job_id,
+        size,
+        total
     )
-    .bind(job_id)
-    .bind(size)
-    .bind(total)
     .execute(&mut **tx)
     .await
     .doing("creating chunks")?
@@ -139,20 +130,11 @@ pub async fn create_chunks(
     Ok(n)
 }
 
-fn chunk_msg(job_id: Uuid, r: &PgRow) -> ChunkMsg {
-    ChunkMsg {
-        job_id,
-        chunk_no: r.get("chunk_no"),
-        first_seq: r.get("first_seq"),
-        last_seq: r.get("last_seq"),
-        generation: r.get("generation"),
-    }
-}
-
 /// Up to `limit` unpublished pending chunks of every running job, the
 /// oldest job first and each job's chunks in order.
 pub async fn unpublished_chunks(pool: &PgPool, limit: i64) -> Result<Vec<ChunkMsg>, Error> {
-    let rows = sqlx::query(
+    let chunks = sqlx::query_as!(
+        ChunkMsg,
         "SELECT c.job_id, c.chunk_no, c.first_seq, c.last_seq, c.generation
          FROM jobs j CROSS JOIN LATERAL (
              SELECT * FROM chunks c
@@ -160,24 +142,24 @@ pub async fn unpublished_chunks(pool: &PgPool, limit: i64) -> Result<Vec<ChunkMs
              ORDER BY c.chunk_no LIMIT $1) c
          WHERE j.state = 'running'
          ORDER BY j.created_at, j.id, c.chunk_no",
+        limit
     )
-    .bind(limit)
     .fetch_all(pool)
     .await
     .doing("reading chunks to publish")?;
-    Ok(rows.iter().map(|r| chunk_msg(r.get("job_id"), r)).collect())
+    Ok(chunks)
 }
 
 /// Marks pending chunks of a job that were last published before `before` as
 /// unpublished again, with their generation bumped so the new message gets a
 /// fresh `Nats-Msg-Id`. Returns how many.
 pub async fn reopen_lost_chunks(pool: &PgPool, job_id: Uuid, before: DateTime<Utc>) -> Result<u64, Error> {
-    Ok(sqlx::query(
+    Ok(sqlx::query!(
         "UPDATE chunks SET generation = generation + 1, published_at = NULL
          WHERE job_id = $1 AND state = 'pending' AND published_at < $2",
+        job_id,
+        before
     )
-    .bind(job_id)
-    .bind(before)
     .execute(pool)
     .await
     .doing("reopening lost chunks")?
@@ -187,10 +169,10 @@ pub async fn reopen_lost_chunks(pool: &PgPool, job_id: Uuid, before: DateTime<Ut
 /// Reopens every published chunk still pending of every running job, after
 /// the stream they were published to was lost. Returns how many.
 pub async fn reopen_published_chunks(pool: &PgPool) -> Result<u64, Error> {
-    Ok(sqlx::query(
+    Ok(sqlx::query!(
         "UPDATE chunks c SET generation = generation + 1, published_at = NULL
          FROM jobs j WHERE j.id = c.job_id AND j.state = 'running'
-           AND c.state = 'pending' AND c.published_at IS NOT NULL",
+           AND c.state = 'pending' AND c.published_at IS NOT NULL"
     )
     .execute(pool)
     .await
@@ -200,9 +182,7 @@ pub async fn reopen_published_chunks(pool: &PgPool) -> Result<u64, Error> {
 
 /// Records that chunks were published.
 pub async fn mark_published(pool: &PgPool, job_id: Uuid, chunk_nos: &[i32]) -> Result<(), Error> {
-    sqlx::query("UPDATE chunks SET published_at = now() WHERE job_id = $1 AND chunk_no = ANY($2)")
-        .bind(job_id)
-        .bind(chunk_nos)
+    sqlx::query!("UPDATE chunks SET published_at = now() WHERE job_id = $1 AND chunk_no = ANY($2)", job_id, chunk_nos)
         .execute(pool)
         .await
         .doing("marking chunks published")?;
@@ -211,7 +191,7 @@ pub async fn mark_published(pool: &PgPool, job_id: Uuid, chunk_nos: &[i32]) -> R
 
 /// Running jobs that still have pending chunks.
 pub async fn running_jobs(pool: &PgPool) -> Result<Vec<Uuid>, Error> {
-    Ok(sqlx::query_scalar("SELECT id FROM jobs WHERE state = 'running' ORDER BY created_at")
+    Ok(sqlx::query_scalar!("SELECT id FROM jobs WHERE state = 'running' ORDER BY created_at")
         .fetch_all(pool)
         .await
         .doing("listing running jobs")?)
@@ -227,13 +207,15 @@ pub async fn status(pool: &PgPool, job_id: Uuid) -> Result<JobStatus, Error> {
 /// job), whatever the number of jobs.
 async fn statuses(pool: &PgPool, ids: &[Uuid]) -> Result<Vec<JobStatus>, Error> {
     const DOING: &str = "reading job status";
-    let rows = sqlx::query(
-        "SELECT j.id, j.kind, j.state, j.input_name, j.total_items, j.invalid_lines,
+    let rows = sqlx::query_as!(
+        StatusRow,
+        r#"SELECT j.id, j.kind, j.state, j.input_name, j.total_items, j.invalid_lines,
                 j.created_at, j.started_at, j.finished_at,
                 j.review_below, j.spec->>'confidence_threshold' AS kind_threshold,
-                r.succeeded, r.needs_review, r.reviewed, r.failed, r.last_result_at,
-                a.tokens_in, a.tokens_out, a.cost_usd, a.unpriced,
-                c.chunks_total, c.chunks_done
+                r.succeeded AS "succeeded!", r.needs_review AS "needs_review!", r.reviewed AS "reviewed!",
+                r.failed AS "failed!", r.last_result_at,
+                a.tokens_in AS "tokens_in!", a.tokens_out AS "tokens_out!", a.cost_usd AS "cost_usd!",
+                a.unpriced AS "unpriced!", c.chunks_total AS "chunks_total!", c.chunks_done AS "chunks_done!"
          FROM UNNEST($1::uuid[]) WITH ORDINALITY AS wanted(id, n)
          JOIN jobs j ON j.id = wanted.id
          CROSS JOIN LATERAL (
@@ -252,27 +234,24 @@ async fn statuses(pool: &PgPool, ids: &[Uuid]) -> Result<Vec<JobStatus>, Error> 
          CROSS JOIN LATERAL (
              SELECT count(*) AS chunks_total, count(*) FILTER (WHERE state = 'done') AS chunks_done
              FROM chunks WHERE job_id = j.id) c
-         ORDER BY wanted.n",
+         ORDER BY wanted.n"#,
+        ids
     )
-    .bind(ids)
     .fetch_all(pool)
     .await
     .doing(DOING)?;
-    let mut out: Vec<JobStatus> = rows.iter().map(status_from_row).collect();
-    let sources = sqlx::query(
-        "SELECT job_id, coalesce(confidence_detail->>'strategy', 'none') AS strategy, count(*) AS n,
+    let mut out: Vec<JobStatus> = rows.into_iter().map(status_from_row).collect();
+    let sources = sqlx::query!(
+        r#"SELECT job_id, coalesce(confidence_detail->>'strategy', 'none') AS "strategy!", count(*) AS "n!",
                 max(coalesce(confidence_detail->>'error', confidence_detail->'skipped'->0->>'reason')) AS note
-         FROM results WHERE job_id = ANY($1) AND state <> 'failed' GROUP BY 1, 2 ORDER BY 1, 3 DESC",
+         FROM results WHERE job_id = ANY($1) AND state <> 'failed' GROUP BY 1, 2 ORDER BY 1, 3 DESC"#,
+        ids
     )
-    .bind(ids)
     .fetch_all(pool)
     .await
     .doing(DOING)?;
-    let modes = sqlx::query(
-        "SELECT job_id, coalesce(provider, '') AS provider, model, output_mode, count(*) AS n FROM audit_attempts
-         WHERE job_id = ANY($1) AND output_mode IS NOT NULL GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4",
-    )
-    .bind(ids)
+    let modes = sqlx::query!(r#"SELECT job_id, coalesce(provider, '') AS "provider!", model, output_mode AS "output_mode!", count(*) AS "n!" FROM audit_attempts
+         WHERE job_id = ANY($1) AND output_mode IS NOT NULL GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4"#, ids)
     .fetch_all(pool)
     .await
     .doing(DOING)?;
@@ -280,35 +259,57 @@ async fn statuses(pool: &PgPool, ids: &[Uuid]) -> Result<Vec<JobStatus>, Error> 
         let id = status.job_id;
         status.confidence_sources = sources
             .iter()
-            .filter(|r| r.get::<Uuid, _>("job_id") == id)
-            .map(|r| ConfidenceSource {
-                strategy: r.get("strategy"),
-                results: r.get::<i64, _>("n") as u64,
-                note: r.get("note"),
-            })
+            .filter(|r| r.job_id == id)
+            .map(|r| ConfidenceSource { strategy: r.strategy.clone(), results: r.n as u64, note: r.note.clone() })
             .collect();
         status.output_modes = modes
             .iter()
-            .filter(|r| r.get::<Uuid, _>("job_id") == id)
+            .filter(|r| r.job_id == id)
             .map(|r| OutputModeUse {
-                provider: r.get("provider"),
-                model: r.get("model"),
-                mode: r.get("output_mode"),
-                attempts: r.get::<i64, _>("n") as u64,
+                provider: r.provider.clone(),
+                model: r.model.clone(),
+                mode: r.output_mode.clone(),
+                attempts: r.n as u64,
             })
             .collect();
     }
     Ok(out)
 }
 
-fn status_from_row(row: &PgRow) -> JobStatus {
-    let total: i64 = row.get("total_items");
-    let succeeded: i64 = row.get("succeeded");
-    let failed: i64 = row.get("failed");
+/// The figures of one job, as the status query reads them.
+struct StatusRow {
+    id: Uuid,
+    kind: String,
+    state: String,
+    input_name: Option<String>,
+    total_items: i64,
+    invalid_lines: i64,
+    created_at: DateTime<Utc>,
+    started_at: Option<DateTime<Utc>>,
+    finished_at: Option<DateTime<Utc>>,
+    review_below: Option<f64>,
+    kind_threshold: Option<String>,
+    succeeded: i64,
+    needs_review: i64,
+    reviewed: i64,
+    failed: i64,
+    last_result_at: Option<DateTime<Utc>>,
+    tokens_in: i64,
+    tokens_out: i64,
+    cost_usd: f64,
+    unpriced: i64,
+    chunks_total: i64,
+    chunks_done: i64,
+}
+
+fn status_from_row(row: StatusRow) -> JobStatus {
+    let total: i64 = row.total_items;
+    let succeeded: i64 = row.succeeded;
+    let failed: i64 = row.failed;
     let done = succeeded + failed;
-    let started_at: Option<DateTime<Utc>> = row.get("started_at");
-    let finished_at: Option<DateTime<Utc>> = row.get("finished_at");
-    let last_result_at: Option<DateTime<Utc>> = row.get("last_result_at");
+    let started_at: Option<DateTime<Utc>> = row.started_at;
+    let finished_at: Option<DateTime<Utc>> = row.finished_at;
+    let last_result_at: Option<DateTime<Utc>> = row.last_result_at;
     // Rate over the time the job has been running: until now, or until its
     // last result once it is finished.
     let end = finished_at.max(last_result_at).filter(|_| finished_at.is_some()).unwrap_or_else(Utc::now);
@@ -320,35 +321,35 @@ fn status_from_row(row: &PgRow) -> JobStatus {
         _ => 0.0,
     };
     let pending = (total - done).max(0);
-    let state: String = row.get("state");
+    let state: String = row.state;
     let eta_s = (state == "running" && items_per_s > 0.0).then(|| pending as f64 / items_per_s);
-    let cost_usd: f64 = row.get("cost_usd");
+    let cost_usd: f64 = row.cost_usd;
     let projected_cost_usd = (done > 0).then(|| cost_usd / done as f64 * total as f64);
-    let review_below: Option<f64> = row.get("review_below");
-    let kind_threshold: Option<String> = row.get("kind_threshold");
+    let review_below: Option<f64> = row.review_below;
+    let kind_threshold: Option<String> = row.kind_threshold;
     JobStatus {
-        job_id: row.get("id"),
-        kind: row.get("kind"),
+        job_id: row.id,
+        kind: row.kind,
         state,
-        input_name: row.get("input_name"),
+        input_name: row.input_name,
         total: total as u64,
         succeeded: succeeded as u64,
-        needs_review: row.get::<i64, _>("needs_review") as u64,
-        reviewed: row.get::<i64, _>("reviewed") as u64,
-        tokens_in: row.get::<i64, _>("tokens_in") as u64,
-        tokens_out: row.get::<i64, _>("tokens_out") as u64,
+        needs_review: row.needs_review as u64,
+        reviewed: row.reviewed as u64,
+        tokens_in: row.tokens_in as u64,
+        tokens_out: row.tokens_out as u64,
         cost_usd,
         projected_cost_usd,
-        unpriced_attempts: row.get::<i64, _>("unpriced") as u64,
+        unpriced_attempts: row.unpriced as u64,
         confidence_sources: Vec::new(),
         output_modes: Vec::new(),
         review_below: review_below.or_else(|| kind_threshold.and_then(|t| t.parse().ok())),
         failed: failed as u64,
         pending: pending as u64,
-        invalid_lines: row.get::<i64, _>("invalid_lines") as u64,
-        chunks_total: row.get::<i64, _>("chunks_total") as u64,
-        chunks_done: row.get::<i64, _>("chunks_done") as u64,
-        created_at: row.get("created_at"),
+        invalid_lines: row.invalid_lines as u64,
+        chunks_total: row.chunks_total as u64,
+        chunks_done: row.chunks_done as u64,
+        created_at: row.created_at,
         started_at,
         finished_at,
         items_per_s,
@@ -358,8 +359,7 @@ fn status_from_row(row: &PgRow) -> JobStatus {
 
 /// The most recent jobs, newest first.
 pub async fn list_jobs(pool: &PgPool, limit: i64) -> Result<Vec<JobStatus>, Error> {
-    let ids: Vec<Uuid> = sqlx::query_scalar("SELECT id FROM jobs ORDER BY created_at DESC LIMIT $1")
-        .bind(limit)
+    let ids: Vec<Uuid> = sqlx::query_scalar!("SELECT id FROM jobs ORDER BY created_at DESC LIMIT $1", limit)
         .fetch_all(pool)
         .await
         .doing("listing jobs")?;
@@ -368,10 +368,10 @@ pub async fn list_jobs(pool: &PgPool, limit: i64) -> Result<Vec<JobStatus>, Erro
 
 /// Stops a job: no new chunk is started; finished results stay.
 pub async fn cancel(pool: &PgPool, job_id: Uuid, actor: &str) -> Result<(), Error> {
-    let n = sqlx::query(
+    let n = sqlx::query!(
         "UPDATE jobs SET state = 'cancelled', finished_at = now() WHERE id = $1 AND state IN ('uploading', 'running')",
+        job_id
     )
-    .bind(job_id)
     .execute(pool)
     .await
     .doing("cancelling the job")?
@@ -387,13 +387,10 @@ pub async fn cancel(pool: &PgPool, job_id: Uuid, actor: &str) -> Result<(), Erro
 /// `timeout` of their creation, and records it in the audit trail. A job
 /// being uploaded right now holds its row lock and is skipped.
 pub async fn abandon_stale_uploads(pool: &PgPool, timeout: Duration) -> Result<Vec<Uuid>, Error> {
-    let ids: Vec<Uuid> = sqlx::query_scalar(
-        "UPDATE jobs SET state = 'abandoned', finished_at = now()
-         WHERE id IN (SELECT id FROM jobs WHERE state = 'uploading' AND created_at < now() - $1::interval
+    let ids: Vec<Uuid> = sqlx::query_scalar!("UPDATE jobs SET state = 'abandoned', finished_at = now()
+         WHERE id IN (SELECT id FROM jobs WHERE state = 'uploading' AND created_at < now() - make_interval(secs => $1::float8)
                       FOR UPDATE SKIP LOCKED)
-         RETURNING id",
-    )
-    .bind(timeout)
+         RETURNING id", timeout.as_secs_f64())
     .fetch_all(pool)
     .await
     .doing("abandoning stale uploads")?;
@@ -413,8 +410,7 @@ pub async fn lock_job(
     allowed: &[&str],
     expected: &'static str,
 ) -> Result<(), Error> {
-    let state: Option<String> = sqlx::query_scalar("SELECT state FROM jobs WHERE id = $1 FOR UPDATE")
-        .bind(job_id)
+    let state: Option<String> = sqlx::query_scalar!("SELECT state FROM jobs WHERE id = $1 FOR UPDATE", job_id)
         .fetch_optional(&mut **tx)
         .await
         .doing("locking the job")?;
@@ -441,14 +437,13 @@ pub async fn resume(pool: &PgPool, job_id: Uuid, failed_only: bool, actor: &str)
     let mut tx = pool.begin().await.doing("resuming the job")?;
     lock_job(&mut tx, job_id, &["completed", "cancelled"], "completed or cancelled").await?;
     let failed: Vec<i64> =
-        sqlx::query_scalar("DELETE FROM results WHERE job_id = $1 AND state = 'failed' RETURNING seq")
-            .bind(job_id)
+        sqlx::query_scalar!("DELETE FROM results WHERE job_id = $1 AND state = 'failed' RETURNING seq", job_id)
             .fetch_all(&mut *tx)
             .await
             .doing("resuming the job")?;
     // Reopen every chunk with an item lacking a result (or, with failed_only,
     // every chunk that held a failed item).
-    let chunks = sqlx::query(
+    let chunks = sqlx::query!(
         "UPDATE chunks c SET state = 'pending', published_at = NULL, done_at = NULL, generation = generation + 1
          WHERE c.job_id = $1
            AND CASE WHEN $2 THEN EXISTS (SELECT 1 FROM UNNEST($3::bigint[]) AS f(seq)
@@ -457,17 +452,16 @@ pub async fn resume(pool: &PgPool, job_id: Uuid, failed_only: bool, actor: &str)
                               AND i.seq BETWEEN c.first_seq AND c.last_seq
                               AND NOT EXISTS (SELECT 1 FROM results r WHERE r.job_id = i.job_id AND r.seq = i.seq))
                END",
+        job_id,
+        failed_only,
+        &failed
     )
-    .bind(job_id)
-    .bind(failed_only)
-    .bind(&failed)
     .execute(&mut *tx)
     .await
     .doing("resuming the job")?
     .rows_affected();
     if chunks > 0 {
-        sqlx::query("UPDATE jobs SET state = 'running', finished_at = NULL WHERE id = $1")
-            .bind(job_id)
+        sqlx::query!("UPDATE jobs SET state = 'running', finished_at = NULL WHERE id = $1", job_id)
             .execute(&mut *tx)
             .await
             .doing("resuming the job")?;
@@ -502,41 +496,41 @@ pub struct ResultRow {
 
 /// Up to `limit` results of a job with `seq > after`, in input order.
 pub async fn results_page(pool: &PgPool, job_id: Uuid, after: i64, limit: i64) -> Result<Vec<(i64, ResultRow)>, Error> {
-    let rows = sqlx::query(
+    let rows = sqlx::query!(
         "SELECT seq, item_id, state, answer, output, confidence, error_class, error, model, attempts,
                 template_hash, tokens_in, tokens_out, human_answer, reviewer, reviewed_at
          FROM results WHERE job_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+        job_id,
+        after,
+        limit
     )
-    .bind(job_id)
-    .bind(after)
-    .bind(limit)
     .fetch_all(pool)
     .await
     .doing("reading a page of results")?;
     Ok(rows
-        .iter()
+        .into_iter()
         .map(|row| {
             (
-                row.get("seq"),
+                row.seq,
                 ResultRow {
-                    id: row.get("item_id"),
-                    state: row.get("state"),
-                    answer: row.get::<Option<String>, _>("human_answer").or_else(|| row.get("answer")),
-                    answer_source: match row.get::<Option<String>, _>("reviewer") {
+                    id: row.item_id,
+                    state: row.state,
+                    answer: row.human_answer.or_else(|| row.answer.clone()),
+                    answer_source: match row.reviewer {
                         Some(r) => Some(format!("human:{r}")),
-                        None => row.get::<Option<String>, _>("answer").map(|_| "model".to_string()),
+                        None => row.answer.as_ref().map(|_| "model".to_string()),
                     },
-                    model_answer: row.get("answer"),
-                    reviewed_at: row.get("reviewed_at"),
-                    output: row.get("output"),
-                    confidence: row.get("confidence"),
-                    error_class: row.get("error_class"),
-                    error: row.get("error"),
-                    model: row.get("model"),
-                    attempts: row.get("attempts"),
-                    template_hash: row.get("template_hash"),
-                    tokens_in: row.get("tokens_in"),
-                    tokens_out: row.get("tokens_out"),
+                    model_answer: row.answer,
+                    reviewed_at: row.reviewed_at,
+                    output: row.output,
+                    confidence: row.confidence,
+                    error_class: row.error_class,
+                    error: row.error,
+                    model: row.model,
+                    attempts: row.attempts,
+                    template_hash: row.template_hash,
+                    tokens_in: row.tokens_in,
+                    tokens_out: row.tokens_out,
                 },
             )
         })
