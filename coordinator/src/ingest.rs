@@ -409,12 +409,14 @@ where
     }
     if empty || (mode == Mode::Strict && invalid > 0) || seq == 0 {
         tx.rollback().await.ok();
-        sqlx::query("UPDATE jobs SET state = 'rejected', invalid_lines = $2, finished_at = now() WHERE id = $1")
-            .bind(job_id)
-            .bind(invalid as i64)
-            .execute(pool)
-            .await
-            .doing("ingesting the input")?;
+        sqlx::query!(
+            "UPDATE jobs SET state = 'rejected', invalid_lines = $2, finished_at = now() WHERE id = $1",
+            job_id,
+            invalid as i64
+        )
+        .execute(pool)
+        .await
+        .doing("ingesting the input")?;
         metrics::counter!(m::JOBS_FINISHED, "state" => "rejected").increment(1);
         return Ok(IngestReport {
             job_id,
@@ -428,12 +430,12 @@ where
     }
     let size = spread_chunk_size(chunk_size, seq);
     let chunks = crate::store::create_chunks(&mut tx, job_id, seq as i64, size).await?;
-    sqlx::query(
+    sqlx::query!(
         "UPDATE jobs SET state = 'running', total_items = $2, invalid_lines = $3, started_at = now() WHERE id = $1",
+        job_id,
+        seq as i64,
+        invalid as i64
     )
-    .bind(job_id)
-    .bind(seq as i64)
-    .bind(invalid as i64)
     .execute(&mut *tx)
     .await
     .doing("ingesting the input")?;
@@ -461,12 +463,12 @@ async fn write_rejected(
     for batch in rejected.chunks(1000) {
         let lines: Vec<i64> = batch.iter().map(|e| e.line as i64).collect();
         let reasons: Vec<&str> = batch.iter().map(|e| e.reason.as_str()).collect();
-        sqlx::query(
+        sqlx::query!(
             "INSERT INTO rejected_lines (job_id, line_no, reason) SELECT $1, * FROM UNNEST($2::bigint[], $3::text[])",
+            job_id,
+            &lines,
+            &reasons as _
         )
-        .bind(job_id)
-        .bind(&lines)
-        .bind(&reasons)
         .execute(&mut **tx)
         .await
         .doing("recording refused lines")?;
@@ -484,51 +486,58 @@ async fn duplicates(
     job_id: Uuid,
     mode: Mode,
 ) -> Result<(i64, Vec<LineError>), Error> {
-    const LATER: &str = "SELECT seq, line_no, item_id FROM (
-             SELECT seq, line_no, item_id, row_number() OVER (PARTITION BY item_id ORDER BY seq) AS k
-             FROM items WHERE job_id = $1) d WHERE k > 1";
-    let first: Vec<(i64, String)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT line_no, item_id FROM ({LATER}) l ORDER BY line_no LIMIT $2"
-    )))
-    .bind(job_id)
-    .bind(MAX_REPORTED_ERRORS as i64)
+    // `later`, in each query: every line whose id an earlier line used.
+    let first = sqlx::query!(
+        r#"WITH later AS (SELECT seq, line_no, item_id FROM (
+               SELECT seq, line_no, item_id, row_number() OVER (PARTITION BY item_id ORDER BY seq) AS k
+               FROM items WHERE job_id = $1) d WHERE k > 1)
+           SELECT line_no AS "line_no!", item_id AS "item_id!" FROM later ORDER BY line_no LIMIT $2"#,
+        job_id,
+        MAX_REPORTED_ERRORS as i64
+    )
     .fetch_all(&mut **tx)
     .await
     .doing("looking for duplicate ids")?;
     if first.is_empty() {
         return Ok((0, Vec::new()));
     }
-    let reason = |id: &str| format!("duplicate id \"{id}\"");
-    let first: Vec<LineError> = first.iter().map(|(l, id)| LineError { line: *l as u64, reason: reason(id) }).collect();
+    let first: Vec<LineError> = first
+        .iter()
+        .map(|r| LineError { line: r.line_no as u64, reason: format!("duplicate id \"{}\"", r.item_id) })
+        .collect();
     if mode == Mode::Strict {
-        let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT count(*) FROM ({LATER}) l")))
-            .bind(job_id)
-            .fetch_one(&mut **tx)
-            .await
-            .doing("looking for duplicate ids")?;
+        let n = sqlx::query_scalar!(
+            r#"WITH later AS (SELECT seq FROM (
+                   SELECT seq, row_number() OVER (PARTITION BY item_id ORDER BY seq) AS k
+                   FROM items WHERE job_id = $1) d WHERE k > 1)
+               SELECT count(*) AS "n!" FROM later"#,
+            job_id
+        )
+        .fetch_one(&mut **tx)
+        .await
+        .doing("looking for duplicate ids")?;
         return Ok((n, first));
     }
-    let n = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "WITH gone AS (DELETE FROM items i USING ({LATER}) l WHERE i.job_id = $1 AND i.seq = l.seq
-                       RETURNING i.line_no, i.item_id)
-         INSERT INTO rejected_lines (job_id, line_no, reason)
-         SELECT $1, line_no, 'duplicate id \"' || item_id || '\"' FROM gone"
-    )))
-    .bind(job_id)
+    let n = sqlx::query!(
+        r#"WITH later AS (SELECT seq FROM (
+               SELECT seq, row_number() OVER (PARTITION BY item_id ORDER BY seq) AS k
+               FROM items WHERE job_id = $1) d WHERE k > 1),
+           gone AS (DELETE FROM items i USING later l WHERE i.job_id = $1 AND i.seq = l.seq
+                    RETURNING i.line_no, i.item_id)
+           INSERT INTO rejected_lines (job_id, line_no, reason)
+           SELECT $1, line_no, 'duplicate id "' || item_id || '"' FROM gone"#,
+        job_id
+    )
     .execute(&mut **tx)
     .await
     .doing("looking for duplicate ids")?
     .rows_affected() as i64;
     // Close the gaps in two steps: the primary key is checked row by row.
-    sqlx::query(
-        "UPDATE items i SET seq = -n.rn FROM (SELECT seq, row_number() OVER (ORDER BY seq) AS rn FROM items WHERE job_id = $1) n
-         WHERE i.job_id = $1 AND i.seq = n.seq",
-    )
-    .bind(job_id)
+    sqlx::query!("UPDATE items i SET seq = -n.rn FROM (SELECT seq, row_number() OVER (ORDER BY seq) AS rn FROM items WHERE job_id = $1) n
+         WHERE i.job_id = $1 AND i.seq = n.seq", job_id)
     .execute(&mut **tx)
     .await.doing("looking for duplicate ids")?;
-    sqlx::query("UPDATE items SET seq = -seq WHERE job_id = $1")
-        .bind(job_id)
+    sqlx::query!("UPDATE items SET seq = -seq WHERE job_id = $1", job_id)
         .execute(&mut **tx)
         .await
         .doing("looking for duplicate ids")?;

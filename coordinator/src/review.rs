@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
-use sqlx::{PgPool, Row};
+use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::model::Format;
@@ -30,31 +30,31 @@ pub struct QueueItem {
 /// The results to review: those flagged `needs_review`, or with `below`,
 /// every answered result with a confidence under it (or none at all).
 pub async fn queue(pool: &PgPool, job_id: Uuid, below: Option<f64>) -> Result<Vec<QueueItem>, Error> {
-    let rows = sqlx::query(
+    let rows = sqlx::query!(
         "SELECT r.seq, r.item_id, i.payload, r.answer, r.output, r.confidence, r.confidence_detail, r.model, r.state
          FROM results r JOIN items i ON i.job_id = r.job_id AND i.seq = r.seq
          WHERE r.job_id = $1
            AND CASE WHEN $2::float8 IS NULL THEN r.state = 'needs_review'
                     ELSE r.state IN ('succeeded', 'needs_review') AND (r.confidence IS NULL OR r.confidence < $2) END
          ORDER BY r.confidence NULLS FIRST, r.seq",
+        job_id,
+        below
     )
-    .bind(job_id)
-    .bind(below)
     .fetch_all(pool)
     .await
     .doing("reading the review queue")?;
     Ok(rows
-        .iter()
+        .into_iter()
         .map(|r| QueueItem {
-            seq: r.get("seq"),
-            id: r.get("item_id"),
-            input: r.get("payload"),
-            answer: r.get("answer"),
-            output: r.get("output"),
-            confidence: r.get("confidence"),
-            confidence_detail: r.get("confidence_detail"),
-            model: r.get("model"),
-            state: r.get("state"),
+            seq: r.seq,
+            id: r.item_id,
+            input: r.payload,
+            answer: r.answer,
+            output: r.output,
+            confidence: r.confidence,
+            confidence_detail: r.confidence_detail,
+            model: r.model,
+            state: r.state,
         })
         .collect())
 }
@@ -226,18 +226,18 @@ pub async fn import(
     let spec = store::job_spec(pool, job_id).await?;
     let (decisions, mut errors) = parse_decisions(body, csv_format);
     let ids: Vec<String> = decisions.iter().map(|d| d.id.clone()).collect();
-    let known: HashMap<String, (i64, bool)> = sqlx::query(
-        "SELECT i.item_id, i.seq, r.seq IS NOT NULL AS has_result
+    let known: HashMap<String, (i64, bool)> = sqlx::query!(
+        r#"SELECT i.item_id, i.seq, r.seq IS NOT NULL AS "has_result!"
          FROM items i LEFT JOIN results r ON r.job_id = i.job_id AND r.seq = i.seq
-         WHERE i.job_id = $1 AND i.item_id = ANY($2)",
+         WHERE i.job_id = $1 AND i.item_id = ANY($2)"#,
+        job_id,
+        &ids
     )
-    .bind(job_id)
-    .bind(&ids)
     .fetch_all(pool)
     .await
     .doing("applying review decisions")?
-    .iter()
-    .map(|r| (r.get("item_id"), (r.get("seq"), r.get("has_result"))))
+    .into_iter()
+    .map(|r| (r.item_id, (r.seq, r.has_result)))
     .collect();
     let mut apply = Vec::new();
     for d in decisions {
@@ -259,27 +259,27 @@ pub async fn import(
     }
     let mut tx = pool.begin().await.doing("applying review decisions")?;
     for (seq, d) in &apply {
-        sqlx::query(
+        sqlx::query!(
             "INSERT INTO reviews (job_id, seq, answer, reviewer, decided_at, source) VALUES ($1, $2, $3, $4, $5, $6)",
+            job_id,
+            seq,
+            &d.answer,
+            &d.reviewer,
+            d.decided_at,
+            source
         )
-        .bind(job_id)
-        .bind(seq)
-        .bind(&d.answer)
-        .bind(&d.reviewer)
-        .bind(d.decided_at)
-        .bind(source)
         .execute(&mut *tx)
         .await
         .doing("applying review decisions")?;
-        sqlx::query(
+        sqlx::query!(
             "UPDATE results SET human_answer = $3, reviewer = $4, reviewed_at = $5, state = 'reviewed'
              WHERE job_id = $1 AND seq = $2",
+            job_id,
+            seq,
+            &d.answer,
+            &d.reviewer,
+            d.decided_at
         )
-        .bind(job_id)
-        .bind(seq)
-        .bind(&d.answer)
-        .bind(&d.reviewer)
-        .bind(d.decided_at)
         .execute(&mut *tx)
         .await
         .doing("applying review decisions")?;
