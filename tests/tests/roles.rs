@@ -1,4 +1,4 @@
-//! The audit trail against the roles Sluice runs as: they may append to it and read it, never rewrite it; and what a client is told when the database refuses the coordinator.
+//! The audit trail against the roles Sluice runs as (they may append to it and read it, never rewrite it), what a client is told when the database refuses the coordinator, and the states the schema allows.
 
 use sluice_tests::fixtures::TestDb;
 use sqlx::Connection;
@@ -109,4 +109,33 @@ async fn a_server_error_gives_the_client_a_request_id_and_no_details() {
     for detail in ["permission", "jobs", "sluice_", "SELECT"] {
         assert!(!message.contains(detail), "{detail:?} leaked: {message}");
     }
+}
+
+/// The states the CHECK constraints allow are exactly those `common::state` knows.
+#[tokio::test]
+async fn the_schema_allows_exactly_the_states_sluice_knows() {
+    let db = TestDb::create().await.unwrap();
+    let allowed = |constraint: &'static str| {
+        let pool = db.pool.clone();
+        async move {
+            let def: String =
+                sqlx::query_scalar("SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conname = $1")
+                    .bind(constraint)
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap();
+            let mut states: Vec<String> = def.split('\'').skip(1).step_by(2).map(str::to_string).collect::<Vec<_>>();
+            states.sort();
+            states
+        }
+    };
+    let known = |all: Vec<&str>| {
+        let mut v: Vec<String> = all.into_iter().map(str::to_string).collect();
+        v.sort();
+        v
+    };
+    use common::state::{ChunkState, JobState, ResultState};
+    assert_eq!(allowed("jobs_state_known").await, known(JobState::ALL.iter().map(|s| s.as_str()).collect()));
+    assert_eq!(allowed("chunks_state_known").await, known(ChunkState::ALL.iter().map(|s| s.as_str()).collect()));
+    assert_eq!(allowed("results_state_known").await, known(ResultState::ALL.iter().map(|s| s.as_str()).collect()));
 }
