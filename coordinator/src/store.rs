@@ -202,9 +202,10 @@ pub async fn status(pool: &PgPool, job_id: Uuid) -> Result<JobStatus, Error> {
     statuses(pool, &[job_id]).await?.pop().ok_or(Error::JobNotFound(job_id))
 }
 
-/// The status of each of `ids` that exists, in the order given. Each table is
-/// read once for all of them (results, attempts and chunks aggregated per
-/// job), whatever the number of jobs.
+/// The status of each of `ids` that exists, in the order given. The figures
+/// come from the running tallies that triggers keep as results and attempts
+/// are written (migration `0008_tallies.sql`), so a read costs the same
+/// whatever the size of the jobs.
 async fn statuses(pool: &PgPool, ids: &[Uuid]) -> Result<Vec<JobStatus>, Error> {
     const DOING: &str = "reading job status";
     let rows = sqlx::query_as!(
@@ -212,25 +213,23 @@ async fn statuses(pool: &PgPool, ids: &[Uuid]) -> Result<Vec<JobStatus>, Error> 
         r#"SELECT j.id, j.kind, j.state, j.input_name, j.total_items, j.invalid_lines,
                 j.created_at, j.started_at, j.finished_at,
                 j.review_below, j.spec->>'confidence_threshold' AS kind_threshold,
-                r.succeeded AS "succeeded!", r.needs_review AS "needs_review!", r.reviewed AS "reviewed!",
-                r.failed AS "failed!", r.last_result_at,
-                a.tokens_in AS "tokens_in!", a.tokens_out AS "tokens_out!", a.cost_usd AS "cost_usd!",
-                a.unpriced AS "unpriced!", c.chunks_total AS "chunks_total!", c.chunks_done AS "chunks_done!"
+                t.succeeded AS "succeeded!", t.needs_review AS "needs_review!", t.reviewed AS "reviewed!",
+                t.failed AS "failed!", t.last_result_at,
+                t.tokens_in AS "tokens_in!", t.tokens_out AS "tokens_out!", t.cost_usd AS "cost_usd!",
+                t.unpriced AS "unpriced!", c.chunks_total AS "chunks_total!", c.chunks_done AS "chunks_done!"
          FROM UNNEST($1::uuid[]) WITH ORDINALITY AS wanted(id, n)
          JOIN jobs j ON j.id = wanted.id
          CROSS JOIN LATERAL (
-             SELECT count(*) FILTER (WHERE state <> 'failed') AS succeeded,
-                    count(*) FILTER (WHERE state = 'needs_review') AS needs_review,
-                    count(*) FILTER (WHERE state = 'reviewed') AS reviewed,
-                    count(*) FILTER (WHERE state = 'failed') AS failed,
-                    max(created_at) AS last_result_at
-             FROM results WHERE job_id = j.id) r
-         CROSS JOIN LATERAL (
-             SELECT coalesce(sum(tokens_in), 0)::bigint AS tokens_in,
+             SELECT coalesce(sum(succeeded), 0)::bigint AS succeeded,
+                    coalesce(sum(needs_review), 0)::bigint AS needs_review,
+                    coalesce(sum(reviewed), 0)::bigint AS reviewed,
+                    coalesce(sum(failed), 0)::bigint AS failed,
+                    max(last_result_at) AS last_result_at,
+                    coalesce(sum(tokens_in), 0)::bigint AS tokens_in,
                     coalesce(sum(tokens_out), 0)::bigint AS tokens_out,
                     coalesce(sum(cost_usd), 0)::float8 AS cost_usd,
-                    count(*) FILTER (WHERE cost_usd IS NULL) AS unpriced
-             FROM audit_attempts WHERE job_id = j.id) a
+                    coalesce(sum(unpriced), 0)::bigint AS unpriced
+             FROM job_tallies WHERE job_id = j.id) t
          CROSS JOIN LATERAL (
              SELECT count(*) AS chunks_total, count(*) FILTER (WHERE state = 'done') AS chunks_done
              FROM chunks WHERE job_id = j.id) c
@@ -242,16 +241,19 @@ async fn statuses(pool: &PgPool, ids: &[Uuid]) -> Result<Vec<JobStatus>, Error> 
     .doing(DOING)?;
     let mut out: Vec<JobStatus> = rows.into_iter().map(status_from_row).collect();
     let sources = sqlx::query!(
-        r#"SELECT job_id, coalesce(confidence_detail->>'strategy', 'none') AS "strategy!", count(*) AS "n!",
-                max(coalesce(confidence_detail->>'error', confidence_detail->'skipped'->0->>'reason')) AS note
-         FROM results WHERE job_id = ANY($1) AND state <> 'failed' GROUP BY 1, 2 ORDER BY 1, 3 DESC"#,
+        r#"SELECT job_id, strategy, sum(n)::bigint AS "n!", max(note) AS note
+         FROM job_confidence_sources WHERE job_id = ANY($1)
+         GROUP BY 1, 2 HAVING sum(n) > 0 ORDER BY 1, 3 DESC, 2"#,
         ids
     )
     .fetch_all(pool)
     .await
     .doing(DOING)?;
-    let modes = sqlx::query!(r#"SELECT job_id, coalesce(provider, '') AS "provider!", model, output_mode AS "output_mode!", count(*) AS "n!" FROM audit_attempts
-         WHERE job_id = ANY($1) AND output_mode IS NOT NULL GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4"#, ids)
+    let modes = sqlx::query!(
+        r#"SELECT job_id, provider, model, output_mode, sum(n)::bigint AS "n!" FROM job_output_modes
+         WHERE job_id = ANY($1) GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4"#,
+        ids
+    )
     .fetch_all(pool)
     .await
     .doing(DOING)?;

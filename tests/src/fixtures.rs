@@ -456,6 +456,71 @@ impl Stack {
         })
         .await
     }
+
+    /// The job's status as the API reports it, after checking every figure
+    /// the tallies give against the same figure aggregated from `results`
+    /// and `audit_attempts` directly.
+    pub async fn status(&self, job_id: uuid::Uuid) -> anyhow::Result<coordinator::model::JobStatus> {
+        use sqlx::Row;
+        let st = self.client.status(job_id).await?;
+        let pool = &self.db.pool;
+        let r = sqlx::query(
+            "SELECT count(*) FILTER (WHERE state <> 'failed') AS succeeded,
+                    count(*) FILTER (WHERE state = 'needs_review') AS needs_review,
+                    count(*) FILTER (WHERE state = 'reviewed') AS reviewed,
+                    count(*) FILTER (WHERE state = 'failed') AS failed
+             FROM results WHERE job_id = $1",
+        )
+        .bind(job_id)
+        .fetch_one(pool)
+        .await?;
+        let counted: [i64; 4] = [r.get("succeeded"), r.get("needs_review"), r.get("reviewed"), r.get("failed")];
+        let reported = [st.succeeded, st.needs_review, st.reviewed, st.failed].map(|n| n as i64);
+        anyhow::ensure!(counted == reported, "results by state: tables {counted:?}, status {reported:?}");
+        let a = sqlx::query(
+            "SELECT coalesce(sum(tokens_in), 0)::bigint AS tokens_in, coalesce(sum(tokens_out), 0)::bigint AS tokens_out,
+                    coalesce(sum(cost_usd), 0)::float8 AS cost_usd, count(*) FILTER (WHERE cost_usd IS NULL) AS unpriced
+             FROM audit_attempts WHERE job_id = $1",
+        )
+        .bind(job_id)
+        .fetch_one(pool)
+        .await?;
+        let counted: [i64; 3] = [a.get("tokens_in"), a.get("tokens_out"), a.get("unpriced")];
+        let reported = [st.tokens_in as i64, st.tokens_out as i64, st.unpriced_attempts as i64];
+        anyhow::ensure!(counted == reported, "tokens in, out, unpriced: audit trail {counted:?}, status {reported:?}");
+        let cost: f64 = a.get("cost_usd");
+        anyhow::ensure!((cost - st.cost_usd).abs() < 1e-9, "cost: audit trail {cost}, status {}", st.cost_usd);
+        let sources: Vec<(String, i64)> = sqlx::query(
+            "SELECT coalesce(confidence_detail->>'strategy', 'none') AS strategy, count(*) AS n
+             FROM results WHERE job_id = $1 AND state <> 'failed' GROUP BY 1 ORDER BY 2 DESC, 1",
+        )
+        .bind(job_id)
+        .fetch_all(pool)
+        .await?
+        .iter()
+        .map(|r| (r.get("strategy"), r.get("n")))
+        .collect();
+        let reported: Vec<(String, i64)> =
+            st.confidence_sources.iter().map(|c| (c.strategy.clone(), c.results as i64)).collect();
+        anyhow::ensure!(sources == reported, "confidence sources: results {sources:?}, status {reported:?}");
+        let modes: Vec<(String, String, String, i64)> = sqlx::query(
+            "SELECT coalesce(provider, '') AS provider, model, output_mode, count(*) AS n FROM audit_attempts
+             WHERE job_id = $1 AND output_mode IS NOT NULL GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
+        )
+        .bind(job_id)
+        .fetch_all(pool)
+        .await?
+        .iter()
+        .map(|r| (r.get("provider"), r.get("model"), r.get("output_mode"), r.get("n")))
+        .collect();
+        let reported: Vec<(String, String, String, i64)> = st
+            .output_modes
+            .iter()
+            .map(|m| (m.provider.clone(), m.model.clone(), m.mode.clone(), m.attempts as i64))
+            .collect();
+        anyhow::ensure!(modes == reported, "output modes: audit trail {modes:?}, status {reported:?}");
+        Ok(st)
+    }
 }
 
 impl Drop for Stack {

@@ -241,7 +241,7 @@ base_url = "http://{sim0}/v1"
     let object = a.iter().find(|x| x.output_mode == "json_object").expect("json_object was used");
     assert!(object.ok >= 200 && object.failed == 0, "{a:?}");
     // The learned mode is shown by status.
-    let st = stack.client.status(job).await.unwrap();
+    let st = stack.status(job).await.unwrap();
     assert!(st.output_modes.iter().any(|m| m.mode == "json_object" && m.model == "sim-small"), "{st:?}");
     assert!(st.confidence_sources.iter().any(|c| c.strategy == "agreement" && c.results == 200), "{st:?}");
 }
@@ -363,7 +363,7 @@ base_url = "http://{sim0}/v1"
     let input = futures::stream::iter(vec![Ok(bytes::Bytes::from(sample_jsonl(42, 10)))]);
     stack.client.upload(job, input, false).await.unwrap();
     stack.wait_completed(job, Duration::from_secs(60)).await.unwrap();
-    let st = stack.client.status(job).await.unwrap();
+    let st = stack.status(job).await.unwrap();
     assert_eq!((st.succeeded, st.unpriced_attempts), (10, 10), "{st:?}");
     assert_eq!(audit(&stack, job).await[0].cost, None, "unknown, not $0");
 }

@@ -233,7 +233,7 @@ async fn resume_reruns_only_unfinished_items() {
     let report = stack.submit("classify", sample_jsonl(29, 300), false).await.unwrap();
     let job = report.job_id;
     stack.wait_completed(job, Duration::from_secs(60)).await.unwrap();
-    let status = stack.client.status(job).await.unwrap();
+    let status = stack.status(job).await.unwrap();
     assert!(status.failed > 30 && status.failed < 150, "{status:?}");
     assert_eq!(stack.sim.sim.stats().requests, 300);
 
@@ -242,7 +242,7 @@ async fn resume_reruns_only_unfinished_items() {
     let resumed = stack.client.resume(job, false).await.unwrap();
     assert_eq!(resumed.failed_reset, status.failed);
     stack.wait_completed(job, Duration::from_secs(60)).await.unwrap();
-    let after = stack.client.status(job).await.unwrap();
+    let after = stack.status(job).await.unwrap();
     assert_eq!((after.succeeded, after.failed), (300, 0));
     assert_eq!(stack.sim.sim.stats().requests, 300 + status.failed, "only the failed items were called again");
 
@@ -266,7 +266,7 @@ async fn resume_continues_a_cancelled_job_and_refuses_a_running_one() {
     stack.client.cancel(job).await.unwrap();
     stack.client.resume(job, false).await.unwrap();
     stack.wait_completed(job, Duration::from_secs(120)).await.unwrap();
-    let st = stack.client.status(job).await.unwrap();
+    let st = stack.status(job).await.unwrap();
     assert_eq!((st.succeeded, st.failed), (1_000, 0));
     let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM results WHERE job_id = $1")
         .bind(job)
@@ -388,7 +388,7 @@ async fn after_an_outage_resume_calls_only_the_unfinished_items() {
     stack.sim.sim.set_config(SimConfig::default());
     stack.client.resume(job, false).await.unwrap();
     stack.wait_completed(job, Duration::from_secs(120)).await.unwrap();
-    let after = stack.client.status(job).await.unwrap();
+    let after = stack.status(job).await.unwrap();
     assert_eq!((after.succeeded, after.failed), (600, 0));
     assert_eq!(stack.sim.sim.stats().ok, 600, "exactly one answered call per item");
 }

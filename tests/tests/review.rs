@@ -58,7 +58,7 @@ async fn logprob_confidence_flags_the_wrong_answers_and_the_review_round_trip_fi
         }
     }
     assert!(wrong > 20, "the simulator got {wrong} wrong");
-    let status = stack.client.status(job).await.unwrap();
+    let status = stack.status(job).await.unwrap();
     assert_eq!(status.succeeded, 300);
     assert!(status.needs_review >= wrong, "{status:?}");
     assert_eq!(status.review_below, Some(0.65));
@@ -90,7 +90,7 @@ async fn logprob_confidence_flags_the_wrong_answers_and_the_review_round_trip_fi
     }
     let imported = stack.client.review_import(job, decisions, "jsonl", "decisions.jsonl").await.unwrap();
     assert_eq!(imported.applied as usize, queued.len());
-    let status = stack.client.status(job).await.unwrap();
+    let status = stack.status(job).await.unwrap();
     assert_eq!((status.needs_review, status.reviewed), (0, queued.len() as u64));
     let mut export = stack.client.results(job, "jsonl").await.unwrap();
     let mut body = Vec::new();
