@@ -52,11 +52,31 @@ CREATE TABLE job_output_modes (
     PRIMARY KEY (job_id, slot, provider, model, output_mode)
 );
 
--- Adds signed result rows (+1 written, -1 removed) to the tallies. Rows are
--- grouped in job order, so two sessions that share a slot lock rows in the
--- same order.
-CREATE FUNCTION tally_result_changes(job_ids uuid[], states text[], created timestamptz[], details jsonb[], signs int[])
-RETURNS void LANGUAGE sql SECURITY DEFINER SET search_path = public AS $$
+-- One trigger function for insert, update (review decisions) and delete
+-- (resume drops failed results): each passes its transition rows, signed (+1
+-- written, -1 removed). PL/pgSQL, not SQL, so its plans are kept for the
+-- session rather than made anew for every statement. Rows are grouped in job
+-- order, so two sessions that share a slot lock rows in the same order.
+CREATE FUNCTION tally_results() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER SET search_path = public AS $$
+DECLARE
+    job_ids uuid[]; states text[]; created timestamptz[]; details jsonb[]; signs int[];
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        SELECT array_agg(job_id), array_agg(state), array_agg(created_at), array_agg(confidence_detail), array_agg(1)
+        INTO job_ids, states, created, details, signs FROM new_rows;
+    ELSIF TG_OP = 'DELETE' THEN
+        SELECT array_agg(job_id), array_agg(state), array_agg(created_at), array_agg(confidence_detail), array_agg(-1)
+        INTO job_ids, states, created, details, signs FROM old_rows;
+    ELSE
+        SELECT array_agg(job_id), array_agg(state), array_agg(created_at), array_agg(confidence_detail), array_agg(d)
+        INTO job_ids, states, created, details, signs
+        FROM (SELECT job_id, state, created_at, confidence_detail, 1 AS d FROM new_rows
+              UNION ALL
+              SELECT job_id, state, created_at, confidence_detail, -1 FROM old_rows) c;
+    END IF;
+    IF job_ids IS NULL THEN
+        RETURN NULL;
+    END IF;
     INSERT INTO job_tallies AS t (job_id, slot, succeeded, needs_review, reviewed, failed, last_result_at)
     SELECT job_id, pg_backend_pid() % 8,
            coalesce(sum(d) FILTER (WHERE state <> 'failed'), 0),
@@ -81,30 +101,6 @@ RETURNS void LANGUAGE sql SECURITY DEFINER SET search_path = public AS $$
     ON CONFLICT (job_id, slot, strategy) DO UPDATE SET
         n = s.n + EXCLUDED.n,
         note = GREATEST(s.note, EXCLUDED.note);
-$$;
-
--- One trigger function for insert, update (review decisions) and delete
--- (resume drops failed results): each passes its transition rows, signed.
-CREATE FUNCTION tally_results() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER SET search_path = public AS $$
-DECLARE
-    job_ids uuid[]; states text[]; created timestamptz[]; details jsonb[]; signs int[];
-BEGIN
-    IF TG_OP = 'INSERT' THEN
-        SELECT array_agg(job_id), array_agg(state), array_agg(created_at), array_agg(confidence_detail), array_agg(1)
-        INTO job_ids, states, created, details, signs FROM new_rows;
-    ELSIF TG_OP = 'DELETE' THEN
-        SELECT array_agg(job_id), array_agg(state), array_agg(created_at), array_agg(confidence_detail), array_agg(-1)
-        INTO job_ids, states, created, details, signs FROM old_rows;
-    ELSE
-        SELECT array_agg(job_id), array_agg(state), array_agg(created_at), array_agg(confidence_detail), array_agg(d)
-        INTO job_ids, states, created, details, signs
-        FROM (SELECT job_id, state, created_at, confidence_detail, 1 AS d FROM new_rows
-              UNION ALL
-              SELECT job_id, state, created_at, confidence_detail, -1 FROM old_rows) c;
-    END IF;
-    IF job_ids IS NOT NULL THEN
-        PERFORM tally_result_changes(job_ids, states, created, details, signs);
-    END IF;
     RETURN NULL;
 END $$;
 
@@ -138,10 +134,15 @@ END $$;
 CREATE TRIGGER audit_attempts_tally AFTER INSERT ON audit_attempts
     REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION tally_attempts();
 
--- Tallies of the jobs already in the database.
-SELECT tally_result_changes(array_agg(job_id), array_agg(state), array_agg(created_at), array_agg(confidence_detail),
-                            array_agg(1))
-FROM results HAVING count(*) > 0;
+-- Tallies of the jobs already in the database, in slot 0.
+INSERT INTO job_tallies (job_id, slot, succeeded, needs_review, reviewed, failed, last_result_at)
+SELECT job_id, 0, count(*) FILTER (WHERE state <> 'failed'), count(*) FILTER (WHERE state = 'needs_review'),
+       count(*) FILTER (WHERE state = 'reviewed'), count(*) FILTER (WHERE state = 'failed'), max(created_at)
+FROM results GROUP BY job_id;
+INSERT INTO job_confidence_sources (job_id, slot, strategy, n, note)
+SELECT job_id, 0, coalesce(confidence_detail->>'strategy', 'none'), count(*),
+       max(coalesce(confidence_detail->>'error', confidence_detail->'skipped'->0->>'reason'))
+FROM results WHERE state <> 'failed' GROUP BY 1, 3;
 INSERT INTO job_tallies AS t (job_id, slot, tokens_in, tokens_out, cost_usd, unpriced)
 SELECT job_id, 0, sum(tokens_in), sum(tokens_out), coalesce(sum(cost_usd), 0), count(*) FILTER (WHERE cost_usd IS NULL)
 FROM audit_attempts GROUP BY job_id
