@@ -24,12 +24,14 @@ pub enum TelemetryError {
         #[source]
         source: std::net::AddrParseError,
     },
-    #[error("could not start the Prometheus endpoint on {addr}")]
-    Exporter {
+    #[error("could not listen for Prometheus scrapes on {addr}")]
+    Bind {
         addr: SocketAddr,
         #[source]
-        source: metrics_exporter_prometheus::BuildError,
+        source: std::io::Error,
     },
+    #[error("could not install the metrics recorder")]
+    Recorder(#[source] metrics_exporter_prometheus::BuildError),
     #[error("invalid log filter {filter:?}")]
     Filter {
         filter: String,
@@ -46,22 +48,52 @@ pub fn init(config: &TelemetryConfig) -> Result<(), TelemetryError> {
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     // A second init (tests start several services in one process) is harmless.
     let _ = if config.log_format == "json" { builder.json().try_init() } else { builder.try_init() };
-    install_metrics(&config.metrics_addr)
+    install_metrics(&config.metrics_addr).map(|_| ())
 }
 
-/// Starts the Prometheus exporter on `addr` (no-op when empty).
-pub fn install_metrics(addr: &str) -> Result<(), TelemetryError> {
+/// Serves Prometheus `/metrics` on `addr` (no-op when empty) and returns the
+/// address bound: with port 0 the OS picks one, and it is logged ("metrics
+/// endpoint listening"). Needs a Tokio runtime.
+pub fn install_metrics(addr: &str) -> Result<Option<SocketAddr>, TelemetryError> {
     if addr.is_empty() {
-        return Ok(());
+        return Ok(None);
     }
     let addr: SocketAddr =
         addr.parse().map_err(|source| TelemetryError::MetricsAddr { addr: addr.to_string(), source })?;
-    metrics_exporter_prometheus::PrometheusBuilder::new()
-        .with_http_listener(addr)
+    let bind = |source| TelemetryError::Bind { addr, source };
+    let listener = std::net::TcpListener::bind(addr).map_err(bind)?;
+    listener.set_nonblocking(true).map_err(bind)?;
+    let bound = listener.local_addr().map_err(bind)?;
+    let listener = tokio::net::TcpListener::from_std(listener).map_err(bind)?;
+    let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
         .set_buckets(&[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0])
         .expect("static bucket list is non-empty")
-        .install()
-        .map_err(|source| TelemetryError::Exporter { addr, source })
+        .install_recorder()
+        .map_err(TelemetryError::Recorder)?;
+    // Without the exporter's own listener, upkeep (draining histogram
+    // buffers) is ours to run.
+    let upkeep = handle.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            upkeep.run_upkeep();
+        }
+    });
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let handle = handle.clone();
+            async move { handle.render() }
+        }),
+    );
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "the metrics endpoint stopped");
+        }
+    });
+    tracing::info!(addr = %bound, "metrics endpoint listening");
+    Ok(Some(bound))
 }
 
 /// The health of a loop that retries: logs a failure once when it starts or

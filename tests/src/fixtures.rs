@@ -1,6 +1,7 @@
 //! Real-service fixtures: a `nats-server -js` per test, a fresh Postgres database per test, the simulator and Sluice services.
 //!
-//! Everything listens on loopback on a port the OS picks, and everything a
+//! Everything listens on loopback on a port the OS picks (a test's own Postgres
+//! cluster on a Unix socket in its folder), and everything a
 //! fixture starts is stopped when it is dropped.
 
 use std::net::SocketAddr;
@@ -169,10 +170,10 @@ impl TestDb {
 
 /// A Postgres server of the test's own, in a temporary folder, for tests
 /// that stop and start it. Its superuser is `sluice`; it has the
-/// application roles scripts/lib.sh makes on the shared server.
+/// application roles scripts/lib.sh makes on the shared server. It listens
+/// only on a Unix socket in its folder, so it needs no TCP port.
 pub struct PgCluster {
     dir: tempfile::TempDir,
-    port: u16,
     bin: PathBuf,
     as_postgres: bool,
 }
@@ -193,7 +194,7 @@ impl PgCluster {
             let ok = Command::new("chown").args(["-R", "postgres:"]).arg(dir.path()).status()?.success();
             anyhow::ensure!(ok, "cannot hand {} to the postgres user", dir.path().display());
         }
-        let cluster = PgCluster { dir, port: free_port(), bin, as_postgres };
+        let cluster = PgCluster { dir, bin, as_postgres };
         let data = cluster.data();
         cluster.run("initdb", &["-D", &data, "-A", "trust", "-U", "sluice", "--no-sync", "-E", "UTF8"])?;
         cluster.start_server()?;
@@ -233,8 +234,7 @@ impl PgCluster {
 
     /// Starts the server (again), waiting until it accepts connections.
     pub fn start_server(&self) -> anyhow::Result<()> {
-        let opts =
-            format!("-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off", self.port, self.dir.path().display());
+        let opts = format!("-k {} -c listen_addresses='' -c fsync=off", self.dir.path().display());
         let log = self.dir.path().join("postgres.log").display().to_string();
         self.run("pg_ctl", &["-D", &self.data(), "-l", &log, "-o", &opts, "-w", "start"])
     }
@@ -244,9 +244,12 @@ impl PgCluster {
         self.run("pg_ctl", &["-D", &self.data(), "-m", "fast", "-w", "stop"])
     }
 
-    /// A server-level URL of the superuser, for [`TestDb::create_on`].
+    /// A server-level URL of the superuser, for [`TestDb::create_on`]. The
+    /// host is the socket's folder, percent-encoded (sqlx takes a host that
+    /// decodes to an absolute path as a Unix socket directory).
     pub fn admin_url(&self) -> String {
-        format!("postgres://sluice:sluice@127.0.0.1:{}/postgres", self.port)
+        let socket_dir = self.dir.path().display().to_string().replace('/', "%2F");
+        format!("postgres://sluice:sluice@{socket_dir}:5432/postgres")
     }
 }
 
@@ -558,9 +561,27 @@ pub fn workspace_bin(name: &str) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-/// A TCP port that was free a moment ago, for services that cannot bind port 0.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+/// The address a process reports in its JSON log (`SLUICE_LOG_FORMAT=json`,
+/// `SLUICE_LOG=info`) under `message`, e.g. "coordinator listening": processes
+/// in tests listen on port 0 and the OS picks a free one, with no window in
+/// which another test could take it.
+pub async fn logged_addr(log: &Path, message: &str) -> anyhow::Result<SocketAddr> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let addr = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|v| v["fields"]["message"] == message)
+            .and_then(|v| v["fields"]["addr"].as_str().and_then(|a| a.parse().ok()));
+        if let Some(addr) = addr {
+            return Ok(addr);
+        }
+        if Instant::now() > deadline {
+            bail!("{} has no line {message:?} after 30 s:\n{text}", log.display());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// A worker in its own process, for tests that kill it.

@@ -4,7 +4,9 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use sluice_tests::fixtures::SimServer;
-use sluice_tests::fixtures::{free_port, sample_jsonl, wait_for, workspace_bin, NatsServer, TestDb, WorkerProcess};
+use sluice_tests::fixtures::{
+    logged_addr, sample_jsonl, wait_for, workspace_bin, NatsServer, TestDb, WorkerProcess,
+};
 use sluice_tests::sim::SimConfig;
 
 struct Killed(std::process::Child);
@@ -15,8 +17,8 @@ impl Drop for Killed {
     }
 }
 
-async fn metrics(port: u16) -> String {
-    reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await.unwrap().text().await.unwrap()
+async fn metrics(addr: std::net::SocketAddr) -> String {
+    reqwest::get(format!("http://{addr}/metrics")).await.unwrap().text().await.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -24,31 +26,30 @@ async fn coordinator_and_worker_processes_export_metrics() {
     let db = TestDb::create().await.unwrap();
     let nats = NatsServer::start().unwrap();
     let sim = SimServer::start(SimConfig::default()).await.unwrap();
-    let (api, coord_metrics, worker_metrics) = (free_port(), free_port(), free_port());
+    // Every port is picked by the OS (port 0); each process logs what it bound.
+    let logs = tempfile::tempdir().unwrap();
+    let coord_log = logs.path().join("coordinator.log");
     let _coordinator = Killed(
         Command::new(workspace_bin("sluice").unwrap())
-            .args([
-                "serve",
-                "--listen",
-                &format!("127.0.0.1:{api}"),
-                "--metrics-addr",
-                &format!("127.0.0.1:{coord_metrics}"),
-            ])
+            .args(["serve", "--listen", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0"])
             .env("SLUICE_DATABASE_URL", db.app_url("sluice_coordinator"))
             .env("SLUICE_NATS_URL", nats.url())
             .env("SLUICE_PRICES_FILE", concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/prices.toml"))
-            .env("SLUICE_LOG", "warn")
+            .env("SLUICE_LOG", "info")
+            .env("SLUICE_LOG_FORMAT", "json")
             .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&coord_log).unwrap())
             .spawn()
             .unwrap(),
     );
-    let client = coordinator::client::Client::new(&format!("http://127.0.0.1:{api}"));
-    wait_for("the coordinator API", Duration::from_secs(30), || async { Ok(client.jobs(1).await.is_ok()) })
-        .await
-        .unwrap();
+    let api = logged_addr(&coord_log, "coordinator listening").await.unwrap();
+    let coord_metrics = logged_addr(&coord_log, "metrics endpoint listening").await.unwrap();
+    let client = coordinator::client::Client::new(&format!("http://{api}"));
     let config = worker::WorkerConfig::for_urls(&db.app_url("sluice_worker"), nats.url(), &sim.base_url());
-    let addr = format!("127.0.0.1:{worker_metrics}");
-    let _worker = WorkerProcess::spawn_with(&config, "metrics-worker", &[("SLUICE_METRICS_ADDR", &addr)]).unwrap();
+    let worker_log = logs.path().join("worker.log");
+    let env = [("SLUICE_METRICS_ADDR", "127.0.0.1:0"), ("SLUICE_LOG", "info"), ("SLUICE_LOG_FORMAT", "json")];
+    let _worker = WorkerProcess::spawn_logged(&config, "metrics-worker", &env, Some(&worker_log)).unwrap();
+    let worker_metrics = logged_addr(&worker_log, "metrics endpoint listening").await.unwrap();
 
     let kind = common::spec::JobKind::load(&sluice_tests::fixtures::jobs_dir().join("classify")).unwrap();
     let job = client

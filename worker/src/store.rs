@@ -43,6 +43,10 @@ pub struct Item {
 /// The chunk's items that have no result yet. With `earlier_attempts` (a
 /// redelivery, a reopened chunk) each item's attempts already in the audit
 /// trail are counted, so numbering goes on; a first delivery has none.
+///
+/// The results side names the chunk's range too: while a job's tables grow
+/// faster than autovacuum analyses them, the planner may pick a merge anti
+/// join that would otherwise read every result of the job for each chunk.
 pub async fn items(pool: &PgPool, c: &ChunkMsg, earlier_attempts: bool) -> Result<Vec<Item>, Error> {
     Ok(sqlx::query_as!(
         Item,
@@ -51,7 +55,8 @@ pub async fn items(pool: &PgPool, c: &ChunkMsg, earlier_attempts: bool) -> Resul
                        ELSE 0 END AS "prior!"
            FROM items i
            WHERE i.job_id = $1 AND i.seq BETWEEN $2 AND $3
-             AND NOT EXISTS (SELECT 1 FROM results r WHERE r.job_id = i.job_id AND r.seq = i.seq)
+             AND NOT EXISTS (SELECT 1 FROM results r
+                             WHERE r.job_id = $1 AND r.seq BETWEEN $2 AND $3 AND r.seq = i.seq)
            ORDER BY i.seq"#,
         c.job_id,
         c.first_seq,
