@@ -25,3 +25,12 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     }
     s
 }
+
+/// A settings struct with every field at its declared default, whatever
+/// flags and `SLUICE_*` variables the process has: the configuration a user
+/// gets by setting nothing, for tests and embedders to start from.
+pub fn declared_defaults<T: clap::Args + clap::FromArgMatches>() -> T {
+    let cmd = T::augment_args(clap::Command::new("defaults")).mut_args(|a| a.env(None::<&str>));
+    let matches = cmd.try_get_matches_from(["defaults"]).expect("every setting has a default");
+    T::from_arg_matches(&matches).expect("the declared defaults parse")
+}

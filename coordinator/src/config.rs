@@ -102,23 +102,16 @@ impl ServeConfig {
         Ok(())
     }
 
-    /// A configuration for tests and embedding: given URLs, port 0, fast reconciler.
+    /// The configuration a user gets with no flag and no environment
+    /// variable, connected to the given services and listening on a port the
+    /// OS picks: what tests and embedders start from. Prices come from the
+    /// repository's `deploy/prices.toml`.
     pub fn for_urls(database_url: &str, nats_url: &str) -> Self {
-        ServeConfig {
-            database_url: database_url.to_string(),
-            migrate_database_url: None,
-            db_pool_size: 8,
-            nats_url: nats_url.to_string(),
-            listen: "127.0.0.1:0".into(),
-            queue_ahead_ms: 1_000,
-            publish_interval_ms: 100,
-            reconcile_interval_ms: 1_000,
-            republish_after_ms: 2_000,
-            providers_file: None,
-            prices_file: std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/prices.toml")),
-            max_upload_bytes: 8 << 30,
-            max_job_lines: 20_000_000,
-            upload_timeout_s: 3_600,
-        }
+        let mut config: Self = common::declared_defaults();
+        config.database_url = database_url.into();
+        config.nats_url = nats_url.into();
+        config.listen = "127.0.0.1:0".into();
+        config.prices_file = std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/prices.toml"));
+        config
     }
 }

@@ -113,37 +113,17 @@ pub struct WorkerConfig {
 }
 
 impl WorkerConfig {
-    /// A configuration for tests and embedding.
+    /// The configuration a user gets with no flag and no environment
+    /// variable, connected to the given services: what tests and embedders
+    /// start from, so a test exercises the defaults unless it sets what it is
+    /// about. Prices come from the repository's `deploy/prices.toml`.
     pub fn for_urls(database_url: &str, nats_url: &str, model_base_url: &str) -> Self {
-        WorkerConfig {
-            database_url: database_url.into(),
-            db_pool_size: 4,
-            nats_url: nats_url.into(),
-            providers_file: None,
-            catalog: None,
-            model_base_url: model_base_url.into(),
-            api_key_file: None,
-            api_keys: Vec::new(),
-            concurrency: 32,
-            max_chunks: 0,
-            request_timeout_ms: 10_000,
-            max_attempts: 4,
-            retry_base_ms: 50,
-            max_rate_limited: 50,
-            max_repairs: 2,
-            rpm: 0.0,
-            tpm: 0.0,
-            breaker_threshold: 5,
-            breaker_interval_ms: 1_000,
-            max_in_flight: 0,
-            max_deliveries: 50,
-            ack_wait_s: 10,
-            shutdown_grace_s: 5,
-            name: None,
-            heartbeat: true,
-            prices_file: PathBuf::from("../deploy/prices.toml"),
-            redact: "all".into(),
-        }
+        let mut config: Self = common::declared_defaults();
+        config.database_url = database_url.into();
+        config.nats_url = nats_url.into();
+        config.model_base_url = model_base_url.into();
+        config.prices_file = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/prices.toml"));
+        config
     }
 
     /// Every setting as the environment variable that sets it, for starting
