@@ -176,3 +176,9 @@ peak_rss_mb() { # pid: peak resident set (VmHWM) in MB
 cpu_s() { # pid: CPU seconds (user + system) used so far
   awk -v hz="$(getconf CLK_TCK)" '{printf "%.1f", ($14 + $15) / hz}' "/proc/$1/stat" 2>/dev/null || echo 0
 }
+postgres_cpu_s() { # CPU seconds used so far by the running postgres processes (all databases)
+  local stats=() p
+  for p in $(pgrep -x postgres); do stats+=("/proc/$p/stat"); done
+  [ ${#stats[@]} -gt 0 ] || { echo 0; return; }
+  cat "${stats[@]}" 2>/dev/null | awk -v hz="$(getconf CLK_TCK)" '{t += $14 + $15} END {printf "%.1f", t / hz}'
+}
