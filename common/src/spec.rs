@@ -210,7 +210,15 @@ impl JobKind {
             return Err(SpecError::Invalid("max_tokens must be at least 1".into()));
         }
         self.validator()?;
-        Prompt::new(self)?;
+        let unknown = Prompt::new(self)?.undeclared_fields(&s.input_fields);
+        if !unknown.is_empty() {
+            return Err(SpecError::Invalid(format!(
+                "the prompt template uses {} but input_fields declares only [{}]: add them to input_fields in \
+                 job.toml (every input line is then checked for them at upload) or take them out of the template",
+                unknown.join(", "),
+                s.input_fields.join(", ")
+            )));
+        }
         Ok(())
     }
 
@@ -248,6 +256,21 @@ impl Prompt {
         env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
         env.add_template_owned("prompt", kind.template.clone()).map_err(SpecError::Template)?;
         Ok(Prompt { env, labels: kind.spec.labels.clone() })
+    }
+
+    /// The variables the template reads that are neither in `input_fields`
+    /// nor provided by Sluice (`labels`, and minijinja's own globals such as
+    /// `range`), sorted. Without this check such a template passes submit and
+    /// then fails every item with a `template` error.
+    pub fn undeclared_fields(&self, input_fields: &[String]) -> Vec<String> {
+        let Ok(template) = self.env.get_template("prompt") else { return Vec::new() };
+        let mut unknown: Vec<String> = template
+            .undeclared_variables(false)
+            .into_iter()
+            .filter(|v| v != "labels" && !input_fields.contains(v) && !self.env.globals().any(|(g, _)| g == v))
+            .collect();
+        unknown.sort();
+        unknown
     }
 
     /// Renders the prompt for one item; the item's fields and `labels` are in scope.
@@ -290,6 +313,17 @@ mod tests {
         let kind = JobKind::load(&repo_jobs().join("classify")).unwrap();
         let prompt = Prompt::new(&kind).unwrap();
         assert!(prompt.render(&serde_json::json!({"id": "1"})).is_err());
+    }
+
+    #[test]
+    fn a_template_field_missing_from_input_fields_is_refused() {
+        let mut kind = JobKind::load(&repo_jobs().join("classify")).unwrap();
+        kind.template = "{% for i in range(2) %}{% set n = i %}{{ title }} {{ n }}{% endfor %}\n{{ text }} {{ labels }} {{ author.name }}"
+            .into();
+        let err = kind.validate().unwrap_err().to_string();
+        assert!(err.contains("uses author, title but input_fields declares only [text]"), "{err}");
+        kind.spec.input_fields = vec!["text".into(), "title".into(), "author".into()];
+        kind.validate().unwrap();
     }
 
     #[test]

@@ -107,6 +107,19 @@ async fn a_second_upload_to_the_same_job_is_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_template_using_an_undeclared_field_is_refused_at_submit() {
+    let stack = Stack::start(SimConfig::default(), |_| {}).await.unwrap();
+    let mut kind = common::spec::JobKind::load(&sluice_tests::fixtures::jobs_dir().join("classify")).unwrap();
+    kind.template.push_str("\nTitle: {{ title }}");
+    let new = coordinator::model::NewJob { kind, input_name: None, review_below: None, allow_unpriced: false };
+    let err = stack.client.create_job(&new).await.unwrap_err();
+    assert!(matches!(&err, coordinator::client::ClientError::Api { status, .. } if status.as_u16() == 400), "{err:?}");
+    assert!(err.to_string().contains("uses title but input_fields declares only [text]"), "{err}");
+    let jobs: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs").fetch_one(&stack.db.pool).await.unwrap();
+    assert_eq!(jobs, 0, "nothing was created");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_jobs_and_unreachable_coordinators_give_clear_errors() {
     let stack = Stack::start(SimConfig::default(), |_| {}).await.unwrap();
     let err = stack.client.status(Uuid::nil()).await.unwrap_err();
