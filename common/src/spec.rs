@@ -64,6 +64,12 @@ pub struct JobSpec {
     /// Longest accepted model output, in bytes.
     #[serde(default = "default_max_output_bytes")]
     pub max_output_bytes: usize,
+    /// Longest rendered prompt sent to a model, in bytes (the system message
+    /// included). An item over it fails with `prompt_too_large` before any
+    /// call: an oversized document would otherwise be paid for, held in a
+    /// worker's memory and stored in the audit trail, once per attempt.
+    #[serde(default = "default_max_prompt_bytes")]
+    pub max_prompt_bytes: usize,
 }
 
 /// How confidence is computed; recorded with its components in every result.
@@ -121,6 +127,11 @@ fn default_samples() -> u32 {
 }
 fn default_max_output_bytes() -> usize {
     16 * 1024
+}
+/// 512 KiB: about 128,000 tokens of English, the context of the largest
+/// common models.
+fn default_max_prompt_bytes() -> usize {
+    512 * 1024
 }
 
 fn default_chunk_size() -> u32 {
@@ -208,6 +219,9 @@ impl JobKind {
         }
         if s.max_tokens == 0 {
             return Err(SpecError::Invalid("max_tokens must be at least 1".into()));
+        }
+        if s.max_prompt_bytes == 0 {
+            return Err(SpecError::Invalid("max_prompt_bytes must be at least 1".into()));
         }
         self.validator()?;
         let unknown = Prompt::new(self)?.undeclared_fields(&s.input_fields);

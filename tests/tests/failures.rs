@@ -120,3 +120,39 @@ async fn a_cancelled_job_stops_and_keeps_its_results() {
     assert!(st.succeeded > 0 && st.succeeded < 2_000, "{st:?}");
     assert!(stack.client.cancel(report.job_id).await.is_err(), "cancelling twice is refused");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prompt_over_the_size_limit_fails_its_item_before_any_call() {
+    let mut stack = Stack::start(SimConfig::default(), |_| {}).await.unwrap();
+    stack.add_worker(|_| {});
+    // A template that repeats the document, as a few-shot or multi-view
+    // prompt might: a 200 KB document (under the 256 KiB line limit) renders
+    // to more than the default max_prompt_bytes (512 KiB).
+    let mut kind = common::spec::JobKind::load(&sluice_tests::fixtures::jobs_dir().join("classify")).unwrap();
+    kind.template.push_str("\n{% for view in range(2) %}Again: {{ text }}\n{% endfor %}");
+    let mut input = sample_jsonl(12, 20);
+    let big = serde_json::json!({"id": "big", "text": "word ".repeat(40_000)});
+    input.extend(serde_json::to_vec(&big).unwrap());
+    input.push(b'\n');
+    let report = stack.submit_kind(kind, input, false).await.unwrap();
+    stack.wait_completed(report.job_id, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(
+        outcome(&stack, report.job_id).await,
+        [("failed".to_string(), Some("prompt_too_large".to_string()), 1), ("succeeded".to_string(), None, 20)]
+    );
+    assert_eq!(stack.sim.sim.stats().requests, 20, "the oversized prompt was never sent");
+    let (id, error): (String, String) =
+        sqlx::query_as("SELECT item_id, error FROM results WHERE job_id = $1 AND state = 'failed'")
+            .bind(report.job_id)
+            .fetch_one(&stack.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(id, "big");
+    assert!(error.contains("over this kind's max_prompt_bytes (524288)"), "{error}");
+    let audited: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_attempts WHERE job_id = $1 AND item_id = 'big'")
+        .bind(report.job_id)
+        .fetch_one(&stack.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(audited, 0, "nothing of it reached the audit trail");
+}

@@ -16,6 +16,7 @@
 //!
 //! | event | action |
 //! |---|---|
+//! | rendered prompt over the kind's `max_prompt_bytes` | fail the item (`prompt_too_large`) before any call |
 //! | bad output (not JSON, schema violation) | re-ask with the validation error, bounded, then `failed_validation` |
 //! | breaker open | hold the item back: the chunk is redelivered later |
 
@@ -195,7 +196,9 @@ pub fn next_action(e: &CallError, b: &Budgets) -> Action {
         C::Server | C::Transient | C::Malformed if b.failures < b.max_attempts => Action::RetryAfterBackoff,
         C::Server | C::Transient | C::Malformed => Action::NextModel,
         // Not classes of a call.
-        C::FailedValidation | C::Template | C::UnknownModel | C::RedeliveriesExhausted => Action::Fail,
+        C::FailedValidation | C::Template | C::PromptTooLarge | C::UnknownModel | C::RedeliveriesExhausted => {
+            Action::Fail
+        }
     }
 }
 
@@ -234,6 +237,14 @@ pub async fn run_item(ctx: &ItemContext<'_>, job: &CompiledJob, item: &Item) -> 
             return Ok(Outcome::Done(Box::new(ItemResult::failed(item, ErrorClass::Template, why))));
         }
     };
+    let (size, limit) = (prompt.len() + job.kind.spec.system.as_deref().map_or(0, str::len), job.kind.spec.max_prompt_bytes);
+    if size > limit {
+        let why = format!(
+            "the prompt is {size} bytes, over this kind's max_prompt_bytes ({limit}): shorten the input, \
+             or raise max_prompt_bytes in job.toml if the model's context takes it"
+        );
+        return Ok(Outcome::Done(Box::new(ItemResult::failed(item, ErrorClass::PromptTooLarge, why))));
+    }
     let routes = match &job.routes {
         Ok(r) => r,
         Err(msg) => {

@@ -159,6 +159,8 @@ pub enum ErrorClass {
     FailedValidation,
     /// The prompt template could not be rendered for the item.
     Template,
+    /// The rendered prompt is longer than the kind's `max_prompt_bytes`.
+    PromptTooLarge,
     /// The job names a model no provider of the worker serves.
     UnknownModel,
     /// The chunk was delivered more than `SLUICE_MAX_DELIVERIES` times.
@@ -177,6 +179,7 @@ impl ErrorClass {
             ErrorClass::Malformed => "malformed",
             ErrorClass::FailedValidation => "failed_validation",
             ErrorClass::Template => "template",
+            ErrorClass::PromptTooLarge => "prompt_too_large",
             ErrorClass::UnknownModel => "unknown_model",
             ErrorClass::RedeliveriesExhausted => "redeliveries_exhausted",
         }
