@@ -386,22 +386,29 @@ pub async fn cancel(pool: &PgPool, job_id: Uuid, actor: &str) -> Result<(), Erro
 }
 
 /// Marks jobs `abandoned` whose input has not finished uploading within
-/// `timeout` of their creation, and records it in the audit trail. A job
-/// being uploaded right now holds its row lock and is skipped.
+/// `timeout` of their creation, and records it in the audit trail in the
+/// same statement: a job is never abandoned without its event, and whoever
+/// sees the state sees the event. A job being uploaded right now holds its
+/// row lock and is skipped.
 pub async fn abandon_stale_uploads(pool: &PgPool, timeout: Duration) -> Result<Vec<Uuid>, Error> {
-    let ids: Vec<Uuid> = sqlx::query_scalar!("UPDATE jobs SET state = 'abandoned', finished_at = now()
-         WHERE id IN (SELECT id FROM jobs WHERE state = 'uploading' AND created_at < now() - make_interval(secs => $1::float8)
-                      FOR UPDATE SKIP LOCKED)
-         RETURNING id", timeout.as_secs_f64())
+    let detail = serde_json::json!({"reason": "the input never finished uploading", "timeout_s": timeout.as_secs()});
+    Ok(sqlx::query_scalar!(
+        "WITH abandoned AS (
+             UPDATE jobs SET state = 'abandoned', finished_at = now()
+             WHERE id IN (SELECT id FROM jobs
+                          WHERE state = 'uploading' AND created_at < now() - make_interval(secs => $1::float8)
+                          FOR UPDATE SKIP LOCKED)
+             RETURNING id),
+         recorded AS (
+             INSERT INTO audit_events (job_id, event, actor, detail)
+             SELECT id, 'abandoned', 'sluice', $2 FROM abandoned)
+         SELECT id AS \"id!\" FROM abandoned",
+        timeout.as_secs_f64(),
+        detail
+    )
     .fetch_all(pool)
     .await
-    .doing("abandoning stale uploads")?;
-    for id in &ids {
-        let detail =
-            serde_json::json!({"reason": "the input never finished uploading", "timeout_s": timeout.as_secs()});
-        event(pool, *id, "abandoned", "sluice", detail).await?;
-    }
-    Ok(ids)
+    .doing("abandoning stale uploads")?)
 }
 
 /// Locks a job's row for the rest of the transaction and checks that it is in
