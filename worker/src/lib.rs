@@ -5,6 +5,7 @@ pub mod breaker;
 pub mod cap;
 pub mod confidence;
 pub mod config;
+pub mod delivery;
 pub mod endpoints;
 pub mod error;
 pub mod fair;

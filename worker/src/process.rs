@@ -96,9 +96,12 @@ pub struct ItemContext<'a> {
     pub guards: &'a Guards,
     pub learned: &'a Learned,
     pub policy: RetryPolicy,
-    /// Cancelled when the worker shuts down: items not yet under way are held
-    /// back so the chunk's finished results can be written at once.
+    /// Cancelled when the worker shuts down or the delivery goes stale (the
+    /// job cancelled, the chunk published again): items not yet under way are
+    /// held back so the chunk's finished results can be written at once.
     pub stop: &'a tokio_util::sync::CancellationToken,
+    /// The chunk delivery, asked again before every retry.
+    pub delivery: &'a crate::delivery::Delivery,
     pub prices: &'a common::prices::PriceTable,
     pub redaction: common::redact::Redaction,
 }
@@ -523,10 +526,16 @@ impl ItemRun<'_> {
                     if !pause_shared {
                         tokio::time::sleep(pause).await;
                     }
+                    if !ctx.delivery.is_current().await {
+                        return Ok(ModelEnd::Stopping);
+                    }
                 }
                 Action::RetryAfterBackoff => {
                     let d = backoff.next().unwrap_or(ctx.policy.base);
                     tokio::time::sleep(e.retry_after().map_or(d, |ra| d.max(ra))).await;
+                    if !ctx.delivery.is_current().await {
+                        return Ok(ModelEnd::Stopping);
+                    }
                 }
                 Action::NextKey => {}
                 Action::NextModel => return Ok(ModelEnd::Next),

@@ -418,16 +418,19 @@ async fn work(
     }
     // Every item is started at once; the shared call semaphore decides how
     // many actually talk to the model. Results are written as they come, in
-    // small batches, so a worker that dies costs few repeated calls.
+    // small batches, so a worker that dies costs few repeated calls. Items
+    // stop on the delivery's token: shutdown, or the delivery gone stale.
+    let delivery = crate::delivery::Delivery::watch(shared.pool.clone(), chunk.clone(), stop);
     let mut running: FuturesUnordered<_> = items
         .into_iter()
         .map(|item| {
             let shared = shared.clone();
             let job = job.clone();
+            let delivery = &delivery;
             async move {
                 let _call = tokio::select! {
                     permit = shared.calls.acquire(chunk.job_id) => permit,
-                    _ = stop.cancelled() => return Ok(Outcome::Held(Duration::ZERO)),
+                    _ = delivery.stop().cancelled() => return Ok(Outcome::Held(Duration::ZERO)),
                 };
                 let ctx = ItemContext {
                     job_id: chunk.job_id,
@@ -435,7 +438,8 @@ async fn work(
                     guards: &shared.guards,
                     learned: &shared.learned,
                     policy: shared.policy,
-                    stop,
+                    stop: delivery.stop(),
+                    delivery,
                     prices: &shared.prices,
                     redaction: shared.redaction,
                 };

@@ -1,0 +1,80 @@
+//! Whether a chunk delivery is still the one to work on: its job running and the chunk not published again since.
+//!
+//! A job can be cancelled and resumed (or a chunk reopened by the reconciler)
+//! while a worker still holds an older delivery of one of its chunks, with
+//! items waiting for a call slot or backing off after a provider error. Their
+//! calls must not be made: the newer delivery makes them, and both would be
+//! answered and paid for. [`Delivery`] cancels its token as soon as it sees
+//! the delivery is stale: checked every [`CHECK_EVERY`] while the chunk is
+//! held, and right before every retry (the moment a provider outage ends is
+//! when a cancelled-and-resumed job's old retries would all fire).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::state::JobState;
+use common::wire::ChunkMsg;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use crate::store;
+
+/// How often a held delivery is checked without a retry asking.
+pub const CHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// One delivery of a chunk, and the token its items stop on.
+pub struct Delivery {
+    pool: PgPool,
+    chunk: ChunkMsg,
+    stop: CancellationToken,
+}
+
+impl Delivery {
+    /// Starts watching `chunk`; the token is a child of `shutdown`, so it is
+    /// also cancelled when the worker stops.
+    pub fn watch(pool: PgPool, chunk: ChunkMsg, shutdown: &CancellationToken) -> Arc<Self> {
+        let delivery = Arc::new(Delivery { pool, chunk, stop: shutdown.child_token() });
+        // The watch ends with the delivery: when the chunk's work drops it.
+        let (watched, stop) = (Arc::downgrade(&delivery), delivery.stop.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(CHECK_EVERY) => {}
+                }
+                let Some(delivery) = watched.upgrade() else { return };
+                if !delivery.is_current().await {
+                    return;
+                }
+            }
+        });
+        delivery
+    }
+
+    /// Cancelled when the worker shuts down or the delivery is stale: items
+    /// not yet under way are held back and the chunk's finished results written.
+    pub fn stop(&self) -> &CancellationToken {
+        &self.stop
+    }
+
+    /// Asks Postgres whether the job is still running and the chunk still
+    /// at this delivery's generation; if not, cancels the token. When
+    /// Postgres cannot answer, the delivery is taken as current (the audit
+    /// writer holds calls back while the database is away).
+    pub async fn is_current(&self) -> bool {
+        if self.stop.is_cancelled() {
+            return false;
+        }
+        let current = match store::chunk_state(&self.pool, &self.chunk).await {
+            Ok(Some(s)) => s.job == JobState::Running && s.generation == self.chunk.generation,
+            Ok(None) => false,
+            Err(_) => true,
+        };
+        if !current {
+            tracing::debug!(job_id = %self.chunk.job_id, chunk = self.chunk.chunk_no, "delivery is stale: its calls stop");
+            self.stop.cancel();
+        }
+        current
+    }
+
+}
