@@ -347,6 +347,11 @@ struct Pool {
     amounts: [f64; 4],
     marks: [f64; 4],
     expires: Instant,
+    /// Until when a 429 seen by this worker pauses it. Kept here as well as
+    /// in the shared bucket: a lease granted from the bucket just before the
+    /// pause was written there would otherwise refill the pool, and a retry
+    /// could start at once, before Retry-After.
+    paused_until: Instant,
 }
 
 /// A report waiting to be taken to the shared bucket with the next lease.
@@ -384,7 +389,12 @@ impl Limiter {
             key: format!("rl.{}.{}", common::nats::key_part(key_id), common::nats::key_part(model)),
             labels: (key_id.to_string(), model.to_string()),
             limits,
-            pool: Mutex::new(Pool { amounts: [0.0; 4], marks: [0.0; 4], expires: Instant::now() }),
+            pool: Mutex::new(Pool {
+                amounts: [0.0; 4],
+                marks: [0.0; 4],
+                expires: Instant::now(),
+                paused_until: Instant::now(),
+            }),
             pending: Mutex::new(None),
             seen_rate: Mutex::new(limits.per_minute()),
             leasing: crate::fair::FairSemaphore::new(1),
@@ -396,6 +406,11 @@ impl Limiter {
         let need = cost.amounts(cost.max_output);
         let _turn = self.leasing.acquire(job).await;
         loop {
+            let paused = self.pool.lock().expect("pool lock").paused_until;
+            if Instant::now() < paused {
+                tokio::time::sleep_until(paused.into()).await;
+                continue;
+            }
             {
                 let mut p = self.pool.lock().expect("pool lock");
                 if Instant::now() < p.expires && (0..4).all(|i| p.amounts[i] >= need[i]) {
@@ -462,13 +477,14 @@ impl Limiter {
 
     /// A 429: pause the key for the whole cluster and lower its limit.
     pub async fn rate_limited(&self, retry_after: Option<Duration>, rate: &RateInfo) -> Result<(), Error> {
+        let pause = retry_after.unwrap_or(Duration::from_secs(1));
         {
             let mut p = self.pool.lock().expect("pool lock");
             for a in &mut p.amounts {
                 *a = a.min(0.0);
             }
+            p.paused_until = p.paused_until.max(Instant::now() + pause);
         }
-        let pause = retry_after.unwrap_or(Duration::from_secs(1));
         let (rate, limits) = (*rate, self.limits);
         self.modify(|b, now, changes| {
             b.refill(now, limits, changes);
