@@ -4,9 +4,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use sluice_tests::fixtures::SimServer;
-use sluice_tests::fixtures::{
-    logged_addr, sample_jsonl, wait_for, workspace_bin, NatsServer, TestDb, WorkerProcess,
-};
+use sluice_tests::fixtures::{logged_addr, sample_jsonl, wait_for, workspace_bin, NatsServer, TestDb, WorkerProcess};
 use sluice_tests::sim::SimConfig;
 
 struct Killed(std::process::Child);

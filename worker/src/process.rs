@@ -240,7 +240,8 @@ pub async fn run_item(ctx: &ItemContext<'_>, job: &CompiledJob, item: &Item) -> 
             return Ok(Outcome::Done(Box::new(ItemResult::failed(item, ErrorClass::Template, why))));
         }
     };
-    let (size, limit) = (prompt.len() + job.kind.spec.system.as_deref().map_or(0, str::len), job.kind.spec.max_prompt_bytes);
+    let (size, limit) =
+        (prompt.len() + job.kind.spec.system.as_deref().map_or(0, str::len), job.kind.spec.max_prompt_bytes);
     if size > limit {
         let why = format!(
             "the prompt is {size} bytes, over this kind's max_prompt_bytes ({limit}): shorten the input, \
