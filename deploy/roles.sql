@@ -4,7 +4,9 @@
 --   sluice              owns the database and its tables; runs the migrations
 --                       (`sluice migrate`, or SLUICE_MIGRATE_DATABASE_URL).
 --                       Used for nothing else.
---   sluice_coordinator  the coordinator's SLUICE_DATABASE_URL
+--   sluice_coordinator  the coordinator's SLUICE_DATABASE_URL; also a member of
+--                       sluice_control, the only role that may read API tokens
+--                       and the audit of refused access
 --   sluice_worker       the workers' SLUICE_DATABASE_URL
 --
 -- The login roles are members of sluice_app (created by the migrations if
@@ -17,11 +19,14 @@ BEGIN
     IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'sluice_app') THEN
         CREATE ROLE sluice_app NOLOGIN;
     END IF;
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'sluice_control') THEN
+        CREATE ROLE sluice_control NOLOGIN;
+    END IF;
     IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'sluice') THEN
         CREATE ROLE sluice LOGIN CREATEDB PASSWORD 'change-me-owner';
     END IF;
     IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'sluice_coordinator') THEN
-        CREATE ROLE sluice_coordinator LOGIN PASSWORD 'change-me-coordinator' IN ROLE sluice_app;
+        CREATE ROLE sluice_coordinator LOGIN PASSWORD 'change-me-coordinator' IN ROLE sluice_app, sluice_control;
     END IF;
     IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'sluice_worker') THEN
         CREATE ROLE sluice_worker LOGIN PASSWORD 'change-me-worker' IN ROLE sluice_app;

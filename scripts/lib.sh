@@ -131,6 +131,12 @@ ensure_postgres() {
       ELSE ALTER ROLE sluice_worker LOGIN PASSWORD '$PG_PASSWORD'; GRANT sluice_app TO sluice_worker; END IF;
       END \$\$;" || die "cannot create the Postgres roles sluice_coordinator and sluice_worker"
   fi
+  # Only the coordinator may read API tokens and the audit of refused access.
+  if [ "$(PGPASSWORD="$PG_PASSWORD" psql -h "$PG_HOST" -p "$PG_PORT" -U "$PG_USER" -d postgres -tAc "SELECT pg_has_role('sluice_coordinator', 'sluice_control', 'MEMBER')" 2>/dev/null)" != t ]; then
+    as_postgres psql -p "$PG_PORT" -qc "DO \$\$ BEGIN
+      IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'sluice_control') THEN CREATE ROLE sluice_control NOLOGIN; END IF;
+      END \$\$; GRANT sluice_control TO sluice_coordinator;" || die "cannot create the Postgres role sluice_control"
+  fi
 }
 
 ensure_database() { # name

@@ -3,6 +3,7 @@
 pub mod db;
 pub mod nats;
 pub mod prices;
+pub mod private_file;
 pub mod provider;
 pub mod providers;
 pub mod redact;

@@ -1,4 +1,4 @@
-//! The states of jobs, chunks and results as Postgres stores them (text, held to these values by CHECK constraints in migration 0007).
+//! The states of jobs, chunks and results, and the roles of API tokens, as Postgres stores them (text, held to these values by CHECK constraints in migrations 0007 and 0009).
 
 use sqlx::encode::IsNull;
 use sqlx::error::BoxDynError;
@@ -106,6 +106,28 @@ text_states! {
     }
 }
 
+text_states! {
+    /// `api_tokens.role`, least to most: each role may do what the one
+    /// before it may, and more (the table is `coordinator::auth::ENDPOINTS`).
+    Role, "role" {
+        /// Status, results and the list of jobs.
+        Reader = "reader",
+        /// Also submit, cancel and resume jobs.
+        Submitter = "submitter",
+        /// Also export the review queue and import decisions.
+        Reviewer = "reviewer",
+        /// Also manage tokens, in every project.
+        Admin = "admin",
+    }
+}
+
+impl Role {
+    /// Position in the ladder reader < submitter < reviewer < admin.
+    pub fn rank(self) -> usize {
+        Role::ALL.iter().position(|r| *r == self).expect("every role is in ALL")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -122,6 +144,10 @@ mod tests {
             assert_eq!(s.as_str().parse::<ResultState>().unwrap(), *s);
             assert_eq!(serde_json::to_string(s).unwrap(), format!("\"{}\"", s.as_str()));
         }
+        for r in Role::ALL {
+            assert_eq!(r.as_str().parse::<Role>().unwrap(), *r);
+        }
+        assert!(Role::Reader.rank() < Role::Submitter.rank() && Role::Reviewer.rank() < Role::Admin.rank());
         assert!("finished".parse::<JobState>().unwrap_err().to_string().contains("unknown job state"));
     }
 }

@@ -15,6 +15,7 @@ use sqlx::PgPool;
 use tokio::sync::Notify;
 use uuid::Uuid;
 
+use crate::auth::{self, Actor, Principal, Role, Throttle, TokenSecret};
 use crate::ingest::{self, Mode};
 use crate::model::{ApiError, Created, Format, NewJob};
 use crate::{metrics as m, review, store, Error};
@@ -36,6 +37,10 @@ pub struct AppState {
     pub limits: ingest::Limits,
     /// The chunk stream, declared again if JetStream loses it.
     pub stream: Arc<tokio::sync::Mutex<crate::publish::StreamWatch>>,
+    /// The key of the API tokens' HMACs.
+    pub secret: Arc<TokenSecret>,
+    /// Failed authentications per address.
+    pub throttle: Arc<Throttle>,
 }
 
 impl AppState {
@@ -46,6 +51,7 @@ impl AppState {
         prices: PriceTable,
         limits: ingest::Limits,
         nats_url: &str,
+        secret: TokenSecret,
     ) -> Self {
         m::describe();
         AppState {
@@ -56,6 +62,8 @@ impl AppState {
             prices: Arc::new(prices),
             limits,
             stream: Arc::new(tokio::sync::Mutex::new(crate::publish::StreamWatch::new(nats_url))),
+            secret: Arc::new(secret),
+            throttle: Arc::new(Throttle::default()),
         }
     }
 }
@@ -106,9 +114,13 @@ pub fn check_models(catalog: &Catalog, prices: &PriceTable, job: &NewJob) -> Res
     Ok(warnings)
 }
 
+/// The API: every `/v1` route behind [`auth::guard`], which checks the
+/// caller's token against `auth::ENDPOINTS`.
 pub fn router(state: AppState) -> Router {
-    Router::new()
-        .route("/healthz", get(|| async { "ok" }))
+    let v1 = Router::new()
+        .route("/v1/whoami", get(whoami))
+        .route("/v1/tokens", get(list_tokens).post(create_token))
+        .route("/v1/tokens/{id}/revoke", post(revoke_token))
         .route("/v1/jobs", post(create_job).get(list_jobs))
         .route("/v1/jobs/{id}", get(job_status))
         .route("/v1/jobs/{id}/input", put(upload_input))
@@ -116,6 +128,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/jobs/{id}/resume", post(resume_job))
         .route("/v1/jobs/{id}/results", get(results))
         .route("/v1/jobs/{id}/review", get(review_export).post(review_import))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::guard));
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .merge(v1)
         // Decision files are read whole (they are validated before anything is applied).
         .layer(axum::extract::DefaultBodyLimit::max(256 * 1024 * 1024))
         .with_state(state)
@@ -125,13 +141,14 @@ impl Error {
     /// The HTTP status an API client gets for this error.
     pub fn status(&self) -> StatusCode {
         match self {
-            Error::JobNotFound(_) => StatusCode::NOT_FOUND,
+            Error::JobNotFound(_) | Error::TokenNotFound(_) => StatusCode::NOT_FOUND,
+            Error::Forbidden(_) => StatusCode::FORBIDDEN,
             Error::JobState { .. } => StatusCode::CONFLICT,
             Error::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Error::Spec(_) | Error::Upload(_) | Error::Invalid(_) => StatusCode::BAD_REQUEST,
             Error::Db(e) if e.is_unavailable() => StatusCode::SERVICE_UNAVAILABLE,
             Error::Nats(_) | Error::Publish { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            Error::Db(_) | Error::Config(_) | Error::Migrate(_) | Error::Bind { .. } => {
+            Error::Db(_) | Error::Config(_) | Error::Migrate(_) | Error::Bind { .. } | Error::Unguarded => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
         }
@@ -165,29 +182,44 @@ impl IntoResponse for Error {
     }
 }
 
-/// Who is acting, as the CLI reports it in `x-sluice-actor`; recorded in the audit trail.
-pub struct Actor(pub String);
+async fn whoami(principal: Principal) -> Json<Principal> {
+    Json(principal)
+}
 
-impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Actor {
-    type Rejection = std::convert::Infallible;
+async fn list_tokens(State(st): State<AppState>) -> Result<impl IntoResponse, Error> {
+    Ok(Json(auth::list(&st.pool).await?))
+}
 
-    async fn from_request_parts(parts: &mut axum::http::request::Parts, _: &S) -> Result<Self, Self::Rejection> {
-        let actor = parts
-            .headers
-            .get("x-sluice-actor")
-            .and_then(|v| v.to_str().ok())
-            .map(|s| s.chars().filter(|c| !c.is_control()).take(100).collect::<String>())
-            .filter(|s| !s.is_empty())
-            .unwrap_or_else(|| "unknown".into());
-        Ok(Actor(actor))
-    }
+async fn create_token(
+    State(st): State<AppState>,
+    actor: Actor,
+    Json(new): Json<auth::NewToken>,
+) -> Result<impl IntoResponse, Error> {
+    Ok((StatusCode::CREATED, Json(auth::create(&st.pool, &st.secret, &new, &actor.name).await?)))
+}
+
+async fn revoke_token(
+    State(st): State<AppState>,
+    actor: Actor,
+    Path(token_id): Path<Uuid>,
+) -> Result<impl IntoResponse, Error> {
+    Ok(Json(auth::revoke(&st.pool, token_id, &actor.name).await?))
 }
 
 async fn create_job(
     State(st): State<AppState>,
-    Actor(actor): Actor,
+    principal: Principal,
+    actor: Actor,
     Json(job): Json<NewJob>,
 ) -> Result<impl IntoResponse, Error> {
+    let project = job.project.clone().unwrap_or_else(|| principal.project.clone());
+    auth::check_project(&project)?;
+    if !principal.sees(&project) {
+        return Err(Error::Forbidden(format!(
+            "your token (project {}) may not submit jobs to project {project}: only an admin token may",
+            principal.project
+        )));
+    }
     job.kind.validate()?;
     if let Some(t) = job.review_below {
         if !(0.0..=1.0).contains(&t) {
@@ -195,7 +227,7 @@ async fn create_job(
         }
     }
     let warnings = check_models(&st.catalog, &st.prices, &job)?;
-    let job_id = store::create_job(&st.pool, &job, &actor).await?;
+    let job_id = store::create_job(&st.pool, &job, &project, &actor).await?;
     tracing::info!(%job_id, kind = %job.kind.spec.kind, "job created");
     Ok((StatusCode::CREATED, Json(Created { job_id, warnings })))
 }
@@ -208,7 +240,7 @@ struct InputParams {
 
 async fn upload_input(
     State(st): State<AppState>,
-    Actor(actor): Actor,
+    actor: Actor,
     Path(job_id): Path<Uuid>,
     Query(p): Query<InputParams>,
     body: Body,
@@ -244,18 +276,25 @@ async fn job_status(State(st): State<AppState>, Path(job_id): Path<Uuid>) -> Res
 struct ListParams {
     #[serde(default = "default_limit")]
     limit: i64,
+    /// For an admin token: only this project's jobs (otherwise every project's).
+    project: Option<String>,
 }
 fn default_limit() -> i64 {
     20
 }
 
-async fn list_jobs(State(st): State<AppState>, Query(p): Query<ListParams>) -> Result<impl IntoResponse, Error> {
-    Ok(Json(store::list_jobs(&st.pool, p.limit.clamp(1, 1000)).await?))
+async fn list_jobs(
+    State(st): State<AppState>,
+    principal: Principal,
+    Query(p): Query<ListParams>,
+) -> Result<impl IntoResponse, Error> {
+    let project = if principal.role == Role::Admin { p.project } else { Some(principal.project) };
+    Ok(Json(store::list_jobs(&st.pool, project.as_deref(), p.limit.clamp(1, 1000)).await?))
 }
 
 async fn cancel_job(
     State(st): State<AppState>,
-    Actor(actor): Actor,
+    actor: Actor,
     Path(job_id): Path<Uuid>,
 ) -> Result<impl IntoResponse, Error> {
     store::cancel(&st.pool, job_id, &actor).await?;
@@ -271,7 +310,7 @@ struct ResumeParams {
 
 async fn resume_job(
     State(st): State<AppState>,
-    Actor(actor): Actor,
+    actor: Actor,
     Path(job_id): Path<Uuid>,
     Query(p): Query<ResumeParams>,
 ) -> Result<impl IntoResponse, Error> {
@@ -303,7 +342,7 @@ struct ReviewParams {
 
 async fn review_export(
     State(st): State<AppState>,
-    Actor(actor): Actor,
+    actor: Actor,
     Path(job_id): Path<Uuid>,
     Query(p): Query<ReviewParams>,
 ) -> Result<Response, Error> {
@@ -327,7 +366,7 @@ struct ImportParams {
 
 async fn review_import(
     State(st): State<AppState>,
-    Actor(actor): Actor,
+    actor: Actor,
     Path(job_id): Path<Uuid>,
     Query(p): Query<ImportParams>,
     body: axum::body::Bytes,
@@ -346,7 +385,7 @@ async fn review_import(
 
 async fn results(
     State(st): State<AppState>,
-    Actor(actor): Actor,
+    actor: Actor,
     Path(job_id): Path<Uuid>,
     Query(p): Query<ResultParams>,
 ) -> Result<Response, Error> {

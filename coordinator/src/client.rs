@@ -1,11 +1,14 @@
 //! HTTP client of the coordinator's control API, used by the CLI and tests.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use futures::{Stream, TryStreamExt};
 use reqwest::StatusCode;
 use uuid::Uuid;
 
+use secrecy::{ExposeSecret, SecretString};
+
+use crate::auth::{CreatedToken, NewToken, Principal, TokenInfo};
 use crate::model::{ApiError, Created, ImportReport, IngestReport, JobStatus, NewJob};
 
 #[derive(Debug, thiserror::Error)]
@@ -26,6 +29,10 @@ pub enum ClientError {
         #[source]
         source: reqwest::Error,
     },
+    #[error("no API token: set SLUICE_TOKEN, or save one in {path} with `sluice login` (an admin makes tokens with `sluice admin token create`)")]
+    NoToken { path: String },
+    #[error(transparent)]
+    TokenFile(#[from] common::private_file::PrivateFileError),
     #[error("cannot read {path}")]
     Read {
         path: String,
@@ -34,23 +41,55 @@ pub enum ClientError {
     },
 }
 
+/// Where the CLI keeps the user's API token: `$XDG_CONFIG_HOME/sluice/token`,
+/// or `~/.config/sluice/token`.
+pub fn default_token_file() -> PathBuf {
+    let config = std::env::var_os("XDG_CONFIG_HOME")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))
+        .unwrap_or_else(|| PathBuf::from("."));
+    config.join("sluice").join("token")
+}
+
+/// The API token: `SLUICE_TOKEN` if set, else the content of `file` (which
+/// only its owner may read). Never an argument: those show in `ps`.
+pub fn load_token(file: &Path) -> Result<String, ClientError> {
+    if let Some(token) = std::env::var("SLUICE_TOKEN").ok().filter(|t| !t.trim().is_empty()) {
+        return Ok(token.trim().to_string());
+    }
+    if !file.exists() {
+        return Err(ClientError::NoToken { path: file.display().to_string() });
+    }
+    Ok(common::private_file::read(file)?)
+}
+
 /// A client of one coordinator.
 #[derive(Clone)]
 pub struct Client {
     http: reqwest::Client,
     base: String,
-    /// Who is acting: recorded with job events in the audit trail.
-    actor: String,
+    /// The API token sent with every request.
+    token: Option<SecretString>,
+    /// Who the user says is acting: the audit trail records the token's
+    /// holder, and this beside it as a note.
+    actor: Option<String>,
 }
 
 impl Client {
     pub fn new(base: &str) -> Self {
-        Client { http: reqwest::Client::new(), base: base.trim_end_matches('/').to_string(), actor: "unknown".into() }
+        Client { http: reqwest::Client::new(), base: base.trim_end_matches('/').to_string(), token: None, actor: None }
     }
 
-    /// Names the person or system acting, for the audit trail.
+    /// Sends `token` as the bearer of every request.
+    pub fn with_token(mut self, token: &str) -> Self {
+        self.token = Some(SecretString::from(token.to_string()));
+        self
+    }
+
+    /// Names the person or system acting, kept as a note in the audit trail.
     pub fn with_actor(mut self, actor: &str) -> Self {
-        self.actor = actor.to_string();
+        self.actor = Some(actor.to_string());
         self
     }
 
@@ -59,7 +98,14 @@ impl Client {
     }
 
     async fn send(&self, req: reqwest::RequestBuilder, url: &str) -> Result<reqwest::Response, ClientError> {
-        let resp = req.header("x-sluice-actor", &self.actor).send().await.map_err(|source| {
+        let mut req = req;
+        if let Some(token) = &self.token {
+            req = req.bearer_auth(token.expose_secret());
+        }
+        if let Some(actor) = &self.actor {
+            req = req.header("x-sluice-actor", actor);
+        }
+        let resp = req.send().await.map_err(|source| {
             if source.is_connect() {
                 ClientError::Unreachable { url: self.base.clone(), source }
             } else {
@@ -175,6 +221,34 @@ impl Client {
         let url = self.url(&format!("/v1/jobs/{job_id}/review?format={format}"));
         let req = self.http.post(&url).query(&[("source", source)]).body(body);
         let resp = self.send(req, &url).await?;
+        self.json(resp, &url).await
+    }
+
+    /// The holder of the client's token.
+    pub async fn whoami(&self) -> Result<Principal, ClientError> {
+        let url = self.url("/v1/whoami");
+        let resp = self.send(self.http.get(&url), &url).await?;
+        self.json(resp, &url).await
+    }
+
+    /// Makes a token (admin only); the answer is the only place its value appears.
+    pub async fn create_token(&self, new: &NewToken) -> Result<CreatedToken, ClientError> {
+        let url = self.url("/v1/tokens");
+        let resp = self.send(self.http.post(&url).json(new), &url).await?;
+        self.json(resp, &url).await
+    }
+
+    /// Every token (admin only), without their values.
+    pub async fn tokens(&self) -> Result<Vec<TokenInfo>, ClientError> {
+        let url = self.url("/v1/tokens");
+        let resp = self.send(self.http.get(&url), &url).await?;
+        self.json(resp, &url).await
+    }
+
+    /// Revokes a token at once (admin only).
+    pub async fn revoke_token(&self, id: Uuid) -> Result<TokenInfo, ClientError> {
+        let url = self.url(&format!("/v1/tokens/{id}/revoke"));
+        let resp = self.send(self.http.post(&url), &url).await?;
         self.json(resp, &url).await
     }
 

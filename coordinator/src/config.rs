@@ -58,6 +58,12 @@ pub struct ServeConfig {
     /// Most lines of one job's input; a longer file is refused and nothing is ingested.
     #[arg(long, env = "SLUICE_MAX_JOB_LINES", default_value_t = 20_000_000)]
     pub max_job_lines: u64,
+    /// File holding the secret that API tokens are hashed with (HMAC-SHA256):
+    /// at least 32 characters, readable only by its owner. Make one with
+    /// `sluice admin secret --out FILE`. Every coordinator of an installation
+    /// needs the same secret; a new one invalidates every token.
+    #[arg(long, env = "SLUICE_TOKEN_SECRET_FILE")]
+    pub token_secret_file: Option<std::path::PathBuf>,
     /// A job whose input has not finished uploading this many seconds after it
     /// was created (the client died, the upload was cut off) is marked `abandoned`.
     #[arg(long, env = "SLUICE_UPLOAD_TIMEOUT_S", default_value_t = 3_600)]
@@ -78,6 +84,16 @@ impl ServeConfig {
     /// empty table: every model is then unpriced.
     pub fn prices(&self) -> Result<common::prices::PriceTable, Error> {
         common::prices::PriceTable::load_or_empty(&self.prices_file).map_err(|e| Error::Config(common::error_chain(&e)))
+    }
+
+    /// The key of the API tokens' HMACs, read once at start-up.
+    pub fn token_secret(&self) -> Result<crate::auth::TokenSecret, Error> {
+        let path = self.token_secret_file.as_deref().ok_or_else(|| {
+            Error::Config(
+                "SLUICE_TOKEN_SECRET_FILE is not set: the API checks tokens against HMACs keyed by that secret; make one with `sluice admin secret --out FILE`".into(),
+            )
+        })?;
+        crate::auth::TokenSecret::load(path)
     }
 
     /// The limits of one upload.

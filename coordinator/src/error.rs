@@ -27,6 +27,14 @@ pub enum Error {
     },
     #[error("no job {0}")]
     JobNotFound(Uuid),
+    #[error("no token {0}")]
+    TokenNotFound(Uuid),
+    /// The token's role or project does not allow this.
+    #[error("{0}")]
+    Forbidden(String),
+    /// A handler that needs the caller ran on a route the guard does not cover.
+    #[error("this route is not behind the API's authentication")]
+    Unguarded,
     #[error("job {job_id} is {state}, expected {expected}")]
     JobState { job_id: Uuid, state: String, expected: &'static str },
     #[error("invalid job kind")]

@@ -1,6 +1,7 @@
 //! The Sluice coordinator: ingests jobs into Postgres, splits them into chunks on JetStream, reconciles lost chunks and serves the control API.
 
 pub mod api;
+pub mod auth;
 pub mod client;
 pub mod config;
 pub mod error;
@@ -31,6 +32,7 @@ impl Coordinator {
     /// and binds the API listener. Every failure names the address it tried.
     pub async fn bind(config: ServeConfig) -> Result<Self, Error> {
         config.validate()?;
+        let secret = config.token_secret()?;
         let pool = common::db::connect(&config.database_url, config.db_pool_size).await?;
         store::ensure_schema(&pool, config.migrate_database_url.as_deref()).await?;
         let nats = common::nats::connect(&config.nats_url).await?;
@@ -41,7 +43,7 @@ impl Coordinator {
             .map_err(|source| Error::Bind { addr: config.listen.clone(), source })?;
         let catalog = config.catalog()?;
         let prices = config.prices()?;
-        let state = api::AppState::new(pool, js, catalog, prices, config.limits(), &config.nats_url);
+        let state = api::AppState::new(pool, js, catalog, prices, config.limits(), &config.nats_url, secret);
         Ok(Coordinator { listener, state, config })
     }
 
@@ -79,6 +81,8 @@ impl Coordinator {
         ));
         let app = api::router(self.state);
         let stop = shutdown.clone();
+        // The peer's address, for the audit of refused requests and the throttle.
+        let app = app.into_make_service_with_connect_info::<SocketAddr>();
         axum::serve(self.listener, app)
             .with_graceful_shutdown(async move { stop.cancelled().await })
             .await

@@ -12,6 +12,8 @@ pub const CHUNKS_REOPENED: &str = "sluice_chunks_reopened_total";
 pub const JOBS_FINISHED: &str = "sluice_jobs_finished_total";
 /// Seconds spent ingesting one job's input.
 pub const INGEST_SECONDS: &str = "sluice_ingest_duration_seconds";
+/// Requests the API refused, by outcome (unauthenticated, forbidden, hidden, throttled).
+pub const API_DENIED: &str = "sluice_api_denied_total";
 
 /// Registers descriptions so `/metrics` explains each series.
 pub fn describe() {
@@ -20,5 +22,6 @@ pub fn describe() {
     metrics::describe_counter!(CHUNKS_PUBLISHED, "Chunk messages published to JetStream, by cause");
     metrics::describe_counter!(CHUNKS_REOPENED, "Chunks found missing from JetStream and reopened");
     metrics::describe_counter!(JOBS_FINISHED, "Jobs that reached a final state");
+    metrics::describe_counter!(API_DENIED, "API requests refused: no valid token, a role without the right, another project's job, or too many failures from one address");
     metrics::describe_histogram!(INGEST_SECONDS, metrics::Unit::Seconds, "Time to ingest one job's input");
 }

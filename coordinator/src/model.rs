@@ -17,6 +17,9 @@ pub struct NewJob {
     /// Run a model that has no price (its cost is then unknown).
     #[serde(default)]
     pub allow_unpriced: bool,
+    /// The project the job belongs to: the token's own unless an admin names another.
+    #[serde(default)]
+    pub project: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -73,6 +76,7 @@ pub struct IngestReport {
 pub struct JobStatus {
     pub job_id: Uuid,
     pub kind: String,
+    pub project: String,
     pub state: String,
     pub input_name: Option<String>,
     pub total: u64,

@@ -8,6 +8,7 @@ use serde_json::{json, Value};
 use sqlx::PgPool;
 use uuid::Uuid;
 
+use crate::auth::Actor;
 use crate::model::Format;
 use crate::model::{DecisionError, ImportReport};
 use crate::{store, Error};
@@ -123,11 +124,13 @@ pub struct Decision {
     pub line: u64,
     pub id: String,
     pub answer: String,
-    pub reviewer: String,
+    /// The reviewer the file names, if any: kept as a note beside the
+    /// token's holder, who is recorded as the reviewer.
+    pub reviewer: Option<String>,
     pub decided_at: DateTime<Utc>,
 }
 
-/// Parses a decisions file (JSONL, or CSV with a header `id,answer,reviewer[,decided_at]`),
+/// Parses a decisions file (JSONL, or CSV with a header `id,answer[,reviewer][,decided_at]`),
 /// collecting every bad line.
 pub fn parse_decisions(body: &[u8], csv_format: bool) -> (Vec<Decision>, Vec<DecisionError>) {
     let mut good = Vec::new();
@@ -140,9 +143,7 @@ pub fn parse_decisions(body: &[u8], csv_format: bool) -> (Vec<Decision>, Vec<Dec
             if answer.trim().is_empty() {
                 return Err("missing \"answer\"".into());
             }
-            if reviewer.trim().is_empty() {
-                return Err("missing \"reviewer\"".into());
-            }
+            let reviewer = Some(reviewer.trim().to_string()).filter(|r| !r.is_empty());
             let decided_at = match at.filter(|a| !a.trim().is_empty()) {
                 Some(a) => DateTime::parse_from_rfc3339(a.trim())
                     .map(|t| t.with_timezone(&Utc))
@@ -165,10 +166,11 @@ pub fn parse_decisions(body: &[u8], csv_format: bool) -> (Vec<Decision>, Vec<Dec
             }
         };
         let col = |name: &str| header.iter().position(|h| h == name);
-        let (Some(ci), Some(ca), Some(cr)) = (col("id"), col("answer"), col("reviewer")) else {
-            bad.push(DecisionError { line: 1, reason: "the CSV header must name id, answer and reviewer".into() });
+        let (Some(ci), Some(ca)) = (col("id"), col("answer")) else {
+            bad.push(DecisionError { line: 1, reason: "the CSV header must name id and answer".into() });
             return (good, bad);
         };
+        let cr = col("reviewer");
         let cd = col("decided_at");
         for (n, rec) in reader.records().enumerate() {
             let line = n as u64 + 2;
@@ -176,7 +178,7 @@ pub fn parse_decisions(body: &[u8], csv_format: bool) -> (Vec<Decision>, Vec<Dec
                 line,
                 rec.map_err(|e| format!("invalid CSV: {e}")).map(|r| {
                     let get = |i: usize| r.get(i).unwrap_or("").to_string();
-                    (get(ci), get(ca), get(cr), cd.map(get))
+                    (get(ci), get(ca), cr.map(get).unwrap_or_default(), cd.map(get))
                 }),
             );
         }
@@ -221,7 +223,7 @@ pub async fn import(
     body: &[u8],
     csv_format: bool,
     source: &str,
-    actor: &str,
+    actor: &Actor,
 ) -> Result<ImportReport, Error> {
     let spec = store::job_spec(pool, job_id).await?;
     let (decisions, mut errors) = parse_decisions(body, csv_format);
@@ -260,13 +262,16 @@ pub async fn import(
     let mut tx = pool.begin().await.doing("applying review decisions")?;
     for (seq, d) in &apply {
         sqlx::query!(
-            "INSERT INTO reviews (job_id, seq, answer, reviewer, decided_at, source) VALUES ($1, $2, $3, $4, $5, $6)",
+            "INSERT INTO reviews (job_id, seq, answer, reviewer, decided_at, source, token_id, named_reviewer)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
             job_id,
             seq,
             &d.answer,
-            &d.reviewer,
+            &actor.name,
             d.decided_at,
-            source
+            source,
+            actor.token_id,
+            d.reviewer.as_deref()
         )
         .execute(&mut *tx)
         .await
@@ -277,7 +282,7 @@ pub async fn import(
             job_id,
             seq,
             &d.answer,
-            &d.reviewer,
+            &actor.name,
             d.decided_at
         )
         .execute(&mut *tx)
@@ -318,7 +323,9 @@ mod tests {
         assert_eq!(good[0].decided_at.to_rfc3339(), "2026-11-27T10:00:00+00:00");
         assert_eq!(bad, vec![DecisionError { line: 3, reason: "missing \"answer\"".into() }]);
         let (_, bad) = parse_decisions(b"item,label\nx,y\n", true);
-        assert!(bad[0].reason.contains("must name id, answer and reviewer"));
+        assert!(bad[0].reason.contains("must name id and answer"));
+        let (good, bad) = parse_decisions(b"id,answer\na,sports\n", true);
+        assert!(bad.is_empty() && good[0].reviewer.is_none(), "the reviewer column is optional");
     }
 
     #[test]

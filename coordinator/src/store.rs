@@ -10,6 +10,7 @@ use uuid::Uuid;
 
 use common::wire::ChunkMsg;
 
+use crate::auth::Actor;
 use crate::model::{ConfidenceSource, JobStatus, OutputModeUse};
 use crate::Error;
 
@@ -69,26 +70,45 @@ pub async fn ensure_schema(pool: &PgPool, owner_url: Option<&str>) -> Result<(),
     Ok(())
 }
 
-/// Stores a new job in state `uploading`.
-pub async fn create_job(pool: &PgPool, job: &crate::model::NewJob, actor: &str) -> Result<Uuid, Error> {
+/// Stores a new job of `project` in state `uploading`.
+pub async fn create_job(
+    pool: &PgPool,
+    job: &crate::model::NewJob,
+    project: &str,
+    actor: &Actor,
+) -> Result<Uuid, Error> {
     let id = Uuid::now_v7();
-    sqlx::query!("INSERT INTO jobs (id, kind, spec, template, template_hash, output_schema, input_name, review_below, submitted_by)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)", id, &job.kind.spec.kind, sqlx::types::Json(&job.kind.spec) as _, &job.kind.template, job.kind.template_hash(), &job.kind.schema, job.input_name.as_deref(), job.review_below, actor)
+    sqlx::query!("INSERT INTO jobs (id, kind, spec, template, template_hash, output_schema, input_name, review_below, submitted_by, project)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)", id, &job.kind.spec.kind, sqlx::types::Json(&job.kind.spec) as _, &job.kind.template, job.kind.template_hash(), &job.kind.schema, job.input_name.as_deref(), job.review_below, &actor.name, project)
     .execute(pool)
     .await.doing("creating the job")?;
-    event(pool, id, "submitted", actor, serde_json::json!({"kind": job.kind.spec.kind, "input": job.input_name}))
-        .await?;
+    let detail = serde_json::json!({"kind": job.kind.spec.kind, "input": job.input_name, "project": project});
+    event(pool, id, "submitted", actor, detail).await?;
     Ok(id)
 }
 
-/// Appends a job event to the audit trail.
-pub async fn event(pool: &PgPool, job_id: Uuid, event: &str, actor: &str, detail: Value) -> Result<(), Error> {
+/// The project a job belongs to; `None` if there is no such job.
+pub async fn job_project(pool: &PgPool, job_id: Uuid) -> Result<Option<String>, Error> {
+    Ok(sqlx::query_scalar!("SELECT project FROM jobs WHERE id = $1", job_id)
+        .fetch_optional(pool)
+        .await
+        .doing("reading the job's project")?)
+}
+
+/// Appends a job event to the audit trail, under the actor's name and token;
+/// what the client claimed about who is acting goes in the detail as
+/// `claimed_actor`.
+pub async fn event(pool: &PgPool, job_id: Uuid, event: &str, actor: &Actor, mut detail: Value) -> Result<(), Error> {
+    if let (Some(claimed), Some(map)) = (&actor.claimed, detail.as_object_mut()) {
+        map.insert("claimed_actor".into(), Value::String(claimed.clone()));
+    }
     sqlx::query!(
-        "INSERT INTO audit_events (job_id, event, actor, detail) VALUES ($1, $2, $3, $4)",
+        "INSERT INTO audit_events (job_id, event, actor, detail, token_id) VALUES ($1, $2, $3, $4, $5)",
         job_id,
         event,
-        actor,
-        detail
+        &actor.name,
+        detail,
+        actor.token_id
     )
     .execute(pool)
     .await
@@ -210,7 +230,7 @@ async fn statuses(pool: &PgPool, ids: &[Uuid]) -> Result<Vec<JobStatus>, Error> 
     const DOING: &str = "reading job status";
     let rows = sqlx::query_as!(
         StatusRow,
-        r#"SELECT j.id, j.kind, j.state, j.input_name, j.total_items, j.invalid_lines,
+        r#"SELECT j.id, j.kind, j.project, j.state, j.input_name, j.total_items, j.invalid_lines,
                 j.created_at, j.started_at, j.finished_at,
                 j.review_below, j.spec->>'confidence_threshold' AS kind_threshold,
                 t.succeeded AS "succeeded!", t.needs_review AS "needs_review!", t.reviewed AS "reviewed!",
@@ -282,6 +302,7 @@ async fn statuses(pool: &PgPool, ids: &[Uuid]) -> Result<Vec<JobStatus>, Error> 
 struct StatusRow {
     id: Uuid,
     kind: String,
+    project: String,
     state: String,
     input_name: Option<String>,
     total_items: i64,
@@ -332,6 +353,7 @@ fn status_from_row(row: StatusRow) -> JobStatus {
     JobStatus {
         job_id: row.id,
         kind: row.kind,
+        project: row.project,
         state,
         input_name: row.input_name,
         total: total as u64,
@@ -359,17 +381,21 @@ fn status_from_row(row: StatusRow) -> JobStatus {
     }
 }
 
-/// The most recent jobs, newest first.
-pub async fn list_jobs(pool: &PgPool, limit: i64) -> Result<Vec<JobStatus>, Error> {
-    let ids: Vec<Uuid> = sqlx::query_scalar!("SELECT id FROM jobs ORDER BY created_at DESC LIMIT $1", limit)
-        .fetch_all(pool)
-        .await
-        .doing("listing jobs")?;
+/// The most recent jobs, newest first: those of `project`, or of every project.
+pub async fn list_jobs(pool: &PgPool, project: Option<&str>, limit: i64) -> Result<Vec<JobStatus>, Error> {
+    let ids: Vec<Uuid> = sqlx::query_scalar!(
+        "SELECT id FROM jobs WHERE $1::text IS NULL OR project = $1 ORDER BY created_at DESC LIMIT $2",
+        project,
+        limit
+    )
+    .fetch_all(pool)
+    .await
+    .doing("listing jobs")?;
     statuses(pool, &ids).await
 }
 
 /// Stops a job: no new chunk is started; finished results stay.
-pub async fn cancel(pool: &PgPool, job_id: Uuid, actor: &str) -> Result<(), Error> {
+pub async fn cancel(pool: &PgPool, job_id: Uuid, actor: &Actor) -> Result<(), Error> {
     let n = sqlx::query!(
         "UPDATE jobs SET state = 'cancelled', finished_at = now() WHERE id = $1 AND state IN ('uploading', 'running')",
         job_id
@@ -442,7 +468,7 @@ pub struct Resumed {
 /// Re-runs the unfinished items of a completed or cancelled job: items without
 /// a result, and failed ones (only failed ones with `failed_only`). Items with
 /// a successful result are never sent to the model again.
-pub async fn resume(pool: &PgPool, job_id: Uuid, failed_only: bool, actor: &str) -> Result<Resumed, Error> {
+pub async fn resume(pool: &PgPool, job_id: Uuid, failed_only: bool, actor: &Actor) -> Result<Resumed, Error> {
     let mut tx = pool.begin().await.doing("resuming the job")?;
     lock_job(&mut tx, job_id, &["completed", "cancelled"], "completed or cancelled").await?;
     let failed: Vec<i64> =

@@ -124,6 +124,40 @@ pub struct TestDb {
     name: String,
 }
 
+/// A token secret file for coordinators started by tests: one per test
+/// process, readable only by its owner, as `sluice admin secret` writes it.
+pub fn token_secret_file() -> PathBuf {
+    static DIR: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
+    let dir = DIR.get_or_init(|| {
+        let dir = tempfile::tempdir().expect("a temporary folder");
+        common::private_file::write(&dir.path().join("token-secret"), &coordinator::auth::TokenSecret::generate())
+            .expect("writing the token secret");
+        dir
+    });
+    dir.path().join("token-secret")
+}
+
+/// The coordinator's configuration with the defaults a user gets, on the
+/// given services, with the tests' token secret.
+pub fn serve_config(database_url: &str, nats_url: &str) -> coordinator::ServeConfig {
+    let mut config = coordinator::ServeConfig::for_urls(database_url, nats_url);
+    config.token_secret_file = Some(token_secret_file());
+    config
+}
+
+/// A token of `role` in `project` made straight in the database (as an
+/// admin would through the API).
+pub async fn make_token(
+    pool: &sqlx::PgPool,
+    name: &str,
+    project: &str,
+    role: coordinator::auth::Role,
+) -> anyhow::Result<coordinator::auth::CreatedToken> {
+    let secret = coordinator::auth::TokenSecret::load(&token_secret_file())?;
+    let new = coordinator::auth::NewToken { name: name.into(), project: project.into(), role, expires_in_s: None };
+    Ok(coordinator::auth::create(pool, &secret, &new, "test").await?)
+}
+
 /// The server-level URL tests create databases through.
 pub fn admin_url() -> String {
     std::env::var("SLUICE_TEST_DATABASE_URL")
@@ -201,7 +235,8 @@ impl PgCluster {
         let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&cluster.admin_url()).await?;
         sqlx::raw_sql(
             "CREATE ROLE sluice_app NOLOGIN;
-             CREATE ROLE sluice_coordinator LOGIN IN ROLE sluice_app;
+             CREATE ROLE sluice_control NOLOGIN;
+             CREATE ROLE sluice_coordinator LOGIN IN ROLE sluice_app, sluice_control;
              CREATE ROLE sluice_worker LOGIN IN ROLE sluice_app;",
         )
         .execute(&mut admin)
@@ -317,6 +352,7 @@ pub struct Stack {
     /// The providers file the coordinator and workers use, if any.
     pub providers_file: Option<PathBuf>,
     _files: Option<tempfile::TempDir>,
+    /// A client with an admin token of the project "default".
     pub client: coordinator::client::Client,
     pub coordinator_addr: SocketAddr,
     stop: CancellationToken,
@@ -353,7 +389,7 @@ impl Stack {
         for config in sims {
             started.push(SimServer::start(config).await?);
         }
-        let mut config = coordinator::ServeConfig::for_urls(&db.app_url("sluice_coordinator"), nats.url());
+        let mut config = serve_config(&db.app_url("sluice_coordinator"), nats.url());
         let (mut files, mut providers_file) = (None, None);
         if let Some(text) = providers {
             let dir = tempfile::tempdir()?;
@@ -372,7 +408,8 @@ impl Stack {
         let coordinator_addr = coord.local_addr();
         let stop = CancellationToken::new();
         tokio::spawn(coord.run(stop.clone()));
-        let client = coordinator::client::Client::new(&format!("http://{coordinator_addr}"));
+        let admin = make_token(&db.pool, "test-admin", "default", coordinator::auth::Role::Admin).await?;
+        let client = coordinator::client::Client::new(&format!("http://{coordinator_addr}")).with_token(&admin.token);
         let mut sims = started.into_iter();
         let sim = sims.next().context("at least one simulator")?;
         Ok(Stack {
@@ -387,6 +424,17 @@ impl Stack {
             stop,
             workers: Vec::new(),
         })
+    }
+
+    /// A client with a new token of `role` in `project`, held by `name`.
+    pub async fn client_as(
+        &self,
+        name: &str,
+        project: &str,
+        role: coordinator::auth::Role,
+    ) -> anyhow::Result<coordinator::client::Client> {
+        let token = make_token(&self.db.pool, name, project, role).await?;
+        Ok(coordinator::client::Client::new(&format!("http://{}", self.coordinator_addr)).with_token(&token.token))
     }
 
     /// The folder of the providers file (for key files), if there is one.
@@ -442,6 +490,7 @@ impl Stack {
                 input_name: Some("test.jsonl".into()),
                 review_below: None,
                 allow_unpriced: false,
+                project: None,
             })
             .await?
             .job_id;
@@ -581,6 +630,52 @@ pub async fn logged_addr(log: &Path, message: &str) -> anyhow::Result<SocketAddr
             bail!("{} has no line {message:?} after 30 s:\n{text}", log.display());
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `sluice serve` in its own process, with JSON logs in a file: for tests
+/// of what a real coordinator process exports, logs and answers.
+pub struct ServeProcess {
+    child: Child,
+    /// The API's address and the metrics endpoint's, as the process logged them.
+    pub api: SocketAddr,
+    pub metrics: SocketAddr,
+    pub log: PathBuf,
+}
+
+impl ServeProcess {
+    /// Starts a coordinator on `db` and `nats` with the tests' token secret;
+    /// `env` adds or overrides variables. The log goes to `log`.
+    pub async fn start(db: &TestDb, nats: &NatsServer, log: &Path, env: &[(&str, &str)]) -> anyhow::Result<Self> {
+        let child = Command::new(workspace_bin("sluice")?)
+            .args(["serve", "--listen", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0"])
+            .env("SLUICE_DATABASE_URL", db.app_url("sluice_coordinator"))
+            .env("SLUICE_NATS_URL", nats.url())
+            .env("SLUICE_TOKEN_SECRET_FILE", token_secret_file())
+            .env("SLUICE_PRICES_FILE", concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/prices.toml"))
+            .env("SLUICE_LOG", "info")
+            .env("SLUICE_LOG_FORMAT", "json")
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log)?)
+            .spawn()?;
+        let mut process =
+            ServeProcess { child, api: ([0, 0, 0, 0], 0).into(), metrics: ([0, 0, 0, 0], 0).into(), log: log.into() };
+        process.api = logged_addr(log, "coordinator listening").await?;
+        process.metrics = logged_addr(log, "metrics endpoint listening").await?;
+        Ok(process)
+    }
+
+    /// The API's base URL.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.api)
+    }
+}
+
+impl Drop for ServeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

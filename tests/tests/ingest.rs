@@ -95,7 +95,13 @@ async fn a_second_upload_to_the_same_job_is_refused() {
     let kind = common::spec::JobKind::load(&sluice_tests::fixtures::jobs_dir().join("classify")).unwrap();
     let job_id = stack
         .client
-        .create_job(&coordinator::model::NewJob { kind, input_name: None, review_below: None, allow_unpriced: false })
+        .create_job(&coordinator::model::NewJob {
+            kind,
+            input_name: None,
+            review_below: None,
+            allow_unpriced: false,
+            project: None,
+        })
         .await
         .unwrap()
         .job_id;
@@ -111,7 +117,8 @@ async fn a_template_using_an_undeclared_field_is_refused_at_submit() {
     let stack = Stack::start(SimConfig::default(), |_| {}).await.unwrap();
     let mut kind = common::spec::JobKind::load(&sluice_tests::fixtures::jobs_dir().join("classify")).unwrap();
     kind.template.push_str("\nTitle: {{ title }}");
-    let new = coordinator::model::NewJob { kind, input_name: None, review_below: None, allow_unpriced: false };
+    let new =
+        coordinator::model::NewJob { kind, input_name: None, review_below: None, allow_unpriced: false, project: None };
     let err = stack.client.create_job(&new).await.unwrap_err();
     assert!(matches!(&err, coordinator::client::ClientError::Api { status, .. } if status.as_u16() == 400), "{err:?}");
     assert!(err.to_string().contains("uses title but input_fields declares only [text]"), "{err}");
@@ -133,12 +140,12 @@ async fn unknown_jobs_and_unreachable_coordinators_give_clear_errors() {
 #[tokio::test]
 async fn unreachable_postgres_and_nats_are_named_in_the_error() {
     let nats = sluice_tests::fixtures::NatsServer::start().unwrap();
-    let config = coordinator::ServeConfig::for_urls("postgres://sluice:pw@127.0.0.1:9/sluice", nats.url());
+    let config = sluice_tests::fixtures::serve_config("postgres://sluice:pw@127.0.0.1:9/sluice", nats.url());
     let err = coordinator::Coordinator::bind(config).await.err().unwrap().to_string();
     assert!(err.contains("cannot connect to Postgres at postgres://sluice:***@127.0.0.1:9/sluice"), "{err}");
 
     let db = sluice_tests::fixtures::TestDb::create().await.unwrap();
-    let config = coordinator::ServeConfig::for_urls(&db.url, "nats://127.0.0.1:9");
+    let config = sluice_tests::fixtures::serve_config(&db.url, "nats://127.0.0.1:9");
     let err = coordinator::Coordinator::bind(config).await.err().unwrap().to_string();
     assert!(err.contains("cannot reach NATS at nats://127.0.0.1:9"), "{err}");
 }
@@ -240,7 +247,8 @@ async fn uploads_over_the_limits_are_refused_and_nothing_is_ingested() {
 async fn upload_cut_off(stack: &Stack) -> Uuid {
     use tokio::io::AsyncWriteExt;
     let kind = common::spec::JobKind::load(&sluice_tests::fixtures::jobs_dir().join("classify")).unwrap();
-    let new = coordinator::model::NewJob { kind, input_name: None, review_below: None, allow_unpriced: false };
+    let new =
+        coordinator::model::NewJob { kind, input_name: None, review_below: None, allow_unpriced: false, project: None };
     let job_id = stack.client.create_job(&new).await.unwrap().job_id;
     let body = sample_jsonl(8, 60_000);
     let mut sock = tokio::net::TcpStream::connect(stack.coordinator_addr).await.unwrap();

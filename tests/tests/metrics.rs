@@ -1,19 +1,13 @@
 //! The Prometheus endpoints of real `sluice serve` and `sluice-worker` processes.
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use sluice_tests::fixtures::SimServer;
-use sluice_tests::fixtures::{logged_addr, sample_jsonl, wait_for, workspace_bin, NatsServer, TestDb, WorkerProcess};
+use sluice_tests::fixtures::{
+    logged_addr, sample_jsonl, wait_for, workspace_bin, NatsServer, ServeProcess, TestDb, WorkerProcess,
+};
 use sluice_tests::sim::SimConfig;
-
-struct Killed(std::process::Child);
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 async fn metrics(addr: std::net::SocketAddr) -> String {
     reqwest::get(format!("http://{addr}/metrics")).await.unwrap().text().await.unwrap()
@@ -27,22 +21,25 @@ async fn coordinator_and_worker_processes_export_metrics() {
     // Every port is picked by the OS (port 0); each process logs what it bound.
     let logs = tempfile::tempdir().unwrap();
     let coord_log = logs.path().join("coordinator.log");
-    let _coordinator = Killed(
-        Command::new(workspace_bin("sluice").unwrap())
-            .args(["serve", "--listen", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0"])
-            .env("SLUICE_DATABASE_URL", db.app_url("sluice_coordinator"))
-            .env("SLUICE_NATS_URL", nats.url())
-            .env("SLUICE_PRICES_FILE", concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/prices.toml"))
-            .env("SLUICE_LOG", "info")
-            .env("SLUICE_LOG_FORMAT", "json")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&coord_log).unwrap())
-            .spawn()
-            .unwrap(),
-    );
-    let api = logged_addr(&coord_log, "coordinator listening").await.unwrap();
-    let coord_metrics = logged_addr(&coord_log, "metrics endpoint listening").await.unwrap();
-    let client = coordinator::client::Client::new(&format!("http://{api}"));
+    // A fresh install's first steps: a token secret, then the first admin token.
+    let secret = logs.path().join("token-secret");
+    let run = |args: &[&str]| {
+        let out = Command::new(workspace_bin("sluice").unwrap()).args(args).output().unwrap();
+        assert!(out.status.success(), "sluice {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    run(&["admin", "secret", "--out", secret.to_str().unwrap()]);
+    let coordinator_url = db.app_url("sluice_coordinator");
+    let bootstrap =
+        ["admin", "bootstrap", "--database-url", &coordinator_url, "--token-secret-file", secret.to_str().unwrap()];
+    let token = run(&bootstrap).trim().to_string();
+    assert!(token.starts_with("sluice_"), "{token}");
+    let coordinator =
+        ServeProcess::start(&db, &nats, &coord_log, &[("SLUICE_TOKEN_SECRET_FILE", secret.to_str().unwrap())])
+            .await
+            .unwrap();
+    let (api, coord_metrics) = (coordinator.api, coordinator.metrics);
+    let client = coordinator::client::Client::new(&format!("http://{api}")).with_token(&token);
     let config = worker::WorkerConfig::for_urls(&db.app_url("sluice_worker"), nats.url(), &sim.base_url());
     let worker_log = logs.path().join("worker.log");
     let env = [("SLUICE_METRICS_ADDR", "127.0.0.1:0"), ("SLUICE_LOG", "info"), ("SLUICE_LOG_FORMAT", "json")];
@@ -51,7 +48,13 @@ async fn coordinator_and_worker_processes_export_metrics() {
 
     let kind = common::spec::JobKind::load(&sluice_tests::fixtures::jobs_dir().join("classify")).unwrap();
     let job = client
-        .create_job(&coordinator::model::NewJob { kind, input_name: None, review_below: None, allow_unpriced: false })
+        .create_job(&coordinator::model::NewJob {
+            kind,
+            input_name: None,
+            review_below: None,
+            allow_unpriced: false,
+            project: None,
+        })
         .await
         .unwrap()
         .job_id;
@@ -66,7 +69,10 @@ async fn coordinator_and_worker_processes_export_metrics() {
     assert!(w.contains("sluice_model_calls_total{model=\"sim-small\",outcome=\"ok\"} 120"), "{w}");
     assert!(w.contains("sluice_model_call_duration_seconds_bucket{model=\"sim-small\",outcome=\"ok\""), "{w}");
     assert!(w.contains("sluice_tokens_total{model=\"sim-small\",direction=\"out\"}"), "{w}");
+    let stranger = coordinator::client::Client::new(&format!("http://{api}")).with_token("sluice_not-a-token");
+    assert!(stranger.status(job).await.is_err());
     let c = metrics(coord_metrics).await;
+    assert!(c.contains("sluice_api_denied_total{outcome=\"unauthenticated\"} 1"), "{c}");
     assert!(c.contains("sluice_items_ingested_total 120"), "{c}");
     // 120 items make 8 chunks: a job has at least 8.
     assert!(c.contains("sluice_chunks_published_total{cause=\"publish\"} 8"), "{c}");

@@ -305,6 +305,7 @@ base_url = "http://{sim0}/v1"
                     input_name: None,
                     review_below: None,
                     allow_unpriced,
+                    project: None,
                 })
                 .await
         }
@@ -356,6 +357,7 @@ base_url = "http://{sim0}/v1"
             input_name: None,
             review_below: None,
             allow_unpriced: true,
+            project: None,
         })
         .await
         .unwrap()

@@ -68,7 +68,8 @@ async fn a_coordinator_that_may_not_migrate_names_the_fix_and_sluice_migrate_app
     let db = TestDb::create_empty(&sluice_tests::fixtures::admin_url()).await.unwrap();
     let nats = sluice_tests::fixtures::NatsServer::start().unwrap();
     let app = db.app_url("sluice_coordinator");
-    let err = coordinator::Coordinator::bind(coordinator::ServeConfig::for_urls(&app, nats.url())).await.err().unwrap();
+    let err =
+        coordinator::Coordinator::bind(sluice_tests::fixtures::serve_config(&app, nats.url())).await.err().unwrap();
     let msg = common::error_chain(&err);
     assert!(msg.contains("sluice migrate") && msg.contains("SLUICE_MIGRATE_DATABASE_URL"), "{msg}");
 
@@ -78,11 +79,11 @@ async fn a_coordinator_that_may_not_migrate_names_the_fix_and_sluice_migrate_app
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stderr).contains("up to date"));
-    coordinator::Coordinator::bind(coordinator::ServeConfig::for_urls(&app, nats.url())).await.unwrap();
+    coordinator::Coordinator::bind(sluice_tests::fixtures::serve_config(&app, nats.url())).await.unwrap();
 
     // Or at start-up, with the owner's URL given apart.
     let fresh = TestDb::create_empty(&sluice_tests::fixtures::admin_url()).await.unwrap();
-    let mut config = coordinator::ServeConfig::for_urls(&fresh.app_url("sluice_coordinator"), nats.url());
+    let mut config = sluice_tests::fixtures::serve_config(&fresh.app_url("sluice_coordinator"), nats.url());
     config.migrate_database_url = Some(fresh.url.clone());
     coordinator::Coordinator::bind(config).await.unwrap();
     let tables: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_tables WHERE tablename = 'audit_calls'")

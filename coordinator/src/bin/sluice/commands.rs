@@ -16,7 +16,11 @@ use uuid::Uuid;
 /// Sluice pushes large batches of documents through language models within
 /// the provider's limits, losing nothing.
 ///
+/// Every command that talks to the coordinator sends an API token: from
+/// SLUICE_TOKEN, or the file `sluice login` saves (~/.config/sluice/token).
+///
 /// Typical use:
+///   sluice login < my-token
 ///   sluice sample classify --count 10000 > docs.jsonl
 ///   sluice submit jobs/classify --input docs.jsonl --watch
 ///   sluice results JOB_ID --format csv > results.csv
@@ -26,7 +30,12 @@ pub struct Cli {
     /// URL of the coordinator's API.
     #[arg(long, global = true, env = "SLUICE_COORDINATOR", default_value = "http://127.0.0.1:7700")]
     coordinator: String,
-    /// Who you are, recorded with job events in the audit trail (default: $USER).
+    /// File holding your API token, readable only by you [default:
+    /// ~/.config/sluice/token]. SLUICE_TOKEN, if set, is used instead.
+    #[arg(long, global = true, env = "SLUICE_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// A note on who is acting (default: $USER), kept beside the token's
+    /// holder in the audit trail; the token's holder is the actor.
     #[arg(long, global = true, env = "SLUICE_ACTOR")]
     actor: Option<String>,
     #[command(subcommand)]
@@ -109,6 +118,18 @@ enum Command {
     /// The review queue: export doubtful results for people, import their decisions.
     #[command(subcommand)]
     Review(ReviewCommand),
+    /// Save your API token (read from standard input) for later commands,
+    /// after checking it with the coordinator.
+    Login,
+    /// Show whom your token belongs to: name, project and role.
+    Whoami {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Installation and tokens: the token secret, the first admin token,
+    /// making, listing and revoking tokens.
+    #[command(subcommand)]
+    Admin(AdminCommand),
     /// Print deterministic synthetic documents with known answers as JSONL.
     Sample {
         /// Job kind the documents are for (classify or summarize).
@@ -149,6 +170,94 @@ enum ReviewCommand {
     },
 }
 
+#[derive(Debug, Subcommand)]
+enum AdminCommand {
+    /// Write a new token secret for the coordinator (SLUICE_TOKEN_SECRET_FILE),
+    /// readable only by you. Every coordinator needs the same one; replacing
+    /// it invalidates every token.
+    Secret {
+        /// The file to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// Replace an existing file.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Make the first admin token of an installation, straight in Postgres:
+    /// run where the database and the token secret are at hand.
+    Bootstrap {
+        /// Postgres URL of the coordinator's role.
+        #[arg(
+            long,
+            env = "SLUICE_DATABASE_URL",
+            default_value = "postgres://sluice_coordinator:sluice@127.0.0.1:5432/sluice"
+        )]
+        database_url: String,
+        /// The coordinator's token secret.
+        #[arg(long, env = "SLUICE_TOKEN_SECRET_FILE")]
+        token_secret_file: PathBuf,
+        /// Whom the token is for, recorded as the actor of what it does.
+        #[arg(long, default_value = "admin")]
+        name: String,
+        /// Save the token in your token file (see --token-file) instead of printing it.
+        #[arg(long)]
+        save: bool,
+        /// Make one even though an admin token exists (when all are lost).
+        #[arg(long)]
+        force: bool,
+    },
+    /// API tokens: create, list, revoke (needs an admin token).
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Make a token and print it, once: Sluice keeps only its hash.
+    Create {
+        /// Whom it is for (a person or a system), recorded as the actor of what it does.
+        #[arg(long)]
+        name: String,
+        /// The project whose jobs it may see.
+        #[arg(long, default_value = coordinator::auth::DEFAULT_PROJECT)]
+        project: String,
+        /// reader (status, results, jobs), submitter (+ submit, cancel,
+        /// resume), reviewer (+ review export and import), admin (+ tokens,
+        /// every project).
+        #[arg(long, value_parser = ["reader", "submitter", "reviewer", "admin"])]
+        role: String,
+        /// Expire after this long: 90d, 12h, 30m or 3600s (default: never).
+        #[arg(long, value_parser = parse_duration)]
+        expires: Option<u64>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List tokens (never their values): who, project, role, expiry, last use.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a token at once.
+    Revoke { id: Uuid },
+}
+
+/// Seconds in `90d`, `12h`, `30m` or `3600s`.
+fn parse_duration(text: &str) -> Result<u64, String> {
+    let (number, unit) = text.split_at(text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len()));
+    let n: u64 = number.parse().map_err(|_| format!("{text:?} is not a duration like 90d, 12h, 30m or 3600s"))?;
+    let scale = match unit {
+        "d" => 86_400,
+        "h" => 3_600,
+        "m" => 60,
+        "s" | "" => 1,
+        _ => return Err(format!("unknown unit {unit:?} in {text:?}: use d, h, m or s")),
+    };
+    match n.checked_mul(scale) {
+        Some(0) | None => Err(format!("{text:?} is not a usable duration")),
+        Some(s) => Ok(s),
+    }
+}
+
 #[derive(Debug, clap::Args)]
 struct SubmitArgs {
     /// Folder holding job.toml, the prompt template and the output schema.
@@ -177,12 +286,25 @@ struct SubmitArgs {
     /// shown as unknown instead of the job being refused).
     #[arg(long)]
     allow_unpriced: bool,
+    /// The project the job belongs to (default: your token's; only an
+    /// admin token may name another).
+    #[arg(long)]
+    project: Option<String>,
 }
 
 /// Runs one command and returns the process exit code.
 pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
-    let actor = cli.actor.or_else(|| std::env::var("USER").ok()).unwrap_or_else(|| "unknown".into());
-    let client = Client::new(&cli.coordinator).with_actor(&actor);
+    let token_file = cli.token_file.clone().unwrap_or_else(coordinator::client::default_token_file);
+    let actor = cli.actor.clone().or_else(|| std::env::var("USER").ok());
+    // A client with the user's token, made only by commands that talk to the coordinator.
+    let api = || -> anyhow::Result<Client> {
+        let token = coordinator::client::load_token(&token_file)?;
+        let client = Client::new(&cli.coordinator).with_token(&token);
+        Ok(match &actor {
+            Some(a) => client.with_actor(a),
+            None => client,
+        })
+    };
     match cli.command {
         Command::Serve { config, telemetry } => {
             common::telemetry::init(&telemetry)?;
@@ -192,6 +314,137 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             coordinator::store::migrate(&database_url).await?;
             eprintln!("database schema is up to date");
         }
+        Command::Sample { kind: _, count, seed } => {
+            let stdout = std::io::stdout();
+            let mut out = std::io::BufWriter::new(stdout.lock());
+            for i in 0..count {
+                serde_json::to_writer(&mut out, &common::sample::document(seed, i))?;
+                out.write_all(b"\n")?;
+            }
+            out.flush()?;
+        }
+        Command::Login => {
+            let mut token = String::new();
+            if std::io::stdin().is_terminal() {
+                eprint!("paste your API token and press Enter: ");
+            }
+            std::io::stdin().read_line(&mut token).context("cannot read the token from standard input")?;
+            let token = token.trim();
+            anyhow::ensure!(!token.is_empty(), "no token on standard input");
+            let me = Client::new(&cli.coordinator).with_token(token).whoami().await?;
+            common::private_file::write(&token_file, token)
+                .with_context(|| format!("cannot write {}", token_file.display()))?;
+            eprintln!(
+                "logged in as {} (role {}, project {}); token saved to {}",
+                me.name,
+                me.role,
+                me.project,
+                token_file.display()
+            );
+        }
+        Command::Whoami { json } => {
+            let me = api()?.whoami().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&me)?);
+            } else {
+                println!("{} (role {}, project {}, token {})", me.name, me.role, me.project, me.token_id);
+            }
+        }
+        Command::Admin(command) => return admin(command, &token_file, api).await,
+        _ => return jobs_command(cli.command, api()?).await,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn admin(
+    command: AdminCommand,
+    token_file: &std::path::Path,
+    api: impl Fn() -> anyhow::Result<Client>,
+) -> anyhow::Result<ExitCode> {
+    match command {
+        AdminCommand::Secret { out, force } => {
+            anyhow::ensure!(
+                force || !out.exists(),
+                "{} exists: replacing the secret invalidates every token; pass --force to do it",
+                out.display()
+            );
+            common::private_file::write(&out, &coordinator::auth::TokenSecret::generate())
+                .with_context(|| format!("cannot write {}", out.display()))?;
+            eprintln!("token secret written to {} (mode 600); set SLUICE_TOKEN_SECRET_FILE to it", out.display());
+        }
+        AdminCommand::Bootstrap { database_url, token_secret_file, name, save, force } => {
+            let secret = coordinator::auth::TokenSecret::load(&token_secret_file)?;
+            let pool = common::db::connect(&database_url, 1).await?;
+            let created = coordinator::auth::bootstrap(&pool, &secret, &name, force).await?;
+            if save {
+                common::private_file::write(token_file, &created.token)
+                    .with_context(|| format!("cannot write {}", token_file.display()))?;
+                eprintln!("admin token {} saved to {}", created.info.id, token_file.display());
+            } else {
+                println!("{}", created.token);
+                eprintln!("admin token {}: shown once; save it with `sluice login`", created.info.id);
+            }
+        }
+        AdminCommand::Token(TokenCommand::Create { name, project, role, expires, json }) => {
+            let role = role.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
+            let new = coordinator::auth::NewToken { name, project, role, expires_in_s: expires };
+            let created = api()?.create_token(&new).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&created)?);
+            } else {
+                println!("{}", created.token);
+                let expiry = created.info.expires_at.map(|t| format!(", expires {}", t.format("%Y-%m-%d %H:%M UTC")));
+                eprintln!(
+                    "token {} for {} (role {}, project {}{}): shown once, Sluice keeps only its hash",
+                    created.info.id,
+                    created.info.name,
+                    created.info.role,
+                    created.info.project,
+                    expiry.unwrap_or_default()
+                );
+            }
+        }
+        AdminCommand::Token(TokenCommand::List { json }) => {
+            let tokens = api()?.tokens().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&tokens)?);
+            } else {
+                let when = |t: Option<chrono::DateTime<chrono::Utc>>| {
+                    t.map(|t| t.format("%Y-%m-%d %H:%M").to_string()).unwrap_or_else(|| "-".into())
+                };
+                println!(
+                    "{:<36}  {:<20}  {:<16}  {:<9}  {:<16}  {:<16}  state",
+                    "token", "name", "project", "role", "expires", "last used"
+                );
+                for t in tokens {
+                    let state = match (t.revoked_at, t.expires_at) {
+                        (Some(_), _) => "revoked",
+                        (None, Some(e)) if e <= chrono::Utc::now() => "expired",
+                        _ => "active",
+                    };
+                    println!(
+                        "{:<36}  {:<20}  {:<16}  {:<9}  {:<16}  {:<16}  {state}",
+                        t.id,
+                        t.name,
+                        t.project,
+                        t.role,
+                        when(t.expires_at),
+                        when(t.last_used_at)
+                    );
+                }
+            }
+        }
+        AdminCommand::Token(TokenCommand::Revoke { id }) => {
+            let t = api()?.revoke_token(id).await?;
+            eprintln!("token {} ({}) revoked", t.id, t.name);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The commands that work on jobs through the coordinator's API.
+async fn jobs_command(command: Command, client: Client) -> anyhow::Result<ExitCode> {
+    match command {
         Command::Submit(args) => return submit(&client, args).await,
         Command::Status { job, watch, json } => {
             let status = if watch { watch_job(&client, job, json).await? } else { client.status(job).await? };
@@ -287,21 +540,18 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             let status = client.cancel(job).await?;
             print_status(&status, json);
         }
-        Command::Sample { kind: _, count, seed } => {
-            let stdout = std::io::stdout();
-            let mut out = std::io::BufWriter::new(stdout.lock());
-            for i in 0..count {
-                serde_json::to_writer(&mut out, &common::sample::document(seed, i))?;
-                out.write_all(b"\n")?;
-            }
-            out.flush()?;
-        }
+        Command::Serve { .. }
+        | Command::Migrate { .. }
+        | Command::Sample { .. }
+        | Command::Login
+        | Command::Whoami { .. }
+        | Command::Admin(_) => unreachable!("run by dispatch without a client"),
     }
     Ok(ExitCode::SUCCESS)
 }
 
 async fn submit(client: &Client, args: SubmitArgs) -> anyhow::Result<ExitCode> {
-    let SubmitArgs { job_dir, input, skip_invalid, model, watch, json, review_below, allow_unpriced } = args;
+    let SubmitArgs { job_dir, input, skip_invalid, model, watch, json, review_below, allow_unpriced, project } = args;
     let mut kind = common::spec::JobKind::load(&job_dir)
         .with_context(|| format!("cannot load the job kind in {}", job_dir.display()))?;
     if let Some(model) = model {
@@ -309,7 +559,7 @@ async fn submit(client: &Client, args: SubmitArgs) -> anyhow::Result<ExitCode> {
     }
     let size = std::fs::metadata(&input).with_context(|| format!("cannot read input {}", input.display()))?.len();
     let input_name = input.file_name().map(|n| n.to_string_lossy().into_owned());
-    let created = client.create_job(&NewJob { kind, input_name, review_below, allow_unpriced }).await?;
+    let created = client.create_job(&NewJob { kind, input_name, review_below, allow_unpriced, project }).await?;
     for w in &created.warnings {
         eprintln!("warning: {w}");
     }
