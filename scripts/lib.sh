@@ -139,6 +139,21 @@ ensure_postgres() {
   fi
 }
 
+# Access to a coordinator for scripts: the token secret the coordinator
+# hashes tokens with (made if missing) and, if the token file is missing, an
+# admin token saved there (the database must be migrated; an admin token
+# made earlier for this database is replaced with --force). $BIN must be set.
+ensure_admin_token() { # secret-file token-file coordinator-database-url name
+  local secret="$1" token="$2" db="$3" name="$4"
+  if [ ! -f "$secret" ]; then
+    "$BIN/sluice" admin secret --out "$secret" 2>/dev/null || die "cannot write the token secret $secret"
+  fi
+  if [ ! -f "$token" ]; then
+    "$BIN/sluice" --token-file "$token" admin bootstrap --database-url "$db" --token-secret-file "$secret" \
+      --name "$name" --save --force 2>/dev/null || die "cannot make an admin token in $db"
+  fi
+}
+
 ensure_database() { # name
   local db="$1"
   if [ -z "$(PGPASSWORD="$PG_PASSWORD" psql -h "$PG_HOST" -p "$PG_PORT" -U "$PG_USER" -d postgres -tAc "SELECT 1 FROM pg_database WHERE datname = '$db'")" ]; then

@@ -47,8 +47,7 @@ pub const TOKEN_PREFIX: &str = "sluice_";
 pub const DEFAULT_PROJECT: &str = "default";
 
 /// What a request does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Action {
     WhoAmI,
     ListJobs,
@@ -60,6 +59,24 @@ pub enum Action {
     ExportReview,
     ImportReview,
     ManageTokens,
+}
+
+impl Action {
+    /// What the action does, as an error message says it.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Action::WhoAmI => "ask whom it belongs to",
+            Action::ListJobs => "list jobs",
+            Action::ReadJob => "read a job's status",
+            Action::ReadResults => "export results",
+            Action::Submit => "submit jobs",
+            Action::Cancel => "cancel jobs",
+            Action::Resume => "resume jobs",
+            Action::ExportReview => "export review queues",
+            Action::ImportReview => "import review decisions",
+            Action::ManageTokens => "manage tokens",
+        }
+    }
 }
 
 /// One endpoint of the API and the least role that may call it.
@@ -540,7 +557,7 @@ pub async fn guard(
             principal.name,
             principal.role,
             principal.project,
-            serde_json::to_value(endpoint.action).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default(),
+            endpoint.action.describe(),
             endpoint.least
         );
         return Error::Forbidden(refuse(Outcome::Forbidden, reason, Some(principal)).await).into_response();

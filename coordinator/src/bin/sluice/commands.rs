@@ -161,8 +161,10 @@ enum ReviewCommand {
         output: Option<PathBuf>,
     },
     /// Record people's decisions from a file: JSONL lines {"id", "answer",
-    /// "reviewer", "decided_at"?} or CSV with the header id,answer,reviewer[,decided_at].
-    /// Any bad line (named by number) rejects the whole file.
+    /// "reviewer"?, "decided_at"?} or CSV with the header
+    /// id,answer[,reviewer][,decided_at]. The reviewer recorded is your
+    /// token's holder; a reviewer named in the file is kept as a note. Any
+    /// bad line (named by number) rejects the whole file.
     Import {
         job: Uuid,
         /// The decisions file; its extension (.jsonl or .csv) gives the format.
@@ -427,7 +429,7 @@ async fn admin(
                         t.id,
                         t.name,
                         t.project,
-                        t.role,
+                        t.role.as_str(),
                         when(t.expires_at),
                         when(t.last_used_at)
                     );
