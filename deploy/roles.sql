@@ -9,11 +9,13 @@
 --                       and the audit of refused access
 --   sluice_worker       the workers' SLUICE_DATABASE_URL
 --
--- The login roles are members of sluice_app (created by the migrations if
--- missing), which may read and change jobs, items, chunks and results, and
--- only read and append to the audit trail (audit_calls, audit_attempts,
--- audit_events): they own nothing, so they cannot disable its triggers, grant
--- themselves UPDATE or DELETE, truncate or drop it (tests/tests/roles.rs).
+-- The login roles are members of sluice_app, which may read jobs, items,
+-- chunks and results, insert results, mark chunks done, and only read and
+-- append to the audit trail (audit_calls, audit_attempts, audit_events): they
+-- own nothing, so they cannot disable its triggers, grant themselves UPDATE or
+-- DELETE, truncate or drop it. The coordinator is also a member of
+-- sluice_control, which may create and change jobs and results and manage API
+-- tokens; a worker's role cannot (migrations 0009, 0010; tests/tests/roles.rs).
 DO $$
 BEGIN
     IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'sluice_app') THEN

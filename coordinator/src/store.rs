@@ -67,6 +67,20 @@ pub async fn ensure_schema(pool: &PgPool, owner_url: Option<&str>) -> Result<(),
             "SLUICE_DATABASE_URL connects as the owner of the audit trail, which could rewrite it: connect as an application role (deploy/roles.sql)"
         );
     }
+    // The coordinator's rights beyond a worker's come with sluice_control
+    // (migrations 0009 and 0010); a role made before them lacks it.
+    let controls = sqlx::query_scalar!(
+        r#"SELECT has_table_privilege(current_user, 'api_tokens', 'SELECT')
+                  AND has_table_privilege(current_user, 'jobs', 'INSERT') AS "ok!""#
+    )
+    .fetch_one(pool)
+    .await
+    .doing("checking the coordinator's rights")?;
+    if !controls {
+        return Err(Error::Config(
+            "SLUICE_DATABASE_URL's role may not manage jobs and tokens: as a Postgres superuser, run `GRANT sluice_control TO <that role>` (deploy/roles.sql)".into(),
+        ));
+    }
     Ok(())
 }
 

@@ -93,6 +93,63 @@ async fn a_coordinator_that_may_not_migrate_names_the_fix_and_sluice_migrate_app
     assert_eq!(tables, 1);
 }
 
+/// A worker's credentials do what a worker does and nothing else: no tokens,
+/// no job settings, no rewriting or deleting results; the coordinator's do more.
+#[tokio::test]
+async fn a_workers_role_may_do_only_what_a_worker_does() {
+    let db = TestDb::create().await.unwrap();
+    let job = uuid::Uuid::now_v7();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO jobs (id, kind, spec, template, template_hash, output_schema, state)
+             VALUES ('{job}', 'k', '{{}}', 't', 'h', '{{}}', 'running');
+         INSERT INTO items (job_id, seq, item_id, line_no, payload) VALUES ('{job}', 1, 'a', 1, '{{}}');
+         INSERT INTO chunks (job_id, chunk_no, first_seq, last_seq) VALUES ('{job}', 0, 1, 1);"
+    )))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let refused = [
+        "SELECT count(*) FROM api_tokens".to_string(),
+        "SELECT count(*) FROM audit_access".into(),
+        format!("INSERT INTO jobs (id) VALUES ('{}')", uuid::Uuid::now_v7()),
+        "UPDATE jobs SET spec = '{}'".into(),
+        "UPDATE jobs SET state = 'cancelled'".into(),
+        "DELETE FROM jobs".into(),
+        format!("INSERT INTO items (job_id, seq, item_id, line_no, payload) VALUES ('{job}', 2, 'b', 2, '{{}}')"),
+        "UPDATE chunks SET first_seq = 0".into(),
+        "UPDATE chunks SET generation = generation + 1".into(),
+        "DELETE FROM chunks".into(),
+        format!("INSERT INTO reviews (job_id, seq, answer, reviewer, decided_at, source) VALUES ('{job}', 1, 'x', 'w', now(), 's')"),
+    ];
+    for sql in &refused {
+        let err = attempt(&db, "sluice_worker", sql).await;
+        assert!(err.as_deref().is_some_and(|e| e.contains("permission denied")), "worker: {sql:?} gave {err:?}");
+    }
+    // What a worker does: read, write a result once, mark its chunk done, complete the job.
+    let work = format!(
+        "SELECT count(*) FROM jobs j JOIN items i ON i.job_id = j.id JOIN chunks c ON c.job_id = j.id;
+         INSERT INTO results (job_id, seq, item_id, state, template_hash, attempts, tokens_in, tokens_out, latency_ms, worker)
+             VALUES ('{job}', 1, 'a', 'succeeded', 'h', 1, 0, 0, 0, 'w') ON CONFLICT (job_id, seq) DO NOTHING;
+         UPDATE chunks SET state = 'done', done_at = now() WHERE job_id = '{job}';
+         SELECT complete_job_if_done('{job}');"
+    );
+    assert_eq!(attempt(&db, "sluice_worker", &work).await, None);
+    for sql in ["UPDATE results SET answer = 'x'", "DELETE FROM results"] {
+        let err = attempt(&db, "sluice_worker", sql).await;
+        assert!(err.as_deref().is_some_and(|e| e.contains("permission denied")), "worker: {sql:?} gave {err:?}");
+    }
+    let state: String = sqlx::query_scalar("SELECT state FROM jobs").fetch_one(&db.pool).await.unwrap();
+    assert_eq!(state, "completed", "the worker completed the job through the function");
+    // The coordinator may do what the worker may not.
+    for sql in &refused[..4] {
+        assert_eq!(
+            attempt(&db, "sluice_coordinator", sql).await.filter(|e| e.contains("permission")),
+            None,
+            "coordinator: {sql:?}"
+        );
+    }
+}
+
 /// A server error tells the client a request id, not the SQL error: the
 /// details (tables, roles, addresses) stay in the coordinator's log.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -102,7 +159,7 @@ async fn a_server_error_gives_the_client_a_request_id_and_no_details() {
     let missing = stack.client.status(uuid::Uuid::now_v7()).await.unwrap_err();
     assert!(missing.to_string().contains("no job"), "{missing}");
     // The coordinator's role loses the right to read jobs in this database only.
-    sqlx::query("REVOKE SELECT ON jobs FROM sluice_app").execute(&stack.db.pool).await.unwrap();
+    sqlx::query("REVOKE SELECT ON jobs FROM sluice_app, sluice_control").execute(&stack.db.pool).await.unwrap();
     let err = stack.client.jobs(10).await.unwrap_err();
     let coordinator::client::ClientError::Api { status, message, .. } = err else { panic!("{err}") };
     assert_eq!(status.as_u16(), 500);
