@@ -145,6 +145,7 @@ impl Error {
             Error::Forbidden(_) => StatusCode::FORBIDDEN,
             Error::JobState { .. } => StatusCode::CONFLICT,
             Error::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Error::TooManyJobs(_) => StatusCode::TOO_MANY_REQUESTS,
             Error::Spec(_) | Error::Upload(_) | Error::Invalid(_) => StatusCode::BAD_REQUEST,
             Error::Db(e) if e.is_unavailable() => StatusCode::SERVICE_UNAVAILABLE,
             Error::Nats(_) | Error::Publish { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -227,7 +228,7 @@ async fn create_job(
         }
     }
     let warnings = check_models(&st.catalog, &st.prices, &job)?;
-    let job_id = store::create_job(&st.pool, &job, &project, &actor).await?;
+    let job_id = store::create_job(&st.pool, &job, &project, st.limits.max_active_jobs, &actor).await?;
     tracing::info!(%job_id, kind = %job.kind.spec.kind, "job created");
     Ok((StatusCode::CREATED, Json(Created { job_id, warnings })))
 }
@@ -314,7 +315,7 @@ async fn resume_job(
     Path(job_id): Path<Uuid>,
     Query(p): Query<ResumeParams>,
 ) -> Result<impl IntoResponse, Error> {
-    let resumed = store::resume(&st.pool, job_id, p.failed_only, &actor).await?;
+    let resumed = store::resume(&st.pool, job_id, p.failed_only, st.limits.max_active_jobs, &actor).await?;
     tracing::info!(%job_id, failed_reset = resumed.failed_reset, chunks = resumed.chunks, "job resumed");
     st.wake.notify_one();
     Ok(Json(resumed))

@@ -64,6 +64,10 @@ pub struct ServeConfig {
     /// needs the same secret; a new one invalidates every token.
     #[arg(long, env = "SLUICE_TOKEN_SECRET_FILE")]
     pub token_secret_file: Option<std::path::PathBuf>,
+    /// Most jobs of one project uploading or running at once; a submit or
+    /// resume beyond it is refused until one finishes or is cancelled.
+    #[arg(long, env = "SLUICE_MAX_ACTIVE_JOBS_PER_PROJECT", default_value_t = 50)]
+    pub max_active_jobs_per_project: u32,
     /// A job whose input has not finished uploading this many seconds after it
     /// was created (the client died, the upload was cut off) is marked `abandoned`.
     #[arg(long, env = "SLUICE_UPLOAD_TIMEOUT_S", default_value_t = 3_600)]
@@ -96,9 +100,13 @@ impl ServeConfig {
         crate::auth::TokenSecret::load(path)
     }
 
-    /// The limits of one upload.
+    /// The limits on what a client can make the coordinator take on.
     pub fn limits(&self) -> crate::ingest::Limits {
-        crate::ingest::Limits { max_bytes: self.max_upload_bytes, max_lines: self.max_job_lines }
+        crate::ingest::Limits {
+            max_bytes: self.max_upload_bytes,
+            max_lines: self.max_job_lines,
+            max_active_jobs: self.max_active_jobs_per_project,
+        }
     }
 
     /// Checks the settings once, at start-up.
@@ -111,6 +119,9 @@ impl ServeConfig {
         }
         if !self.nats_url.contains("://") && !self.nats_url.contains(':') {
             return Err(Error::Config(format!("SLUICE_NATS_URL is not a URL: {:?}", self.nats_url)));
+        }
+        if self.max_active_jobs_per_project == 0 {
+            return Err(Error::Config("SLUICE_MAX_ACTIVE_JOBS_PER_PROJECT must be at least 1".into()));
         }
         if self.db_pool_size == 0 {
             return Err(Error::Config("SLUICE_DB_POOL_SIZE must be at least 1".into()));

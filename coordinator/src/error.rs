@@ -43,6 +43,9 @@ pub enum Error {
     Invalid(String),
     #[error("{0}")]
     TooLarge(String),
+    /// A project has as many jobs uploading or running as it may.
+    #[error("{0}")]
+    TooManyJobs(String),
     #[error("reading the uploaded input failed")]
     Upload(#[source] axum::Error),
 }

@@ -190,19 +190,15 @@ fn copy_field(out: &mut Vec<u8>, s: &str) {
     }
 }
 
-/// Limits of one upload.
+/// Limits on what a client can make the coordinator take on.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     /// Most bytes of input.
     pub max_bytes: u64,
     /// Most lines of input (blank ones included).
     pub max_lines: u64,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Limits { max_bytes: 8 << 30, max_lines: 20_000_000 }
-    }
+    /// Jobs of one project uploading or running at once.
+    pub max_active_jobs: u32,
 }
 
 /// Refused lines waiting to be written to `rejected_lines`; written whenever
@@ -270,13 +266,17 @@ impl Intake {
     fn feed(&mut self, piece: &[u8]) -> Option<String> {
         self.bytes += piece.len() as u64;
         if self.bytes > self.limits.max_bytes {
-            return Some(format!("the input is larger than {} bytes (SLUICE_MAX_UPLOAD_BYTES)", self.limits.max_bytes));
+            return Some(format!(
+                "the input is larger than {} bytes (SLUICE_MAX_UPLOAD_BYTES on the coordinator)",
+                self.limits.max_bytes
+            ));
         }
         let mut splitter = std::mem::take(&mut self.splitter);
         splitter.feed(piece, &mut |raw| self.line(raw));
         self.splitter = splitter;
-        (self.line_no > self.limits.max_lines)
-            .then(|| format!("the input has more than {} lines (SLUICE_MAX_JOB_LINES)", self.limits.max_lines))
+        (self.line_no > self.limits.max_lines).then(|| {
+            format!("the input has more than {} lines (SLUICE_MAX_JOB_LINES on the coordinator)", self.limits.max_lines)
+        })
     }
 
     fn finish(&mut self) {
@@ -381,7 +381,7 @@ where
             Segment::TooLarge(reason) => {
                 tx.rollback().await.ok();
                 return Err(Error::TooLarge(format!(
-                    "{reason}: nothing was ingested; split the input into several jobs"
+                    "{reason}: nothing was ingested; split the input into several jobs, or raise that limit"
                 )));
             }
         }

@@ -84,21 +84,49 @@ pub async fn ensure_schema(pool: &PgPool, owner_url: Option<&str>) -> Result<(),
     Ok(())
 }
 
-/// Stores a new job of `project` in state `uploading`.
+/// Stores a new job of `project` in state `uploading`, unless the project
+/// already has `max_active` jobs uploading or running.
 pub async fn create_job(
     pool: &PgPool,
     job: &crate::model::NewJob,
     project: &str,
+    max_active: u32,
     actor: &Actor,
 ) -> Result<Uuid, Error> {
     let id = Uuid::now_v7();
+    let mut tx = pool.begin().await.doing("creating the job")?;
+    check_active_jobs(&mut tx, project, max_active).await?;
     sqlx::query!("INSERT INTO jobs (id, kind, spec, template, template_hash, output_schema, input_name, review_below, submitted_by, project)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)", id, &job.kind.spec.kind, sqlx::types::Json(&job.kind.spec) as _, &job.kind.template, job.kind.template_hash(), &job.kind.schema, job.input_name.as_deref(), job.review_below, &actor.name, project)
-    .execute(pool)
+    .execute(&mut *tx)
     .await.doing("creating the job")?;
+    tx.commit().await.doing("creating the job")?;
     let detail = serde_json::json!({"kind": job.kind.spec.kind, "input": job.input_name, "project": project});
     event(pool, id, "submitted", actor, detail).await?;
     Ok(id)
+}
+
+/// Refuses a job more for `project` when it has `max_active` uploading or
+/// running. Holds a lock on the project until the transaction ends, so two
+/// submits at once cannot both take the last place.
+async fn check_active_jobs(tx: &mut Transaction<'_, Postgres>, project: &str, max_active: u32) -> Result<(), Error> {
+    sqlx::query!("SELECT pg_advisory_xact_lock(hashtext('sluice.project.' || $1))", project)
+        .fetch_one(&mut **tx)
+        .await
+        .doing("counting the project's jobs")?;
+    let active = sqlx::query_scalar!(
+        r#"SELECT count(*) AS "n!" FROM jobs WHERE project = $1 AND state IN ('uploading', 'running')"#,
+        project
+    )
+    .fetch_one(&mut **tx)
+    .await
+    .doing("counting the project's jobs")?;
+    if active >= i64::from(max_active) {
+        return Err(Error::TooManyJobs(format!(
+            "project {project} has {active} jobs uploading or running, the most it may (SLUICE_MAX_ACTIVE_JOBS_PER_PROJECT on the coordinator): wait for one to finish, cancel one, or raise that limit"
+        )));
+    }
+    Ok(())
 }
 
 /// The project a job belongs to; `None` if there is no such job.
@@ -482,8 +510,17 @@ pub struct Resumed {
 /// Re-runs the unfinished items of a completed or cancelled job: items without
 /// a result, and failed ones (only failed ones with `failed_only`). Items with
 /// a successful result are never sent to the model again.
-pub async fn resume(pool: &PgPool, job_id: Uuid, failed_only: bool, actor: &Actor) -> Result<Resumed, Error> {
+pub async fn resume(
+    pool: &PgPool,
+    job_id: Uuid,
+    failed_only: bool,
+    max_active: u32,
+    actor: &Actor,
+) -> Result<Resumed, Error> {
     let mut tx = pool.begin().await.doing("resuming the job")?;
+    if let Some(project) = job_project(pool, job_id).await? {
+        check_active_jobs(&mut tx, &project, max_active).await?;
+    }
     lock_job(&mut tx, job_id, &["completed", "cancelled"], "completed or cancelled").await?;
     let failed: Vec<i64> =
         sqlx::query_scalar!("DELETE FROM results WHERE job_id = $1 AND state = 'failed' RETURNING seq", job_id)

@@ -354,6 +354,8 @@ pub struct Stack {
     _files: Option<tempfile::TempDir>,
     /// A client with an admin token of the project "default".
     pub client: coordinator::client::Client,
+    /// That token, for requests made by hand.
+    pub admin_token: String,
     pub coordinator_addr: SocketAddr,
     stop: CancellationToken,
     workers: Vec<CancellationToken>,
@@ -420,6 +422,7 @@ impl Stack {
             providers_file,
             _files: files,
             client,
+            admin_token: admin.token,
             coordinator_addr,
             stop,
             workers: Vec::new(),

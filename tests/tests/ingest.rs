@@ -219,28 +219,78 @@ async fn duplicate_ids_are_found_by_the_database_and_the_rest_numbered_without_g
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn uploads_over_the_limits_are_refused_and_nothing_is_ingested() {
+    const LINES: u64 = 100;
+    const BYTES: usize = 64 * 1024;
     let stack = Stack::start(SimConfig::default(), |c| {
-        c.max_job_lines = 100;
-        c.max_upload_bytes = 64 * 1024;
+        c.max_job_lines = LINES;
+        c.max_upload_bytes = BYTES as u64;
     })
     .await
     .unwrap();
-    for (input, setting) in [(sample_jsonl(6, 101), "SLUICE_MAX_JOB_LINES"), (sample_jsonl(6, 99), "")] {
-        let result = stack.submit("classify", input, false).await;
-        if setting.is_empty() {
-            assert_eq!(result.unwrap().items, 99);
-            continue;
-        }
+    let refused = |result: Result<coordinator::model::IngestReport, coordinator::client::ClientError>,
+                   setting: &str| {
         let err = result.unwrap_err();
         let coordinator::client::ClientError::Api { status, message, .. } = &err else { panic!("{err:?}") };
         assert_eq!(status.as_u16(), 413);
-        assert!(message.contains(setting) && message.contains("nothing was ingested"), "{message}");
-    }
-    let big = sample_jsonl(7, 50).repeat(1).into_iter().chain(vec![b' '; 70 * 1024]).collect::<Vec<u8>>();
-    let err = stack.submit("classify", big, false).await.unwrap_err();
-    assert!(err.to_string().contains("SLUICE_MAX_UPLOAD_BYTES"), "{err}");
+        assert!(
+            message.contains(setting)
+                && message.contains("nothing was ingested")
+                && message.contains("raise that limit"),
+            "{message}"
+        );
+    };
+    // Lines: one below the limit, at it, one above.
+    assert_eq!(stack.submit("classify", sample_jsonl(6, LINES - 1), false).await.unwrap().items, LINES - 1);
+    assert_eq!(stack.submit("classify", sample_jsonl(5, LINES), false).await.unwrap().items, LINES);
+    refused(stack.submit("classify", sample_jsonl(4, LINES + 1), false).await, "SLUICE_MAX_JOB_LINES");
+    // Bytes: 50 documents padded with a blank last line to one byte below the limit, to it, and one above.
+    let padded = |seed: u64, size: usize| {
+        let mut body = sample_jsonl(seed, 50);
+        body.resize(size, b' ');
+        body
+    };
+    assert_eq!(stack.submit("classify", padded(7, BYTES - 1), false).await.unwrap().items, 50);
+    assert_eq!(stack.submit("classify", padded(8, BYTES), false).await.unwrap().items, 50);
+    refused(stack.submit("classify", padded(9, BYTES + 1), false).await, "SLUICE_MAX_UPLOAD_BYTES");
     let items: i64 = sqlx::query_scalar("SELECT count(*) FROM items").fetch_one(&stack.db.pool).await.unwrap();
-    assert_eq!(items, 99, "only the upload within the limits is stored");
+    assert_eq!(items, 2 * LINES as i64 - 1 + 100, "only the uploads within the limits are stored");
+}
+
+#[tokio::test]
+async fn a_project_may_have_only_so_many_jobs_uploading_or_running() {
+    const MAX: u32 = 3;
+    let stack = Stack::start(SimConfig::default(), |c| c.max_active_jobs_per_project = MAX).await.unwrap();
+    let kind = common::spec::JobKind::load(&sluice_tests::fixtures::jobs_dir().join("classify")).unwrap();
+    let new = |project: &str| coordinator::model::NewJob {
+        kind: kind.clone(),
+        input_name: None,
+        review_below: None,
+        allow_unpriced: false,
+        project: Some(project.into()),
+    };
+    let mut jobs = Vec::new();
+    for _ in 0..MAX {
+        // One below the limit before each: allowed.
+        jobs.push(stack.client.create_job(&new("alpha")).await.unwrap().job_id);
+    }
+    let err = stack.client.create_job(&new("alpha")).await.unwrap_err();
+    let coordinator::client::ClientError::Api { status, message, .. } = &err else { panic!("{err:?}") };
+    assert_eq!(status.as_u16(), 429);
+    assert!(message.contains("SLUICE_MAX_ACTIVE_JOBS_PER_PROJECT") && message.contains("project alpha"), "{message}");
+    // Another project is not held back; a cancelled job frees a place, and resuming it needs one.
+    stack.client.create_job(&new("beta")).await.unwrap();
+    stack.client.cancel(jobs[0]).await.unwrap();
+    let again = stack.client.create_job(&new("alpha")).await.unwrap().job_id;
+    let err = stack.client.resume(jobs[0], false).await.unwrap_err().to_string();
+    assert!(err.contains("SLUICE_MAX_ACTIVE_JOBS_PER_PROJECT"), "{err}");
+    stack.client.cancel(again).await.unwrap();
+    stack.client.resume(jobs[0], false).await.unwrap();
+    let active: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM jobs WHERE project = 'alpha' AND state IN ('uploading', 'running')")
+            .fetch_one(&stack.db.pool)
+            .await
+            .unwrap();
+    assert!(active <= i64::from(MAX), "{active}");
 }
 
 /// Sends the head of an upload by hand and hangs up half-way, as a killed client does.
@@ -253,7 +303,8 @@ async fn upload_cut_off(stack: &Stack) -> Uuid {
     let body = sample_jsonl(8, 60_000);
     let mut sock = tokio::net::TcpStream::connect(stack.coordinator_addr).await.unwrap();
     let head = format!(
-        "PUT /v1/jobs/{job_id}/input HTTP/1.1\r\nhost: sluice\r\ncontent-type: application/x-ndjson\r\ncontent-length: {}\r\n\r\n",
+        "PUT /v1/jobs/{job_id}/input HTTP/1.1\r\nhost: sluice\r\nauthorization: Bearer {}\r\ncontent-type: application/x-ndjson\r\ncontent-length: {}\r\n\r\n",
+        stack.admin_token,
         body.len()
     );
     sock.write_all(head.as_bytes()).await.unwrap();
