@@ -33,6 +33,12 @@ pub enum ClientError {
     NoToken { path: String },
     #[error(transparent)]
     TokenFile(#[from] common::private_file::PrivateFileError),
+    #[error("{path} holds no usable CA certificate (PEM)")]
+    Ca {
+        path: String,
+        #[source]
+        source: reqwest::Error,
+    },
     #[error("cannot read {path}")]
     Read {
         path: String,
@@ -79,6 +85,20 @@ pub struct Client {
 impl Client {
     pub fn new(base: &str) -> Self {
         Client { http: reqwest::Client::new(), base: base.trim_end_matches('/').to_string(), token: None, actor: None }
+    }
+
+    /// Trusts the CA certificates (PEM) in `path` for an `https://`
+    /// coordinator, besides the usual roots.
+    pub fn with_ca_file(mut self, path: &Path) -> Result<Self, ClientError> {
+        let pem =
+            std::fs::read(path).map_err(|source| ClientError::Read { path: path.display().to_string(), source })?;
+        let ca = |source| ClientError::Ca { path: path.display().to_string(), source };
+        let mut builder = reqwest::Client::builder();
+        for cert in reqwest::Certificate::from_pem_bundle(&pem).map_err(ca)? {
+            builder = builder.add_root_certificate(cert);
+        }
+        self.http = builder.build().map_err(ca)?;
+        Ok(self)
     }
 
     /// Sends `token` as the bearer of every request.

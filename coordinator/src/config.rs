@@ -27,6 +27,14 @@ pub struct ServeConfig {
     /// Address the control API listens on.
     #[arg(long, env = "SLUICE_LISTEN", default_value = "127.0.0.1:7700")]
     pub listen: String,
+    /// Certificate chain (PEM) to serve the API over HTTPS with; needs
+    /// --tls-key-file. Without both, the API is plain HTTP: keep it on
+    /// loopback, or behind a proxy that terminates TLS.
+    #[arg(long, env = "SLUICE_TLS_CERT_FILE", requires = "tls_key_file")]
+    pub tls_cert_file: Option<std::path::PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(long, env = "SLUICE_TLS_KEY_FILE", requires = "tls_cert_file")]
+    pub tls_key_file: Option<std::path::PathBuf>,
     /// How much work may wait in the queue, in milliseconds at the pace
     /// workers take chunks (beyond one chunk per worker asking for one). A
     /// newly submitted job waits behind no more than this, plus what the
@@ -98,6 +106,17 @@ impl ServeConfig {
             )
         })?;
         crate::auth::TokenSecret::load(path)
+    }
+
+    /// The API's TLS settings, if it serves HTTPS; read once at start-up.
+    pub fn tls(&self) -> Result<Option<std::sync::Arc<tokio_rustls::rustls::ServerConfig>>, Error> {
+        match (&self.tls_cert_file, &self.tls_key_file) {
+            (Some(cert), Some(key)) => crate::tls::server_config(cert, key).map(Some),
+            (None, None) => Ok(None),
+            _ => Err(Error::Config(
+                "SLUICE_TLS_CERT_FILE and SLUICE_TLS_KEY_FILE go together: set both or neither".into(),
+            )),
+        }
     }
 
     /// The limits on what a client can make the coordinator take on.

@@ -12,6 +12,7 @@ pub mod publish;
 pub mod reconcile;
 pub mod review;
 pub mod store;
+pub mod tls;
 
 pub use config::ServeConfig;
 pub use error::Error;
@@ -23,6 +24,8 @@ use tokio_util::sync::CancellationToken;
 /// A coordinator bound to its listening address, ready to run.
 pub struct Coordinator {
     listener: tokio::net::TcpListener,
+    /// Set when the API serves HTTPS.
+    tls: Option<std::sync::Arc<tokio_rustls::rustls::ServerConfig>>,
     state: api::AppState,
     config: ServeConfig,
 }
@@ -33,6 +36,7 @@ impl Coordinator {
     pub async fn bind(config: ServeConfig) -> Result<Self, Error> {
         config.validate()?;
         let secret = config.token_secret()?;
+        let tls = config.tls()?;
         let pool = common::db::connect(&config.database_url, config.db_pool_size).await?;
         store::ensure_schema(&pool, config.migrate_database_url.as_deref()).await?;
         let nats = common::nats::connect(&config.nats_url).await?;
@@ -44,7 +48,7 @@ impl Coordinator {
         let catalog = config.catalog()?;
         let prices = config.prices()?;
         let state = api::AppState::new(pool, js, catalog, prices, config.limits(), &config.nats_url, secret);
-        Ok(Coordinator { listener, state, config })
+        Ok(Coordinator { listener, tls, state, config })
     }
 
     /// The address the API listens on (useful when binding port 0).
@@ -55,7 +59,7 @@ impl Coordinator {
     /// Serves the API and runs the reconciler until `shutdown` is cancelled.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
         let addr = self.local_addr();
-        tracing::info!(%addr, "coordinator listening");
+        tracing::info!(%addr, https = self.tls.is_some(), "coordinator listening");
         let reconciler = if self.config.reconcile_interval_ms > 0 {
             let context = reconcile::Context {
                 pool: self.state.pool.clone(),
@@ -79,14 +83,21 @@ impl Coordinator {
             self.state.wake.clone(),
             shutdown.clone(),
         ));
-        let app = api::router(self.state);
-        let stop = shutdown.clone();
         // The peer's address, for the audit of refused requests and the throttle.
-        let app = app.into_make_service_with_connect_info::<SocketAddr>();
-        axum::serve(self.listener, app)
-            .with_graceful_shutdown(async move { stop.cancelled().await })
-            .await
-            .map_err(|source| Error::Bind { addr: addr.to_string(), source })?;
+        let app = api::router(self.state).into_make_service_with_connect_info::<SocketAddr>();
+        let stop = shutdown.clone();
+        let stopped = async move { stop.cancelled().await };
+        let served = match self.tls {
+            Some(tls) => {
+                let listener = tls::TlsListener::new(self.listener, tls)
+                    .map_err(|source| Error::Bind { addr: addr.to_string(), source })?;
+                // `tap_io` only so axum hands the peer's address to ConnectInfo, as it does for a TcpListener.
+                let listener = axum::serve::ListenerExt::tap_io(listener, |_| {});
+                axum::serve(listener, app).with_graceful_shutdown(stopped).await
+            }
+            None => axum::serve(self.listener, app).with_graceful_shutdown(stopped).await,
+        };
+        served.map_err(|source| Error::Bind { addr: addr.to_string(), source })?;
         if let Some(r) = reconciler {
             let _ = r.await;
         }

@@ -158,6 +158,45 @@ pub async fn make_token(
     Ok(coordinator::auth::create(pool, &secret, &new, "test").await?)
 }
 
+/// A certificate authority of a test's own, for TLS between Sluice's parts.
+pub struct TestCa {
+    issuer: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+}
+
+impl TestCa {
+    pub fn new(name: &str) -> anyhow::Result<Self> {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.distinguished_name.push(rcgen::DnType::CommonName, name);
+        Ok(TestCa { issuer: rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate()?)? })
+    }
+
+    /// The CA's certificate (PEM), for clients to trust.
+    pub fn pem(&self) -> String {
+        self.issuer.pem()
+    }
+
+    /// A server certificate for `names` (host names or IP addresses) and its
+    /// private key, both PEM.
+    pub fn server(&self, names: &[&str]) -> anyhow::Result<(String, String)> {
+        let key = rcgen::KeyPair::generate()?;
+        let params = rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+
+    /// Writes the CA certificate, and a server certificate and key for
+    /// `names`, into `dir` as ca.pem, cert.pem and key.pem (mode 600).
+    pub fn write_server_files(&self, dir: &Path, names: &[&str]) -> anyhow::Result<(PathBuf, PathBuf, PathBuf)> {
+        let (cert, key) = self.server(names)?;
+        let paths = (dir.join("ca.pem"), dir.join("cert.pem"), dir.join("key.pem"));
+        std::fs::write(&paths.0, self.pem())?;
+        std::fs::write(&paths.1, cert)?;
+        common::private_file::write(&paths.2, &key)?;
+        Ok(paths)
+    }
+}
+
 /// The server-level URL tests create databases through.
 pub fn admin_url() -> String {
     std::env::var("SLUICE_TEST_DATABASE_URL")

@@ -30,6 +30,10 @@ pub struct Cli {
     /// URL of the coordinator's API.
     #[arg(long, global = true, env = "SLUICE_COORDINATOR", default_value = "http://127.0.0.1:7700")]
     coordinator: String,
+    /// CA certificate(s) (PEM) to trust for an https:// coordinator, besides
+    /// the usual roots.
+    #[arg(long, global = true, env = "SLUICE_CA_FILE")]
+    ca_file: Option<PathBuf>,
     /// File holding your API token, readable only by you [default:
     /// ~/.config/sluice/token]. SLUICE_TOKEN, if set, is used instead.
     #[arg(long, global = true, env = "SLUICE_TOKEN_FILE")]
@@ -299,9 +303,16 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     let token_file = cli.token_file.clone().unwrap_or_else(coordinator::client::default_token_file);
     let actor = cli.actor.clone().or_else(|| std::env::var("USER").ok());
     // A client with the user's token, made only by commands that talk to the coordinator.
+    let unauthenticated = || -> anyhow::Result<Client> {
+        let client = Client::new(&cli.coordinator);
+        Ok(match &cli.ca_file {
+            Some(ca) => client.with_ca_file(ca)?,
+            None => client,
+        })
+    };
     let api = || -> anyhow::Result<Client> {
         let token = coordinator::client::load_token(&token_file)?;
-        let client = Client::new(&cli.coordinator).with_token(&token);
+        let client = unauthenticated()?.with_token(&token);
         Ok(match &actor {
             Some(a) => client.with_actor(a),
             None => client,
@@ -333,7 +344,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             std::io::stdin().read_line(&mut token).context("cannot read the token from standard input")?;
             let token = token.trim();
             anyhow::ensure!(!token.is_empty(), "no token on standard input");
-            let me = Client::new(&cli.coordinator).with_token(token).whoami().await?;
+            let me = unauthenticated()?.with_token(token).whoami().await?;
             common::private_file::write(&token_file, token)
                 .with_context(|| format!("cannot write {}", token_file.display()))?;
             eprintln!(

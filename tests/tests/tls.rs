@@ -1,0 +1,79 @@
+//! TLS where Sluice crosses a network: the coordinator's API over HTTPS, checked by the client and the CLI against the CA the user names, and refused under any other.
+
+use std::process::Command;
+
+use sluice_tests::fixtures::{workspace_bin, Stack, TestCa};
+use sluice_tests::sim::SimConfig;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_serves_https_and_clients_refuse_a_certificate_of_another_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("Sluice test CA").unwrap();
+    let (ca_pem, cert, key) = ca.write_server_files(dir.path(), &["localhost", "127.0.0.1"]).unwrap();
+    let other_pem = dir.path().join("other-ca.pem");
+    std::fs::write(&other_pem, TestCa::new("Another CA").unwrap().pem()).unwrap();
+    let stack = Stack::start(SimConfig::default(), |c| {
+        c.tls_cert_file = Some(cert.clone());
+        c.tls_key_file = Some(key.clone());
+    })
+    .await
+    .unwrap();
+    let port = stack.coordinator_addr.port();
+    let url = format!("https://localhost:{port}");
+
+    // Trusting the CA that signed the coordinator's certificate: it works.
+    let client = coordinator::client::Client::new(&url).with_ca_file(&ca_pem).unwrap().with_token(&stack.admin_token);
+    assert_eq!(client.whoami().await.unwrap().name, "test-admin");
+    // Any other CA, or only the usual roots: refused before a byte of the request is sent.
+    for client in [
+        coordinator::client::Client::new(&url).with_ca_file(&other_pem).unwrap(),
+        coordinator::client::Client::new(&url),
+    ] {
+        let err = common::error_chain(&client.with_token(&stack.admin_token).whoami().await.unwrap_err());
+        assert!(err.to_lowercase().contains("certificate"), "{err}");
+    }
+    // Nothing is served in the clear on that port.
+    let plain = reqwest::get(format!("http://127.0.0.1:{port}/healthz")).await;
+    assert!(plain.is_err(), "plain HTTP got an answer: {plain:?}");
+
+    // The CLI, with --ca-file and without.
+    let cli = |ca: Option<&std::path::Path>| {
+        let mut cmd = Command::new(workspace_bin("sluice").unwrap());
+        cmd.args(["whoami", "--coordinator", &url]).env("SLUICE_TOKEN", &stack.admin_token);
+        if let Some(ca) = ca {
+            cmd.arg("--ca-file").arg(ca);
+        }
+        cmd.output().unwrap()
+    };
+    let out = cli(Some(&ca_pem));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("test-admin"));
+    let out = cli(Some(&other_pem));
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).to_lowercase().contains("certificate"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn a_certificate_without_its_key_or_a_bad_one_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("Sluice test CA").unwrap();
+    let (ca_pem, cert, _) = ca.write_server_files(dir.path(), &["localhost"]).unwrap();
+    let mut config = sluice_tests::fixtures::serve_config("postgres://127.0.0.1:9/none", "nats://127.0.0.1:9");
+    config.tls_cert_file = Some(cert.clone());
+    let err = coordinator::Coordinator::bind(config.clone()).await.err().unwrap().to_string();
+    assert!(err.contains("SLUICE_TLS_CERT_FILE and SLUICE_TLS_KEY_FILE go together"), "{err}");
+    // A key that is not the certificate's.
+    let elsewhere = dir.path().join("x");
+    std::fs::create_dir(&elsewhere).unwrap();
+    let (_, _, other_key) = TestCa::new("x").unwrap().write_server_files(&elsewhere, &["x"]).unwrap();
+    config.tls_key_file = Some(other_key);
+    let err = coordinator::Coordinator::bind(config.clone()).await.err().unwrap().to_string();
+    assert!(err.contains("do not go together"), "{err}");
+    config.tls_key_file = Some(ca_pem);
+    let err = coordinator::Coordinator::bind(config).await.err().unwrap().to_string();
+    assert!(err.contains("cannot read the TLS private key"), "{err}");
+}
