@@ -1,5 +1,6 @@
 //! Connecting to NATS and declaring the JetStream stream and consumer every Sluice process relies on.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, kv, stream};
@@ -21,6 +22,8 @@ pub enum NatsError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    #[error("{0}")]
+    Auth(String),
     #[error("a JetStream request failed")]
     Request(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("cannot create or open the key-value bucket {bucket}")]
@@ -37,14 +40,58 @@ pub enum NatsError {
     },
 }
 
+/// How a process proves itself to NATS and checks the server: TLS with a
+/// CA of your own, and a user and password or a credentials file. The same
+/// settings, with the same variables, for the coordinator and the workers.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct NatsAuth {
+    /// CA certificate(s) (PEM) that signed the NATS server's certificate.
+    /// When set, the connection must be TLS (also with a nats:// URL).
+    #[arg(long, env = "SLUICE_NATS_CA_FILE")]
+    pub nats_ca_file: Option<PathBuf>,
+    /// NATS user name; its password comes from --nats-password-file.
+    #[arg(long, env = "SLUICE_NATS_USER", requires = "nats_password_file")]
+    pub nats_user: Option<String>,
+    /// File holding the NATS user's password, readable only by its owner.
+    #[arg(long, env = "SLUICE_NATS_PASSWORD_FILE", requires = "nats_user")]
+    pub nats_password_file: Option<PathBuf>,
+    /// NATS credentials file (a user JWT and nkey seed, as `nsc` writes it),
+    /// instead of a user and password.
+    #[arg(long, env = "SLUICE_NATS_CREDS_FILE")]
+    pub nats_creds_file: Option<PathBuf>,
+}
+
+impl NatsAuth {
+    /// The settings as the environment variables that set them, for a child process.
+    pub fn to_env(&self) -> Vec<(&'static str, String)> {
+        let path = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string());
+        let mut env = Vec::new();
+        env.extend(path(&self.nats_ca_file).map(|p| ("SLUICE_NATS_CA_FILE", p)));
+        env.extend(self.nats_user.clone().map(|u| ("SLUICE_NATS_USER", u)));
+        env.extend(path(&self.nats_password_file).map(|p| ("SLUICE_NATS_PASSWORD_FILE", p)));
+        env.extend(path(&self.nats_creds_file).map(|p| ("SLUICE_NATS_CREDS_FILE", p)));
+        env
+    }
+}
+
 /// Connects to NATS, naming the address in the error when it cannot.
-pub async fn connect(url: &str) -> Result<async_nats::Client, NatsError> {
-    async_nats::ConnectOptions::new()
-        .connection_timeout(Duration::from_secs(5))
-        .name("sluice")
-        .connect(url)
-        .await
-        .map_err(|source| NatsError::Connect { url: url.to_string(), source })
+pub async fn connect(url: &str, auth: &NatsAuth) -> Result<async_nats::Client, NatsError> {
+    let mut options = async_nats::ConnectOptions::new().connection_timeout(Duration::from_secs(5)).name("sluice");
+    if let Some(ca) = &auth.nats_ca_file {
+        options = options.add_root_certificates(ca.clone()).require_tls(true);
+    }
+    if let (Some(user), Some(file)) = (&auth.nats_user, &auth.nats_password_file) {
+        let password = crate::private_file::read(file)
+            .map_err(|e| NatsError::Auth(format!("NATS password: {}", crate::error_chain(&e))))?;
+        options = options.user_and_password(user.clone(), password);
+    }
+    if let Some(creds) = &auth.nats_creds_file {
+        options = options
+            .credentials_file(creds)
+            .await
+            .map_err(|e| NatsError::Auth(format!("cannot read the NATS credentials file {}: {e}", creds.display())))?;
+    }
+    options.connect(url).await.map_err(|source| NatsError::Connect { url: url.to_string(), source })
 }
 
 /// Creates the chunk stream if it does not exist. Work-queue retention removes

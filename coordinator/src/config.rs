@@ -24,6 +24,8 @@ pub struct ServeConfig {
     /// NATS server URL (JetStream must be enabled).
     #[arg(long, env = "SLUICE_NATS_URL", default_value = "nats://127.0.0.1:4222")]
     pub nats_url: String,
+    #[command(flatten)]
+    pub nats_auth: common::nats::NatsAuth,
     /// Address the control API listens on.
     #[arg(long, env = "SLUICE_LISTEN", default_value = "127.0.0.1:7700")]
     pub listen: String,

@@ -43,9 +43,27 @@ pub struct NatsServer {
 impl NatsServer {
     /// Starts `nats-server` (from `SLUICE_NATS_SERVER` or the PATH).
     pub fn start() -> anyhow::Result<Self> {
+        Self::start_with_config("")
+    }
+
+    /// Like [`NatsServer::start`], with `config` (nats-server's configuration
+    /// syntax: `tls { }`, `authorization { }`, ...) as its configuration
+    /// file. `{dir}` in it stands for the server's own folder.
+    pub fn start_with_config(config: &str) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
+        std::fs::write(dir.path().join("nats.conf"), config.replace("{dir}", &dir.path().display().to_string()))?;
         let (child, url) = Self::spawn(dir.path(), "-1")?;
         Ok(NatsServer { child, url, _dir: dir })
+    }
+
+    /// The folder the server keeps its configuration, log and store in.
+    pub fn dir(&self) -> &Path {
+        self._dir.path()
+    }
+
+    /// What the server has logged so far (permission violations among it).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self._dir.path().join("nats.log")).unwrap_or_default()
     }
 
     /// Kills the server (SIGKILL), throws its JetStream store away and starts
@@ -65,8 +83,12 @@ impl NatsServer {
     fn spawn(dir: &Path, port: &str) -> anyhow::Result<(Child, String)> {
         let bin = std::env::var("SLUICE_NATS_SERVER").unwrap_or_else(|_| "nats-server".into());
         let mut child = Command::new(&bin)
+            .arg("-c")
+            .arg(dir.join("nats.conf"))
             .args(["-js", "-a", "127.0.0.1", "-p", port, "--store_dir"])
             .arg(dir.join("store"))
+            .arg("-l")
+            .arg(dir.join("nats.log"))
             .arg("--ports_file_dir")
             .arg(dir)
             .stdout(Stdio::null())
@@ -403,12 +425,22 @@ pub struct Stack {
 impl Stack {
     /// Starts everything but workers. `tune` may adjust the coordinator's configuration.
     pub async fn start(sim: SimConfig, tune: impl FnOnce(&mut coordinator::ServeConfig)) -> anyhow::Result<Self> {
-        Self::start_inner(TestDb::create().await?, vec![sim], None, tune).await
+        Self::start_inner(TestDb::create().await?, NatsServer::start()?, vec![sim], None, tune).await
+    }
+
+    /// Like [`Stack::start`], on a NATS server of the caller's (with TLS or
+    /// users, say; `tune` then gives the coordinator its settings).
+    pub async fn start_on_nats(
+        nats: NatsServer,
+        sim: SimConfig,
+        tune: impl FnOnce(&mut coordinator::ServeConfig),
+    ) -> anyhow::Result<Self> {
+        Self::start_inner(TestDb::create().await?, nats, vec![sim], None, tune).await
     }
 
     /// Like [`Stack::start`], on a database of the caller's.
     pub async fn start_on(db: TestDb, sim: SimConfig) -> anyhow::Result<Self> {
-        Self::start_inner(db, vec![sim], None, |_| {}).await
+        Self::start_inner(db, NatsServer::start()?, vec![sim], None, |_| {}).await
     }
 
     /// Starts a simulator per entry of `sims` and writes `providers` as the
@@ -416,16 +448,16 @@ impl Stack {
     /// `{sim1}`, ... replaced by the simulators' `host:port` and `{dir}` by a
     /// folder for key files.
     pub async fn start_with_providers(sims: Vec<SimConfig>, providers: &str) -> anyhow::Result<Self> {
-        Self::start_inner(TestDb::create().await?, sims, Some(providers), |_| {}).await
+        Self::start_inner(TestDb::create().await?, NatsServer::start()?, sims, Some(providers), |_| {}).await
     }
 
     async fn start_inner(
         db: TestDb,
+        nats: NatsServer,
         sims: Vec<SimConfig>,
         providers: Option<&str>,
         tune: impl FnOnce(&mut coordinator::ServeConfig),
     ) -> anyhow::Result<Self> {
-        let nats = NatsServer::start()?;
         let mut started = Vec::new();
         for config in sims {
             started.push(SimServer::start(config).await?);

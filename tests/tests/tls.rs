@@ -2,7 +2,7 @@
 
 use std::process::Command;
 
-use sluice_tests::fixtures::{workspace_bin, Stack, TestCa};
+use sluice_tests::fixtures::{workspace_bin, NatsServer, Stack, TestCa};
 use sluice_tests::sim::SimConfig;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -76,4 +76,91 @@ async fn a_certificate_without_its_key_or_a_bad_one_is_refused_at_start() {
     config.tls_key_file = Some(ca_pem);
     let err = coordinator::Coordinator::bind(config).await.err().unwrap().to_string();
     assert!(err.contains("cannot read the TLS private key"), "{err}");
+}
+
+/// NATS with TLS and a user per component, with the permissions of
+/// deploy/nats/permissions.conf: a job runs through it, nothing it does is
+/// refused, and what a component does not need is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_with_tls_and_a_user_per_component_runs_a_job_and_refuses_the_rest() {
+    use common::nats::NatsAuth;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("Sluice test CA").unwrap();
+    let (ca_pem, cert, key) = ca.write_server_files(dir.path(), &["localhost", "127.0.0.1"]).unwrap();
+    let permissions =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/nats/permissions.conf")).unwrap();
+    let config = format!(
+        r#"{permissions}
+tls {{
+  cert_file: "{}"
+  key_file: "{}"
+}}
+authorization {{
+  users: [
+    {{ user: coordinator, password: "coordinator-pw", permissions: $COORDINATOR_PERMISSIONS }}
+    {{ user: worker, password: "worker-pw", permissions: $WORKER_PERMISSIONS }}
+  ]
+}}
+"#,
+        cert.display(),
+        key.display()
+    );
+    let nats = NatsServer::start_with_config(&config).unwrap();
+    let auth = |user: &str| {
+        let password = dir.path().join(format!("{user}.pw"));
+        common::private_file::write(&password, &format!("{user}-pw")).unwrap();
+        NatsAuth {
+            nats_ca_file: Some(ca_pem.clone()),
+            nats_user: Some(user.into()),
+            nats_password_file: Some(password),
+            nats_creds_file: None,
+        }
+    };
+    let (coordinator_auth, worker_auth) = (auth("coordinator"), auth("worker"));
+    let mut stack =
+        Stack::start_on_nats(nats, SimConfig::default(), |c| c.nats_auth = coordinator_auth.clone()).await.unwrap();
+    stack.add_worker(|c| c.nats_auth = worker_auth.clone());
+    let report = stack.submit("classify", sluice_tests::fixtures::sample_jsonl(3, 300), false).await.unwrap();
+    if let Err(e) = stack.wait_completed(report.job_id, std::time::Duration::from_secs(60)).await {
+        let log = stack.nats.log();
+        let refused: Vec<&str> = log.lines().filter(|l| l.contains("Violation")).collect();
+        panic!("{e}; the server refused:\n{}", refused.join("\n"));
+    }
+    let log = stack.nats.log();
+    assert!(!log.contains("Violation"), "the job needed something refused:\n{log}");
+
+    // What each does not need is refused.
+    let url = stack.nats.url().to_string();
+    let worker = async_nats::jetstream::new(common::nats::connect(&url, &worker_auth).await.unwrap());
+    let coordinator = async_nats::jetstream::new(common::nats::connect(&url, &coordinator_auth).await.unwrap());
+    assert!(worker.delete_stream(common::wire::STREAM).await.is_err(), "a worker deleted the chunk stream");
+    assert!(
+        coordinator.get_key_value(common::nats::STATE_BUCKET).await.is_err(),
+        "the coordinator opened the state bucket"
+    );
+    let forged = worker.publish(format!("{}.forged", common::wire::SUBJECT_PREFIX), "{}".into()).await;
+    assert!(forged.is_err() || forged.unwrap().await.is_err(), "a worker published a chunk");
+    sluice_tests::fixtures::wait_for(
+        "the refusals in the server's log",
+        std::time::Duration::from_secs(10),
+        || async {
+            let log = stack.nats.log();
+            Ok(log.contains("user:worker\" - Publish Violation - Subject \"$JS.API.STREAM.DELETE.SLUICE_CHUNKS\"")
+                && log.contains("user:worker\" - Publish Violation - Subject \"sluice.chunks.forged\""))
+        },
+    )
+    .await
+    .unwrap();
+    assert!(stack.client.status(report.job_id).await.is_ok());
+
+    // Without the CA, with another CA, or without a password: no connection.
+    let other = dir.path().join("other.pem");
+    std::fs::write(&other, TestCa::new("Another CA").unwrap().pem()).unwrap();
+    for (what, auth) in [
+        ("the public roots only", NatsAuth { nats_ca_file: None, ..worker_auth.clone() }),
+        ("another CA", NatsAuth { nats_ca_file: Some(other), ..worker_auth.clone() }),
+        ("no password", NatsAuth { nats_user: None, nats_password_file: None, ..worker_auth.clone() }),
+    ] {
+        assert!(common::nats::connect(&url, &auth).await.is_err(), "connected with {what}");
+    }
 }

@@ -19,6 +19,8 @@ pub struct WorkerConfig {
     /// NATS server URL (JetStream must be enabled).
     #[arg(long, env = "SLUICE_NATS_URL", default_value = "nats://127.0.0.1:4222")]
     pub nats_url: String,
+    #[command(flatten)]
+    pub nats_auth: common::nats::NatsAuth,
     /// The providers file (TOML): endpoints, keys, limits and parameter rules
     /// per model; see deploy/providers.example.toml. Without it, the
     /// SLUICE_MODEL_BASE_URL, SLUICE_MODEL_API_KEY*, SLUICE_RPM, SLUICE_TPM and
@@ -157,6 +159,7 @@ impl WorkerConfig {
         env.extend(path(&self.providers_file).map(|p| ("SLUICE_PROVIDERS_FILE", p)));
         env.extend(path(&self.api_key_file).map(|p| ("SLUICE_MODEL_API_KEY_FILE", p)));
         env.extend(self.name.clone().map(|n| ("SLUICE_WORKER_NAME", n)));
+        env.extend(self.nats_auth.to_env());
         env
     }
 
@@ -287,6 +290,10 @@ mod tests {
         config.providers_file = Some("p.toml".into());
         config.api_key_file = Some("k".into());
         config.name = Some("n".into());
+        config.nats_auth.nats_ca_file = Some("ca.pem".into());
+        config.nats_auth.nats_creds_file = Some("w.creds".into());
+        config.nats_auth.nats_user = Some("u".into());
+        config.nats_auth.nats_password_file = Some("pw".into());
         config.concurrency = 7;
         config.rpm = 1.5;
         let env = config.to_env();

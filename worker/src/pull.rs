@@ -60,7 +60,7 @@ impl Worker {
         let config = config.resolve()?;
         metrics::describe();
         let pool = common::db::connect(&config.database_url, config.db_pool_size).await?;
-        let nats = common::nats::connect(&config.nats_url).await?;
+        let nats = common::nats::connect(&config.nats_url, &config.nats_auth).await?;
         let js = jetstream::new(nats);
         let ack_wait = Duration::from_secs(config.ack_wait_s);
         let topology = Topology { js, url: config.nats_url.clone(), ack_wait };
