@@ -239,6 +239,11 @@ impl TestDb {
         Self::create_on(&admin_url()).await
     }
 
+    /// The database's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     /// A database on the server at `admin_url` (a server-level URL of a role that may create databases).
     pub async fn create_on(admin_url: &str) -> anyhow::Result<Self> {
         let db = Self::create_empty(admin_url).await?;
@@ -271,6 +276,8 @@ pub struct PgCluster {
     dir: tempfile::TempDir,
     bin: PathBuf,
     as_postgres: bool,
+    /// The TCP port, once [`PgCluster::listen_tls`] has opened one.
+    port: Option<u16>,
 }
 
 impl PgCluster {
@@ -289,7 +296,7 @@ impl PgCluster {
             let ok = Command::new("chown").args(["-R", "postgres:"]).arg(dir.path()).status()?.success();
             anyhow::ensure!(ok, "cannot hand {} to the postgres user", dir.path().display());
         }
-        let cluster = PgCluster { dir, bin, as_postgres };
+        let cluster = PgCluster { dir, bin, as_postgres, port: None };
         let data = cluster.data();
         cluster.run("initdb", &["-D", &data, "-A", "trust", "-U", "sluice", "--no-sync", "-E", "UTF8"])?;
         cluster.start_server()?;
@@ -330,9 +337,44 @@ impl PgCluster {
 
     /// Starts the server (again), waiting until it accepts connections.
     pub fn start_server(&self) -> anyhow::Result<()> {
-        let opts = format!("-k {} -c listen_addresses='' -c fsync=off", self.dir.path().display());
+        let listen = match self.port {
+            Some(port) => format!("-c listen_addresses=127.0.0.1 -p {port}"),
+            None => "-c listen_addresses=''".into(),
+        };
+        let opts = format!("-k {} {listen} -c fsync=off", self.dir.path().display());
         let log = self.dir.path().join("postgres.log").display().to_string();
         self.run("pg_ctl", &["-D", &self.data(), "-l", &log, "-o", &opts, "-w", "start"])
+    }
+
+    /// Restarts the server listening on 127.0.0.1 too, with TLS only there
+    /// (`hostnossl` connections are rejected), serving `cert` and `key`
+    /// (PEM). Returns the TCP port: one is tried after another until the
+    /// server starts on a free one, since Postgres cannot take port 0.
+    pub fn listen_tls(&mut self, cert: &str, key: &str) -> anyhow::Result<u16> {
+        let data = PathBuf::from(self.data());
+        self.stop_server()?;
+        for (name, text) in [("server.crt", cert), ("server.key", key)] {
+            common::private_file::write(&data.join(name), text)?;
+        }
+        let mut conf = std::fs::OpenOptions::new().append(true).open(data.join("postgresql.conf"))?;
+        std::io::Write::write_all(
+            &mut conf,
+            b"\nssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n",
+        )?;
+        let hba = std::fs::read_to_string(data.join("pg_hba.conf"))?;
+        std::fs::write(data.join("pg_hba.conf"), format!("hostnossl all all 0.0.0.0/0 reject\n{hba}"))?;
+        if self.as_postgres {
+            let ok = Command::new("chown").args(["-R", "postgres:"]).arg(&data).status()?.success();
+            anyhow::ensure!(ok, "cannot hand {} to the postgres user", data.display());
+        }
+        let first = 20_000 + (std::process::id() % 20_000) as u16;
+        for port in (first..).take(50) {
+            self.port = Some(port);
+            if self.start_server().is_ok() {
+                return Ok(port);
+            }
+        }
+        bail!("Postgres found no free port from {first}")
     }
 
     /// Stops the server as an operator would (`pg_ctl stop -m fast`): sessions are cut off.
@@ -345,7 +387,8 @@ impl PgCluster {
     /// decodes to an absolute path as a Unix socket directory).
     pub fn admin_url(&self) -> String {
         let socket_dir = self.dir.path().display().to_string().replace('/', "%2F");
-        format!("postgres://sluice:sluice@{socket_dir}:5432/postgres")
+        // The socket's name carries the port.
+        format!("postgres://sluice:sluice@{socket_dir}:{}/postgres", self.port.unwrap_or(5432))
     }
 }
 

@@ -164,3 +164,71 @@ authorization {{
         assert!(common::nats::connect(&url, &auth).await.is_err(), "connected with {what}");
     }
 }
+
+/// Postgres with TLS: the coordinator and a worker connect with
+/// `sslmode=verify-full` and the CA's certificate, their sessions are
+/// encrypted, and another CA or a connection without TLS is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_connections_are_encrypted_and_checked_against_the_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("Sluice test CA").unwrap();
+    let (ca_pem, cert, key) = ca.write_server_files(dir.path(), &["localhost"]).unwrap();
+    let other = dir.path().join("other.pem");
+    std::fs::write(&other, TestCa::new("Another CA").unwrap().pem()).unwrap();
+    let mut cluster = sluice_tests::fixtures::PgCluster::start().await.unwrap();
+    let db = sluice_tests::fixtures::TestDb::create_on(&cluster.admin_url()).await.unwrap();
+    let port =
+        cluster.listen_tls(&std::fs::read_to_string(&cert).unwrap(), &std::fs::read_to_string(&key).unwrap()).unwrap();
+    let url = |role: &str, mode: &str, ca: &std::path::Path| {
+        format!("postgres://{role}@localhost:{port}/{}?sslmode={mode}&sslrootcert={}", db.name(), ca.display())
+    };
+    let nats = NatsServer::start().unwrap();
+
+    let coordinator = coordinator::Coordinator::bind(sluice_tests::fixtures::serve_config(
+        &url("sluice_coordinator", "verify-full", &ca_pem),
+        nats.url(),
+    ))
+    .await
+    .unwrap();
+    let worker = worker::Worker::connect(worker::WorkerConfig::for_urls(
+        &url("sluice_worker", "verify-full", &ca_pem),
+        nats.url(),
+        "http://127.0.0.1:9/v1",
+    ))
+    .await
+    .unwrap();
+    // Over the socket, which has moved with the port.
+    let mut superuser = <sqlx::PgConnection as sqlx::Connection>::connect(&cluster.admin_url()).await.unwrap();
+    let sessions: Vec<(String, bool)> = sqlx::query_as(
+        "SELECT a.usename::text, s.ssl FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid)
+         WHERE a.usename IN ('sluice_coordinator', 'sluice_worker')",
+    )
+    .fetch_all(&mut superuser)
+    .await
+    .unwrap();
+    for role in ["sluice_coordinator", "sluice_worker"] {
+        assert!(sessions.iter().any(|(r, _)| r == role), "{role} has no session: {sessions:?}");
+    }
+    assert!(sessions.iter().all(|(_, ssl)| *ssl), "a session is not encrypted: {sessions:?}");
+
+    let err = coordinator::Coordinator::bind(sluice_tests::fixtures::serve_config(
+        &url("sluice_coordinator", "verify-full", &other),
+        nats.url(),
+    ))
+    .await
+    .err()
+    .unwrap();
+    let err = common::error_chain(&err).to_lowercase();
+    assert!(err.contains("certificate"), "{err}");
+    let err = worker::Worker::connect(worker::WorkerConfig::for_urls(
+        &url("sluice_worker", "disable", &ca_pem),
+        nats.url(),
+        "http://127.0.0.1:9/v1",
+    ))
+    .await
+    .err()
+    .unwrap();
+    let err = common::error_chain(&err);
+    assert!(err.contains("pg_hba.conf") && err.contains("no encryption"), "{err}");
+    drop((coordinator, worker));
+}
