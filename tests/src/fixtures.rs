@@ -716,6 +716,18 @@ pub fn sample_jsonl(seed: u64, count: u64) -> Vec<u8> {
     out
 }
 
+/// A job of the shipped kind `kind` (e.g. "classify"), as `sluice submit`
+/// sends it with no option: the token's project, the kind's threshold.
+pub fn new_job(kind: &str) -> coordinator::model::NewJob {
+    coordinator::model::NewJob {
+        kind: common::spec::JobKind::load(&jobs_dir().join(kind)).expect("shipped job kind loads"),
+        input_name: None,
+        review_below: None,
+        allow_unpriced: false,
+        project: None,
+    }
+}
+
 /// Path of a binary built from this workspace (tests run from target/<profile>/deps).
 pub fn workspace_bin(name: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;

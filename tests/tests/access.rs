@@ -49,13 +49,7 @@ async fn refusals(stack: &Stack, outcome: &str) -> i64 {
 }
 
 fn new_job(project: &str) -> coordinator::model::NewJob {
-    coordinator::model::NewJob {
-        kind: common::spec::JobKind::load(&sluice_tests::fixtures::jobs_dir().join("classify")).unwrap(),
-        input_name: None,
-        review_below: None,
-        allow_unpriced: false,
-        project: Some(project.into()),
-    }
+    coordinator::model::NewJob { project: Some(project.into()), ..sluice_tests::fixtures::new_job("classify") }
 }
 
 /// Every endpoint, and the least role the table gives it, written

@@ -130,17 +130,45 @@ async fn a_prompt_over_the_size_limit_fails_its_item_before_any_call() {
     // to more than the default max_prompt_bytes (512 KiB).
     let mut kind = common::spec::JobKind::load(&sluice_tests::fixtures::jobs_dir().join("classify")).unwrap();
     kind.template.push_str("\n{% for view in range(2) %}Again: {{ text }}\n{% endfor %}");
+    let limit = kind.spec.max_prompt_bytes;
+    // Pad the template so that the limit is reachable in steps of three bytes.
+    let system = kind.spec.system.as_deref().map_or(0, str::len);
+    let empty = common::spec::Prompt::new(&kind).unwrap().render(&serde_json::json!({"text": ""})).unwrap().len();
+    kind.template.push_str(&".".repeat((limit - empty - system) % 3));
+    // Documents whose prompts (with the system prompt) come to just below the
+    // limit, exactly to it, and just above: one character of text either way,
+    // three bytes, since the text appears three times.
+    let prompt = common::spec::Prompt::new(&kind).unwrap();
+    let size = |text: &str| prompt.render(&serde_json::json!({"id": "x", "text": text})).unwrap().len() + system;
+    let base = size("");
+    let text_for = |target: usize| {
+        // Each character of the text appears three times in the prompt.
+        let mut text = "w".repeat((target - base) / 3);
+        while size(&text) < target {
+            text.push('w');
+        }
+        assert_eq!(size(&text), target, "a text renders to exactly {target} bytes");
+        text
+    };
     let mut input = sample_jsonl(12, 20);
-    let big = serde_json::json!({"id": "big", "text": "word ".repeat(40_000)});
-    input.extend(serde_json::to_vec(&big).unwrap());
-    input.push(b'\n');
+    for (id, target) in [("below", limit - 3), ("at", limit), ("big", limit + 3)] {
+        let doc = serde_json::json!({"id": id, "text": text_for(target)});
+        input.extend(serde_json::to_vec(&doc).unwrap());
+        input.push(b'\n');
+    }
     let report = stack.submit_kind(kind, input, false).await.unwrap();
     stack.wait_completed(report.job_id, Duration::from_secs(60)).await.unwrap();
+    // The two at or under the limit are answered (the simulator is unsure of
+    // a page of "w", so they go to review); only the one over it fails.
     assert_eq!(
         outcome(&stack, report.job_id).await,
-        [("failed".to_string(), Some("prompt_too_large".to_string()), 1), ("succeeded".to_string(), None, 20)]
+        [
+            ("failed".to_string(), Some("prompt_too_large".to_string()), 1),
+            ("needs_review".to_string(), None, 2),
+            ("succeeded".to_string(), None, 20)
+        ]
     );
-    assert_eq!(stack.sim.sim.stats().requests, 20, "the oversized prompt was never sent");
+    assert_eq!(stack.sim.sim.stats().requests, 22, "the oversized prompt was never sent");
     let (id, error): (String, String) =
         sqlx::query_as("SELECT item_id, error FROM results WHERE job_id = $1 AND state = 'failed'")
             .bind(report.job_id)

@@ -92,19 +92,7 @@ async fn skip_invalid_ingests_the_good_lines_and_records_the_bad_ones() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_upload_to_the_same_job_is_refused() {
     let stack = Stack::start(SimConfig::default(), |_| {}).await.unwrap();
-    let kind = common::spec::JobKind::load(&sluice_tests::fixtures::jobs_dir().join("classify")).unwrap();
-    let job_id = stack
-        .client
-        .create_job(&coordinator::model::NewJob {
-            kind,
-            input_name: None,
-            review_below: None,
-            allow_unpriced: false,
-            project: None,
-        })
-        .await
-        .unwrap()
-        .job_id;
+    let job_id = stack.client.create_job(&sluice_tests::fixtures::new_job("classify")).await.unwrap().job_id;
     let body = || futures::stream::iter(vec![Ok(bytes::Bytes::from(sample_jsonl(1, 10)))]);
     stack.client.upload(job_id, body(), false).await.unwrap();
     let err = stack.client.upload(job_id, body(), false).await.unwrap_err();
@@ -260,13 +248,9 @@ async fn uploads_over_the_limits_are_refused_and_nothing_is_ingested() {
 async fn a_project_may_have_only_so_many_jobs_uploading_or_running() {
     const MAX: u32 = 3;
     let stack = Stack::start(SimConfig::default(), |c| c.max_active_jobs_per_project = MAX).await.unwrap();
-    let kind = common::spec::JobKind::load(&sluice_tests::fixtures::jobs_dir().join("classify")).unwrap();
     let new = |project: &str| coordinator::model::NewJob {
-        kind: kind.clone(),
-        input_name: None,
-        review_below: None,
-        allow_unpriced: false,
         project: Some(project.into()),
+        ..sluice_tests::fixtures::new_job("classify")
     };
     let mut jobs = Vec::new();
     for _ in 0..MAX {
@@ -296,10 +280,7 @@ async fn a_project_may_have_only_so_many_jobs_uploading_or_running() {
 /// Sends the head of an upload by hand and hangs up half-way, as a killed client does.
 async fn upload_cut_off(stack: &Stack) -> Uuid {
     use tokio::io::AsyncWriteExt;
-    let kind = common::spec::JobKind::load(&sluice_tests::fixtures::jobs_dir().join("classify")).unwrap();
-    let new =
-        coordinator::model::NewJob { kind, input_name: None, review_below: None, allow_unpriced: false, project: None };
-    let job_id = stack.client.create_job(&new).await.unwrap().job_id;
+    let job_id = stack.client.create_job(&sluice_tests::fixtures::new_job("classify")).await.unwrap().job_id;
     let body = sample_jsonl(8, 60_000);
     let mut sock = tokio::net::TcpStream::connect(stack.coordinator_addr).await.unwrap();
     let head = format!(

@@ -46,18 +46,7 @@ async fn coordinator_and_worker_processes_export_metrics() {
     let _worker = WorkerProcess::spawn_logged(&config, "metrics-worker", &env, Some(&worker_log)).unwrap();
     let worker_metrics = logged_addr(&worker_log, "metrics endpoint listening").await.unwrap();
 
-    let kind = common::spec::JobKind::load(&sluice_tests::fixtures::jobs_dir().join("classify")).unwrap();
-    let job = client
-        .create_job(&coordinator::model::NewJob {
-            kind,
-            input_name: None,
-            review_below: None,
-            allow_unpriced: false,
-            project: None,
-        })
-        .await
-        .unwrap()
-        .job_id;
+    let job = client.create_job(&sluice_tests::fixtures::new_job("classify")).await.unwrap().job_id;
     let input = vec![Ok(bytes::Bytes::from(sample_jsonl(6, 120)))];
     client.upload(job, futures::stream::iter(input), false).await.unwrap();
     wait_for("completion", Duration::from_secs(60), || async { Ok(client.status(job).await?.state == "completed") })

@@ -79,7 +79,9 @@ async fn logprob_confidence_flags_the_wrong_answers_and_the_review_round_trip_fi
     let all_below = stack.client.review_export(job, Some(0.99), "jsonl").await.unwrap();
     assert!(all_below.split(|b| *b == b'\n').filter(|l| !l.is_empty()).count() > queued.len());
 
-    // A reviewer decides every queued item; the exports then carry the human answer.
+    // A reviewer decides every queued item with a token of her own; the
+    // exports then carry the human answer, under her name.
+    let ann = stack.client_as("ann", "default", coordinator::auth::Role::Reviewer).await.unwrap();
     let mut decisions = Vec::new();
     for q in &queued {
         let id = q["id"].as_str().unwrap();
@@ -88,7 +90,7 @@ async fn logprob_confidence_flags_the_wrong_answers_and_the_review_round_trip_fi
         );
         decisions.push(b'\n');
     }
-    let imported = stack.client.review_import(job, decisions, "jsonl", "decisions.jsonl").await.unwrap();
+    let imported = ann.review_import(job, decisions, "jsonl", "decisions.jsonl").await.unwrap();
     assert_eq!(imported.applied as usize, queued.len());
     let status = stack.status(job).await.unwrap();
     assert_eq!((status.needs_review, status.reviewed), (0, queued.len() as u64));
@@ -135,7 +137,7 @@ async fn bad_decision_files_are_refused_whole_with_line_numbers() {
 {\"id\":\"no-such-doc\",\"answer\":\"sports\",\"reviewer\":\"ann\"}\n\
 {\"id\":\"doc-0000002\",\"answer\":\"cooking\",\"reviewer\":\"ann\"}\n\
 {\"id\": \"doc-0000003\", \n\
-{\"id\":\"doc-0000004\",\"answer\":\"health\"}\n"
+{\"id\":\"doc-0000004\"}\n"
         .to_vec();
     let err = stack.client.review_import(report.job_id, body, "jsonl", "bad.jsonl").await.unwrap_err();
     let ClientError::Decisions { errors, message } = err else { panic!("{err:?}") };
@@ -145,7 +147,7 @@ async fn bad_decision_files_are_refused_whole_with_line_numbers() {
     assert!(errors[0].reason.contains("unknown item id \"no-such-doc\""));
     assert!(errors[1].reason.contains("not one of the labels"));
     assert!(errors[2].reason.contains("invalid JSON"));
-    assert!(errors[3].reason.contains("missing \"reviewer\""));
+    assert!(errors[3].reason.contains("missing \"answer\""));
     assert_eq!(rows(&stack, report.job_id).await, before, "nothing half-applied");
     let reviews: i64 = sqlx::query_scalar("SELECT count(*) FROM reviews").fetch_one(&stack.db.pool).await.unwrap();
     assert_eq!(reviews, 0);
