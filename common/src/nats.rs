@@ -55,6 +55,11 @@ pub struct NatsAuth {
     /// File holding the NATS user's password, readable only by its owner.
     #[arg(long, env = "SLUICE_NATS_PASSWORD_FILE", requires = "nats_user")]
     pub nats_password_file: Option<PathBuf>,
+    /// File holding an nkey seed (`SU...`, as `nk -gen user` writes it),
+    /// readable only by its owner: for a server that lists the user by its
+    /// public nkey (deploy/nats-server.conf).
+    #[arg(long, env = "SLUICE_NATS_NKEY_FILE")]
+    pub nats_nkey_file: Option<PathBuf>,
     /// NATS credentials file (a user JWT and nkey seed, as `nsc` writes it),
     /// instead of a user and password.
     #[arg(long, env = "SLUICE_NATS_CREDS_FILE")]
@@ -69,6 +74,7 @@ impl NatsAuth {
         env.extend(path(&self.nats_ca_file).map(|p| ("SLUICE_NATS_CA_FILE", p)));
         env.extend(self.nats_user.clone().map(|u| ("SLUICE_NATS_USER", u)));
         env.extend(path(&self.nats_password_file).map(|p| ("SLUICE_NATS_PASSWORD_FILE", p)));
+        env.extend(path(&self.nats_nkey_file).map(|p| ("SLUICE_NATS_NKEY_FILE", p)));
         env.extend(path(&self.nats_creds_file).map(|p| ("SLUICE_NATS_CREDS_FILE", p)));
         env
     }
@@ -84,6 +90,11 @@ pub async fn connect(url: &str, auth: &NatsAuth) -> Result<async_nats::Client, N
         let password = crate::private_file::read(file)
             .map_err(|e| NatsError::Auth(format!("NATS password: {}", crate::error_chain(&e))))?;
         options = options.user_and_password(user.clone(), password);
+    }
+    if let Some(file) = &auth.nats_nkey_file {
+        let seed = crate::private_file::read(file)
+            .map_err(|e| NatsError::Auth(format!("NATS nkey seed: {}", crate::error_chain(&e))))?;
+        options = options.nkey(seed);
     }
     if let Some(creds) = &auth.nats_creds_file {
         options = options

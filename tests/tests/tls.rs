@@ -79,14 +79,16 @@ async fn a_certificate_without_its_key_or_a_bad_one_is_refused_at_start() {
 }
 
 /// NATS with TLS and a user per component, with the permissions of
-/// deploy/nats/permissions.conf: a job runs through it, nothing it does is
-/// refused, and what a component does not need is.
+/// deploy/nats/permissions.conf: the coordinator with a password, the worker
+/// with an nkey. A job runs through it, nothing it does is refused, and what
+/// a component does not need is.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_with_tls_and_a_user_per_component_runs_a_job_and_refuses_the_rest() {
     use common::nats::NatsAuth;
     let dir = tempfile::tempdir().unwrap();
     let ca = TestCa::new("Sluice test CA").unwrap();
     let (ca_pem, cert, key) = ca.write_server_files(dir.path(), &["localhost", "127.0.0.1"]).unwrap();
+    let worker_key = nkeys::KeyPair::new_user();
     let permissions =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/nats/permissions.conf")).unwrap();
     let config = format!(
@@ -98,12 +100,13 @@ tls {{
 authorization {{
   users: [
     {{ user: coordinator, password: "coordinator-pw", permissions: $COORDINATOR_PERMISSIONS }}
-    {{ user: worker, password: "worker-pw", permissions: $WORKER_PERMISSIONS }}
+    {{ nkey: "{}", permissions: $WORKER_PERMISSIONS }}
   ]
 }}
 "#,
         cert.display(),
-        key.display()
+        key.display(),
+        worker_key.public_key()
     );
     let nats = NatsServer::start_with_config(&config).unwrap();
     let auth = |user: &str| {
@@ -113,10 +116,20 @@ authorization {{
             nats_ca_file: Some(ca_pem.clone()),
             nats_user: Some(user.into()),
             nats_password_file: Some(password),
+            nats_nkey_file: None,
             nats_creds_file: None,
         }
     };
-    let (coordinator_auth, worker_auth) = (auth("coordinator"), auth("worker"));
+    let coordinator_auth = auth("coordinator");
+    let seed = dir.path().join("worker.nk");
+    common::private_file::write(&seed, &worker_key.seed().unwrap()).unwrap();
+    let worker_auth = NatsAuth {
+        nats_ca_file: Some(ca_pem.clone()),
+        nats_user: None,
+        nats_password_file: None,
+        nats_nkey_file: Some(seed),
+        nats_creds_file: None,
+    };
     let mut stack =
         Stack::start_on_nats(nats, SimConfig::default(), |c| c.nats_auth = coordinator_auth.clone()).await.unwrap();
     stack.add_worker(|c| c.nats_auth = worker_auth.clone());
@@ -145,21 +158,27 @@ authorization {{
         std::time::Duration::from_secs(10),
         || async {
             let log = stack.nats.log();
-            Ok(log.contains("user:worker\" - Publish Violation - Subject \"$JS.API.STREAM.DELETE.SLUICE_CHUNKS\"")
-                && log.contains("user:worker\" - Publish Violation - Subject \"sluice.chunks.forged\""))
+            Ok(log.contains("Publish Violation - Subject \"$JS.API.STREAM.DELETE.SLUICE_CHUNKS\"")
+                && log.contains("Publish Violation - Subject \"sluice.chunks.forged\""))
         },
     )
     .await
     .unwrap();
     assert!(stack.client.status(report.job_id).await.is_ok());
 
-    // Without the CA, with another CA, or without a password: no connection.
+    // Without the CA, with another CA, or without the right key or password: no connection.
     let other = dir.path().join("other.pem");
     std::fs::write(&other, TestCa::new("Another CA").unwrap().pem()).unwrap();
+    let stranger = dir.path().join("stranger.nk");
+    common::private_file::write(&stranger, &nkeys::KeyPair::new_user().seed().unwrap()).unwrap();
+    let wrong_pw = dir.path().join("wrong.pw");
+    common::private_file::write(&wrong_pw, "guess").unwrap();
     for (what, auth) in [
         ("the public roots only", NatsAuth { nats_ca_file: None, ..worker_auth.clone() }),
         ("another CA", NatsAuth { nats_ca_file: Some(other), ..worker_auth.clone() }),
-        ("no password", NatsAuth { nats_user: None, nats_password_file: None, ..worker_auth.clone() }),
+        ("no nkey", NatsAuth { nats_nkey_file: None, ..worker_auth.clone() }),
+        ("another nkey", NatsAuth { nats_nkey_file: Some(stranger), ..worker_auth.clone() }),
+        ("a wrong password", NatsAuth { nats_password_file: Some(wrong_pw), ..coordinator_auth.clone() }),
     ] {
         assert!(common::nats::connect(&url, &auth).await.is_err(), "connected with {what}");
     }

@@ -292,6 +292,7 @@ mod tests {
         config.name = Some("n".into());
         config.nats_auth.nats_ca_file = Some("ca.pem".into());
         config.nats_auth.nats_creds_file = Some("w.creds".into());
+        config.nats_auth.nats_nkey_file = Some("w.nk".into());
         config.nats_auth.nats_user = Some("u".into());
         config.nats_auth.nats_password_file = Some("pw".into());
         config.concurrency = 7;
