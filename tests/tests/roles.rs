@@ -150,6 +150,21 @@ async fn a_workers_role_may_do_only_what_a_worker_does() {
     }
 }
 
+/// A coordinator whose role was made before sluice_control existed (an
+/// upgrade) stops at start-up and names the grant to run.
+#[tokio::test]
+async fn a_coordinator_role_without_sluice_control_is_told_the_grant_to_run() {
+    let cluster = sluice_tests::fixtures::PgCluster::start().await.unwrap();
+    let db = TestDb::create_on(&cluster.admin_url()).await.unwrap();
+    sqlx::query("CREATE ROLE old_coordinator LOGIN IN ROLE sluice_app").execute(&db.pool).await.unwrap();
+    let nats = sluice_tests::fixtures::NatsServer::start().unwrap();
+    let config = sluice_tests::fixtures::serve_config(&db.app_url("old_coordinator"), nats.url());
+    let err = coordinator::Coordinator::bind(config.clone()).await.err().unwrap().to_string();
+    assert!(err.contains("GRANT sluice_control TO"), "{err}");
+    sqlx::query("GRANT sluice_control TO old_coordinator").execute(&db.pool).await.unwrap();
+    coordinator::Coordinator::bind(config).await.unwrap();
+}
+
 /// A server error tells the client a request id, not the SQL error: the
 /// details (tables, roles, addresses) stay in the coordinator's log.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
