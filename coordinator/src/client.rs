@@ -197,9 +197,17 @@ impl Client {
         self.json(resp, &url).await
     }
 
+    /// The most recent jobs the token may see, newest first.
     pub async fn jobs(&self, limit: u32) -> Result<Vec<JobStatus>, ClientError> {
-        let url = self.url(&format!("/v1/jobs?limit={limit}"));
-        let resp = self.send(self.http.get(&url), &url).await?;
+        self.jobs_of(limit, None).await
+    }
+
+    /// Like [`Client::jobs`], only `project`'s when given (for an admin token).
+    pub async fn jobs_of(&self, limit: u32, project: Option<&str>) -> Result<Vec<JobStatus>, ClientError> {
+        let url = self.url("/v1/jobs");
+        let mut query = vec![("limit", limit.to_string())];
+        query.extend(project.map(|p| ("project", p.to_string())));
+        let resp = self.send(self.http.get(&url).query(&query), &url).await?;
         self.json(resp, &url).await
     }
 

@@ -158,6 +158,10 @@ async fn another_projects_job_answers_as_if_it_did_not_exist() {
     let all = stack.client.jobs(100).await.unwrap();
     assert_eq!(all.iter().map(|j| j.project.as_str()).collect::<Vec<_>>(), ["alpha"]);
     assert_eq!(stack.client.status(job).await.unwrap().project, "alpha");
+    // An admin may narrow the list to one project; another token gets its own whatever it names.
+    assert_eq!(stack.client.jobs_of(100, Some("alpha")).await.unwrap().len(), 1);
+    assert!(stack.client.jobs_of(100, Some("beta")).await.unwrap().is_empty());
+    assert!(beta_client.jobs_of(100, Some("alpha")).await.unwrap().is_empty());
 }
 
 #[tokio::test]

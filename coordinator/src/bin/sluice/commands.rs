@@ -87,6 +87,10 @@ enum Command {
     Jobs {
         #[arg(long, default_value_t = 20)]
         limit: u32,
+        /// Only this project's jobs (an admin token sees every project's;
+        /// any other token only its own).
+        #[arg(long)]
+        project: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -463,21 +467,26 @@ async fn jobs_command(command: Command, client: Client) -> anyhow::Result<ExitCo
             let status = if watch { watch_job(&client, job, json).await? } else { client.status(job).await? };
             print_status(&status, json);
         }
-        Command::Jobs { limit, json } => {
-            let jobs = client.jobs(limit).await?;
+        Command::Jobs { limit, project, json } => {
+            let mut jobs = client.jobs_of(limit, project.as_deref()).await?;
+            // A token of one project is shown only its own, whatever it asks.
+            if let Some(p) = &project {
+                jobs.retain(|j| &j.project == p);
+            }
             if json {
                 println!("{}", serde_json::to_string_pretty(&jobs)?);
             } else if jobs.is_empty() {
                 println!("no jobs yet: submit one with `sluice submit jobs/classify --input docs.jsonl`");
             } else {
                 println!(
-                    "{:<36}  {:<10}  {:<10}  {:>8}  {:>8}  {:>6}  created",
-                    "job", "kind", "state", "total", "done", "failed"
+                    "{:<36}  {:<16}  {:<10}  {:<10}  {:>8}  {:>8}  {:>6}  created",
+                    "job", "project", "kind", "state", "total", "done", "failed"
                 );
                 for j in jobs {
                     println!(
-                        "{:<36}  {:<10}  {:<10}  {:>8}  {:>8}  {:>6}  {}",
+                        "{:<36}  {:<16}  {:<10}  {:<10}  {:>8}  {:>8}  {:>6}  {}",
                         j.job_id,
+                        j.project,
                         j.kind,
                         j.state,
                         j.total,
@@ -676,7 +685,7 @@ fn print_status(s: &JobStatus, json: bool) {
         println!("{}", serde_json::to_string_pretty(s).expect("status serialises"));
         return;
     }
-    println!("job      {}  ({}, {})", s.job_id, s.kind, s.state);
+    println!("job      {}  ({}, {}, project {})", s.job_id, s.kind, s.state, s.project);
     if let Some(name) = &s.input_name {
         println!("input    {name}");
     }
