@@ -420,7 +420,7 @@ async fn work(
     // many actually talk to the model. Results are written as they come, in
     // small batches, so a worker that dies costs few repeated calls. Items
     // stop on the delivery's token: shutdown, or the delivery gone stale.
-    let delivery = crate::delivery::Delivery::watch(shared.pool.clone(), chunk.clone(), stop);
+    let delivery = crate::delivery::Delivery::watch(shared.pool.clone(), *chunk, stop);
     let mut running: FuturesUnordered<_> = items
         .into_iter()
         .map(|item| {

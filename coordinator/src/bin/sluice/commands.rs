@@ -46,6 +46,8 @@ pub struct Cli {
     command: Command,
 }
 
+// Parsed once per process: the size of the `serve` variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the coordinator service (API, chunk publishing, reconciler).
