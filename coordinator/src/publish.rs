@@ -12,9 +12,11 @@
 //!   for; on an unlimited one it is as many as the workers get through in that
 //!   time. A new job's first chunk therefore waits behind at most that much
 //!   work, plus what the workers already hold.
-//! - **Whose chunks.** Each chunk published goes to the running job with the
-//!   fewest messages in the stream, the oldest on a tie ([`share`]), so jobs
-//!   interleave and each gets an equal part of the workers and the rate limit.
+//! - **Whose chunks.** Each chunk published goes to the project with the
+//!   fewest messages in the stream, and in it to the running job with the
+//!   fewest, the oldest on a tie ([`share`]), so projects interleave and
+//!   each gets an equal part of the workers and the rate limit, shared
+//!   equally among its jobs.
 //!
 //! One stream request (messages per subject), one consumer request and one
 //! query make a turn when nothing needs publishing.
@@ -184,20 +186,38 @@ pub fn chunks_wanted(demand: Demand, pace: f64, ahead: Duration) -> usize {
     wanted.saturating_sub(demand.undelivered) as usize
 }
 
-/// Shares `wanted` chunks out among jobs, given for each job (oldest first)
-/// how many messages it has in the stream and how many chunks it could
-/// publish: each chunk goes to the job with the fewest in the stream, the
-/// oldest on a tie. Returns the job index of each chunk, in publishing order.
-pub fn share(wanted: usize, jobs: &[(usize, usize)]) -> Vec<usize> {
-    let mut in_stream: Vec<usize> = jobs.iter().map(|&(n, _)| n).collect();
-    let mut left: Vec<usize> = jobs.iter().map(|&(_, n)| n).collect();
+/// A job with chunks to publish, as [`share`] sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Candidate {
+    /// Index of its project in the projects' counts.
+    pub project: usize,
+    /// Its messages in the stream.
+    pub in_stream: usize,
+    /// Chunks it could publish now.
+    pub left: usize,
+}
+
+/// Shares `wanted` chunks out among jobs (oldest first), given how many
+/// messages each project has in the stream (all its running jobs, those with
+/// nothing to publish too): each chunk goes to the project with the fewest in
+/// the stream, and in it to the job with the fewest, the oldest on a tie.
+/// Returns the job index of each chunk, in publishing order.
+pub fn share(wanted: usize, jobs: &[Candidate], projects: &[usize]) -> Vec<usize> {
+    let mut jobs = jobs.to_vec();
+    let mut projects = projects.to_vec();
     let mut order = Vec::with_capacity(wanted);
     while order.len() < wanted {
-        let Some(next) = (0..jobs.len()).filter(|&i| left[i] > 0).min_by_key(|&i| (in_stream[i], i)) else {
+        let ready = || (0..jobs.len()).filter(|&i| jobs[i].left > 0);
+        let Some(project) = ready().map(|i| jobs[i].project).min_by_key(|&p| (projects[p], p)) else {
             break;
         };
-        in_stream[next] += 1;
-        left[next] -= 1;
+        let next = ready()
+            .filter(|&i| jobs[i].project == project)
+            .min_by_key(|&i| (jobs[i].in_stream, i))
+            .expect("the project has a job with chunks left");
+        jobs[next].in_stream += 1;
+        jobs[next].left -= 1;
+        projects[project] += 1;
         order.push(next);
     }
     order
@@ -245,9 +265,33 @@ impl Publisher {
                 _ => jobs.push((c.job_id, VecDeque::from([c]))),
             }
         }
-        let counts: Vec<(usize, usize)> =
-            jobs.iter().map(|(id, chunks)| (in_stream.get(id).copied().unwrap_or(0), chunks.len())).collect();
-        let order: Vec<ChunkMsg> = share(wanted, &counts)
+        // Each project's messages in the stream over all its running jobs,
+        // projects in the order of their oldest running job.
+        let running = store::running_job_projects(&self.pool).await?;
+        let mut names: HashMap<&str, usize> = HashMap::new();
+        let mut projects: Vec<usize> = Vec::new();
+        let mut project_of: HashMap<Uuid, usize> = HashMap::new();
+        for (id, project) in &running {
+            let p = *names.entry(project.as_str()).or_insert_with(|| {
+                projects.push(0);
+                projects.len() - 1
+            });
+            projects[p] += in_stream.get(id).copied().unwrap_or(0);
+            project_of.insert(*id, p);
+        }
+        let candidates: Vec<Candidate> = jobs
+            .iter()
+            .map(|(id, chunks)| {
+                let in_stream = in_stream.get(id).copied().unwrap_or(0);
+                // A job that stopped running since that query: a project of its own.
+                let project = *project_of.entry(*id).or_insert_with(|| {
+                    projects.push(in_stream);
+                    projects.len() - 1
+                });
+                Candidate { project, in_stream, left: chunks.len() }
+            })
+            .collect();
+        let order: Vec<ChunkMsg> = share(wanted, &candidates, &projects)
             .into_iter()
             .map(|i| jobs[i].1.pop_front().expect("share stays within each job's chunks"))
             .collect();
@@ -328,16 +372,36 @@ mod tests {
         assert_eq!(chunks_wanted(d(3, 2), 0.2, ahead), 0);
     }
 
+    /// Jobs each in a project of its own, given as (in the stream, left).
+    fn alone(jobs: &[(usize, usize)]) -> (Vec<Candidate>, Vec<usize>) {
+        let c = jobs.iter().enumerate().map(|(p, &(n, left))| Candidate { project: p, in_stream: n, left }).collect();
+        (c, jobs.iter().map(|&(n, _)| n).collect())
+    }
+
     #[test]
     fn chunks_go_to_the_job_with_the_fewest_in_the_stream() {
+        let share_alone = |wanted, jobs: &[(usize, usize)]| {
+            let (c, p) = alone(jobs);
+            share(wanted, &c, &p)
+        };
         // A big job with 4 in the stream, a new one with none.
-        assert_eq!(share(3, &[(4, 100), (0, 1)]), vec![1, 0, 0]);
+        assert_eq!(share_alone(3, &[(4, 100), (0, 1)]), vec![1, 0, 0]);
         // Equal jobs alternate, the oldest first.
-        assert_eq!(share(4, &[(0, 10), (0, 10)]), vec![0, 1, 0, 1]);
+        assert_eq!(share_alone(4, &[(0, 10), (0, 10)]), vec![0, 1, 0, 1]);
         // The new job catches up first.
-        assert_eq!(share(5, &[(3, 10), (0, 10)]), vec![1, 1, 1, 0, 1]);
+        assert_eq!(share_alone(5, &[(3, 10), (0, 10)]), vec![1, 1, 1, 0, 1]);
         // Nothing beyond what each job has.
-        assert_eq!(share(9, &[(0, 1), (0, 2)]), vec![0, 1, 1]);
-        assert!(share(5, &[]).is_empty());
+        assert_eq!(share_alone(9, &[(0, 1), (0, 2)]), vec![0, 1, 1]);
+        assert!(share(5, &[], &[]).is_empty());
+    }
+
+    #[test]
+    fn projects_share_equally_whatever_their_number_of_jobs() {
+        let c = |project, in_stream, left| Candidate { project, in_stream, left };
+        // Project 0 runs three jobs, project 1 one: half the chunks go to project 1.
+        let jobs = [c(0, 0, 10), c(0, 0, 10), c(0, 0, 10), c(1, 0, 10)];
+        assert_eq!(share(6, &jobs, &[0, 0]), vec![0, 3, 1, 3, 2, 3]);
+        // Messages of a project's job with nothing left to publish count for the project.
+        assert_eq!(share(3, &[c(0, 0, 10), c(1, 0, 10)], &[5, 0]), vec![1, 1, 1]);
     }
 }

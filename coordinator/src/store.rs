@@ -259,6 +259,17 @@ pub async fn running_jobs(pool: &PgPool) -> Result<Vec<Uuid>, Error> {
         .doing("listing running jobs")?)
 }
 
+/// The running jobs and their projects, oldest first.
+pub async fn running_job_projects(pool: &PgPool) -> Result<Vec<(Uuid, String)>, Error> {
+    Ok(sqlx::query!("SELECT id, project FROM jobs WHERE state = 'running' ORDER BY created_at, id")
+        .fetch_all(pool)
+        .await
+        .doing("listing running jobs' projects")?
+        .into_iter()
+        .map(|r| (r.id, r.project))
+        .collect())
+}
+
 /// Progress of one job, computed from Postgres.
 pub async fn status(pool: &PgPool, job_id: Uuid) -> Result<JobStatus, Error> {
     statuses(pool, &[job_id]).await?.pop().ok_or(Error::JobNotFound(job_id))

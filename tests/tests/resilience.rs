@@ -315,6 +315,52 @@ async fn big_then_small(configure: impl FnOnce(&mut coordinator::ServeConfig)) -
     (big_done, small_done)
 }
 
+/// Projects share the workers equally, whatever their number of jobs: with
+/// three big jobs of one project running, another project's job gets about
+/// half the calls, not a quarter (as sharing by job gave). Default settings,
+/// one worker, a model answering in 100 ms.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_project_with_one_job_gets_as_much_as_one_with_three() {
+    let sim = SimConfig { latency_ms: 100, ..Default::default() };
+    let mut stack = Stack::start(sim, |_| {}).await.unwrap();
+    stack.add_worker(|_| {});
+    let as_project = |project: &str| coordinator::model::NewJob {
+        project: Some(project.into()),
+        ..sluice_tests::fixtures::new_job("classify")
+    };
+    let mut big = Vec::new();
+    for seed in 0..3 {
+        let job = stack.client.create_job(&as_project("many")).await.unwrap().job_id;
+        let input = futures::stream::iter([Ok(bytes::Bytes::from(sample_jsonl(40 + seed, 3_000)))]);
+        stack.client.upload(job, input, false).await.unwrap();
+        big.push(job);
+    }
+    let done = |jobs: Vec<uuid::Uuid>| {
+        let client = stack.client.clone();
+        async move {
+            let mut n = 0;
+            for j in jobs {
+                n += client.status(j).await?.done();
+            }
+            anyhow::Ok(n)
+        }
+    };
+    wait_for("the big jobs under way", Duration::from_secs(60), || async { Ok(done(big.clone()).await? >= 300) })
+        .await
+        .unwrap();
+    let before = done(big.clone()).await.unwrap();
+    let small = stack.client.create_job(&as_project("one")).await.unwrap().job_id;
+    let input = futures::stream::iter([Ok(bytes::Bytes::from(sample_jsonl(49, 2_000)))]);
+    stack.client.upload(small, input, false).await.unwrap();
+    stack.wait_completed(small, Duration::from_secs(120)).await.unwrap();
+    let many = done(big.clone()).await.unwrap() - before;
+    eprintln!("while project one's 2,000 items ran, project many did {many}");
+    // Equal shares give project many about 2,000 plus what was already queued
+    // when project one's job came (about a second of work); shares by job
+    // gave it three times project one's, about 6,000.
+    assert!(many < 4_000, "project many did {many} items while project one did 2,000");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_workers_together_stay_within_the_shared_limit() {
     let mut stack = Stack::start(SimConfig::default(), |_| {}).await.unwrap();

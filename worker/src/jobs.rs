@@ -21,6 +21,9 @@ pub struct CompiledJob {
     pub review_below: f64,
     /// The main model and the fallbacks at their providers, or why they cannot be reached.
     pub routes: Result<Vec<Route>, String>,
+    /// The project the job belongs to: call permits and the limiter's turns
+    /// go to projects in turn, then to their jobs.
+    pub project: String,
 }
 
 impl CompiledJob {
@@ -36,7 +39,7 @@ impl CompiledJob {
         let validator = kind.validator()?;
         let review_below = review_below.unwrap_or(kind.spec.confidence_threshold);
         let routes = kind.spec.models().map(|m| endpoints.route(m)).collect();
-        Ok(CompiledJob { template_hash, kind, prompt, validator, review_below, routes })
+        Ok(CompiledJob { template_hash, kind, prompt, validator, review_below, routes, project: String::new() })
     }
 }
 
@@ -58,7 +61,7 @@ impl JobCache {
         }
         let Some(row) = sqlx::query!(
             r#"SELECT spec AS "spec: sqlx::types::Json<common::spec::JobSpec>", template, template_hash,
-                      output_schema, review_below
+                      output_schema, review_below, project
                FROM jobs WHERE id = $1"#,
             job_id
         )
@@ -69,10 +72,10 @@ impl JobCache {
             return Ok(None);
         };
         let kind = JobKind { spec: row.spec.0, template: row.template, schema: row.output_schema };
-        let compiled = Arc::new(
-            CompiledJob::compile(kind, row.template_hash, row.review_below, endpoints)
-                .map_err(|source| Error::Spec { job_id, source: Box::new(source) })?,
-        );
+        let mut compiled = CompiledJob::compile(kind, row.template_hash, row.review_below, endpoints)
+            .map_err(|source| Error::Spec { job_id, source: Box::new(source) })?;
+        compiled.project = row.project;
+        let compiled = Arc::new(compiled);
         let mut jobs = self.jobs.lock().expect("job cache lock");
         // Bound memory on long-lived workers; reloading a job is cheap.
         if jobs.len() > 1_000 {

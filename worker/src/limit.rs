@@ -401,10 +401,10 @@ impl Limiter {
         }
     }
 
-    /// Waits until one request of `job` costing about `cost` may be sent.
-    pub async fn acquire(&self, job: uuid::Uuid, cost: Cost) -> Result<Reservation, Error> {
+    /// Waits until one request of `job` of `project` costing about `cost` may be sent.
+    pub async fn acquire(&self, project: &str, job: uuid::Uuid, cost: Cost) -> Result<Reservation, Error> {
         let need = cost.amounts(cost.max_output);
-        let _turn = self.leasing.acquire(job).await;
+        let _turn = self.leasing.acquire(project, job).await;
         loop {
             let paused = self.pool.lock().expect("pool lock").paused_until;
             if Instant::now() < paused {

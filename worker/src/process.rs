@@ -91,6 +91,8 @@ fn estimate_prompt_tokens(system: Option<&str>, messages: &[Message]) -> u32 {
 /// Everything an item needs from its worker.
 pub struct ItemContext<'a> {
     pub job_id: uuid::Uuid,
+    /// The job's project, for the limiter's turns.
+    pub project: &'a str,
     /// Every call is recorded here before it is made, and its outcome after.
     pub audit: &'a Audit,
     pub guards: &'a Guards,
@@ -375,7 +377,7 @@ impl ItemRun<'_> {
             };
             let reservation = match &limiter {
                 Some(l) => tokio::select! {
-                    r = l.acquire(ctx.job_id, cost_estimate) => Some(r?),
+                    r = l.acquire(ctx.project, ctx.job_id, cost_estimate) => Some(r?),
                     _ = ctx.stop.cancelled() => return Ok(ModelEnd::Stopping),
                 },
                 None => None,

@@ -429,11 +429,12 @@ async fn work(
             let delivery = &delivery;
             async move {
                 let _call = tokio::select! {
-                    permit = shared.calls.acquire(chunk.job_id) => permit,
+                    permit = shared.calls.acquire(&job.project, chunk.job_id) => permit,
                     _ = delivery.stop().cancelled() => return Ok(Outcome::Held(Duration::ZERO)),
                 };
                 let ctx = ItemContext {
                     job_id: chunk.job_id,
+                    project: &job.project,
                     audit: &shared.audit,
                     guards: &shared.guards,
                     learned: &shared.learned,
