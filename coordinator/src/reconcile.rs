@@ -71,7 +71,7 @@ pub async fn pass(state: &Context, settings: Settings) -> Result<(), Error> {
     }
     let stream = state.stream.lock().await.stream(&state.js, &state.pool).await?;
     let in_stream = publish::stream_counts(&stream).await?.by_job;
-    for job_id in store::running_jobs(&state.pool).await? {
+    for (job_id, _) in store::running_job_projects(&state.pool).await? {
         if common::db::complete_if_done(&state.pool, job_id).await? {
             metrics::counter!(m::JOBS_FINISHED, "state" => "completed").increment(1);
             tracing::info!(%job_id, "job completed (seen by reconciler)");

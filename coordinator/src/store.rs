@@ -251,14 +251,6 @@ pub async fn mark_published(pool: &PgPool, job_id: Uuid, chunk_nos: &[i32]) -> R
     Ok(())
 }
 
-/// Running jobs that still have pending chunks.
-pub async fn running_jobs(pool: &PgPool) -> Result<Vec<Uuid>, Error> {
-    Ok(sqlx::query_scalar!("SELECT id FROM jobs WHERE state = 'running' ORDER BY created_at")
-        .fetch_all(pool)
-        .await
-        .doing("listing running jobs")?)
-}
-
 /// The running jobs and their projects, oldest first.
 pub async fn running_job_projects(pool: &PgPool) -> Result<Vec<(Uuid, String)>, Error> {
     Ok(sqlx::query!("SELECT id, project FROM jobs WHERE state = 'running' ORDER BY created_at, id")
