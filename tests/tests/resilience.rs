@@ -429,6 +429,13 @@ async fn after_an_outage_resume_calls_only_the_unfinished_items() {
     stack.client.cancel(job).await.unwrap();
     let before = stack.client.status(job).await.unwrap();
     assert!(before.done() < 600, "{before:?}");
+    // Answers are written within a fraction of a second of coming; one that
+    // came a moment ago may still be on its way to Postgres.
+    wait_for("every answer given so far saved", Duration::from_secs(10), || async {
+        Ok(stack.client.status(job).await?.succeeded == stack.sim.sim.stats().ok)
+    })
+    .await
+    .unwrap();
 
     // Back up: resume runs the rest, and no item that had an answer is called again.
     stack.sim.sim.set_config(SimConfig::default());
@@ -437,6 +444,26 @@ async fn after_an_outage_resume_calls_only_the_unfinished_items() {
     let after = stack.status(job).await.unwrap();
     assert_eq!((after.succeeded, after.failed), (600, 0));
     assert_eq!(stack.sim.sim.stats().ok, 600, "exactly one answered call per item");
+}
+
+/// An answer is written while other items of its chunk still wait on the
+/// provider: kept in memory it would be lost to a crash, and a resumed job's
+/// new delivery would call its item again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_are_saved_while_the_rest_of_their_chunk_still_waits() {
+    let sim = SimConfig { hang: 0.3, hang_ms: 60_000, seed: 3, ..Default::default() };
+    let mut stack = Stack::start(sim, |_| {}).await.unwrap();
+    stack.add_worker(|_| {});
+    let report = stack.submit("classify", sample_jsonl(38, 50), false).await.unwrap();
+    wait_for("the answered items saved while the hanging ones wait", Duration::from_secs(20), || async {
+        let stats = stack.sim.sim.stats();
+        let saved = stack.client.status(report.job_id).await?.succeeded;
+        Ok(stats.hangs > 0 && stats.ok >= 3 && saved == stats.ok)
+    })
+    .await
+    .unwrap();
+    let st = stack.client.status(report.job_id).await.unwrap();
+    assert!(st.done() < 50, "the hanging calls were still under way: {st:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

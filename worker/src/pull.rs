@@ -453,11 +453,20 @@ async fn work(
     let mut failure = None;
     let (mut ok, mut written) = (0u64, 0u64);
     let mut last_write = Instant::now();
-    while let Some(o) = running.next().await {
-        match o {
-            Ok(Outcome::Done(r)) => batch.push(*r),
-            Ok(Outcome::Held(d)) => held = Some(held.map_or(d, |h| h.min(d))),
-            Err(e) => failure = Some(e),
+    loop {
+        // Answers are written at most COMMIT_EVERY after they come, even
+        // while the chunk's other items wait out a provider's back-off: an
+        // answer kept in memory is lost to a crash, and a resumed job's new
+        // delivery would call its item again.
+        let flush_at = tokio::time::Instant::from_std(last_write + COMMIT_EVERY);
+        tokio::select! {
+            o = running.next() => match o {
+                Some(Ok(Outcome::Done(r))) => batch.push(*r),
+                Some(Ok(Outcome::Held(d))) => held = Some(held.map_or(d, |h| h.min(d))),
+                Some(Err(e)) => failure = Some(e),
+                None => break,
+            },
+            _ = tokio::time::sleep_until(flush_at), if !batch.is_empty() => {}
         }
         let due = batch.len() >= COMMIT_ITEMS || last_write.elapsed() >= COMMIT_EVERY;
         if due && !batch.is_empty() && !running.is_empty() {
