@@ -23,8 +23,11 @@ struct State {
     free: usize,
     /// Projects with waiters, in the order they are served next; in each,
     /// its jobs with waiters in the order they are served next.
-    queues: VecDeque<(String, VecDeque<(Uuid, VecDeque<oneshot::Sender<()>>)>)>,
+    queues: VecDeque<(String, JobQueues)>,
 }
+
+/// A project's jobs with waiters, each with its waiters in arrival order.
+type JobQueues = VecDeque<(Uuid, VecDeque<oneshot::Sender<()>>)>;
 
 /// A permit; it goes back (to the next job in turn) when dropped.
 #[derive(Debug)]
