@@ -23,6 +23,20 @@ pub enum DbError {
     },
 }
 
+/// Whether Postgres answers, within `timeout`: `Ok(())` or why not, for readiness checks.
+pub async fn ping(pool: &PgPool, timeout: Duration) -> Result<(), String> {
+    use sqlx::Connection;
+    let answer = async {
+        let mut conn = pool.acquire().await?;
+        conn.ping().await
+    };
+    match tokio::time::timeout(timeout, answer).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(crate::error_chain(&e)),
+        Err(_) => Err(format!("no answer within {timeout:?}")),
+    }
+}
+
 impl DbError {
     /// Whether Postgres could not be reached (down, restarting, network):
     /// worth waiting for, unlike an error in what was asked of it.

@@ -160,6 +160,26 @@ pub async fn ensure_state_bucket(js: &jetstream::Context) -> Result<kv::Store, N
     .map_err(|e| NatsError::Kv { bucket: STATE_BUCKET, source: Box::new(e) })
 }
 
+/// Key-value bucket holding the coordinators' leader lease.
+pub const LEADER_BUCKET: &str = "sluice_leader";
+
+/// Creates (or opens) the leader bucket, whose entries expire `ttl` after
+/// they were written: a lease not renewed lapses.
+pub async fn ensure_leader_bucket(js: &jetstream::Context, ttl: Duration) -> Result<kv::Store, NatsError> {
+    if let Ok(store) = js.get_key_value(LEADER_BUCKET).await {
+        return Ok(store);
+    }
+    js.create_key_value(kv::Config {
+        bucket: LEADER_BUCKET.to_string(),
+        history: 1,
+        max_age: ttl,
+        storage: stream::StorageType::File,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| NatsError::Kv { bucket: LEADER_BUCKET, source: Box::new(e) })
+}
+
 /// Turns any text into a valid key-value key part (letters, digits, `-`, `_`).
 pub fn key_part(s: &str) -> String {
     s.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect()

@@ -1,6 +1,33 @@
-//! Logging and the Prometheus endpoint, set up once per process.
+//! Logging, the Prometheus endpoint and the probes beside it (`/healthz`, `/readyz`), set up once per process.
 
 use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+
+use futures::future::BoxFuture;
+
+/// A readiness check: whether the process can do its work, and the details
+/// (each dependency's state) to show.
+pub type ReadinessCheck = Arc<dyn Fn() -> BoxFuture<'static, (bool, serde_json::Value)> + Send + Sync>;
+
+/// The process's readiness check, once it has connected to what it needs.
+static READINESS: RwLock<Option<ReadinessCheck>> = RwLock::new(None);
+
+/// Sets what `/readyz` on the metrics address checks. Until it is set the
+/// process is starting and not ready.
+pub fn set_readiness(check: ReadinessCheck) {
+    *READINESS.write().expect("readiness lock") = Some(check);
+}
+
+/// `/readyz`: 200 with the details when ready, else 503.
+async fn readyz() -> (axum::http::StatusCode, axum::Json<serde_json::Value>) {
+    let check = READINESS.read().expect("readiness lock").clone();
+    let (ready, detail) = match check {
+        Some(check) => check().await,
+        None => (false, serde_json::json!({"ready": false, "starting": true})),
+    };
+    let code = if ready { axum::http::StatusCode::OK } else { axum::http::StatusCode::SERVICE_UNAVAILABLE };
+    (code, axum::Json(detail))
+}
 
 /// How a process logs and where it serves `/metrics`.
 #[derive(Debug, Clone, clap::Args)]
@@ -51,7 +78,7 @@ pub fn init(config: &TelemetryConfig) -> Result<(), TelemetryError> {
     install_metrics(&config.metrics_addr).map(|_| ())
 }
 
-/// Serves Prometheus `/metrics` on `addr` (no-op when empty) and returns the
+/// Serves Prometheus `/metrics`, `/healthz` and `/readyz` on `addr` (no-op when empty) and returns the
 /// address bound: with port 0 the OS picks one, and it is logged ("metrics
 /// endpoint listening"). Needs a Tokio runtime.
 pub fn install_metrics(addr: &str) -> Result<Option<SocketAddr>, TelemetryError> {
@@ -80,13 +107,18 @@ pub fn install_metrics(addr: &str) -> Result<Option<SocketAddr>, TelemetryError>
             upkeep.run_upkeep();
         }
     });
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let handle = handle.clone();
-            async move { handle.render() }
-        }),
-    );
+    // Probes beside the metrics: `/healthz` answers while the process
+    // serves at all (liveness), `/readyz` runs the readiness check.
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            axum::routing::get(move || {
+                let handle = handle.clone();
+                async move { handle.render() }
+            }),
+        )
+        .route("/healthz", axum::routing::get(|| async { "ok" }))
+        .route("/readyz", axum::routing::get(readyz));
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "the metrics endpoint stopped");

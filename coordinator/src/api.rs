@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use futures::StreamExt;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 use tokio::sync::Notify;
 use uuid::Uuid;
@@ -41,6 +41,8 @@ pub struct AppState {
     pub secret: Arc<TokenSecret>,
     /// Failed authentications per address.
     pub throttle: Arc<Throttle>,
+    /// Whether this replica is the leader, and its publisher's pulse.
+    pub leader: Arc<crate::leader::Status>,
 }
 
 impl AppState {
@@ -64,6 +66,7 @@ impl AppState {
             stream: Arc::new(tokio::sync::Mutex::new(crate::publish::StreamWatch::new(nats_url))),
             secret: Arc::new(secret),
             throttle: Arc::new(Throttle::default()),
+            leader: Arc::new(crate::leader::Status::new()),
         }
     }
 }
@@ -131,10 +134,56 @@ pub fn router(state: AppState) -> Router {
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::guard));
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
         .merge(v1)
         // Decision files are read whole (they are validated before anything is applied).
         .layer(axum::extract::DefaultBodyLimit::max(256 * 1024 * 1024))
         .with_state(state)
+}
+
+/// What `/readyz` reports: each dependency, and this replica's part.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Readiness {
+    pub ready: bool,
+    /// `ok`, or why Postgres did not answer.
+    pub postgres: String,
+    /// `ok`, or the state of the NATS connection.
+    pub nats: String,
+    /// Whether this replica holds the leader lease.
+    pub leader: bool,
+    /// `running` or `stuck` on the leader; `elsewhere` on the other replicas.
+    pub publisher: String,
+}
+
+/// How long `/readyz` waits for Postgres.
+const READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Ready when Postgres and NATS answer and, on the leader, the publisher
+/// turns: 200 with the details, else 503 with them. `/healthz` is the
+/// liveness check: it answers while the process serves at all.
+async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readiness>) {
+    let r = readiness(&state).await;
+    (if r.ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, Json(r))
+}
+
+/// This replica's readiness (served on `/readyz` of the API and of the metrics address).
+pub async fn readiness(state: &AppState) -> Readiness {
+    let postgres = match common::db::ping(&state.pool, READY_TIMEOUT).await {
+        Ok(()) => "ok".to_string(),
+        Err(why) => why,
+    };
+    let nats = match state.js.client().connection_state() {
+        async_nats::connection::State::Connected => "ok".to_string(),
+        other => other.to_string(),
+    };
+    let leader = state.leader.is_leader();
+    let publisher = match (leader, state.leader.publisher_running()) {
+        (false, _) => "elsewhere",
+        (true, true) => "running",
+        (true, false) => "stuck",
+    };
+    let ready = postgres == "ok" && nats == "ok" && publisher != "stuck";
+    Readiness { ready, postgres, nats, leader, publisher: publisher.into() }
 }
 
 impl Error {

@@ -6,6 +6,7 @@ pub mod client;
 pub mod config;
 pub mod error;
 pub mod ingest;
+pub mod leader;
 pub mod metrics;
 pub mod model;
 pub mod publish;
@@ -28,6 +29,8 @@ pub struct Coordinator {
     tls: Option<std::sync::Arc<tokio_rustls::rustls::ServerConfig>>,
     state: api::AppState,
     config: ServeConfig,
+    /// The bucket of the leader lease.
+    lease: async_nats::jetstream::kv::Store,
 }
 
 impl Coordinator {
@@ -42,13 +45,14 @@ impl Coordinator {
         let nats = common::nats::connect(&config.nats_url, &config.nats_auth).await?;
         let js = async_nats::jetstream::new(nats);
         common::nats::ensure_stream(&js, &config.nats_url).await?;
+        let lease = common::nats::ensure_leader_bucket(&js, leader::LEASE_TTL).await?;
         let listener = tokio::net::TcpListener::bind(&config.listen)
             .await
             .map_err(|source| Error::Bind { addr: config.listen.clone(), source })?;
         let catalog = config.catalog()?;
         let prices = config.prices()?;
         let state = api::AppState::new(pool, js, catalog, prices, config.limits(), &config.nats_url, secret);
-        Ok(Coordinator { listener, tls, state, config })
+        Ok(Coordinator { listener, tls, state, config, lease })
     }
 
     /// The address the API listens on (useful when binding port 0).
@@ -60,29 +64,20 @@ impl Coordinator {
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
         let addr = self.local_addr();
         tracing::info!(%addr, https = self.tls.is_some(), "coordinator listening");
-        let reconciler = if self.config.reconcile_interval_ms > 0 {
-            let context = reconcile::Context {
-                pool: self.state.pool.clone(),
-                js: self.state.js.clone(),
-                stream: self.state.stream.clone(),
-                wake: self.state.wake.clone(),
-            };
-            Some(tokio::spawn(reconcile::run(context, reconcile::Settings::from(&self.config), shutdown.clone())))
-        } else {
-            None
+        let probe = self.state.clone();
+        common::telemetry::set_readiness(std::sync::Arc::new(move || {
+            let state = probe.clone();
+            Box::pin(async move {
+                let r = api::readiness(&state).await;
+                (r.ready, serde_json::to_value(&r).unwrap_or_default())
+            })
+        }));
+        // Every replica serves the API; the leader alone publishes and reconciles.
+        let lead = {
+            let (state, config) = (self.state.clone(), self.config.clone());
+            move |leading: CancellationToken| lead(&state, &config, leading)
         };
-        let publisher = publish::Publisher::new(
-            self.state.js.clone(),
-            self.state.pool.clone(),
-            self.state.stream.clone(),
-            std::time::Duration::from_millis(self.config.queue_ahead_ms),
-        );
-        let publisher = tokio::spawn(publish::run(
-            publisher,
-            std::time::Duration::from_millis(self.config.publish_interval_ms),
-            self.state.wake.clone(),
-            shutdown.clone(),
-        ));
+        let leader = tokio::spawn(leader::run(self.lease, self.state.leader.clone(), lead, shutdown.clone()));
         // The peer's address, for the audit of refused requests and the throttle.
         let app = api::router(self.state).into_make_service_with_connect_info::<SocketAddr>();
         let stop = shutdown.clone();
@@ -98,12 +93,38 @@ impl Coordinator {
             None => axum::serve(self.listener, app).with_graceful_shutdown(stopped).await,
         };
         served.map_err(|source| Error::Bind { addr: addr.to_string(), source })?;
-        if let Some(r) = reconciler {
-            let _ = r.await;
-        }
-        let _ = publisher.await;
+        let _ = leader.await;
         Ok(())
     }
+}
+
+/// Starts what the leader runs, until `leading` is cancelled: the publisher
+/// and, unless disabled, the reconciler.
+fn lead(state: &api::AppState, config: &ServeConfig, leading: CancellationToken) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut tasks = Vec::new();
+    let publisher = publish::Publisher::new(
+        state.js.clone(),
+        state.pool.clone(),
+        state.stream.clone(),
+        std::time::Duration::from_millis(config.queue_ahead_ms),
+    );
+    tasks.push(tokio::spawn(publish::run(
+        publisher,
+        std::time::Duration::from_millis(config.publish_interval_ms),
+        state.wake.clone(),
+        state.leader.clone(),
+        leading.clone(),
+    )));
+    if config.reconcile_interval_ms > 0 {
+        let context = reconcile::Context {
+            pool: state.pool.clone(),
+            js: state.js.clone(),
+            stream: state.stream.clone(),
+            wake: state.wake.clone(),
+        };
+        tasks.push(tokio::spawn(reconcile::run(context, reconcile::Settings::from(config), leading)));
+    }
+    tasks
 }
 
 /// Runs a coordinator with `config` until `shutdown` is cancelled.

@@ -14,6 +14,8 @@ pub const JOBS_FINISHED: &str = "sluice_jobs_finished_total";
 pub const INGEST_SECONDS: &str = "sluice_ingest_duration_seconds";
 /// Requests the API refused, by outcome (unauthenticated, forbidden, hidden, throttled).
 pub const API_DENIED: &str = "sluice_api_denied_total";
+/// 1 while this coordinator holds the leader lease (runs the publisher and reconciler), else 0.
+pub const LEADER: &str = "sluice_coordinator_leader";
 
 /// Registers descriptions so `/metrics` explains each series.
 pub fn describe() {
@@ -23,5 +25,6 @@ pub fn describe() {
     metrics::describe_counter!(CHUNKS_REOPENED, "Chunks found missing from JetStream and reopened");
     metrics::describe_counter!(JOBS_FINISHED, "Jobs that reached a final state");
     metrics::describe_counter!(API_DENIED, "API requests refused: no valid token, a role without the right, another project's job, or too many failures from one address");
+    metrics::describe_gauge!(LEADER, "1 while this coordinator is the leader: it publishes chunks and reconciles");
     metrics::describe_histogram!(INGEST_SECONDS, metrics::Unit::Seconds, "Time to ingest one job's input");
 }

@@ -306,10 +306,18 @@ const STARVING_TURN: Duration = Duration::from_millis(10);
 /// Runs the publisher until shutdown: a turn every `interval`, and at once
 /// when woken (a job was submitted, resumed or lost chunks were found).
 /// Failures (NATS or Postgres away) are logged once and retried each turn.
-pub async fn run(mut publisher: Publisher, interval: Duration, wake: Arc<Notify>, shutdown: CancellationToken) {
+pub async fn run(
+    mut publisher: Publisher,
+    interval: Duration,
+    wake: Arc<Notify>,
+    status: Arc<crate::leader::Status>,
+    shutdown: CancellationToken,
+) {
     let mut health = common::telemetry::Health::default();
     loop {
-        let next = match publisher.turn().await {
+        let turn = publisher.turn().await;
+        status.publisher_turned();
+        let next = match turn {
             Ok(starving) => {
                 health.ok("publishing chunks");
                 if starving {

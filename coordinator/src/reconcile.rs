@@ -51,20 +51,28 @@ pub async fn run(state: Context, settings: Settings, shutdown: CancellationToken
     let mut tick = tokio::time::interval(settings.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut health = common::telemetry::Health::default();
+    // Jobs completed from here on are counted by this leader, whoever completed them.
+    let mut completed_after = chrono::Utc::now();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        match pass(&state, settings).await {
+        match pass(&state, settings, &mut completed_after).await {
             Ok(()) => health.ok("reconciling"),
             Err(err) => health.failed("reconciling", &err),
         }
     }
 }
 
-/// One reconciliation pass over all running jobs.
-pub async fn pass(state: &Context, settings: Settings) -> Result<(), Error> {
+/// One reconciliation pass over all running jobs. Jobs completed after
+/// `completed_after` (by a worker or by this pass) are counted in
+/// `sluice_jobs_finished_total`, and it moves on.
+pub async fn pass(
+    state: &Context,
+    settings: Settings,
+    completed_after: &mut chrono::DateTime<chrono::Utc>,
+) -> Result<(), Error> {
     for job_id in store::abandon_stale_uploads(&state.pool, settings.upload_timeout).await? {
         tracing::warn!(%job_id, "job abandoned: its input never finished uploading");
         metrics::counter!(m::JOBS_FINISHED, "state" => "abandoned").increment(1);
@@ -73,7 +81,6 @@ pub async fn pass(state: &Context, settings: Settings) -> Result<(), Error> {
     let in_stream = publish::stream_counts(&stream).await?.by_job;
     for (job_id, _) in store::running_job_projects(&state.pool).await? {
         if common::db::complete_if_done(&state.pool, job_id).await? {
-            metrics::counter!(m::JOBS_FINISHED, "state" => "completed").increment(1);
             tracing::info!(%job_id, "job completed (seen by reconciler)");
             continue;
         }
@@ -88,6 +95,13 @@ pub async fn pass(state: &Context, settings: Settings) -> Result<(), Error> {
             metrics::counter!(m::CHUNKS_REOPENED).increment(lost);
             state.wake.notify_one();
         }
+    }
+    // Workers complete most jobs; the count of completions is kept here, by
+    // the leader alone, so that it is counted once in the cluster.
+    let (completed, latest) = store::jobs_completed_after(&state.pool, *completed_after).await?;
+    if let Some(latest) = latest {
+        metrics::counter!(m::JOBS_FINISHED, "state" => "completed").increment(completed);
+        *completed_after = latest;
     }
     Ok(())
 }

@@ -242,6 +242,19 @@ pub async fn reopen_published_chunks(pool: &PgPool) -> Result<u64, Error> {
     .rows_affected())
 }
 
+/// How many jobs completed after `after`, and the latest completion time among them.
+pub async fn jobs_completed_after(pool: &PgPool, after: DateTime<Utc>) -> Result<(u64, Option<DateTime<Utc>>), Error> {
+    let row = sqlx::query!(
+        r#"SELECT count(*) AS "count!", max(finished_at) AS latest FROM jobs
+           WHERE state = 'completed' AND finished_at > $1"#,
+        after
+    )
+    .fetch_one(pool)
+    .await
+    .doing("counting completed jobs")?;
+    Ok((row.count as u64, row.latest))
+}
+
 /// Records that chunks were published.
 pub async fn mark_published(pool: &PgPool, job_id: Uuid, chunk_nos: &[i32]) -> Result<(), Error> {
     sqlx::query!("UPDATE chunks SET published_at = now() WHERE job_id = $1 AND chunk_no = ANY($2)", job_id, chunk_nos)

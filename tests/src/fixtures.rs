@@ -66,6 +66,12 @@ impl NatsServer {
         std::fs::read_to_string(self._dir.path().join("nats.log")).unwrap_or_default()
     }
 
+    /// Kills the server (SIGKILL) and leaves it down.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Kills the server (SIGKILL), throws its JetStream store away and starts
     /// it again on the same port: NATS as it comes back after losing its
     /// volume. Clients reconnect by themselves.
@@ -543,6 +549,17 @@ impl Stack {
         })
     }
 
+    /// Stops the coordinator the stack started (gracefully: it hands over
+    /// its leader lease), for tests that run coordinators of their own.
+    pub async fn stop_coordinator(&self) -> anyhow::Result<()> {
+        self.stop.cancel();
+        let url = format!("http://{}", self.coordinator_addr);
+        wait_for("the stack's coordinator stopped", Duration::from_secs(30), || async {
+            Ok(readiness(&url).await.is_none())
+        })
+        .await
+    }
+
     /// A client with a new token of `role` in `project`, held by `name`.
     pub async fn client_as(
         &self,
@@ -799,6 +816,35 @@ impl ServeProcess {
     pub fn url(&self) -> String {
         format!("http://{}", self.api)
     }
+
+    /// A client of this coordinator's API with `token`.
+    pub fn client(&self, token: &str) -> coordinator::client::Client {
+        coordinator::client::Client::new(&self.url()).with_token(token)
+    }
+
+    /// What `/readyz` answers (with 200 or 503), or `None` when nothing answers.
+    pub async fn readiness(&self) -> Option<coordinator::api::Readiness> {
+        readiness(&self.url()).await
+    }
+
+    /// Kills the process outright (SIGKILL), as a node failure does.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Asks the process to stop (SIGTERM), as Kubernetes does, and waits for it.
+    pub fn terminate(&mut self) -> anyhow::Result<std::process::ExitStatus> {
+        let status = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status()?;
+        anyhow::ensure!(status.success(), "kill -TERM failed");
+        Ok(self.child.wait()?)
+    }
+}
+
+/// What `/readyz` at `base_url` answers (with 200 or 503), or `None` when nothing answers.
+pub async fn readiness(base_url: &str) -> Option<coordinator::api::Readiness> {
+    let response = reqwest::get(format!("{base_url}/readyz")).await.ok()?;
+    response.json().await.ok()
 }
 
 impl Drop for ServeProcess {

@@ -3,6 +3,8 @@
 use std::process::Command;
 use std::time::Duration;
 
+use serde_json::json;
+
 use sluice_tests::fixtures::SimServer;
 use sluice_tests::fixtures::{
     logged_addr, sample_jsonl, wait_for, workspace_bin, NatsServer, ServeProcess, TestDb, WorkerProcess,
@@ -65,4 +67,24 @@ async fn coordinator_and_worker_processes_export_metrics() {
     assert!(c.contains("sluice_items_ingested_total 120"), "{c}");
     // 120 items make 8 chunks: a job has at least 8.
     assert!(c.contains("sluice_chunks_published_total{cause=\"publish\"} 8"), "{c}");
+    assert!(c.contains("sluice_coordinator_leader 1"), "{c}");
+    // The worker completed the job; the leader counts it.
+    wait_for("the completion counted", Duration::from_secs(30), || async {
+        Ok(metrics(coord_metrics).await.contains("sluice_jobs_finished_total{state=\"completed\"} 1"))
+    })
+    .await
+    .unwrap();
+
+    // Both processes answer the probes beside their metrics.
+    for (who, addr) in [("worker", worker_metrics), ("coordinator", coord_metrics)] {
+        let live = reqwest::get(format!("http://{addr}/healthz")).await.unwrap();
+        assert_eq!(live.status(), reqwest::StatusCode::OK, "{who}");
+        let ready = reqwest::get(format!("http://{addr}/readyz")).await.unwrap();
+        assert_eq!(ready.status(), reqwest::StatusCode::OK, "{who}");
+        let detail: serde_json::Value = ready.json().await.unwrap();
+        assert_eq!(
+            (&detail["ready"], &detail["postgres"], &detail["nats"]),
+            (&json!(true), &json!("ok"), &json!("ok"))
+        );
+    }
 }

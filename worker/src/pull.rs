@@ -66,6 +66,7 @@ impl Worker {
         let topology = Topology { js, url: config.nats_url.clone(), ack_wait };
         let (consumer, state) = topology.declare().await?;
         let endpoints = config.endpoints()?;
+        common::telemetry::set_readiness(readiness(pool.clone(), topology.js.client()));
         let name = config.name.clone().unwrap_or_default();
         tracing::info!(worker = %name, models = %endpoints.describe(), concurrency = config.concurrency, "worker started");
         let shared = Arc::new(Shared {
@@ -254,6 +255,26 @@ async fn pull_loop(
             health.ok("fetching chunks");
         }
     }
+}
+
+/// The worker's readiness for `/readyz` on its metrics address: Postgres
+/// answers and the NATS connection is up.
+fn readiness(pool: PgPool, nats: async_nats::Client) -> common::telemetry::ReadinessCheck {
+    std::sync::Arc::new(move || {
+        let (pool, nats) = (pool.clone(), nats.clone());
+        Box::pin(async move {
+            let postgres = match common::db::ping(&pool, Duration::from_secs(2)).await {
+                Ok(()) => "ok".to_string(),
+                Err(why) => why,
+            };
+            let nats = match nats.connection_state() {
+                async_nats::connection::State::Connected => "ok".to_string(),
+                other => other.to_string(),
+            };
+            let ready = postgres == "ok" && nats == "ok";
+            (ready, serde_json::json!({"ready": ready, "postgres": postgres, "nats": nats}))
+        })
+    })
 }
 
 /// Works on one chunk message, holding its slot until done.
