@@ -124,7 +124,7 @@ impl JobStatus {
 
     /// True once the job can make no more progress.
     pub fn is_final(&self) -> bool {
-        matches!(self.state.as_str(), "completed" | "cancelled" | "rejected")
+        matches!(self.state.as_str(), "completed" | "cancelled" | "rejected" | "abandoned")
     }
 }
 

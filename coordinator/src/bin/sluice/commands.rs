@@ -24,6 +24,15 @@ use uuid::Uuid;
 ///   sluice sample classify --count 10000 > docs.jsonl
 ///   sluice submit jobs/classify --input docs.jsonl --watch
 ///   sluice results JOB_ID --format csv > results.csv
+///
+/// Exit codes (of commands that wait for a job: submit --wait, status
+/// --watch, resume --watch; the others exit 0 or 1):
+///   0  done: the job completed and every item succeeded
+///   1  error: the command failed (network, token, a file)
+///   2  refused: the input or the decisions file had invalid lines
+///   3  the job completed with failed items (see `sluice results`)
+///   4  the job was cancelled
+///   5  the job never ran: rejected, or its upload abandoned
 #[derive(Debug, Parser)]
 #[command(name = "sluice", version, verbatim_doc_comment)]
 pub struct Cli {
@@ -79,8 +88,9 @@ enum Command {
     /// Show a job's progress: counts by state, items/s and ETA.
     Status {
         job: Uuid,
-        /// Show a live progress bar until the job finishes.
-        #[arg(long)]
+        /// Show a live progress bar until the job finishes, then exit with the
+        /// job's outcome (see the exit codes above).
+        #[arg(long, visible_alias = "wait")]
         watch: bool,
         #[arg(long)]
         json: bool,
@@ -119,8 +129,9 @@ enum Command {
         /// Only re-run failed items (and items without a result in the same chunks).
         #[arg(long)]
         failed_only: bool,
-        /// Show a live progress bar until the job finishes.
-        #[arg(long)]
+        /// Show a live progress bar until the job finishes, then exit with the
+        /// job's outcome (see the exit codes above).
+        #[arg(long, visible_alias = "wait")]
         watch: bool,
         #[arg(long)]
         json: bool,
@@ -288,8 +299,9 @@ struct SubmitArgs {
     /// workers at a real provider).
     #[arg(long, env = "SLUICE_MODEL")]
     model: Option<String>,
-    /// Keep watching the job's progress until it finishes.
-    #[arg(long)]
+    /// Keep watching the job's progress until it finishes, then exit with the
+    /// job's outcome (see the exit codes of `sluice --help`).
+    #[arg(long, visible_alias = "wait")]
     watch: bool,
     /// Print machine-readable JSON instead of text.
     #[arg(long)]
@@ -466,8 +478,12 @@ async fn jobs_command(command: Command, client: Client) -> anyhow::Result<ExitCo
     match command {
         Command::Submit(args) => return submit(&client, args).await,
         Command::Status { job, watch, json } => {
-            let status = if watch { watch_job(&client, job, json).await? } else { client.status(job).await? };
-            print_status(&status, json);
+            if watch {
+                let status = watch_job(&client, job, json).await?;
+                print_status(&status, json);
+                return Ok(outcome(&status));
+            }
+            print_status(&client.status(job).await?, json);
         }
         Command::Jobs { limit, project, json } => {
             let mut jobs = client.jobs_of(limit, project.as_deref()).await?;
@@ -507,10 +523,18 @@ async fn jobs_command(command: Command, client: Client) -> anyhow::Result<ExitCo
                 )),
                 None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
             };
-            while let Some(piece) = stream.next().await {
-                out.write_all(&piece?)?;
+            // A reader that has seen enough (`sluice results JOB | head`) is not an error.
+            let written = async {
+                while let Some(piece) = stream.next().await {
+                    out.write_all(&piece?)?;
+                }
+                out.flush()?;
+                anyhow::Ok(())
+            };
+            match written.await {
+                Err(e) if is_broken_pipe(&e) => return Ok(ExitCode::SUCCESS),
+                r => r?,
             }
-            out.flush()?;
             if let Some(p) = output {
                 eprintln!("results written to {}", p.display());
             }
@@ -528,6 +552,7 @@ async fn jobs_command(command: Command, client: Client) -> anyhow::Result<ExitCo
             if watch {
                 let status = watch_job(&client, job, json).await?;
                 print_status(&status, json);
+                return Ok(outcome(&status));
             }
         }
         Command::Review(ReviewCommand::Export { job, below, format, output }) => {
@@ -606,6 +631,7 @@ async fn submit(client: &Client, args: SubmitArgs) -> anyhow::Result<ExitCode> {
     if watch {
         let status = watch_job(client, job_id, json).await?;
         print_status(&status, json);
+        return Ok(outcome(&status));
     } else if !json {
         eprintln!("watch it with: sluice status {job_id} --watch");
     }
@@ -725,6 +751,21 @@ fn print_status(s: &JobStatus, json: bool) {
         _ => String::new(),
     };
     println!("rate     {:.1} items/s{}{}", s.items_per_s, eta(s), elapsed);
+}
+
+/// The exit code of a command that waited for a job to finish.
+fn outcome(s: &JobStatus) -> ExitCode {
+    match s.state.as_str() {
+        "completed" if s.failed == 0 => ExitCode::SUCCESS,
+        "completed" => ExitCode::from(3),
+        "cancelled" => ExitCode::from(4),
+        _ => ExitCode::from(5),
+    }
+}
+
+/// Whether `err` is a write to a pipe whose reader has gone.
+pub fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe))
 }
 
 /// The error with its causes, each once.

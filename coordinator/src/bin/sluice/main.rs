@@ -15,6 +15,8 @@ async fn main() -> std::process::ExitCode {
     let cli = commands::Cli::parse();
     match commands::dispatch(cli).await {
         Ok(code) => code,
+        // Output cut short by its reader (`| head`) is what the user wanted.
+        Err(err) if commands::is_broken_pipe(&err) => std::process::ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {}", commands::render_error(&err));
             std::process::ExitCode::from(1)

@@ -1,0 +1,88 @@
+//! The `sluice` command line as scripts use it: the exit codes of commands that wait for a job, and output cut short by its reader.
+
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use sluice_tests::fixtures::{jobs_dir, sample_jsonl, workspace_bin, Stack};
+use sluice_tests::sim::SimConfig;
+
+/// Runs `sluice` against the stack's coordinator with its admin token.
+fn sluice(stack: &Stack, args: &[&str]) -> Output {
+    Command::new(workspace_bin("sluice").unwrap())
+        .args(args)
+        .env("SLUICE_COORDINATOR", format!("http://{}", stack.coordinator_addr))
+        .env("SLUICE_TOKEN", &stack.admin_token)
+        .output()
+        .unwrap()
+}
+
+fn input(dir: &tempfile::TempDir, seed: u64, count: u64) -> String {
+    let path = dir.path().join(format!("input-{seed}.jsonl"));
+    std::fs::write(&path, sample_jsonl(seed, count)).unwrap();
+    path.display().to_string()
+}
+
+fn code(out: &Output) -> Option<i32> {
+    out.status.code()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_command_exits_with_the_jobs_outcome() {
+    let mut stack = Stack::start(SimConfig::default(), |_| {}).await.unwrap();
+    stack.add_worker(|_| {});
+    let dir = tempfile::tempdir().unwrap();
+    let kind = jobs_dir().join("classify").display().to_string();
+
+    // Every item answered: 0, and the job id on stdout.
+    let ok = sluice(&stack, &["submit", &kind, "--input", &input(&dir, 51, 200), "--wait"]);
+    assert_eq!(code(&ok), Some(0), "{}", String::from_utf8_lossy(&ok.stderr));
+    let job = String::from_utf8_lossy(&ok.stdout).lines().next().unwrap().to_string();
+    assert_eq!(code(&sluice(&stack, &["status", &job, "--watch"])), Some(0));
+
+    // Some items failed: 3.
+    stack.sim.sim.set_config(SimConfig { bad_output: 0.5, seed: 5, ..Default::default() });
+    let some_failed = sluice(&stack, &["submit", &kind, "--input", &input(&dir, 52, 200), "--wait"]);
+    assert_eq!(code(&some_failed), Some(3), "{}", String::from_utf8_lossy(&some_failed.stderr));
+    let job = String::from_utf8_lossy(&some_failed.stdout).lines().next().unwrap().to_string();
+    assert_eq!(code(&sluice(&stack, &["status", &job, "--watch", "--json"])), Some(3));
+    // A plain status reports and succeeds, whatever the job's outcome.
+    assert_eq!(code(&sluice(&stack, &["status", &job])), Some(0));
+
+    // Cancelled: 4.
+    stack.sim.sim.set_config(SimConfig { latency_ms: 2_000, ..Default::default() });
+    let running = sluice(&stack, &["submit", &kind, "--input", &input(&dir, 53, 200)]);
+    let job = String::from_utf8_lossy(&running.stdout).lines().next().unwrap().to_string();
+    assert_eq!(code(&sluice(&stack, &["cancel", &job])), Some(0));
+    assert_eq!(code(&sluice(&stack, &["status", &job, "--watch"])), Some(4));
+
+    // Refused input: 2, and a failed command (an unknown job): 1.
+    let bad = dir.path().join("bad.jsonl");
+    std::fs::write(&bad, "{\"id\": \"a\", \"text\": \"fine\"}\nnot json\n").unwrap();
+    let refused = sluice(&stack, &["submit", &kind, "--input", bad.to_str().unwrap(), "--wait"]);
+    assert_eq!(code(&refused), Some(2), "{}", String::from_utf8_lossy(&refused.stderr));
+    let unknown = sluice(&stack, &["status", &uuid::Uuid::now_v7().to_string(), "--watch"]);
+    assert_eq!(code(&unknown), Some(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_piped_into_head_end_quietly() {
+    let mut stack = Stack::start(SimConfig::default(), |_| {}).await.unwrap();
+    stack.add_worker(|_| {});
+    let report = stack.submit("classify", sample_jsonl(54, 3_000), false).await.unwrap();
+    stack.wait_completed(report.job_id, Duration::from_secs(120)).await.unwrap();
+    // Far more than a pipe holds, so the writer meets the closed pipe.
+    let script = format!(
+        "set -o pipefail; '{}' results {} | head -n 2",
+        workspace_bin("sluice").unwrap().display(),
+        report.job_id
+    );
+    let out = Command::new("bash")
+        .args(["-c", &script])
+        .env("SLUICE_COORDINATOR", format!("http://{}", stack.coordinator_addr))
+        .env("SLUICE_TOKEN", &stack.admin_token)
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 2);
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "", "nothing said about the closed pipe");
+}
