@@ -32,8 +32,9 @@ async fn readyz() -> (axum::http::StatusCode, axum::Json<serde_json::Value>) {
 /// How a process logs and where it serves `/metrics`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct TelemetryConfig {
-    /// Log format: `text` for people, `json` for log collectors.
-    #[arg(long, env = "SLUICE_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    /// Log format: `text` for people, `json` for log collectors, `auto`:
+    /// text on a terminal, JSON otherwise (a container's log, a file).
+    #[arg(long, env = "SLUICE_LOG_FORMAT", default_value = "auto", value_parser = ["auto", "text", "json"])]
     pub log_format: String,
     /// Log filter in `tracing` syntax, e.g. `info` or `worker=debug,info`.
     #[arg(long, env = "SLUICE_LOG", default_value = "info")]
@@ -72,9 +73,17 @@ pub enum TelemetryError {
 pub fn init(config: &TelemetryConfig) -> Result<(), TelemetryError> {
     let filter = tracing_subscriber::EnvFilter::try_new(&config.log)
         .map_err(|source| TelemetryError::Filter { filter: config.log.clone(), source })?;
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    use std::io::IsTerminal;
+    let terminal = std::io::stderr().is_terminal();
+    // Colour codes only for a terminal: in a file they are noise.
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(terminal);
+    let json = match config.log_format.as_str() {
+        "json" => true,
+        "text" => false,
+        _ => !terminal,
+    };
     // A second init (tests start several services in one process) is harmless.
-    let _ = if config.log_format == "json" { builder.json().try_init() } else { builder.try_init() };
+    let _ = if json { builder.json().try_init() } else { builder.try_init() };
     install_metrics(&config.metrics_addr).map(|_| ())
 }
 

@@ -86,8 +86,16 @@ impl Default for Status {
 /// Campaigns for the lease until `shutdown`; while this replica holds it,
 /// `lead` runs with a token cancelled when leadership ends, and its tasks are
 /// awaited before another campaign.
-pub async fn run<F>(kv: kv::Store, status: Arc<Status>, lead: F, shutdown: CancellationToken)
-where
+///
+/// NATS may come back without the bucket (a new volume): a failed campaign
+/// declares it again before the next try.
+pub async fn run<F>(
+    js: async_nats::jetstream::Context,
+    mut kv: kv::Store,
+    status: Arc<Status>,
+    lead: F,
+    shutdown: CancellationToken,
+) where
     F: Fn(CancellationToken) -> Vec<tokio::task::JoinHandle<()>>,
 {
     let mut health = common::telemetry::Health::default();
@@ -109,8 +117,12 @@ where
                 health.failed("campaigning for the coordinator lease", &e);
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(RENEW_EVERY) => continue,
+                    _ = tokio::time::sleep(RENEW_EVERY) => {}
                 }
+                if let Ok(store) = common::nats::ensure_leader_bucket(&js, LEASE_TTL).await {
+                    kv = store;
+                }
+                continue;
             }
         };
         let held_since = Instant::now();

@@ -77,7 +77,13 @@ impl Coordinator {
             let (state, config) = (self.state.clone(), self.config.clone());
             move |leading: CancellationToken| lead(&state, &config, leading)
         };
-        let leader = tokio::spawn(leader::run(self.lease, self.state.leader.clone(), lead, shutdown.clone()));
+        let leader = tokio::spawn(leader::run(
+            self.state.js.clone(),
+            self.lease,
+            self.state.leader.clone(),
+            lead,
+            shutdown.clone(),
+        ));
         // The peer's address, for the audit of refused requests and the throttle.
         let app = api::router(self.state).into_make_service_with_connect_info::<SocketAddr>();
         let stop = shutdown.clone();

@@ -204,3 +204,37 @@ async fn no_model_call_is_made_while_postgres_is_down_and_the_job_completes_afte
 fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
 }
+
+/// A state the cluster shares changes once, so it is logged once for the
+/// cluster, by the worker whose write changed it, not once per worker or per
+/// compare-and-set retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_breaker_opening_is_logged_once_for_the_cluster() {
+    let sim = SimConfig { error_503: 1.0, retry_after_s: 0.01, ..Default::default() };
+    let mut stack = Stack::start(sim, |_| {}).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = stack.worker_config();
+    let logs: Vec<_> = (0..3).map(|i| dir.path().join(format!("worker-{i}.log"))).collect();
+    let _workers: Vec<WorkerProcess> = logs
+        .iter()
+        .enumerate()
+        .map(|(i, log)| {
+            WorkerProcess::spawn_logged(&config, &format!("w{i}"), &[("SLUICE_LOG", "info")], Some(log)).unwrap()
+        })
+        .collect();
+    let report = stack.submit("classify", sample_jsonl(82, 2_000), false).await.unwrap();
+    let lines = |what: &'static str| {
+        let logs = logs.clone();
+        move || logs.iter().map(|l| std::fs::read_to_string(l).unwrap_or_default().matches(what).count()).sum::<usize>()
+    };
+    let opened = lines("circuit breaker opened");
+    wait_for("the breaker opened", Duration::from_secs(60), || async { Ok(opened() > 0) }).await.unwrap();
+    stack.sim.sim.set_config(SimConfig::default());
+    stack.wait_completed(report.job_id, Duration::from_secs(120)).await.unwrap();
+    let closed = lines("circuit breaker closed");
+    assert_eq!((opened(), closed()), (1, 1), "one outage: the breaker opened once and closed once");
+    // Logs in files are JSON by default, without colour codes.
+    let text = std::fs::read_to_string(&logs[0]).unwrap();
+    assert!(!text.contains('\u{1b}'), "ANSI escapes in a log file");
+    assert!(text.lines().all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()), "{text}");
+}

@@ -139,45 +139,59 @@ impl Breaker {
         })
     }
 
-    /// Records the outcome of a call that went out.
+    /// Records the outcome of a call that went out. Opening and closing are
+    /// logged once for the cluster: by the worker whose write made the change
+    /// (the closure runs again on every compare-and-set conflict).
     pub async fn record(&self, ok: bool) -> Result<(), Error> {
         if ok {
             let s = self.state();
             if !s.open && s.failures == 0 {
                 return Ok(());
             }
-            let key = self.key.clone();
-            return self
+            let mut closed = false;
+            let written = self
                 .modify(|s, _| {
                     let changed = s.open || s.failures > 0;
-                    if s.open {
-                        tracing::info!(breaker = %key, "circuit breaker closed");
-                    }
+                    closed = s.open;
                     *s = BreakerState::default();
                     changed
                 })
-                .await;
+                .await?;
+            if written && closed {
+                tracing::info!(breaker = %self.key, "circuit breaker closed");
+            }
+            return Ok(());
         }
         let (threshold, interval) = (self.threshold, self.interval.as_millis() as u64);
-        let key = self.key.clone();
-        self.modify(|s, now| {
-            s.failures += 1;
-            if !s.open && s.failures >= threshold {
-                s.open = true;
-                s.opened_at_ms = now;
-                s.probe_at_ms = now + interval;
-                tracing::warn!(breaker = %key, failures = s.failures, "circuit breaker opened");
-            }
-            true
-        })
-        .await
-    }
-
-    async fn modify(&self, f: impl FnMut(&mut BreakerState, u64) -> bool) -> Result<(), Error> {
-        if let Some(state) = crate::kvstate::modify(&self.kv, &self.key, |_| BreakerState::default(), f).await? {
-            // Reflect our own write at once rather than waiting for the watch.
-            *self.cache.write().expect("breaker cache lock") = state;
+        let mut opened = None;
+        let written = self
+            .modify(|s, now| {
+                s.failures += 1;
+                opened = None;
+                if !s.open && s.failures >= threshold {
+                    s.open = true;
+                    s.opened_at_ms = now;
+                    s.probe_at_ms = now + interval;
+                    opened = Some(s.failures);
+                }
+                true
+            })
+            .await?;
+        if let (true, Some(failures)) = (written, opened) {
+            tracing::warn!(breaker = %self.key, failures, "circuit breaker opened");
         }
         Ok(())
+    }
+
+    /// Applies `f` with compare-and-set; whether something was written.
+    async fn modify(&self, f: impl FnMut(&mut BreakerState, u64) -> bool) -> Result<bool, Error> {
+        match crate::kvstate::modify(&self.kv, &self.key, |_| BreakerState::default(), f).await? {
+            Some(state) => {
+                // Reflect our own write at once rather than waiting for the watch.
+                *self.cache.write().expect("breaker cache lock") = state;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
     }
 }
