@@ -211,7 +211,7 @@ fn now_ms() -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_breaker_opening_is_logged_once_for_the_cluster() {
     let sim = SimConfig { error_503: 1.0, retry_after_s: 0.01, ..Default::default() };
-    let mut stack = Stack::start(sim, |_| {}).await.unwrap();
+    let stack = Stack::start(sim, |_| {}).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let config = stack.worker_config();
     let logs: Vec<_> = (0..3).map(|i| dir.path().join(format!("worker-{i}.log"))).collect();
