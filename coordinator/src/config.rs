@@ -53,6 +53,17 @@ pub struct ServeConfig {
     /// may republish it when its job has no message left in the stream, in milliseconds.
     #[arg(long, env = "SLUICE_REPUBLISH_AFTER_MS", default_value_t = 30_000)]
     pub republish_after_ms: u64,
+    /// Calls one worker keeps in flight (the workers' SLUICE_CONCURRENCY), for
+    /// the autoscaling figure `sluice_autoscale_workers_wanted`.
+    #[arg(long, env = "SLUICE_AUTOSCALE_WORKER_CONCURRENCY", default_value_t = 64)]
+    pub autoscale_worker_concurrency: u32,
+    /// Calls per second one worker manages at most whatever the latency (its
+    /// CPU), for the autoscaling figure.
+    #[arg(long, env = "SLUICE_AUTOSCALE_WORKER_CALLS_PER_S", default_value_t = 1_000)]
+    pub autoscale_worker_calls_per_s: u32,
+    /// Seconds within which the backlog should be done, for the autoscaling figure.
+    #[arg(long, env = "SLUICE_AUTOSCALE_DRAIN_S", default_value_t = 300)]
+    pub autoscale_drain_s: u32,
     /// The providers file the workers use (see deploy/providers.example.toml):
     /// a job naming a provider or model it does not list is refused at submit.
     /// Without it, any model is taken (the workers' one-provider shorthand).
@@ -147,7 +158,26 @@ impl ServeConfig {
         if self.db_pool_size == 0 {
             return Err(Error::Config("SLUICE_DB_POOL_SIZE must be at least 1".into()));
         }
+        for (name, v) in [
+            ("SLUICE_AUTOSCALE_WORKER_CONCURRENCY", self.autoscale_worker_concurrency),
+            ("SLUICE_AUTOSCALE_WORKER_CALLS_PER_S", self.autoscale_worker_calls_per_s),
+            ("SLUICE_AUTOSCALE_DRAIN_S", self.autoscale_drain_s),
+        ] {
+            if v == 0 {
+                return Err(Error::Config(format!("{name} must be at least 1")));
+            }
+        }
         Ok(())
+    }
+
+    /// What the autoscaling figure assumes of the workers.
+    pub fn autoscale(&self) -> crate::autoscale::Assumptions {
+        crate::autoscale::Assumptions {
+            worker_concurrency: self.autoscale_worker_concurrency as f64,
+            worker_calls_per_s: self.autoscale_worker_calls_per_s as f64,
+            drain_s: self.autoscale_drain_s as f64,
+            ..Default::default()
+        }
     }
 
     /// The configuration a user gets with no flag and no environment

@@ -2,9 +2,11 @@
 
 pub mod api;
 pub mod auth;
+pub mod autoscale;
 pub mod client;
 pub mod config;
 pub mod error;
+pub mod gauges;
 pub mod ingest;
 pub mod leader;
 pub mod metrics;
@@ -119,6 +121,12 @@ fn lead(state: &api::AppState, config: &ServeConfig, leading: CancellationToken)
         std::time::Duration::from_millis(config.publish_interval_ms),
         state.wake.clone(),
         state.leader.clone(),
+        leading.clone(),
+    )));
+    tasks.push(tokio::spawn(gauges::run(
+        state.pool.clone(),
+        state.catalog.clone(),
+        config.autoscale(),
         leading.clone(),
     )));
     if config.reconcile_interval_ms > 0 {

@@ -16,9 +16,22 @@ pub const INGEST_SECONDS: &str = "sluice_ingest_duration_seconds";
 pub const API_DENIED: &str = "sluice_api_denied_total";
 /// 1 while this coordinator holds the leader lease (runs the publisher and reconciler), else 0.
 pub const LEADER: &str = "sluice_coordinator_leader";
+/// Items not yet done, by job state (uploading, running, cancelled); leader only.
+pub const BACKLOG_ITEMS: &str = "sluice_backlog_items";
+/// Results waiting for a reviewer in every job; leader only.
+pub const REVIEW_QUEUE: &str = "sluice_review_queue_items";
+/// Workers worth running: what KEDA scales on (docs/metrics.md has the formula); leader only.
+pub const WORKERS_WANTED: &str = "sluice_autoscale_workers_wanted";
+/// Its parts per model (labels `model`, `bound`: backlog, limits).
+pub const WORKERS_FOR: &str = "sluice_autoscale_workers";
+/// Dollars spent on model calls by every job of a project so far, at the price table's prices (label `project`); leader only.
+pub const COST: &str = "sluice_cost_dollars";
+/// Always 1, with the build's version and the component as labels.
+pub const BUILD_INFO: &str = "sluice_build_info";
 
 /// Registers descriptions so `/metrics` explains each series.
 pub fn describe() {
+    metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION"), "component" => "coordinator").set(1.0);
     metrics::describe_counter!(ITEMS_INGESTED, "Items accepted into Postgres at ingest");
     metrics::describe_counter!(LINES_REJECTED, "Input lines refused at ingest, by reason");
     metrics::describe_counter!(CHUNKS_PUBLISHED, "Chunk messages published to JetStream, by cause");
@@ -26,5 +39,14 @@ pub fn describe() {
     metrics::describe_counter!(JOBS_FINISHED, "Jobs that reached a final state");
     metrics::describe_counter!(API_DENIED, "API requests refused: no valid token, a role without the right, another project's job, or too many failures from one address");
     metrics::describe_gauge!(LEADER, "1 while this coordinator is the leader: it publishes chunks and reconciles");
+    metrics::describe_gauge!(BACKLOG_ITEMS, "Items not yet done, by job state (exported by the leader)");
+    metrics::describe_gauge!(REVIEW_QUEUE, "Results waiting for a reviewer (exported by the leader)");
+    metrics::describe_gauge!(
+        WORKERS_WANTED,
+        "Workers worth running: enough for the backlog, no more than the provider limits keep busy"
+    );
+    metrics::describe_gauge!(WORKERS_FOR, "Workers the backlog needs and the provider limits keep busy, by model");
+    metrics::describe_gauge!(COST, "Dollars spent on model calls by every job of a project (exported by the leader)");
+    metrics::describe_gauge!(BUILD_INFO, "Always 1; the version and component are labels");
     metrics::describe_histogram!(INGEST_SECONDS, metrics::Unit::Seconds, "Time to ingest one job's input");
 }

@@ -242,6 +242,91 @@ pub async fn reopen_published_chunks(pool: &PgPool) -> Result<u64, Error> {
     .rows_affected())
 }
 
+/// Items not yet done (no result) by job state, for the jobs that can still
+/// have some: uploading, running, cancelled.
+pub async fn backlog_by_job_state(pool: &PgPool) -> Result<Vec<(String, i64)>, Error> {
+    Ok(sqlx::query!(
+        r#"SELECT j.state, coalesce(sum(greatest(j.total_items - t.done, 0)), 0)::bigint AS "backlog!"
+           FROM jobs j
+           CROSS JOIN LATERAL (SELECT coalesce(sum(succeeded + failed), 0) AS done
+                               FROM job_tallies WHERE job_id = j.id) t
+           WHERE j.state IN ('uploading', 'running', 'cancelled')
+           GROUP BY j.state"#
+    )
+    .fetch_all(pool)
+    .await
+    .doing("reading the backlog")?
+    .into_iter()
+    .map(|r| (r.state, r.backlog))
+    .collect())
+}
+
+/// Dollars spent by every job of each project, at the price table's prices.
+pub async fn cost_by_project(pool: &PgPool) -> Result<Vec<(String, f64)>, Error> {
+    Ok(sqlx::query!(
+        r#"SELECT j.project, coalesce(sum(t.cost_usd), 0)::float8 AS "cost!"
+           FROM job_tallies t JOIN jobs j ON j.id = t.job_id GROUP BY j.project"#
+    )
+    .fetch_all(pool)
+    .await
+    .doing("reading the cost by project")?
+    .into_iter()
+    .map(|r| (r.project, r.cost))
+    .collect())
+}
+
+/// Results waiting for a reviewer, in every job.
+pub async fn review_queue_size(pool: &PgPool) -> Result<i64, Error> {
+    Ok(sqlx::query_scalar!(r#"SELECT coalesce(sum(needs_review), 0)::bigint AS "n!" FROM job_tallies"#)
+        .fetch_one(pool)
+        .await
+        .doing("reading the review queue's size")?)
+}
+
+/// What a running job asks of the workers, for the autoscaling figure.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobDemand {
+    /// The job's model, as its kind names it.
+    pub model: String,
+    /// Items without a result.
+    pub backlog: u64,
+    /// Results so far, and the tokens their attempts used.
+    pub calls: u64,
+    pub tokens: u64,
+    /// Mean latency of its latest results, in seconds.
+    pub recent_latency_s: Option<f64>,
+}
+
+/// The demand of every running job.
+pub async fn running_job_demand(pool: &PgPool) -> Result<Vec<JobDemand>, Error> {
+    let rows = sqlx::query!(
+        r#"SELECT j.spec->>'model' AS "model!",
+                  greatest(j.total_items - t.done, 0)::bigint AS "backlog!",
+                  t.done::bigint AS "calls!", t.tokens::bigint AS "tokens!",
+                  (SELECT avg(r.latency_ms)::float8 / 1000.0
+                   FROM (SELECT latency_ms FROM results WHERE job_id = j.id ORDER BY seq DESC LIMIT 200) r)
+                   AS recent_latency_s
+           FROM jobs j
+           CROSS JOIN LATERAL (SELECT coalesce(sum(succeeded + failed), 0) AS done,
+                                      coalesce(sum(tokens_in + tokens_out), 0) AS tokens
+                               FROM job_tallies WHERE job_id = j.id) t
+           WHERE j.state = 'running'"#
+    )
+    .fetch_all(pool)
+    .await
+    .doing("reading the running jobs' demand")?;
+    Ok(rows
+        .into_iter()
+        .map(|r| JobDemand {
+            model: r.model,
+            backlog: r.backlog as u64,
+            calls: r.calls as u64,
+            tokens: r.tokens as u64,
+            recent_latency_s: r.recent_latency_s,
+        })
+        .collect())
+}
+
 /// How many jobs completed after `after`, and the latest completion time among them.
 pub async fn jobs_completed_after(pool: &PgPool, after: DateTime<Utc>) -> Result<(u64, Option<DateTime<Utc>>), Error> {
     let row = sqlx::query!(

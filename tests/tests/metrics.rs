@@ -7,7 +7,7 @@ use serde_json::json;
 
 use sluice_tests::fixtures::SimServer;
 use sluice_tests::fixtures::{
-    logged_addr, sample_jsonl, wait_for, workspace_bin, NatsServer, ServeProcess, TestDb, WorkerProcess,
+    logged_addr, make_token, sample_jsonl, wait_for, workspace_bin, NatsServer, ServeProcess, TestDb, WorkerProcess,
 };
 use sluice_tests::sim::SimConfig;
 
@@ -68,9 +68,17 @@ async fn coordinator_and_worker_processes_export_metrics() {
     // 120 items make 8 chunks: a job has at least 8.
     assert!(c.contains("sluice_chunks_published_total{cause=\"publish\"} 8"), "{c}");
     assert!(c.contains("sluice_coordinator_leader 1"), "{c}");
-    // The worker completed the job; the leader counts it.
+    assert!(c.contains("sluice_build_info{version=\""), "{c}");
+    assert!(w.contains("sluice_build_info{version=\""), "{w}");
+    // Nothing under way any more in the worker.
+    assert!(w.contains("sluice_chunks_in_flight 0") && w.contains("sluice_calls_in_flight 0"), "{w}");
+    assert!(w.contains("sluice_breaker_open{endpoint=\""), "{w}");
+    // The worker completed the job; the leader counts it, and its cost.
     wait_for("the completion counted", Duration::from_secs(30), || async {
-        Ok(metrics(coord_metrics).await.contains("sluice_jobs_finished_total{state=\"completed\"} 1"))
+        let c = metrics(coord_metrics).await;
+        Ok(c.contains("sluice_jobs_finished_total{state=\"completed\"} 1")
+            && c.contains("sluice_cost_dollars{project=\"default\"} 0.0")
+            && c.contains("sluice_backlog_items{job_state=\"running\"} 0"))
     })
     .await
     .unwrap();
@@ -87,4 +95,39 @@ async fn coordinator_and_worker_processes_export_metrics() {
             (&json!(true), &json!("ok"), &json!("ok"))
         );
     }
+}
+
+/// The leader's gauges follow a job with no worker yet: its backlog, and the
+/// workers worth starting for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_exports_the_backlog_and_the_workers_worth_running() {
+    let db = TestDb::create().await.unwrap();
+    let nats = NatsServer::start().unwrap();
+    let logs = tempfile::tempdir().unwrap();
+    // The backlog should be done within a second: 3,000 items at 64 calls a
+    // second per worker (1 s calls assumed before any answer) want 47 workers.
+    let env = [("SLUICE_AUTOSCALE_DRAIN_S", "1")];
+    let coordinator = ServeProcess::start(&db, &nats, &logs.path().join("c.log"), &env).await.unwrap();
+    let token = make_token(&db.pool, "ops", "default", coordinator::auth::Role::Admin).await.unwrap();
+    let client = coordinator.client(&token.token);
+    let job = client.create_job(&sluice_tests::fixtures::new_job("classify")).await.unwrap().job_id;
+    let input = vec![Ok(bytes::Bytes::from(sample_jsonl(7, 3_000)))];
+    client.upload(job, futures::stream::iter(input), false).await.unwrap();
+    let seen = |wanted: &'static [&'static str]| {
+        let addr = coordinator.metrics;
+        move || async move {
+            let c = metrics(addr).await;
+            Ok(wanted.iter().all(|w| c.contains(w)))
+        }
+    };
+    let running = &["sluice_backlog_items{job_state=\"running\"} 3000", "sluice_autoscale_workers_wanted 47"];
+    wait_for("the backlog and the workers wanted", Duration::from_secs(30), seen(running)).await.unwrap();
+    let c = metrics(coordinator.metrics).await;
+    // The parts: 46.9 workers for the backlog, no bound from limits (none configured).
+    assert!(c.contains("sluice_autoscale_workers{model=\"default/sim-small\",bound=\"backlog\"} 46.875"), "{c}");
+    assert!(!c.contains("bound=\"limits\""), "{c}");
+    // Cancelled, its items are no longer work to scale for.
+    client.cancel(job).await.unwrap();
+    let cancelled = &["sluice_backlog_items{job_state=\"cancelled\"} 3000", "sluice_autoscale_workers_wanted 0"];
+    wait_for("the backlog of a cancelled job", Duration::from_secs(30), seen(cancelled)).await.unwrap();
 }

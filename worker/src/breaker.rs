@@ -63,13 +63,20 @@ impl Drop for Breaker {
 /// Keeps `cache` equal to the breaker's state in KV. A watch ends when NATS
 /// goes away or loses the bucket; it is then started again (once a second
 /// until it works), from the state as it is then, so the breaker never stays stale.
-async fn follow(kv: kv::Store, key: String, mut watch: kv::Watch, cache: Arc<RwLock<BreakerState>>) {
+async fn follow(
+    kv: kv::Store,
+    key: String,
+    mut watch: kv::Watch,
+    cache: Arc<RwLock<BreakerState>>,
+    gauge: metrics::Gauge,
+) {
     loop {
         while let Some(Ok(entry)) = watch.next().await {
-            let state = match entry.operation {
+            let state: BreakerState = match entry.operation {
                 kv::Operation::Put => serde_json::from_slice(&entry.value).unwrap_or_default(),
                 _ => BreakerState::default(),
             };
+            gauge.set(if state.open { 1.0 } else { 0.0 });
             *cache.write().expect("breaker cache lock") = state;
         }
         tracing::warn!(breaker = %key, "the breaker's watch ended (NATS away?); following it again");
@@ -97,7 +104,8 @@ impl Breaker {
         let key = key(endpoint, model);
         let cache = Arc::new(RwLock::new(BreakerState::default()));
         let watch = kv.watch_with_history(&key).await.map_err(|e| Error::Kv(Box::new(e)))?;
-        let watcher = tokio::spawn(follow(kv.clone(), key.clone(), watch, cache.clone()));
+        let gauge = metrics::gauge!(crate::metrics::BREAKER_OPEN, "endpoint" => endpoint.to_string(), "model" => model.to_string());
+        let watcher = tokio::spawn(follow(kv.clone(), key.clone(), watch, cache.clone(), gauge));
         Ok(Breaker { kv, key, threshold, interval, cache, watcher })
     }
 

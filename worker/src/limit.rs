@@ -485,6 +485,7 @@ impl Limiter {
             }
             p.paused_until = p.paused_until.max(Instant::now() + pause);
         }
+        crate::metrics::rate_limit_pause(&self.labels.0, &self.labels.1, pause);
         let (rate, limits) = (*rate, self.limits);
         self.modify(|b, now, changes| {
             b.refill(now, limits, changes);

@@ -16,7 +16,30 @@ pub const CHUNKS: &str = "sluice_chunks_total";
 /// The effective rate limit per minute (labels `key_id`, `model`, `limit`: requests, tokens, input_tokens, output_tokens).
 pub const RATE_LIMIT: &str = "sluice_rate_limit_effective_per_minute";
 
+/// Pauses of a key and model after a 429, and the seconds announced (labels `key_id`, `model`).
+pub const RATE_LIMIT_PAUSES: &str = "sluice_rate_limit_pauses_total";
+pub const RATE_LIMIT_PAUSE_SECONDS: &str = "sluice_rate_limit_pause_seconds_total";
+/// Chunks this worker holds now.
+pub const CHUNKS_IN_FLIGHT: &str = "sluice_chunks_in_flight";
+/// Model calls this worker has under way now.
+pub const CALLS_IN_FLIGHT: &str = "sluice_calls_in_flight";
+/// 1 while the circuit breaker of a model is open, as this worker sees it (labels `endpoint`, `model`).
+pub const BREAKER_OPEN: &str = "sluice_breaker_open";
+/// Always 1, with the build's version and the component as labels.
+pub const BUILD_INFO: &str = "sluice_build_info";
+
 pub fn describe() {
+    metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION"), "component" => "worker").set(1.0);
+    metrics::describe_counter!(RATE_LIMIT_PAUSES, "Pauses of a key and model for the whole cluster after a 429");
+    metrics::describe_counter!(
+        RATE_LIMIT_PAUSE_SECONDS,
+        metrics::Unit::Seconds,
+        "Seconds of pause announced after 429s"
+    );
+    metrics::describe_gauge!(CHUNKS_IN_FLIGHT, "Chunks this worker holds");
+    metrics::describe_gauge!(CALLS_IN_FLIGHT, "Model calls this worker has under way");
+    metrics::describe_gauge!(BREAKER_OPEN, "1 while a model's circuit breaker is open");
+    metrics::describe_gauge!(BUILD_INFO, "Always 1; the version and component are labels");
     metrics::describe_gauge!(RATE_LIMIT, "Effective rate limit per minute, as learned from the provider");
     metrics::describe_counter!(ITEMS, "Items finished, by outcome");
     metrics::describe_counter!(MODEL_CALLS, "Model calls, by model and outcome");
@@ -51,4 +74,27 @@ pub fn chunk(outcome: &'static str, succeeded: u64, failed: u64) {
 pub fn rate_limit(key_id: &str, model: &str, limit: &'static str, per_minute: f64) {
     metrics::gauge!(RATE_LIMIT, "key_id" => key_id.to_string(), "model" => model.to_string(), "limit" => limit)
         .set(per_minute);
+}
+
+/// Records a pause of a key and model after a 429.
+pub fn rate_limit_pause(key_id: &str, model: &str, pause: Duration) {
+    let labels = [("key_id", key_id.to_string()), ("model", model.to_string())];
+    metrics::counter!(RATE_LIMIT_PAUSES, &labels).increment(1);
+    metrics::counter!(RATE_LIMIT_PAUSE_SECONDS, &labels).increment(pause.as_secs());
+}
+
+/// Counts something under way (a chunk held, a call made) while the guard lives.
+pub struct InFlight(&'static str);
+
+impl InFlight {
+    pub fn start(gauge: &'static str) -> Self {
+        metrics::gauge!(gauge).increment(1.0);
+        InFlight(gauge)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        metrics::gauge!(self.0).decrement(1.0);
+    }
 }

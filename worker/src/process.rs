@@ -383,7 +383,9 @@ impl ItemRun<'_> {
                 None => None,
             };
             let t = Instant::now();
+            let in_flight = crate::metrics::InFlight::start(crate::metrics::CALLS_IN_FLIGHT);
             let response = ep.client.complete(&route.wire_model, body, key.secret).await;
+            drop(in_flight);
             let attempt = AttemptFacts {
                 number: self.result.attempts,
                 route,
@@ -569,6 +571,7 @@ impl AttemptFacts<'_> {
             cache_write: c.tokens_cache_write,
         });
         let provider = &self.route.endpoint.name;
+        let cost_usd = ctx.prices.cost(provider, &self.route.model, usage);
         AttemptRecord {
             attempt: self.number,
             model: self.route.model.clone(),
@@ -585,7 +588,7 @@ impl AttemptFacts<'_> {
             tokens_out: usage.output as i32,
             tokens_cached: usage.cached as i32,
             tokens_reasoning: response.as_ref().map_or(0, |c| c.tokens_reasoning as i32),
-            cost_usd: ctx.prices.cost(provider, &self.route.model, usage),
+            cost_usd,
             api_key_id: self.key_id.to_string(),
             provider: provider.clone(),
             output_mode: self.output.as_str().to_string(),

@@ -305,7 +305,9 @@ async fn handle(shared: Arc<Shared>, msg: Message, _slot: OwnedSemaphorePermit, 
     });
     let delivered = msg.info().map(|i| i.delivered).unwrap_or(1);
     *shared.held.lock().expect("held lock").entry(chunk.job_id).or_default() += 1;
+    let held = crate::metrics::InFlight::start(crate::metrics::CHUNKS_IN_FLIGHT);
     let outcome = work(&shared, &chunk, delivered, &stop).await;
+    drop(held);
     {
         let mut held = shared.held.lock().expect("held lock");
         if let Some(n) = held.get_mut(&chunk.job_id) {
