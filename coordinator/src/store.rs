@@ -22,6 +22,20 @@ pub async fn migrate(owner_url: &str) -> Result<(), Error> {
     r
 }
 
+/// The latest migration applied to the database (0: none) and the latest this build has.
+pub async fn schema_version(pool: &PgPool) -> Result<(i64, i64), Error> {
+    let latest = migrations::MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0);
+    let applied: Option<i64> = sqlx::query_scalar!("SELECT max(version) FROM _sqlx_migrations WHERE success")
+        .fetch_one(pool)
+        .await
+        .or_else(|e| match &e {
+            sqlx::Error::Database(d) if d.code().as_deref() == Some("42P01") => Ok(None),
+            _ => Err(e),
+        })
+        .doing("checking the schema version")?;
+    Ok((applied.unwrap_or(0), latest))
+}
+
 /// Makes sure the schema is up to date before anything else runs: applies
 /// the migrations with `owner_url` if given; else checks the schema, and
 /// applies them with `pool` only if it is behind (a role that may not gets a
@@ -31,15 +45,8 @@ pub async fn ensure_schema(pool: &PgPool, owner_url: Option<&str>) -> Result<(),
     if let Some(url) = owner_url {
         migrate(url).await?;
     } else {
-        let latest = migrations::MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0);
-        let applied: Option<i64> = sqlx::query_scalar!("SELECT max(version) FROM _sqlx_migrations WHERE success")
-            .fetch_one(pool)
-            .await
-            .or_else(|e| match &e {
-                sqlx::Error::Database(d) if d.code().as_deref() == Some("42P01") => Ok(None),
-                _ => Err(e),
-            })
-            .doing("checking the schema version")?;
+        let (applied, latest) = schema_version(pool).await?;
+        let applied = (applied > 0).then_some(applied);
         if applied.unwrap_or(0) < latest {
             // On a connection of its own, closed if the migration fails: the
             // migrator's advisory lock must not outlive the attempt.

@@ -73,12 +73,25 @@ async fn a_coordinator_that_may_not_migrate_names_the_fix_and_sluice_migrate_app
     let msg = common::error_chain(&err);
     assert!(msg.contains("sluice migrate") && msg.contains("SLUICE_MIGRATE_DATABASE_URL"), "{msg}");
 
-    let out = std::process::Command::new(sluice_tests::fixtures::workspace_bin("sluice").unwrap())
-        .args(["migrate", "--database-url", &db.url])
-        .output()
+    // A coordinator pod's init container waits, with the coordinator's own
+    // role, for the migration Job: it gives up with a clear error, or ends
+    // once the schema is current.
+    let sluice = || std::process::Command::new(sluice_tests::fixtures::workspace_bin("sluice").unwrap());
+    let gave_up = sluice().args(["migrate", "--wait", "1", "--database-url", &app]).output().unwrap();
+    assert!(!gave_up.status.success());
+    assert!(String::from_utf8_lossy(&gave_up.stderr).contains("has the migration Job run?"));
+    let waiting = sluice()
+        .args(["migrate", "--wait", "120", "--database-url", &app])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
+
+    let out = sluice().args(["migrate", "--database-url", &db.url]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stderr).contains("up to date"));
+    let waited = waiting.wait_with_output().unwrap();
+    assert!(waited.status.success(), "{}", String::from_utf8_lossy(&waited.stderr));
+    assert!(String::from_utf8_lossy(&waited.stderr).contains("up to date"));
     coordinator::Coordinator::bind(sluice_tests::fixtures::serve_config(&app, nats.url())).await.unwrap();
 
     // Or at start-up, with the owner's URL given apart.

@@ -78,6 +78,11 @@ enum Command {
             default_value = "postgres://sluice:sluice@127.0.0.1:5432/sluice"
         )]
         database_url: String,
+        /// Do not migrate: wait until someone has (up to this many seconds),
+        /// reading the schema version with any role's URL. A coordinator pod's
+        /// init container runs this while the migration Job works.
+        #[arg(long, value_name = "SECONDS")]
+        wait: Option<u64>,
     },
     /// Submit a job: a job-kind folder (e.g. jobs/classify) and a JSONL input file.
     ///
@@ -341,8 +346,34 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             common::telemetry::init(&telemetry)?;
             coordinator::run(config, common::shutdown::on_signals()).await?;
         }
-        Command::Migrate { database_url } => {
+        Command::Migrate { database_url, wait: None } => {
             coordinator::store::migrate(&database_url).await?;
+            eprintln!("database schema is up to date");
+        }
+        Command::Migrate { database_url, wait: Some(seconds) } => {
+            let deadline = std::time::Instant::now() + Duration::from_secs(seconds);
+            let mut said = None;
+            loop {
+                let version = match common::db::connect(&database_url, 1).await {
+                    Ok(pool) => coordinator::store::schema_version(&pool).await.map_err(anyhow::Error::from),
+                    Err(e) => Err(e.into()),
+                };
+                match version {
+                    Ok((applied, latest)) if applied >= latest => break,
+                    Ok((applied, latest)) if said != Some(applied) => {
+                        eprintln!(
+                            "the schema is at version {applied}, Sluice needs {latest}: waiting for `sluice migrate`"
+                        );
+                        said = Some(applied);
+                    }
+                    Err(e) if std::time::Instant::now() >= deadline => return Err(e),
+                    _ => {}
+                }
+                if std::time::Instant::now() >= deadline {
+                    anyhow::bail!("the schema was not migrated within {seconds} s: has the migration Job run?");
+                }
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
             eprintln!("database schema is up to date");
         }
         Command::Sample { kind: _, count, seed } => {
