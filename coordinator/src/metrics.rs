@@ -29,6 +29,24 @@ pub const COST: &str = "sluice_cost_dollars";
 /// Always 1, with the build's version and the component as labels.
 pub const BUILD_INFO: &str = "sluice_build_info";
 
+/// Every metric the coordinator exports (docs/metrics.md lists them).
+pub const ALL: &[&str] = &[
+    ITEMS_INGESTED,
+    LINES_REJECTED,
+    CHUNKS_PUBLISHED,
+    CHUNKS_REOPENED,
+    JOBS_FINISHED,
+    INGEST_SECONDS,
+    API_DENIED,
+    LEADER,
+    BACKLOG_ITEMS,
+    REVIEW_QUEUE,
+    WORKERS_WANTED,
+    WORKERS_FOR,
+    COST,
+    BUILD_INFO,
+];
+
 /// Registers descriptions so `/metrics` explains each series.
 pub fn describe() {
     metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION"), "component" => "coordinator").set(1.0);

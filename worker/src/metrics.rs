@@ -28,6 +28,22 @@ pub const BREAKER_OPEN: &str = "sluice_breaker_open";
 /// Always 1, with the build's version and the component as labels.
 pub const BUILD_INFO: &str = "sluice_build_info";
 
+/// Every metric the worker exports (docs/metrics.md lists them).
+pub const ALL: &[&str] = &[
+    ITEMS,
+    MODEL_CALLS,
+    MODEL_CALL_SECONDS,
+    TOKENS,
+    CHUNKS,
+    RATE_LIMIT,
+    RATE_LIMIT_PAUSES,
+    RATE_LIMIT_PAUSE_SECONDS,
+    CHUNKS_IN_FLIGHT,
+    CALLS_IN_FLIGHT,
+    BREAKER_OPEN,
+    BUILD_INFO,
+];
+
 pub fn describe() {
     metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION"), "component" => "worker").set(1.0);
     metrics::describe_counter!(RATE_LIMIT_PAUSES, "Pauses of a key and model for the whole cluster after a 429");
