@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use sluice_tests::fixtures::{readiness, sample_jsonl, wait_for, ServeProcess, Stack};
+use sluice_tests::fixtures::{logged_addr, readiness, sample_jsonl, wait_for, ServeProcess, Stack, WorkerProcess};
 use sluice_tests::sim::SimConfig;
 
 /// The indexes of the replicas that say they lead; every answer must be ready.
@@ -141,8 +141,27 @@ async fn readyz_is_ready_only_while_postgres_and_nats_answer() {
     .unwrap();
     let status = reqwest::get(format!("{url}/readyz")).await.unwrap().status();
     assert_eq!(status, reqwest::StatusCode::OK);
+    // A worker answers beside its metrics.
+    let logs = tempfile::tempdir().unwrap();
+    let worker_log = logs.path().join("worker.log");
+    let env = [("SLUICE_METRICS_ADDR", "127.0.0.1:0"), ("SLUICE_LOG", "info")];
+    let _worker = WorkerProcess::spawn_logged(&stack.worker_config(), "probed", &env, Some(&worker_log)).unwrap();
+    let worker_url = format!("http://{}", logged_addr(&worker_log, "metrics endpoint listening").await.unwrap());
+    wait_for("the worker ready", Duration::from_secs(30), || async {
+        Ok(reqwest::get(format!("{worker_url}/readyz")).await?.status() == reqwest::StatusCode::OK)
+    })
+    .await
+    .unwrap();
 
     stack.nats.kill();
+    wait_for("the worker not ready without NATS", Duration::from_secs(30), || async {
+        let response = reqwest::get(format!("{worker_url}/readyz")).await?;
+        let code = response.status();
+        let r: serde_json::Value = response.json().await?;
+        Ok(code == reqwest::StatusCode::SERVICE_UNAVAILABLE && r["nats"] != "ok" && r["postgres"] == "ok")
+    })
+    .await
+    .unwrap();
     wait_for("the coordinator not ready without NATS", Duration::from_secs(30), || async {
         let response = reqwest::get(format!("{url}/readyz")).await?;
         let code = response.status();
