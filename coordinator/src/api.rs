@@ -381,7 +381,7 @@ fn default_format() -> String {
 
 /// CSV columns of a result export.
 pub const CSV_HEADER: &str =
-    "id,state,answer,answer_source,model_answer,confidence,error_class,error,model,attempts,template_hash\n";
+    "id,state,answer,answer_source,model_answer,confidence,error_class,error,model,attempts,template_hash,cost_usd\n";
 
 #[derive(Deserialize)]
 struct ReviewParams {
@@ -484,6 +484,7 @@ fn write_csv_row(out: &mut Vec<u8>, r: &store::ResultRow) {
     let mut w = csv::WriterBuilder::new().has_headers(false).from_writer(Vec::new());
     let confidence = r.confidence.map(|c| format!("{c:.4}")).unwrap_or_default();
     let attempts = r.attempts.to_string();
+    let cost = r.cost_usd.map(|c| format!("{c:.8}")).unwrap_or_default();
     w.write_record([
         r.id.as_str(),
         r.state.as_str(),
@@ -496,6 +497,7 @@ fn write_csv_row(out: &mut Vec<u8>, r: &store::ResultRow) {
         r.model.as_deref().unwrap_or(""),
         attempts.as_str(),
         r.template_hash.as_str(),
+        cost.as_str(),
     ])
     .expect("writing to memory");
     out.extend_from_slice(&w.into_inner().expect("writing to memory"));

@@ -686,14 +686,24 @@ pub struct ResultRow {
     pub template_hash: String,
     pub tokens_in: i32,
     pub tokens_out: i32,
+    /// Dollars spent on the item: every attempt ever made for it (earlier
+    /// runs of a resumed job included), at the price table's prices; `None`
+    /// when an attempt used a model without a price.
+    #[serde(default)]
+    pub cost_usd: Option<f64>,
 }
 
 /// Up to `limit` results of a job with `seq > after`, in input order.
 pub async fn results_page(pool: &PgPool, job_id: Uuid, after: i64, limit: i64) -> Result<Vec<(i64, ResultRow)>, Error> {
     let rows = sqlx::query!(
-        "SELECT seq, item_id, state, answer, output, confidence, error_class, error, model, attempts,
-                template_hash, tokens_in, tokens_out, human_answer, reviewer, reviewed_at
-         FROM results WHERE job_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+        r#"SELECT r.seq, r.item_id, r.state, r.answer, r.output, r.confidence, r.error_class, r.error, r.model,
+                r.attempts, r.template_hash, r.tokens_in, r.tokens_out, r.human_answer, r.reviewer, r.reviewed_at,
+                CASE WHEN c.unpriced THEN NULL ELSE c.cost END AS cost_usd
+         FROM results r
+         CROSS JOIN LATERAL (SELECT coalesce(sum(a.cost_usd), 0)::float8 AS cost,
+                                    coalesce(bool_or(a.cost_usd IS NULL), false) AS unpriced
+                             FROM audit_attempts a WHERE a.job_id = r.job_id AND a.seq = r.seq) c
+         WHERE r.job_id = $1 AND r.seq > $2 ORDER BY r.seq LIMIT $3"#,
         job_id,
         after,
         limit
@@ -725,6 +735,7 @@ pub async fn results_page(pool: &PgPool, job_id: Uuid, after: i64, limit: i64) -
                     template_hash: row.template_hash,
                     tokens_in: row.tokens_in,
                     tokens_out: row.tokens_out,
+                    cost_usd: row.cost_usd,
                 },
             )
         })

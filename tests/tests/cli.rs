@@ -86,3 +86,56 @@ async fn results_piped_into_head_end_quietly() {
     assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 2);
     assert_eq!(String::from_utf8_lossy(&out.stderr), "", "nothing said about the closed pipe");
 }
+
+/// Each exported result carries what its item cost: every attempt made for
+/// it, retries included, at the price table's prices; they add up to the
+/// job's cost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_carry_each_items_cost() {
+    let sim = SimConfig { error_500: 0.3, seed: 9, ..Default::default() };
+    let mut stack = Stack::start(sim, |_| {}).await.unwrap();
+    stack.add_worker(|c| {
+        c.retry_base_ms = 10;
+        c.breaker_threshold = 1_000;
+    });
+    let report = stack.submit("classify", sample_jsonl(55, 300), false).await.unwrap();
+    stack.wait_completed(report.job_id, Duration::from_secs(120)).await.unwrap();
+    let status = stack.client.status(report.job_id).await.unwrap();
+    assert!(status.cost_usd > 0.0);
+
+    let out = sluice(&stack, &["results", &report.job_id.to_string()]);
+    assert_eq!(code(&out), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let rows: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(rows.len(), 300);
+    // Each item's cost, computed apart from the audit trail.
+    let expected: std::collections::HashMap<String, f64> = sqlx::query_as::<_, (String, f64)>(
+        "SELECT i.item_id, sum(a.cost_usd) FROM audit_attempts a JOIN items i ON i.job_id = a.job_id AND i.seq = a.seq
+         WHERE a.job_id = $1 GROUP BY i.item_id",
+    )
+    .bind(report.job_id)
+    .fetch_all(&stack.db.pool)
+    .await
+    .unwrap()
+    .into_iter()
+    .collect();
+    let mut total = 0.0;
+    let mut retried = 0;
+    for r in &rows {
+        let cost = r["cost_usd"].as_f64().unwrap();
+        let id = r["id"].as_str().unwrap();
+        assert!((cost - expected[id]).abs() < 1e-12, "{id}: {cost} against {}", expected[id]);
+        retried += (r["attempts"].as_i64().unwrap() > 1) as usize;
+        total += cost;
+    }
+    assert!(retried > 0, "some items needed a retry");
+    assert!((total - status.cost_usd).abs() < 1e-9, "{total} against the job's {}", status.cost_usd);
+
+    let csv = sluice(&stack, &["results", &report.job_id.to_string(), "--format", "csv"]);
+    let text = String::from_utf8_lossy(&csv.stdout);
+    assert!(text.lines().next().unwrap().ends_with(",cost_usd"), "{text}");
+    let first = text.lines().nth(1).unwrap();
+    let id = first.split(',').next().unwrap();
+    let cost: f64 = first.rsplit(',').next().unwrap().parse().unwrap();
+    assert!((cost - expected[id]).abs() < 1e-8, "{first}");
+}
