@@ -6,6 +6,7 @@ pub mod autoscale;
 pub mod client;
 pub mod config;
 pub mod error;
+pub mod estimate;
 pub mod gauges;
 pub mod ingest;
 pub mod leader;

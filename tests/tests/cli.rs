@@ -139,3 +139,66 @@ async fn results_carry_each_items_cost() {
     let cost: f64 = first.rsplit(',').next().unwrap().parse().unwrap();
     assert!((cost - expected[id]).abs() < 1e-8, "{first}");
 }
+
+/// `sluice estimate` counts, before the job, the input tokens the simulator
+/// then reports for it; an OpenAI model is counted with its tokenizer; bad
+/// lines are named and give exit code 2; bad arguments are clear errors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn estimate_counts_before_the_job_what_the_model_is_then_sent() {
+    let mut stack = Stack::start(SimConfig::default(), |_| {}).await.unwrap();
+    stack.add_worker(|_| {});
+    let dir = tempfile::tempdir().unwrap();
+    let kind = jobs_dir().join("classify").display().to_string();
+    let file = input(&dir, 56, 400);
+    let prices = jobs_dir().join("../deploy/prices.toml").display().to_string();
+    let out = sluice(&stack, &["estimate", &kind, "--input", &file, "--prices-file", &prices, "--json"]);
+    assert_eq!(code(&out), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let e: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((e["items"].as_u64(), e["invalid_lines"].as_u64()), (Some(400), Some(0)));
+    assert_eq!(e["tokenizer"], "approximation: 4 bytes a token");
+    assert_eq!(e["output_tokens_at_most"].as_u64(), Some(400 * 20), "max_tokens 20 per item");
+
+    // The job then runs; the simulator reports exactly the tokens estimated.
+    let report = stack.submit("classify", std::fs::read(&file).unwrap(), false).await.unwrap();
+    stack.wait_completed(report.job_id, Duration::from_secs(60)).await.unwrap();
+    let st = stack.client.status(report.job_id).await.unwrap();
+    assert_eq!(Some(st.tokens_in), e["input_tokens"].as_u64(), "estimated and reported input tokens");
+    assert!(st.tokens_out <= e["output_tokens_at_most"].as_u64().unwrap());
+    assert!(st.cost_usd <= e["cost_usd_at_most"].as_f64().unwrap());
+
+    // An OpenAI model: its own tokenizer, its price, its limits.
+    let providers = jobs_dir().join("../deploy/providers.example.toml").display().to_string();
+    let args = [
+        "estimate",
+        &kind,
+        "--input",
+        &file,
+        "--model",
+        "openai/gpt-4o-mini",
+        "--providers-file",
+        &providers,
+        "--prices-file",
+        &prices,
+    ];
+    let out =
+        Command::new(workspace_bin("sluice").unwrap()).args(args).env("OPENAI_API_KEY", "unused").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("(o200k_base, exact)") && text.contains("at least 5 s at 5000 requests/min"), "{text}");
+    assert!(text.contains("through the Batch API") && !text.contains("unknown"), "{text}");
+
+    // Bad lines are named, and the file would be refused.
+    let bad = dir.path().join("bad.jsonl");
+    std::fs::write(&bad, "{\"id\": \"a\", \"text\": \"fine\"}\nnot json\n{\"id\": \"b\"}\n").unwrap();
+    let out = sluice(&stack, &["estimate", &kind, "--input", bad.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(code(&out), Some(2), "{err}");
+    assert!(err.contains("line 2: invalid JSON") && err.contains("line 3: missing field \"text\""), "{err}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("items    1 (2 invalid lines)"));
+
+    // An unknown kind and a missing file: clear errors.
+    let out = sluice(&stack, &["estimate", "jobs/nope", "--input", &file]);
+    assert_eq!(code(&out), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot load the job kind in jobs/nope"));
+    let out = sluice(&stack, &["estimate", &kind, "--input", "/nonexistent.jsonl"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read input /nonexistent.jsonl"));
+}

@@ -156,6 +156,33 @@ enum Command {
     /// making, listing and revoking tokens.
     #[command(subcommand)]
     Admin(AdminCommand),
+    /// Estimate a job before running it: validates the input as `submit`
+    /// does, renders every prompt and counts its tokens (exactly for OpenAI
+    /// models, with their tokenizer; approximately for others, and says
+    /// which), and prints the cost at live and Batch API prices, at most,
+    /// and the time the model's rate limits imply. No model is called.
+    ///
+    /// Exits 2 when the input has invalid lines (listed with their numbers),
+    /// as `submit` would refuse the file.
+    Estimate {
+        /// The job-kind folder (e.g. jobs/classify).
+        job_dir: PathBuf,
+        /// The JSONL input.
+        #[arg(long)]
+        input: PathBuf,
+        /// Model to use instead of the one in job.toml.
+        #[arg(long, env = "SLUICE_MODEL")]
+        model: Option<String>,
+        /// The providers file (for the model's rate limits); without it the
+        /// kind's model is taken as named, without limits.
+        #[arg(long, env = "SLUICE_PROVIDERS_FILE")]
+        providers_file: Option<PathBuf>,
+        /// The price table.
+        #[arg(long, env = "SLUICE_PRICES_FILE", default_value = "deploy/prices.toml")]
+        prices_file: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
     /// Print deterministic synthetic documents with known answers as JSONL.
     Sample {
         /// Job kind the documents are for (classify or summarize).
@@ -375,6 +402,9 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 tokio::time::sleep(Duration::from_secs(2)).await;
             }
             eprintln!("database schema is up to date");
+        }
+        Command::Estimate { job_dir, input, model, providers_file, prices_file, json } => {
+            return estimate(&job_dir, &input, model, providers_file, &prices_file, json);
         }
         Command::Sample { kind: _, count, seed } => {
             let stdout = std::io::stdout();
@@ -623,6 +653,7 @@ async fn jobs_command(command: Command, client: Client) -> anyhow::Result<ExitCo
         Command::Serve { .. }
         | Command::Migrate { .. }
         | Command::Sample { .. }
+        | Command::Estimate { .. }
         | Command::Login
         | Command::Whoami { .. }
         | Command::Admin(_) => unreachable!("run by dispatch without a client"),
@@ -782,6 +813,65 @@ fn print_status(s: &JobStatus, json: bool) {
         _ => String::new(),
     };
     println!("rate     {:.1} items/s{}{}", s.items_per_s, eta(s), elapsed);
+}
+
+/// `sluice estimate`: reads the input once, locally; nothing is sent anywhere.
+fn estimate(
+    job_dir: &std::path::Path,
+    input: &std::path::Path,
+    model: Option<String>,
+    providers_file: Option<PathBuf>,
+    prices_file: &std::path::Path,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let mut kind = common::spec::JobKind::load(job_dir)
+        .with_context(|| format!("cannot load the job kind in {}", job_dir.display()))?;
+    if let Some(model) = model {
+        kind.spec.model = model;
+    }
+    let catalog = match &providers_file {
+        Some(p) => common::providers::Catalog::load(p)?,
+        None => common::providers::Catalog::default(),
+    };
+    let prices = common::prices::PriceTable::load_or_empty(prices_file)?;
+    let file = std::fs::File::open(input).with_context(|| format!("cannot read input {}", input.display()))?;
+    let e = coordinator::estimate::estimate(&kind, std::io::BufReader::new(file), &catalog, &prices)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&e)?);
+    } else {
+        for err in &e.errors {
+            eprintln!("line {}: {}", err.line, err.reason);
+        }
+        if e.invalid_lines as usize > e.errors.len() {
+            eprintln!("... and {} more invalid lines", e.invalid_lines as usize - e.errors.len());
+        }
+        let dollars = |c: Option<f64>| c.map_or_else(|| "unknown (no price)".to_string(), |c| format!("${c:.4}"));
+        println!("model    {}", e.model);
+        println!(
+            "items    {}{}",
+            e.items,
+            if e.invalid_lines > 0 { format!(" ({} invalid lines)", e.invalid_lines) } else { String::new() }
+        );
+        println!(
+            "tokens   {} in ({}), {} out at most (max_tokens per item)",
+            e.input_tokens, e.tokenizer, e.output_tokens_at_most
+        );
+        let as_of = e.prices_as_of.as_deref().map(|d| format!(" (prices as of {d})")).unwrap_or_default();
+        println!(
+            "cost     at most {} live, {} through the Batch API{as_of}",
+            dollars(e.cost_usd_at_most),
+            dollars(e.batch_cost_usd_at_most)
+        );
+        match e.duration_s_at_least {
+            Some(s) => println!("time     at least {s:.0} s at {} requests/min, {} tokens/min", e.rpm, e.tpm),
+            None => println!("time     no rate limit configured for the model"),
+        }
+    }
+    if e.invalid_lines > 0 {
+        eprintln!("submit would refuse this file: fix the lines above, or pass --skip-invalid to submit the good ones");
+        return Ok(ExitCode::from(2));
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// The exit code of a command that waited for a job to finish.
