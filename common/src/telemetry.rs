@@ -18,6 +18,20 @@ pub fn set_readiness(check: ReadinessCheck) {
     *READINESS.write().expect("readiness lock") = Some(check);
 }
 
+/// What readiness checks of both processes ask: whether Postgres answers
+/// (within 2 s) and whether the NATS connection is up, each as `ok` or why not.
+pub async fn dependencies(pool: &sqlx::PgPool, nats: &async_nats::Client) -> (String, String) {
+    let postgres = match crate::db::ping(pool, std::time::Duration::from_secs(2)).await {
+        Ok(()) => "ok".to_string(),
+        Err(why) => why,
+    };
+    let nats = match nats.connection_state() {
+        async_nats::connection::State::Connected => "ok".to_string(),
+        other => other.to_string(),
+    };
+    (postgres, nats)
+}
+
 /// `/readyz`: 200 with the details when ready, else 503.
 async fn readyz() -> (axum::http::StatusCode, axum::Json<serde_json::Value>) {
     let check = READINESS.read().expect("readiness lock").clone();

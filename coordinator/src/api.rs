@@ -155,9 +155,6 @@ pub struct Readiness {
     pub publisher: String,
 }
 
-/// How long `/readyz` waits for Postgres.
-const READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
-
 /// Ready when Postgres and NATS answer and, on the leader, the publisher
 /// turns: 200 with the details, else 503 with them. `/healthz` is the
 /// liveness check: it answers while the process serves at all.
@@ -168,14 +165,7 @@ async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readiness>) 
 
 /// This replica's readiness (served on `/readyz` of the API and of the metrics address).
 pub async fn readiness(state: &AppState) -> Readiness {
-    let postgres = match common::db::ping(&state.pool, READY_TIMEOUT).await {
-        Ok(()) => "ok".to_string(),
-        Err(why) => why,
-    };
-    let nats = match state.js.client().connection_state() {
-        async_nats::connection::State::Connected => "ok".to_string(),
-        other => other.to_string(),
-    };
+    let (postgres, nats) = common::telemetry::dependencies(&state.pool, &state.js.client()).await;
     let leader = state.leader.is_leader();
     let publisher = match (leader, state.leader.publisher_running()) {
         (false, _) => "elsewhere",

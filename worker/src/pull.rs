@@ -263,14 +263,7 @@ fn readiness(pool: PgPool, nats: async_nats::Client) -> common::telemetry::Readi
     std::sync::Arc::new(move || {
         let (pool, nats) = (pool.clone(), nats.clone());
         Box::pin(async move {
-            let postgres = match common::db::ping(&pool, Duration::from_secs(2)).await {
-                Ok(()) => "ok".to_string(),
-                Err(why) => why,
-            };
-            let nats = match nats.connection_state() {
-                async_nats::connection::State::Connected => "ok".to_string(),
-                other => other.to_string(),
-            };
+            let (postgres, nats) = common::telemetry::dependencies(&pool, &nats).await;
             let ready = postgres == "ok" && nats == "ok";
             (ready, serde_json::json!({"ready": ready, "postgres": postgres, "nats": nats}))
         })
