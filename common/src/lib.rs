@@ -1,5 +1,6 @@
 //! Types and helpers shared by the Sluice coordinator, workers and tests: wire messages, job kinds, the model client, telemetry and shutdown.
 
+pub mod cache;
 pub mod db;
 pub mod nats;
 pub mod prices;

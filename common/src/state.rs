@@ -73,10 +73,13 @@ macro_rules! text_states {
 
 text_states! {
     /// `jobs.state`: uploading -> running -> completed | cancelled;
-    /// uploading -> rejected | abandoned; completed | cancelled -> running (resume).
+    /// uploading -> rejected | abandoned; completed | cancelled -> running (resume);
+    /// running -> paused (budget cap) -> running (resume).
     JobState, "job" {
         Uploading = "uploading",
         Running = "running",
+        /// Stopped at its budget cap; `resume --max-cost` raises the cap and goes on.
+        Paused = "paused",
         Completed = "completed",
         Cancelled = "cancelled",
         /// The input was refused (invalid lines without --skip-invalid, too large).

@@ -18,7 +18,7 @@ use uuid::Uuid;
 use crate::auth::{self, Actor, Principal, Role, Throttle, TokenSecret};
 use crate::ingest::{self, Mode};
 use crate::model::{ApiError, Created, Format, NewJob};
-use crate::{metrics as m, review, store, Error};
+use crate::{cache, metrics as m, review, store, Error};
 use common::prices::PriceTable;
 use common::providers::{Catalog, Param};
 use common::spec::ConfidenceStrategy;
@@ -131,6 +131,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/jobs/{id}/resume", post(resume_job))
         .route("/v1/jobs/{id}/results", get(results))
         .route("/v1/jobs/{id}/review", get(review_export).post(review_import))
+        .route("/v1/estimate", post(estimate_lookup))
+        .route("/v1/cache", get(cache_stats).delete(cache_purge))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::guard));
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
@@ -266,10 +268,85 @@ async fn create_job(
             return Err(Error::Invalid(format!("review_below must be within 0..=1, got {t}")));
         }
     }
+    if let Some(c) = job.max_cost_usd {
+        check_cap(c)?;
+    }
+    if job.cache_ttl_s == Some(0) {
+        return Err(Error::Invalid("cache_ttl_s must be at least 1 second".into()));
+    }
     let warnings = check_models(&st.catalog, &st.prices, &job)?;
+    if job.max_cost_usd.is_some() {
+        let unpriced = job
+            .kind
+            .spec
+            .models()
+            .find(|m| st.catalog.resolve(m).map_or(true, |t| st.prices.get(t.provider, t.model).is_none()));
+        if let Some(m) = unpriced {
+            return Err(Error::Invalid(format!(
+                "a spending cap needs every model priced, and {m:?} has no price: add it to SLUICE_PRICES_FILE"
+            )));
+        }
+    }
     let job_id = store::create_job(&st.pool, &job, &project, st.limits.max_active_jobs, &actor).await?;
     tracing::info!(%job_id, kind = %job.kind.spec.kind, "job created");
     Ok((StatusCode::CREATED, Json(Created { job_id, warnings })))
+}
+
+/// Refuses a spending cap that is not a positive number of dollars.
+fn check_cap(c: f64) -> Result<(), Error> {
+    if c.is_finite() && c > 0.0 {
+        Ok(())
+    } else {
+        Err(Error::Invalid(format!("a spending cap must be a positive number of dollars, got {c}")))
+    }
+}
+
+/// The project a request names, if the token may act on it (its own by default).
+fn project_of(principal: &Principal, named: Option<String>) -> Result<String, Error> {
+    let project = named.unwrap_or_else(|| principal.project.clone());
+    if !principal.sees(&project) {
+        return Err(Error::Forbidden(format!(
+            "your token (project {}) may not use project {project}'s cache: only an admin token may",
+            principal.project
+        )));
+    }
+    Ok(project)
+}
+
+async fn estimate_lookup(
+    State(st): State<AppState>,
+    principal: Principal,
+    Json(req): Json<cache::LookupRequest>,
+) -> Result<impl IntoResponse, Error> {
+    let project = project_of(&principal, req.project.clone())?;
+    Ok(Json(cache::lookup(&st.pool, &st.catalog, &project, &req).await?))
+}
+
+#[derive(Deserialize)]
+struct CacheParams {
+    project: Option<String>,
+    /// Purge only entries older than this many seconds.
+    older_than_s: Option<u64>,
+}
+
+async fn cache_stats(
+    State(st): State<AppState>,
+    principal: Principal,
+    Query(p): Query<CacheParams>,
+) -> Result<impl IntoResponse, Error> {
+    let project = project_of(&principal, p.project)?;
+    Ok(Json(cache::stats(&st.pool, &project).await?))
+}
+
+async fn cache_purge(
+    State(st): State<AppState>,
+    principal: Principal,
+    Query(p): Query<CacheParams>,
+) -> Result<impl IntoResponse, Error> {
+    let project = project_of(&principal, p.project)?;
+    let deleted = cache::purge(&st.pool, &project, p.older_than_s).await?;
+    tracing::info!(%project, deleted, by = %principal.name, "response cache purged");
+    Ok(Json(serde_json::json!({"project": project, "deleted": deleted})))
 }
 
 #[derive(Deserialize)]
@@ -288,8 +365,9 @@ async fn upload_input(
     let spec = store::job_spec(&st.pool, job_id).await?;
     let mode = if p.skip_invalid { Mode::SkipInvalid } else { Mode::Strict };
     let fields = spec.input_fields.clone();
+    let reuse = store::job_reuses(&st.pool, job_id).await?;
     let body = body.into_data_stream();
-    let report = ingest::ingest(&st.pool, job_id, fields, spec.chunk_size, mode, st.limits, body).await?;
+    let report = ingest::ingest(&st.pool, job_id, fields, reuse, spec.chunk_size, mode, st.limits, body).await?;
     if report.state == "rejected" {
         tracing::info!(%job_id, invalid = report.invalid_lines, "input rejected");
         let error = format!("input rejected: {} invalid line(s); nothing was ingested", report.invalid_lines);
@@ -346,6 +424,8 @@ async fn cancel_job(
 struct ResumeParams {
     #[serde(default)]
     failed_only: bool,
+    /// A new spending cap in dollars.
+    max_cost: Option<f64>,
 }
 
 async fn resume_job(
@@ -354,7 +434,10 @@ async fn resume_job(
     Path(job_id): Path<Uuid>,
     Query(p): Query<ResumeParams>,
 ) -> Result<impl IntoResponse, Error> {
-    let resumed = store::resume(&st.pool, job_id, p.failed_only, st.limits.max_active_jobs, &actor).await?;
+    if let Some(c) = p.max_cost {
+        check_cap(c)?;
+    }
+    let resumed = store::resume(&st.pool, job_id, p.failed_only, p.max_cost, st.limits.max_active_jobs, &actor).await?;
     tracing::info!(%job_id, failed_reset = resumed.failed_reset, chunks = resumed.chunks, "job resumed");
     st.wake.notify_one();
     Ok(Json(resumed))

@@ -59,6 +59,8 @@ pub enum Action {
     ExportReview,
     ImportReview,
     ManageTokens,
+    ReadCache,
+    PurgeCache,
 }
 
 impl Action {
@@ -75,6 +77,8 @@ impl Action {
             Action::ExportReview => "export review queues",
             Action::ImportReview => "import review decisions",
             Action::ManageTokens => "manage tokens",
+            Action::ReadCache => "read the response cache's figures",
+            Action::PurgeCache => "purge the response cache",
         }
     }
 }
@@ -106,6 +110,9 @@ pub const ENDPOINTS: &[Endpoint] = &[
     ep("POST", "/v1/jobs/{id}/resume", Action::Resume, Role::Submitter),
     ep("GET", "/v1/jobs/{id}/review", Action::ExportReview, Role::Reviewer),
     ep("POST", "/v1/jobs/{id}/review", Action::ImportReview, Role::Reviewer),
+    ep("POST", "/v1/estimate", Action::ReadCache, Role::Reader),
+    ep("GET", "/v1/cache", Action::ReadCache, Role::Reader),
+    ep("DELETE", "/v1/cache", Action::PurgeCache, Role::Submitter),
     ep("GET", "/v1/tokens", Action::ManageTokens, Role::Admin),
     ep("POST", "/v1/tokens", Action::ManageTokens, Role::Admin),
     ep("POST", "/v1/tokens/{id}/revoke", Action::ManageTokens, Role::Admin),

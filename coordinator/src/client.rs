@@ -218,9 +218,49 @@ impl Client {
     }
 
     pub async fn resume(&self, job_id: Uuid, failed_only: bool) -> Result<crate::store::Resumed, ClientError> {
-        let url = self.url(&format!("/v1/jobs/{job_id}/resume?failed_only={failed_only}"));
-        let resp = self.send(self.http.post(&url), &url).await?;
+        self.resume_with(job_id, failed_only, None).await
+    }
+
+    /// Resumes a job, setting or raising its spending cap to `max_cost` dollars.
+    pub async fn resume_with(
+        &self,
+        job_id: Uuid,
+        failed_only: bool,
+        max_cost: Option<f64>,
+    ) -> Result<crate::store::Resumed, ClientError> {
+        let url = self.url(&format!("/v1/jobs/{job_id}/resume"));
+        let mut query = vec![("failed_only", failed_only.to_string())];
+        query.extend(max_cost.map(|c| ("max_cost", c.to_string())));
+        let resp = self.send(self.http.post(&url).query(&query), &url).await?;
         self.json(resp, &url).await
+    }
+
+    /// How many of a file's distinct prompts are cached, and what earlier jobs of the kind used.
+    pub async fn estimate_lookup(
+        &self,
+        req: &crate::cache::LookupRequest,
+    ) -> Result<crate::cache::LookupReport, ClientError> {
+        let url = self.url("/v1/estimate");
+        let resp = self.send(self.http.post(&url).json(req), &url).await?;
+        self.json(resp, &url).await
+    }
+
+    /// The response cache's figures for the token's project (or `project`, for an admin).
+    pub async fn cache_stats(&self, project: Option<&str>) -> Result<crate::cache::Stats, ClientError> {
+        let url = self.url("/v1/cache");
+        let query: Vec<(&str, &str)> = project.map(|p| ("project", p)).into_iter().collect();
+        let resp = self.send(self.http.get(&url).query(&query), &url).await?;
+        self.json(resp, &url).await
+    }
+
+    /// Deletes cache entries (only those older than `older_than_s` when given); returns how many.
+    pub async fn cache_purge(&self, project: Option<&str>, older_than_s: Option<u64>) -> Result<u64, ClientError> {
+        let url = self.url("/v1/cache");
+        let mut query: Vec<(&str, String)> = project.map(|p| ("project", p.to_string())).into_iter().collect();
+        query.extend(older_than_s.map(|s| ("older_than_s", s.to_string())));
+        let resp = self.send(self.http.delete(&url).query(&query), &url).await?;
+        let v: serde_json::Value = self.json(resp, &url).await?;
+        Ok(v["deleted"].as_u64().unwrap_or(0))
     }
 
     /// The review queue in `format` (`jsonl`, `csv` or `label-studio`).

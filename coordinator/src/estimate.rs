@@ -7,7 +7,15 @@
 //! Other models get a documented approximation: 4 bytes a token over the
 //! messages' text, plus one (what the project's simulator reports too).
 //! Output tokens are counted at `max_tokens` per item: an upper bound.
+//!
+//! Expected figures go further when the job reuses answers (temperature 0,
+//! unless `--no-cache`): identical prompts of the file make one call, and
+//! prompts the coordinator's response cache holds make none (it is asked
+//! with the prompts' digests, never the documents). Output tokens are then
+//! the mean per item of the latest completed jobs of the same kind, model
+//! and template, where there are any.
 
+use std::collections::HashSet;
 use std::io::Read;
 
 use common::prices::PriceTable;
@@ -104,6 +112,66 @@ pub struct Estimate {
     pub tpm: f64,
     /// Seconds the limits imply at least for the whole job (None: no limit configured).
     pub duration_s_at_least: Option<f64>,
+    /// Whether the job would reuse answers (cache and identical items).
+    pub reuse: bool,
+    /// Distinct prompts among the items.
+    pub distinct: u64,
+    /// Of the distinct prompts, those the response cache answers (None: not asked).
+    pub cache_hits: Option<u64>,
+    /// Usage of earlier jobs of the kind, when the coordinator knows some.
+    pub history: Option<crate::cache::History>,
+    /// Calls the job is expected to make: one per item, or per distinct
+    /// uncached prompt when it reuses answers.
+    pub calls: u64,
+    pub input_tokens_expected: u64,
+    /// `max_tokens` per call, or the mean of earlier jobs when known.
+    pub output_tokens_expected: u64,
+    pub cost_usd_expected: Option<f64>,
+    pub batch_cost_usd_expected: Option<f64>,
+    /// The digest and input tokens of each distinct prompt, in file order.
+    #[serde(skip)]
+    pub prompts: Vec<(String, u64)>,
+    #[serde(skip)]
+    price_key: (String, String),
+}
+
+impl Estimate {
+    /// Recomputes the expected figures from what the coordinator said
+    /// (`None`: not asked, so no cache hits are assumed).
+    pub fn expect(&mut self, report: Option<&crate::cache::LookupReport>, prices: &PriceTable, max_tokens: u32) {
+        let cached: HashSet<u32> = report.map(|r| r.cached.iter().copied().collect()).unwrap_or_default();
+        self.cache_hits = report.map(|r| r.cache_hits);
+        self.history = report.and_then(|r| r.history.clone());
+        let (calls, input) = if self.reuse {
+            let called = self.prompts.iter().enumerate().filter(|(i, _)| !cached.contains(&(*i as u32)));
+            called.fold((0u64, 0u64), |(n, t), (_, (_, tokens))| (n + 1, t + tokens))
+        } else {
+            (self.items, self.input_tokens)
+        };
+        let per_call = self.history.as_ref().map_or(max_tokens as f64, |h| h.tokens_out_per_item);
+        self.calls = calls;
+        self.input_tokens_expected = input;
+        self.output_tokens_expected = (calls as f64 * per_call).round() as u64;
+        let (live, batch) = price(prices, &self.price_key, input, self.output_tokens_expected);
+        self.cost_usd_expected = live;
+        self.batch_cost_usd_expected = batch;
+    }
+}
+
+/// Dollars at live and at Batch API prices.
+fn price(
+    prices: &PriceTable,
+    (provider, name): &(String, String),
+    input: u64,
+    output: u64,
+) -> (Option<f64>, Option<f64>) {
+    let price = prices.get(provider, name);
+    let per_m = 1_000_000.0;
+    let cost = price.map(|p| (input as f64 * p.input_per_mtok + output as f64 * p.output_per_mtok) / per_m);
+    let batch = price.and_then(|p| {
+        Some((input as f64 * p.batch_input_per_mtok? + output as f64 * p.batch_output_per_mtok?) / per_m)
+    });
+    (cost, batch)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -118,12 +186,16 @@ pub enum EstimateError {
     Model(String),
 }
 
-/// Estimates `kind` on `input`: reads it once, keeping one line in memory.
+/// Estimates `kind` on `input`: reads it once, keeping one line and the
+/// digest of each distinct prompt in memory. `reuse`: whether the job would
+/// reuse answers. The expected figures assume no cache hits until
+/// [`Estimate::expect`] is given the coordinator's answer.
 pub fn estimate(
     kind: &JobKind,
     mut input: impl Read,
     catalog: &Catalog,
     prices: &PriceTable,
+    reuse: bool,
 ) -> Result<Estimate, EstimateError> {
     let spec = &kind.spec;
     let (model, provider, name, rpm, tpm) = if catalog.providers.is_empty() {
@@ -139,13 +211,19 @@ pub fn estimate(
     let (mut items, mut invalid, mut line_no, mut input_tokens) = (0u64, 0u64, 0u64, 0u64);
     let mut errors = Vec::new();
     let mut failure = None;
+    let (mut seen, mut prompts) = (HashSet::new(), Vec::new());
     let mut on_line = |raw| {
         line_no += 1;
         match validator.check(raw) {
             Checked::Good(good) => match prompt.render(&good.payload) {
                 Ok(text) => {
                     items += 1;
-                    input_tokens += counter.chat(spec.system.as_deref(), &text);
+                    let tokens = counter.chat(spec.system.as_deref(), &text);
+                    input_tokens += tokens;
+                    let digest = common::cache::prompt_digest(spec.system.as_deref(), &text);
+                    if seen.insert(digest.clone()) {
+                        prompts.push((digest, tokens));
+                    }
                 }
                 Err(e) if failure.is_none() => {
                     failure = Some(EstimateError::Render { line: line_no, reason: e.to_string() })
@@ -174,19 +252,15 @@ pub fn estimate(
         return Err(f);
     }
     let output = items * spec.max_tokens as u64;
-    let price = prices.get(&provider, &name);
-    let per_m = 1_000_000.0;
-    let cost = price.map(|p| (input_tokens as f64 * p.input_per_mtok + output as f64 * p.output_per_mtok) / per_m);
-    let batch = price.and_then(|p| {
-        Some((input_tokens as f64 * p.batch_input_per_mtok? + output as f64 * p.batch_output_per_mtok?) / per_m)
-    });
+    let price_key = (provider, name);
+    let (cost, batch) = price(prices, &price_key, input_tokens, output);
     let by_requests = (rpm > 0.0).then(|| items as f64 / (rpm / 60.0));
     let by_tokens = (tpm > 0.0).then(|| (input_tokens + output) as f64 / (tpm / 60.0));
     let duration = match (by_requests, by_tokens) {
         (Some(a), Some(b)) => Some(a.max(b)),
         (a, b) => a.or(b),
     };
-    Ok(Estimate {
+    let mut e = Estimate {
         model,
         items,
         invalid_lines: invalid,
@@ -200,7 +274,20 @@ pub fn estimate(
         rpm,
         tpm,
         duration_s_at_least: duration,
-    })
+        reuse,
+        distinct: prompts.len() as u64,
+        cache_hits: None,
+        history: None,
+        calls: 0,
+        input_tokens_expected: 0,
+        output_tokens_expected: 0,
+        cost_usd_expected: None,
+        batch_cost_usd_expected: None,
+        prompts,
+        price_key,
+    };
+    e.expect(None, prices, spec.max_tokens);
+    Ok(e)
 }
 
 #[cfg(test)]

@@ -39,6 +39,7 @@ pub async fn run(pool: PgPool, catalog: Arc<Catalog>, assumptions: Assumptions, 
     }
     metrics::gauge!(m::REVIEW_QUEUE).set(0.0);
     metrics::gauge!(m::WORKERS_WANTED).set(0.0);
+    metrics::gauge!(m::JOBS_PAUSED).set(0.0);
     for model in models {
         set_model(&model, 0.0, Some(0.0));
     }
@@ -57,6 +58,12 @@ async fn export(
         metrics::gauge!(m::BACKLOG_ITEMS, "job_state" => state).set(n as f64);
     }
     metrics::gauge!(m::REVIEW_QUEUE).set(store::review_queue_size(pool).await? as f64);
+    for a in store::budget_alerts(pool).await? {
+        tracing::warn!(job_id = %a.job_id, percent = a.percent, spent_usd = a.spent, cap_usd = a.cap,
+            "budget alert: the job has spent {}% of its cap", a.percent);
+        metrics::counter!(m::BUDGET_ALERTS, "percent" => a.percent.to_string()).increment(1);
+    }
+    metrics::gauge!(m::JOBS_PAUSED).set(store::paused_at_cap(pool).await? as f64);
     for (project, dollars) in store::cost_by_project(pool).await? {
         metrics::gauge!(m::COST, "project" => project).set(dollars);
     }

@@ -343,6 +343,7 @@ pub async fn ingest<S, E>(
     pool: &PgPool,
     job_id: Uuid,
     required: Vec<String>,
+    reuse: bool,
     chunk_size: u32,
     mode: Mode,
     limits: Limits,
@@ -362,7 +363,7 @@ where
         job_field: job_id.to_string(),
         mode,
         limits,
-        validator: Validator::new(required),
+        validator: Validator::new(required.clone()),
         splitter: LineSplitter::default(),
         errors: Vec::new(),
         invalid: 0,
@@ -426,8 +427,10 @@ where
             invalid_lines: invalid,
             errors,
             ingest_seconds: started.elapsed().as_secs_f64(),
+            copies: 0,
         });
     }
+    let copies = if reuse { find_copies(&mut tx, job_id, &required).await? } else { 0 };
     let size = spread_chunk_size(chunk_size, seq);
     let chunks = crate::store::create_chunks(&mut tx, job_id, seq as i64, size).await?;
     sqlx::query!(
@@ -451,6 +454,7 @@ where
         invalid_lines: invalid,
         errors,
         ingest_seconds: secs,
+        copies,
     })
 }
 
@@ -542,6 +546,32 @@ async fn duplicates(
         .await
         .doing("looking for duplicate ids")?;
     Ok((n, first))
+}
+
+/// Records each item whose template fields equal those of an earlier item
+/// of the job: it renders the same prompt, so it is never sent to a model
+/// and shares the earlier item's answer (`item_copies`). The template reads
+/// only `fields` (checked at submit), so equal fields mean an equal prompt.
+async fn find_copies(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    job_id: Uuid,
+    fields: &[String],
+) -> Result<u64, Error> {
+    Ok(sqlx::query!(
+        "INSERT INTO item_copies (job_id, seq, original_seq)
+         SELECT $1, seq, original FROM (
+             SELECT seq, first_value(seq) OVER (PARTITION BY k ORDER BY seq) AS original
+             FROM (SELECT seq, md5((SELECT jsonb_agg(payload -> f ORDER BY o)
+                                    FROM unnest($2::text[]) WITH ORDINALITY AS u(f, o))::text) AS k
+                   FROM items WHERE job_id = $1) keyed) w
+         WHERE seq <> original",
+        job_id,
+        fields
+    )
+    .execute(&mut **tx)
+    .await
+    .doing("looking for identical items")?
+    .rows_affected())
 }
 
 /// A job is split into at least this many chunks (when it has that many

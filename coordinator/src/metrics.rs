@@ -26,6 +26,10 @@ pub const WORKERS_WANTED: &str = "sluice_autoscale_workers_wanted";
 pub const WORKERS_FOR: &str = "sluice_autoscale_workers";
 /// Dollars spent on model calls by every job of a project so far, at the price table's prices (label `project`); leader only.
 pub const COST: &str = "sluice_cost_dollars";
+/// Budget alerts: a capped job's spending crossed 50, 80 or 100 percent of its cap.
+pub const BUDGET_ALERTS: &str = "sluice_budget_alerts_total";
+/// Jobs paused at their spending cap (exported by the leader).
+pub const JOBS_PAUSED: &str = "sluice_jobs_paused_at_cap";
 /// Always 1, with the build's version and the component as labels.
 pub const BUILD_INFO: &str = "sluice_build_info";
 
@@ -44,6 +48,8 @@ pub const ALL: &[&str] = &[
     WORKERS_WANTED,
     WORKERS_FOR,
     COST,
+    BUDGET_ALERTS,
+    JOBS_PAUSED,
     BUILD_INFO,
 ];
 
@@ -65,6 +71,8 @@ pub fn describe() {
     );
     metrics::describe_gauge!(WORKERS_FOR, "Workers the backlog needs and the provider limits keep busy, by model");
     metrics::describe_gauge!(COST, "Dollars spent on model calls by every job of a project (exported by the leader)");
+    metrics::describe_counter!(BUDGET_ALERTS, "Capped jobs whose spending crossed 50, 80 or 100 percent of the cap");
+    metrics::describe_gauge!(JOBS_PAUSED, "Jobs paused at their spending cap (exported by the leader)");
     metrics::describe_gauge!(BUILD_INFO, "Always 1; the version and component are labels");
     metrics::describe_histogram!(INGEST_SECONDS, metrics::Unit::Seconds, "Time to ingest one job's input");
 }

@@ -20,6 +20,52 @@ pub struct NewJob {
     /// The project the job belongs to: the token's own unless an admin names another.
     #[serde(default)]
     pub project: Option<String>,
+    /// Spending cap in dollars: the job pauses before a call would pass it.
+    #[serde(default)]
+    pub max_cost_usd: Option<f64>,
+    /// Reuse answers (the response cache, and identical items of the job):
+    /// by default on for temperature 0, off otherwise.
+    #[serde(default)]
+    pub cache: Option<bool>,
+    /// Cache entries older than this are not used (default 30 days).
+    #[serde(default)]
+    pub cache_ttl_s: Option<u64>,
+}
+
+/// How long cached answers are used unless a job says otherwise: 30 days.
+pub const DEFAULT_CACHE_TTL_S: u64 = 30 * 24 * 3600;
+
+impl NewJob {
+    /// A job of `kind` with every setting at its default.
+    pub fn new(kind: common::spec::JobKind) -> Self {
+        NewJob {
+            kind,
+            input_name: None,
+            review_below: None,
+            allow_unpriced: false,
+            project: None,
+            max_cost_usd: None,
+            cache: None,
+            cache_ttl_s: None,
+        }
+    }
+
+    /// Whether the job reuses answers: as asked, else for temperature 0 only
+    /// (a sampled answer is not meant to repeat).
+    pub fn reuses(&self) -> bool {
+        self.cache.unwrap_or(self.kind.spec.temperature == 0.0)
+    }
+}
+
+/// A job's spending cap and what it has spent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Budget {
+    pub cap_usd: f64,
+    /// Dollars spent by finished calls.
+    pub spent_usd: f64,
+    /// Worst-case cost of the calls in flight: spending can pass `spent_usd`
+    /// by at most this much, and `spent_usd + in_flight_usd` never passes the cap.
+    pub in_flight_usd: f64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -69,6 +115,10 @@ pub struct IngestReport {
     /// The first refused lines (at most 100), in input order.
     pub errors: Vec<LineError>,
     pub ingest_seconds: f64,
+    /// Items identical (in the fields the template reads) to an earlier item:
+    /// they share its answer and are never sent to a model.
+    #[serde(default)]
+    pub copies: u64,
 }
 
 /// A job and its progress, as `sluice status` shows it.
@@ -111,6 +161,21 @@ pub struct JobStatus {
     pub created_at: DateTime<Utc>,
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
+    /// Why a paused job is paused (`budget`).
+    #[serde(default)]
+    pub paused_reason: Option<String>,
+    /// The spending cap, if the job has one.
+    #[serde(default)]
+    pub budget: Option<Budget>,
+    /// Whether the job reuses answers (cache and identical items).
+    #[serde(default)]
+    pub reuse: bool,
+    /// Items answered from the response cache, and from an identical item of
+    /// the job, without a call.
+    #[serde(default)]
+    pub cache_hits: u64,
+    #[serde(default)]
+    pub shared: u64,
     /// Items finished per second since the job started.
     pub items_per_s: f64,
     /// Estimated seconds to completion at the current rate.
@@ -122,9 +187,9 @@ impl JobStatus {
         self.succeeded + self.failed
     }
 
-    /// True once the job can make no more progress.
+    /// True once the job can make no more progress (a paused job waits for `resume`).
     pub fn is_final(&self) -> bool {
-        matches!(self.state.as_str(), "completed" | "cancelled" | "rejected" | "abandoned")
+        matches!(self.state.as_str(), "completed" | "cancelled" | "rejected" | "abandoned" | "paused")
     }
 }
 

@@ -103,12 +103,20 @@ pub async fn create_job(
     let id = Uuid::now_v7();
     let mut tx = pool.begin().await.doing("creating the job")?;
     check_active_jobs(&mut tx, project, max_active).await?;
-    sqlx::query!("INSERT INTO jobs (id, kind, spec, template, template_hash, output_schema, input_name, review_below, submitted_by, project)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)", id, &job.kind.spec.kind, sqlx::types::Json(&job.kind.spec) as _, &job.kind.template, job.kind.template_hash(), &job.kind.schema, job.input_name.as_deref(), job.review_below, &actor.name, project)
+    let ttl = job.cache_ttl_s.unwrap_or(crate::model::DEFAULT_CACHE_TTL_S).min(i64::MAX as u64) as i64;
+    sqlx::query!("INSERT INTO jobs (id, kind, spec, template, template_hash, output_schema, input_name, review_below, submitted_by, project, reuse, cache_ttl_s)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)", id, &job.kind.spec.kind, sqlx::types::Json(&job.kind.spec) as _, &job.kind.template, job.kind.template_hash(), &job.kind.schema, job.input_name.as_deref(), job.review_below, &actor.name, project, job.reuses(), ttl)
     .execute(&mut *tx)
     .await.doing("creating the job")?;
+    if let Some(cap) = job.max_cost_usd {
+        sqlx::query!("INSERT INTO job_budgets (job_id, cap_usd) VALUES ($1, $2)", id, cap)
+            .execute(&mut *tx)
+            .await
+            .doing("creating the job")?;
+    }
     tx.commit().await.doing("creating the job")?;
-    let detail = serde_json::json!({"kind": job.kind.spec.kind, "input": job.input_name, "project": project});
+    let detail = serde_json::json!({"kind": job.kind.spec.kind, "input": job.input_name, "project": project,
+                                    "max_cost_usd": job.max_cost_usd, "reuse": job.reuses()});
     event(pool, id, "submitted", actor, detail).await?;
     Ok(id)
 }
@@ -175,6 +183,15 @@ pub async fn job_spec(pool: &PgPool, job_id: Uuid) -> Result<common::spec::JobSp
     .await
     .doing("reading the job's kind")?;
     spec.map(|s| s.0).ok_or(Error::JobNotFound(job_id))
+}
+
+/// Whether a job reuses answers (cache and identical items).
+pub async fn job_reuses(pool: &PgPool, job_id: Uuid) -> Result<bool, Error> {
+    sqlx::query_scalar!("SELECT reuse FROM jobs WHERE id = $1", job_id)
+        .fetch_optional(pool)
+        .await
+        .doing("reading the job's settings")?
+        .ok_or(Error::JobNotFound(job_id))
 }
 
 /// Splits `total` items into chunks of `size`, returning how many were made.
@@ -282,6 +299,55 @@ pub async fn cost_by_project(pool: &PgPool) -> Result<Vec<(String, f64)>, Error>
     .collect())
 }
 
+/// A capped job's spending crossing one of the alert levels.
+pub struct BudgetAlert {
+    pub job_id: Uuid,
+    pub percent: i32,
+    pub spent: f64,
+    pub cap: f64,
+}
+
+/// Records the budget alerts not yet recorded (a job event each) and returns
+/// them: 50, 80 and 100 percent of the cap spent; a job paused at its cap
+/// counts as 100 (its next call would have passed it).
+pub async fn budget_alerts(pool: &PgPool) -> Result<Vec<BudgetAlert>, Error> {
+    Ok(sqlx::query_as!(
+        BudgetAlert,
+        r#"WITH levels AS (
+               SELECT b.job_id, b.spent, b.cap_usd, b.alerted,
+                      CASE WHEN b.spent >= b.cap_usd OR (j.state = 'paused' AND j.paused_reason = 'budget') THEN 100
+                           WHEN b.spent >= 0.8 * b.cap_usd THEN 80
+                           WHEN b.spent >= 0.5 * b.cap_usd THEN 50 ELSE 0 END AS level
+               FROM job_budgets b JOIN jobs j ON j.id = b.job_id
+               WHERE j.state IN ('running', 'paused')),
+           raised AS (
+               UPDATE job_budgets b SET alerted = l.level FROM levels l
+               WHERE b.job_id = l.job_id AND l.level > b.alerted
+               RETURNING b.job_id, l.alerted AS was, l.level, l.spent, l.cap_usd),
+           crossed AS (
+               SELECT r.job_id, p.percent, r.spent, r.cap_usd FROM raised r
+               CROSS JOIN UNNEST(ARRAY[50, 80, 100]) AS p(percent)
+               WHERE p.percent > r.was AND p.percent <= r.level),
+           recorded AS (
+               INSERT INTO audit_events (job_id, event, actor, detail)
+               SELECT job_id, 'budget_alert', 'sluice',
+                      jsonb_build_object('percent', percent, 'spent_usd', spent, 'cap_usd', cap_usd)
+               FROM crossed)
+           SELECT job_id AS "job_id!", percent AS "percent!", spent AS "spent!", cap_usd AS "cap!" FROM crossed"#
+    )
+    .fetch_all(pool)
+    .await
+    .doing("recording budget alerts")?)
+}
+
+/// Jobs paused at their spending cap.
+pub async fn paused_at_cap(pool: &PgPool) -> Result<i64, Error> {
+    Ok(sqlx::query_scalar!(r#"SELECT count(*) AS "n!" FROM jobs WHERE state = 'paused' AND paused_reason = 'budget'"#)
+        .fetch_one(pool)
+        .await
+        .doing("counting paused jobs")?)
+}
+
 /// Results waiting for a reviewer, in every job.
 pub async fn review_queue_size(pool: &PgPool) -> Result<i64, Error> {
     Ok(sqlx::query_scalar!(r#"SELECT coalesce(sum(needs_review), 0)::bigint AS "n!" FROM job_tallies"#)
@@ -383,6 +449,8 @@ async fn statuses(pool: &PgPool, ids: &[Uuid]) -> Result<Vec<JobStatus>, Error> 
         r#"SELECT j.id, j.kind, j.project, j.state, j.input_name, j.total_items, j.invalid_lines,
                 j.created_at, j.started_at, j.finished_at,
                 j.review_below, j.spec->>'confidence_threshold' AS kind_threshold,
+                j.paused_reason, j.reuse, b.cap_usd AS "cap_usd?", b.spent AS "spent?", b.reserved AS "reserved?",
+                t.cache_hits AS "cache_hits!", t.shared AS "shared!",
                 t.succeeded AS "succeeded!", t.needs_review AS "needs_review!", t.reviewed AS "reviewed!",
                 t.failed AS "failed!", t.last_result_at,
                 t.tokens_in AS "tokens_in!", t.tokens_out AS "tokens_out!", t.cost_usd AS "cost_usd!",
@@ -398,8 +466,11 @@ async fn statuses(pool: &PgPool, ids: &[Uuid]) -> Result<Vec<JobStatus>, Error> 
                     coalesce(sum(tokens_in), 0)::bigint AS tokens_in,
                     coalesce(sum(tokens_out), 0)::bigint AS tokens_out,
                     coalesce(sum(cost_usd), 0)::float8 AS cost_usd,
-                    coalesce(sum(unpriced), 0)::bigint AS unpriced
+                    coalesce(sum(unpriced), 0)::bigint AS unpriced,
+                    coalesce(sum(cache_hits), 0)::bigint AS cache_hits,
+                    coalesce(sum(shared), 0)::bigint AS shared
              FROM job_tallies WHERE job_id = j.id) t
+         LEFT JOIN job_budgets b ON b.job_id = j.id
          CROSS JOIN LATERAL (
              SELECT count(*) AS chunks_total, count(*) FILTER (WHERE state = 'done') AS chunks_done
              FROM chunks WHERE job_id = j.id) c
@@ -473,6 +544,13 @@ struct StatusRow {
     unpriced: i64,
     chunks_total: i64,
     chunks_done: i64,
+    paused_reason: Option<String>,
+    reuse: bool,
+    cap_usd: Option<f64>,
+    spent: Option<f64>,
+    reserved: Option<f64>,
+    cache_hits: i64,
+    shared: i64,
 }
 
 fn status_from_row(row: StatusRow) -> JobStatus {
@@ -526,6 +604,15 @@ fn status_from_row(row: StatusRow) -> JobStatus {
         created_at: row.created_at,
         started_at,
         finished_at,
+        paused_reason: row.paused_reason,
+        budget: row.cap_usd.map(|cap_usd| crate::model::Budget {
+            cap_usd,
+            spent_usd: row.spent.unwrap_or(0.0),
+            in_flight_usd: row.reserved.unwrap_or(0.0),
+        }),
+        reuse: row.reuse,
+        cache_hits: row.cache_hits as u64,
+        shared: row.shared as u64,
         items_per_s,
         eta_s,
     }
@@ -547,7 +634,7 @@ pub async fn list_jobs(pool: &PgPool, project: Option<&str>, limit: i64) -> Resu
 /// Stops a job: no new chunk is started; finished results stay.
 pub async fn cancel(pool: &PgPool, job_id: Uuid, actor: &Actor) -> Result<(), Error> {
     let n = sqlx::query!(
-        "UPDATE jobs SET state = 'cancelled', finished_at = now() WHERE id = $1 AND state IN ('uploading', 'running')",
+        "UPDATE jobs SET state = 'cancelled', finished_at = now() WHERE id = $1 AND state IN ('uploading', 'running', 'paused')",
         job_id
     )
     .execute(pool)
@@ -556,7 +643,7 @@ pub async fn cancel(pool: &PgPool, job_id: Uuid, actor: &Actor) -> Result<(), Er
     .rows_affected();
     if n == 0 {
         let st = status(pool, job_id).await?;
-        return Err(Error::JobState { job_id, state: st.state, expected: "uploading or running" });
+        return Err(Error::JobState { job_id, state: st.state, expected: "uploading, running or paused" });
     }
     event(pool, job_id, "cancelled", actor, serde_json::json!({})).await
 }
@@ -615,13 +702,16 @@ pub struct Resumed {
     pub chunks: u64,
 }
 
-/// Re-runs the unfinished items of a completed or cancelled job: items without
-/// a result, and failed ones (only failed ones with `failed_only`). Items with
-/// a successful result are never sent to the model again.
+/// Re-runs the unfinished items of a completed, cancelled or paused job:
+/// items without a result, and failed ones (only failed ones with
+/// `failed_only`). Items with a successful result are never sent to the
+/// model again. `max_cost` sets or raises the job's spending cap; a job
+/// paused at its cap needs one above what it has spent.
 pub async fn resume(
     pool: &PgPool,
     job_id: Uuid,
     failed_only: bool,
+    max_cost: Option<f64>,
     max_active: u32,
     actor: &Actor,
 ) -> Result<Resumed, Error> {
@@ -629,7 +719,23 @@ pub async fn resume(
     if let Some(project) = job_project(pool, job_id).await? {
         check_active_jobs(&mut tx, &project, max_active).await?;
     }
-    lock_job(&mut tx, job_id, &["completed", "cancelled"], "completed or cancelled").await?;
+    lock_job(&mut tx, job_id, &["completed", "cancelled", "paused"], "completed, cancelled or paused").await?;
+    let paused = budget_for_resume(&mut tx, job_id, max_cost).await?;
+    if paused {
+        // Workers dropped the paused job's deliveries: publish its pending
+        // chunks again, under a new generation so a late old delivery stays idle.
+        sqlx::query!(
+            "UPDATE chunks SET published_at = NULL, generation = generation + 1 WHERE job_id = $1 AND state = 'pending'",
+            job_id
+        )
+        .execute(&mut *tx)
+        .await
+        .doing("resuming the job")?;
+        sqlx::query!("UPDATE jobs SET state = 'running', paused_reason = NULL WHERE id = $1", job_id)
+            .execute(&mut *tx)
+            .await
+            .doing("resuming the job")?;
+    }
     let failed: Vec<i64> =
         sqlx::query_scalar!("DELETE FROM results WHERE job_id = $1 AND state = 'failed' RETURNING seq", job_id)
             .fetch_all(&mut *tx)
@@ -661,9 +767,63 @@ pub async fn resume(
             .doing("resuming the job")?;
     }
     tx.commit().await.doing("resuming the job")?;
-    let detail = serde_json::json!({"failed_only": failed_only, "failed_reset": failed.len(), "chunks": chunks});
+    let detail = serde_json::json!({"failed_only": failed_only, "failed_reset": failed.len(), "chunks": chunks,
+                                    "max_cost_usd": max_cost});
     event(pool, job_id, "resumed", actor, detail).await?;
     Ok(Resumed { failed_reset: failed.len() as u64, chunks })
+}
+
+/// Sets or raises the cap of a job being resumed and counts its spending
+/// anew from the audit trail (reservations of calls cut off are dropped).
+/// Returns whether the job is paused.
+async fn budget_for_resume(
+    tx: &mut Transaction<'_, Postgres>,
+    job_id: Uuid,
+    max_cost: Option<f64>,
+) -> Result<bool, Error> {
+    const DOING: &str = "resuming the job";
+    let row = sqlx::query!(
+        r#"SELECT j.state, b.cap_usd AS "cap_usd?",
+                  (SELECT coalesce(sum(cost_usd), 0) FROM job_tallies t WHERE t.job_id = j.id)::float8 AS "spent!"
+           FROM jobs j LEFT JOIN job_budgets b ON b.job_id = j.id WHERE j.id = $1"#,
+        job_id
+    )
+    .fetch_one(&mut **tx)
+    .await
+    .doing(DOING)?;
+    let paused = row.state == "paused";
+    let cap = match (max_cost, row.cap_usd) {
+        (Some(c), _) if c <= row.spent => {
+            return Err(Error::Invalid(format!(
+                "the job has spent ${:.4}: a cap of ${c:.4} would stop it at once; pass a higher --max-cost",
+                row.spent
+            )))
+        }
+        (Some(c), _) => Some(c),
+        (None, Some(c)) if paused && c <= row.spent => {
+            return Err(Error::Invalid(format!(
+                "the job is paused at its cap (${c:.4}, ${:.4} spent): pass --max-cost with a higher cap to go on",
+                row.spent
+            )))
+        }
+        (None, c) => c,
+    };
+    if let Some(cap) = cap {
+        sqlx::query!(
+            "INSERT INTO job_budgets (job_id, cap_usd, spent, reserved, alerted) VALUES ($1, $2::float8, $3::float8, 0,
+                 CASE WHEN $3::float8 >= $2::float8 THEN 100 WHEN $3::float8 >= 0.8 * $2::float8 THEN 80
+                      WHEN $3::float8 >= 0.5 * $2::float8 THEN 50 ELSE 0 END)
+             ON CONFLICT (job_id) DO UPDATE SET cap_usd = EXCLUDED.cap_usd, spent = EXCLUDED.spent, reserved = 0,
+                 alerted = EXCLUDED.alerted",
+            job_id,
+            cap,
+            row.spent
+        )
+        .execute(&mut **tx)
+        .await
+        .doing(DOING)?;
+    }
+    Ok(paused)
 }
 
 /// One exported result.

@@ -620,11 +620,8 @@ impl Stack {
         let job_id = self
             .client
             .create_job(&coordinator::model::NewJob {
-                kind,
                 input_name: Some("test.jsonl".into()),
-                review_below: None,
-                allow_unpriced: false,
-                project: None,
+                ..coordinator::model::NewJob::new(kind)
             })
             .await?
             .job_id;
@@ -736,13 +733,9 @@ pub fn sample_jsonl(seed: u64, count: u64) -> Vec<u8> {
 /// A job of the shipped kind `kind` (e.g. "classify"), as `sluice submit`
 /// sends it with no option: the token's project, the kind's threshold.
 pub fn new_job(kind: &str) -> coordinator::model::NewJob {
-    coordinator::model::NewJob {
-        kind: common::spec::JobKind::load(&jobs_dir().join(kind)).expect("shipped job kind loads"),
-        input_name: None,
-        review_below: None,
-        allow_unpriced: false,
-        project: None,
-    }
+    coordinator::model::NewJob::new(
+        common::spec::JobKind::load(&jobs_dir().join(kind)).expect("shipped job kind loads"),
+    )
 }
 
 /// Path of a binary built from this workspace (tests run from target/<profile>/deps).

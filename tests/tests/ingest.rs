@@ -105,8 +105,7 @@ async fn a_template_using_an_undeclared_field_is_refused_at_submit() {
     let stack = Stack::start(SimConfig::default(), |_| {}).await.unwrap();
     let mut kind = common::spec::JobKind::load(&sluice_tests::fixtures::jobs_dir().join("classify")).unwrap();
     kind.template.push_str("\nTitle: {{ title }}");
-    let new =
-        coordinator::model::NewJob { kind, input_name: None, review_below: None, allow_unpriced: false, project: None };
+    let new = coordinator::model::NewJob::new(kind);
     let err = stack.client.create_job(&new).await.unwrap_err();
     assert!(matches!(&err, coordinator::client::ClientError::Api { status, .. } if status.as_u16() == 400), "{err:?}");
     assert!(err.to_string().contains("uses title but input_fields declares only [text]"), "{err}");

@@ -300,13 +300,7 @@ base_url = "http://{sim0}/v1"
         let client = stack.client.clone();
         async move {
             client
-                .create_job(&coordinator::model::NewJob {
-                    kind: k,
-                    input_name: None,
-                    review_below: None,
-                    allow_unpriced,
-                    project: None,
-                })
+                .create_job(&coordinator::model::NewJob { allow_unpriced, ..coordinator::model::NewJob::new(k) })
                 .await
         }
     };
@@ -353,11 +347,8 @@ base_url = "http://{sim0}/v1"
     let job = stack
         .client
         .create_job(&coordinator::model::NewJob {
-            kind: kind("classify", "local/my-finetune"),
-            input_name: None,
-            review_below: None,
             allow_unpriced: true,
-            project: None,
+            ..coordinator::model::NewJob::new(kind("classify", "local/my-finetune"))
         })
         .await
         .unwrap()

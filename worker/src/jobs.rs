@@ -24,6 +24,12 @@ pub struct CompiledJob {
     /// The project the job belongs to: call permits and the limiter's turns
     /// go to projects in turn, then to their jobs.
     pub project: String,
+    /// With answers reused (cache and identical items): the cache key base
+    /// of the job's requests, and how old a cached answer may be.
+    pub reuse: Option<common::cache::KeyBase>,
+    pub cache_ttl_s: i64,
+    /// The job has a spending cap: each call reserves its worst case first.
+    pub capped: bool,
 }
 
 impl CompiledJob {
@@ -39,14 +45,27 @@ impl CompiledJob {
         let validator = kind.validator()?;
         let review_below = review_below.unwrap_or(kind.spec.confidence_threshold);
         let routes = kind.spec.models().map(|m| endpoints.route(m)).collect();
-        Ok(CompiledJob { template_hash, kind, prompt, validator, review_below, routes, project: String::new() })
+        Ok(CompiledJob {
+            template_hash,
+            kind,
+            prompt,
+            validator,
+            review_below,
+            routes,
+            project: String::new(),
+            reuse: None,
+            cache_ttl_s: 0,
+            capped: false,
+        })
     }
 }
 
-/// Compiled jobs by id. Jobs are immutable once submitted, so entries never go stale.
+/// Compiled jobs by id and chunk generation. A job's kind never changes
+/// once submitted; its cap may be set on resume, which publishes its chunks
+/// under a new generation, so an entry is never used past a resume.
 #[derive(Default, Clone)]
 pub struct JobCache {
-    jobs: Arc<Mutex<HashMap<Uuid, Arc<CompiledJob>>>>,
+    jobs: Arc<Mutex<HashMap<(Uuid, i32), Arc<CompiledJob>>>>,
 }
 
 impl JobCache {
@@ -54,14 +73,16 @@ impl JobCache {
         &self,
         pool: &PgPool,
         job_id: Uuid,
+        generation: i32,
         endpoints: &Endpoints,
     ) -> Result<Option<Arc<CompiledJob>>, Error> {
-        if let Some(j) = self.jobs.lock().expect("job cache lock").get(&job_id) {
+        if let Some(j) = self.jobs.lock().expect("job cache lock").get(&(job_id, generation)) {
             return Ok(Some(j.clone()));
         }
         let Some(row) = sqlx::query!(
             r#"SELECT spec AS "spec: sqlx::types::Json<common::spec::JobSpec>", template, template_hash,
-                      output_schema, review_below, project
+                      output_schema, review_below, project, reuse, cache_ttl_s,
+                      EXISTS (SELECT 1 FROM job_budgets b WHERE b.job_id = jobs.id) AS "capped!"
                FROM jobs WHERE id = $1"#,
             job_id
         )
@@ -75,13 +96,21 @@ impl JobCache {
         let mut compiled = CompiledJob::compile(kind, row.template_hash, row.review_below, endpoints)
             .map_err(|source| Error::Spec { job_id, source: Box::new(source) })?;
         compiled.project = row.project;
+        compiled.cache_ttl_s = row.cache_ttl_s;
+        compiled.capped = row.capped;
+        if row.reuse {
+            if let Ok(routes) = &compiled.routes {
+                let models: Vec<String> = routes.iter().map(|r| format!("{}/{}", r.endpoint.name, r.model)).collect();
+                compiled.reuse = Some(common::cache::KeyBase::new(&compiled.kind.spec, &compiled.kind.schema, &models));
+            }
+        }
         let compiled = Arc::new(compiled);
         let mut jobs = self.jobs.lock().expect("job cache lock");
         // Bound memory on long-lived workers; reloading a job is cheap.
         if jobs.len() > 1_000 {
             jobs.clear();
         }
-        jobs.insert(job_id, compiled.clone());
+        jobs.insert((job_id, generation), compiled.clone());
         Ok(Some(compiled))
     }
 }

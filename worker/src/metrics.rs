@@ -28,6 +28,15 @@ pub const BREAKER_OPEN: &str = "sluice_breaker_open";
 /// Always 1, with the build's version and the component as labels.
 pub const BUILD_INFO: &str = "sluice_build_info";
 
+/// Items answered from the response cache, without a call.
+pub const CACHE_HITS: &str = "sluice_cache_hits_total";
+/// Dollars this worker spent on model calls since it started, by model, at
+/// the price table's prices: a gauge that only rises (the metrics crate's
+/// counters hold whole numbers); read it with `increase()`.
+pub const SPENT: &str = "sluice_spent_dollars";
+/// Calls not made because their job reached its spending cap.
+pub const BUDGET_STOPS: &str = "sluice_budget_stops_total";
+
 /// Every metric the worker exports (docs/metrics.md lists them).
 pub const ALL: &[&str] = &[
     ITEMS,
@@ -42,7 +51,25 @@ pub const ALL: &[&str] = &[
     CALLS_IN_FLIGHT,
     BREAKER_OPEN,
     BUILD_INFO,
+    CACHE_HITS,
+    SPENT,
+    BUDGET_STOPS,
 ];
+
+/// Counts a call not made because its job reached its cap.
+pub fn budget_stop() {
+    metrics::counter!(BUDGET_STOPS).increment(1);
+}
+
+/// Adds a call's cost to the dollars spent on `model`.
+pub fn spent(model: &str, usd: f64) {
+    metrics::gauge!(SPENT, "model" => model.to_string()).increment(usd);
+}
+
+/// Counts items answered from the cache.
+pub fn cache_hits(n: u64) {
+    metrics::counter!(CACHE_HITS).increment(n);
+}
 
 pub fn describe() {
     metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION"), "component" => "worker").set(1.0);
@@ -53,6 +80,9 @@ pub fn describe() {
         "Seconds of pause announced after 429s"
     );
     metrics::describe_gauge!(CHUNKS_IN_FLIGHT, "Chunks this worker holds");
+    metrics::describe_counter!(CACHE_HITS, "Items answered from the response cache, without a call");
+    metrics::describe_gauge!(SPENT, "Dollars spent on model calls since the worker started, by model");
+    metrics::describe_counter!(BUDGET_STOPS, "Calls not made because their job reached its spending cap");
     metrics::describe_gauge!(CALLS_IN_FLIGHT, "Model calls this worker has under way");
     metrics::describe_gauge!(BREAKER_OPEN, "1 while a model's circuit breaker is open");
     metrics::describe_gauge!(BUILD_INFO, "Always 1; the version and component are labels");

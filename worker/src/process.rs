@@ -106,7 +106,50 @@ pub struct ItemContext<'a> {
     pub delivery: &'a crate::delivery::Delivery,
     pub prices: &'a common::prices::PriceTable,
     pub redaction: common::redact::Redaction,
+    /// For the budgets of capped jobs.
+    pub pool: &'a sqlx::PgPool,
 }
+
+/// A call's worst-case cost, reserved from its job's budget until the call
+/// is settled; dropped unsettled (the item stopped before the call), it is
+/// returned in the background.
+struct BudgetHold {
+    pool: sqlx::PgPool,
+    job_id: uuid::Uuid,
+    usd: f64,
+    settled: bool,
+}
+
+impl BudgetHold {
+    /// Reserves `usd`; `None` when the job has reached its cap (it is paused).
+    async fn reserve(pool: &sqlx::PgPool, job_id: uuid::Uuid, usd: f64) -> Result<Option<Self>, Error> {
+        Ok(crate::store::reserve_budget(pool, job_id, usd).await?.then(|| BudgetHold {
+            pool: pool.clone(),
+            job_id,
+            usd,
+            settled: false,
+        }))
+    }
+
+    /// Returns the reservation and adds what the call cost.
+    async fn settle(mut self, spent: f64) {
+        self.settled = true;
+        soft(crate::store::settle_budget(&self.pool, self.job_id, self.usd, spent).await);
+    }
+}
+
+impl Drop for BudgetHold {
+    fn drop(&mut self) {
+        if !self.settled {
+            let (pool, job_id, usd) = (self.pool.clone(), self.job_id, self.usd);
+            tokio::spawn(async move { soft(crate::store::settle_budget(&pool, job_id, usd, 0.0).await) });
+        }
+    }
+}
+
+/// The share added to a prompt's estimated tokens when reserving budget:
+/// the estimate counts 4 bytes a token, and tokenizers differ.
+const PROMPT_MARGIN: f64 = 1.1;
 
 /// The confidence strategy to ask for, given what the model can give, and
 /// those passed over with the reason.
@@ -355,6 +398,26 @@ impl ItemRun<'_> {
                 reasoning_effort: if route.config.reasoning { spec.reasoning_effort.as_deref() } else { None },
             };
             let body = ep.client.body(&call);
+            let max_output = spec.max_tokens as f64 * samples.unwrap_or(1) as f64;
+            // A capped job's budget is reserved first, at the call's worst
+            // case: a call that would pass the cap is never made.
+            let budget = if self.job.capped {
+                let worst = Usage {
+                    input: (estimate_prompt_tokens(call.system, &messages) as f64 * PROMPT_MARGIN).ceil() as u32,
+                    output: max_output as u32,
+                    ..Usage::default()
+                };
+                let usd = ctx.prices.cost(&ep.name, &route.model, worst).unwrap_or(0.0);
+                match BudgetHold::reserve(ctx.pool, ctx.job_id, usd).await? {
+                    Some(hold) => Some(hold),
+                    None => {
+                        metrics::budget_stop();
+                        return Ok(ModelEnd::Stopping);
+                    }
+                }
+            } else {
+                None
+            };
             // Recorded before the call: a crash from here on leaves an
             // unfinished attempt in the audit trail, never an unknown call.
             self.result.attempts += 1;
@@ -371,10 +434,7 @@ impl ItemRun<'_> {
                 r = ctx.audit.begin(&self.iref, start) => r?,
                 _ = ctx.stop.cancelled() => return Ok(ModelEnd::Stopping),
             }
-            let cost_estimate = Cost {
-                prompt: estimate_prompt_tokens(call.system, &messages) as f64,
-                max_output: spec.max_tokens as f64 * samples.unwrap_or(1) as f64,
-            };
+            let cost_estimate = Cost { prompt: estimate_prompt_tokens(call.system, &messages) as f64, max_output };
             let reservation = match &limiter {
                 Some(l) => tokio::select! {
                     r = l.acquire(ctx.project, ctx.job_id, cost_estimate) => Some(r?),
@@ -396,7 +456,15 @@ impl ItemRun<'_> {
                 output,
                 prompt: messages.last().map(|m| m.content.as_str()).unwrap_or(""),
             };
-            ctx.audit.finished(&self.iref, call_id, attempt.record(ctx, &response));
+            let record = attempt.record(ctx, &response);
+            let spent = record.cost_usd.unwrap_or(0.0);
+            if spent > 0.0 {
+                metrics::spent(&route.model, spent);
+            }
+            if let Some(hold) = budget {
+                hold.settle(spent).await;
+            }
+            ctx.audit.finished(&self.iref, call_id, record);
             match &response {
                 Ok(_) => cap.record(true),
                 Err(e) if e.class().counts_against_breaker() => cap.record(false),
@@ -466,6 +534,7 @@ impl ItemRun<'_> {
                             r.confidence_detail = Some(scored.detail);
                             r.output = Some(value);
                             r.answer = Some(answer);
+                            r.answered_by = Some(call_id);
                             return Ok(ModelEnd::Answered);
                         }
                         Err(msg) if repairs < ctx.policy.max_repairs => {

@@ -1,5 +1,6 @@
 //! The pull loop: fetch only as many chunks as there are free slots, work on each, ack after the Postgres commit.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,7 +15,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::endpoints::Endpoints;
 use crate::guard::Guards;
-use crate::jobs::JobCache;
+use crate::jobs::{CompiledJob, JobCache};
 use crate::learned::Learned;
 use crate::process::{run_item, ItemContext, Outcome, RetryPolicy};
 use crate::store::ItemResult;
@@ -344,7 +345,7 @@ const COMMIT_EVERY: Duration = Duration::from_millis(100);
 async fn save(
     shared: &Shared,
     chunk: &ChunkMsg,
-    template_hash: &str,
+    job: &CompiledJob,
     results: &[ItemResult],
     done: bool,
     stop: &CancellationToken,
@@ -361,7 +362,14 @@ async fn save(
     }
     let mut wait = Duration::from_millis(100);
     loop {
-        match store::write_chunk(&shared.pool, chunk, template_hash, &shared.name, results, done).await {
+        let target = store::Target {
+            chunk,
+            template_hash: &job.template_hash,
+            project: &job.project,
+            worker: &shared.name,
+            reuse: job.reuse.is_some(),
+        };
+        match store::write_chunk(&shared.pool, &target, results, done).await {
             Ok(()) => return Ok(()),
             Err(e) if e.is_unavailable() && !stop.is_cancelled() => {
                 tracing::debug!(error = &e as &dyn std::error::Error, "results not written yet; retrying");
@@ -374,6 +382,81 @@ async fn save(
             Err(e) => return Err(e),
         }
     }
+}
+
+/// Splits a chunk's items into answers from the response cache and the
+/// items to call, each with its cache key. A job that does not reuse
+/// answers has no keys and no hits.
+async fn from_cache(
+    shared: &Shared,
+    job: &CompiledJob,
+    items: Vec<store::Item>,
+) -> Result<(Vec<ItemResult>, Vec<(store::Item, Option<String>)>), Error> {
+    let Some(base) = &job.reuse else {
+        return Ok((Vec::new(), items.into_iter().map(|i| (i, None)).collect()));
+    };
+    let system = job.kind.spec.system.as_deref();
+    // An item whose prompt cannot be rendered fails in run_item, without a key.
+    let keyed: Vec<(store::Item, Option<(String, String)>)> = items
+        .into_iter()
+        .map(|item| {
+            let key = job.prompt.render(&item.payload).ok().map(|p| {
+                let key = base.key(&common::cache::prompt_digest(system, &p));
+                (key, p)
+            });
+            (item, key)
+        })
+        .collect();
+    let keys: Vec<String> = keyed.iter().filter_map(|(_, k)| k.as_ref().map(|(k, _)| k.clone())).collect();
+    let found = store::cached(&shared.pool, &job.project, &keys, job.cache_ttl_s).await?;
+    let mut found: HashMap<String, store::Cached> = found.into_iter().map(|c| (c.key.clone(), c)).collect();
+    let provider = job.routes.as_ref().ok().and_then(|r| r.first()).map(|r| r.endpoint.name.clone());
+    let (mut hits, mut rest) = (Vec::new(), Vec::new());
+    for (item, key) in keyed {
+        match key {
+            Some((key, prompt)) => match found.remove(&key) {
+                Some(c) => hits.push(cached_result(job, &item, c, key, &prompt, provider.clone(), shared.redaction)),
+                // A key seen once per chunk: identical items are copies, never in a chunk.
+                None => rest.push((item, Some(key))),
+            },
+            None => rest.push((item, None)),
+        }
+    }
+    if !hits.is_empty() {
+        metrics::cache_hits(hits.len() as u64);
+    }
+    Ok((hits, rest))
+}
+
+/// The result of an item answered from the cache: the cached answer, judged
+/// against this job's review threshold.
+fn cached_result(
+    job: &CompiledJob,
+    item: &store::Item,
+    c: store::Cached,
+    key: String,
+    prompt: &str,
+    provider: Option<String>,
+    redaction: common::redact::Redaction,
+) -> ItemResult {
+    let spec = &job.kind.spec;
+    let mut r = ItemResult::pending(item);
+    r.succeeded = true;
+    r.needs_review = spec.scores_confidence() && c.confidence.is_none_or(|v| v < job.review_below);
+    r.model = c.model;
+    r.output = Some(c.output);
+    r.answer = c.answer;
+    r.confidence = c.confidence;
+    r.confidence_detail = c.confidence_detail;
+    r.source = "cache";
+    r.answered_by = Some(c.call_id);
+    r.cache_key = Some(key);
+    r.reused = Some(Box::new(store::Reused {
+        attempt: item.prior + 1,
+        provider: provider.unwrap_or_default(),
+        prompt: redaction.apply(prompt),
+    }));
+    r
 }
 
 /// How a chunk delivery ended.
@@ -410,7 +493,7 @@ async fn work(
         metrics::chunk("cancelled", 0, 0);
         return Ok(ChunkOutcome::Finished);
     }
-    let Some(job) = shared.jobs.get(&shared.pool, chunk.job_id, &shared.endpoints).await? else {
+    let Some(job) = shared.jobs.get(&shared.pool, chunk.job_id, chunk.generation, &shared.endpoints).await? else {
         return Ok(ChunkOutcome::Finished);
     };
     // A first delivery of a chunk never reopened has no earlier attempts to count.
@@ -427,11 +510,13 @@ async fn work(
                 )
             })
             .collect();
-        save(shared, chunk, &job.template_hash, &results, true, stop).await?;
+        save(shared, chunk, &job, &results, true, stop).await?;
         metrics::chunk("exhausted", 0, results.len() as u64);
         common::db::complete_if_done(&shared.pool, chunk.job_id).await?;
         return Ok(ChunkOutcome::Finished);
     }
+    // Items whose request the response cache answers are done without a call.
+    let (hits, items) = from_cache(shared, &job, items).await?;
     // Every item is started at once; the shared call semaphore decides how
     // many actually talk to the model. Results are written as they come, in
     // small batches, so a worker that dies costs few repeated calls. Items
@@ -439,7 +524,7 @@ async fn work(
     let delivery = crate::delivery::Delivery::watch(shared.pool.clone(), *chunk, stop);
     let mut running: FuturesUnordered<_> = items
         .into_iter()
-        .map(|item| {
+        .map(|(item, key)| {
             let shared = shared.clone();
             let job = job.clone();
             let delivery = &delivery;
@@ -459,12 +544,17 @@ async fn work(
                     delivery,
                     prices: &shared.prices,
                     redaction: shared.redaction,
+                    pool: &shared.pool,
                 };
-                run_item(&ctx, &job, &item).await
+                let mut outcome = run_item(&ctx, &job, &item).await;
+                if let Ok(Outcome::Done(r)) = &mut outcome {
+                    r.cache_key = key;
+                }
+                outcome
             }
         })
         .collect();
-    let mut batch: Vec<ItemResult> = Vec::new();
+    let mut batch: Vec<ItemResult> = hits;
     let mut held: Option<Duration> = None;
     let mut failure = None;
     let (mut ok, mut written) = (0u64, 0u64);
@@ -486,7 +576,7 @@ async fn work(
         }
         let due = batch.len() >= COMMIT_ITEMS || last_write.elapsed() >= COMMIT_EVERY;
         if due && !batch.is_empty() && !running.is_empty() {
-            save(shared, chunk, &job.template_hash, &batch, false, stop).await?;
+            save(shared, chunk, &job, &batch, false, stop).await?;
             ok += batch.iter().filter(|r| r.succeeded).count() as u64;
             written += batch.len() as u64;
             batch.clear();
@@ -494,7 +584,7 @@ async fn work(
         }
     }
     let finished = held.is_none() && failure.is_none();
-    save(shared, chunk, &job.template_hash, &batch, finished, stop).await?;
+    save(shared, chunk, &job, &batch, finished, stop).await?;
     ok += batch.iter().filter(|r| r.succeeded).count() as u64;
     written += batch.len() as u64;
     metrics::chunk(if finished { "written" } else { "partial" }, ok, written - ok);

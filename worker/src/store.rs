@@ -114,6 +114,66 @@ pub struct ItemResult {
     pub tokens_in: i32,
     pub tokens_out: i32,
     pub latency_ms: i32,
+    /// Where the answer came from: `model`, or `cache` (see `reused`).
+    pub source: &'static str,
+    /// The call whose answer this is (the item's own, or the cached one's).
+    pub answered_by: Option<uuid::Uuid>,
+    /// The response cache key of the item's request, when the job reuses answers.
+    pub cache_key: Option<String>,
+    /// For an answer from the cache: what its audit row records.
+    pub reused: Option<Box<Reused>>,
+}
+
+/// The audit facts of an answer taken from the response cache.
+#[derive(Debug, Clone)]
+pub struct Reused {
+    pub attempt: i32,
+    pub provider: String,
+    /// The prompt, redacted.
+    pub prompt: String,
+}
+
+/// An answer in the response cache.
+pub struct Cached {
+    pub key: String,
+    pub call_id: uuid::Uuid,
+    pub model: Option<String>,
+    pub output: Value,
+    pub answer: Option<String>,
+    pub confidence: Option<f64>,
+    pub confidence_detail: Option<Value>,
+}
+
+/// The cached answers of `keys` in `project` no older than `ttl_s`.
+pub async fn cached(pool: &PgPool, project: &str, keys: &[String], ttl_s: i64) -> Result<Vec<Cached>, Error> {
+    Ok(sqlx::query_as!(
+        Cached,
+        "SELECT key, call_id, model, output, answer, confidence, confidence_detail FROM response_cache
+         WHERE project = $1 AND key = ANY($2) AND created_at > now() - make_interval(secs => $3::float8)",
+        project,
+        keys,
+        ttl_s as f64
+    )
+    .fetch_all(pool)
+    .await
+    .doing("reading the response cache")?)
+}
+
+/// Reserves `usd` of a capped job's budget; false when the job is paused at its cap.
+pub async fn reserve_budget(pool: &PgPool, job_id: uuid::Uuid, usd: f64) -> Result<bool, Error> {
+    Ok(sqlx::query_scalar!(r#"SELECT reserve_budget($1, $2) AS "ok!""#, job_id, usd)
+        .fetch_one(pool)
+        .await
+        .doing("reserving the job's budget")?)
+}
+
+/// Returns a reservation of `reserved` dollars and adds `spent`.
+pub async fn settle_budget(pool: &PgPool, job_id: uuid::Uuid, reserved: f64, spent: f64) -> Result<(), Error> {
+    sqlx::query!("SELECT settle_budget($1, $2, $3)", job_id, reserved, spent)
+        .fetch_one(pool)
+        .await
+        .doing("settling the job's budget")?;
+    Ok(())
 }
 
 impl ItemResult {
@@ -150,8 +210,22 @@ impl ItemResult {
             tokens_in: 0,
             tokens_out: 0,
             latency_ms: 0,
+            source: "model",
+            answered_by: None,
+            cache_key: None,
+            reused: None,
         }
     }
+}
+
+/// Where a chunk's results go: the chunk, its job's template and project.
+pub struct Target<'a> {
+    pub chunk: &'a ChunkMsg,
+    pub template_hash: &'a str,
+    pub project: &'a str,
+    pub worker: &'a str,
+    /// The job reuses answers: it may have identical items to fill in.
+    pub reuse: bool,
 }
 
 /// Writes results of a chunk and, when `done`, marks it done, in one transaction.
@@ -159,42 +233,34 @@ impl ItemResult {
 /// Results are upserted on (job, seq) and never overwritten, so a redelivered
 /// chunk processed twice leaves exactly one row per item. The caller has made
 /// sure the items' attempts are in the audit trail; `attempts` counts them
-/// over every delivery.
-pub async fn write_chunk(
-    pool: &PgPool,
-    c: &ChunkMsg,
-    template_hash: &str,
-    worker: &str,
-    results: &[ItemResult],
-    done: bool,
-) -> Result<(), Error> {
-    Ok(write_chunk_tx(pool, c, template_hash, worker, results, done).await.doing("writing the chunk's results")?)
+/// over every delivery. In the same transaction: the audit rows of answers
+/// taken from the cache, the cache entries of new answers, and the results
+/// of the items identical to these (`item_copies`).
+pub async fn write_chunk(pool: &PgPool, t: &Target<'_>, results: &[ItemResult], done: bool) -> Result<(), Error> {
+    Ok(write_chunk_tx(pool, t, results, done).await.doing("writing the chunk's results")?)
 }
 
-async fn write_chunk_tx(
-    pool: &PgPool,
-    c: &ChunkMsg,
-    template_hash: &str,
-    worker: &str,
-    results: &[ItemResult],
-    done: bool,
-) -> Result<(), sqlx::Error> {
+async fn write_chunk_tx(pool: &PgPool, t: &Target<'_>, results: &[ItemResult], done: bool) -> Result<(), sqlx::Error> {
+    let (c, template_hash, worker) = (t.chunk, t.template_hash, t.worker);
     let mut tx = pool.begin().await?;
     if !results.is_empty() {
-        fn col<T>(results: &[ItemResult], f: impl Fn(&ItemResult) -> T) -> Vec<T> {
-            results.iter().map(f).collect()
+        fn col<T>(results: &[&ItemResult], f: impl Fn(&ItemResult) -> T) -> Vec<T> {
+            results.iter().map(|r| f(r)).collect()
         }
+        let all: Vec<&ItemResult> = results.iter().collect();
+        let results = &all[..];
         sqlx::query!(
             "INSERT INTO results (job_id, seq, item_id, state, output, answer, confidence, error_class, error,
                                   model, template_hash, attempts, tokens_in, tokens_out, latency_ms, worker,
-                                  confidence_detail)
+                                  confidence_detail, source, answered_by)
              SELECT $1, u.seq, u.item_id, u.state, u.output, u.answer, u.confidence, u.error_class, u.error,
-                    u.model, $2, u.attempts, u.tokens_in, u.tokens_out, u.latency_ms, $3, u.detail
+                    u.model, $2, u.attempts, u.tokens_in, u.tokens_out, u.latency_ms, $3, u.detail, u.source,
+                    u.answered_by
              FROM UNNEST($4::bigint[], $5::text[], $6::text[], $7::jsonb[], $8::text[], $9::float8[],
                          $10::text[], $11::text[], $12::text[], $13::int[], $14::int[], $15::int[], $16::int[],
-                         $17::jsonb[])
+                         $17::jsonb[], $18::text[], $19::uuid[])
                   AS u(seq, item_id, state, output, answer, confidence, error_class, error, model,
-                       attempts, tokens_in, tokens_out, latency_ms, detail)
+                       attempts, tokens_in, tokens_out, latency_ms, detail, source, answered_by)
              ON CONFLICT (job_id, seq) DO NOTHING",
             c.job_id,
             template_hash,
@@ -213,6 +279,103 @@ async fn write_chunk_tx(
             &col(results, |r| r.tokens_out),
             &col(results, |r| r.latency_ms),
             &col(results, |r| r.confidence_detail.clone()) as _,
+            &col(results, |r| r.source.to_string()),
+            &col(results, |r| r.answered_by) as _,
+        )
+        .execute(&mut *tx)
+        .await?;
+        let hits: Vec<&ItemResult> = results.iter().copied().filter(|r| r.reused.is_some()).collect();
+        if !hits.is_empty() {
+            let reused = |f: fn(&Reused) -> String| -> Vec<String> {
+                hits.iter().map(|r| f(r.reused.as_deref().expect("a cache hit"))).collect()
+            };
+            sqlx::query!(
+                "INSERT INTO audit_attempts (worker, job_id, template_hash, seq, item_id, call_id, attempt, model,
+                                             fallback, request_hash, outcome, latency_ms, tokens_in, tokens_out,
+                                             cost_usd, api_key_id, prompt, output, provider, reused_call)
+                 SELECT $1, $2, $3, u.seq, u.item_id, gen_random_uuid(), u.attempt, coalesce(u.model, ''), false,
+                        u.key, 'cache', 0, 0, 0, 0, '', u.prompt, NULL, u.provider, u.reused_call
+                 FROM UNNEST($4::bigint[], $5::text[], $6::int[], $7::text[], $8::text[], $9::text[], $10::text[],
+                             $11::uuid[]) AS u(seq, item_id, attempt, model, key, prompt, provider, reused_call)",
+                worker,
+                c.job_id,
+                template_hash,
+                &col(&hits, |r| r.seq),
+                &col(&hits, |r| r.item_id.clone()),
+                &col(&hits, |r| r.reused.as_ref().map_or(0, |u| u.attempt)),
+                &col(&hits, |r| r.model.clone()) as _,
+                &col(&hits, |r| r.cache_key.as_deref().map_or(String::new(), |k| k[..16].to_string())),
+                &reused(|u| u.prompt.clone()),
+                &reused(|u| u.provider.clone()),
+                &col(&hits, |r| r.answered_by) as _,
+            )
+            .execute(&mut *tx)
+            .await?;
+        }
+        let fresh: Vec<&ItemResult> = results
+            .iter()
+            .copied()
+            .filter(|r| r.succeeded && r.source == "model" && r.cache_key.is_some() && r.answered_by.is_some())
+            .collect();
+        if !fresh.is_empty() {
+            // A newer answer replaces an entry, which may have outlived its TTL.
+            sqlx::query!(
+                "INSERT INTO response_cache (project, key, job_id, seq, call_id, model, output, answer, confidence,
+                                             confidence_detail, tokens_in, tokens_out)
+                 SELECT $1, u.key, $2, u.seq, u.call_id, u.model, u.output, u.answer, u.confidence, u.detail,
+                        u.tokens_in, u.tokens_out
+                 FROM UNNEST($3::text[], $4::bigint[], $5::uuid[], $6::text[], $7::jsonb[], $8::text[],
+                             $9::float8[], $10::jsonb[], $11::int[], $12::int[])
+                      AS u(key, seq, call_id, model, output, answer, confidence, detail, tokens_in, tokens_out)
+                 ON CONFLICT (project, key) DO UPDATE SET created_at = now(), job_id = EXCLUDED.job_id,
+                     seq = EXCLUDED.seq, call_id = EXCLUDED.call_id, model = EXCLUDED.model,
+                     output = EXCLUDED.output, answer = EXCLUDED.answer, confidence = EXCLUDED.confidence,
+                     confidence_detail = EXCLUDED.confidence_detail, tokens_in = EXCLUDED.tokens_in,
+                     tokens_out = EXCLUDED.tokens_out",
+                t.project,
+                c.job_id,
+                &col(&fresh, |r| r.cache_key.clone().unwrap_or_default()),
+                &col(&fresh, |r| r.seq),
+                &col(&fresh, |r| r.answered_by.unwrap_or_default()),
+                &col(&fresh, |r| r.model.clone()) as _,
+                &col(&fresh, |r| r.output.clone().unwrap_or(Value::Null)),
+                &col(&fresh, |r| r.answer.clone()) as _,
+                &col(&fresh, |r| r.confidence) as _,
+                &col(&fresh, |r| r.confidence_detail.clone()) as _,
+                &col(&fresh, |r| r.tokens_in),
+                &col(&fresh, |r| r.tokens_out),
+            )
+            .execute(&mut *tx)
+            .await?;
+        }
+    }
+    if t.reuse && !results.is_empty() {
+        let seqs: Vec<i64> = results.iter().map(|r| r.seq).collect();
+        // Items identical to these share their result; answered ones get an
+        // audit row naming the call they share.
+        sqlx::query!(
+            "WITH copied AS (
+                 INSERT INTO results (job_id, seq, item_id, state, output, answer, confidence, error_class, error,
+                                      model, template_hash, attempts, tokens_in, tokens_out, latency_ms, worker,
+                                      confidence_detail, source, answered_by)
+                 SELECT $1, d.seq, i.item_id, r.state, r.output, r.answer, r.confidence, r.error_class, r.error,
+                        r.model, r.template_hash, 0, 0, 0, 0, $2, r.confidence_detail, 'shared', r.answered_by
+                 FROM item_copies d
+                 JOIN results r ON r.job_id = d.job_id AND r.seq = d.original_seq
+                 JOIN items i ON i.job_id = d.job_id AND i.seq = d.seq
+                 WHERE d.job_id = $1 AND d.original_seq = ANY($3)
+                 ON CONFLICT (job_id, seq) DO NOTHING
+                 RETURNING seq, item_id, model, answered_by, state)
+             INSERT INTO audit_attempts (worker, job_id, template_hash, seq, item_id, call_id, attempt, model,
+                                         fallback, request_hash, outcome, latency_ms, tokens_in, tokens_out,
+                                         cost_usd, api_key_id, prompt, output, reused_call)
+             SELECT $2, $1, $4, seq, item_id, gen_random_uuid(), 1, coalesce(model, ''), false, '', 'shared', 0,
+                    0, 0, 0, '', '', NULL, answered_by
+             FROM copied WHERE state <> 'failed'",
+            c.job_id,
+            worker,
+            &seqs,
+            template_hash
         )
         .execute(&mut *tx)
         .await?;

@@ -33,6 +33,7 @@ use uuid::Uuid;
 ///   3  the job completed with failed items (see `sluice results`)
 ///   4  the job was cancelled
 ///   5  the job never ran: rejected, or its upload abandoned
+///   6  the job paused at its spending cap (resume it with --max-cost)
 #[derive(Debug, Parser)]
 #[command(name = "sluice", version, verbatim_doc_comment)]
 pub struct Cli {
@@ -126,14 +127,18 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Re-run a completed or cancelled job's unfinished items: those without a
-    /// result and those that failed. Items with an answer are never sent to the
-    /// model again.
+    /// Re-run a completed, cancelled or paused job's unfinished items: those
+    /// without a result and those that failed. Items with an answer are never
+    /// sent to the model again.
     Resume {
         job: Uuid,
         /// Only re-run failed items (and items without a result in the same chunks).
         #[arg(long)]
         failed_only: bool,
+        /// Set or raise the job's spending cap, in dollars: a job paused at
+        /// its cap goes on only with a higher one.
+        #[arg(long, value_name = "DOLLARS", value_parser = parse_dollars)]
+        max_cost: Option<f64>,
         /// Show a live progress bar until the job finishes, then exit with the
         /// job's outcome (see the exit codes above).
         #[arg(long, visible_alias = "wait")]
@@ -144,6 +149,10 @@ enum Command {
     /// The review queue: export doubtful results for people, import their decisions.
     #[command(subcommand)]
     Review(ReviewCommand),
+    /// The response cache: answers already paid for, reused by identical
+    /// requests of later jobs (temperature 0 jobs, unless --no-cache).
+    #[command(subcommand)]
+    Cache(CacheCommand),
     /// Save your API token (read from standard input) for later commands,
     /// after checking it with the coordinator.
     Login,
@@ -161,6 +170,11 @@ enum Command {
     /// models, with their tokenizer; approximately for others, and says
     /// which), and prints the cost at live and Batch API prices, at most,
     /// and the time the model's rate limits imply. No model is called.
+    ///
+    /// With a token, the coordinator is asked which prompts its response
+    /// cache already answers (it is sent the prompts' digests, never the
+    /// documents) and what earlier jobs of the kind used per item; the
+    /// expected figures count those. --offline skips that.
     ///
     /// Exits 2 when the input has invalid lines (listed with their numbers),
     /// as `submit` would refuse the file.
@@ -180,6 +194,12 @@ enum Command {
         /// The price table.
         #[arg(long, env = "SLUICE_PRICES_FILE", default_value = "deploy/prices.toml")]
         prices_file: PathBuf,
+        /// Estimate as for `submit --no-cache`: every item calls the model.
+        #[arg(long)]
+        no_cache: bool,
+        /// Do not ask the coordinator (no cache hits, no history).
+        #[arg(long)]
+        offline: bool,
         #[arg(long)]
         json: bool,
     },
@@ -193,6 +213,26 @@ enum Command {
         /// Different seeds give different documents.
         #[arg(long, default_value_t = 1)]
         seed: u64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CacheCommand {
+    /// Entries, their age, and the items answered from the cache.
+    Stats {
+        /// Another project's cache (admin tokens only).
+        #[arg(long)]
+        project: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete cached answers, so later jobs call the model again.
+    Purge {
+        /// Only entries older than this (90d, 12h, 30m, 3600s).
+        #[arg(long, value_parser = parse_duration)]
+        older_than: Option<u64>,
+        #[arg(long)]
+        project: Option<String>,
     },
 }
 
@@ -296,6 +336,20 @@ enum TokenCommand {
     Revoke { id: Uuid },
 }
 
+/// A positive number of dollars (`25`, `25.00`, `$25`).
+fn parse_dollars(text: &str) -> Result<f64, String> {
+    let n: f64 = text
+        .trim()
+        .trim_start_matches('$')
+        .parse()
+        .map_err(|_| format!("{text:?} is not an amount of dollars like 25.00"))?;
+    if n.is_finite() && n > 0.0 {
+        Ok(n)
+    } else {
+        Err(format!("a spending cap must be more than 0 dollars, got {text}"))
+    }
+}
+
 /// Seconds in `90d`, `12h`, `30m` or `3600s`.
 fn parse_duration(text: &str) -> Result<u64, String> {
     let (number, unit) = text.split_at(text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len()));
@@ -346,6 +400,31 @@ struct SubmitArgs {
     /// admin token may name another).
     #[arg(long)]
     project: Option<String>,
+    /// Spending cap in dollars: the job pauses (`paused: budget`) before a
+    /// call would pass it; `sluice resume JOB --max-cost N` raises it.
+    /// Calls already in flight may add at most their reserved worst case,
+    /// which `status` shows.
+    #[arg(long, value_name = "DOLLARS", value_parser = parse_dollars)]
+    max_cost: Option<f64>,
+    /// Neither read nor write the response cache, and call the model for
+    /// identical items too (by default answers are reused at temperature 0).
+    #[arg(long)]
+    no_cache: bool,
+    /// Use cached answers no older than this (90d, 12h, 30m, 3600s) [default: 30d].
+    #[arg(long, value_parser = parse_duration)]
+    cache_ttl: Option<u64>,
+    /// Estimate first (as `sluice estimate`) and ask before submitting.
+    #[arg(long)]
+    estimate: bool,
+    /// With --estimate: submit without asking (needed when not on a terminal).
+    #[arg(long)]
+    yes: bool,
+    /// The providers file, for --estimate's rate limits.
+    #[arg(long, env = "SLUICE_PROVIDERS_FILE")]
+    providers_file: Option<PathBuf>,
+    /// The price table, for --estimate.
+    #[arg(long, env = "SLUICE_PRICES_FILE", default_value = "deploy/prices.toml")]
+    prices_file: PathBuf,
 }
 
 /// Runs one command and returns the process exit code.
@@ -403,8 +482,17 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             eprintln!("database schema is up to date");
         }
-        Command::Estimate { job_dir, input, model, providers_file, prices_file, json } => {
-            return estimate(&job_dir, &input, model, providers_file, &prices_file, json);
+        Command::Estimate { job_dir, input, model, providers_file, prices_file, no_cache, offline, json } => {
+            let client = if offline { None } else { api().ok() };
+            let kind = load_kind(&job_dir, model)?;
+            let e = estimate(client.as_ref(), &kind, &input, providers_file, &prices_file, !no_cache).await?;
+            print_estimate(&e, json);
+            if e.invalid_lines > 0 {
+                eprintln!(
+                    "submit would refuse this file: fix the lines above, or pass --skip-invalid to submit the good ones"
+                );
+                return Ok(ExitCode::from(2));
+            }
         }
         Command::Sample { kind: _, count, seed } => {
             let stdout = std::io::stdout();
@@ -600,8 +688,8 @@ async fn jobs_command(command: Command, client: Client) -> anyhow::Result<ExitCo
                 eprintln!("results written to {}", p.display());
             }
         }
-        Command::Resume { job, failed_only, watch, json } => {
-            let resumed = client.resume(job, failed_only).await?;
+        Command::Resume { job, failed_only, max_cost, watch, json } => {
+            let resumed = client.resume_with(job, failed_only, max_cost).await?;
             if json && !watch {
                 println!("{}", serde_json::to_string(&resumed)?);
             } else {
@@ -650,6 +738,24 @@ async fn jobs_command(command: Command, client: Client) -> anyhow::Result<ExitCo
             let status = client.cancel(job).await?;
             print_status(&status, json);
         }
+        Command::Cache(CacheCommand::Stats { project, json }) => {
+            let s = client.cache_stats(project.as_deref()).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                println!("project  {}", s.project);
+                let age = match (s.oldest, s.newest) {
+                    (Some(a), Some(b)) => format!(", written {} to {}", a.format("%F %T"), b.format("%F %T")),
+                    _ => String::new(),
+                };
+                println!("entries  {}{age}", s.entries);
+                println!("reused   {} items answered from the cache, {} from an identical item", s.hits, s.shared);
+            }
+        }
+        Command::Cache(CacheCommand::Purge { older_than, project }) => {
+            let n = client.cache_purge(project.as_deref(), older_than).await?;
+            eprintln!("{n} cached answer(s) deleted");
+        }
         Command::Serve { .. }
         | Command::Migrate { .. }
         | Command::Sample { .. }
@@ -662,15 +768,66 @@ async fn jobs_command(command: Command, client: Client) -> anyhow::Result<ExitCo
 }
 
 async fn submit(client: &Client, args: SubmitArgs) -> anyhow::Result<ExitCode> {
-    let SubmitArgs { job_dir, input, skip_invalid, model, watch, json, review_below, allow_unpriced, project } = args;
-    let mut kind = common::spec::JobKind::load(&job_dir)
-        .with_context(|| format!("cannot load the job kind in {}", job_dir.display()))?;
-    if let Some(model) = model {
-        kind.spec.model = model;
+    let SubmitArgs {
+        job_dir,
+        input,
+        skip_invalid,
+        model,
+        watch,
+        json,
+        review_below,
+        allow_unpriced,
+        project,
+        max_cost,
+        no_cache,
+        cache_ttl,
+        estimate: ask,
+        yes,
+        providers_file,
+        prices_file,
+    } = args;
+    let kind = load_kind(&job_dir, model)?;
+    if ask {
+        let reuse = !no_cache && kind.spec.temperature == 0.0;
+        let e = estimate(Some(client), &kind, &input, providers_file, &prices_file, reuse).await?;
+        print_estimate(&e, json);
+        if e.invalid_lines > 0 && !skip_invalid {
+            eprintln!("submit would refuse this file: fix the lines above, or pass --skip-invalid");
+            return Ok(ExitCode::from(2));
+        }
+        if let (Some(cap), Some(cost)) = (max_cost, e.cost_usd_expected) {
+            if cost > cap {
+                eprintln!("note: the expected cost (${cost:.4}) is over the cap (${cap:.4}): the job will pause there");
+            }
+        }
+        if !yes {
+            if !std::io::stdin().is_terminal() {
+                eprintln!("not submitted: pass --yes to submit after an estimate without a terminal to confirm on");
+                return Ok(ExitCode::from(1));
+            }
+            eprint!("submit this job? [y/N] ");
+            let mut answer = String::new();
+            std::io::stdin().read_line(&mut answer).context("cannot read the answer")?;
+            if !matches!(answer.trim(), "y" | "Y" | "yes") {
+                eprintln!("not submitted");
+                return Ok(ExitCode::SUCCESS);
+            }
+        }
     }
     let size = std::fs::metadata(&input).with_context(|| format!("cannot read input {}", input.display()))?.len();
     let input_name = input.file_name().map(|n| n.to_string_lossy().into_owned());
-    let created = client.create_job(&NewJob { kind, input_name, review_below, allow_unpriced, project }).await?;
+    let created = client
+        .create_job(&NewJob {
+            input_name,
+            review_below,
+            allow_unpriced,
+            project,
+            max_cost_usd: max_cost,
+            cache: no_cache.then_some(false),
+            cache_ttl_s: cache_ttl,
+            ..NewJob::new(kind)
+        })
+        .await?;
     for w in &created.warnings {
         eprintln!("warning: {w}");
     }
@@ -719,6 +876,9 @@ fn print_report(r: &IngestReport, json: bool) {
             "submitted: {} items in {} chunks ({} invalid lines skipped), ingested in {:.2}s",
             r.items, r.chunks, r.invalid_lines, r.ingest_seconds
         );
+        if r.copies > 0 {
+            eprintln!("{} items repeat an earlier item's prompt: they share its answer, one call for each", r.copies);
+        }
     }
 }
 
@@ -775,7 +935,11 @@ fn print_status(s: &JobStatus, json: bool) {
         println!("{}", serde_json::to_string_pretty(s).expect("status serialises"));
         return;
     }
-    println!("job      {}  ({}, {}, project {})", s.job_id, s.kind, s.state, s.project);
+    let state = match &s.paused_reason {
+        Some(r) if s.state == "paused" => format!("paused: {r}"),
+        _ => s.state.clone(),
+    };
+    println!("job      {}  ({}, {state}, project {})", s.job_id, s.kind, s.project);
     if let Some(name) = &s.input_name {
         println!("input    {name}");
     }
@@ -792,6 +956,19 @@ fn print_status(s: &JobStatus, json: bool) {
         println!("review   {} waiting{threshold}, {} decided", s.needs_review, s.reviewed);
     }
     println!("chunks   {}/{} done", s.chunks_done, s.chunks_total);
+    if let Some(b) = &s.budget {
+        let paused = if s.state == "paused" { " (paused: raise it with `sluice resume JOB --max-cost N`)" } else { "" };
+        println!(
+            "budget   ${:.4} spent of ${:.4} cap, at most ${:.4} more from calls in flight{paused}",
+            b.spent_usd, b.cap_usd, b.in_flight_usd
+        );
+    }
+    if s.reuse && (s.cache_hits > 0 || s.shared > 0) {
+        println!(
+            "reuse    {} items answered from the cache, {} from an identical item, at no cost",
+            s.cache_hits, s.shared
+        );
+    }
     if s.unpriced_attempts > 0 {
         println!(
             "usage    {} tokens in, {} out, cost unknown: {} attempts used models without a price",
@@ -815,29 +992,52 @@ fn print_status(s: &JobStatus, json: bool) {
     println!("rate     {:.1} items/s{}{}", s.items_per_s, eta(s), elapsed);
 }
 
-/// `sluice estimate`: reads the input once, locally; nothing is sent anywhere.
-fn estimate(
-    job_dir: &std::path::Path,
-    input: &std::path::Path,
-    model: Option<String>,
-    providers_file: Option<PathBuf>,
-    prices_file: &std::path::Path,
-    json: bool,
-) -> anyhow::Result<ExitCode> {
+/// A job kind from its folder, with `model` instead of its own if given.
+fn load_kind(job_dir: &std::path::Path, model: Option<String>) -> anyhow::Result<common::spec::JobKind> {
     let mut kind = common::spec::JobKind::load(job_dir)
         .with_context(|| format!("cannot load the job kind in {}", job_dir.display()))?;
     if let Some(model) = model {
         kind.spec.model = model;
     }
+    Ok(kind)
+}
+
+/// Estimates a job: reads the input once, locally; with a client, asks the
+/// coordinator which prompts are cached (by digest) and what earlier jobs used.
+async fn estimate(
+    client: Option<&Client>,
+    kind: &common::spec::JobKind,
+    input: &std::path::Path,
+    providers_file: Option<PathBuf>,
+    prices_file: &std::path::Path,
+    reuse: bool,
+) -> anyhow::Result<coordinator::estimate::Estimate> {
     let catalog = match &providers_file {
         Some(p) => common::providers::Catalog::load(p)?,
         None => common::providers::Catalog::default(),
     };
     let prices = common::prices::PriceTable::load_or_empty(prices_file)?;
     let file = std::fs::File::open(input).with_context(|| format!("cannot read input {}", input.display()))?;
-    let e = coordinator::estimate::estimate(&kind, std::io::BufReader::new(file), &catalog, &prices)?;
+    let reuse = reuse && kind.spec.temperature == 0.0;
+    let mut e = coordinator::estimate::estimate(kind, std::io::BufReader::new(file), &catalog, &prices, reuse)?;
+    if let Some(client) = client {
+        let req = coordinator::cache::LookupRequest {
+            kind: kind.clone(),
+            project: None,
+            digests: if reuse { e.prompts.iter().map(|(d, _)| d.clone()).collect() } else { Vec::new() },
+            cache_ttl_s: None,
+        };
+        match client.estimate_lookup(&req).await {
+            Ok(report) => e.expect(Some(&report), &prices, kind.spec.max_tokens),
+            Err(err) => eprintln!("note: the coordinator was not asked about cached answers: {err}"),
+        }
+    }
+    Ok(e)
+}
+
+fn print_estimate(e: &coordinator::estimate::Estimate, json: bool) {
     if json {
-        println!("{}", serde_json::to_string_pretty(&e)?);
+        println!("{}", serde_json::to_string_pretty(e).expect("an estimate serializes"));
     } else {
         for err in &e.errors {
             eprintln!("line {}: {}", err.line, err.reason);
@@ -862,16 +1062,39 @@ fn estimate(
             dollars(e.cost_usd_at_most),
             dollars(e.batch_cost_usd_at_most)
         );
+        if e.reuse {
+            let cached = match e.cache_hits {
+                Some(n) => format!("{n} already in the response cache"),
+                None => "the cache was not asked".to_string(),
+            };
+            println!(
+                "reuse    {} distinct prompts of {} items ({} identical items share a call); {cached}",
+                e.distinct,
+                e.items,
+                e.items - e.distinct
+            );
+        } else {
+            println!("reuse    off: every item calls the model (temperature above 0, or --no-cache)");
+        }
+        let basis = match &e.history {
+            Some(h) => {
+                format!("{:.1} output tokens per call, measured over {} earlier job(s)", h.tokens_out_per_item, h.jobs)
+            }
+            None => "output at max_tokens: no earlier job of this kind to measure".to_string(),
+        };
+        println!(
+            "expected {} calls, {} tokens in, {} out ({basis}): {} live, {} batch",
+            e.calls,
+            e.input_tokens_expected,
+            e.output_tokens_expected,
+            dollars(e.cost_usd_expected),
+            dollars(e.batch_cost_usd_expected)
+        );
         match e.duration_s_at_least {
             Some(s) => println!("time     at least {s:.0} s at {} requests/min, {} tokens/min", e.rpm, e.tpm),
             None => println!("time     no rate limit configured for the model"),
         }
     }
-    if e.invalid_lines > 0 {
-        eprintln!("submit would refuse this file: fix the lines above, or pass --skip-invalid to submit the good ones");
-        return Ok(ExitCode::from(2));
-    }
-    Ok(ExitCode::SUCCESS)
 }
 
 /// The exit code of a command that waited for a job to finish.
@@ -880,6 +1103,7 @@ fn outcome(s: &JobStatus) -> ExitCode {
         "completed" if s.failed == 0 => ExitCode::SUCCESS,
         "completed" => ExitCode::from(3),
         "cancelled" => ExitCode::from(4),
+        "paused" => ExitCode::from(6),
         _ => ExitCode::from(5),
     }
 }
