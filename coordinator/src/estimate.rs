@@ -184,6 +184,8 @@ pub enum EstimateError {
     Render { line: u64, reason: String },
     #[error("{0}")]
     Model(String),
+    #[error("the input is empty: no JSONL lines found")]
+    Empty,
 }
 
 /// Estimates `kind` on `input`: reads it once, keeping one line and the
@@ -250,6 +252,9 @@ pub fn estimate(
     splitter.finish(&mut on_line);
     if let Some(f) = failure {
         return Err(f);
+    }
+    if items == 0 && invalid == 0 {
+        return Err(EstimateError::Empty);
     }
     let output = items * spec.max_tokens as u64;
     let price_key = (provider, name);
