@@ -800,7 +800,7 @@ async fn budget_for_resume(
             )))
         }
         (Some(c), _) => Some(c),
-        (None, Some(c)) if paused && c <= row.spent => {
+        (None, Some(c)) if paused => {
             return Err(Error::Invalid(format!(
                 "the job is paused at its cap (${c:.4}, ${:.4} spent): pass --max-cost with a higher cap to go on",
                 row.spent

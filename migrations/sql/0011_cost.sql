@@ -129,8 +129,8 @@ BEGIN
     RETURN NULL;
 END $$;
 
--- Workers read the cache and the copies, add cache entries, and settle budgets.
-GRANT SELECT, INSERT ON response_cache TO sluice_app;
+-- Workers read the cache and the copies, add or renew cache entries, and settle budgets.
+GRANT SELECT, INSERT, UPDATE ON response_cache TO sluice_app;
 GRANT SELECT ON item_copies, job_budgets TO sluice_app;
 GRANT EXECUTE ON FUNCTION reserve_budget(uuid, double precision), settle_budget(uuid, double precision, double precision)
     TO sluice_app;

@@ -217,7 +217,7 @@ async fn a_job_pauses_at_its_cap_and_goes_on_when_it_is_raised() {
     assert_eq!(answered(&stack), 400, "no item was called twice across the pause");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_settings_are_refused_with_a_clear_error() {
     let stack = Stack::start(SimConfig::default(), |_| {}).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -230,7 +230,7 @@ async fn bad_settings_are_refused_with_a_clear_error() {
         (vec!["submit", &kind, "--input", f, "--max-cost", "-5"], "more than 0 dollars"),
         (vec!["submit", &kind, "--input", f, "--max-cost", "lots"], "is not an amount of dollars"),
         (vec!["submit", &kind, "--input", f, "--max-cost", "0"], "more than 0 dollars"),
-        (vec!["submit", &kind, "--input", f, "--cache-ttl", "3 weeks"], "is not a duration"),
+        (vec!["submit", &kind, "--input", f, "--cache-ttl", "3 weeks"], "unknown unit"),
         (vec!["resume", "0190a2d2-0000-7000-8000-000000000000", "--max-cost", "x"], "is not an amount"),
         (vec!["estimate", "jobs/nope", "--input", f], "cannot load the job kind in jobs/nope"),
         (vec!["estimate", &kind, "--input", empty.to_str().unwrap()], "the input is empty"),

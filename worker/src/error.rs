@@ -14,6 +14,8 @@ pub enum Error {
     Kv(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("the audit writer stopped")]
     AuditStopped,
+    #[error("the task reserving a job's budget ended without an answer")]
+    BudgetTask(#[source] tokio::task::JoinError),
     #[error("job {job_id} has an invalid stored kind")]
     Spec {
         job_id: uuid::Uuid,

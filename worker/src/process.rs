@@ -113,6 +113,10 @@ pub struct ItemContext<'a> {
 /// A call's worst-case cost, reserved from its job's budget until the call
 /// is settled; dropped unsettled (the item stopped before the call), it is
 /// returned in the background.
+///
+/// Its queries run in tasks of their own: an item's future is not polled
+/// while its chunk writes results, and a pooled connection held by a frozen
+/// future would starve that write (the pool is small).
 struct BudgetHold {
     pool: sqlx::PgPool,
     job_id: uuid::Uuid,
@@ -123,18 +127,18 @@ struct BudgetHold {
 impl BudgetHold {
     /// Reserves `usd`; `None` when the job has reached its cap (it is paused).
     async fn reserve(pool: &sqlx::PgPool, job_id: uuid::Uuid, usd: f64) -> Result<Option<Self>, Error> {
-        Ok(crate::store::reserve_budget(pool, job_id, usd).await?.then(|| BudgetHold {
-            pool: pool.clone(),
-            job_id,
-            usd,
-            settled: false,
-        }))
+        let p = pool.clone();
+        let reserved = tokio::spawn(async move { crate::store::reserve_budget(&p, job_id, usd).await })
+            .await
+            .map_err(Error::BudgetTask)??;
+        Ok(reserved.then(|| BudgetHold { pool: pool.clone(), job_id, usd, settled: false }))
     }
 
     /// Returns the reservation and adds what the call cost.
     async fn settle(mut self, spent: f64) {
         self.settled = true;
-        soft(crate::store::settle_budget(&self.pool, self.job_id, self.usd, spent).await);
+        let (pool, job_id, usd) = (self.pool.clone(), self.job_id, self.usd);
+        let _ = tokio::spawn(async move { soft(crate::store::settle_budget(&pool, job_id, usd, spent).await) }).await;
     }
 }
 

@@ -40,7 +40,8 @@ pub struct Item {
     pub prior: i32,
 }
 
-/// The chunk's items that have no result yet. With `earlier_attempts` (a
+/// The chunk's items that have no result yet, less those identical to an
+/// earlier item (they get its result when it is written). With `earlier_attempts` (a
 /// redelivery, a reopened chunk) each item's attempts already in the audit
 /// trail are counted, so numbering goes on; a first delivery has none.
 ///
@@ -57,6 +58,7 @@ pub async fn items(pool: &PgPool, c: &ChunkMsg, earlier_attempts: bool) -> Resul
            WHERE i.job_id = $1 AND i.seq BETWEEN $2 AND $3
              AND NOT EXISTS (SELECT 1 FROM results r
                              WHERE r.job_id = $1 AND r.seq BETWEEN $2 AND $3 AND r.seq = i.seq)
+             AND NOT EXISTS (SELECT 1 FROM item_copies d WHERE d.job_id = $1 AND d.seq = i.seq)
            ORDER BY i.seq"#,
         c.job_id,
         c.first_seq,
@@ -169,8 +171,10 @@ pub async fn reserve_budget(pool: &PgPool, job_id: uuid::Uuid, usd: f64) -> Resu
 
 /// Returns a reservation of `reserved` dollars and adds `spent`.
 pub async fn settle_budget(pool: &PgPool, job_id: uuid::Uuid, reserved: f64, spent: f64) -> Result<(), Error> {
+    // `execute`, not `fetch_one`: the function returns void, a type whose
+    // value the client is not asked to decode.
     sqlx::query!("SELECT settle_budget($1, $2, $3)", job_id, reserved, spent)
-        .fetch_one(pool)
+        .execute(pool)
         .await
         .doing("settling the job's budget")?;
     Ok(())
@@ -312,10 +316,13 @@ async fn write_chunk_tx(pool: &PgPool, t: &Target<'_>, results: &[ItemResult], d
             .execute(&mut *tx)
             .await?;
         }
+        let mut keys = std::collections::HashSet::new();
+        // One entry per key: a statement may not upsert one row twice.
         let fresh: Vec<&ItemResult> = results
             .iter()
             .copied()
-            .filter(|r| r.succeeded && r.source == "model" && r.cache_key.is_some() && r.answered_by.is_some())
+            .filter(|r| r.succeeded && r.source == "model" && r.answered_by.is_some())
+            .filter(|r| r.cache_key.as_ref().is_some_and(|k| keys.insert(k.clone())))
             .collect();
         if !fresh.is_empty() {
             // A newer answer replaces an entry, which may have outlived its TTL.

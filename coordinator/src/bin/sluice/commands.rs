@@ -137,7 +137,7 @@ enum Command {
         failed_only: bool,
         /// Set or raise the job's spending cap, in dollars: a job paused at
         /// its cap goes on only with a higher one.
-        #[arg(long, value_name = "DOLLARS", value_parser = parse_dollars)]
+        #[arg(long, value_name = "DOLLARS", value_parser = parse_dollars, allow_negative_numbers = true)]
         max_cost: Option<f64>,
         /// Show a live progress bar until the job finishes, then exit with the
         /// job's outcome (see the exit codes above).
@@ -404,7 +404,7 @@ struct SubmitArgs {
     /// call would pass it; `sluice resume JOB --max-cost N` raises it.
     /// Calls already in flight may add at most their reserved worst case,
     /// which `status` shows.
-    #[arg(long, value_name = "DOLLARS", value_parser = parse_dollars)]
+    #[arg(long, value_name = "DOLLARS", value_parser = parse_dollars, allow_negative_numbers = true)]
     max_cost: Option<f64>,
     /// Neither read nor write the response cache, and call the model for
     /// identical items too (by default answers are reused at temperature 0).
