@@ -65,6 +65,9 @@ const EXPECTED: &[(&str, &str, Role)] = &[
     ("POST", "/v1/jobs/{id}/resume", Role::Submitter),
     ("GET", "/v1/jobs/{id}/review", Role::Reviewer),
     ("POST", "/v1/jobs/{id}/review", Role::Reviewer),
+    ("POST", "/v1/estimate", Role::Reader),
+    ("GET", "/v1/cache", Role::Reader),
+    ("DELETE", "/v1/cache", Role::Submitter),
     ("GET", "/v1/tokens", Role::Admin),
     ("POST", "/v1/tokens", Role::Admin),
     ("POST", "/v1/tokens/{id}/revoke", Role::Admin),
@@ -102,6 +105,9 @@ async fn each_role_may_call_exactly_its_endpoints_and_a_refusal_changes_nothing(
                 ("POST", "/v1/jobs") => Some(serde_json::to_vec(&new_job("alpha")).unwrap()),
                 ("PUT", _) => Some(sample_jsonl(1, 3)),
                 ("POST", "/v1/jobs/{id}/review") => Some(Vec::new()),
+                ("POST", "/v1/estimate") => Some(
+                    serde_json::to_vec(&serde_json::json!({"kind": new_job("alpha").kind, "digests": ["d"]})).unwrap(),
+                ),
                 ("POST", "/v1/tokens") => Some(br#"{"name":"made","project":"alpha","role":"reader"}"#.to_vec()),
                 _ => None,
             };
@@ -285,7 +291,9 @@ async fn token_values_appear_in_no_log_table_metric_or_error() {
     let job = carl.create_job(&new_job("default")).await.unwrap().job_id;
     client.revoke_token(made.info.id).await.unwrap();
     assert!(carl.status(job).await.is_err());
-    let mistyped = format!("{}0", &admin.token[..admin.token.len() - 1]);
+    // Another last character, whatever the token's is.
+    let last = if admin.token.ends_with('0') { '1' } else { '0' };
+    let mistyped = format!("{}{last}", &admin.token[..admin.token.len() - 1]);
     let typo = coordinator::client::Client::new(&serve.url()).with_token(&mistyped);
     assert!(typo.jobs(5).await.is_err());
     // The CLI, with its token in the environment, failing and succeeding.
