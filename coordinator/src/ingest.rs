@@ -339,6 +339,9 @@ where
 /// a rejected job leaves nothing behind and an accepted one is complete. The
 /// upload runs on a connection of its own that is closed afterwards: an
 /// upload cut off half-way (its COPY still open) never returns to the pool.
+// The upload's settings come from three places (the kind, the job row, the
+// coordinator's limits); a struct for them would be read once, here.
+#[allow(clippy::too_many_arguments)]
 pub async fn ingest<S, E>(
     pool: &PgPool,
     job_id: Uuid,

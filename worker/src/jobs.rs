@@ -60,12 +60,15 @@ impl CompiledJob {
     }
 }
 
+/// A job as a chunk of one generation sees it.
+type JobAt = (Uuid, i32);
+
 /// Compiled jobs by id and chunk generation. A job's kind never changes
 /// once submitted; its cap may be set on resume, which publishes its chunks
 /// under a new generation, so an entry is never used past a resume.
 #[derive(Default, Clone)]
 pub struct JobCache {
-    jobs: Arc<Mutex<HashMap<(Uuid, i32), Arc<CompiledJob>>>>,
+    jobs: Arc<Mutex<HashMap<JobAt, Arc<CompiledJob>>>>,
 }
 
 impl JobCache {
