@@ -72,6 +72,14 @@ pub struct JobSpec {
     pub max_prompt_bytes: usize,
 }
 
+impl JobSpec {
+    /// Whether a job of this kind reuses answers unless told otherwise:
+    /// at temperature 0 only (a sampled answer is not meant to repeat).
+    pub fn reuses_answers(&self) -> bool {
+        self.temperature == 0.0
+    }
+}
+
 /// How confidence is computed; recorded with its components in every result.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -53,7 +53,7 @@ impl NewJob {
     /// Whether the job reuses answers: as asked, else for temperature 0 only
     /// (a sampled answer is not meant to repeat).
     pub fn reuses(&self) -> bool {
-        self.cache.unwrap_or(self.kind.spec.temperature == 0.0)
+        self.cache.unwrap_or(self.kind.spec.reuses_answers())
     }
 }
 

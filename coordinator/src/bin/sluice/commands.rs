@@ -485,7 +485,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Estimate { job_dir, input, model, providers_file, prices_file, no_cache, offline, json } => {
             let client = if offline { None } else { api().ok() };
             let kind = load_kind(&job_dir, model)?;
-            let e = estimate(client.as_ref(), &kind, &input, providers_file, &prices_file, !no_cache).await?;
+            let e = estimate(client.as_ref(), &kind, &input, providers_file, &prices_file, no_cache).await?;
             print_estimate(&e, json);
             if e.invalid_lines > 0 {
                 eprintln!(
@@ -788,8 +788,7 @@ async fn submit(client: &Client, args: SubmitArgs) -> anyhow::Result<ExitCode> {
     } = args;
     let kind = load_kind(&job_dir, model)?;
     if ask {
-        let reuse = !no_cache && kind.spec.temperature == 0.0;
-        let e = estimate(Some(client), &kind, &input, providers_file, &prices_file, reuse).await?;
+        let e = estimate(Some(client), &kind, &input, providers_file, &prices_file, no_cache).await?;
         print_estimate(&e, json);
         if e.invalid_lines > 0 && !skip_invalid {
             eprintln!("submit would refuse this file: fix the lines above, or pass --skip-invalid");
@@ -1010,7 +1009,7 @@ async fn estimate(
     input: &std::path::Path,
     providers_file: Option<PathBuf>,
     prices_file: &std::path::Path,
-    reuse: bool,
+    no_cache: bool,
 ) -> anyhow::Result<coordinator::estimate::Estimate> {
     let catalog = match &providers_file {
         Some(p) => common::providers::Catalog::load(p)?,
@@ -1018,7 +1017,7 @@ async fn estimate(
     };
     let prices = common::prices::PriceTable::load_or_empty(prices_file)?;
     let file = std::fs::File::open(input).with_context(|| format!("cannot read input {}", input.display()))?;
-    let reuse = reuse && kind.spec.temperature == 0.0;
+    let reuse = !no_cache && kind.spec.reuses_answers();
     let mut e = coordinator::estimate::estimate(kind, std::io::BufReader::new(file), &catalog, &prices, reuse)?;
     if let Some(client) = client {
         let req = coordinator::cache::LookupRequest {
