@@ -175,6 +175,19 @@ async fn a_job_pauses_at_its_cap_and_goes_on_when_it_is_raised() {
     })
     .await
     .unwrap();
+    // Answers paid for before the pause are still written: wait for the last.
+    wait_for("answers already paid for to be written", WAIT, || async {
+        let unwritten: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM audit_attempts a WHERE a.job_id = $1 AND a.outcome = 'ok'
+               AND NOT EXISTS (SELECT 1 FROM results r WHERE r.job_id = a.job_id AND r.seq = a.seq)",
+        )
+        .bind(id)
+        .fetch_one(&stack.db.pool)
+        .await?;
+        Ok(unwritten == 0)
+    })
+    .await
+    .unwrap();
     let st = stack.status(id).await.unwrap();
     let b = st.budget.clone().unwrap();
     assert_eq!(st.paused_reason.as_deref(), Some("budget"));

@@ -465,10 +465,15 @@ impl ItemRun<'_> {
             if spent > 0.0 {
                 metrics::spent(&route.model, spent);
             }
-            if let Some(hold) = budget {
-                hold.settle(spent).await;
-            }
             ctx.audit.finished(&self.iref, call_id, record);
+            if let Some(hold) = budget {
+                // Settled once the attempt is in the audit trail (and so in the
+                // job's tallies): while money is reserved the call is in flight,
+                // afterwards it is spent, never neither.
+                let committed = ctx.audit.flush().await;
+                hold.settle(spent).await;
+                committed?;
+            }
             match &response {
                 Ok(_) => cap.record(true),
                 Err(e) if e.class().counts_against_breaker() => cap.record(false),
