@@ -222,6 +222,34 @@ struct Intake {
     buf: Vec<u8>,
     /// Refused lines not yet written (`--skip-invalid` only).
     rejected: Vec<LineError>,
+    /// Template fields seen so far, when the job shares answers between identical items.
+    repeats: Option<Repeats>,
+}
+
+/// Whether two good lines may have equal template fields: a hash of each
+/// line's fields, kept while reading. Most inputs have no repeat, and then
+/// [`find_copies`] need not read the items back. A hash collision only
+/// costs that query; equal fields always hash alike (`serde_json` maps are
+/// sorted, so key order does not matter).
+struct Repeats {
+    fields: Vec<String>,
+    seen: std::collections::HashSet<u64>,
+    found: bool,
+}
+
+impl Repeats {
+    fn see(&mut self, payload: &Value) {
+        use std::hash::{BuildHasher, Hasher};
+        if self.found {
+            return;
+        }
+        let mut h = self.seen.hasher().build_hasher();
+        for f in &self.fields {
+            h.write(payload.get(f).map(Value::to_string).unwrap_or_default().as_bytes());
+            h.write_u8(0xff); // not in UTF-8: separates fields
+        }
+        self.found = !self.seen.insert(h.finish());
+    }
 }
 
 impl Intake {
@@ -247,6 +275,9 @@ impl Intake {
                     return;
                 }
                 self.seq += 1;
+                if let Some(r) = &mut self.repeats {
+                    r.see(&good.payload);
+                }
                 let buf = &mut self.buf;
                 buf.extend_from_slice(self.job_field.as_bytes());
                 buf.push(b'\t');
@@ -375,6 +406,7 @@ where
         bytes: 0,
         buf: Vec::with_capacity(COPY_BUFFER + MAX_LINE_BYTES),
         rejected: Vec::new(),
+        repeats: reuse.then(|| Repeats { fields: required.clone(), seen: Default::default(), found: false }),
     };
     loop {
         let segment = copy_segment(&mut tx, &mut intake, &mut body).await?;
@@ -390,7 +422,7 @@ where
             }
         }
     }
-    let Intake { mut errors, mut invalid, mut seq, .. } = intake;
+    let Intake { mut errors, mut invalid, mut seq, repeats, .. } = intake;
 
     // Duplicate ids, found by Postgres: every line repeating an earlier line's id.
     if seq > 0 && (mode == Mode::SkipInvalid || invalid == 0) {
@@ -433,7 +465,7 @@ where
             copies: 0,
         });
     }
-    let copies = if reuse { find_copies(&mut tx, job_id, &required).await? } else { 0 };
+    let copies = if repeats.is_some_and(|r| r.found) { find_copies(&mut tx, job_id, &required).await? } else { 0 };
     let size = spread_chunk_size(chunk_size, seq);
     let chunks = crate::store::create_chunks(&mut tx, job_id, seq as i64, size).await?;
     sqlx::query!(

@@ -28,6 +28,9 @@ pub struct CompiledJob {
     /// of the job's requests, and how old a cached answer may be.
     pub reuse: Option<common::cache::KeyBase>,
     pub cache_ttl_s: i64,
+    /// Some items repeat an earlier one's fields (`item_copies`, written at
+    /// ingest, before any chunk): they take their original's result.
+    pub has_copies: bool,
     /// The job has a spending cap: each call reserves its worst case first.
     pub capped: bool,
 }
@@ -55,6 +58,7 @@ impl CompiledJob {
             project: String::new(),
             reuse: None,
             cache_ttl_s: 0,
+            has_copies: false,
             capped: false,
         })
     }
@@ -85,7 +89,8 @@ impl JobCache {
         let Some(row) = sqlx::query!(
             r#"SELECT spec AS "spec: sqlx::types::Json<common::spec::JobSpec>", template, template_hash,
                       output_schema, review_below, project, reuse, cache_ttl_s,
-                      EXISTS (SELECT 1 FROM job_budgets b WHERE b.job_id = jobs.id) AS "capped!"
+                      EXISTS (SELECT 1 FROM job_budgets b WHERE b.job_id = jobs.id) AS "capped!",
+                      EXISTS (SELECT 1 FROM item_copies c WHERE c.job_id = jobs.id) AS "has_copies!"
                FROM jobs WHERE id = $1"#,
             job_id
         )
@@ -101,6 +106,7 @@ impl JobCache {
         compiled.project = row.project;
         compiled.cache_ttl_s = row.cache_ttl_s;
         compiled.capped = row.capped;
+        compiled.has_copies = row.has_copies;
         if row.reuse {
             if let Ok(routes) = &compiled.routes {
                 let models: Vec<String> = routes.iter().map(|r| format!("{}/{}", r.endpoint.name, r.model)).collect();

@@ -278,11 +278,17 @@ struct ItemRun<'a> {
     held: Option<Duration>,
 }
 
-/// Processes one item. Guard failures (KV unreachable) are errors; every
-/// model failure becomes a failed result or a hold.
-pub async fn run_item(ctx: &ItemContext<'_>, job: &CompiledJob, item: &Item) -> Result<Outcome, Error> {
+/// Processes one item, whose prompt may be rendered already. Guard failures
+/// (KV unreachable) are errors; every model failure becomes a failed result
+/// or a hold.
+pub async fn run_item(
+    ctx: &ItemContext<'_>,
+    job: &CompiledJob,
+    item: &Item,
+    rendered: Option<String>,
+) -> Result<Outcome, Error> {
     let started = Instant::now();
-    let prompt = match job.prompt.render(&item.payload) {
+    let prompt = match rendered.map_or_else(|| job.prompt.render(&item.payload), Ok) {
         Ok(p) => p,
         Err(e) => {
             let why = format!("cannot render the prompt: {e}");

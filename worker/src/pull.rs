@@ -367,7 +367,7 @@ async fn save(
             template_hash: &job.template_hash,
             project: &job.project,
             worker: &shared.name,
-            reuse: job.reuse.is_some(),
+            copies: job.has_copies,
         };
         match store::write_chunk(&shared.pool, &target, results, done).await {
             Ok(()) => return Ok(()),
@@ -385,13 +385,13 @@ async fn save(
 }
 
 /// Splits a chunk's items into answers from the response cache and the
-/// items to call, each with its cache key. A job that does not reuse
+/// items to call, each with its cache key and rendered prompt. A job that does not reuse
 /// answers has no keys and no hits.
 async fn from_cache(
     shared: &Shared,
     job: &CompiledJob,
     items: Vec<store::Item>,
-) -> Result<(Vec<ItemResult>, Vec<(store::Item, Option<String>)>), Error> {
+) -> Result<(Vec<ItemResult>, Vec<(store::Item, Option<(String, String)>)>), Error> {
     let Some(base) = &job.reuse else {
         return Ok((Vec::new(), items.into_iter().map(|i| (i, None)).collect()));
     };
@@ -417,7 +417,7 @@ async fn from_cache(
             Some((key, prompt)) => match found.remove(&key) {
                 Some(c) => hits.push(cached_result(job, &item, c, key, &prompt, provider.clone(), shared.redaction)),
                 // A key seen once per chunk: identical items are copies, never in a chunk.
-                None => rest.push((item, Some(key))),
+                None => rest.push((item, Some((key, prompt)))),
             },
             None => rest.push((item, None)),
         }
@@ -546,7 +546,8 @@ async fn work(
                     redaction: shared.redaction,
                     pool: &shared.pool,
                 };
-                let mut outcome = run_item(&ctx, &job, &item).await;
+                let (key, prompt) = key.unzip();
+                let mut outcome = run_item(&ctx, &job, &item, prompt).await;
                 if let Ok(Outcome::Done(r)) = &mut outcome {
                     r.cache_key = key;
                 }

@@ -228,8 +228,8 @@ pub struct Target<'a> {
     pub template_hash: &'a str,
     pub project: &'a str,
     pub worker: &'a str,
-    /// The job reuses answers: it may have identical items to fill in.
-    pub reuse: bool,
+    /// The job has identical items to fill in (`item_copies`).
+    pub copies: bool,
 }
 
 /// Writes results of a chunk and, when `done`, marks it done, in one transaction.
@@ -356,7 +356,7 @@ async fn write_chunk_tx(pool: &PgPool, t: &Target<'_>, results: &[ItemResult], d
             .await?;
         }
     }
-    if t.reuse && !results.is_empty() {
+    if t.copies && !results.is_empty() {
         let seqs: Vec<i64> = results.iter().map(|r| r.seq).collect();
         // Items identical to these share their result; answered ones get an
         // audit row naming the call they share.
