@@ -7,6 +7,10 @@
 //! digest, so the coordinator can tell which prompts of a file are cached
 //! from digests alone (`sluice estimate`), without the documents.
 //!
+//! The project is part of the key too: one project's answers never serve
+//! another's, and the key alone identifies an entry (the table's primary
+//! key: see migration 0012).
+//!
 //! Left out on purpose: the review threshold (applied to a cached answer
 //! anew), the chunk size, the kind's name and description.
 
@@ -16,7 +20,7 @@ use sha2::{Digest, Sha256};
 use crate::spec::JobSpec;
 
 /// Bumped when what the key covers changes, so old entries stop matching.
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
 
 /// The digest of the messages one call sends: the system message, if any, and the rendered prompt.
 pub fn prompt_digest(system: Option<&str>, prompt: &str) -> String {
@@ -36,9 +40,10 @@ pub struct KeyBase(Vec<u8>);
 
 impl KeyBase {
     /// `models`: the main model and the fallbacks, each as `provider/model`.
-    pub fn new(spec: &JobSpec, schema: &Value, models: &[String]) -> Self {
+    pub fn new(project: &str, spec: &JobSpec, schema: &Value, models: &[String]) -> Self {
         let base = json!({
             "v": VERSION,
+            "project": project,
             "models": models,
             "temperature": spec.temperature,
             "max_tokens": spec.max_tokens,
@@ -82,14 +87,15 @@ mod tests {
         let schema = json!({"type": "object"});
         let models = vec!["p/m".to_string()];
         let d = prompt_digest(Some("sys"), "hello");
-        let k = KeyBase::new(&spec(), &schema, &models).key(&d);
-        assert_eq!(k, KeyBase::new(&spec(), &schema, &models).key(&d), "deterministic");
+        let k = KeyBase::new("p", &spec(), &schema, &models).key(&d);
+        assert_eq!(k, KeyBase::new("p", &spec(), &schema, &models).key(&d), "deterministic");
         let mut differ = vec![
-            KeyBase::new(&spec(), &schema, &models).key(&prompt_digest(Some("sys"), "hello!")),
-            KeyBase::new(&spec(), &schema, &models).key(&prompt_digest(None, "hello")),
-            KeyBase::new(&spec(), &schema, &models).key(&prompt_digest(Some("sy"), "shello")),
-            KeyBase::new(&spec(), &json!({"type": "array"}), &models).key(&d),
-            KeyBase::new(&spec(), &schema, &["q/m".to_string()]).key(&d),
+            KeyBase::new("p", &spec(), &schema, &models).key(&prompt_digest(Some("sys"), "hello!")),
+            KeyBase::new("p", &spec(), &schema, &models).key(&prompt_digest(None, "hello")),
+            KeyBase::new("p", &spec(), &schema, &models).key(&prompt_digest(Some("sy"), "shello")),
+            KeyBase::new("p", &spec(), &json!({"type": "array"}), &models).key(&d),
+            KeyBase::new("p", &spec(), &schema, &["q/m".to_string()]).key(&d),
+            KeyBase::new("another project", &spec(), &schema, &models).key(&d),
         ];
         for change in [
             |s: &mut JobSpec| s.temperature = 0.5,
@@ -100,7 +106,7 @@ mod tests {
         ] {
             let mut s = spec();
             change(&mut s);
-            differ.push(KeyBase::new(&s, &schema, &models).key(&d));
+            differ.push(KeyBase::new("p", &s, &schema, &models).key(&d));
         }
         for (i, other) in differ.iter().enumerate() {
             assert_ne!(&k, other, "change {i} kept the key");
@@ -109,6 +115,6 @@ mod tests {
         let mut s = spec();
         s.confidence_threshold = 0.99;
         s.chunk_size = 3;
-        assert_eq!(KeyBase::new(&s, &schema, &models).key(&d), k);
+        assert_eq!(KeyBase::new("p", &s, &schema, &models).key(&d), k);
     }
 }

@@ -43,14 +43,14 @@ pub struct LookupReport {
     pub history: Option<History>,
 }
 
-/// The cache key base of a kind, with its models resolved as workers resolve them.
-pub fn key_base(catalog: &Catalog, kind: &JobKind) -> Result<KeyBase, Error> {
+/// The cache key base of a kind in `project`, with its models resolved as workers resolve them.
+pub fn key_base(catalog: &Catalog, project: &str, kind: &JobKind) -> Result<KeyBase, Error> {
     let models = kind
         .spec
         .models()
         .map(|m| catalog.resolve(m).map(|t| t.reference()).map_err(Error::Invalid))
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(KeyBase::new(&kind.spec, &kind.schema, &models))
+    Ok(KeyBase::new(project, &kind.spec, &kind.schema, &models))
 }
 
 /// Answers a lookup for `project`.
@@ -61,7 +61,7 @@ pub async fn lookup(
     req: &LookupRequest,
 ) -> Result<LookupReport, Error> {
     const DOING: &str = "looking up the response cache";
-    let base = key_base(catalog, &req.kind)?;
+    let base = key_base(catalog, project, &req.kind)?;
     let keys: Vec<String> = req.digests.iter().map(|d| base.key(d)).collect();
     let ttl = req.cache_ttl_s.unwrap_or(crate::model::DEFAULT_CACHE_TTL_S) as f64;
     let cached: Vec<u32> = sqlx::query_scalar!(

@@ -110,7 +110,12 @@ impl JobCache {
         if row.reuse {
             if let Ok(routes) = &compiled.routes {
                 let models: Vec<String> = routes.iter().map(|r| format!("{}/{}", r.endpoint.name, r.model)).collect();
-                compiled.reuse = Some(common::cache::KeyBase::new(&compiled.kind.spec, &compiled.kind.schema, &models));
+                compiled.reuse = Some(common::cache::KeyBase::new(
+                    &compiled.project,
+                    &compiled.kind.spec,
+                    &compiled.kind.schema,
+                    &models,
+                ));
             }
         }
         let compiled = Arc::new(compiled);

@@ -334,7 +334,7 @@ async fn write_chunk_tx(pool: &PgPool, t: &Target<'_>, results: &[ItemResult], d
                  FROM UNNEST($3::text[], $4::bigint[], $5::uuid[], $6::text[], $7::jsonb[], $8::text[],
                              $9::float8[], $10::jsonb[], $11::int[], $12::int[])
                       AS u(key, seq, call_id, model, output, answer, confidence, detail, tokens_in, tokens_out)
-                 ON CONFLICT (project, key) DO UPDATE SET created_at = now(), job_id = EXCLUDED.job_id,
+                 ON CONFLICT (key) DO UPDATE SET created_at = now(), job_id = EXCLUDED.job_id,
                      seq = EXCLUDED.seq, call_id = EXCLUDED.call_id, model = EXCLUDED.model,
                      output = EXCLUDED.output, answer = EXCLUDED.answer, confidence = EXCLUDED.confidence,
                      confidence_detail = EXCLUDED.confidence_detail, tokens_in = EXCLUDED.tokens_in,
