@@ -43,6 +43,8 @@ pub struct AppState {
     pub throttle: Arc<Throttle>,
     /// Whether this replica is the leader, and its publisher's pulse.
     pub leader: Arc<crate::leader::Status>,
+    /// Caps of jobs submitted without one (`--project-max-cost`).
+    pub default_caps: Arc<crate::config::DefaultCaps>,
 }
 
 impl AppState {
@@ -51,8 +53,7 @@ impl AppState {
         js: jetstream::Context,
         catalog: Catalog,
         prices: PriceTable,
-        limits: ingest::Limits,
-        nats_url: &str,
+        config: &crate::ServeConfig,
         secret: TokenSecret,
     ) -> Self {
         m::describe();
@@ -62,11 +63,12 @@ impl AppState {
             wake: Arc::new(Notify::new()),
             catalog: Arc::new(catalog),
             prices: Arc::new(prices),
-            limits,
-            stream: Arc::new(tokio::sync::Mutex::new(crate::publish::StreamWatch::new(nats_url))),
+            limits: config.limits(),
+            stream: Arc::new(tokio::sync::Mutex::new(crate::publish::StreamWatch::new(&config.nats_url))),
             secret: Arc::new(secret),
             throttle: Arc::new(Throttle::default()),
             leader: Arc::new(crate::leader::Status::new()),
+            default_caps: Arc::new(config.default_caps()),
         }
     }
 }
@@ -252,7 +254,7 @@ async fn create_job(
     State(st): State<AppState>,
     principal: Principal,
     actor: Actor,
-    Json(job): Json<NewJob>,
+    Json(mut job): Json<NewJob>,
 ) -> Result<impl IntoResponse, Error> {
     let project = job.project.clone().unwrap_or_else(|| principal.project.clone());
     auth::check_project(&project)?;
@@ -271,6 +273,9 @@ async fn create_job(
     if let Some(c) = job.max_cost_usd {
         check_cap(c)?;
     }
+    // The project's default cap, when the job brings none.
+    let default_cap = job.max_cost_usd.is_none().then(|| st.default_caps.of(&project)).flatten();
+    job.max_cost_usd = job.max_cost_usd.or(default_cap);
     if job.cache_ttl_s == Some(0) {
         return Err(Error::Invalid("cache_ttl_s must be at least 1 second".into()));
     }
@@ -282,9 +287,13 @@ async fn create_job(
             .models()
             .find(|m| st.catalog.resolve(m).map_or(true, |t| st.prices.get(t.provider, t.model).is_none()));
         if let Some(m) = unpriced {
-            return Err(Error::Invalid(format!(
-                "a spending cap needs every model priced, and {m:?} has no price: add it to SLUICE_PRICES_FILE"
-            )));
+            let whose = match default_cap {
+                Some(c) => {
+                    format!("project {project} caps its jobs at ${c:.2} by default (SLUICE_PROJECT_MAX_COST), and")
+                }
+                None => "a spending cap needs every model priced, and".to_string(),
+            };
+            return Err(Error::Invalid(format!("{whose} {m:?} has no price: add it to SLUICE_PRICES_FILE")));
         }
     }
     let job_id = store::create_job(&st.pool, &job, &project, st.limits.max_active_jobs, &actor).await?;

@@ -89,13 +89,48 @@ pub struct ServeConfig {
     /// resume beyond it is refused until one finishes or is cancelled.
     #[arg(long, env = "SLUICE_MAX_ACTIVE_JOBS_PER_PROJECT", default_value_t = 50)]
     pub max_active_jobs_per_project: u32,
+    /// Spending caps for jobs submitted without `--max-cost`, as
+    /// PROJECT=DOLLARS (repeat the flag, or separate entries with commas);
+    /// `*=DOLLARS` covers every project without an entry of its own. A
+    /// submit's own `--max-cost`, higher or lower, takes its place.
+    #[arg(long = "project-max-cost", env = "SLUICE_PROJECT_MAX_COST", value_name = "PROJECT=DOLLARS",
+          value_delimiter = ',', value_parser = parse_project_cap)]
+    pub project_max_cost: Vec<(String, f64)>,
     /// A job whose input has not finished uploading this many seconds after it
     /// was created (the client died, the upload was cut off) is marked `abandoned`.
     #[arg(long, env = "SLUICE_UPLOAD_TIMEOUT_S", default_value_t = 3_600)]
     pub upload_timeout_s: u64,
 }
 
+/// One `PROJECT=DOLLARS` entry of `--project-max-cost`.
+fn parse_project_cap(text: &str) -> Result<(String, f64), String> {
+    let (project, dollars) =
+        text.split_once('=').ok_or_else(|| format!("{text:?} is not PROJECT=DOLLARS, like team-a=25.00 or *=100"))?;
+    let project = project.trim();
+    if project != "*" {
+        crate::auth::check_project(project).map_err(|e| e.to_string())?;
+    }
+    Ok((project.to_string(), crate::model::parse_dollars(dollars)?))
+}
+
+/// The spending cap a job gets when it is submitted without one.
+#[derive(Debug, Clone, Default)]
+pub struct DefaultCaps(Vec<(String, f64)>);
+
+impl DefaultCaps {
+    /// The cap of `project`: its own entry, else the `*` entry, else none.
+    pub fn of(&self, project: &str) -> Option<f64> {
+        let find = |p: &str| self.0.iter().rev().find(|(q, _)| q == p).map(|(_, c)| *c);
+        find(project).or_else(|| find("*"))
+    }
+}
+
 impl ServeConfig {
+    /// The default spending caps (`--project-max-cost`).
+    pub fn default_caps(&self) -> DefaultCaps {
+        DefaultCaps(self.project_max_cost.clone())
+    }
+
     /// The providers the workers serve, read once at start-up.
     pub fn catalog(&self) -> Result<common::providers::Catalog, Error> {
         match &self.providers_file {
@@ -191,5 +226,33 @@ impl ServeConfig {
         config.listen = "127.0.0.1:0".into();
         config.prices_file = std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/prices.toml"));
         config
+    }
+}
+
+#[cfg(test)]
+mod default_cap_tests {
+    use super::*;
+
+    #[test]
+    fn a_project_gets_its_own_cap_else_the_catch_all() {
+        let caps =
+            DefaultCaps(["team-a=25", "*=$100", "team-b=0.5"].iter().map(|t| parse_project_cap(t).unwrap()).collect());
+        assert_eq!(caps.of("team-a"), Some(25.0));
+        assert_eq!(caps.of("team-b"), Some(0.5));
+        assert_eq!(caps.of("other"), Some(100.0));
+        assert_eq!(DefaultCaps::default().of("team-a"), None);
+    }
+
+    #[test]
+    fn a_bad_entry_says_what_is_wrong() {
+        for (text, says) in [
+            ("team-a", "is not PROJECT=DOLLARS"),
+            ("team-a=lots", "is not an amount of dollars"),
+            ("team-a=-5", "more than 0 dollars"),
+            ("Team A=5", "is not a valid name"),
+        ] {
+            let e = parse_project_cap(text).unwrap_err();
+            assert!(e.contains(says), "{text}: {e}");
+        }
     }
 }

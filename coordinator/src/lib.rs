@@ -55,7 +55,7 @@ impl Coordinator {
             .map_err(|source| Error::Bind { addr: config.listen.clone(), source })?;
         let catalog = config.catalog()?;
         let prices = config.prices()?;
-        let state = api::AppState::new(pool, js, catalog, prices, config.limits(), &config.nats_url, secret);
+        let state = api::AppState::new(pool, js, catalog, prices, &config, secret);
         Ok(Coordinator { listener, tls, state, config, lease })
     }
 

@@ -32,6 +32,21 @@ pub struct NewJob {
     pub cache_ttl_s: Option<u64>,
 }
 
+/// A spending cap in dollars, as the CLI and the coordinator's settings take
+/// it: `25`, `25.00` or `$25`, more than 0.
+pub fn parse_dollars(text: &str) -> Result<f64, String> {
+    let n: f64 = text
+        .trim()
+        .trim_start_matches('$')
+        .parse()
+        .map_err(|_| format!("{text:?} is not an amount of dollars like 25.00"))?;
+    if n.is_finite() && n > 0.0 {
+        Ok(n)
+    } else {
+        Err(format!("a spending cap must be more than 0 dollars, got {text}"))
+    }
+}
+
 /// How long cached answers are used unless a job says otherwise: 30 days.
 pub const DEFAULT_CACHE_TTL_S: u64 = 30 * 24 * 3600;
 

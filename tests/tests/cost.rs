@@ -265,3 +265,36 @@ async fn bad_settings_are_refused_with_a_clear_error() {
     assert!(err.contains("positive number of dollars"), "{err}");
     assert!(stack.client.jobs(10).await.unwrap().is_empty(), "nothing was submitted");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_project_default_caps_the_jobs_submitted_without_one() {
+    let input = sample_jsonl(75, 200);
+    let prices = common::prices::PriceTable::load_or_empty(&jobs_dir().join("../deploy/prices.toml")).unwrap();
+    let e = coordinator::estimate::estimate(&classify(), &input[..], &Default::default(), &prices, true).unwrap();
+    let tight = e.cost_usd_at_most.unwrap() / 4.0;
+    let mut stack = Stack::start(SimConfig::default(), |c| {
+        c.project_max_cost = vec![("*".into(), 50.0), ("tight".into(), tight)];
+    })
+    .await
+    .unwrap();
+    stack.add_worker(|_| {});
+    let cap = |id| {
+        let client = &stack.client;
+        async move { client.status(id).await.unwrap().budget.map(|b| b.cap_usd) }
+    };
+    // A project without an entry of its own gets the catch-all; a job's own cap wins.
+    let any = submit(&stack, NewJob::new(classify()), &input).await;
+    assert_eq!(cap(any).await, Some(50.0));
+    let own = submit(&stack, NewJob { max_cost_usd: Some(75.0), ..NewJob::new(classify()) }, &input).await;
+    assert_eq!(cap(own).await, Some(75.0));
+    // A project's own default applies and stops its job like any cap.
+    let job = NewJob { project: Some("tight".into()), ..NewJob::new(classify()) };
+    let id = submit(&stack, job, &input).await;
+    assert_eq!(cap(id).await, Some(tight));
+    wait_for("the tight project's job to pause at its cap", WAIT, || async {
+        Ok(stack.client.status(id).await?.state == "paused")
+    })
+    .await
+    .unwrap();
+    stack.wait_completed(any, WAIT).await.unwrap();
+}

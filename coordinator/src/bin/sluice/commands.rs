@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use coordinator::client::{Client, ClientError};
-use coordinator::model::{IngestReport, JobStatus, NewJob};
+use coordinator::model::{parse_dollars, IngestReport, JobStatus, NewJob};
 use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 use uuid::Uuid;
@@ -334,20 +334,6 @@ enum TokenCommand {
     },
     /// Revoke a token at once.
     Revoke { id: Uuid },
-}
-
-/// A positive number of dollars (`25`, `25.00`, `$25`).
-fn parse_dollars(text: &str) -> Result<f64, String> {
-    let n: f64 = text
-        .trim()
-        .trim_start_matches('$')
-        .parse()
-        .map_err(|_| format!("{text:?} is not an amount of dollars like 25.00"))?;
-    if n.is_finite() && n > 0.0 {
-        Ok(n)
-    } else {
-        Err(format!("a spending cap must be more than 0 dollars, got {text}"))
-    }
 }
 
 /// Seconds in `90d`, `12h`, `30m` or `3600s`.
