@@ -7,6 +7,11 @@
 //! Other models get a documented approximation: 4 bytes a token over the
 //! messages' text, plus one (what the project's simulator reports too).
 //! Output tokens are counted at `max_tokens` per item: an upper bound.
+//! The expected output is less: for a kind whose answer is one of fixed
+//! labels and nothing else (`jobs/classify`), the JSON answer
+//! `{"label":"…"}` counted like the prompt, averaged over the labels
+//! ([`label_output_tokens`]); reasoning models and sampled answers stay at
+//! `max_tokens`, their hidden tokens unknown.
 //!
 //! Expected figures go further when the job reuses answers (temperature 0,
 //! unless `--no-cache`): identical prompts of the file make one call, and
@@ -74,6 +79,15 @@ impl Counter {
         }
     }
 
+    /// Tokens of a text the model writes.
+    pub fn text(&self, text: &str) -> u64 {
+        match self {
+            #[cfg(feature = "tokenizer")]
+            Counter::Exact { bpe, .. } => bpe.encode_ordinary(text).len() as u64,
+            Counter::Approximate => text.len() as u64 / 4 + 1,
+        }
+    }
+
     /// Input tokens of one call with these messages (the system message, if
     /// any, then the rendered prompt).
     pub fn chat(&self, system: Option<&str>, prompt: &str) -> u64 {
@@ -124,8 +138,10 @@ pub struct Estimate {
     /// uncached prompt when it reuses answers.
     pub calls: u64,
     pub input_tokens_expected: u64,
-    /// `max_tokens` per call, or the mean of earlier jobs when known.
+    /// Per call: the mean of earlier jobs when known, else what a label
+    /// answer takes, else `max_tokens`; `output_basis` says which.
     pub output_tokens_expected: u64,
+    pub output_basis: OutputBasis,
     pub cost_usd_expected: Option<f64>,
     pub batch_cost_usd_expected: Option<f64>,
     /// The digest and input tokens of each distinct prompt, in file order.
@@ -133,6 +149,38 @@ pub struct Estimate {
     pub prompts: Vec<(String, u64)>,
     #[serde(skip)]
     price_key: (String, String),
+    /// Output tokens of a label answer ([`label_output_tokens`]).
+    #[serde(skip)]
+    label_output: Option<f64>,
+}
+
+/// Where the expected output tokens per call come from.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutputBasis {
+    /// Measured over the latest completed jobs of the kind.
+    History,
+    /// The JSON answer of a mean label.
+    Labels,
+    /// `max_tokens`: nothing better is known.
+    MaxTokens,
+}
+
+/// Output tokens of an answer that is one of the kind's labels and nothing
+/// else, averaged over the labels: `{"label":"sports"}` as models write it
+/// under a JSON schema. None when the answer may be anything else, samples
+/// several answers (`agreement`), or comes from a reasoning model, whose
+/// reasoning tokens are billed as output and cannot be foreseen.
+pub fn label_output_tokens(kind: &JobKind, counter: &Counter, reasoning: bool) -> Option<f64> {
+    let spec = &kind.spec;
+    let properties = kind.schema.get("properties")?.as_object()?;
+    let only_the_answer = properties.len() == 1 && properties.contains_key(&spec.answer_field);
+    let sampled = spec.confidence.contains(&common::spec::ConfidenceStrategy::Agreement);
+    if spec.labels.is_empty() || !only_the_answer || sampled || reasoning {
+        return None;
+    }
+    let tokens = spec.labels.iter().map(|l| counter.text(&serde_json::json!({ &spec.answer_field: l }).to_string()));
+    Some(tokens.sum::<u64>() as f64 / spec.labels.len() as f64)
 }
 
 impl Estimate {
@@ -148,7 +196,12 @@ impl Estimate {
         } else {
             (self.items, self.input_tokens)
         };
-        let per_call = self.history.as_ref().map_or(max_tokens as f64, |h| h.tokens_out_per_item);
+        let (per_call, basis) = match (&self.history, self.label_output) {
+            (Some(h), _) => (h.tokens_out_per_item, OutputBasis::History),
+            (None, Some(t)) => (t.min(max_tokens as f64), OutputBasis::Labels),
+            (None, None) => (max_tokens as f64, OutputBasis::MaxTokens),
+        };
+        self.output_basis = basis;
         self.calls = calls;
         self.input_tokens_expected = input;
         self.output_tokens_expected = (calls as f64 * per_call).round() as u64;
@@ -200,11 +253,11 @@ pub fn estimate(
     reuse: bool,
 ) -> Result<Estimate, EstimateError> {
     let spec = &kind.spec;
-    let (model, provider, name, rpm, tpm) = if catalog.providers.is_empty() {
-        (spec.model.clone(), String::new(), spec.model.clone(), 0.0, 0.0)
+    let (model, provider, name, rpm, tpm, reasoning) = if catalog.providers.is_empty() {
+        (spec.model.clone(), String::new(), spec.model.clone(), 0.0, 0.0, false)
     } else {
         let t = catalog.resolve(&spec.model).map_err(EstimateError::Model)?;
-        (t.reference(), t.provider.to_string(), t.model.to_string(), t.config.rpm, t.config.tpm)
+        (t.reference(), t.provider.to_string(), t.model.to_string(), t.config.rpm, t.config.tpm, t.config.reasoning)
     };
     let counter = Counter::for_model(&name);
     let prompt = Prompt::new(kind).map_err(EstimateError::Template)?;
@@ -286,10 +339,12 @@ pub fn estimate(
         calls: 0,
         input_tokens_expected: 0,
         output_tokens_expected: 0,
+        output_basis: OutputBasis::MaxTokens,
         cost_usd_expected: None,
         batch_cost_usd_expected: None,
         prompts,
         price_key,
+        label_output: label_output_tokens(kind, &counter, reasoning),
     };
     e.expect(None, prices, spec.max_tokens);
     Ok(e)
@@ -329,6 +384,21 @@ mod tests {
         assert_eq!(o200k.chat(Some("Hello, world!"), "The quick brown fox jumps over the lazy dog."), 25);
         // One message: 3 + 1 + 4 + 3.
         assert_eq!(Counter::for_model("gpt-4").chat(None, "Hello, world!"), 11);
+    }
+
+    #[test]
+    fn a_label_answer_is_counted_as_its_json() {
+        let kind =
+            |name: &str| JobKind::load(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../jobs").join(name));
+        let classify = kind("classify").unwrap();
+        let c = Counter::for_model("sim-small");
+        // {"label":"business"} is 20 bytes: 6 tokens; sports 5, technology 6, politics 6, health 5.
+        assert_eq!(label_output_tokens(&classify, &c, false), Some(28.0 / 5.0));
+        assert_eq!(label_output_tokens(&classify, &c, true), None, "a reasoning model");
+        let mut sampled = classify.clone();
+        sampled.spec.confidence = vec![common::spec::ConfidenceStrategy::Agreement];
+        assert_eq!(label_output_tokens(&sampled, &c, false), None, "several answers a call");
+        assert_eq!(label_output_tokens(&kind("summarize").unwrap(), &c, false), None, "free text");
     }
 
     #[test]

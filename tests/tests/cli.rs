@@ -164,6 +164,12 @@ async fn estimate_counts_before_the_job_what_the_model_is_then_sent() {
     let st = stack.client.status(report.job_id).await.unwrap();
     assert_eq!(Some(st.tokens_in), e["input_tokens"].as_u64(), "estimated and reported input tokens");
     assert!(st.tokens_out <= e["output_tokens_at_most"].as_u64().unwrap());
+    // No earlier job: the output is expected as one label's JSON answer, and
+    // the labels' answers differ by a token at most (5 or 6 tokens).
+    assert_eq!(e["output_basis"], "labels");
+    let expected = e["output_tokens_expected"].as_u64().unwrap() as f64;
+    let off = (expected - st.tokens_out as f64).abs() / st.tokens_out as f64;
+    assert!(off < 0.12, "expected {expected} output tokens, used {}", st.tokens_out);
     assert!(st.cost_usd <= e["cost_usd_at_most"].as_f64().unwrap());
 
     // An OpenAI model: its own tokenizer, its price, its limits.

@@ -1061,11 +1061,15 @@ fn print_estimate(e: &coordinator::estimate::Estimate, json: bool) {
         } else {
             println!("reuse    off: every item calls the model (temperature above 0, or --no-cache)");
         }
-        let basis = match &e.history {
-            Some(h) => {
+        use coordinator::estimate::OutputBasis;
+        let basis = match (&e.history, e.output_basis) {
+            (Some(h), _) => {
                 format!("{:.1} output tokens per call, measured over {} earlier job(s)", h.tokens_out_per_item, h.jobs)
             }
-            None => "output at max_tokens: no earlier job of this kind to measure".to_string(),
+            (None, OutputBasis::Labels) => {
+                "output as one label's JSON answer: no earlier job of this kind to measure".to_string()
+            }
+            (None, _) => "output at max_tokens: no earlier job of this kind to measure".to_string(),
         };
         println!(
             "expected {} calls, {} tokens in, {} out ({basis}): {} live, {} batch",
