@@ -72,14 +72,6 @@ pub struct JobSpec {
     pub max_prompt_bytes: usize,
 }
 
-impl JobSpec {
-    /// Whether a job of this kind reuses answers unless told otherwise:
-    /// at temperature 0 only (a sampled answer is not meant to repeat).
-    pub fn reuses_answers(&self) -> bool {
-        self.temperature == 0.0
-    }
-}
-
 /// How confidence is computed; recorded with its components in every result.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -124,6 +116,12 @@ impl JobSpec {
     /// Models in order of use: the main one, then the fallbacks.
     pub fn models(&self) -> impl Iterator<Item = &String> {
         std::iter::once(&self.model).chain(self.fallback_models.iter())
+    }
+
+    /// Whether a job of this kind reuses answers unless told otherwise:
+    /// at temperature 0 only (a sampled answer is not meant to repeat).
+    pub fn reuses_answers(&self) -> bool {
+        self.temperature == 0.0
     }
 }
 

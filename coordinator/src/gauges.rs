@@ -18,7 +18,7 @@ use crate::{metrics as m, store, Error};
 pub const EVERY: Duration = Duration::from_secs(5);
 
 /// Job states whose jobs hold items not yet done.
-const BACKLOG_STATES: [&str; 3] = ["uploading", "running", "cancelled"];
+const BACKLOG_STATES: [&str; 4] = ["uploading", "running", "paused", "cancelled"];
 
 /// Reads and exports the gauges every [`EVERY`] until `leading` is cancelled.
 pub async fn run(pool: PgPool, catalog: Arc<Catalog>, assumptions: Assumptions, leading: CancellationToken) {

@@ -274,7 +274,7 @@ pub async fn backlog_by_job_state(pool: &PgPool) -> Result<Vec<(String, i64)>, E
            FROM jobs j
            CROSS JOIN LATERAL (SELECT coalesce(sum(succeeded + failed), 0) AS done
                                FROM job_tallies WHERE job_id = j.id) t
-           WHERE j.state IN ('uploading', 'running', 'cancelled')
+           WHERE j.state IN ('uploading', 'running', 'paused', 'cancelled')
            GROUP BY j.state"#
     )
     .fetch_all(pool)

@@ -110,7 +110,8 @@ async fn the_leader_exports_the_backlog_and_the_workers_worth_running() {
     let coordinator = ServeProcess::start(&db, &nats, &logs.path().join("c.log"), &env).await.unwrap();
     let token = make_token(&db.pool, "ops", "default", coordinator::auth::Role::Admin).await.unwrap();
     let client = coordinator.client(&token.token);
-    let job = client.create_job(&sluice_tests::fixtures::new_job("classify")).await.unwrap().job_id;
+    let new = coordinator::model::NewJob { max_cost_usd: Some(1.0), ..sluice_tests::fixtures::new_job("classify") };
+    let job = client.create_job(&new).await.unwrap().job_id;
     let input = vec![Ok(bytes::Bytes::from(sample_jsonl(7, 3_000)))];
     client.upload(job, futures::stream::iter(input), false).await.unwrap();
     let seen = |wanted: &'static [&'static str]| {
@@ -126,8 +127,25 @@ async fn the_leader_exports_the_backlog_and_the_workers_worth_running() {
     // The parts: 46.9 workers for the backlog, no bound from limits (none configured).
     assert!(c.contains("sluice_autoscale_workers{model=\"default/sim-small\",bound=\"backlog\"} 46.875"), "{c}");
     assert!(!c.contains("bound=\"limits\""), "{c}");
+    // A call that would cross the cap pauses the job (the reservation a
+    // worker makes): its items are still owed, but not work to scale for.
+    let reserved: bool =
+        sqlx::query_scalar("SELECT reserve_budget($1, 2.0)").bind(job).fetch_one(&db.pool).await.unwrap();
+    assert!(!reserved);
+    let paused = &[
+        "sluice_backlog_items{job_state=\"paused\"} 3000",
+        "sluice_backlog_items{job_state=\"running\"} 0",
+        "sluice_jobs_paused_at_cap 1",
+        "sluice_autoscale_workers_wanted 0",
+    ];
+    wait_for("the backlog of a job paused at its cap", Duration::from_secs(30), seen(paused)).await.unwrap();
     // Cancelled, its items are no longer work to scale for.
     client.cancel(job).await.unwrap();
-    let cancelled = &["sluice_backlog_items{job_state=\"cancelled\"} 3000", "sluice_autoscale_workers_wanted 0"];
+    let cancelled = &[
+        "sluice_backlog_items{job_state=\"cancelled\"} 3000",
+        "sluice_backlog_items{job_state=\"paused\"} 0",
+        "sluice_jobs_paused_at_cap 0",
+        "sluice_autoscale_workers_wanted 0",
+    ];
     wait_for("the backlog of a cancelled job", Duration::from_secs(30), seen(cancelled)).await.unwrap();
 }
