@@ -147,6 +147,38 @@ mod tests {
         assert!(t.as_of.is_some() && !t.sources.is_empty());
     }
 
+    /// Reasoning is paid for once, as output: the figures below are the
+    /// shipped prices applied by hand to each dialect's usage fields.
+    #[test]
+    fn reasoning_tokens_are_priced_once_as_output_in_both_dialects() {
+        let t = PriceTable::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/prices.toml")).unwrap();
+        // OpenAI: 50 completion tokens of which 40 reasoned; 64 of 100 prompt tokens cached.
+        let openai = crate::provider::openai::parse(
+            br#"{"model":"o4-mini","choices":[{"message":{"content":"{}"}}],
+                "usage":{"prompt_tokens":100,"completion_tokens":50,
+                  "prompt_tokens_details":{"cached_tokens":64},"completion_tokens_details":{"reasoning_tokens":40}}}"#,
+        )
+        .unwrap();
+        assert_eq!(openai.tokens_reasoning, 40);
+        let cost = t.cost("openai", "o4-mini", openai.usage()).unwrap();
+        // 36 x $1.10 + 64 x $0.275 + 50 x $4.40 per million.
+        assert!((cost - 277.2e-6).abs() < 1e-12, "{cost}");
+        // Anthropic: output_tokens counts the thinking block; input is split
+        // into plain, cache reads and cache writes.
+        let anthropic = crate::provider::anthropic::parse(
+            br#"{"type":"message","role":"assistant","model":"claude-sonnet-4-5",
+                "content":[{"type":"thinking","thinking":"Sport, clearly.","signature":"s"},
+                           {"type":"text","text":"{\"label\":\"sports\"}"}],
+                "usage":{"input_tokens":50,"output_tokens":300,
+                  "cache_read_input_tokens":100,"cache_creation_input_tokens":20}}"#,
+        )
+        .unwrap();
+        assert_eq!(anthropic.content, r#"{"label":"sports"}"#);
+        let cost = t.cost("anthropic", "claude-sonnet-4-5", anthropic.usage()).unwrap();
+        // 50 x $3 + 100 x $0.30 + 20 x $3.75 + 300 x $15 per million.
+        assert!((cost - 4755e-6).abs() < 1e-12, "{cost}");
+    }
+
     #[test]
     fn negative_prices_are_refused() {
         let dir = std::env::temp_dir().join(format!("sluice-prices-{}", std::process::id()));

@@ -648,12 +648,7 @@ struct AttemptFacts<'a> {
 
 impl AttemptFacts<'_> {
     fn record(self, ctx: &ItemContext<'_>, response: &Result<Completion, CallError>) -> AttemptRecord {
-        let usage = response.as_ref().map_or(Usage::default(), |c| Usage {
-            input: c.tokens_in,
-            output: c.tokens_out,
-            cached: c.tokens_cached,
-            cache_write: c.tokens_cache_write,
-        });
+        let usage = response.as_ref().map_or(Usage::default(), Completion::usage);
         let provider = &self.route.endpoint.name;
         let cost_usd = ctx.prices.cost(provider, &self.route.model, usage);
         AttemptRecord {

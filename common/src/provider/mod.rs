@@ -45,13 +45,19 @@ pub struct Completion {
     pub model: String,
     /// Input tokens, all of them (cached ones included).
     pub tokens_in: u32,
-    /// Output tokens, reasoning tokens included.
+    /// Output tokens, reasoning tokens included: OpenAI's `completion_tokens`
+    /// counts `completion_tokens_details.reasoning_tokens`
+    /// (<https://platform.openai.com/docs/guides/reasoning>), and Anthropic's
+    /// `output_tokens` counts extended thinking, billed as output
+    /// (<https://docs.anthropic.com/en/docs/build-with-claude/extended-thinking>).
     pub tokens_out: u32,
     /// Of the input, tokens read from the provider's prompt cache.
     pub tokens_cached: u32,
     /// Of the input, tokens written to the provider's prompt cache (Anthropic).
     pub tokens_cache_write: u32,
-    /// Of the output, tokens spent on reasoning (OpenAI reasoning models).
+    /// Of the output, tokens spent on reasoning, where the provider says
+    /// (OpenAI reasoning models; Anthropic reports none apart). Recorded in
+    /// the audit trail, never priced again.
     pub tokens_reasoning: u32,
     /// The first answer's tokens with log-probabilities, when asked for and sent.
     pub tokens: Vec<TokenLogprob>,
@@ -59,6 +65,18 @@ pub struct Completion {
     pub others: Vec<String>,
     /// What the provider said about its limits in the response headers.
     pub rate: RateInfo,
+}
+
+impl Completion {
+    /// The tokens of this answer as they are priced.
+    pub fn usage(&self) -> crate::prices::Usage {
+        crate::prices::Usage {
+            input: self.tokens_in,
+            output: self.tokens_out,
+            cached: self.tokens_cached,
+            cache_write: self.tokens_cache_write,
+        }
+    }
 }
 
 /// What the provider said about its limits: OpenAI's and Azure's
