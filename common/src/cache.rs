@@ -34,9 +34,11 @@ pub fn prompt_digest(system: Option<&str>, prompt: &str) -> String {
     hex::encode(h.finalize())
 }
 
-/// What every key of one job shares: the resolved models and the kind's settings.
+/// What every key of one job shares: the resolved models and the kind's
+/// settings, held as the hash state after them (each key then hashes only
+/// its digest, not the schema again).
 #[derive(Debug, Clone)]
-pub struct KeyBase(Vec<u8>);
+pub struct KeyBase(Sha256);
 
 impl KeyBase {
     /// `models`: the main model and the fallbacks, each as `provider/model`.
@@ -56,13 +58,12 @@ impl KeyBase {
             "samples": spec.samples,
             "max_output_bytes": spec.max_output_bytes,
         });
-        KeyBase(serde_json::to_vec(&base).expect("a JSON value serializes"))
+        KeyBase(Sha256::new_with_prefix(serde_json::to_vec(&base).expect("a JSON value serializes")))
     }
 
     /// The cache key of the call whose messages have `digest` ([`prompt_digest`]).
     pub fn key(&self, digest: &str) -> String {
-        let mut h = Sha256::new();
-        h.update(&self.0);
+        let mut h = self.0.clone();
         h.update(digest.as_bytes());
         hex::encode(h.finalize())
     }
@@ -116,5 +117,8 @@ mod tests {
         s.confidence_threshold = 0.99;
         s.chunk_size = 3;
         assert_eq!(KeyBase::new("p", &s, &schema, &models).key(&d), k);
+        // Keys outlive releases: this one was written by VERSION 2 as first
+        // released, and a change that moves it must bump VERSION.
+        assert_eq!(k, "60181fc7cb5a004aa2ecd0c39812ae430bb4e7fca7100d5b1322a68ccf2e0d36");
     }
 }

@@ -79,19 +79,19 @@ impl<T> Doing<T> for Result<T, sqlx::Error> {
 /// waits on delayed ACKs: `scripts/bench` ran at 1,592 items/s against 5,848
 /// without TLS on the same machine (docs/benchmarks.md).
 ///
-/// Every statement is planned for the parameters and table sizes of its
-/// execution (`plan_cache_mode = force_custom_plan`). A prepared statement
-/// otherwise settles on a generic plan after five runs, made for the sizes
-/// the tables had then, and keeps it while they grow: on a fresh database,
-/// where the first job fills them, the workers' response cache lookup stayed
-/// a scan of every entry of the project (up to 138 ms a chunk) and the copy
-/// of shared answers a scan of the job's copies (107 ms a batch), both seen
-/// with `auto_explain` during `scripts/bench cost`. Planning costs well under
-/// a millisecond a statement.
+/// Statements are prepared once per connection and run on Postgres's plan
+/// cache. One whose best plan changes as a job fills the tables (the copy
+/// of shared answers) is sent unprepared instead (`.persistent(false)`), so
+/// it is planned for its parameters and the tables' sizes at each run: a
+/// generic plan made while the tables were empty kept scanning every copy of
+/// the job (107 ms a batch, seen with `auto_explain` during `scripts/bench
+/// cost`). Asking for that on every statement (`plan_cache_mode =
+/// force_custom_plan`) cost 2.4 s of Postgres's CPU in `scripts/bench e2e`,
+/// more than the response cache itself.
 pub async fn connect(url: &str, max: u32) -> Result<PgPool, DbError> {
     let err = |source| DbError::Connect { url: crate::redact::url_password(url), source };
     let mut options: PgConnectOptions =
-        url.parse::<PgConnectOptions>().map_err(err)?.options([("plan_cache_mode", "force_custom_plan")]);
+        url.parse::<PgConnectOptions>().map_err(err)?;
     if !asks_for_ssl_mode(url) {
         options = options.ssl_mode(PgSslMode::Disable);
     }

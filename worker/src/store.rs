@@ -253,19 +253,44 @@ async fn write_chunk_tx(pool: &PgPool, t: &Target<'_>, results: &[ItemResult], d
         }
         let all: Vec<&ItemResult> = results.iter().collect();
         let results = &all[..];
+        // The answers worth caching, one per key (a statement may not upsert
+        // one row twice): each model answer of a job that reuses answers.
+        let mut keys = std::collections::HashSet::new();
+        let fresh: Vec<&ItemResult> = results
+            .iter()
+            .copied()
+            .filter(|r| r.succeeded && r.source == "model" && r.answered_by.is_some())
+            .filter(|r| r.cache_key.as_ref().is_some_and(|k| keys.insert(k.clone())))
+            .collect();
+        // One statement writes the results and the cache entries they make:
+        // the entries copy what was written, so each array crosses once. A
+        // newer answer replaces an entry, which may have outlived its TTL.
         sqlx::query!(
-            "INSERT INTO results (job_id, seq, item_id, state, output, answer, confidence, error_class, error,
-                                  model, template_hash, attempts, tokens_in, tokens_out, latency_ms, worker,
-                                  confidence_detail, source, answered_by)
-             SELECT $1, u.seq, u.item_id, u.state, u.output, u.answer, u.confidence, u.error_class, u.error,
-                    u.model, $2, u.attempts, u.tokens_in, u.tokens_out, u.latency_ms, $3, u.detail, u.source,
-                    u.answered_by
-             FROM UNNEST($4::bigint[], $5::text[], $6::text[], $7::jsonb[], $8::text[], $9::float8[],
-                         $10::text[], $11::text[], $12::text[], $13::int[], $14::int[], $15::int[], $16::int[],
-                         $17::jsonb[], $18::text[], $19::uuid[])
-                  AS u(seq, item_id, state, output, answer, confidence, error_class, error, model,
-                       attempts, tokens_in, tokens_out, latency_ms, detail, source, answered_by)
-             ON CONFLICT (job_id, seq) DO NOTHING",
+            "WITH written AS (
+                 INSERT INTO results (job_id, seq, item_id, state, output, answer, confidence, error_class, error,
+                                      model, template_hash, attempts, tokens_in, tokens_out, latency_ms, worker,
+                                      confidence_detail, source, answered_by)
+                 SELECT $1, u.seq, u.item_id, u.state, u.output, u.answer, u.confidence, u.error_class, u.error,
+                        u.model, $2, u.attempts, u.tokens_in, u.tokens_out, u.latency_ms, $3, u.detail, u.source,
+                        u.answered_by
+                 FROM UNNEST($4::bigint[], $5::text[], $6::text[], $7::jsonb[], $8::text[], $9::float8[],
+                             $10::text[], $11::text[], $12::text[], $13::int[], $14::int[], $15::int[], $16::int[],
+                             $17::jsonb[], $18::text[], $19::uuid[])
+                      AS u(seq, item_id, state, output, answer, confidence, error_class, error, model,
+                           attempts, tokens_in, tokens_out, latency_ms, detail, source, answered_by)
+                 ON CONFLICT (job_id, seq) DO NOTHING
+                 RETURNING seq, answered_by, model, output, answer, confidence, confidence_detail, tokens_in,
+                           tokens_out)
+             INSERT INTO response_cache (project, key, job_id, seq, call_id, model, output, answer, confidence,
+                                         confidence_detail, tokens_in, tokens_out)
+             SELECT $20, k.key, $1, w.seq, w.answered_by, w.model, w.output, w.answer, w.confidence,
+                    w.confidence_detail, w.tokens_in, w.tokens_out
+             FROM written w JOIN UNNEST($21::bigint[], $22::text[]) AS k(seq, key) ON k.seq = w.seq
+             ON CONFLICT (key) DO UPDATE SET created_at = now(), job_id = EXCLUDED.job_id,
+                 seq = EXCLUDED.seq, call_id = EXCLUDED.call_id, model = EXCLUDED.model,
+                 output = EXCLUDED.output, answer = EXCLUDED.answer, confidence = EXCLUDED.confidence,
+                 confidence_detail = EXCLUDED.confidence_detail, tokens_in = EXCLUDED.tokens_in,
+                 tokens_out = EXCLUDED.tokens_out",
             c.job_id,
             template_hash,
             worker,
@@ -285,6 +310,9 @@ async fn write_chunk_tx(pool: &PgPool, t: &Target<'_>, results: &[ItemResult], d
             &col(results, |r| r.confidence_detail.clone()) as _,
             &col(results, |r| r.source.to_string()),
             &col(results, |r| r.answered_by) as _,
+            t.project,
+            &col(&fresh, |r| r.seq),
+            &col(&fresh, |r| r.cache_key.clone().unwrap_or_default()),
         )
         .execute(&mut *tx)
         .await?;
@@ -312,45 +340,6 @@ async fn write_chunk_tx(pool: &PgPool, t: &Target<'_>, results: &[ItemResult], d
                 &reused(|u| u.prompt.clone()),
                 &reused(|u| u.provider.clone()),
                 &col(&hits, |r| r.answered_by) as _,
-            )
-            .execute(&mut *tx)
-            .await?;
-        }
-        let mut keys = std::collections::HashSet::new();
-        // One entry per key: a statement may not upsert one row twice.
-        let fresh: Vec<&ItemResult> = results
-            .iter()
-            .copied()
-            .filter(|r| r.succeeded && r.source == "model" && r.answered_by.is_some())
-            .filter(|r| r.cache_key.as_ref().is_some_and(|k| keys.insert(k.clone())))
-            .collect();
-        if !fresh.is_empty() {
-            // A newer answer replaces an entry, which may have outlived its TTL.
-            sqlx::query!(
-                "INSERT INTO response_cache (project, key, job_id, seq, call_id, model, output, answer, confidence,
-                                             confidence_detail, tokens_in, tokens_out)
-                 SELECT $1, u.key, $2, u.seq, u.call_id, u.model, u.output, u.answer, u.confidence, u.detail,
-                        u.tokens_in, u.tokens_out
-                 FROM UNNEST($3::text[], $4::bigint[], $5::uuid[], $6::text[], $7::jsonb[], $8::text[],
-                             $9::float8[], $10::jsonb[], $11::int[], $12::int[])
-                      AS u(key, seq, call_id, model, output, answer, confidence, detail, tokens_in, tokens_out)
-                 ON CONFLICT (key) DO UPDATE SET created_at = now(), job_id = EXCLUDED.job_id,
-                     seq = EXCLUDED.seq, call_id = EXCLUDED.call_id, model = EXCLUDED.model,
-                     output = EXCLUDED.output, answer = EXCLUDED.answer, confidence = EXCLUDED.confidence,
-                     confidence_detail = EXCLUDED.confidence_detail, tokens_in = EXCLUDED.tokens_in,
-                     tokens_out = EXCLUDED.tokens_out",
-                t.project,
-                c.job_id,
-                &col(&fresh, |r| r.cache_key.clone().unwrap_or_default()),
-                &col(&fresh, |r| r.seq),
-                &col(&fresh, |r| r.answered_by.unwrap_or_default()),
-                &col(&fresh, |r| r.model.clone()) as _,
-                &col(&fresh, |r| r.output.clone().unwrap_or(Value::Null)),
-                &col(&fresh, |r| r.answer.clone()) as _,
-                &col(&fresh, |r| r.confidence) as _,
-                &col(&fresh, |r| r.confidence_detail.clone()) as _,
-                &col(&fresh, |r| r.tokens_in),
-                &col(&fresh, |r| r.tokens_out),
             )
             .execute(&mut *tx)
             .await?;
@@ -384,6 +373,8 @@ async fn write_chunk_tx(pool: &PgPool, t: &Target<'_>, results: &[ItemResult], d
             &seqs,
             template_hash
         )
+        // Planned for this job's copies at each run (see common::db::connect).
+        .persistent(false)
         .execute(&mut *tx)
         .await?;
     }
