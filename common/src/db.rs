@@ -90,8 +90,7 @@ impl<T> Doing<T> for Result<T, sqlx::Error> {
 /// more than the response cache itself.
 pub async fn connect(url: &str, max: u32) -> Result<PgPool, DbError> {
     let err = |source| DbError::Connect { url: crate::redact::url_password(url), source };
-    let mut options: PgConnectOptions =
-        url.parse::<PgConnectOptions>().map_err(err)?;
+    let mut options: PgConnectOptions = url.parse::<PgConnectOptions>().map_err(err)?;
     if !asks_for_ssl_mode(url) {
         options = options.ssl_mode(PgSslMode::Disable);
     }
