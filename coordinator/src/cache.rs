@@ -66,7 +66,7 @@ pub async fn lookup(
     let ttl = req.cache_ttl_s.unwrap_or(crate::model::DEFAULT_CACHE_TTL_S) as f64;
     let cached: Vec<u32> = sqlx::query_scalar!(
         r#"SELECT (k.n - 1)::int AS "n!" FROM UNNEST($2::text[]) WITH ORDINALITY AS k(key, n)
-           WHERE EXISTS (SELECT 1 FROM response_cache c WHERE c.project = $1 AND c.key = k.key
+           WHERE EXISTS (SELECT 1 FROM response_cache c WHERE c.project = $1 AND c.key = decode(k.key, 'hex')
                            AND c.created_at > now() - make_interval(secs => $3))
            ORDER BY 1"#,
         project,

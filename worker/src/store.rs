@@ -146,14 +146,20 @@ pub struct Cached {
     pub confidence_detail: Option<Value>,
 }
 
-/// The cached answers of `keys` in `project` no older than `ttl_s`.
+/// The cached answers of `keys` (hex digests) in `project` no older than
+/// `ttl_s`, read from the results their entries name.
 pub async fn cached(pool: &PgPool, project: &str, keys: &[String], ttl_s: i64) -> Result<Vec<Cached>, Error> {
+    let digests: Vec<Vec<u8>> = keys.iter().map(|k| hex::decode(k).expect("a cache key is hex")).collect();
     Ok(sqlx::query_as!(
         Cached,
-        "SELECT key, call_id, model, output, answer, confidence, confidence_detail FROM response_cache
-         WHERE project = $1 AND key = ANY($2) AND created_at > now() - make_interval(secs => $3::float8)",
+        r#"SELECT encode(c.key, 'hex') AS "key!", r.answered_by AS "call_id!", r.model, r.output AS "output!",
+                  r.answer, r.confidence, r.confidence_detail
+           FROM response_cache c JOIN results r ON r.job_id = c.job_id AND r.seq = c.seq
+           WHERE c.project = $1 AND c.key = ANY($2)
+             AND c.created_at > now() - make_interval(secs => $3::float8)
+             AND r.output IS NOT NULL AND r.answered_by IS NOT NULL"#,
         project,
-        keys,
+        &digests,
         ttl_s as f64
     )
     .fetch_all(pool)
@@ -262,9 +268,8 @@ async fn write_chunk_tx(pool: &PgPool, t: &Target<'_>, results: &[ItemResult], d
             .filter(|r| r.succeeded && r.source == "model" && r.answered_by.is_some())
             .filter(|r| r.cache_key.as_ref().is_some_and(|k| keys.insert(k.clone())))
             .collect();
-        // One statement writes the results and the cache entries they make:
-        // the entries copy what was written, so each array crosses once. A
-        // newer answer replaces an entry, which may have outlived its TTL.
+        // One statement writes the results and the cache entries naming
+        // them. A newer answer replaces an entry, which may have outlived its TTL.
         sqlx::query!(
             "WITH written AS (
                  INSERT INTO results (job_id, seq, item_id, state, output, answer, confidence, error_class, error,
@@ -279,18 +284,11 @@ async fn write_chunk_tx(pool: &PgPool, t: &Target<'_>, results: &[ItemResult], d
                       AS u(seq, item_id, state, output, answer, confidence, error_class, error, model,
                            attempts, tokens_in, tokens_out, latency_ms, detail, source, answered_by)
                  ON CONFLICT (job_id, seq) DO NOTHING
-                 RETURNING seq, answered_by, model, output, answer, confidence, confidence_detail, tokens_in,
-                           tokens_out)
-             INSERT INTO response_cache (project, key, job_id, seq, call_id, model, output, answer, confidence,
-                                         confidence_detail, tokens_in, tokens_out)
-             SELECT $20, k.key, $1, w.seq, w.answered_by, w.model, w.output, w.answer, w.confidence,
-                    w.confidence_detail, w.tokens_in, w.tokens_out
+                 RETURNING seq)
+             INSERT INTO response_cache (project, key, job_id, seq)
+             SELECT $20, decode(k.key, 'hex'), $1, w.seq
              FROM written w JOIN UNNEST($21::bigint[], $22::text[]) AS k(seq, key) ON k.seq = w.seq
-             ON CONFLICT (key) DO UPDATE SET created_at = now(), job_id = EXCLUDED.job_id,
-                 seq = EXCLUDED.seq, call_id = EXCLUDED.call_id, model = EXCLUDED.model,
-                 output = EXCLUDED.output, answer = EXCLUDED.answer, confidence = EXCLUDED.confidence,
-                 confidence_detail = EXCLUDED.confidence_detail, tokens_in = EXCLUDED.tokens_in,
-                 tokens_out = EXCLUDED.tokens_out",
+             ON CONFLICT (key) DO UPDATE SET created_at = now(), job_id = EXCLUDED.job_id, seq = EXCLUDED.seq",
             c.job_id,
             template_hash,
             worker,
