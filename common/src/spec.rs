@@ -70,6 +70,32 @@ pub struct JobSpec {
     /// worker's memory and stored in the audit trail, once per attempt.
     #[serde(default = "default_max_prompt_bytes")]
     pub max_prompt_bytes: usize,
+    /// What an input line holds and how it becomes a request.
+    #[serde(default, skip_serializing_if = "RequestSource::is_template")]
+    pub request: RequestSource,
+}
+
+/// Where a call's request comes from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RequestSource {
+    /// The kind's prompt template renders each line into a user message.
+    #[default]
+    Template,
+    /// Each line is a request of an OpenAI Batch API input file
+    /// (`{"custom_id", "method", "url", "body"}`,
+    /// <https://platform.openai.com/docs/api-reference/batch/request-input>),
+    /// and its `body` is sent as it is, with `model` named as the job's
+    /// provider names the job's model. The kind needs no template or schema:
+    /// the body's own `response_format`, if any, is what answers are checked
+    /// against.
+    OpenaiBatch,
+}
+
+impl RequestSource {
+    fn is_template(&self) -> bool {
+        *self == RequestSource::Template
+    }
 }
 
 /// How confidence is computed; recorded with its components in every result.
@@ -116,6 +142,16 @@ impl JobSpec {
     /// Models in order of use: the main one, then the fallbacks.
     pub fn models(&self) -> impl Iterator<Item = &String> {
         std::iter::once(&self.model).chain(self.fallback_models.iter())
+    }
+
+    /// The fields every input line must carry, which are also all the prompt
+    /// depends on (identical items are found by them): an OpenAI Batch line's
+    /// `body`, or the template's `input_fields`.
+    pub fn required_fields(&self) -> Vec<String> {
+        match self.request {
+            RequestSource::OpenaiBatch => vec!["body".into()],
+            RequestSource::Template => self.input_fields.clone(),
+        }
     }
 
     /// Whether a job of this kind reuses answers unless told otherwise:
@@ -196,10 +232,18 @@ impl JobKind {
         let text = read(&spec_path)?;
         let spec: JobSpec =
             toml::from_str(&text).map_err(|source| SpecError::Toml { path: spec_path.clone(), source })?;
-        let template = read(&dir.join(&spec.template))?;
-        let schema_path = dir.join(&spec.schema);
-        let schema = serde_json::from_str(&read(&schema_path)?)
-            .map_err(|source| SpecError::SchemaJson { path: schema_path, source })?;
+        let (template, schema) = match spec.request {
+            // The body is the request: nothing to render, and answers are
+            // checked against the body's own response_format.
+            RequestSource::OpenaiBatch => (String::new(), serde_json::json!({})),
+            RequestSource::Template => {
+                let template = read(&dir.join(&spec.template))?;
+                let schema_path = dir.join(&spec.schema);
+                let schema = serde_json::from_str(&read(&schema_path)?)
+                    .map_err(|source| SpecError::SchemaJson { path: schema_path, source })?;
+                (template, schema)
+            }
+        };
         let kind = JobKind { spec, template, schema };
         kind.validate()?;
         Ok(kind)
@@ -230,6 +274,16 @@ impl JobKind {
             return Err(SpecError::Invalid("max_prompt_bytes must be at least 1".into()));
         }
         self.validator()?;
+        if s.request == RequestSource::OpenaiBatch {
+            if s.scores_confidence() {
+                return Err(SpecError::Invalid(
+                    "request = \"openai_batch\" sends each body as it is, so no confidence strategy can be \
+                     applied: set confidence = \"none\""
+                        .into(),
+                ));
+            }
+            return Ok(());
+        }
         let unknown = Prompt::new(self)?.undeclared_fields(&s.input_fields);
         if !unknown.is_empty() {
             return Err(SpecError::Invalid(format!(
@@ -268,6 +322,7 @@ fn read(path: &Path) -> Result<String, SpecError> {
 pub struct Prompt {
     env: minijinja::Environment<'static>,
     labels: Vec<String>,
+    request: RequestSource,
 }
 
 impl Prompt {
@@ -275,7 +330,7 @@ impl Prompt {
         let mut env = minijinja::Environment::new();
         env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
         env.add_template_owned("prompt", kind.template.clone()).map_err(SpecError::Template)?;
-        Ok(Prompt { env, labels: kind.spec.labels.clone() })
+        Ok(Prompt { env, labels: kind.spec.labels.clone(), request: kind.spec.request })
     }
 
     /// The variables the template reads that are neither in `input_fields`
@@ -293,8 +348,18 @@ impl Prompt {
         unknown
     }
 
-    /// Renders the prompt for one item; the item's fields and `labels` are in scope.
+    /// Renders the prompt for one item; the item's fields and `labels` are in
+    /// scope. For an OpenAI Batch line it is the line's `body`, as JSON: what
+    /// is sent, measured, hashed for the response cache and audited.
     pub fn render(&self, item: &Value) -> Result<String, minijinja::Error> {
+        if self.request == RequestSource::OpenaiBatch {
+            return match item.get("body") {
+                Some(body @ Value::Object(_)) => Ok(body.to_string()),
+                _ => {
+                    Err(minijinja::Error::new(minijinja::ErrorKind::UndefinedError, "the line has no \"body\" object"))
+                }
+            };
+        }
         let mut ctx = match item {
             Value::Object(map) => map.clone(),
             other => {
@@ -326,6 +391,20 @@ mod tests {
             assert!(text.contains("The striker scored."), "{text}");
             assert_eq!(kind.template_hash().len(), 16);
         }
+    }
+
+    #[test]
+    fn the_openai_batch_kind_renders_the_lines_body() {
+        let kind = JobKind::load(&repo_jobs().join("openai-batch")).unwrap();
+        assert_eq!((kind.spec.request, kind.spec.required_fields()), (RequestSource::OpenaiBatch, vec!["body".into()]));
+        let prompt = Prompt::new(&kind).unwrap();
+        let body = serde_json::json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
+        let line = serde_json::json!({"custom_id": "1", "method": "POST", "url": "/v1/chat/completions", "body": body});
+        assert_eq!(prompt.render(&line).unwrap(), body.to_string());
+        assert!(prompt.render(&serde_json::json!({"custom_id": "1"})).is_err());
+        // A stored spec of a template kind is as it was before the field existed.
+        let classify = JobKind::load(&repo_jobs().join("classify")).unwrap();
+        assert!(serde_json::to_value(&classify.spec).unwrap().get("request").is_none());
     }
 
     #[test]

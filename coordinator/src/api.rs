@@ -20,8 +20,8 @@ use crate::ingest::{self, Mode};
 use crate::model::{ApiError, Created, Format, NewJob};
 use crate::{cache, metrics as m, review, store, Error};
 use common::prices::PriceTable;
-use common::providers::{Catalog, Param};
-use common::spec::ConfidenceStrategy;
+use common::providers::{Catalog, Param, ProviderKind};
+use common::spec::{ConfidenceStrategy, RequestSource};
 
 /// Shared handles of the API handlers, the publisher and the reconciler.
 #[derive(Clone)]
@@ -82,6 +82,14 @@ pub fn check_models(catalog: &Catalog, prices: &PriceTable, job: &NewJob) -> Res
         let target = catalog.resolve(reference).map_err(|msg| {
             Error::Invalid(format!("{} {reference:?}: {msg}", if i == 0 { "model" } else { "fallback model" }))
         })?;
+        let anthropic = catalog.providers.get(target.provider).is_some_and(|p| p.kind == ProviderKind::Anthropic);
+        if spec.request == RequestSource::OpenaiBatch && anthropic {
+            return Err(Error::Invalid(format!(
+                "model {reference:?} is served by {}, an Anthropic provider: an OpenAI batch file's bodies go only to \
+                 an OpenAI-dialect provider; pick another model with --model",
+                target.provider
+            )));
+        }
         if prices.get(target.provider, target.model).is_none() {
             if !job.allow_unpriced {
                 let mut priced: Vec<&str> = prices.models.keys().map(String::as_str).collect();
@@ -373,10 +381,9 @@ async fn upload_input(
 ) -> Result<Response, Error> {
     let spec = store::job_spec(&st.pool, job_id).await?;
     let mode = if p.skip_invalid { Mode::SkipInvalid } else { Mode::Strict };
-    let fields = spec.input_fields.clone();
     let reuse = store::job_reuses(&st.pool, job_id).await?;
     let body = body.into_data_stream();
-    let report = ingest::ingest(&st.pool, job_id, fields, reuse, spec.chunk_size, mode, st.limits, body).await?;
+    let report = ingest::ingest(&st.pool, job_id, &spec, reuse, mode, st.limits, body).await?;
     if report.state == "rejected" {
         tracing::info!(%job_id, invalid = report.invalid_lines, "input rejected");
         let error = format!("input rejected: {} invalid line(s); nothing was ingested", report.invalid_lines);
@@ -521,25 +528,27 @@ async fn results(
     Path(job_id): Path<Uuid>,
     Query(p): Query<ResultParams>,
 ) -> Result<Response, Error> {
-    let format = Format::parse(&p.format, &[Format::Jsonl, Format::Csv]).map_err(Error::Invalid)?;
+    let format =
+        Format::parse(&p.format, &[Format::Jsonl, Format::Csv, Format::OpenaiBatch]).map_err(Error::Invalid)?;
     // Fails with 404 before streaming if the job does not exist.
-    store::job_spec(&st.pool, job_id).await?;
+    let answer_field = store::job_spec(&st.pool, job_id).await?.answer_field;
     store::event(&st.pool, job_id, "exported", &actor, serde_json::json!({"what": "results", "format": p.format}))
         .await?;
     let pool = st.pool.clone();
-    let rows = async_stream_rows(pool, job_id, format == Format::Csv);
+    let rows = async_stream_rows(pool, job_id, format, answer_field);
     Ok(([(header::CONTENT_TYPE, format.content_type())], Body::from_stream(rows)).into_response())
 }
 
 fn async_stream_rows(
     pool: PgPool,
     job_id: Uuid,
-    csv: bool,
+    format: Format,
+    answer_field: String,
 ) -> impl futures::Stream<Item = Result<Vec<u8>, Error>> + Send + 'static {
-    let header = csv.then(|| Ok(CSV_HEADER.as_bytes().to_vec()));
+    let header = (format == Format::Csv).then(|| Ok(CSV_HEADER.as_bytes().to_vec()));
     // Keyset pagination keeps memory bounded whatever the job's size.
     let pages = futures::stream::try_unfold(Some(0i64), move |after| {
-        let pool = pool.clone();
+        let (pool, answer_field) = (pool.clone(), answer_field.clone());
         async move {
             let Some(after) = after else { return Ok(None) };
             let page = store::results_page(&pool, job_id, after, 2_000).await?;
@@ -548,12 +557,16 @@ fn async_stream_rows(
             }
             let last = page.last().map(|(seq, _)| *seq);
             let mut out = Vec::with_capacity(page.len() * 200);
-            for (_, row) in &page {
-                if csv {
-                    write_csv_row(&mut out, row);
-                } else {
-                    serde_json::to_writer(&mut out, row).expect("result row serialises");
-                    out.push(b'\n');
+            for (seq, row) in &page {
+                match format {
+                    Format::Csv => write_csv_row(&mut out, row),
+                    Format::OpenaiBatch => {
+                        crate::openai_batch::write_output_line(&mut out, job_id, *seq, row, &answer_field)
+                    }
+                    _ => {
+                        serde_json::to_writer(&mut out, row).expect("result row serialises");
+                        out.push(b'\n');
+                    }
                 }
             }
             Ok(Some((out, last)))

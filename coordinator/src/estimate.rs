@@ -261,7 +261,7 @@ pub fn estimate(
     };
     let counter = Counter::for_model(&name);
     let prompt = Prompt::new(kind).map_err(EstimateError::Template)?;
-    let mut validator = Validator::new(spec.input_fields.clone());
+    let mut validator = Validator::new(spec);
     let mut splitter = LineSplitter::default();
     let (mut items, mut invalid, mut line_no, mut input_tokens) = (0u64, 0u64, 0u64, 0u64);
     let mut errors = Vec::new();

@@ -1,6 +1,7 @@
 //! Streams a job's JSONL input into Postgres with COPY, validating each line without holding the file in memory.
 
 use common::db::Doing;
+use common::spec::{JobSpec, RequestSource};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -121,7 +122,17 @@ pub enum Checked {
 /// the copy, so memory does not grow with the number of lines.
 pub struct Validator {
     required: Vec<String>,
+    request: RequestSource,
+    /// For OpenAI Batch lines: the model the first good line named, which
+    /// every other line must name too.
+    batch_model: Option<String>,
 }
+
+/// The only endpoint a batch line may name: Sluice makes chat completions.
+/// <https://platform.openai.com/docs/api-reference/batch/request-input>
+/// lists `/v1/chat/completions`, `/v1/embeddings`, `/v1/completions` and
+/// `/v1/responses`.
+pub const BATCH_CHAT_URL: &str = "/v1/chat/completions";
 
 /// Whether a JSON value holds a NUL character (`\u0000`) in a key or string:
 /// valid JSON, but Postgres text and jsonb cannot store it.
@@ -135,8 +146,57 @@ fn holds_nul(v: &Value) -> bool {
 }
 
 impl Validator {
-    pub fn new(required: Vec<String>) -> Self {
-        Validator { required }
+    pub fn new(spec: &JobSpec) -> Self {
+        Validator { required: spec.required_fields(), request: spec.request, batch_model: None }
+    }
+
+    /// Checks an OpenAI Batch API request line: `custom_id`, `method`, `url`
+    /// and a chat completion `body` naming the file's one model.
+    fn check_batch_line(&mut self, map: &serde_json::Map<String, Value>) -> Result<String, String> {
+        let id = match map.get("custom_id") {
+            Some(Value::String(s)) if !s.is_empty() => s.clone(),
+            Some(_) => return Err("field \"custom_id\" must be a non-empty string".into()),
+            None => return Err("missing field \"custom_id\" (each request of a batch file names one)".into()),
+        };
+        match map.get("method") {
+            Some(Value::String(m)) if m == "POST" => {}
+            Some(other) => return Err(format!("field \"method\" must be \"POST\", got {other}")),
+            None => return Err("missing field \"method\" (\"POST\")".into()),
+        }
+        match map.get("url") {
+            Some(Value::String(u)) if u == BATCH_CHAT_URL => {}
+            Some(Value::String(u)) => {
+                return Err(format!("url {u:?} is not a chat endpoint: Sluice runs only {BATCH_CHAT_URL} requests"))
+            }
+            Some(other) => return Err(format!("field \"url\" must be a string, got {other}")),
+            None => return Err(format!("missing field \"url\" ({BATCH_CHAT_URL:?})")),
+        }
+        let body = match map.get("body") {
+            Some(Value::Object(b)) => b,
+            Some(_) => return Err("field \"body\" must be a JSON object (the request body)".into()),
+            None => return Err("missing field \"body\"".into()),
+        };
+        let model = match body.get("model") {
+            Some(Value::String(m)) if !m.is_empty() => m,
+            _ => return Err("body.model must name the model, as a string".into()),
+        };
+        match body.get("messages") {
+            Some(Value::Array(m)) if !m.is_empty() => {}
+            _ => return Err("body.messages must be a non-empty array of chat messages".into()),
+        }
+        if body.get("stream") == Some(&Value::Bool(true)) {
+            return Err("body.stream is true: a batch request cannot stream".into());
+        }
+        match &self.batch_model {
+            Some(first) if first != model => {
+                return Err(format!(
+                    "body.model is {model:?} but earlier lines name {first:?}: a batch file names one model"
+                ))
+            }
+            Some(_) => {}
+            None => self.batch_model = Some(model.clone()),
+        }
+        Ok(id)
     }
 
     /// Checks one line: size, UTF-8, JSON object, storable text, id (`id` or
@@ -164,11 +224,18 @@ impl Validator {
         if holds_nul(&value) {
             return Checked::Bad("holds a NUL character (\\u0000), which cannot be stored: remove it".into());
         }
-        let id = match map.get("id").or_else(|| map.get("custom_id")) {
-            Some(Value::String(s)) if !s.is_empty() => s.clone(),
-            Some(Value::Number(n)) => n.to_string(),
-            Some(_) => return Checked::Bad("field \"id\" must be a non-empty string or a number".into()),
-            None => return Checked::Bad("missing field \"id\" (or \"custom_id\")".into()),
+        let id = if self.request == RequestSource::OpenaiBatch {
+            match self.check_batch_line(map) {
+                Ok(id) => id,
+                Err(why) => return Checked::Bad(why),
+            }
+        } else {
+            match map.get("id").or_else(|| map.get("custom_id")) {
+                Some(Value::String(s)) if !s.is_empty() => s.clone(),
+                Some(Value::Number(n)) => n.to_string(),
+                Some(_) => return Checked::Bad("field \"id\" must be a non-empty string or a number".into()),
+                None => return Checked::Bad("missing field \"id\" (or \"custom_id\")".into()),
+            }
         };
         if let Some(missing) = self.required.iter().find(|f| !map.contains_key(f.as_str())) {
             return Checked::Bad(format!("missing field \"{missing}\""));
@@ -376,9 +443,8 @@ where
 pub async fn ingest<S, E>(
     pool: &PgPool,
     job_id: Uuid,
-    required: Vec<String>,
+    spec: &JobSpec,
     reuse: bool,
-    chunk_size: u32,
     mode: Mode,
     limits: Limits,
     mut body: S,
@@ -388,6 +454,7 @@ where
     E: Into<axum::Error>,
 {
     let started = Instant::now();
+    let (required, chunk_size) = (spec.required_fields(), spec.chunk_size);
     let mut conn = pool.acquire().await.doing("ingesting the input")?;
     conn.close_on_drop();
     let mut tx = sqlx::Connection::begin(&mut *conn).await.doing("ingesting the input")?;
@@ -397,7 +464,7 @@ where
         job_field: job_id.to_string(),
         mode,
         limits,
-        validator: Validator::new(required.clone()),
+        validator: Validator::new(spec),
         splitter: LineSplitter::default(),
         errors: Vec::new(),
         invalid: 0,
@@ -633,9 +700,19 @@ mod tests {
         assert_eq!(spread_chunk_size(100, 0), 1);
     }
 
-    /// Splits `input` and validates every line, returning the verdicts in order.
+    fn shipped(kind: &str) -> JobSpec {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../jobs").join(kind);
+        common::spec::JobKind::load(&dir).expect("a shipped kind loads").spec
+    }
+
+    /// Splits `input` and validates every line as the `classify` kind (which
+    /// requires `text`), returning the verdicts in order.
     fn run(input: &[u8], piece: usize) -> Vec<Result<String, String>> {
-        let mut v = Validator::new(vec!["text".into()]);
+        run_as(&shipped("classify"), input, piece)
+    }
+
+    fn run_as(spec: &JobSpec, input: &[u8], piece: usize) -> Vec<Result<String, String>> {
+        let mut v = Validator::new(spec);
         let mut s = LineSplitter::default();
         let mut out = Vec::new();
         let mut push = |raw| match v.check(raw) {
@@ -703,5 +780,40 @@ mod tests {
         let mut out = Vec::new();
         copy_field(&mut out, "a\\b\tc\nd\re");
         assert_eq!(out, b"a\\\\b\\tc\\nd\\re");
+    }
+
+    #[test]
+    fn openai_batch_lines_are_checked_one_by_one() {
+        let spec = shipped("openai-batch");
+        let body = r#""body":{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#;
+        let lines = [
+            format!(r#"{{"custom_id":"a","method":"POST","url":"/v1/chat/completions",{body}}}"#),
+            format!(r#"{{"id":"b","method":"POST","url":"/v1/chat/completions",{body}}}"#),
+            format!(r#"{{"custom_id":"c","method":"GET","url":"/v1/chat/completions",{body}}}"#),
+            format!(r#"{{"custom_id":"d","method":"POST","url":"/v1/embeddings",{body}}}"#),
+            r#"{"custom_id":"e","method":"POST","url":"/v1/chat/completions","body":"hi"}"#.to_string(),
+            r#"{"custom_id":"f","method":"POST","url":"/v1/chat/completions","body":{"model":"gpt-4o","messages":[{"role":"user","content":"x"}]}}"#.to_string(),
+            r#"{"custom_id":"g","method":"POST","url":"/v1/chat/completions","body":{"model":"gpt-4o-mini","messages":[]}}"#.to_string(),
+            format!(r#"{{"custom_id":"h","method":"POST","url":"/v1/chat/completions",{body}}}"#),
+        ];
+        let verdicts = run_as(&spec, lines.join("\n").as_bytes(), 7);
+        let expect: [Result<&str, &str>; 8] = [
+            Ok("a"),
+            Err("missing field \"custom_id\""),
+            Err("field \"method\" must be \"POST\""),
+            Err("url \"/v1/embeddings\" is not a chat endpoint"),
+            Err("field \"body\" must be a JSON object"),
+            Err("body.model is \"gpt-4o\" but earlier lines name \"gpt-4o-mini\""),
+            Err("body.messages must be a non-empty array"),
+            Ok("h"),
+        ];
+        assert_eq!(verdicts.len(), expect.len(), "{verdicts:?}");
+        for (i, (got, want)) in verdicts.iter().zip(expect).enumerate() {
+            match (got, want) {
+                (Ok(g), Ok(w)) => assert_eq!(g, w, "line {}", i + 1),
+                (Err(g), Err(w)) => assert!(g.starts_with(w), "line {}: {g}", i + 1),
+                _ => panic!("line {}: got {got:?}, expected {want:?}", i + 1),
+            }
+        }
     }
 }

@@ -13,6 +13,7 @@ pub mod ingest;
 pub mod leader;
 pub mod metrics;
 pub mod model;
+pub mod openai_batch;
 pub mod publish;
 pub mod reconcile;
 pub mod review;

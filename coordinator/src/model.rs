@@ -237,6 +237,8 @@ pub enum Format {
     Csv,
     /// Label Studio tasks (a JSON array), for review queues.
     LabelStudio,
+    /// The OpenAI Batch API's output file: one request output object a line.
+    OpenaiBatch,
 }
 
 impl Format {
@@ -245,6 +247,7 @@ impl Format {
             Format::Jsonl => "jsonl",
             Format::Csv => "csv",
             Format::LabelStudio => "label-studio",
+            Format::OpenaiBatch => "openai-batch",
         }
     }
 
@@ -262,7 +265,7 @@ impl Format {
 
     pub fn content_type(self) -> &'static str {
         match self {
-            Format::Jsonl => "application/x-ndjson",
+            Format::Jsonl | Format::OpenaiBatch => "application/x-ndjson",
             Format::Csv => "text/csv",
             Format::LabelStudio => "application/json",
         }

@@ -64,7 +64,8 @@ pub async fn queue(pool: &PgPool, job_id: Uuid, below: Option<f64>) -> Result<Ve
 /// array of tasks whose prediction carries the model's answer and score).
 pub fn render(items: &[QueueItem], format: Format, labels: &[String]) -> Vec<u8> {
     match format {
-        Format::Jsonl => {
+        // The API offers review queues only as jsonl, csv and label-studio.
+        Format::Jsonl | Format::OpenaiBatch => {
             let mut out = Vec::new();
             for i in items {
                 serde_json::to_writer(&mut out, i).expect("queue item serialises");

@@ -851,6 +851,12 @@ pub struct ResultRow {
     /// when an attempt used a model without a price.
     #[serde(default)]
     pub cost_usd: Option<f64>,
+    /// The call that gave the answer (its audit trail id).
+    #[serde(skip)]
+    pub answered_by: Option<Uuid>,
+    /// When the result was written.
+    #[serde(skip)]
+    pub created_at: Option<DateTime<Utc>>,
 }
 
 /// Up to `limit` results of a job with `seq > after`, in input order.
@@ -858,6 +864,7 @@ pub async fn results_page(pool: &PgPool, job_id: Uuid, after: i64, limit: i64) -
     let rows = sqlx::query!(
         r#"SELECT r.seq, r.item_id, r.state, r.answer, r.output, r.confidence, r.error_class, r.error, r.model,
                 r.attempts, r.template_hash, r.tokens_in, r.tokens_out, r.human_answer, r.reviewer, r.reviewed_at,
+                r.answered_by, r.created_at,
                 CASE WHEN c.unpriced THEN NULL ELSE c.cost END AS cost_usd
          FROM results r
          CROSS JOIN LATERAL (SELECT coalesce(sum(a.cost_usd), 0)::float8 AS cost,
@@ -896,6 +903,8 @@ pub async fn results_page(pool: &PgPool, job_id: Uuid, after: i64, limit: i64) -
                     tokens_in: row.tokens_in,
                     tokens_out: row.tokens_out,
                     cost_usd: row.cost_usd,
+                    answered_by: row.answered_by,
+                    created_at: Some(row.created_at),
                 },
             )
         })

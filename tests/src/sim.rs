@@ -117,6 +117,9 @@ pub struct SimConfig {
     /// Keep a log of every request (time, item, model, status) at `GET /log`.
     #[arg(long)]
     pub log_requests: bool,
+    /// With `log_requests`: keep every request body in the log too.
+    #[arg(long)]
+    pub log_bodies: bool,
     /// Seed of the fault draws.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -175,6 +178,9 @@ pub struct LogEntry {
     /// the worker's audit trail records as `request_hash`.
     #[serde(default)]
     pub request_hash: String,
+    /// The request body as sent, with `log_bodies`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<Value>,
 }
 
 /// Requests counted in one second of the simulator's life.
@@ -281,7 +287,7 @@ impl Sim {
     }
 
     /// Counts a finished request in the timeline and, if enabled, the log.
-    fn record(&self, status: StatusCode, item: u64, model: &str, log: Option<String>) {
+    fn record(&self, status: StatusCode, item: u64, model: &str, log: Option<(String, Option<Value>)>) {
         let t = self.started.elapsed();
         {
             let mut tl = self.timeline.lock().expect("timeline lock");
@@ -294,7 +300,7 @@ impl Sim {
             s.ok += (status == StatusCode::OK) as u32;
             s.status_429 += (status == StatusCode::TOO_MANY_REQUESTS) as u32;
         }
-        if let Some(request_hash) = log {
+        if let Some((request_hash, body)) = log {
             self.log.lock().expect("log lock").push(LogEntry {
                 t_ms: t.as_millis() as u64,
                 wall_ms: std::time::SystemTime::now()
@@ -304,6 +310,7 @@ impl Sim {
                 model: model.to_string(),
                 status: status.as_u16(),
                 request_hash,
+                body,
             });
         }
     }
@@ -560,7 +567,8 @@ async fn respond(sim: &Sim, headers: &HeaderMap, request: &Value, body: &[u8]) -
         }
     }
     let hash = if config.log_requests { hex::encode(&sha2::Sha256::digest(body)[..8]) } else { String::new() };
-    sim.record(response.status(), item, &model, config.log_requests.then_some(hash));
+    let logged = config.log_bodies.then(|| request.clone());
+    sim.record(response.status(), item, &model, config.log_requests.then_some((hash, logged)));
     response
 }
 
@@ -801,6 +809,9 @@ async fn answer(sim: &Sim, config: &SimConfig, auth: &HeaderMap, request: &Value
             json!({"sim_bad_output": true}).to_string()
         } else if schema.is_object() {
             fill(schema, text, &model_cfg, draw, &mut pick).to_string()
+        } else if request["response_format"]["type"] == "json_object" {
+            // JSON mode without a schema: some JSON object.
+            json!({"answer": summary(text, 200)}).to_string()
         } else {
             summary(text, 200)
         };

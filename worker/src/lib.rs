@@ -16,6 +16,7 @@ pub mod kvstate;
 pub mod learned;
 pub mod limit;
 pub mod metrics;
+pub mod passthrough;
 pub mod process;
 pub mod pull;
 pub mod store;

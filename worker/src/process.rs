@@ -276,6 +276,8 @@ struct ItemRun<'a> {
     last: Option<(ErrorClass, String)>,
     /// Set when a model's breaker was open: how long until it may be tried.
     held: Option<Duration>,
+    /// The request as the input line wrote it (`request = "openai_batch"`).
+    pass: Option<crate::passthrough::Passthrough>,
 }
 
 /// Processes one item, whose prompt may be rendered already. Guard failures
@@ -316,7 +318,14 @@ pub async fn run_item(
         item_id: item.id.clone(),
         template_hash: job.template_hash.clone(),
     });
-    let mut run = ItemRun { ctx, job, iref, result: ItemResult::pending(item), last: None, held: None };
+    let pass = match job.kind.spec.request {
+        common::spec::RequestSource::OpenaiBatch => match crate::passthrough::Passthrough::parse(&prompt) {
+            Ok(p) => Some(p),
+            Err(why) => return Ok(Outcome::Done(Box::new(ItemResult::failed(item, ErrorClass::Template, why)))),
+        },
+        common::spec::RequestSource::Template => None,
+    };
+    let mut run = ItemRun { ctx, job, iref, result: ItemResult::pending(item), last: None, held: None, pass };
     let base = vec![Message { role: "user".into(), content: prompt }];
     for (model_index, route) in routes.iter().enumerate() {
         match run.on_model(route, model_index, &base).await? {
@@ -347,6 +356,14 @@ impl ItemRun<'_> {
         let spec = &self.job.kind.spec;
         let ep = &route.endpoint;
         let base_url = ep.client.base_url();
+        if self.pass.is_some() && ep.client.kind() == common::provider::ProviderKind::Anthropic {
+            let why = format!(
+                "{} is served by {}, an Anthropic provider: an OpenAI batch body can go only to an OpenAI-dialect provider",
+                route.model, ep.name
+            );
+            self.last = Some((ErrorClass::InvalidRequest, why));
+            return Ok(ModelEnd::Next);
+        }
         let breaker = ctx.guards.breaker(base_url, &route.model).await?;
         let facts = ctx.learned.get(base_url, &route.model).await?;
         let mut output = facts.output.unwrap_or(route.config.first_output_mode()).max(route.config.first_output_mode());
@@ -407,8 +424,11 @@ impl ItemRun<'_> {
                 n: samples,
                 reasoning_effort: if route.config.reasoning { spec.reasoning_effort.as_deref() } else { None },
             };
-            let body = ep.client.body(&call);
-            let max_output = spec.max_tokens as f64 * samples.unwrap_or(1) as f64;
+            let (body, max_output) = match &self.pass {
+                // The line's body, with the re-asks after its own messages.
+                Some(p) => (p.body(&route.wire_model, &messages[1..]), p.max_output(spec.max_tokens)),
+                None => (ep.client.body(&call), spec.max_tokens as f64 * samples.unwrap_or(1) as f64),
+            };
             // A capped job's budget is reserved first, at the call's worst
             // case: a call that would pass the cap is never made.
             let budget = if self.job.capped {
@@ -519,7 +539,7 @@ impl ItemRun<'_> {
                             continue; // the next sample, another call
                         }
                     }
-                    match verdict(self.job, strategy.current, &c, by_calls.then_some(&drawn[..])) {
+                    match verdict(self.job, self.pass.as_ref(), strategy.current, &c, by_calls.then_some(&drawn[..])) {
                         Ok(((value, answer), raw, mut components)) => {
                             if by_calls {
                                 components["calls"] = json!(drawn.len());
@@ -685,6 +705,7 @@ type Verdict = Result<((Value, String), Result<f64, String>, Value), String>;
 /// separate calls; otherwise the completion's own samples are used.
 fn verdict(
     job: &CompiledJob,
+    pass: Option<&crate::passthrough::Passthrough>,
     strategy: Option<ConfidenceStrategy>,
     c: &Completion,
     drawn: Option<&[String]>,
@@ -694,8 +715,11 @@ fn verdict(
         Some(d) => d.iter().collect(),
         None => std::iter::once(&c.content).chain(c.others.iter()).collect(),
     };
-    let checked: Vec<Result<(Value, String), String>> =
-        contents.iter().map(|content| validate_output(job, content)).collect();
+    let checked = contents.iter().map(|content| match pass {
+        Some(p) => p.check(content, spec.max_output_bytes),
+        None => validate_output(job, content),
+    });
+    let checked: Vec<Result<(Value, String), String>> = checked.collect();
     if strategy == Some(ConfidenceStrategy::Agreement) {
         // Several answers came back: the majority wins.
         let answers: Vec<Option<String>> = checked.iter().map(|r| r.as_ref().ok().map(|(_, a)| a.clone())).collect();

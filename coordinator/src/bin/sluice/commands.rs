@@ -115,7 +115,10 @@ enum Command {
     /// Export a job's results in input order.
     Results {
         job: Uuid,
-        #[arg(long, default_value = "jsonl", value_parser = ["jsonl", "csv"])]
+        /// `openai-batch` writes the OpenAI Batch API's output file format
+        /// (`{"id", "custom_id", "response": {"status_code", "request_id",
+        /// "body"}, "error"}` a line), for tools written for that API.
+        #[arg(long, default_value = "jsonl", value_parser = ["jsonl", "csv", "openai-batch"])]
         format: String,
         /// Write to this file instead of standard output.
         #[arg(long, short)]
@@ -368,7 +371,8 @@ struct SubmitArgs {
     #[arg(long)]
     review_below: Option<f64>,
     /// Model to use instead of the one in job.toml (e.g. when pointing
-    /// workers at a real provider).
+    /// workers at a real provider). For an OpenAI batch file (jobs/openai-batch)
+    /// the default is the model its lines name.
     #[arg(long, env = "SLUICE_MODEL")]
     model: Option<String>,
     /// Keep watching the job's progress until it finishes, then exit with the
@@ -470,7 +474,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Estimate { job_dir, input, model, providers_file, prices_file, no_cache, offline, json } => {
             let client = if offline { None } else { api().ok() };
-            let kind = load_kind(&job_dir, model)?;
+            let kind = load_kind(&job_dir, model, &input)?;
             let e = estimate(client.as_ref(), &kind, &input, providers_file, &prices_file, no_cache).await?;
             print_estimate(&e, json);
             if e.invalid_lines > 0 {
@@ -772,7 +776,7 @@ async fn submit(client: &Client, args: SubmitArgs) -> anyhow::Result<ExitCode> {
         providers_file,
         prices_file,
     } = args;
-    let kind = load_kind(&job_dir, model)?;
+    let kind = load_kind(&job_dir, model, &input)?;
     if ask {
         let e = estimate(Some(client), &kind, &input, providers_file, &prices_file, no_cache).await?;
         print_estimate(&e, json);
@@ -978,13 +982,33 @@ fn print_status(s: &JobStatus, json: bool) {
 }
 
 /// A job kind from its folder, with `model` instead of its own if given.
-fn load_kind(job_dir: &std::path::Path, model: Option<String>) -> anyhow::Result<common::spec::JobKind> {
+/// An OpenAI batch file names its model in every line (one model a file):
+/// without `model`, the first line's is the job's.
+fn load_kind(
+    job_dir: &std::path::Path,
+    model: Option<String>,
+    input: &std::path::Path,
+) -> anyhow::Result<common::spec::JobKind> {
     let mut kind = common::spec::JobKind::load(job_dir)
         .with_context(|| format!("cannot load the job kind in {}", job_dir.display()))?;
-    if let Some(model) = model {
+    let named = match (&model, kind.spec.request) {
+        (None, common::spec::RequestSource::OpenaiBatch) => batch_file_model(input),
+        _ => None,
+    };
+    if let Some(model) = model.or(named) {
         kind.spec.model = model;
     }
     Ok(kind)
+}
+
+/// `body.model` of the first non-blank line of an OpenAI batch file, if it
+/// names one (a bad line is reported with its number at upload).
+fn batch_file_model(input: &std::path::Path) -> Option<String> {
+    use std::io::BufRead;
+    let file = std::io::BufReader::new(std::fs::File::open(input).ok()?);
+    let line = file.lines().map_while(Result::ok).find(|l| !l.trim().is_empty())?;
+    let value: serde_json::Value = serde_json::from_str(&line).ok()?;
+    value["body"]["model"].as_str().map(str::to_string)
 }
 
 /// Estimates a job: reads the input once, locally; with a client, asks the
