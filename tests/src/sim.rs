@@ -27,6 +27,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
+pub mod batch;
+
 /// Behaviour of the simulator; every field can be changed at run time with
 /// `POST /admin/config`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, clap::Args)]
@@ -123,6 +125,18 @@ pub struct SimConfig {
     /// Seed of the fault draws.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Batch APIs: seconds from a batch's creation until it ends (the
+    /// providers' 24 hours, accelerated).
+    #[arg(long, env = "SIM_BATCH_SECONDS", default_value_t = 0.0)]
+    pub batch_seconds: f64,
+    /// Batch APIs: share of a batch's requests that fail (500 in OpenAI's
+    /// error file, `errored` for Anthropic).
+    #[arg(long, env = "SIM_BATCH_FAIL", default_value_t = 0.0)]
+    pub batch_fail: f64,
+    /// Batch APIs: share of a batch's requests still unprocessed when it
+    /// ends; above 0, every batch ends `expired`.
+    #[arg(long, env = "SIM_BATCH_EXPIRE", default_value_t = 0.0)]
+    pub batch_expire: f64,
 }
 
 impl SimConfig {
@@ -251,6 +265,8 @@ pub struct Sim {
     started: Instant,
     /// 429s still to inject.
     injected: AtomicU64,
+    /// Files and batches of the batch APIs.
+    pub(crate) batches: batch::Store,
 }
 
 impl Sim {
@@ -267,6 +283,7 @@ impl Sim {
             timeline: Mutex::new(Vec::new()),
             log: Mutex::new(Vec::new()),
             started: Instant::now(),
+            batches: batch::Store::default(),
         })
     }
 
@@ -341,6 +358,7 @@ pub fn router(sim: Arc<Sim>) -> Router {
         .route("/v1/messages", post(messages))
         .route("/openai/deployments/{deployment}/chat/completions", post(azure_chat))
         .route("/v1/models", get(models))
+        .merge(batch::routes())
         .route("/stats", get(|State(s): State<Arc<Sim>>| async move { Json(s.stats()) }))
         .route("/stats/timeline", get(|State(s): State<Arc<Sim>>| async move { Json(s.timeline()) }))
         .route("/log", get(|State(s): State<Arc<Sim>>| async move { Json(s.log()) }))
@@ -595,8 +613,9 @@ async fn answer(sim: &Sim, config: &SimConfig, auth: &HeaderMap, request: &Value
     let prompt_chars: usize = messages.iter().map(|m| m["content"].as_str().map_or(0, str::len)).sum();
     let text = messages.iter().rev().find(|m| m["role"] == "user").and_then(|m| m["content"].as_str()).unwrap_or("");
     let tokens_in = approx_tokens(prompt_chars);
+    let live = !batch::answering();
 
-    if sim.injected.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1)).is_ok() {
+    if live && sim.injected.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1)).is_ok() {
         c.status_429.fetch_add(1, Ordering::Relaxed);
         let mut resp = error(StatusCode::TOO_MANY_REQUESTS, "rate_limit_exceeded", "simulated rate limit");
         if let Some(limit) = config.limit_header_on_429 {
@@ -617,7 +636,8 @@ async fn answer(sim: &Sim, config: &SimConfig, auth: &HeaderMap, request: &Value
         (&limits.output, max_tokens, limits.output_tpm, "output-tokens"),
     ];
     for (l, cost, per_minute, name) in checks {
-        let Some(l) = l else { continue };
+        // Batch requests have limits of their own (the enqueued tokens).
+        let Some(l) = l.as_ref().filter(|_| live) else { continue };
         let Some(cost) = NonZeroU32::new(cost.max(1)) else { continue };
         let capacity = if config.full_bucket { per_minute } else { (per_minute / 60).max(1) };
         let period_ms = 60_000.0 / per_minute.max(1) as f64;
@@ -695,7 +715,7 @@ async fn answer(sim: &Sim, config: &SimConfig, auth: &HeaderMap, request: &Value
         );
     }
     let request_hash = hash_of(body);
-    let attempt = if config.any_fault() {
+    let attempt = if live && config.any_fault() {
         let mut seen = sim.attempts.lock().expect("attempts lock");
         let n = seen.entry(request_hash).or_insert(0);
         *n += 1;
@@ -718,7 +738,9 @@ async fn answer(sim: &Sim, config: &SimConfig, auth: &HeaderMap, request: &Value
         edge += share;
         draw >= lo && draw < edge
     };
-    let fault = if hit(config.error_500) {
+    let fault = if !live {
+        None // batch failures are drawn per batch request (`batch_fail`)
+    } else if hit(config.error_500) {
         Some("500")
     } else if hit(config.error_503) {
         Some("503")
@@ -735,7 +757,7 @@ async fn answer(sim: &Sim, config: &SimConfig, auth: &HeaderMap, request: &Value
     } else {
         None
     };
-    if latency > 0 {
+    if live && latency > 0 {
         tokio::time::sleep(Duration::from_millis(latency)).await;
     }
     match fault {
