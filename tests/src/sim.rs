@@ -266,7 +266,7 @@ pub struct Sim {
     /// 429s still to inject.
     injected: AtomicU64,
     /// Files and batches of the batch APIs.
-    pub(crate) batches: batch::Store,
+    pub batches: batch::Store,
 }
 
 impl Sim {

@@ -6,6 +6,7 @@
 //! [`ChatClient::complete`].
 
 pub mod anthropic;
+pub mod batch;
 pub mod openai;
 
 use std::time::Duration;

@@ -73,7 +73,10 @@ enum End {
 
 /// What became of one request of an ended batch.
 enum Outcome {
-    Answered { status: StatusCode, body: Value },
+    Answered {
+        status: StatusCode,
+        body: Value,
+    },
     /// Failed inside the provider (`batch_fail`).
     Failed,
     NotRun(End),
@@ -195,8 +198,9 @@ async fn file_content(State(sim): State<Arc<Sim>>, headers: HeaderMap, Path(id):
         return r;
     }
     match sim.batches.files.lock().expect("files lock").get(&id) {
-        Some(bytes) => (StatusCode::OK, [("content-type", "application/octet-stream")], bytes.as_ref().clone())
-            .into_response(),
+        Some(bytes) => {
+            (StatusCode::OK, [("content-type", "application/octet-stream")], bytes.as_ref().clone()).into_response()
+        }
         None => openai_error(StatusCode::NOT_FOUND, &format!("No such File object: {id}")),
     }
 }
@@ -227,7 +231,11 @@ async fn create_openai(State(sim): State<Arc<Sim>>, headers: HeaderMap, Json(req
         };
         let custom_id = v["custom_id"].as_str().unwrap_or_default().to_string();
         if v["url"] != endpoint.as_str() {
-            errors.push(error(line, "mismatched_endpoint", format!("The url must match the batch's endpoint {endpoint}.")));
+            errors.push(error(
+                line,
+                "mismatched_endpoint",
+                format!("The url must match the batch's endpoint {endpoint}."),
+            ));
         } else if !seen.insert(custom_id.clone()) {
             errors.push(error(line, "duplicate_custom_id", "The custom_id for this request is a duplicate.".into()));
         } else {
@@ -282,7 +290,7 @@ async fn advance(sim: &Arc<Sim>, batch: &mut SimBatch) {
         let run = match end {
             End::Completed => true,
             End::Expired => draw(1) >= config.batch_expire,
-            End::Cancelled(share) => (i as f64) < share * n as f64,
+            End::Cancelled(share) => ((i + 1) as f64) <= share * n as f64,
         };
         if !run {
             outcomes.push(Outcome::NotRun(end));
@@ -337,9 +345,7 @@ fn openai_files(batch: &SimBatch) -> (Vec<u8>, Vec<u8>) {
     let Some((_, _, outcomes)) = &batch.ended else { return (output, errors) };
     for (i, ((custom_id, _), outcome)) in batch.requests.iter().zip(outcomes).enumerate() {
         let id = format!("batch_req_sim_{}_{i}", batch.serial);
-        let response = |status: StatusCode, body: &Value| {
-            json!({"status_code": status.as_u16(), "request_id": request_id(batch, i), "body": body})
-        };
+        let response = |status: StatusCode, body: &Value| json!({"status_code": status.as_u16(), "request_id": request_id(batch, i), "body": body});
         let (line, ok) = match outcome {
             Outcome::Answered { status, body } => (
                 json!({"id": id, "custom_id": custom_id, "response": response(*status, body), "error": null}),
@@ -353,10 +359,15 @@ fn openai_files(batch: &SimBatch) -> (Vec<u8>, Vec<u8>) {
             }
             Outcome::NotRun(end) => {
                 let (code, message) = match end {
-                    End::Cancelled(_) => ("batch_cancelled", "This request was not executed because the batch was cancelled."),
+                    End::Cancelled(_) => {
+                        ("batch_cancelled", "This request was not executed because the batch was cancelled.")
+                    }
                     _ => ("batch_expired", "This request could not be executed before the completion window expired."),
                 };
-                (json!({"id": id, "custom_id": custom_id, "response": null, "error": {"code": code, "message": message}}), false)
+                (
+                    json!({"id": id, "custom_id": custom_id, "response": null, "error": {"code": code, "message": message}}),
+                    false,
+                )
             }
         };
         let out = if ok { &mut output } else { &mut errors };
@@ -374,7 +385,10 @@ fn openai_object(id: &str, batch: &SimBatch, status: Option<&str>) -> Value {
         None if batch.cancel_requested.is_some() => ("cancelling", 0, 0, None),
         None => ("in_progress", 0, 0, None),
         Some((end, at, outcomes)) => {
-            let ok = outcomes.iter().filter(|o| matches!(o, Outcome::Answered { status, .. } if *status == StatusCode::OK)).count();
+            let ok = outcomes
+                .iter()
+                .filter(|o| matches!(o, Outcome::Answered { status, .. } if *status == StatusCode::OK))
+                .count();
             let run = outcomes.iter().filter(|o| !matches!(o, Outcome::NotRun(_))).count();
             let state = match end {
                 End::Completed => "completed",
@@ -444,7 +458,11 @@ async fn create_anthropic(State(sim): State<Arc<Sim>>, headers: HeaderMap, Json(
         return r;
     }
     if headers.get("anthropic-version").is_none() {
-        return anthropic_error(StatusCode::BAD_REQUEST, "invalid_request_error", "anthropic-version: header is required");
+        return anthropic_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "anthropic-version: header is required",
+        );
     }
     let Some(list) = req["requests"].as_array().filter(|l| !l.is_empty()) else {
         return anthropic_error(StatusCode::BAD_REQUEST, "invalid_request_error", "requests: Field required");
@@ -569,7 +587,9 @@ async fn results_anthropic(State(sim): State<Arc<Sim>>, headers: HeaderMap, Path
     let mut out = Vec::new();
     for ((custom_id, _), outcome) in batch.requests.iter().zip(outcomes) {
         let result = match outcome {
-            Outcome::Answered { status, body } if *status == StatusCode::OK => json!({"type": "succeeded", "message": body}),
+            Outcome::Answered { status, body } if *status == StatusCode::OK => {
+                json!({"type": "succeeded", "message": body})
+            }
             Outcome::Answered { body, .. } => json!({"type": "errored", "error": body}),
             Outcome::Failed => json!({"type": "errored", "error": {"type": "error",
                 "error": {"type": "api_error", "message": "simulated batch request failure"}}}),
