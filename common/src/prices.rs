@@ -124,6 +124,18 @@ impl PriceTable {
     }
 }
 
+impl PriceTable {
+    /// Cost of one request answered through the provider's batch API: the
+    /// batch prices where the table has them, else the live ones. Prompt
+    /// caching is not counted apart (batch prices are flat).
+    pub fn batch_cost(&self, provider: &str, model: &str, u: Usage) -> Option<f64> {
+        let p = self.get(provider, model)?;
+        let input = p.batch_input_per_mtok.unwrap_or(p.input_per_mtok);
+        let output = p.batch_output_per_mtok.unwrap_or(p.output_per_mtok);
+        Some((u.input as f64 * input + u.output as f64 * output) / 1_000_000.0)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

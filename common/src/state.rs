@@ -98,6 +98,24 @@ text_states! {
 }
 
 text_states! {
+    /// `jobs.mode` (migration 0014): how a job's calls are made.
+    JobMode, "job mode" {
+        /// One live call per item, under the shared rate limit.
+        Live = "live",
+        /// Each chunk's items as one provider batch (OpenAI's Batch API,
+        /// Anthropic's Message Batches): half the price, answered within hours.
+        Batch = "batch",
+    }
+}
+
+#[allow(clippy::derivable_impls)] // the enum comes from a macro shared with states that have no default
+impl Default for JobMode {
+    fn default() -> Self {
+        JobMode::Live
+    }
+}
+
+text_states! {
     /// `results.state`.
     ResultState, "result" {
         Succeeded = "succeeded",

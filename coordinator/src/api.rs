@@ -82,7 +82,15 @@ pub fn check_models(catalog: &Catalog, prices: &PriceTable, job: &NewJob) -> Res
         let target = catalog.resolve(reference).map_err(|msg| {
             Error::Invalid(format!("{} {reference:?}: {msg}", if i == 0 { "model" } else { "fallback model" }))
         })?;
-        let anthropic = catalog.providers.get(target.provider).is_some_and(|p| p.kind == ProviderKind::Anthropic);
+        let provider_kind = catalog.providers.get(target.provider).map(|p| p.kind);
+        let anthropic = provider_kind == Some(ProviderKind::Anthropic);
+        if job.mode == common::state::JobMode::Batch && i == 0 && provider_kind == Some(ProviderKind::AzureOpenai) {
+            return Err(Error::Invalid(format!(
+                "model {reference:?} is served by {}, an Azure OpenAI provider, whose batches Sluice does not use: \
+                 submit with --mode live, or pick a model of an OpenAI, OpenAI-compatible or Anthropic provider",
+                target.provider
+            )));
+        }
         if spec.request == RequestSource::OpenaiBatch && anthropic {
             return Err(Error::Invalid(format!(
                 "model {reference:?} is served by {}, an Anthropic provider: an OpenAI batch file's bodies go only to \

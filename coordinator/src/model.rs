@@ -30,6 +30,9 @@ pub struct NewJob {
     /// Cache entries older than this are not used (default 30 days).
     #[serde(default)]
     pub cache_ttl_s: Option<u64>,
+    /// Live calls, or the providers' batch APIs.
+    #[serde(default)]
+    pub mode: common::state::JobMode,
 }
 
 /// A spending cap in dollars, as the CLI and the coordinator's settings take
@@ -62,6 +65,7 @@ impl NewJob {
             max_cost_usd: None,
             cache: None,
             cache_ttl_s: None,
+            mode: common::state::JobMode::Live,
         }
     }
 

@@ -104,8 +104,8 @@ pub async fn create_job(
     let mut tx = pool.begin().await.doing("creating the job")?;
     check_active_jobs(&mut tx, project, max_active).await?;
     let ttl = job.cache_ttl_s.unwrap_or(crate::model::DEFAULT_CACHE_TTL_S).min(i64::MAX as u64) as i64;
-    sqlx::query!("INSERT INTO jobs (id, kind, spec, template, template_hash, output_schema, input_name, review_below, submitted_by, project, reuse, cache_ttl_s)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)", id, &job.kind.spec.kind, sqlx::types::Json(&job.kind.spec) as _, &job.kind.template, job.kind.template_hash(), &job.kind.schema, job.input_name.as_deref(), job.review_below, &actor.name, project, job.reuses(), ttl)
+    sqlx::query!("INSERT INTO jobs (id, kind, spec, template, template_hash, output_schema, input_name, review_below, submitted_by, project, reuse, cache_ttl_s, mode)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)", id, &job.kind.spec.kind, sqlx::types::Json(&job.kind.spec) as _, &job.kind.template, job.kind.template_hash(), &job.kind.schema, job.input_name.as_deref(), job.review_below, &actor.name, project, job.reuses(), ttl, job.mode.as_str())
     .execute(&mut *tx)
     .await.doing("creating the job")?;
     if let Some(cap) = job.max_cost_usd {
@@ -116,7 +116,7 @@ pub async fn create_job(
     }
     tx.commit().await.doing("creating the job")?;
     let detail = serde_json::json!({"kind": job.kind.spec.kind, "input": job.input_name, "project": project,
-                                    "max_cost_usd": job.max_cost_usd, "reuse": job.reuses()});
+                                    "max_cost_usd": job.max_cost_usd, "reuse": job.reuses(), "mode": job.mode});
     event(pool, id, "submitted", actor, detail).await?;
     Ok(id)
 }

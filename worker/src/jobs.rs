@@ -33,6 +33,8 @@ pub struct CompiledJob {
     pub has_copies: bool,
     /// The job has a spending cap: each call reserves its worst case first.
     pub capped: bool,
+    /// The job's calls go through the provider's batch API (`jobs.mode`).
+    pub batch: bool,
 }
 
 impl CompiledJob {
@@ -60,6 +62,7 @@ impl CompiledJob {
             cache_ttl_s: 0,
             has_copies: false,
             capped: false,
+            batch: false,
         })
     }
 }
@@ -88,7 +91,7 @@ impl JobCache {
         }
         let Some(row) = sqlx::query!(
             r#"SELECT spec AS "spec: sqlx::types::Json<common::spec::JobSpec>", template, template_hash,
-                      output_schema, review_below, project, reuse, cache_ttl_s,
+                      output_schema, review_below, project, reuse, cache_ttl_s, mode AS "mode: common::state::JobMode",
                       EXISTS (SELECT 1 FROM job_budgets b WHERE b.job_id = jobs.id) AS "capped!",
                       EXISTS (SELECT 1 FROM item_copies c WHERE c.job_id = jobs.id) AS "has_copies!"
                FROM jobs WHERE id = $1"#,
@@ -107,6 +110,7 @@ impl JobCache {
         compiled.cache_ttl_s = row.cache_ttl_s;
         compiled.capped = row.capped;
         compiled.has_copies = row.has_copies;
+        compiled.batch = row.mode == common::state::JobMode::Batch;
         if row.reuse {
             if let Ok(routes) = &compiled.routes {
                 let models: Vec<String> = routes.iter().map(|r| format!("{}/{}", r.endpoint.name, r.model)).collect();

@@ -280,6 +280,28 @@ struct ItemRun<'a> {
     pass: Option<crate::passthrough::Passthrough>,
 }
 
+/// An item's prompt, rendered unless it was already, and within the kind's
+/// `max_prompt_bytes`; otherwise the item's failed result.
+pub fn prepare(job: &CompiledJob, item: &Item, rendered: Option<String>) -> Result<String, Box<ItemResult>> {
+    let prompt = match rendered.map_or_else(|| job.prompt.render(&item.payload), Ok) {
+        Ok(p) => p,
+        Err(e) => {
+            let why = format!("cannot render the prompt: {e}");
+            return Err(Box::new(ItemResult::failed(item, ErrorClass::Template, why)));
+        }
+    };
+    let (size, limit) =
+        (prompt.len() + job.kind.spec.system.as_deref().map_or(0, str::len), job.kind.spec.max_prompt_bytes);
+    if size > limit {
+        let why = format!(
+            "the prompt is {size} bytes, over this kind's max_prompt_bytes ({limit}): shorten the input, \
+             or raise max_prompt_bytes in job.toml if the model's context takes it"
+        );
+        return Err(Box::new(ItemResult::failed(item, ErrorClass::PromptTooLarge, why)));
+    }
+    Ok(prompt)
+}
+
 /// Processes one item, whose prompt may be rendered already. Guard failures
 /// (KV unreachable) are errors; every model failure becomes a failed result
 /// or a hold.
@@ -290,22 +312,10 @@ pub async fn run_item(
     rendered: Option<String>,
 ) -> Result<Outcome, Error> {
     let started = Instant::now();
-    let prompt = match rendered.map_or_else(|| job.prompt.render(&item.payload), Ok) {
+    let prompt = match prepare(job, item, rendered) {
         Ok(p) => p,
-        Err(e) => {
-            let why = format!("cannot render the prompt: {e}");
-            return Ok(Outcome::Done(Box::new(ItemResult::failed(item, ErrorClass::Template, why))));
-        }
+        Err(failed) => return Ok(Outcome::Done(failed)),
     };
-    let (size, limit) =
-        (prompt.len() + job.kind.spec.system.as_deref().map_or(0, str::len), job.kind.spec.max_prompt_bytes);
-    if size > limit {
-        let why = format!(
-            "the prompt is {size} bytes, over this kind's max_prompt_bytes ({limit}): shorten the input, \
-             or raise max_prompt_bytes in job.toml if the model's context takes it"
-        );
-        return Ok(Outcome::Done(Box::new(ItemResult::failed(item, ErrorClass::PromptTooLarge, why))));
-    }
     let routes = match &job.routes {
         Ok(r) => r,
         Err(msg) => {
@@ -544,32 +554,15 @@ impl ItemRun<'_> {
                             if by_calls {
                                 components["calls"] = json!(drawn.len());
                             }
-                            let mut scored = confidence::score(
-                                strategy.current.unwrap_or(ConfidenceStrategy::None),
-                                raw,
-                                repairs > 0,
-                                model_index > 0,
-                                components,
-                            );
-                            if !strategy.skipped.is_empty() {
-                                scored.detail["skipped"] = Value::Array(std::mem::take(&mut strategy.skipped));
-                            }
-                            if strategy.current.is_none() && spec.scores_confidence() {
-                                scored.detail["error"] =
-                                    json!("no confidence strategy of the kind can be computed for this model");
-                            }
-                            let r = &mut self.result;
-                            r.succeeded = true;
-                            r.needs_review =
-                                spec.scores_confidence() && scored.value.is_none_or(|v| v < self.job.review_below);
-                            r.error_class = None;
-                            r.error = None;
-                            r.model = Some(if c.model.is_empty() { route.model.clone() } else { c.model });
-                            r.confidence = scored.value;
-                            r.confidence_detail = Some(scored.detail);
-                            r.output = Some(value);
-                            r.answer = Some(answer);
-                            r.answered_by = Some(call_id);
+                            let how = Accepted {
+                                strategy: strategy.current,
+                                skipped: std::mem::take(&mut strategy.skipped),
+                                repaired: repairs > 0,
+                                fallback: model_index > 0,
+                                model: if c.model.is_empty() { route.model.clone() } else { c.model },
+                                call_id,
+                            };
+                            accept(self.job, &mut self.result, ((value, answer), raw, components), how);
                             return Ok(ModelEnd::Answered);
                         }
                         Err(msg) if repairs < ctx.policy.max_repairs => {
@@ -698,7 +691,108 @@ impl AttemptFacts<'_> {
 }
 
 /// A validated answer, its raw confidence, and the detail of how it was reached.
-type Verdict = Result<((Value, String), Result<f64, String>, Value), String>;
+type Verdict = Result<Valid, String>;
+type Valid = ((Value, String), Result<f64, String>, Value);
+
+/// How an answer that passed validation was reached.
+struct Accepted {
+    strategy: Option<ConfidenceStrategy>,
+    /// Strategies passed over, with the reason.
+    skipped: Vec<Value>,
+    repaired: bool,
+    fallback: bool,
+    model: String,
+    call_id: uuid::Uuid,
+}
+
+/// Fills `r` with a valid answer, scored: the item succeeded.
+fn accept(job: &CompiledJob, r: &mut ItemResult, valid: Valid, how: Accepted) {
+    let spec = &job.kind.spec;
+    let ((value, answer), raw, components) = valid;
+    let mut scored = confidence::score(
+        how.strategy.unwrap_or(ConfidenceStrategy::None),
+        raw,
+        how.repaired,
+        how.fallback,
+        components,
+    );
+    if !how.skipped.is_empty() {
+        scored.detail["skipped"] = Value::Array(how.skipped);
+    }
+    if how.strategy.is_none() && spec.scores_confidence() {
+        scored.detail["error"] = json!("no confidence strategy of the kind can be computed for this model");
+    }
+    r.succeeded = true;
+    r.needs_review = spec.scores_confidence() && scored.value.is_none_or(|v| v < job.review_below);
+    r.error_class = None;
+    r.error = None;
+    r.model = Some(how.model);
+    r.confidence = scored.value;
+    r.confidence_detail = Some(scored.detail);
+    r.output = Some(value);
+    r.answer = Some(answer);
+    r.answered_by = Some(how.call_id);
+}
+
+/// One item's request as a provider batch sends it: the body in the
+/// route's dialect (as the first live attempt would send it: the model's
+/// first structured-output mode, the kind's first usable confidence
+/// strategy), and the most output tokens it may bring back.
+pub fn batch_request(job: &CompiledJob, route: &Route, prompt: &str) -> Result<(Vec<u8>, f64), String> {
+    let spec = &job.kind.spec;
+    if spec.request == common::spec::RequestSource::OpenaiBatch {
+        let pass = crate::passthrough::Passthrough::parse(prompt)?;
+        return Ok((pass.body(&route.wire_model, &[]), pass.max_output(spec.max_tokens)));
+    }
+    let strategy = StrategyChoice::new(spec, &route.config, Facts::default()).current;
+    let samples =
+        (strategy == Some(ConfidenceStrategy::Agreement) && route.config.supports(Param::N)).then_some(spec.samples);
+    let messages = [Message { role: "user".into(), content: prompt.to_string() }];
+    let call = Call {
+        model: &route.wire_model,
+        system: spec.system.as_deref(),
+        messages: &messages,
+        temperature: route.config.supports(Param::Temperature).then_some(spec.temperature),
+        max_tokens: spec.max_tokens,
+        max_tokens_param: route.config.max_tokens_param,
+        output: route.config.first_output_mode(),
+        schema_name: &spec.kind,
+        schema: &job.kind.schema,
+        logprobs: strategy == Some(ConfidenceStrategy::Logprobs),
+        n: samples,
+        reasoning_effort: if route.config.reasoning { spec.reasoning_effort.as_deref() } else { None },
+    };
+    Ok((route.endpoint.client.body(&call), spec.max_tokens as f64 * samples.unwrap_or(1) as f64))
+}
+
+/// Judges an answer that came back from a provider batch exactly as a live
+/// answer is judged, filling `r`; `Err` with what is wrong when it does not
+/// pass (the item is then run live, where it is re-asked).
+pub fn batch_answer(
+    job: &CompiledJob,
+    route: &Route,
+    prompt: &str,
+    c: &Completion,
+    call_id: uuid::Uuid,
+    r: &mut ItemResult,
+) -> Result<(), String> {
+    let pass = match job.kind.spec.request {
+        common::spec::RequestSource::OpenaiBatch => Some(crate::passthrough::Passthrough::parse(prompt)?),
+        common::spec::RequestSource::Template => None,
+    };
+    let strategy = StrategyChoice::new(&job.kind.spec, &route.config, Facts::default());
+    let valid = verdict(job, pass.as_ref(), strategy.current, c, None)?;
+    let how = Accepted {
+        strategy: strategy.current,
+        skipped: strategy.skipped,
+        repaired: false,
+        fallback: false,
+        model: if c.model.is_empty() { route.model.clone() } else { c.model.clone() },
+        call_id,
+    };
+    accept(job, r, valid, how);
+    Ok(())
+}
 
 /// Validates the answer(s) of a completion and computes the raw confidence
 /// the strategy asks for. With agreement, `drawn` holds answers collected by

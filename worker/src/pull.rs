@@ -21,6 +21,8 @@ use crate::process::{run_item, ItemContext, Outcome, RetryPolicy};
 use crate::store::ItemResult;
 use crate::{metrics, store, Error, WorkerConfig};
 
+mod batch;
+
 /// State shared by the tasks of one worker.
 struct Shared {
     pool: PgPool,
@@ -459,6 +461,28 @@ fn cached_result(
     r
 }
 
+/// What the items of a chunk delivery need from the worker.
+fn item_context<'a>(
+    shared: &'a Shared,
+    chunk: &ChunkMsg,
+    job: &'a CompiledJob,
+    delivery: &'a crate::delivery::Delivery,
+) -> ItemContext<'a> {
+    ItemContext {
+        job_id: chunk.job_id,
+        project: &job.project,
+        audit: &shared.audit,
+        guards: &shared.guards,
+        learned: &shared.learned,
+        policy: shared.policy,
+        stop: delivery.stop(),
+        delivery,
+        prices: &shared.prices,
+        redaction: shared.redaction,
+        pool: &shared.pool,
+    }
+}
+
 /// How a chunk delivery ended.
 enum ChunkOutcome {
     /// Its outcome is in Postgres (or there was nothing to do): ack.
@@ -498,7 +522,9 @@ async fn work(
     };
     // A first delivery of a chunk never reopened has no earlier attempts to count.
     let items = store::items(&shared.pool, chunk, delivered > 1 || chunk.generation > 0).await?;
-    if delivered > shared.max_deliveries {
+    // A batch-mode chunk comes back once per poll of its provider batch; its
+    // rounds are bounded instead (see `batch`).
+    if delivered > shared.max_deliveries && !job.batch {
         // Give up on this chunk rather than let its items vanish silently.
         let results: Vec<ItemResult> = items
             .iter()
@@ -517,6 +543,9 @@ async fn work(
     }
     // Items whose request the response cache answers are done without a call.
     let (hits, items) = from_cache(shared, &job, items).await?;
+    if job.batch {
+        return batch::work(shared, chunk, &job, hits, items, stop).await;
+    }
     // Every item is started at once; the shared call semaphore decides how
     // many actually talk to the model. Results are written as they come, in
     // small batches, so a worker that dies costs few repeated calls. Items
@@ -533,19 +562,7 @@ async fn work(
                     permit = shared.calls.acquire(&job.project, chunk.job_id) => permit,
                     _ = delivery.stop().cancelled() => return Ok(Outcome::Held(Duration::ZERO)),
                 };
-                let ctx = ItemContext {
-                    job_id: chunk.job_id,
-                    project: &job.project,
-                    audit: &shared.audit,
-                    guards: &shared.guards,
-                    learned: &shared.learned,
-                    policy: shared.policy,
-                    stop: delivery.stop(),
-                    delivery,
-                    prices: &shared.prices,
-                    redaction: shared.redaction,
-                    pool: &shared.pool,
-                };
+                let ctx = item_context(&shared, chunk, &job, delivery);
                 let (key, prompt) = key.unzip();
                 let mut outcome = run_item(&ctx, &job, &item, prompt).await;
                 if let Ok(Outcome::Done(r)) = &mut outcome {

@@ -396,3 +396,89 @@ pub async fn running_jobs(pool: &PgPool) -> Result<usize, Error> {
         .doing("counting running jobs")?;
     Ok(n as usize)
 }
+
+/// The latest provider batch of a chunk delivery's generation.
+pub struct BatchRow {
+    pub round: i32,
+    pub provider: String,
+    pub model: String,
+    pub batch_id: Option<String>,
+    pub state: String,
+    pub seqs: Vec<i64>,
+    pub error: Option<String>,
+    /// Seconds since the row was written.
+    pub age_s: f64,
+}
+
+pub async fn last_batch(pool: &PgPool, c: &ChunkMsg) -> Result<Option<BatchRow>, Error> {
+    Ok(sqlx::query_as!(
+        BatchRow,
+        r#"SELECT round, provider, model, batch_id, state, seqs, error,
+                  extract(epoch FROM now() - created_at)::float8 AS "age_s!"
+           FROM provider_batches WHERE job_id = $1 AND chunk_no = $2 AND generation = $3
+           ORDER BY round DESC LIMIT 1"#,
+        c.job_id,
+        c.chunk_no,
+        c.generation
+    )
+    .fetch_optional(pool)
+    .await
+    .doing("reading the chunk's provider batch")?)
+}
+
+/// Records a batch about to be created; `false` if another worker recorded
+/// this round first.
+pub async fn open_batch(
+    pool: &PgPool,
+    c: &ChunkMsg,
+    round: i32,
+    provider: &str,
+    model: &str,
+    seqs: &[i64],
+) -> Result<bool, Error> {
+    Ok(sqlx::query!(
+        "INSERT INTO provider_batches (job_id, chunk_no, generation, round, provider, model, seqs)
+         VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
+        c.job_id,
+        c.chunk_no,
+        c.generation,
+        round,
+        provider,
+        model,
+        seqs
+    )
+    .execute(pool)
+    .await
+    .doing("recording a provider batch")?
+    .rows_affected()
+        == 1)
+}
+
+/// Moves a chunk's batch of `round` to `state` (`pending` with the
+/// provider's id, `collected` or `failed` with why).
+pub async fn set_batch(
+    pool: &PgPool,
+    c: &ChunkMsg,
+    round: i32,
+    state: &str,
+    batch_id: Option<&str>,
+    error: Option<&str>,
+) -> Result<(), Error> {
+    sqlx::query!(
+        "UPDATE provider_batches
+         SET state = $5, batch_id = coalesce($6, batch_id), error = coalesce($7, error),
+             ended_at = CASE WHEN $5 IN ('collected', 'failed') THEN now() END
+         WHERE job_id = $1 AND chunk_no = $2 AND generation = $3 AND round = $4",
+        c.job_id,
+        c.chunk_no,
+        c.generation,
+        round,
+        state,
+        batch_id,
+        error
+    )
+    .execute(pool)
+    .await
+    .doing("updating a provider batch")?;
+    Ok(())
+}

@@ -412,9 +412,20 @@ struct SubmitArgs {
     /// The providers file, for --estimate's rate limits.
     #[arg(long, env = "SLUICE_PROVIDERS_FILE")]
     providers_file: Option<PathBuf>,
+    /// `live`: one call per item under the shared rate limit. `batch`: each
+    /// chunk's items go to the provider's batch API (OpenAI's Batch API,
+    /// Anthropic's Message Batches) at half the price, answered within the
+    /// provider's window (up to 24 hours); items a batch does not answer go
+    /// in the chunk's next batch.
+    #[arg(long, default_value = "live", value_parser = parse_mode)]
+    mode: common::state::JobMode,
     /// The price table, for --estimate.
     #[arg(long, env = "SLUICE_PRICES_FILE", default_value = "deploy/prices.toml")]
     prices_file: PathBuf,
+}
+
+fn parse_mode(text: &str) -> Result<common::state::JobMode, String> {
+    text.parse().map_err(|_| format!("unknown mode {text:?}: use live or batch"))
 }
 
 /// Runs one command and returns the process exit code.
@@ -775,6 +786,7 @@ async fn submit(client: &Client, args: SubmitArgs) -> anyhow::Result<ExitCode> {
         yes,
         providers_file,
         prices_file,
+        mode,
     } = args;
     let kind = load_kind(&job_dir, model, &input)?;
     if ask {
@@ -814,6 +826,7 @@ async fn submit(client: &Client, args: SubmitArgs) -> anyhow::Result<ExitCode> {
             max_cost_usd: max_cost,
             cache: no_cache.then_some(false),
             cache_ttl_s: cache_ttl,
+            mode,
             ..NewJob::new(kind)
         })
         .await?;

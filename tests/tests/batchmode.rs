@@ -1,0 +1,127 @@
+//! Batch mode end to end: jobs whose calls go through the providers' batch APIs (simulated), on each dialect, with failed requests retried in later batches and a worker killed while its batch is pending.
+
+use std::time::Duration;
+
+use common::state::JobMode;
+use sluice_tests::fixtures::{jobs_dir, sample_jsonl, wait_for, Stack, WorkerProcess};
+use sluice_tests::sim::SimConfig;
+use sqlx::Row;
+use uuid::Uuid;
+
+/// Submits `count` sample documents as a `classify` job in batch mode, on `model`.
+async fn submit_batch_job(stack: &Stack, model: Option<&str>, seed: u64, count: u64) -> Uuid {
+    let mut kind = common::spec::JobKind::load(&jobs_dir().join("classify")).unwrap();
+    if let Some(m) = model {
+        kind.spec.model = m.into();
+    }
+    let job = coordinator::model::NewJob { mode: JobMode::Batch, ..coordinator::model::NewJob::new(kind) };
+    let job_id = stack.client.create_job(&job).await.unwrap().job_id;
+    let body = futures::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from(sample_jsonl(seed, count)))]);
+    stack.client.upload(job_id, body, false).await.unwrap();
+    job_id
+}
+
+/// Checks every item got its known label from a batch answer, each attempt
+/// priced at the batch price of sim-small, and returns (answered attempts,
+/// failed attempts, provider batches, most rounds of a chunk).
+async fn check_answered_by_batches(stack: &Stack, job: Uuid, seed: u64, count: u64) -> (i64, i64, i64, i32) {
+    let rows = sqlx::query("SELECT item_id, state, answer FROM results WHERE job_id = $1")
+        .bind(job)
+        .fetch_all(&stack.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(rows.len() as u64, count);
+    let expected: std::collections::HashMap<String, String> = (0..count)
+        .map(|i| {
+            let d = common::sample::document(seed, i);
+            (d["id"].as_str().unwrap().to_string(), d["expected"].as_str().unwrap().to_string())
+        })
+        .collect();
+    for r in &rows {
+        let id: String = r.get("item_id");
+        assert_eq!(r.get::<Option<String>, _>("answer").as_ref(), Some(&expected[&id]), "{id}");
+        assert_ne!(r.get::<String, _>("state"), "failed", "{id}");
+    }
+    let a = sqlx::query(
+        "SELECT count(*) FILTER (WHERE outcome = 'ok') AS ok, count(*) FILTER (WHERE outcome <> 'ok') AS failed,
+                count(*) FILTER (WHERE output_mode NOT LIKE 'batch:%') AS live,
+                count(*) FILTER (WHERE abs(cost_usd - (tokens_in * 0.075 + tokens_out * 0.30) / 1e6) > 1e-12) AS mispriced
+         FROM audit_attempts WHERE job_id = $1",
+    )
+    .bind(job)
+    .fetch_one(&stack.db.pool)
+    .await
+    .unwrap();
+    let (ok, failed, live, mispriced): (i64, i64, i64, i64) =
+        (a.get("ok"), a.get("failed"), a.get("live"), a.get("mispriced"));
+    assert_eq!((ok, live, mispriced), (count as i64, 0, 0), "one batch answer per item, at batch prices");
+    let b = sqlx::query(
+        "SELECT count(*) AS n, max(round) AS rounds, count(*) FILTER (WHERE state <> 'collected') AS open
+         FROM provider_batches WHERE job_id = $1",
+    )
+    .bind(job)
+    .fetch_one(&stack.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(b.get::<i64, _>("open"), 0, "every batch collected");
+    (ok, failed, b.get("n"), b.get::<i32, _>("rounds"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_mode_job_is_answered_through_provider_batches_in_each_dialect() {
+    let sim = || SimConfig { batch_seconds: 1.0, batch_fail: 0.05, seed: 9, ..Default::default() };
+    // OpenAI's dialect (the default provider) ...
+    let mut stack = Stack::start(sim(), |_| {}).await.unwrap();
+    stack.add_worker(|_| {});
+    let job = submit_batch_job(&stack, None, 61, 300).await;
+    stack.wait_completed(job, Duration::from_secs(120)).await.unwrap();
+    let (_, failed, batches, rounds) = check_answered_by_batches(&stack, job, 61, 300).await;
+    assert!(failed > 0 && rounds >= 1, "5% of batch requests fail and go in a later round: {failed} failed");
+    assert_eq!(stack.sim.sim.batches.created.load(std::sync::atomic::Ordering::Relaxed) as i64, batches);
+    drop(stack);
+
+    // ... and Anthropic's.
+    let providers = r#"
+[providers.claude]
+kind = "anthropic"
+base_url = "http://{sim0}/v1"
+[providers.claude.models.sim-small]
+rpm = 60000
+"#;
+    let mut stack = Stack::start_with_providers(vec![sim()], providers).await.unwrap();
+    stack.add_worker(|_| {});
+    let job = submit_batch_job(&stack, Some("claude/sim-small"), 62, 200).await;
+    stack.wait_completed(job, Duration::from_secs(120)).await.unwrap();
+    let (_, failed, _, _) = check_answered_by_batches(&stack, job, 62, 200).await;
+    assert!(failed > 0, "errored requests were retried");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_while_its_batches_are_pending_does_not_send_them_again() {
+    let sim = SimConfig { batch_seconds: 4.0, seed: 10, ..Default::default() };
+    let stack = Stack::start(sim, |_| {}).await.unwrap();
+    let config = stack.worker_config();
+    let mut first = WorkerProcess::spawn(&config, "first").unwrap();
+    let job = submit_batch_job(&stack, None, 63, 200).await;
+    let chunks: i64 = sqlx::query_scalar("SELECT count(*) FROM chunks WHERE job_id = $1")
+        .bind(job)
+        .fetch_one(&stack.db.pool)
+        .await
+        .unwrap();
+    wait_for("every chunk's batch to be pending", Duration::from_secs(60), || async {
+        let pending: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM provider_batches WHERE job_id = $1 AND state = 'pending'")
+                .bind(job)
+                .fetch_one(&stack.db.pool)
+                .await?;
+        Ok(pending == chunks)
+    })
+    .await
+    .unwrap();
+    first.kill9();
+    let _second = WorkerProcess::spawn(&config, "second").unwrap();
+    stack.wait_completed(job, Duration::from_secs(120)).await.unwrap();
+    let (_, failed, batches, rounds) = check_answered_by_batches(&stack, job, 63, 200).await;
+    assert_eq!((failed, batches, rounds), (0, chunks, 0), "one batch per chunk, polled by the second worker");
+    assert_eq!(stack.sim.sim.batches.created.load(std::sync::atomic::Ordering::Relaxed) as i64, chunks);
+}

@@ -1,0 +1,339 @@
+//! Batch mode: a chunk's items sent as one provider batch, polled at each redelivery of the chunk, and its answers judged, audited, priced and written as live answers are.
+//!
+//! Postgres holds the batch (`provider_batches`, migration 0014): a row is
+//! written before the provider's batch is created and given the provider's
+//! id after, so whichever worker gets the chunk next polls that batch rather
+//! than creating another. The chunk message is the polling timer: while the
+//! batch is pending it is held back (a nak with a delay growing with the
+//! batch's age), and JetStream hands it to some worker again.
+//!
+//! Items a batch does not answer (a failed request, an expired or cancelled
+//! batch) go in the chunk's next round, up to `SLUICE_MAX_ATTEMPTS` rounds;
+//! then they fail with the last failure. An answer that does not pass
+//! validation is run live at once, where it is re-asked as any live answer.
+//! Each answer is recorded in the audit trail as one attempt, at the
+//! provider's batch prices, with the batch's age as its latency.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::provider::batch::{BatchItem, BatchState};
+use common::provider::{CallError, ErrorClass};
+use common::wire::ChunkMsg;
+use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
+
+use super::{save, ChunkOutcome, Shared};
+use crate::audit::{CallStart, ItemRef};
+use crate::endpoints::Route;
+use crate::jobs::CompiledJob;
+use crate::process::{self, Outcome};
+use crate::store::{self, AttemptRecord, Item, ItemResult};
+use crate::Error;
+
+/// An item still to be answered, with its cache key and rendered prompt.
+type Pending = (Item, Option<String>, String);
+
+/// How long to wait before asking about a batch `age_s` seconds old again:
+/// a tenth of its age, between 1 s and a minute.
+fn poll_after(age_s: f64) -> Duration {
+    Duration::from_secs_f64((age_s / 10.0).clamp(1.0, 60.0))
+}
+
+/// A batch still `submitting` after this long never got its provider id:
+/// the worker creating it stopped between the two writes. It is marked
+/// failed and its items go in a new round (the provider may then hold a
+/// batch nobody collects: paid for, its answers unused).
+const SUBMIT_TIMEOUT_S: f64 = 120.0;
+
+/// Works on a delivery of a batch-mode chunk: `items` are those without a
+/// result, less the cache's answers (`hits`).
+pub(super) async fn work(
+    shared: &Arc<Shared>,
+    chunk: &ChunkMsg,
+    job: &Arc<CompiledJob>,
+    hits: Vec<ItemResult>,
+    items: Vec<(Item, Option<(String, String)>)>,
+    stop: &CancellationToken,
+) -> Result<ChunkOutcome, Error> {
+    let mut done = hits;
+    let mut pending: Vec<Pending> = Vec::with_capacity(items.len());
+    for (item, key) in items {
+        let (key, prompt) = key.unzip();
+        match process::prepare(job, &item, prompt) {
+            Ok(p) => pending.push((item, key, p)),
+            Err(failed) => done.push(*failed),
+        }
+    }
+    let route = match &job.routes {
+        Ok(routes) if !routes.is_empty() => &routes[0],
+        Ok(_) | Err(_) => {
+            let why = job.routes.as_ref().err().cloned().unwrap_or_else(|| "the job names no model".into());
+            done.extend(pending.iter().map(|(i, _, _)| ItemResult::failed(i, ErrorClass::UnknownModel, why.clone())));
+            return finish(shared, chunk, job, done, stop).await;
+        }
+    };
+    let last = store::last_batch(&shared.pool, chunk).await?;
+    match last {
+        Some(b) if b.state == "pending" => collect(shared, chunk, job, route, b, done, pending, stop).await,
+        Some(b) if b.state == "submitting" && b.age_s < SUBMIT_TIMEOUT_S => Ok(ChunkOutcome::Held(poll_after(b.age_s))),
+        Some(b) if b.state == "submitting" => {
+            let why = "the batch was not known to have been created";
+            store::set_batch(&shared.pool, chunk, b.round, "failed", None, Some(why)).await?;
+            Ok(ChunkOutcome::Held(Duration::from_millis(500)))
+        }
+        last => {
+            let (round, why) = last.map_or((0, None), |b| (b.round + 1, b.error));
+            if round >= shared.policy.max_attempts as i32 && !pending.is_empty() {
+                let why = format!(
+                    "not answered in {round} provider batches: {}",
+                    why.as_deref().unwrap_or("the requests failed")
+                );
+                done.extend(pending.iter().map(|(i, _, _)| ItemResult::failed(i, ErrorClass::Server, why.clone())));
+                pending.clear();
+            }
+            if pending.is_empty() {
+                return finish(shared, chunk, job, done, stop).await;
+            }
+            if !done.is_empty() {
+                save(shared, chunk, job, &done, false, stop).await?;
+            }
+            send(shared, chunk, job, route, round, &pending).await
+        }
+    }
+}
+
+/// Writes the last results of a chunk and marks it done.
+async fn finish(
+    shared: &Arc<Shared>,
+    chunk: &ChunkMsg,
+    job: &CompiledJob,
+    done: Vec<ItemResult>,
+    stop: &CancellationToken,
+) -> Result<ChunkOutcome, Error> {
+    save(shared, chunk, job, &done, true, stop).await?;
+    let ok = done.iter().filter(|r| r.succeeded).count() as u64;
+    crate::metrics::chunk("written", ok, done.len() as u64 - ok);
+    if common::db::complete_if_done(&shared.pool, chunk.job_id).await? {
+        tracing::info!(job_id = %chunk.job_id, "job completed");
+    }
+    Ok(ChunkOutcome::Finished)
+}
+
+/// Sends round `round` of a chunk's items as one provider batch.
+async fn send(
+    shared: &Arc<Shared>,
+    chunk: &ChunkMsg,
+    job: &CompiledJob,
+    route: &Route,
+    round: i32,
+    pending: &[Pending],
+) -> Result<ChunkOutcome, Error> {
+    let mut requests = Vec::with_capacity(pending.len());
+    for (item, _, prompt) in pending {
+        // A body that cannot be built fails its item when collected (not sent).
+        if let Ok((body, _)) = process::batch_request(job, route, prompt) {
+            requests.push((item.seq.to_string(), body));
+        }
+    }
+    let seqs: Vec<i64> = pending.iter().map(|(i, _, _)| i.seq).collect();
+    let ep = &route.endpoint;
+    if !store::open_batch(&shared.pool, chunk, round, &ep.name, &route.model, &seqs).await? {
+        return Ok(ChunkOutcome::Held(Duration::from_secs(1))); // another worker is sending it
+    }
+    let key = ep.keys.current();
+    match ep.client.submit_batch(&requests, key.as_ref().and_then(|k| k.secret)).await {
+        Ok(id) => {
+            store::set_batch(&shared.pool, chunk, round, "pending", Some(&id), None).await?;
+            tracing::info!(job_id = %chunk.job_id, chunk = chunk.chunk_no, round, batch = %id, requests = requests.len(), "provider batch created");
+            Ok(ChunkOutcome::Held(poll_after(0.0)))
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, job_id = %chunk.job_id, chunk = chunk.chunk_no, round, "provider batch not created");
+            store::set_batch(&shared.pool, chunk, round, "failed", None, Some(&e.to_string())).await?;
+            Ok(ChunkOutcome::Held(backoff(&e)))
+        }
+    }
+}
+
+fn backoff(e: &CallError) -> Duration {
+    e.retry_after().unwrap_or(Duration::from_secs(2)).max(Duration::from_millis(500))
+}
+
+/// Polls the chunk's pending batch and, once it has ended, takes its answers.
+#[allow(clippy::too_many_arguments)]
+async fn collect(
+    shared: &Arc<Shared>,
+    chunk: &ChunkMsg,
+    job: &Arc<CompiledJob>,
+    route: &Route,
+    batch: store::BatchRow,
+    mut done: Vec<ItemResult>,
+    pending: Vec<Pending>,
+    stop: &CancellationToken,
+) -> Result<ChunkOutcome, Error> {
+    let ep = &route.endpoint;
+    let key = ep.keys.current();
+    let secret = key.as_ref().and_then(|k| k.secret);
+    let id = batch.batch_id.as_deref().unwrap_or_default();
+    let status = match ep.client.batch_status(id, secret).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, batch = %id, "cannot ask about a provider batch; asking again later");
+            return Ok(ChunkOutcome::Held(poll_after(batch.age_s).max(backoff(&e))));
+        }
+    };
+    let results = match &status.state {
+        BatchState::Pending => return Ok(ChunkOutcome::Held(poll_after(batch.age_s))),
+        BatchState::Failed { errors } => {
+            let why = format!("the provider refused the batch: {errors}");
+            store::set_batch(&shared.pool, chunk, batch.round, "failed", None, Some(&why)).await?;
+            return Ok(ChunkOutcome::Held(Duration::from_millis(500)));
+        }
+        BatchState::Ended { .. } => match ep.client.batch_results(&status, secret).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, batch = %id, "cannot read a provider batch's results; reading again later");
+                return Ok(ChunkOutcome::Held(backoff(&e)));
+            }
+        },
+    };
+    let mut results = results;
+    let in_batch: std::collections::HashSet<i64> = batch.seqs.iter().copied().collect();
+    let (mut live, mut left, mut last_error) = (Vec::new(), 0usize, None);
+    let key_id = key.as_ref().map(|k| k.id.to_string()).unwrap_or_default();
+    for (item, cache_key, prompt) in pending {
+        if !in_batch.contains(&item.seq) {
+            left += 1; // came after the batch was sent (a resumed job): the next round takes it
+            continue;
+        }
+        let outcome = results.remove(&item.seq.to_string());
+        let iref = Arc::new(ItemRef {
+            job_id: chunk.job_id,
+            seq: item.seq,
+            item_id: item.id.clone(),
+            template_hash: job.template_hash.clone(),
+        });
+        let request = process::batch_request(job, route, &prompt);
+        let request_hash = match &request {
+            Ok((body, _)) => hex::encode(&Sha256::digest(body)[..8]),
+            Err(_) => String::new(),
+        };
+        let outcome = match (request, outcome) {
+            (Err(why), _) => {
+                done.push(ItemResult::failed(&item, ErrorClass::Template, why));
+                continue;
+            }
+            (Ok(_), Some(o)) => o,
+            (Ok(_), None) => BatchItem::NotRun("missing from the batch's results".into()),
+        };
+        let failure = match &outcome {
+            BatchItem::Answered(_) => None,
+            BatchItem::Failed(e) => Some(e.to_string()),
+            BatchItem::NotRun(why) => Some(format!("not run: {why}")),
+        };
+        if let BatchItem::NotRun(_) = outcome {
+            // Never sent to the model: nothing to audit.
+            last_error = failure;
+            left += 1;
+            continue;
+        }
+        let call_id = uuid::Uuid::now_v7();
+        let attempt = item.prior + 1;
+        let start = CallStart {
+            call_id,
+            attempt,
+            provider: ep.name.clone(),
+            model: route.model.clone(),
+            request_hash: request_hash.clone(),
+        };
+        shared.audit.begin(&iref, start).await?;
+        let answer = match &outcome {
+            BatchItem::Answered(c) => Ok(c.as_ref()),
+            BatchItem::Failed(e) => Err(e),
+            BatchItem::NotRun(_) => unreachable!("skipped above"),
+        };
+        let usage = answer.map_or(common::prices::Usage::default(), |c| c.usage());
+        let record = AttemptRecord {
+            attempt,
+            model: route.model.clone(),
+            fallback: false,
+            request_hash,
+            outcome: answer.map_or_else(|e| e.class().as_str(), |_| "ok").to_string(),
+            error_class: answer.err().map(|e| e.class()),
+            http_status: match answer {
+                Ok(_) => Some(200),
+                Err(e) => e.http_status().map(i32::from),
+            },
+            latency_ms: (batch.age_s * 1000.0).min(i32::MAX as f64) as i32,
+            tokens_in: usage.input as i32,
+            tokens_out: usage.output as i32,
+            tokens_cached: usage.cached as i32,
+            tokens_reasoning: answer.map_or(0, |c| c.tokens_reasoning as i32),
+            cost_usd: shared.prices.batch_cost(&ep.name, &route.model, usage),
+            api_key_id: key_id.clone(),
+            provider: ep.name.clone(),
+            output_mode: format!("batch:{}", route.config.first_output_mode().as_str()),
+            prompt: shared.redaction.apply(&prompt),
+            output: answer.ok().map(|c| shared.redaction.apply(&c.content)),
+        };
+        shared.audit.finished(&iref, call_id, record);
+        match answer {
+            Ok(c) => {
+                let mut r = ItemResult::pending(&item);
+                r.attempts = attempt;
+                r.tokens_in = c.tokens_in as i32;
+                r.tokens_out = c.tokens_out as i32;
+                r.latency_ms = (batch.age_s * 1000.0).min(i32::MAX as f64) as i32;
+                r.cache_key = cache_key.clone();
+                match process::batch_answer(job, route, &prompt, c, call_id, &mut r) {
+                    Ok(()) => done.push(r),
+                    // Re-asked live, with the live path's budgets.
+                    Err(_) => live.push((Item { prior: attempt, ..item }, cache_key, prompt)),
+                }
+            }
+            Err(_) => {
+                last_error = failure;
+                left += 1;
+            }
+        }
+    }
+    if !live.is_empty() {
+        let (answered, held) = run_live(shared, chunk, job, live).await?;
+        done.extend(answered);
+        left += held;
+    }
+    store::set_batch(&shared.pool, chunk, batch.round, "collected", None, last_error.as_deref()).await?;
+    if left > 0 {
+        // The rest go in the chunk's next round.
+        if !done.is_empty() {
+            save(shared, chunk, job, &done, false, stop).await?;
+        }
+        return Ok(ChunkOutcome::Held(Duration::from_millis(500)));
+    }
+    finish(shared, chunk, job, done, stop).await
+}
+
+/// Runs items live, one after another: answers a batch sent back that did
+/// not pass validation. Returns their results and how many were held back.
+async fn run_live(
+    shared: &Arc<Shared>,
+    chunk: &ChunkMsg,
+    job: &Arc<CompiledJob>,
+    items: Vec<Pending>,
+) -> Result<(Vec<ItemResult>, usize), Error> {
+    let delivery = crate::delivery::Delivery::watch(shared.pool.clone(), *chunk, &CancellationToken::new());
+    let ctx = super::item_context(shared, chunk, job, &delivery);
+    let (mut out, mut held) = (Vec::new(), 0);
+    let _calls = shared.calls.acquire(&job.project, chunk.job_id).await;
+    for (item, key, prompt) in items {
+        match process::run_item(&ctx, job, &item, Some(prompt)).await? {
+            Outcome::Done(mut r) => {
+                r.cache_key = key;
+                out.push(*r);
+            }
+            Outcome::Held(_) => held += 1,
+        }
+    }
+    Ok((out, held))
+}
