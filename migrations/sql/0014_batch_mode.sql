@@ -27,6 +27,9 @@ CREATE TABLE provider_batches (
     state       text        NOT NULL DEFAULT 'submitting'
                 CHECK (state IN ('submitting', 'pending', 'collected', 'failed')),
     seqs        bigint[]    NOT NULL,
+    -- A capped job's budget held for the batch's worst case until it is
+    -- collected (reserve_budget, settle_budget).
+    reserved_usd double precision NOT NULL DEFAULT 0,
     -- Why the batch failed as a whole, or the last failure of its requests.
     error       text,
     created_at  timestamptz NOT NULL DEFAULT now(),

@@ -10,11 +10,16 @@ use uuid::Uuid;
 
 /// Submits `count` sample documents as a `classify` job in batch mode, on `model`.
 async fn submit_batch_job(stack: &Stack, model: Option<&str>, seed: u64, count: u64) -> Uuid {
+    submit_capped(stack, model, seed, count, None).await
+}
+
+async fn submit_capped(stack: &Stack, model: Option<&str>, seed: u64, count: u64, cap: Option<f64>) -> Uuid {
     let mut kind = common::spec::JobKind::load(&jobs_dir().join("classify")).unwrap();
     if let Some(m) = model {
         kind.spec.model = m.into();
     }
-    let job = coordinator::model::NewJob { mode: JobMode::Batch, ..coordinator::model::NewJob::new(kind) };
+    let job =
+        coordinator::model::NewJob { mode: JobMode::Batch, max_cost_usd: cap, ..coordinator::model::NewJob::new(kind) };
     let job_id = stack.client.create_job(&job).await.unwrap().job_id;
     let body = futures::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from(sample_jsonl(seed, count)))]);
     stack.client.upload(job_id, body, false).await.unwrap();
@@ -124,4 +129,82 @@ async fn a_worker_killed_while_its_batches_are_pending_does_not_send_them_again(
     let (_, failed, batches, rounds) = check_answered_by_batches(&stack, job, 63, 200).await;
     assert_eq!((failed, batches, rounds), (0, chunks, 0), "one batch per chunk, polled by the second worker");
     assert_eq!(stack.sim.sim.batches.created.load(std::sync::atomic::Ordering::Relaxed) as i64, chunks);
+}
+
+async fn batch_rows(stack: &Stack, job: Uuid, state: &str) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM provider_batches WHERE job_id = $1 AND state = $2")
+        .bind(job)
+        .bind(state)
+        .fetch_one(&stack.db.pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_a_batch_mode_job_cancels_its_provider_batches() {
+    let sim = SimConfig { batch_seconds: 600.0, ..Default::default() };
+    let mut stack = Stack::start(sim, |_| {}).await.unwrap();
+    stack.add_worker(|_| {});
+    let job = submit_batch_job(&stack, None, 64, 100).await;
+    let chunks: i64 = sqlx::query_scalar("SELECT count(*) FROM chunks WHERE job_id = $1")
+        .bind(job)
+        .fetch_one(&stack.db.pool)
+        .await
+        .unwrap();
+    wait_for("every chunk's batch to be pending", Duration::from_secs(60), || async {
+        Ok(batch_rows(&stack, job, "pending").await == chunks)
+    })
+    .await
+    .unwrap();
+    stack.client.cancel(job).await.unwrap();
+    wait_for("every batch to be cancelled", Duration::from_secs(60), || async {
+        Ok(batch_rows(&stack, job, "failed").await == chunks)
+    })
+    .await
+    .unwrap();
+    // The provider was told: each of its batches is cancelled.
+    let ids: Vec<String> = sqlx::query_scalar("SELECT batch_id FROM provider_batches WHERE job_id = $1")
+        .bind(job)
+        .fetch_all(&stack.db.pool)
+        .await
+        .unwrap();
+    let http = reqwest::Client::new();
+    for id in ids {
+        let b: serde_json::Value =
+            http.get(format!("{}/batches/{id}", stack.sim.base_url())).send().await.unwrap().json().await.unwrap();
+        assert_eq!(b["status"], "cancelled", "{b}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_capped_batch_job_pauses_at_its_cap_and_its_batches_are_collected_after_resume() {
+    let sim = SimConfig { batch_seconds: 1.0, ..Default::default() };
+    let mut stack = Stack::start(sim, |_| {}).await.unwrap();
+    stack.add_worker(|_| {});
+    // Room for some chunks' worst case, not all.
+    let job = submit_capped(&stack, None, 65, 300, Some(0.004)).await;
+    wait_for("the job to pause at its cap", Duration::from_secs(60), || async {
+        Ok(stack.client.status(job).await?.state == "paused")
+    })
+    .await
+    .unwrap();
+    let sent = batch_rows(&stack, job, "pending").await + batch_rows(&stack, job, "collected").await;
+    let chunks: i64 = sqlx::query_scalar("SELECT count(*) FROM chunks WHERE job_id = $1")
+        .bind(job)
+        .fetch_one(&stack.db.pool)
+        .await
+        .unwrap();
+    assert!(sent > 0 && sent < chunks, "{sent} of {chunks} chunks sent before the cap");
+    stack.client.resume_with(job, false, Some(1.0)).await.unwrap();
+    stack.wait_completed(job, Duration::from_secs(120)).await.unwrap();
+    let (_, _, batches, _) = check_answered_by_batches(&stack, job, 65, 300).await;
+    // Batches sent before the pause were collected, not sent again.
+    assert_eq!(batches, chunks);
+    assert_eq!(stack.sim.sim.batches.created.load(std::sync::atomic::Ordering::Relaxed) as i64, chunks);
+    let (spent, reserved): (f64, f64) = sqlx::query_as("SELECT spent, reserved FROM job_budgets WHERE job_id = $1")
+        .bind(job)
+        .fetch_one(&stack.db.pool)
+        .await
+        .unwrap();
+    assert!(spent > 0.0 && reserved.abs() < 1e-12, "spent {spent}, still reserved {reserved}");
 }

@@ -514,6 +514,13 @@ async fn work(
         return Ok(ChunkOutcome::Finished);
     }
     if state.job != common::state::JobState::Running {
+        if state.job == common::state::JobState::Cancelled {
+            if let Some(job) = shared.jobs.get(&shared.pool, chunk.job_id, chunk.generation, &shared.endpoints).await? {
+                if job.batch {
+                    batch::cancel(shared, chunk, &job).await?;
+                }
+            }
+        }
         metrics::chunk("cancelled", 0, 0);
         return Ok(ChunkOutcome::Finished);
     }

@@ -397,8 +397,10 @@ pub async fn running_jobs(pool: &PgPool) -> Result<usize, Error> {
     Ok(n as usize)
 }
 
-/// The latest provider batch of a chunk delivery's generation.
+/// The latest provider batch of a chunk, of any generation: a batch sent
+/// before a job was paused or resumed is collected, not sent again.
 pub struct BatchRow {
+    pub generation: i32,
     pub round: i32,
     pub provider: String,
     pub model: String,
@@ -406,6 +408,7 @@ pub struct BatchRow {
     pub state: String,
     pub seqs: Vec<i64>,
     pub error: Option<String>,
+    pub reserved_usd: f64,
     /// Seconds since the row was written.
     pub age_s: f64,
 }
@@ -413,13 +416,12 @@ pub struct BatchRow {
 pub async fn last_batch(pool: &PgPool, c: &ChunkMsg) -> Result<Option<BatchRow>, Error> {
     Ok(sqlx::query_as!(
         BatchRow,
-        r#"SELECT round, provider, model, batch_id, state, seqs, error,
+        r#"SELECT generation, round, provider, model, batch_id, state, seqs, error, reserved_usd,
                   extract(epoch FROM now() - created_at)::float8 AS "age_s!"
-           FROM provider_batches WHERE job_id = $1 AND chunk_no = $2 AND generation = $3
-           ORDER BY round DESC LIMIT 1"#,
+           FROM provider_batches WHERE job_id = $1 AND chunk_no = $2
+           ORDER BY generation DESC, round DESC LIMIT 1"#,
         c.job_id,
-        c.chunk_no,
-        c.generation
+        c.chunk_no
     )
     .fetch_optional(pool)
     .await
@@ -435,17 +437,19 @@ pub async fn open_batch(
     provider: &str,
     model: &str,
     seqs: &[i64],
+    reserved_usd: f64,
 ) -> Result<bool, Error> {
     Ok(sqlx::query!(
-        "INSERT INTO provider_batches (job_id, chunk_no, generation, round, provider, model, seqs)
-         VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
+        "INSERT INTO provider_batches (job_id, chunk_no, generation, round, provider, model, seqs, reserved_usd)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING",
         c.job_id,
         c.chunk_no,
         c.generation,
         round,
         provider,
         model,
-        seqs
+        seqs,
+        reserved_usd
     )
     .execute(pool)
     .await
@@ -454,24 +458,26 @@ pub async fn open_batch(
         == 1)
 }
 
-/// Moves a chunk's batch of `round` to `state` (`pending` with the
-/// provider's id, `collected` or `failed` with why).
+/// Moves a chunk's batch of `generation` and `round` to `state` (`pending` with the
+/// provider's id, `collected` or `failed` with why); `false` when it was in
+/// that state already (another worker moved it).
 pub async fn set_batch(
     pool: &PgPool,
     c: &ChunkMsg,
+    generation: i32,
     round: i32,
     state: &str,
     batch_id: Option<&str>,
     error: Option<&str>,
-) -> Result<(), Error> {
-    sqlx::query!(
+) -> Result<bool, Error> {
+    Ok(sqlx::query!(
         "UPDATE provider_batches
          SET state = $5, batch_id = coalesce($6, batch_id), error = coalesce($7, error),
              ended_at = CASE WHEN $5 IN ('collected', 'failed') THEN now() END
-         WHERE job_id = $1 AND chunk_no = $2 AND generation = $3 AND round = $4",
+         WHERE job_id = $1 AND chunk_no = $2 AND generation = $3 AND round = $4 AND state <> $5",
         c.job_id,
         c.chunk_no,
-        c.generation,
+        generation,
         round,
         state,
         batch_id,
@@ -479,6 +485,7 @@ pub async fn set_batch(
     )
     .execute(pool)
     .await
-    .doing("updating a provider batch")?;
-    Ok(())
+    .doing("updating a provider batch")?
+    .rows_affected()
+        == 1)
 }

@@ -79,11 +79,15 @@ pub(super) async fn work(
         Some(b) if b.state == "submitting" && b.age_s < SUBMIT_TIMEOUT_S => Ok(ChunkOutcome::Held(poll_after(b.age_s))),
         Some(b) if b.state == "submitting" => {
             let why = "the batch was not known to have been created";
-            store::set_batch(&shared.pool, chunk, b.round, "failed", None, Some(why)).await?;
+            store::set_batch(&shared.pool, chunk, b.generation, b.round, "failed", None, Some(why)).await?;
             Ok(ChunkOutcome::Held(Duration::from_millis(500)))
         }
         last => {
-            let (round, why) = last.map_or((0, None), |b| (b.round + 1, b.error));
+            // Rounds count within a generation: a resumed job's chunk tries again from round 0.
+            let (round, why) = match last {
+                Some(b) if b.generation == chunk.generation => (b.round + 1, b.error),
+                _ => (0, None),
+            };
             if round >= shared.policy.max_attempts as i32 && !pending.is_empty() {
                 let why = format!(
                     "not answered in {round} provider batches: {}",
@@ -138,22 +142,75 @@ async fn send(
     }
     let seqs: Vec<i64> = pending.iter().map(|(i, _, _)| i.seq).collect();
     let ep = &route.endpoint;
-    if !store::open_batch(&shared.pool, chunk, round, &ep.name, &route.model, &seqs).await? {
+    // A capped job holds the batch's worst case (each prompt at 4 bytes a
+    // token plus a margin, each answer at its most tokens, at batch prices)
+    // until the batch is collected; at the cap the job pauses instead.
+    let reserved = if job.capped {
+        let usd: f64 = requests
+            .iter()
+            .zip(pending)
+            .map(|((_, body), (_, _, prompt))| {
+                let max_output = process::batch_request(job, route, prompt).map_or(0.0, |(_, m)| m);
+                let worst = common::prices::Usage {
+                    input: (body.len() as f64 / 4.0 * 1.1).ceil() as u32,
+                    output: max_output as u32,
+                    ..Default::default()
+                };
+                shared.prices.batch_cost(&ep.name, &route.model, worst).unwrap_or(0.0)
+            })
+            .sum();
+        if !store::reserve_budget(&shared.pool, chunk.job_id, usd).await? {
+            crate::metrics::budget_stop();
+            return Ok(ChunkOutcome::Held(Duration::from_secs(1))); // the job is paused
+        }
+        usd
+    } else {
+        0.0
+    };
+    if !store::open_batch(&shared.pool, chunk, round, &ep.name, &route.model, &seqs, reserved).await? {
+        store::settle_budget(&shared.pool, chunk.job_id, reserved, 0.0).await?;
         return Ok(ChunkOutcome::Held(Duration::from_secs(1))); // another worker is sending it
     }
     let key = ep.keys.current();
     match ep.client.submit_batch(&requests, key.as_ref().and_then(|k| k.secret)).await {
         Ok(id) => {
-            store::set_batch(&shared.pool, chunk, round, "pending", Some(&id), None).await?;
+            store::set_batch(&shared.pool, chunk, chunk.generation, round, "pending", Some(&id), None).await?;
             tracing::info!(job_id = %chunk.job_id, chunk = chunk.chunk_no, round, batch = %id, requests = requests.len(), "provider batch created");
             Ok(ChunkOutcome::Held(poll_after(0.0)))
         }
         Err(e) => {
             tracing::warn!(error = %e, job_id = %chunk.job_id, chunk = chunk.chunk_no, round, "provider batch not created");
-            store::set_batch(&shared.pool, chunk, round, "failed", None, Some(&e.to_string())).await?;
+            if store::set_batch(&shared.pool, chunk, chunk.generation, round, "failed", None, Some(&e.to_string()))
+                .await?
+            {
+                store::settle_budget(&shared.pool, chunk.job_id, reserved, 0.0).await?;
+            }
             Ok(ChunkOutcome::Held(backoff(&e)))
         }
     }
+}
+
+/// Asks the provider to cancel the pending batch of a chunk whose job was
+/// cancelled: requests not yet run are then never paid for.
+pub(super) async fn cancel(shared: &Shared, chunk: &ChunkMsg, job: &CompiledJob) -> Result<(), Error> {
+    let (Some(b), Ok(routes)) = (store::last_batch(&shared.pool, chunk).await?, &job.routes) else { return Ok(()) };
+    let (Some(id), Some(route)) = (b.batch_id.as_deref().filter(|_| b.state == "pending"), routes.first()) else {
+        return Ok(());
+    };
+    let ep = &route.endpoint;
+    let key = ep.keys.current();
+    match ep.client.cancel_batch(id, key.as_ref().and_then(|k| k.secret)).await {
+        Ok(()) => {
+            tracing::info!(job_id = %chunk.job_id, chunk = chunk.chunk_no, batch = %id, "provider batch cancelled")
+        }
+        Err(e) => tracing::warn!(error = %e, batch = %id, "cannot cancel a provider batch"),
+    }
+    if store::set_batch(&shared.pool, chunk, b.generation, b.round, "failed", None, Some("the job was cancelled"))
+        .await?
+    {
+        store::settle_budget(&shared.pool, chunk.job_id, b.reserved_usd, 0.0).await?;
+    }
+    Ok(())
 }
 
 fn backoff(e: &CallError) -> Duration {
@@ -187,7 +244,7 @@ async fn collect(
         BatchState::Pending => return Ok(ChunkOutcome::Held(poll_after(batch.age_s))),
         BatchState::Failed { errors } => {
             let why = format!("the provider refused the batch: {errors}");
-            store::set_batch(&shared.pool, chunk, batch.round, "failed", None, Some(&why)).await?;
+            store::set_batch(&shared.pool, chunk, batch.generation, batch.round, "failed", None, Some(&why)).await?;
             return Ok(ChunkOutcome::Held(Duration::from_millis(500)));
         }
         BatchState::Ended { .. } => match ep.client.batch_results(&status, secret).await {
@@ -200,7 +257,7 @@ async fn collect(
     };
     let mut results = results;
     let in_batch: std::collections::HashSet<i64> = batch.seqs.iter().copied().collect();
-    let (mut live, mut left, mut last_error) = (Vec::new(), 0usize, None);
+    let (mut live, mut left, mut last_error, mut spent) = (Vec::new(), 0usize, None, 0.0);
     let key_id = key.as_ref().map(|k| k.id.to_string()).unwrap_or_default();
     for (item, cache_key, prompt) in pending {
         if !in_batch.contains(&item.seq) {
@@ -277,6 +334,7 @@ async fn collect(
             prompt: shared.redaction.apply(&prompt),
             output: answer.ok().map(|c| shared.redaction.apply(&c.content)),
         };
+        spent += record.cost_usd.unwrap_or(0.0);
         shared.audit.finished(&iref, call_id, record);
         match answer {
             Ok(c) => {
@@ -303,15 +361,26 @@ async fn collect(
         done.extend(answered);
         left += held;
     }
-    store::set_batch(&shared.pool, chunk, batch.round, "collected", None, last_error.as_deref()).await?;
-    if left > 0 {
+    // Results first: a worker stopped after this and before the batch is
+    // marked collected leaves only the unanswered items to collect again.
+    let finished = left == 0;
+    save(shared, chunk, job, &done, finished, stop).await?;
+    if store::set_batch(&shared.pool, chunk, batch.generation, batch.round, "collected", None, last_error.as_deref())
+        .await?
+        && batch.reserved_usd > 0.0
+    {
+        store::settle_budget(&shared.pool, chunk.job_id, batch.reserved_usd, spent).await?;
+    }
+    let ok = done.iter().filter(|r| r.succeeded).count() as u64;
+    crate::metrics::chunk(if finished { "written" } else { "partial" }, ok, done.len() as u64 - ok);
+    if !finished {
         // The rest go in the chunk's next round.
-        if !done.is_empty() {
-            save(shared, chunk, job, &done, false, stop).await?;
-        }
         return Ok(ChunkOutcome::Held(Duration::from_millis(500)));
     }
-    finish(shared, chunk, job, done, stop).await
+    if common::db::complete_if_done(&shared.pool, chunk.job_id).await? {
+        tracing::info!(job_id = %chunk.job_id, "job completed");
+    }
+    Ok(ChunkOutcome::Finished)
 }
 
 /// Runs items live, one after another: answers a batch sent back that did
