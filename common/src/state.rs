@@ -105,6 +105,9 @@ text_states! {
         /// Each chunk's items as one provider batch (OpenAI's Batch API,
         /// Anthropic's Message Batches): half the price, answered within hours.
         Batch = "batch",
+        /// Batch for the bulk; live for what a batch did not answer, for
+        /// small remainders, and for whatever is left near the deadline.
+        Auto = "auto",
     }
 }
 
@@ -112,6 +115,13 @@ text_states! {
 impl Default for JobMode {
     fn default() -> Self {
         JobMode::Live
+    }
+}
+
+impl JobMode {
+    /// Whether the job's calls go through provider batches at all.
+    pub fn batches(self) -> bool {
+        self != JobMode::Live
     }
 }
 

@@ -84,7 +84,7 @@ pub fn check_models(catalog: &Catalog, prices: &PriceTable, job: &NewJob) -> Res
         })?;
         let provider_kind = catalog.providers.get(target.provider).map(|p| p.kind);
         let anthropic = provider_kind == Some(ProviderKind::Anthropic);
-        if job.mode == common::state::JobMode::Batch && i == 0 && provider_kind == Some(ProviderKind::AzureOpenai) {
+        if job.mode.batches() && i == 0 && provider_kind == Some(ProviderKind::AzureOpenai) {
             return Err(Error::Invalid(format!(
                 "model {reference:?} is served by {}, an Azure OpenAI provider, whose batches Sluice does not use: \
                  submit with --mode live, or pick a model of an OpenAI, OpenAI-compatible or Anthropic provider",
@@ -294,6 +294,19 @@ async fn create_job(
     job.max_cost_usd = job.max_cost_usd.or(default_cap);
     if job.cache_ttl_s == Some(0) {
         return Err(Error::Invalid("cache_ttl_s must be at least 1 second".into()));
+    }
+    match (job.mode, job.deadline_s) {
+        (common::state::JobMode::Auto, Some(0)) => {
+            return Err(Error::Invalid("a deadline must be at least 1 second away".into()))
+        }
+        (common::state::JobMode::Live | common::state::JobMode::Batch, Some(_)) => {
+            return Err(Error::Invalid(
+                "a deadline is for --mode auto, which goes live near it; batch mode waits for the provider, live mode \
+                 does not wait"
+                    .into(),
+            ))
+        }
+        _ => {}
     }
     let warnings = check_models(&st.catalog, &st.prices, &job)?;
     if job.max_cost_usd.is_some() {

@@ -33,7 +33,14 @@ pub struct NewJob {
     /// Live calls, or the providers' batch APIs.
     #[serde(default)]
     pub mode: common::state::JobMode,
+    /// In `auto` mode: seconds from submission until the job should be done
+    /// (default a day).
+    #[serde(default)]
+    pub deadline_s: Option<u64>,
 }
+
+/// An `auto` job's deadline when it names none: the providers' batch window.
+pub const DEFAULT_DEADLINE_S: u64 = 24 * 3600;
 
 /// A spending cap in dollars, as the CLI and the coordinator's settings take
 /// it: `25`, `25.00` or `$25`, more than 0.
@@ -66,6 +73,7 @@ impl NewJob {
             cache: None,
             cache_ttl_s: None,
             mode: common::state::JobMode::Live,
+            deadline_s: None,
         }
     }
 

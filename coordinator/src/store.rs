@@ -104,8 +104,10 @@ pub async fn create_job(
     let mut tx = pool.begin().await.doing("creating the job")?;
     check_active_jobs(&mut tx, project, max_active).await?;
     let ttl = job.cache_ttl_s.unwrap_or(crate::model::DEFAULT_CACHE_TTL_S).min(i64::MAX as u64) as i64;
-    sqlx::query!("INSERT INTO jobs (id, kind, spec, template, template_hash, output_schema, input_name, review_below, submitted_by, project, reuse, cache_ttl_s, mode)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)", id, &job.kind.spec.kind, sqlx::types::Json(&job.kind.spec) as _, &job.kind.template, job.kind.template_hash(), &job.kind.schema, job.input_name.as_deref(), job.review_below, &actor.name, project, job.reuses(), ttl, job.mode.as_str())
+    let deadline_s = (job.mode == common::state::JobMode::Auto)
+        .then(|| job.deadline_s.unwrap_or(crate::model::DEFAULT_DEADLINE_S).min(i32::MAX as u64) as f64);
+    sqlx::query!("INSERT INTO jobs (id, kind, spec, template, template_hash, output_schema, input_name, review_below, submitted_by, project, reuse, cache_ttl_s, mode, deadline)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, now() + make_interval(secs => $14))", id, &job.kind.spec.kind, sqlx::types::Json(&job.kind.spec) as _, &job.kind.template, job.kind.template_hash(), &job.kind.schema, job.input_name.as_deref(), job.review_below, &actor.name, project, job.reuses(), ttl, job.mode.as_str(), deadline_s)
     .execute(&mut *tx)
     .await.doing("creating the job")?;
     if let Some(cap) = job.max_cost_usd {
@@ -116,7 +118,8 @@ pub async fn create_job(
     }
     tx.commit().await.doing("creating the job")?;
     let detail = serde_json::json!({"kind": job.kind.spec.kind, "input": job.input_name, "project": project,
-                                    "max_cost_usd": job.max_cost_usd, "reuse": job.reuses(), "mode": job.mode});
+                                    "max_cost_usd": job.max_cost_usd, "reuse": job.reuses(), "mode": job.mode,
+                                    "deadline_s": deadline_s});
     event(pool, id, "submitted", actor, detail).await?;
     Ok(id)
 }

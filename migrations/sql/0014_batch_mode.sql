@@ -2,7 +2,10 @@
 -- (half the price, answered within hours) instead of live calls.
 --
 --   jobs.mode          live (each item a call) | batch (each chunk's items a
---                      provider batch)
+--                      provider batch) | auto (batch, and live for what a
+--                      batch did not answer, small remainders, and whatever
+--                      is left near the deadline)
+--   jobs.deadline      auto: when the job should be done
 --   provider_batches   one row per batch a chunk has sent: which items, the
 --                      provider's batch id once created, and whether its
 --                      answers are collected. A chunk's batches are numbered
@@ -12,7 +15,8 @@
 --                      id after, so a worker that restarts polls the batch
 --                      rather than sending it again.
 ALTER TABLE jobs ADD COLUMN mode text NOT NULL DEFAULT 'live';
-ALTER TABLE jobs ADD CONSTRAINT jobs_mode_known CHECK (mode IN ('live', 'batch'));
+ALTER TABLE jobs ADD CONSTRAINT jobs_mode_known CHECK (mode IN ('live', 'batch', 'auto'));
+ALTER TABLE jobs ADD COLUMN deadline timestamptz;
 
 CREATE TABLE provider_batches (
     job_id      uuid        NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,

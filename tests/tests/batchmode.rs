@@ -14,12 +14,19 @@ async fn submit_batch_job(stack: &Stack, model: Option<&str>, seed: u64, count: 
 }
 
 async fn submit_capped(stack: &Stack, model: Option<&str>, seed: u64, count: u64, cap: Option<f64>) -> Uuid {
+    let job = coordinator::model::NewJob { max_cost_usd: cap, ..new_job(model, JobMode::Batch) };
+    submit(stack, job, seed, count).await
+}
+
+fn new_job(model: Option<&str>, mode: JobMode) -> coordinator::model::NewJob {
     let mut kind = common::spec::JobKind::load(&jobs_dir().join("classify")).unwrap();
     if let Some(m) = model {
         kind.spec.model = m.into();
     }
-    let job =
-        coordinator::model::NewJob { mode: JobMode::Batch, max_cost_usd: cap, ..coordinator::model::NewJob::new(kind) };
+    coordinator::model::NewJob { mode, ..coordinator::model::NewJob::new(kind) }
+}
+
+async fn submit(stack: &Stack, job: coordinator::model::NewJob, seed: u64, count: u64) -> Uuid {
     let job_id = stack.client.create_job(&job).await.unwrap().job_id;
     let body = futures::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from(sample_jsonl(seed, count)))]);
     stack.client.upload(job_id, body, false).await.unwrap();
@@ -207,4 +214,91 @@ async fn a_capped_batch_job_pauses_at_its_cap_and_its_batches_are_collected_afte
         .await
         .unwrap();
     assert!(spent > 0.0 && reserved.abs() < 1e-12, "spent {spent}, still reserved {reserved}");
+}
+
+/// Attempts of a job by path: (through batches, live).
+async fn attempts_by_path(stack: &Stack, job: Uuid) -> (i64, i64) {
+    sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE output_mode LIKE 'batch:%'), count(*) FILTER (WHERE output_mode NOT LIKE 'batch:%')
+         FROM audit_attempts WHERE job_id = $1",
+    )
+    .bind(job)
+    .fetch_one(&stack.db.pool)
+    .await
+    .unwrap()
+}
+
+/// Checks every item has its known label and no result failed.
+async fn all_answered(stack: &Stack, job: Uuid, seed: u64, count: u64) {
+    let got: std::collections::HashMap<String, (String, Option<String>)> =
+        sqlx::query_as("SELECT item_id, state, answer FROM results WHERE job_id = $1")
+            .bind(job)
+            .fetch_all(&stack.db.pool)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(id, state, answer): (String, String, Option<String>)| (id, (state, answer)))
+            .collect();
+    assert_eq!(got.len() as u64, count);
+    for i in 0..count {
+        let d = common::sample::document(seed, i);
+        let (state, answer) = &got[d["id"].as_str().unwrap()];
+        assert_ne!(state, "failed");
+        assert_eq!(answer.as_deref(), d["expected"].as_str());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_auto_mode_what_batches_do_not_answer_goes_live() {
+    // Failed requests and an expired share of every batch.
+    let sim = SimConfig { batch_seconds: 1.0, batch_fail: 0.05, batch_expire: 0.2, seed: 11, ..Default::default() };
+    let mut stack = Stack::start(sim, |_| {}).await.unwrap();
+    stack.add_worker(|_| {});
+    let job = submit(&stack, new_job(None, JobMode::Auto), 66, 300).await;
+    stack.wait_completed(job, Duration::from_secs(120)).await.unwrap();
+    all_answered(&stack, job, 66, 300).await;
+    let (batch, live) = attempts_by_path(&stack, job).await;
+    let not_answered: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM audit_attempts WHERE job_id = $1 AND output_mode LIKE 'batch:%' AND outcome <> 'ok'",
+    )
+    .bind(job)
+    .fetch_one(&stack.db.pool)
+    .await
+    .unwrap();
+    // Expired requests are never run (nothing to audit); failed ones are audited.
+    let expired = 300 - batch;
+    assert!(expired > 20 && not_answered > 0, "{expired} expired, {not_answered} failed in batches");
+    assert_eq!(live, expired + not_answered, "each unanswered item went live once");
+    // No second round of batches: one batch per chunk.
+    let rounds: i32 = sqlx::query_scalar("SELECT max(round) FROM provider_batches WHERE job_id = $1")
+        .bind(job)
+        .fetch_one(&stack.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(rounds, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn near_its_deadline_an_auto_job_cancels_its_batches_and_goes_live() {
+    // Batches that would take ten minutes; a deadline in 40 s: live from 10 s.
+    let sim = SimConfig { batch_seconds: 600.0, ..Default::default() };
+    let mut stack = Stack::start(sim, |_| {}).await.unwrap();
+    stack.add_worker(|_| {});
+    let job =
+        submit(&stack, coordinator::model::NewJob { deadline_s: Some(40), ..new_job(None, JobMode::Auto) }, 67, 200)
+            .await;
+    stack.wait_completed(job, Duration::from_secs(60)).await.unwrap();
+    all_answered(&stack, job, 67, 200).await;
+    assert_eq!(attempts_by_path(&stack, job).await, (0, 200), "every item answered live");
+    let (late, cancelled, batches): (i64, i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM results r JOIN jobs j ON j.id = r.job_id WHERE r.job_id = $1 AND r.created_at > j.deadline),
+                (SELECT count(*) FROM provider_batches WHERE job_id = $1 AND state = 'failed' AND error LIKE '%deadline%'),
+                (SELECT count(*) FROM provider_batches WHERE job_id = $1)",
+    )
+    .bind(job)
+    .fetch_one(&stack.db.pool)
+    .await
+    .unwrap();
+    assert_eq!((late, cancelled), (0, batches));
+    assert!(batches > 0);
 }

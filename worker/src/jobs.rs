@@ -33,8 +33,20 @@ pub struct CompiledJob {
     pub has_copies: bool,
     /// The job has a spending cap: each call reserves its worst case first.
     pub capped: bool,
-    /// The job's calls go through the provider's batch API (`jobs.mode`).
+    /// The job's calls go through the provider's batch API (`jobs.mode`
+    /// batch or auto).
     pub batch: bool,
+    /// In auto mode: when batches give way to live calls (seconds since the
+    /// epoch): a tenth of the time to the deadline before it, at least 30 s.
+    pub live_from: Option<f64>,
+}
+
+impl CompiledJob {
+    /// In auto mode, whether items should now go live.
+    pub fn past_live_from(&self) -> bool {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+        self.live_from.is_some_and(|t| now >= t)
+    }
 }
 
 impl CompiledJob {
@@ -63,6 +75,7 @@ impl CompiledJob {
             has_copies: false,
             capped: false,
             batch: false,
+            live_from: None,
         })
     }
 }
@@ -92,6 +105,8 @@ impl JobCache {
         let Some(row) = sqlx::query!(
             r#"SELECT spec AS "spec: sqlx::types::Json<common::spec::JobSpec>", template, template_hash,
                       output_schema, review_below, project, reuse, cache_ttl_s, mode AS "mode: common::state::JobMode",
+                      extract(epoch FROM deadline - greatest((deadline - created_at) / 10, interval '30 seconds'))::float8
+                          AS live_from,
                       EXISTS (SELECT 1 FROM job_budgets b WHERE b.job_id = jobs.id) AS "capped!",
                       EXISTS (SELECT 1 FROM item_copies c WHERE c.job_id = jobs.id) AS "has_copies!"
                FROM jobs WHERE id = $1"#,
@@ -110,7 +125,8 @@ impl JobCache {
         compiled.cache_ttl_s = row.cache_ttl_s;
         compiled.capped = row.capped;
         compiled.has_copies = row.has_copies;
-        compiled.batch = row.mode == common::state::JobMode::Batch;
+        compiled.batch = row.mode.batches();
+        compiled.live_from = row.live_from.filter(|_| row.mode == common::state::JobMode::Auto);
         if row.reuse {
             if let Ok(routes) = &compiled.routes {
                 let models: Vec<String> = routes.iter().map(|r| format!("{}/{}", r.endpoint.name, r.model)).collect();

@@ -517,7 +517,7 @@ async fn work(
         if state.job == common::state::JobState::Cancelled {
             if let Some(job) = shared.jobs.get(&shared.pool, chunk.job_id, chunk.generation, &shared.endpoints).await? {
                 if job.batch {
-                    batch::cancel(shared, chunk, &job).await?;
+                    batch::abandon(shared, chunk, &job, "the job was cancelled").await?;
                 }
             }
         }
@@ -550,9 +550,14 @@ async fn work(
     }
     // Items whose request the response cache answers are done without a call.
     let (hits, items) = from_cache(shared, &job, items).await?;
-    if job.batch {
-        return batch::work(shared, chunk, &job, hits, items, stop).await;
-    }
+    let (hits, items) = if job.batch {
+        match batch::work(shared, chunk, &job, hits, items, stop).await? {
+            batch::Step::Done(outcome) => return Ok(outcome),
+            batch::Step::Live(done, items) => (done, items),
+        }
+    } else {
+        (hits, items)
+    };
     // Every item is started at once; the shared call semaphore decides how
     // many actually talk to the model. Results are written as they come, in
     // small batches, so a worker that dies costs few repeated calls. Items

@@ -11,6 +11,12 @@
 //! batch) go in the chunk's next round, up to `SLUICE_MAX_ATTEMPTS` rounds;
 //! then they fail with the last failure. An answer that does not pass
 //! validation is run live at once, where it is re-asked as any live answer.
+//!
+//! In auto mode (`jobs.mode = 'auto'`) those items go live instead of in
+//! another round, as do chunks with fewer than [`AUTO_LIVE_BELOW`] items to
+//! send, and, from a tenth of the time to the deadline before it, every item
+//! a batch has not answered yet: its pending batch is cancelled at the
+//! provider and the chunk runs as a live one.
 //! Each answer is recorded in the audit trail as one attempt, at the
 //! provider's batch prices, with the batch's age as its latency.
 
@@ -34,6 +40,24 @@ use crate::Error;
 /// An item still to be answered, with its cache key and rendered prompt.
 type Pending = (Item, Option<String>, String);
 
+/// What a batch-mode delivery comes to.
+pub(super) enum Step {
+    Done(ChunkOutcome),
+    /// Auto mode: run these items live, as a live chunk would, with the
+    /// results gathered so far.
+    Live(Vec<ItemResult>, Vec<(Item, Option<(String, String)>)>),
+}
+
+/// In auto mode a chunk with fewer items than this left to send goes live:
+/// a batch's wait is not worth so few.
+const AUTO_LIVE_BELOW: usize = 5;
+
+const NEAR_DEADLINE: &str = "the job's deadline is near: its items went live";
+
+fn live(done: Vec<ItemResult>, pending: Vec<Pending>) -> Step {
+    Step::Live(done, pending.into_iter().map(|(item, key, prompt)| (item, key.map(|k| (k, prompt)))).collect())
+}
+
 /// How long to wait before asking about a batch `age_s` seconds old again:
 /// a tenth of its age, between 1 s and a minute.
 fn poll_after(age_s: f64) -> Duration {
@@ -55,7 +79,7 @@ pub(super) async fn work(
     hits: Vec<ItemResult>,
     items: Vec<(Item, Option<(String, String)>)>,
     stop: &CancellationToken,
-) -> Result<ChunkOutcome, Error> {
+) -> Result<Step, Error> {
     let mut done = hits;
     let mut pending: Vec<Pending> = Vec::with_capacity(items.len());
     for (item, key) in items {
@@ -70,17 +94,26 @@ pub(super) async fn work(
         Ok(_) | Err(_) => {
             let why = job.routes.as_ref().err().cloned().unwrap_or_else(|| "the job names no model".into());
             done.extend(pending.iter().map(|(i, _, _)| ItemResult::failed(i, ErrorClass::UnknownModel, why.clone())));
-            return finish(shared, chunk, job, done, stop).await;
+            return finish(shared, chunk, job, done, stop).await.map(Step::Done);
         }
     };
+    let auto = job.live_from.is_some();
+    // Near an auto job's deadline, what a batch has not answered goes live.
+    let near = auto && job.past_live_from();
     let last = store::last_batch(&shared.pool, chunk).await?;
     match last {
-        Some(b) if b.state == "pending" => collect(shared, chunk, job, route, b, done, pending, stop).await,
-        Some(b) if b.state == "submitting" && b.age_s < SUBMIT_TIMEOUT_S => Ok(ChunkOutcome::Held(poll_after(b.age_s))),
+        Some(b) if b.state == "pending" => collect(shared, chunk, job, route, b, done, pending, near, stop).await,
+        _ if near => {
+            abandon(shared, chunk, job, NEAR_DEADLINE).await?;
+            Ok(live(done, pending))
+        }
+        Some(b) if b.state == "submitting" && b.age_s < SUBMIT_TIMEOUT_S => {
+            Ok(Step::Done(ChunkOutcome::Held(poll_after(b.age_s))))
+        }
         Some(b) if b.state == "submitting" => {
             let why = "the batch was not known to have been created";
             store::set_batch(&shared.pool, chunk, b.generation, b.round, "failed", None, Some(why)).await?;
-            Ok(ChunkOutcome::Held(Duration::from_millis(500)))
+            Ok(Step::Done(ChunkOutcome::Held(Duration::from_millis(500))))
         }
         last => {
             // Rounds count within a generation: a resumed job's chunk tries again from round 0.
@@ -97,12 +130,15 @@ pub(super) async fn work(
                 pending.clear();
             }
             if pending.is_empty() {
-                return finish(shared, chunk, job, done, stop).await;
+                return finish(shared, chunk, job, done, stop).await.map(Step::Done);
+            }
+            if auto && pending.len() < AUTO_LIVE_BELOW {
+                return Ok(live(done, pending));
             }
             if !done.is_empty() {
                 save(shared, chunk, job, &done, false, stop).await?;
             }
-            send(shared, chunk, job, route, round, &pending).await
+            send(shared, chunk, job, route, round, &pending).await.map(Step::Done)
         }
     }
 }
@@ -190,31 +226,32 @@ async fn send(
     }
 }
 
-/// Asks the provider to cancel the pending batch of a chunk whose job was
-/// cancelled: requests not yet run are then never paid for.
-pub(super) async fn cancel(shared: &Shared, chunk: &ChunkMsg, job: &CompiledJob) -> Result<(), Error> {
+fn backoff(e: &CallError) -> Duration {
+    e.retry_after().unwrap_or(Duration::from_secs(2)).max(Duration::from_millis(500))
+}
+
+/// Asks the provider to cancel the chunk's pending batch, if it has one, and
+/// marks it failed with `why`: its requests not yet run are never paid for
+/// (the job was cancelled, or its deadline is near and its items go live).
+pub(super) async fn abandon(shared: &Shared, chunk: &ChunkMsg, job: &CompiledJob, why: &str) -> Result<(), Error> {
     let (Some(b), Ok(routes)) = (store::last_batch(&shared.pool, chunk).await?, &job.routes) else { return Ok(()) };
-    let (Some(id), Some(route)) = (b.batch_id.as_deref().filter(|_| b.state == "pending"), routes.first()) else {
+    if !matches!(b.state.as_str(), "pending" | "submitting") {
         return Ok(());
-    };
-    let ep = &route.endpoint;
-    let key = ep.keys.current();
-    match ep.client.cancel_batch(id, key.as_ref().and_then(|k| k.secret)).await {
-        Ok(()) => {
-            tracing::info!(job_id = %chunk.job_id, chunk = chunk.chunk_no, batch = %id, "provider batch cancelled")
-        }
-        Err(e) => tracing::warn!(error = %e, batch = %id, "cannot cancel a provider batch"),
     }
-    if store::set_batch(&shared.pool, chunk, b.generation, b.round, "failed", None, Some("the job was cancelled"))
-        .await?
-    {
+    if let (Some(id), Some(route)) = (b.batch_id.as_deref(), routes.first()) {
+        let ep = &route.endpoint;
+        let key = ep.keys.current();
+        match ep.client.cancel_batch(id, key.as_ref().and_then(|k| k.secret)).await {
+            Ok(()) => {
+                tracing::info!(job_id = %chunk.job_id, chunk = chunk.chunk_no, batch = %id, why, "provider batch cancelled")
+            }
+            Err(e) => tracing::warn!(error = %e, batch = %id, "cannot cancel a provider batch"),
+        }
+    }
+    if store::set_batch(&shared.pool, chunk, b.generation, b.round, "failed", None, Some(why)).await? {
         store::settle_budget(&shared.pool, chunk.job_id, b.reserved_usd, 0.0).await?;
     }
     Ok(())
-}
-
-fn backoff(e: &CallError) -> Duration {
-    e.retry_after().unwrap_or(Duration::from_secs(2)).max(Duration::from_millis(500))
 }
 
 /// Polls the chunk's pending batch and, once it has ended, takes its answers.
@@ -227,8 +264,10 @@ async fn collect(
     batch: store::BatchRow,
     mut done: Vec<ItemResult>,
     pending: Vec<Pending>,
+    near_deadline: bool,
     stop: &CancellationToken,
-) -> Result<ChunkOutcome, Error> {
+) -> Result<Step, Error> {
+    let held = |d: Duration| Ok(Step::Done(ChunkOutcome::Held(d)));
     let ep = &route.endpoint;
     let key = ep.keys.current();
     let secret = key.as_ref().and_then(|k| k.secret);
@@ -237,31 +276,37 @@ async fn collect(
         Ok(s) => s,
         Err(e) => {
             tracing::warn!(error = %e, batch = %id, "cannot ask about a provider batch; asking again later");
-            return Ok(ChunkOutcome::Held(poll_after(batch.age_s).max(backoff(&e))));
+            return held(poll_after(batch.age_s).max(backoff(&e)));
         }
     };
     let results = match &status.state {
-        BatchState::Pending => return Ok(ChunkOutcome::Held(poll_after(batch.age_s))),
+        BatchState::Pending if near_deadline => {
+            abandon(shared, chunk, job, NEAR_DEADLINE).await?;
+            return Ok(live(done, pending));
+        }
+        BatchState::Pending => return held(poll_after(batch.age_s)),
         BatchState::Failed { errors } => {
             let why = format!("the provider refused the batch: {errors}");
             store::set_batch(&shared.pool, chunk, batch.generation, batch.round, "failed", None, Some(&why)).await?;
-            return Ok(ChunkOutcome::Held(Duration::from_millis(500)));
+            return held(Duration::from_millis(500));
         }
         BatchState::Ended { .. } => match ep.client.batch_results(&status, secret).await {
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!(error = %e, batch = %id, "cannot read a provider batch's results; reading again later");
-                return Ok(ChunkOutcome::Held(backoff(&e)));
+                return held(backoff(&e));
             }
         },
     };
     let mut results = results;
     let in_batch: std::collections::HashSet<i64> = batch.seqs.iter().copied().collect();
-    let (mut live, mut left, mut last_error, mut spent) = (Vec::new(), 0usize, None, 0.0);
+    let auto = job.live_from.is_some();
+    // Items not answered here: the chunk's next round takes them (auto: live).
+    let (mut reask, mut left, mut last_error, mut spent) = (Vec::new(), Vec::new(), None, 0.0);
     let key_id = key.as_ref().map(|k| k.id.to_string()).unwrap_or_default();
     for (item, cache_key, prompt) in pending {
         if !in_batch.contains(&item.seq) {
-            left += 1; // came after the batch was sent (a resumed job): the next round takes it
+            left.push((item, cache_key, prompt)); // came after the batch was sent (a resumed job)
             continue;
         }
         let outcome = results.remove(&item.seq.to_string());
@@ -292,7 +337,7 @@ async fn collect(
         if let BatchItem::NotRun(_) = outcome {
             // Never sent to the model: nothing to audit.
             last_error = failure;
-            left += 1;
+            left.push((item, cache_key, prompt));
             continue;
         }
         let call_id = uuid::Uuid::now_v7();
@@ -347,23 +392,26 @@ async fn collect(
                 match process::batch_answer(job, route, &prompt, c, call_id, &mut r) {
                     Ok(()) => done.push(r),
                     // Re-asked live, with the live path's budgets.
-                    Err(_) => live.push((Item { prior: attempt, ..item }, cache_key, prompt)),
+                    Err(_) => reask.push((Item { prior: attempt, ..item }, cache_key, prompt)),
                 }
             }
             Err(_) => {
                 last_error = failure;
-                left += 1;
+                left.push((Item { prior: attempt, ..item }, cache_key, prompt));
             }
         }
     }
-    if !live.is_empty() {
-        let (answered, held) = run_live(shared, chunk, job, live).await?;
+    let mut held_back = 0;
+    if auto {
+        left.append(&mut reask);
+    } else if !reask.is_empty() {
+        let (answered, held) = run_live(shared, chunk, job, reask).await?;
         done.extend(answered);
-        left += held;
+        held_back = held;
     }
     // Results first: a worker stopped after this and before the batch is
     // marked collected leaves only the unanswered items to collect again.
-    let finished = left == 0;
+    let finished = left.is_empty() && held_back == 0;
     save(shared, chunk, job, &done, finished, stop).await?;
     if store::set_batch(&shared.pool, chunk, batch.generation, batch.round, "collected", None, last_error.as_deref())
         .await?
@@ -373,14 +421,17 @@ async fn collect(
     }
     let ok = done.iter().filter(|r| r.succeeded).count() as u64;
     crate::metrics::chunk(if finished { "written" } else { "partial" }, ok, done.len() as u64 - ok);
+    if auto && !left.is_empty() {
+        return Ok(live(Vec::new(), left));
+    }
     if !finished {
         // The rest go in the chunk's next round.
-        return Ok(ChunkOutcome::Held(Duration::from_millis(500)));
+        return held(Duration::from_millis(500));
     }
     if common::db::complete_if_done(&shared.pool, chunk.job_id).await? {
         tracing::info!(job_id = %chunk.job_id, "job completed");
     }
-    Ok(ChunkOutcome::Finished)
+    Ok(Step::Done(ChunkOutcome::Finished))
 }
 
 /// Runs items live, one after another: answers a batch sent back that did

@@ -416,16 +416,23 @@ struct SubmitArgs {
     /// chunk's items go to the provider's batch API (OpenAI's Batch API,
     /// Anthropic's Message Batches) at half the price, answered within the
     /// provider's window (up to 24 hours); items a batch does not answer go
-    /// in the chunk's next batch.
+    /// in the chunk's next batch. `auto`: batch for the bulk, live for what
+    /// a batch did not answer, for chunks of fewer than 5 items, and for
+    /// whatever is left near the --deadline.
     #[arg(long, default_value = "live", value_parser = parse_mode)]
     mode: common::state::JobMode,
+    /// With --mode auto: when the job should be done (90d, 12h, 30m,
+    /// 3600s) [default: 24h]. Batches give way to live calls a tenth of the
+    /// time before it (at least 30 s).
+    #[arg(long, value_parser = parse_duration)]
+    deadline: Option<u64>,
     /// The price table, for --estimate.
     #[arg(long, env = "SLUICE_PRICES_FILE", default_value = "deploy/prices.toml")]
     prices_file: PathBuf,
 }
 
 fn parse_mode(text: &str) -> Result<common::state::JobMode, String> {
-    text.parse().map_err(|_| format!("unknown mode {text:?}: use live or batch"))
+    text.parse().map_err(|_| format!("unknown mode {text:?}: use live, batch or auto"))
 }
 
 /// Runs one command and returns the process exit code.
@@ -787,6 +794,7 @@ async fn submit(client: &Client, args: SubmitArgs) -> anyhow::Result<ExitCode> {
         providers_file,
         prices_file,
         mode,
+        deadline,
     } = args;
     let kind = load_kind(&job_dir, model, &input)?;
     if ask {
@@ -827,6 +835,7 @@ async fn submit(client: &Client, args: SubmitArgs) -> anyhow::Result<ExitCode> {
             cache: no_cache.then_some(false),
             cache_ttl_s: cache_ttl,
             mode,
+            deadline_s: deadline,
             ..NewJob::new(kind)
         })
         .await?;
@@ -985,7 +994,13 @@ fn print_status(s: &JobStatus, json: bool) {
         println!("trust    {} results scored by {}{note}", c.results, c.strategy);
     }
     for m in &s.output_modes {
-        println!("output   {}/{} asked for {} ({} attempts)", m.provider, m.model, m.mode, m.attempts);
+        match m.mode.strip_prefix("batch:") {
+            Some(mode) => println!(
+                "output   {}/{} asked for {mode} through provider batches ({} attempts)",
+                m.provider, m.model, m.attempts
+            ),
+            None => println!("output   {}/{} asked for {} ({} attempts)", m.provider, m.model, m.mode, m.attempts),
+        }
     }
     let elapsed = match (s.started_at, s.finished_at) {
         (Some(a), Some(b)) => format!(" in {:.1}s", (b - a).num_milliseconds() as f64 / 1000.0),
