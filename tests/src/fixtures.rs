@@ -631,6 +631,16 @@ impl Stack {
         self.client.upload(job_id, futures::stream::iter(pieces), skip_invalid).await
     }
 
+    /// Runs the `sluice` command line against this stack's coordinator with its admin token.
+    pub fn sluice(&self, args: &[&str]) -> std::process::Output {
+        std::process::Command::new(workspace_bin("sluice").expect("the sluice binary is built"))
+            .args(args)
+            .env("SLUICE_COORDINATOR", format!("http://{}", self.coordinator_addr))
+            .env("SLUICE_TOKEN", &self.admin_token)
+            .output()
+            .expect("sluice runs")
+    }
+
     /// Waits until the job is completed.
     pub async fn wait_completed(&self, job_id: uuid::Uuid, timeout: Duration) -> anyhow::Result<()> {
         wait_for("job completion", timeout, || async {

@@ -1,22 +1,17 @@
 //! OpenAI Batch API files through Sluice: a real input file's bodies sent unchanged, results written back in the Batch API's output format, and bad request lines refused with their numbers.
 
 use std::collections::{BTreeSet, HashMap};
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use sluice_tests::fixtures::{jobs_dir, workspace_bin, Stack};
+use sluice_tests::fixtures::{jobs_dir, Stack};
 use sluice_tests::sim::SimConfig;
 use sqlx::Row;
 
 /// Runs `sluice` against the stack's coordinator with its admin token.
 fn sluice(stack: &Stack, args: &[&str]) -> Output {
-    Command::new(workspace_bin("sluice").unwrap())
-        .args(args)
-        .env("SLUICE_COORDINATOR", format!("http://{}", stack.coordinator_addr))
-        .env("SLUICE_TOKEN", &stack.admin_token)
-        .output()
-        .unwrap()
+    stack.sluice(args)
 }
 
 fn line(custom_id: &str, body: Value) -> Value {

@@ -115,11 +115,7 @@ async fn a_worker_killed_while_its_batches_are_pending_does_not_send_them_again(
     let config = stack.worker_config();
     let mut first = WorkerProcess::spawn(&config, "first").unwrap();
     let job = submit_batch_job(&stack, None, 63, 200).await;
-    let chunks: i64 = sqlx::query_scalar("SELECT count(*) FROM chunks WHERE job_id = $1")
-        .bind(job)
-        .fetch_one(&stack.db.pool)
-        .await
-        .unwrap();
+    let chunks = chunk_count(&stack, job).await;
     wait_for("every chunk's batch to be pending", Duration::from_secs(60), || async {
         let pending: i64 =
             sqlx::query_scalar("SELECT count(*) FROM provider_batches WHERE job_id = $1 AND state = 'pending'")
@@ -138,6 +134,14 @@ async fn a_worker_killed_while_its_batches_are_pending_does_not_send_them_again(
     assert_eq!(stack.sim.sim.batches.created.load(std::sync::atomic::Ordering::Relaxed) as i64, chunks);
 }
 
+async fn chunk_count(stack: &Stack, job: Uuid) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM chunks WHERE job_id = $1")
+        .bind(job)
+        .fetch_one(&stack.db.pool)
+        .await
+        .unwrap()
+}
+
 async fn batch_rows(stack: &Stack, job: Uuid, state: &str) -> i64 {
     sqlx::query_scalar("SELECT count(*) FROM provider_batches WHERE job_id = $1 AND state = $2")
         .bind(job)
@@ -153,11 +157,7 @@ async fn cancelling_a_batch_mode_job_cancels_its_provider_batches() {
     let mut stack = Stack::start(sim, |_| {}).await.unwrap();
     stack.add_worker(|_| {});
     let job = submit_batch_job(&stack, None, 64, 100).await;
-    let chunks: i64 = sqlx::query_scalar("SELECT count(*) FROM chunks WHERE job_id = $1")
-        .bind(job)
-        .fetch_one(&stack.db.pool)
-        .await
-        .unwrap();
+    let chunks = chunk_count(&stack, job).await;
     wait_for("every chunk's batch to be pending", Duration::from_secs(60), || async {
         Ok(batch_rows(&stack, job, "pending").await == chunks)
     })
@@ -196,11 +196,7 @@ async fn a_capped_batch_job_pauses_at_its_cap_and_its_batches_are_collected_afte
     .await
     .unwrap();
     let sent = batch_rows(&stack, job, "pending").await + batch_rows(&stack, job, "collected").await;
-    let chunks: i64 = sqlx::query_scalar("SELECT count(*) FROM chunks WHERE job_id = $1")
-        .bind(job)
-        .fetch_one(&stack.db.pool)
-        .await
-        .unwrap();
+    let chunks = chunk_count(&stack, job).await;
     assert!(sent > 0 && sent < chunks, "{sent} of {chunks} chunks sent before the cap");
     stack.client.resume_with(job, false, Some(1.0)).await.unwrap();
     stack.wait_completed(job, Duration::from_secs(120)).await.unwrap();

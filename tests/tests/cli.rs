@@ -8,12 +8,7 @@ use sluice_tests::sim::SimConfig;
 
 /// Runs `sluice` against the stack's coordinator with its admin token.
 fn sluice(stack: &Stack, args: &[&str]) -> Output {
-    Command::new(workspace_bin("sluice").unwrap())
-        .args(args)
-        .env("SLUICE_COORDINATOR", format!("http://{}", stack.coordinator_addr))
-        .env("SLUICE_TOKEN", &stack.admin_token)
-        .output()
-        .unwrap()
+    stack.sluice(args)
 }
 
 fn input(dir: &tempfile::TempDir, seed: u64, count: u64) -> String {

@@ -416,24 +416,8 @@ impl ItemRun<'_> {
                 strategy.advance(&route.config, facts, Some("the server sent no log-probabilities when asked"));
             }
             let limiter = ctx.guards.limiter(key.id, &route.model, &route.config);
-            // Agreement asks for `samples` answers in one call where the model
-            // can sample several (n), else makes one call per answer.
-            let agreement = strategy.current == Some(ConfidenceStrategy::Agreement);
-            let samples = (agreement && route.config.supports(Param::N)).then_some(spec.samples);
-            let call = Call {
-                model: &route.wire_model,
-                system: spec.system.as_deref(),
-                messages: &messages,
-                temperature: route.config.supports(Param::Temperature).then_some(spec.temperature),
-                max_tokens: spec.max_tokens,
-                max_tokens_param: route.config.max_tokens_param,
-                output,
-                schema_name: &spec.kind,
-                schema: &self.job.kind.schema,
-                logprobs: strategy.current == Some(ConfidenceStrategy::Logprobs),
-                n: samples,
-                reasoning_effort: if route.config.reasoning { spec.reasoning_effort.as_deref() } else { None },
-            };
+            let call = call(self.job, route, &messages, output, strategy.current);
+            let samples = call.n;
             let (body, max_output) = match &self.pass {
                 // The line's body, with the re-asks after its own messages.
                 Some(p) => (p.body(&route.wire_model, &messages[1..]), p.max_output(spec.max_tokens)),
@@ -745,24 +729,37 @@ pub fn batch_request(job: &CompiledJob, route: &Route, prompt: &str) -> Result<(
         return Ok((pass.body(&route.wire_model, &[]), pass.max_output(spec.max_tokens)));
     }
     let strategy = StrategyChoice::new(spec, &route.config, Facts::default()).current;
-    let samples =
-        (strategy == Some(ConfidenceStrategy::Agreement) && route.config.supports(Param::N)).then_some(spec.samples);
     let messages = [Message { role: "user".into(), content: prompt.to_string() }];
-    let call = Call {
+    let call = call(job, route, &messages, route.config.first_output_mode(), strategy);
+    Ok((route.endpoint.client.body(&call), spec.max_tokens as f64 * call.n.unwrap_or(1) as f64))
+}
+
+/// The call of one item's `messages` to `route`'s model, asking for
+/// `output` and what `strategy` needs: agreement asks for `samples` answers
+/// in one call where the model can sample several (n), else one per call.
+fn call<'a>(
+    job: &'a CompiledJob,
+    route: &'a Route,
+    messages: &'a [Message],
+    output: common::provider::OutputMode,
+    strategy: Option<ConfidenceStrategy>,
+) -> Call<'a> {
+    let spec = &job.kind.spec;
+    let agreement = strategy == Some(ConfidenceStrategy::Agreement);
+    Call {
         model: &route.wire_model,
         system: spec.system.as_deref(),
-        messages: &messages,
+        messages,
         temperature: route.config.supports(Param::Temperature).then_some(spec.temperature),
         max_tokens: spec.max_tokens,
         max_tokens_param: route.config.max_tokens_param,
-        output: route.config.first_output_mode(),
+        output,
         schema_name: &spec.kind,
         schema: &job.kind.schema,
         logprobs: strategy == Some(ConfidenceStrategy::Logprobs),
-        n: samples,
+        n: (agreement && route.config.supports(Param::N)).then_some(spec.samples),
         reasoning_effort: if route.config.reasoning { spec.reasoning_effort.as_deref() } else { None },
-    };
-    Ok((route.endpoint.client.body(&call), spec.max_tokens as f64 * samples.unwrap_or(1) as f64))
+    }
 }
 
 /// Judges an answer that came back from a provider batch exactly as a live

@@ -422,16 +422,35 @@ fn openai_object(id: &str, batch: &SimBatch, status: Option<&str>) -> Value {
     })
 }
 
+/// Batch `id` of `dialect`, advanced to now, or the dialect's 404.
+async fn advanced<'a>(
+    sim: &Arc<Sim>,
+    batches: &'a mut HashMap<String, SimBatch>,
+    id: &str,
+    dialect: Dialect,
+) -> Result<&'a mut SimBatch, Response> {
+    let Some(batch) = batches.get_mut(id).filter(|b| b.dialect == dialect) else {
+        return Err(match dialect {
+            Dialect::OpenAi => openai_error(StatusCode::NOT_FOUND, &format!("No batch found with id '{id}'")),
+            Dialect::Anthropic => {
+                anthropic_error(StatusCode::NOT_FOUND, "not_found_error", &format!("no message batch {id}"))
+            }
+        });
+    };
+    advance(sim, batch).await;
+    Ok(batch)
+}
+
 /// `GET /v1/batches/{id}`.
 async fn retrieve_openai(State(sim): State<Arc<Sim>>, headers: HeaderMap, Path(id): Path<String>) -> Response {
     if let Some(r) = refused(&sim, &headers, Dialect::OpenAi) {
         return r;
     }
     let mut batches = sim.batches.batches.lock().await;
-    let Some(batch) = batches.get_mut(&id).filter(|b| b.dialect == Dialect::OpenAi) else {
-        return openai_error(StatusCode::NOT_FOUND, &format!("No batch found with id '{id}'"));
+    let batch = match advanced(&sim, &mut batches, &id, Dialect::OpenAi).await {
+        Ok(b) => b,
+        Err(r) => return r,
     };
-    advance(&sim, batch).await;
     Json(openai_object(&id, batch, None)).into_response()
 }
 
@@ -441,10 +460,10 @@ async fn cancel_openai(State(sim): State<Arc<Sim>>, headers: HeaderMap, Path(id)
         return r;
     }
     let mut batches = sim.batches.batches.lock().await;
-    let Some(batch) = batches.get_mut(&id).filter(|b| b.dialect == Dialect::OpenAi) else {
-        return openai_error(StatusCode::NOT_FOUND, &format!("No batch found with id '{id}'"));
+    let batch = match advanced(&sim, &mut batches, &id, Dialect::OpenAi).await {
+        Ok(b) => b,
+        Err(r) => return r,
     };
-    advance(&sim, batch).await;
     if batch.ended.is_some() {
         return openai_error(StatusCode::CONFLICT, "Cannot cancel a batch that has already ended.");
     }
@@ -549,10 +568,10 @@ async fn retrieve_anthropic(State(sim): State<Arc<Sim>>, headers: HeaderMap, Pat
         return r;
     }
     let mut batches = sim.batches.batches.lock().await;
-    let Some(batch) = batches.get_mut(&id).filter(|b| b.dialect == Dialect::Anthropic) else {
-        return anthropic_error(StatusCode::NOT_FOUND, "not_found_error", &format!("no message batch {id}"));
+    let batch = match advanced(&sim, &mut batches, &id, Dialect::Anthropic).await {
+        Ok(b) => b,
+        Err(r) => return r,
     };
-    advance(&sim, batch).await;
     Json(anthropic_object(&id, batch, &headers)).into_response()
 }
 
@@ -562,10 +581,10 @@ async fn cancel_anthropic(State(sim): State<Arc<Sim>>, headers: HeaderMap, Path(
         return r;
     }
     let mut batches = sim.batches.batches.lock().await;
-    let Some(batch) = batches.get_mut(&id).filter(|b| b.dialect == Dialect::Anthropic) else {
-        return anthropic_error(StatusCode::NOT_FOUND, "not_found_error", &format!("no message batch {id}"));
+    let batch = match advanced(&sim, &mut batches, &id, Dialect::Anthropic).await {
+        Ok(b) => b,
+        Err(r) => return r,
     };
-    advance(&sim, batch).await;
     if batch.ended.is_none() {
         batch.cancel_requested.get_or_insert_with(Instant::now);
     }
