@@ -73,6 +73,10 @@ pub struct JobSpec {
     /// What an input line holds and how it becomes a request.
     #[serde(default, skip_serializing_if = "RequestSource::is_template")]
     pub request: RequestSource,
+    /// How jobs of this kind make their calls unless `submit --mode` says
+    /// otherwise: `live` (the default), `batch` or `auto`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<crate::state::JobMode>,
 }
 
 /// Where a call's request comes from.

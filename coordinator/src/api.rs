@@ -84,7 +84,7 @@ pub fn check_models(catalog: &Catalog, prices: &PriceTable, job: &NewJob) -> Res
         })?;
         let provider_kind = catalog.providers.get(target.provider).map(|p| p.kind);
         let anthropic = provider_kind == Some(ProviderKind::Anthropic);
-        if job.mode.batches() && i == 0 && provider_kind == Some(ProviderKind::AzureOpenai) {
+        if job.mode().batches() && i == 0 && provider_kind == Some(ProviderKind::AzureOpenai) {
             return Err(Error::Invalid(format!(
                 "model {reference:?} is served by {}, an Azure OpenAI provider, whose batches Sluice does not use: \
                  submit with --mode live, or pick a model of an OpenAI, OpenAI-compatible or Anthropic provider",
@@ -295,7 +295,7 @@ async fn create_job(
     if job.cache_ttl_s == Some(0) {
         return Err(Error::Invalid("cache_ttl_s must be at least 1 second".into()));
     }
-    match (job.mode, job.deadline_s) {
+    match (job.mode(), job.deadline_s) {
         (common::state::JobMode::Auto, Some(0)) => {
             return Err(Error::Invalid("a deadline must be at least 1 second away".into()))
         }

@@ -30,9 +30,10 @@ pub struct NewJob {
     /// Cache entries older than this are not used (default 30 days).
     #[serde(default)]
     pub cache_ttl_s: Option<u64>,
-    /// Live calls, or the providers' batch APIs.
+    /// Live calls, or the providers' batch APIs; default: the kind's `mode`,
+    /// else live.
     #[serde(default)]
-    pub mode: common::state::JobMode,
+    pub mode: Option<common::state::JobMode>,
     /// In `auto` mode: seconds from submission until the job should be done
     /// (default a day).
     #[serde(default)]
@@ -72,9 +73,14 @@ impl NewJob {
             max_cost_usd: None,
             cache: None,
             cache_ttl_s: None,
-            mode: common::state::JobMode::Live,
+            mode: None,
             deadline_s: None,
         }
+    }
+
+    /// How the job makes its calls: as asked, else as its kind says, else live.
+    pub fn mode(&self) -> common::state::JobMode {
+        self.mode.or(self.kind.spec.mode).unwrap_or_default()
     }
 
     /// Whether the job reuses answers: as asked, else for temperature 0 only
@@ -177,9 +183,16 @@ pub struct JobStatus {
     /// Where the results' confidence came from (detail view only).
     #[serde(default)]
     pub confidence_sources: Vec<ConfidenceSource>,
-    /// How structured output was asked for, per model (detail view only).
+    /// How structured output was asked for, per model (detail view only);
+    /// attempts made through provider batches are named `batch:<mode>`.
     #[serde(default)]
     pub output_modes: Vec<OutputModeUse>,
+    /// Provider batches sent and not yet collected, and the items they hold
+    /// (detail view only).
+    #[serde(default)]
+    pub batches_pending: u64,
+    #[serde(default)]
+    pub batch_items_pending: u64,
     /// The job's review threshold.
     pub review_below: Option<f64>,
     pub invalid_lines: u64,
@@ -281,5 +294,26 @@ impl Format {
             Format::Csv => "text/csv",
             Format::LabelStudio => "application/json",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use common::state::JobMode;
+
+    #[test]
+    fn a_jobs_mode_is_the_submitted_one_else_its_kinds_else_live() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../jobs/classify");
+        let mut kind = common::spec::JobKind::load(&dir).unwrap();
+        assert_eq!(NewJob::new(kind.clone()).mode(), JobMode::Live);
+        kind.spec.mode = Some(JobMode::Batch);
+        assert_eq!(NewJob::new(kind.clone()).mode(), JobMode::Batch);
+        assert_eq!(NewJob { mode: Some(JobMode::Auto), ..NewJob::new(kind) }.mode(), JobMode::Auto);
+        let spec: common::spec::JobSpec = serde_json::from_value(
+            serde_json::json!({"kind": "k", "model": "m", "max_tokens": 1, "answer_field": "a", "mode": "auto"}),
+        )
+        .unwrap();
+        assert_eq!(spec.mode, Some(JobMode::Auto));
     }
 }

@@ -104,10 +104,11 @@ pub async fn create_job(
     let mut tx = pool.begin().await.doing("creating the job")?;
     check_active_jobs(&mut tx, project, max_active).await?;
     let ttl = job.cache_ttl_s.unwrap_or(crate::model::DEFAULT_CACHE_TTL_S).min(i64::MAX as u64) as i64;
-    let deadline_s = (job.mode == common::state::JobMode::Auto)
+    let mode = job.mode();
+    let deadline_s = (mode == common::state::JobMode::Auto)
         .then(|| job.deadline_s.unwrap_or(crate::model::DEFAULT_DEADLINE_S).min(i32::MAX as u64) as f64);
     sqlx::query!("INSERT INTO jobs (id, kind, spec, template, template_hash, output_schema, input_name, review_below, submitted_by, project, reuse, cache_ttl_s, mode, deadline)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, now() + make_interval(secs => $14))", id, &job.kind.spec.kind, sqlx::types::Json(&job.kind.spec) as _, &job.kind.template, job.kind.template_hash(), &job.kind.schema, job.input_name.as_deref(), job.review_below, &actor.name, project, job.reuses(), ttl, job.mode.as_str(), deadline_s)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, now() + make_interval(secs => $14))", id, &job.kind.spec.kind, sqlx::types::Json(&job.kind.spec) as _, &job.kind.template, job.kind.template_hash(), &job.kind.schema, job.input_name.as_deref(), job.review_below, &actor.name, project, job.reuses(), ttl, mode.as_str(), deadline_s)
     .execute(&mut *tx)
     .await.doing("creating the job")?;
     if let Some(cap) = job.max_cost_usd {
@@ -118,7 +119,7 @@ pub async fn create_job(
     }
     tx.commit().await.doing("creating the job")?;
     let detail = serde_json::json!({"kind": job.kind.spec.kind, "input": job.input_name, "project": project,
-                                    "max_cost_usd": job.max_cost_usd, "reuse": job.reuses(), "mode": job.mode,
+                                    "max_cost_usd": job.max_cost_usd, "reuse": job.reuses(), "mode": mode,
                                     "deadline_s": deadline_s});
     event(pool, id, "submitted", actor, detail).await?;
     Ok(id)
@@ -501,8 +502,21 @@ async fn statuses(pool: &PgPool, ids: &[Uuid]) -> Result<Vec<JobStatus>, Error> 
     .fetch_all(pool)
     .await
     .doing(DOING)?;
+    // Provider batches not yet collected: how many, and the items they hold.
+    let batches = sqlx::query!(
+        r#"SELECT job_id, count(*) AS "batches!", coalesce(sum(cardinality(seqs)), 0)::bigint AS "items!"
+         FROM provider_batches WHERE job_id = ANY($1) AND state IN ('submitting', 'pending') GROUP BY 1"#,
+        ids
+    )
+    .fetch_all(pool)
+    .await
+    .doing(DOING)?;
     for status in &mut out {
         let id = status.job_id;
+        if let Some(b) = batches.iter().find(|b| b.job_id == id) {
+            status.batches_pending = b.batches as u64;
+            status.batch_items_pending = b.items as u64;
+        }
         status.confidence_sources = sources
             .iter()
             .filter(|r| r.job_id == id)
@@ -598,6 +612,8 @@ fn status_from_row(row: StatusRow) -> JobStatus {
         unpriced_attempts: row.unpriced as u64,
         confidence_sources: Vec::new(),
         output_modes: Vec::new(),
+        batches_pending: 0,
+        batch_items_pending: 0,
         review_below: review_below.or_else(|| kind_threshold.and_then(|t| t.parse().ok())),
         failed: failed as u64,
         pending: pending as u64,

@@ -1,9 +1,9 @@
-//! Batch mode end to end: jobs whose calls go through the providers' batch APIs (simulated), on each dialect, with failed requests retried in later batches and a worker killed while its batch is pending.
+//! Batch mode end to end: jobs whose calls go through the providers' batch APIs (simulated), on each dialect, with failed requests retried in later batches and a coordinator and worker killed while their batches are pending.
 
 use std::time::Duration;
 
 use common::state::JobMode;
-use sluice_tests::fixtures::{jobs_dir, sample_jsonl, wait_for, Stack, WorkerProcess};
+use sluice_tests::fixtures::{jobs_dir, sample_jsonl, wait_for, ServeProcess, Stack, WorkerProcess};
 use sluice_tests::sim::SimConfig;
 use sqlx::Row;
 use uuid::Uuid;
@@ -23,7 +23,7 @@ fn new_job(model: Option<&str>, mode: JobMode) -> coordinator::model::NewJob {
     if let Some(m) = model {
         kind.spec.model = m.into();
     }
-    coordinator::model::NewJob { mode, ..coordinator::model::NewJob::new(kind) }
+    coordinator::model::NewJob { mode: Some(mode), ..coordinator::model::NewJob::new(kind) }
 }
 
 async fn submit(stack: &Stack, job: coordinator::model::NewJob, seed: u64, count: u64) -> Uuid {
@@ -109,46 +109,37 @@ rpm = 60000
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_worker_killed_while_its_batches_are_pending_does_not_send_them_again() {
+async fn coordinator_and_worker_killed_while_batches_are_pending_send_nothing_twice() {
     let sim = SimConfig { batch_seconds: 4.0, seed: 10, ..Default::default() };
     let stack = Stack::start(sim, |_| {}).await.unwrap();
+    stack.stop_coordinator().await.unwrap();
+    let logs = tempfile::tempdir().unwrap();
+    let mut coordinator = ServeProcess::start(&stack.db, &stack.nats, &logs.path().join("c1.log"), &[]).await.unwrap();
     let config = stack.worker_config();
-    let mut first = WorkerProcess::spawn(&config, "first").unwrap();
-    let job = submit_batch_job(&stack, None, 63, 200).await;
-    let chunks = chunk_count(&stack, job).await;
+    let mut worker = WorkerProcess::spawn(&config, "first").unwrap();
+    let client = coordinator.client(&stack.admin_token);
+    let job_id = client.create_job(&new_job(None, JobMode::Batch)).await.unwrap().job_id;
+    let body = futures::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from(sample_jsonl(63, 200)))]);
+    client.upload(job_id, body, false).await.unwrap();
+    let chunks = chunk_count(&stack, job_id).await;
     wait_for("every chunk's batch to be pending", Duration::from_secs(60), || async {
-        let pending: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM provider_batches WHERE job_id = $1 AND state = 'pending'")
-                .bind(job)
-                .fetch_one(&stack.db.pool)
-                .await?;
-        Ok(pending == chunks)
+        Ok(batch_rows(&stack, job_id, "pending").await == chunks)
     })
     .await
     .unwrap();
-    first.kill9();
-    let _second = WorkerProcess::spawn(&config, "second").unwrap();
-    stack.wait_completed(job, Duration::from_secs(120)).await.unwrap();
-    let (_, failed, batches, rounds) = check_answered_by_batches(&stack, job, 63, 200).await;
-    assert_eq!((failed, batches, rounds), (0, chunks, 0), "one batch per chunk, polled by the second worker");
+    worker.kill9();
+    coordinator.kill9();
+    let coordinator = ServeProcess::start(&stack.db, &stack.nats, &logs.path().join("c2.log"), &[]).await.unwrap();
+    let _worker = WorkerProcess::spawn(&config, "second").unwrap();
+    let client = coordinator.client(&stack.admin_token);
+    wait_for("job completion", Duration::from_secs(120), || async {
+        Ok(client.status(job_id).await?.state == "completed")
+    })
+    .await
+    .unwrap();
+    let (_, failed, batches, rounds) = check_answered_by_batches(&stack, job_id, 63, 200).await;
+    assert_eq!((failed, batches, rounds), (0, chunks, 0), "one batch per chunk, polled after the restart");
     assert_eq!(stack.sim.sim.batches.created.load(std::sync::atomic::Ordering::Relaxed) as i64, chunks);
-}
-
-async fn chunk_count(stack: &Stack, job: Uuid) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM chunks WHERE job_id = $1")
-        .bind(job)
-        .fetch_one(&stack.db.pool)
-        .await
-        .unwrap()
-}
-
-async fn batch_rows(stack: &Stack, job: Uuid, state: &str) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM provider_batches WHERE job_id = $1 AND state = $2")
-        .bind(job)
-        .bind(state)
-        .fetch_one(&stack.db.pool)
-        .await
-        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -163,6 +154,9 @@ async fn cancelling_a_batch_mode_job_cancels_its_provider_batches() {
     })
     .await
     .unwrap();
+    // status tells what waits in provider batches.
+    let status = stack.client.status(job).await.unwrap();
+    assert_eq!((status.batches_pending as i64, status.batch_items_pending), (chunks, 100));
     stack.client.cancel(job).await.unwrap();
     wait_for("every batch to be cancelled", Duration::from_secs(60), || async {
         Ok(batch_rows(&stack, job, "failed").await == chunks)
@@ -297,4 +291,21 @@ async fn near_its_deadline_an_auto_job_cancels_its_batches_and_goes_live() {
     .unwrap();
     assert_eq!((late, cancelled), (0, batches));
     assert!(batches > 0);
+}
+
+async fn chunk_count(stack: &Stack, job: Uuid) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM chunks WHERE job_id = $1")
+        .bind(job)
+        .fetch_one(&stack.db.pool)
+        .await
+        .unwrap()
+}
+
+async fn batch_rows(stack: &Stack, job: Uuid, state: &str) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM provider_batches WHERE job_id = $1 AND state = $2")
+        .bind(job)
+        .bind(state)
+        .fetch_one(&stack.db.pool)
+        .await
+        .unwrap()
 }

@@ -34,6 +34,16 @@ pub fn max_requests(kind: ProviderKind) -> usize {
     }
 }
 
+/// The most bytes of request bodies one batch should carry: OpenAI's input
+/// file may be 200 MB and Anthropic's batch 256 MB; room is left for the
+/// lines' framing.
+pub fn max_bytes(kind: ProviderKind) -> usize {
+    match kind {
+        ProviderKind::Anthropic => 240_000_000,
+        _ => 190_000_000,
+    }
+}
+
 /// A batch's state at the provider.
 #[derive(Debug, Clone, PartialEq)]
 pub enum BatchState {

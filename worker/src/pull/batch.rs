@@ -23,7 +23,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::provider::batch::{BatchItem, BatchState};
+use common::provider::batch::{max_bytes, max_requests, BatchItem, BatchState};
 use common::provider::{CallError, ErrorClass};
 use common::wire::ChunkMsg;
 use sha2::{Digest, Sha256};
@@ -169,32 +169,32 @@ async fn send(
     round: i32,
     pending: &[Pending],
 ) -> Result<ChunkOutcome, Error> {
-    let mut requests = Vec::with_capacity(pending.len());
-    for (item, _, prompt) in pending {
-        // A body that cannot be built fails its item when collected (not sent).
-        if let Ok((body, _)) = process::batch_request(job, route, prompt) {
-            requests.push((item.seq.to_string(), body));
-        }
-    }
-    let seqs: Vec<i64> = pending.iter().map(|(i, _, _)| i.seq).collect();
     let ep = &route.endpoint;
+    // Within the provider's caps: what does not fit waits for the next round.
+    let (cap_bytes, cap_requests) = (max_bytes(ep.client.kind()), max_requests(ep.client.kind()));
+    let (mut requests, mut seqs, mut bytes) = (Vec::with_capacity(pending.len()), Vec::new(), 0usize);
     // A capped job holds the batch's worst case (each prompt at 4 bytes a
     // token plus a margin, each answer at its most tokens, at batch prices)
     // until the batch is collected; at the cap the job pauses instead.
+    let mut usd = 0.0;
+    for (item, _, prompt) in pending {
+        // A body that cannot be built fails its item when collected (not sent).
+        if let Ok((body, max_output)) = process::batch_request(job, route, prompt) {
+            if !requests.is_empty() && (bytes + body.len() > cap_bytes || requests.len() == cap_requests) {
+                break;
+            }
+            let worst = common::prices::Usage {
+                input: (body.len() as f64 / 4.0 * 1.1).ceil() as u32,
+                output: max_output as u32,
+                ..Default::default()
+            };
+            usd += shared.prices.batch_cost(&ep.name, &route.model, worst).unwrap_or(0.0);
+            bytes += body.len();
+            requests.push((item.seq.to_string(), body));
+        }
+        seqs.push(item.seq);
+    }
     let reserved = if job.capped {
-        let usd: f64 = requests
-            .iter()
-            .zip(pending)
-            .map(|((_, body), (_, _, prompt))| {
-                let max_output = process::batch_request(job, route, prompt).map_or(0.0, |(_, m)| m);
-                let worst = common::prices::Usage {
-                    input: (body.len() as f64 / 4.0 * 1.1).ceil() as u32,
-                    output: max_output as u32,
-                    ..Default::default()
-                };
-                shared.prices.batch_cost(&ep.name, &route.model, worst).unwrap_or(0.0)
-            })
-            .sum();
         if !store::reserve_budget(&shared.pool, chunk.job_id, usd).await? {
             crate::metrics::budget_stop();
             return Ok(ChunkOutcome::Held(Duration::from_secs(1))); // the job is paused

@@ -418,9 +418,10 @@ struct SubmitArgs {
     /// provider's window (up to 24 hours); items a batch does not answer go
     /// in the chunk's next batch. `auto`: batch for the bulk, live for what
     /// a batch did not answer, for chunks of fewer than 5 items, and for
-    /// whatever is left near the --deadline.
-    #[arg(long, default_value = "live", value_parser = parse_mode)]
-    mode: common::state::JobMode,
+    /// whatever is left near the --deadline. [default: the kind's `mode` in
+    /// job.toml, else live]
+    #[arg(long, value_parser = parse_mode)]
+    mode: Option<common::state::JobMode>,
     /// With --mode auto: when the job should be done (90d, 12h, 30m,
     /// 3600s) [default: 24h]. Batches give way to live calls a tenth of the
     /// time before it (at least 30 s).
@@ -992,6 +993,9 @@ fn print_status(s: &JobStatus, json: bool) {
     for c in &s.confidence_sources {
         let note = c.note.as_deref().map(|n| format!(" ({n})")).unwrap_or_default();
         println!("trust    {} results scored by {}{note}", c.results, c.strategy);
+    }
+    if s.batches_pending > 0 {
+        println!("batches  {} items waiting in {} provider batches", s.batch_items_pending, s.batches_pending);
     }
     for m in &s.output_modes {
         match m.mode.strip_prefix("batch:") {
