@@ -153,7 +153,7 @@ impl Drop for BudgetHold {
 
 /// The share added to a prompt's estimated tokens when reserving budget:
 /// the estimate counts 4 bytes a token, and tokenizers differ.
-const PROMPT_MARGIN: f64 = 1.1;
+pub(crate) const PROMPT_MARGIN: f64 = 1.1;
 
 /// The confidence strategy to ask for, given what the model can give, and
 /// those passed over with the reason.

@@ -184,7 +184,7 @@ async fn send(
                 break;
             }
             let worst = common::prices::Usage {
-                input: (body.len() as f64 / 4.0 * 1.1).ceil() as u32,
+                input: (body.len() as f64 / 4.0 * process::PROMPT_MARGIN).ceil() as u32,
                 output: max_output as u32,
                 ..Default::default()
             };
