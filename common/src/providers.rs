@@ -186,6 +186,19 @@ pub struct ModelConfig {
     /// The model takes `reasoning_effort` (OpenAI o-series, gpt-5 family).
     #[serde(default)]
     pub reasoning: bool,
+    /// Batch APIs: prompt tokens the provider holds in its batch queue for
+    /// this model at most, across the cluster (0: none). OpenAI's "batch
+    /// queue limit", per model and organization; a batch past it fails with
+    /// `token_limit_exceeded` ("Enqueued token limit reached for MODEL ...",
+    /// openai/openai-python#2084).
+    #[serde(default)]
+    pub batch_queue_tokens: f64,
+    /// Batch APIs: requests the provider holds in its batch queue for this
+    /// model at most, across the cluster (0: none). Anthropic's "batch
+    /// requests in processing queue" of the Message Batches API's own limits
+    /// (<https://docs.anthropic.com/en/api/rate-limits>).
+    #[serde(default)]
+    pub batch_queue_requests: f64,
 }
 
 impl ModelConfig {
@@ -315,7 +328,7 @@ impl Catalog {
                 return Err(self.field_error(at("models"), "lists no model"));
             }
             for (model, m) in &p.models {
-                let limits = [m.rpm, m.tpm, m.input_tpm, m.output_tpm];
+                let limits = [m.rpm, m.tpm, m.input_tpm, m.output_tpm, m.batch_queue_tokens, m.batch_queue_requests];
                 if limits.iter().any(|v| !v.is_finite() || *v < 0.0) {
                     return Err(self.field_error(
                         format!("providers.{name}.models.{model:?}"),

@@ -193,6 +193,13 @@ pub struct JobStatus {
     pub batches_pending: u64,
     #[serde(default)]
     pub batch_items_pending: u64,
+    /// Items answered through provider batches (their answers accepted).
+    #[serde(default)]
+    pub batch_items_done: u64,
+    /// What the batches' answers would have cost at live prices, less what
+    /// they cost at batch prices.
+    #[serde(default)]
+    pub batch_saved_usd: f64,
     /// The job's review threshold.
     pub review_below: Option<f64>,
     pub invalid_lines: u64,

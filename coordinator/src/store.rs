@@ -502,10 +502,14 @@ async fn statuses(pool: &PgPool, ids: &[Uuid]) -> Result<Vec<JobStatus>, Error> 
     .fetch_all(pool)
     .await
     .doing(DOING)?;
-    // Provider batches not yet collected: how many, and the items they hold.
+    // Provider batches: those not yet collected and the items they hold;
+    // the items the others answered and what that saved.
     let batches = sqlx::query!(
-        r#"SELECT job_id, count(*) AS "batches!", coalesce(sum(cardinality(seqs)), 0)::bigint AS "items!"
-         FROM provider_batches WHERE job_id = ANY($1) AND state IN ('submitting', 'pending') GROUP BY 1"#,
+        r#"SELECT job_id, count(*) FILTER (WHERE state IN ('submitting', 'pending')) AS "batches!",
+                  coalesce(sum(cardinality(seqs)) FILTER (WHERE state IN ('submitting', 'pending')), 0)::bigint AS "items!",
+                  coalesce(sum(answered), 0)::bigint AS "answered!",
+                  coalesce(sum(live_cost_usd - cost_usd), 0)::float8 AS "saved!"
+         FROM provider_batches WHERE job_id = ANY($1) GROUP BY 1"#,
         ids
     )
     .fetch_all(pool)
@@ -516,6 +520,8 @@ async fn statuses(pool: &PgPool, ids: &[Uuid]) -> Result<Vec<JobStatus>, Error> 
         if let Some(b) = batches.iter().find(|b| b.job_id == id) {
             status.batches_pending = b.batches as u64;
             status.batch_items_pending = b.items as u64;
+            status.batch_items_done = b.answered as u64;
+            status.batch_saved_usd = b.saved;
         }
         status.confidence_sources = sources
             .iter()
@@ -614,6 +620,8 @@ fn status_from_row(row: StatusRow) -> JobStatus {
         output_modes: Vec::new(),
         batches_pending: 0,
         batch_items_pending: 0,
+        batch_items_done: 0,
+        batch_saved_usd: 0.0,
         review_below: review_below.or_else(|| kind_threshold.and_then(|t| t.parse().ok())),
         failed: failed as u64,
         pending: pending as u64,

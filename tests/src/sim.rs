@@ -137,6 +137,15 @@ pub struct SimConfig {
     /// ends; above 0, every batch ends `expired`.
     #[arg(long, env = "SIM_BATCH_EXPIRE", default_value_t = 0.0)]
     pub batch_expire: f64,
+    /// Batch APIs, OpenAI: prompt tokens of a model's batches in progress
+    /// at most (the "batch queue limit"; 0: none). A batch past it is
+    /// created, then fails with `token_limit_exceeded`.
+    #[arg(long, env = "SIM_BATCH_QUEUE_TOKENS", default_value_t = 0)]
+    pub batch_queue_tokens: u64,
+    /// Batch APIs, Anthropic: requests of a model's batches in progress at
+    /// most (0: none). A batch past it is refused with a 429.
+    #[arg(long, env = "SIM_BATCH_QUEUE_REQUESTS", default_value_t = 0)]
+    pub batch_queue_requests: u64,
 }
 
 impl SimConfig {
@@ -412,7 +421,7 @@ fn with_retry_after(mut resp: Response, secs: f64) -> Response {
     resp
 }
 
-fn approx_tokens(chars: usize) -> u32 {
+pub(crate) fn approx_tokens(chars: usize) -> u32 {
     (chars / 4 + 1) as u32
 }
 

@@ -309,3 +309,118 @@ async fn batch_rows(stack: &Stack, job: Uuid, state: &str) -> i64 {
         .await
         .unwrap()
 }
+
+/// The most prompt tokens a job's batches held in the provider's queue at
+/// once, by Sluice's own count (each batch from when it was recorded until
+/// it was collected), and the tokens of all its batches.
+async fn queued_tokens(stack: &Stack, job: Uuid) -> (i64, i64) {
+    sqlx::query_as(
+        "SELECT coalesce(max(q), 0)::bigint, (SELECT coalesce(sum(queued_tokens), 0)::bigint FROM provider_batches
+                                              WHERE job_id = $1 AND state <> 'refused')
+         FROM (SELECT (SELECT sum(o.queued_tokens) FROM provider_batches o
+                       WHERE o.job_id = b.job_id AND o.state <> 'refused' AND o.created_at <= b.created_at
+                         AND (o.ended_at IS NULL OR o.ended_at > b.created_at)) AS q
+               FROM provider_batches b WHERE b.job_id = $1) x",
+    )
+    .bind(job)
+    .fetch_one(&stack.db.pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_stay_within_the_providers_batch_queue_and_apart_from_the_live_limits() {
+    // The provider's queue holds about two of the job's eight batches; the
+    // providers file says so. One live request a minute: were batch
+    // requests counted against the live limits, the job would take hours.
+    const QUEUE: u64 = 40_000;
+    let sim = SimConfig { batch_seconds: 1.0, batch_queue_tokens: QUEUE, seed: 12, ..Default::default() };
+    let providers = format!(
+        r#"
+[providers.oa]
+kind = "openai"
+base_url = "http://{{sim0}}/v1"
+[providers.oa.models.sim-small]
+rpm = 1
+tpm = 100
+batch_queue_tokens = {QUEUE}
+"#
+    );
+    let mut stack = Stack::start_with_providers(vec![sim], &providers).await.unwrap();
+    stack.add_worker(|_| {});
+    let job = submit_batch_job(&stack, Some("oa/sim-small"), 67, 600).await;
+    stack.wait_completed(job, Duration::from_secs(120)).await.unwrap();
+    all_answered(&stack, job, 67, 600).await;
+    assert_eq!(attempts_by_path(&stack, job).await, (600, 0), "every item answered by a batch");
+    let (most, all) = queued_tokens(&stack, job).await;
+    assert!(all > 2 * QUEUE as i64, "the job needs more than two queues' worth: {all} tokens");
+    assert!(most > 0 && most <= QUEUE as i64, "Sluice's count of the queue went to {most} of {QUEUE}");
+    let batches = &stack.sim.sim.batches;
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(load(&batches.refused), 0, "the provider never had to turn a batch away");
+    assert!(load(&batches.max_queued_tokens) <= QUEUE, "{} queued at most", load(&batches.max_queued_tokens));
+    // status tells the paths and what the batches saved: batch prices are
+    // half the live ones, so the saving equals what was spent.
+    let status = stack.client.status(job).await.unwrap();
+    assert_eq!((status.batch_items_done, status.batch_items_pending), (600, 0));
+    assert!(status.cost_usd > 0.0 && (status.batch_saved_usd - status.cost_usd).abs() < 1e-9, "{status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_a_full_provider_queue_turns_away_are_sent_again_without_using_up_rounds() {
+    // Sluice is not told the limits; one round per chunk is all it may use.
+    let one_round = |c: &mut worker::WorkerConfig| c.max_attempts = 1;
+    // OpenAI: a batch past the queue's tokens fails with token_limit_exceeded ...
+    let sim = SimConfig { batch_seconds: 1.0, batch_queue_tokens: 40_000, seed: 13, ..Default::default() };
+    let mut stack = Stack::start(sim, |_| {}).await.unwrap();
+    stack.add_worker(one_round);
+    let job = submit_batch_job(&stack, None, 68, 600).await;
+    stack.wait_completed(job, Duration::from_secs(180)).await.unwrap();
+    all_answered(&stack, job, 68, 600).await;
+    let refused = batch_rows(&stack, job, "refused").await;
+    assert!(refused > 0, "some batches met a full queue");
+    assert_eq!(stack.sim.sim.batches.refused.load(std::sync::atomic::Ordering::Relaxed) as i64, refused);
+    drop(stack);
+
+    // ... and Anthropic's queue answers 429.
+    let providers = r#"
+[providers.claude]
+kind = "anthropic"
+base_url = "http://{sim0}/v1"
+[providers.claude.models.sim-small]
+rpm = 60000
+"#;
+    let sim = SimConfig { batch_seconds: 1.0, batch_queue_requests: 80, seed: 14, ..Default::default() };
+    let mut stack = Stack::start_with_providers(vec![sim], providers).await.unwrap();
+    stack.add_worker(one_round);
+    let job = submit_batch_job(&stack, Some("claude/sim-small"), 69, 300).await;
+    stack.wait_completed(job, Duration::from_secs(180)).await.unwrap();
+    all_answered(&stack, job, 69, 300).await;
+    assert!(batch_rows(&stack, job, "refused").await > 0, "some batches met a full queue");
+    assert!(stack.sim.sim.batches.max_queued_requests.load(std::sync::atomic::Ordering::Relaxed) <= 80);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prompts_larger_than_the_whole_batch_queue_fail_with_a_reason_in_batch_mode() {
+    let providers = r#"
+[providers.oa]
+kind = "openai"
+base_url = "http://{sim0}/v1"
+[providers.oa.models.sim-small]
+batch_queue_tokens = 10
+"#;
+    let mut stack = Stack::start_with_providers(vec![SimConfig::default()], providers).await.unwrap();
+    stack.add_worker(|_| {});
+    let job = submit_batch_job(&stack, Some("oa/sim-small"), 70, 20).await;
+    stack.wait_completed(job, Duration::from_secs(60)).await.unwrap();
+    let errors: Vec<(String, Option<String>)> =
+        sqlx::query_as("SELECT DISTINCT error_class, error FROM results WHERE job_id = $1")
+            .bind(job)
+            .fetch_all(&stack.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_eq!(errors[0].0, "prompt_too_large");
+    assert!(errors[0].1.as_deref().unwrap_or_default().contains("batch_queue_tokens"), "{errors:?}");
+    assert_eq!(stack.sim.sim.batches.created.load(std::sync::atomic::Ordering::Relaxed), 0);
+}

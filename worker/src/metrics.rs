@@ -36,6 +36,10 @@ pub const CACHE_HITS: &str = "sluice_cache_hits_total";
 pub const SPENT: &str = "sluice_spent_dollars";
 /// Calls not made because their job reached its spending cap.
 pub const BUDGET_STOPS: &str = "sluice_budget_stops_total";
+/// Provider batches held back because the provider's batch queue for their
+/// model was full, by model and by who said so (`sluice`: the providers
+/// file's limits; `provider`: the provider refused the batch).
+pub const BATCH_QUEUE_WAITS: &str = "sluice_batch_queue_waits_total";
 
 /// Every metric the worker exports (docs/metrics.md lists them).
 pub const ALL: &[&str] = &[
@@ -54,11 +58,17 @@ pub const ALL: &[&str] = &[
     CACHE_HITS,
     SPENT,
     BUDGET_STOPS,
+    BATCH_QUEUE_WAITS,
 ];
 
 /// Counts a call not made because its job reached its cap.
 pub fn budget_stop() {
     metrics::counter!(BUDGET_STOPS).increment(1);
+}
+
+/// Counts a provider batch held back for a full batch queue.
+pub fn batch_queue_wait(model: &str, by: &'static str) {
+    metrics::counter!(BATCH_QUEUE_WAITS, "model" => model.to_string(), "by" => by).increment(1);
 }
 
 /// Adds a call's cost to the dollars spent on `model`.
@@ -83,6 +93,7 @@ pub fn describe() {
     metrics::describe_counter!(CACHE_HITS, "Items answered from the response cache, without a call");
     metrics::describe_gauge!(SPENT, "Dollars spent on model calls since the worker started, by model");
     metrics::describe_counter!(BUDGET_STOPS, "Calls not made because their job reached its spending cap");
+    metrics::describe_counter!(BATCH_QUEUE_WAITS, "Provider batches held back because the batch queue was full");
     metrics::describe_gauge!(CALLS_IN_FLIGHT, "Model calls this worker has under way");
     metrics::describe_gauge!(BREAKER_OPEN, "1 while a model's circuit breaker is open");
     metrics::describe_gauge!(BUILD_INFO, "Always 1; the version and component are labels");

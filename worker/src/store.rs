@@ -411,55 +411,156 @@ pub struct BatchRow {
     pub reserved_usd: f64,
     /// Seconds since the row was written.
     pub age_s: f64,
+    /// The chunk's batches of the delivery's generation that counted as a
+    /// round: all but those the provider refused for a full queue.
+    pub rounds: i64,
 }
 
 pub async fn last_batch(pool: &PgPool, c: &ChunkMsg) -> Result<Option<BatchRow>, Error> {
     Ok(sqlx::query_as!(
         BatchRow,
         r#"SELECT generation, round, provider, model, batch_id, state, seqs, error, reserved_usd,
-                  extract(epoch FROM now() - created_at)::float8 AS "age_s!"
+                  extract(epoch FROM now() - created_at)::float8 AS "age_s!",
+                  (SELECT count(*) FROM provider_batches r
+                   WHERE r.job_id = $1 AND r.chunk_no = $2 AND r.generation = $3 AND r.state <> 'refused') AS "rounds!"
            FROM provider_batches WHERE job_id = $1 AND chunk_no = $2
            ORDER BY generation DESC, round DESC LIMIT 1"#,
         c.job_id,
-        c.chunk_no
+        c.chunk_no,
+        c.generation
     )
     .fetch_optional(pool)
     .await
     .doing("reading the chunk's provider batch")?)
 }
 
-/// Records a batch about to be created; `false` if another worker recorded
-/// this round first.
-pub async fn open_batch(
-    pool: &PgPool,
-    c: &ChunkMsg,
-    round: i32,
-    provider: &str,
-    model: &str,
-    seqs: &[i64],
-    reserved_usd: f64,
-) -> Result<bool, Error> {
-    Ok(sqlx::query!(
-        "INSERT INTO provider_batches (job_id, chunk_no, generation, round, provider, model, seqs, reserved_usd)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING",
+/// A batch about to be created.
+pub struct NewBatch<'a> {
+    pub round: i32,
+    pub provider: &'a str,
+    pub model: &'a str,
+    pub seqs: &'a [i64],
+    pub requests: i32,
+    /// Its prompt tokens, estimated.
+    pub queued_tokens: i64,
+    pub reserved_usd: f64,
+    /// The provider's batch queue limits for the model (0: none).
+    pub queue_tokens: f64,
+    pub queue_requests: f64,
+}
+
+/// What recording a batch about to be created came to.
+#[derive(Debug, PartialEq)]
+pub enum Opened {
+    Opened,
+    /// Another worker recorded this round first.
+    Taken,
+    /// The provider's queue for the model is too full to take the batch:
+    /// what the cluster has sent and not yet collected.
+    QueueFull {
+        tokens: i64,
+        requests: i64,
+    },
+}
+
+/// Records a batch about to be created, if the provider's batch queue for
+/// its model has room for it. The queue is what the cluster's batches of
+/// that model still `submitting` or `pending` hold (batches older than the
+/// providers' 24-hour window are left out: they have ended at the provider,
+/// collected or not); an advisory lock per provider and model makes the
+/// check and the insert one step across workers.
+pub async fn open_batch(pool: &PgPool, c: &ChunkMsg, b: &NewBatch<'_>) -> Result<Opened, Error> {
+    const DOING: &str = "recording a provider batch";
+    let mut tx = pool.begin().await.doing(DOING)?;
+    if b.queue_tokens > 0.0 || b.queue_requests > 0.0 {
+        let lock = format!("sluice.batch_queue/{}/{}", b.provider, b.model);
+        sqlx::query!("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", lock)
+            .fetch_one(&mut *tx)
+            .await
+            .doing(DOING)?;
+        let q = sqlx::query!(
+            r#"SELECT coalesce(sum(queued_tokens), 0)::bigint AS "tokens!", coalesce(sum(requests), 0)::bigint AS "requests!"
+               FROM provider_batches
+               WHERE provider = $1 AND model = $2 AND state IN ('submitting', 'pending')
+                 AND created_at > now() - interval '24 hours'"#,
+            b.provider,
+            b.model
+        )
+        .fetch_one(&mut *tx)
+        .await
+        .doing(DOING)?;
+        let over = |queued: i64, adding: i64, limit: f64| limit > 0.0 && (queued + adding) as f64 > limit;
+        if over(q.tokens, b.queued_tokens, b.queue_tokens) || over(q.requests, b.requests as i64, b.queue_requests) {
+            return Ok(Opened::QueueFull { tokens: q.tokens, requests: q.requests });
+        }
+    }
+    // Its time is when it joined the queue (after the lock), not when the transaction began.
+    let inserted = sqlx::query!(
+        "INSERT INTO provider_batches
+             (job_id, chunk_no, generation, round, provider, model, seqs, reserved_usd, queued_tokens, requests,
+              created_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, clock_timestamp()) ON CONFLICT DO NOTHING",
         c.job_id,
         c.chunk_no,
         c.generation,
+        b.round,
+        b.provider,
+        b.model,
+        b.seqs,
+        b.reserved_usd,
+        b.queued_tokens,
+        b.requests
+    )
+    .execute(&mut *tx)
+    .await
+    .doing(DOING)?
+    .rows_affected()
+        == 1;
+    tx.commit().await.doing(DOING)?;
+    Ok(if inserted { Opened::Opened } else { Opened::Taken })
+}
+
+/// What a collected batch came to: recorded on its row for `status`.
+pub struct Collected<'a> {
+    pub answered: i32,
+    pub cost_usd: f64,
+    /// The same tokens at live prices.
+    pub live_cost_usd: f64,
+    /// The last failure of its requests, if any.
+    pub error: Option<&'a str>,
+}
+
+/// Marks a chunk's batch collected; `false` if another worker did first.
+pub async fn collected_batch(
+    pool: &PgPool,
+    c: &ChunkMsg,
+    generation: i32,
+    round: i32,
+    k: &Collected<'_>,
+) -> Result<bool, Error> {
+    Ok(sqlx::query!(
+        "UPDATE provider_batches
+         SET state = 'collected', error = coalesce($5, error), ended_at = now(),
+             answered = $6, cost_usd = $7, live_cost_usd = $8
+         WHERE job_id = $1 AND chunk_no = $2 AND generation = $3 AND round = $4 AND state <> 'collected'",
+        c.job_id,
+        c.chunk_no,
+        generation,
         round,
-        provider,
-        model,
-        seqs,
-        reserved_usd
+        k.error,
+        k.answered,
+        k.cost_usd,
+        k.live_cost_usd
     )
     .execute(pool)
     .await
-    .doing("recording a provider batch")?
+    .doing("updating a provider batch")?
     .rows_affected()
         == 1)
 }
 
 /// Moves a chunk's batch of `generation` and `round` to `state` (`pending` with the
-/// provider's id, `collected` or `failed` with why); `false` when it was in
+/// provider's id, `failed` or `refused` with why); `false` when it was in
 /// that state already (another worker moved it).
 pub async fn set_batch(
     pool: &PgPool,
@@ -473,7 +574,7 @@ pub async fn set_batch(
     Ok(sqlx::query!(
         "UPDATE provider_batches
          SET state = $5, batch_id = coalesce($6, batch_id), error = coalesce($7, error),
-             ended_at = CASE WHEN $5 IN ('collected', 'failed') THEN now() END
+             ended_at = CASE WHEN $5 IN ('collected', 'failed', 'refused') THEN now() END
          WHERE job_id = $1 AND chunk_no = $2 AND generation = $3 AND round = $4 AND state <> $5",
         c.job_id,
         c.chunk_no,

@@ -53,6 +53,10 @@ pub enum BatchState {
     Ended { status: String },
     /// Refused as a whole (OpenAI's `failed`: the file broke a rule).
     Failed { errors: String },
+    /// Refused because the provider's batch queue for the model was full
+    /// (OpenAI's `failed` with `token_limit_exceeded`): it never ran, and
+    /// may be sent again once batches ahead of it end.
+    QueueFull { errors: String },
 }
 
 /// What a batch said of itself when last asked.
@@ -201,7 +205,21 @@ impl ChatClient {
                     "completed" | "expired" | "cancelled" => {
                         (BatchState::Ended { status }, strings(&[&b["output_file_id"], &b["error_file_id"]]))
                     }
-                    "failed" => (BatchState::Failed { errors: b["errors"].to_string() }, Vec::new()),
+                    "failed" => {
+                        // {"errors": {"data": [{"code": "token_limit_exceeded", "message":
+                        // "Enqueued token limit reached for MODEL ..."}]}} (openai/openai-python#2084)
+                        let errors = b["errors"].to_string();
+                        let codes: Vec<&str> = b["errors"]["data"]
+                            .as_array()
+                            .map(|d| d.iter().filter_map(|e| e["code"].as_str()).collect())
+                            .unwrap_or_default();
+                        let state = if !codes.is_empty() && codes.iter().all(|c| *c == "token_limit_exceeded") {
+                            BatchState::QueueFull { errors }
+                        } else {
+                            BatchState::Failed { errors }
+                        };
+                        (state, Vec::new())
+                    }
                     _ => (BatchState::Pending, Vec::new()),
                 }
             }

@@ -26,6 +26,16 @@
 //! keeps the requests it had run by then (in order, in proportion to the
 //! time elapsed). Draws depend on the seed, the `custom_id` and the batch, so
 //! a request that failed in one batch may succeed in the next.
+//!
+//! Batch queues: a model's batches in progress (created, not yet past their
+//! time, not cancelled) hold places in its queue. With `batch_queue_tokens`
+//! an OpenAI batch that would take the queue's prompt tokens past it fails
+//! at once with `token_limit_exceeded` ("Enqueued token limit reached for
+//! MODEL in organization ORG. Limit: N enqueued tokens. Please try again
+//! once some in_progress batches have been completed.", as in
+//! openai/openai-python#2084); with `batch_queue_requests` an Anthropic batch
+//! that would take the queue's requests past it is refused with a 429
+//! `rate_limit_error`. Prompt tokens are counted as live answers count them.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -92,6 +102,9 @@ struct SimBatch {
     metadata: Value,
     /// `custom_id` and the request (OpenAI: the body; Anthropic: params).
     requests: Vec<(String, Value)>,
+    /// The requests' model (the first request's) and prompt tokens.
+    model: String,
+    tokens: u64,
     /// Validation errors: the batch failed without running.
     errors: Vec<Value>,
     cancel_requested: Option<Instant>,
@@ -108,6 +121,49 @@ pub struct Store {
     next: AtomicU64,
     /// Batches created, for tests that count submissions.
     pub created: AtomicU64,
+    /// Batches turned away because their model's queue was full.
+    pub refused: AtomicU64,
+    /// The most prompt tokens and requests a model's queue held at once.
+    pub max_queued_tokens: AtomicU64,
+    pub max_queued_requests: AtomicU64,
+}
+
+impl SimBatch {
+    /// Whether the batch holds places in its model's queue.
+    fn queued(&self, batch_seconds: f64) -> bool {
+        self.errors.is_empty()
+            && self.ended.is_none()
+            && self.cancel_requested.is_none()
+            && self.created.elapsed().as_secs_f64() < batch_seconds
+    }
+}
+
+/// A batch's model and prompt tokens.
+fn measure(requests: &[(String, Value)]) -> (String, u64) {
+    let model = requests.first().and_then(|(_, r)| r["model"].as_str()).unwrap_or_default().to_string();
+    let tokens = requests
+        .iter()
+        .map(|(_, r)| {
+            let text = |v: &Value| v.as_str().map_or(0, str::len);
+            let chars: usize = r["messages"].as_array().map_or(0, |m| m.iter().map(|m| text(&m["content"])).sum());
+            u64::from(super::approx_tokens(chars + text(&r["system"])))
+        })
+        .sum();
+    (model, tokens)
+}
+
+/// What `model`'s queue holds now: (prompt tokens, requests).
+fn queue(batches: &HashMap<String, SimBatch>, model: &str, batch_seconds: f64) -> (u64, u64) {
+    batches
+        .values()
+        .filter(|b| b.model == model && b.queued(batch_seconds))
+        .fold((0, 0), |(t, r), b| (t + b.tokens, r + b.requests.len() as u64))
+}
+
+/// Records that `model`'s queue holds `(tokens, requests)` with a batch just taken.
+fn note_queue(store: &Store, (tokens, requests): (u64, u64)) {
+    store.max_queued_tokens.fetch_max(tokens, Ordering::Relaxed);
+    store.max_queued_requests.fetch_max(requests, Ordering::Relaxed);
 }
 
 impl Store {
@@ -245,6 +301,23 @@ async fn create_openai(State(sim): State<Arc<Sim>>, headers: HeaderMap, Json(req
     if requests.len() > OPENAI_MAX_REQUESTS {
         errors.push(error(0, "too_many_requests", format!("A batch may hold at most {OPENAI_MAX_REQUESTS} requests.")));
     }
+    let (model, tokens) = measure(&requests);
+    let config = sim.config.read().expect("config lock").clone();
+    let mut batches = sim.batches.batches.lock().await;
+    if errors.is_empty() {
+        let (queued, n) = queue(&batches, &model, config.batch_seconds);
+        let limit = config.batch_queue_tokens;
+        if limit > 0 && queued + tokens > limit {
+            sim.batches.refused.fetch_add(1, Ordering::Relaxed);
+            let message = format!(
+                "Enqueued token limit reached for {model} in organization org-sim. Limit: {limit} enqueued tokens. \
+                 Please try again once some in_progress batches have been completed."
+            );
+            errors.push(json!({"code": "token_limit_exceeded", "line": null, "message": message, "param": null}));
+        } else {
+            note_queue(&sim.batches, (queued + tokens, n + requests.len() as u64));
+        }
+    }
     let (id, serial) = sim.batches.id("batch_sim");
     sim.batches.created.fetch_add(1, Ordering::Relaxed);
     let batch = SimBatch {
@@ -256,6 +329,8 @@ async fn create_openai(State(sim): State<Arc<Sim>>, headers: HeaderMap, Json(req
         input_file_id: Some(input_file_id),
         metadata: req.get("metadata").cloned().unwrap_or(Value::Null),
         requests,
+        model,
+        tokens,
         errors,
         cancel_requested: None,
         ended: None,
@@ -263,7 +338,7 @@ async fn create_openai(State(sim): State<Arc<Sim>>, headers: HeaderMap, Json(req
         error_file_id: None,
     };
     let body = openai_object(&id, &batch, Some("validating"));
-    sim.batches.batches.lock().await.insert(id, batch);
+    batches.insert(id, batch);
     Json(body).into_response()
 }
 
@@ -500,6 +575,22 @@ async fn create_anthropic(State(sim): State<Arc<Sim>>, headers: HeaderMap, Json(
         }
         requests.push((custom_id, r["params"].clone()));
     }
+    let (model, tokens) = measure(&requests);
+    let config = sim.config.read().expect("config lock").clone();
+    let mut batches = sim.batches.batches.lock().await;
+    let (queued, n) = queue(&batches, &model, config.batch_seconds);
+    let limit = config.batch_queue_requests;
+    if limit > 0 && n + requests.len() as u64 > limit {
+        sim.batches.refused.fetch_add(1, Ordering::Relaxed);
+        let message = format!(
+            "Number of requests in your batch processing queue for {model} would exceed the limit of {limit}; \
+             try again once batches in progress have ended"
+        );
+        let mut r = anthropic_error(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", &message);
+        r.headers_mut().insert("retry-after", HeaderValue::from_static("1"));
+        return r;
+    }
+    note_queue(&sim.batches, (queued + tokens, n + requests.len() as u64));
     let (id, serial) = sim.batches.id("msgbatch_sim");
     sim.batches.created.fetch_add(1, Ordering::Relaxed);
     let batch = SimBatch {
@@ -511,6 +602,8 @@ async fn create_anthropic(State(sim): State<Arc<Sim>>, headers: HeaderMap, Json(
         input_file_id: None,
         metadata: Value::Null,
         requests,
+        model,
+        tokens,
         errors: Vec::new(),
         cancel_requested: None,
         ended: None,
@@ -518,7 +611,7 @@ async fn create_anthropic(State(sim): State<Arc<Sim>>, headers: HeaderMap, Json(
         error_file_id: None,
     };
     let body = anthropic_object(&id, &batch, &headers);
-    sim.batches.batches.lock().await.insert(id, batch);
+    batches.insert(id, batch);
     Json(body).into_response()
 }
 

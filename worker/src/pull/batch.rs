@@ -18,7 +18,17 @@
 //! a batch has not answered yet: its pending batch is cancelled at the
 //! provider and the chunk runs as a live one.
 //! Each answer is recorded in the audit trail as one attempt, at the
-//! provider's batch prices, with the batch's age as its latency.
+//! provider's batch prices, with the batch's age as its latency; the batch's
+//! row keeps how many it answered and what they would have cost live.
+//!
+//! Batch queues: with `batch_queue_tokens` or `batch_queue_requests` in the
+//! providers file, a batch is recorded only if what the cluster's batches of
+//! the model hold (sent, not yet collected) leaves room for it
+//! ([`store::open_batch`]); otherwise the chunk waits. A batch the provider
+//! turns away for a full queue all the same (OpenAI's `token_limit_exceeded`,
+//! Anthropic's 429) is `refused`: it never ran, and does not count as a
+//! round. These limits are apart from the live ones: batch requests take
+//! nothing from the live rate limits, and live calls nothing from the queue.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -117,13 +127,14 @@ pub(super) async fn work(
         }
         last => {
             // Rounds count within a generation: a resumed job's chunk tries again from round 0.
-            let (round, why) = match last {
-                Some(b) if b.generation == chunk.generation => (b.round + 1, b.error),
-                _ => (0, None),
+            // A batch the provider refused for a full queue never ran: it is not a round.
+            let (round, rounds, why) = match last {
+                Some(b) if b.generation == chunk.generation => (b.round + 1, b.rounds, b.error),
+                _ => (0, 0, None),
             };
-            if round >= shared.policy.max_attempts as i32 && !pending.is_empty() {
+            if rounds >= shared.policy.max_attempts as i64 && !pending.is_empty() {
                 let why = format!(
-                    "not answered in {round} provider batches: {}",
+                    "not answered in {rounds} provider batches: {}",
                     why.as_deref().unwrap_or("the requests failed")
                 );
                 done.extend(pending.iter().map(|(i, _, _)| ItemResult::failed(i, ErrorClass::Server, why.clone())));
@@ -138,7 +149,21 @@ pub(super) async fn work(
             if !done.is_empty() {
                 save(shared, chunk, job, &done, false, stop).await?;
             }
-            send(shared, chunk, job, route, round, &pending).await.map(Step::Done)
+            match send(shared, chunk, job, route, round, &pending).await? {
+                Some(outcome) => Ok(Step::Done(outcome)),
+                None if auto => Ok(live(Vec::new(), pending)),
+                None => {
+                    let why = format!(
+                        "the prompts are larger than the provider's whole batch queue for {} \
+                         (batch_queue_tokens or batch_queue_requests in the providers file): \
+                         run the job in live or auto mode",
+                        route.model
+                    );
+                    let failed =
+                        pending.iter().map(|(i, _, _)| ItemResult::failed(i, ErrorClass::PromptTooLarge, why.clone()));
+                    finish(shared, chunk, job, failed.collect(), stop).await.map(Step::Done)
+                }
+            }
         }
     }
 }
@@ -160,7 +185,12 @@ async fn finish(
     Ok(ChunkOutcome::Finished)
 }
 
-/// Sends round `round` of a chunk's items as one provider batch.
+/// How long a chunk waits when the provider's batch queue has no room for
+/// its batch: batches ahead of it must end first.
+const QUEUE_FULL_WAIT: Duration = Duration::from_secs(5);
+
+/// Sends round `round` of a chunk's items as one provider batch; `None` if
+/// even the first of them is larger than the provider's whole batch queue.
 async fn send(
     shared: &Arc<Shared>,
     chunk: &ChunkMsg,
@@ -168,11 +198,14 @@ async fn send(
     route: &Route,
     round: i32,
     pending: &[Pending],
-) -> Result<ChunkOutcome, Error> {
+) -> Result<Option<ChunkOutcome>, Error> {
     let ep = &route.endpoint;
-    // Within the provider's caps: what does not fit waits for the next round.
+    // Within the provider's caps, and within its batch queue's limits for the
+    // model: what does not fit waits for the next round.
     let (cap_bytes, cap_requests) = (max_bytes(ep.client.kind()), max_requests(ep.client.kind()));
+    let (queue_tokens, queue_requests) = (route.config.batch_queue_tokens, route.config.batch_queue_requests);
     let (mut requests, mut seqs, mut bytes) = (Vec::with_capacity(pending.len()), Vec::new(), 0usize);
+    let mut tokens = 0i64;
     // A capped job holds the batch's worst case (each prompt at 4 bytes a
     // token plus a margin, each answer at its most tokens, at batch prices)
     // until the batch is collected; at the cap the job pauses instead.
@@ -180,15 +213,18 @@ async fn send(
     for (item, _, prompt) in pending {
         // A body that cannot be built fails its item when collected (not sent).
         if let Ok((body, max_output)) = process::batch_request(job, route, prompt) {
-            if !requests.is_empty() && (bytes + body.len() > cap_bytes || requests.len() == cap_requests) {
+            // Prompt tokens at 4 bytes a token of the whole body, plus a margin: more than any count of the messages.
+            let input = (body.len() as f64 / 4.0 * process::PROMPT_MARGIN).ceil() as u32;
+            let full = bytes + body.len() > cap_bytes
+                || requests.len() == cap_requests
+                || (queue_tokens > 0.0 && (tokens + i64::from(input)) as f64 > queue_tokens)
+                || (queue_requests > 0.0 && (requests.len() + 1) as f64 > queue_requests);
+            if full && !requests.is_empty() {
                 break;
             }
-            let worst = common::prices::Usage {
-                input: (body.len() as f64 / 4.0 * process::PROMPT_MARGIN).ceil() as u32,
-                output: max_output as u32,
-                ..Default::default()
-            };
+            let worst = common::prices::Usage { input, output: max_output as u32, ..Default::default() };
             usd += shared.prices.batch_cost(&ep.name, &route.model, worst).unwrap_or(0.0);
+            tokens += i64::from(input);
             bytes += body.len();
             requests.push((item.seq.to_string(), body));
         }
@@ -197,31 +233,60 @@ async fn send(
     let reserved = if job.capped {
         if !store::reserve_budget(&shared.pool, chunk.job_id, usd).await? {
             crate::metrics::budget_stop();
-            return Ok(ChunkOutcome::Held(Duration::from_secs(1))); // the job is paused
+            return Ok(Some(ChunkOutcome::Held(Duration::from_secs(1)))); // the job is paused
         }
         usd
     } else {
         0.0
     };
-    if !store::open_batch(&shared.pool, chunk, round, &ep.name, &route.model, &seqs, reserved).await? {
+    let new = store::NewBatch {
+        round,
+        provider: &ep.name,
+        model: &route.model,
+        seqs: &seqs,
+        requests: requests.len() as i32,
+        queued_tokens: tokens,
+        reserved_usd: reserved,
+        queue_tokens,
+        queue_requests,
+    };
+    let opened = store::open_batch(&shared.pool, chunk, &new).await?;
+    if opened != store::Opened::Opened {
         store::settle_budget(&shared.pool, chunk.job_id, reserved, 0.0).await?;
-        return Ok(ChunkOutcome::Held(Duration::from_secs(1))); // another worker is sending it
+    }
+    match opened {
+        store::Opened::Opened => {}
+        store::Opened::Taken => return Ok(Some(ChunkOutcome::Held(Duration::from_secs(1)))), // another worker is sending it
+        store::Opened::QueueFull { tokens: 0, requests: 0 } => return Ok(None),              // it would never fit
+        store::Opened::QueueFull { tokens: queued, requests: n } => {
+            tracing::debug!(job_id = %chunk.job_id, chunk = chunk.chunk_no, queued_tokens = queued, queued_requests = n,
+                "the provider's batch queue is full; waiting");
+            crate::metrics::batch_queue_wait(&route.model, "sluice");
+            return Ok(Some(ChunkOutcome::Held(QUEUE_FULL_WAIT)));
+        }
     }
     let key = ep.keys.current();
     match ep.client.submit_batch(&requests, key.as_ref().and_then(|k| k.secret)).await {
         Ok(id) => {
             store::set_batch(&shared.pool, chunk, chunk.generation, round, "pending", Some(&id), None).await?;
             tracing::info!(job_id = %chunk.job_id, chunk = chunk.chunk_no, round, batch = %id, requests = requests.len(), "provider batch created");
-            Ok(ChunkOutcome::Held(poll_after(0.0)))
+            Ok(Some(ChunkOutcome::Held(poll_after(0.0))))
         }
         Err(e) => {
             tracing::warn!(error = %e, job_id = %chunk.job_id, chunk = chunk.chunk_no, round, "provider batch not created");
-            if store::set_batch(&shared.pool, chunk, chunk.generation, round, "failed", None, Some(&e.to_string()))
-                .await?
+            // A 429 (Anthropic's answer to a full batch queue, or too many
+            // batch API calls) costs the chunk no round.
+            let state = if e.class() == ErrorClass::RateLimited {
+                crate::metrics::batch_queue_wait(&route.model, "provider");
+                "refused"
+            } else {
+                "failed"
+            };
+            if store::set_batch(&shared.pool, chunk, chunk.generation, round, state, None, Some(&e.to_string())).await?
             {
                 store::settle_budget(&shared.pool, chunk.job_id, reserved, 0.0).await?;
             }
-            Ok(ChunkOutcome::Held(backoff(&e)))
+            Ok(Some(ChunkOutcome::Held(backoff(&e))))
         }
     }
 }
@@ -285,10 +350,19 @@ async fn collect(
             return Ok(live(done, pending));
         }
         BatchState::Pending => return held(poll_after(batch.age_s)),
-        BatchState::Failed { errors } => {
+        BatchState::Failed { errors } | BatchState::QueueFull { errors } => {
+            let queue_full = matches!(status.state, BatchState::QueueFull { .. });
+            let (state, wait) = if queue_full {
+                crate::metrics::batch_queue_wait(&route.model, "provider");
+                ("refused", QUEUE_FULL_WAIT)
+            } else {
+                ("failed", Duration::from_millis(500))
+            };
             let why = format!("the provider refused the batch: {errors}");
-            store::set_batch(&shared.pool, chunk, batch.generation, batch.round, "failed", None, Some(&why)).await?;
-            return held(Duration::from_millis(500));
+            if store::set_batch(&shared.pool, chunk, batch.generation, batch.round, state, None, Some(&why)).await? {
+                store::settle_budget(&shared.pool, chunk.job_id, batch.reserved_usd, 0.0).await?;
+            }
+            return held(wait);
         }
         BatchState::Ended { .. } => match ep.client.batch_results(&status, secret).await {
             Ok(r) => r,
@@ -302,7 +376,9 @@ async fn collect(
     let in_batch: std::collections::HashSet<i64> = batch.seqs.iter().copied().collect();
     let auto = job.live_from.is_some();
     // Items not answered here: the chunk's next round takes them (auto: live).
-    let (mut reask, mut left, mut last_error, mut spent) = (Vec::new(), Vec::new(), None, 0.0);
+    let (mut reask, mut left, mut last_error) = (Vec::new(), Vec::new(), None);
+    // What the batch's answers cost, what they would have cost live, and how many were accepted.
+    let (mut spent, mut live_cost, mut answered) = (0.0, 0.0, 0);
     let key_id = key.as_ref().map(|k| k.id.to_string()).unwrap_or_default();
     for (item, cache_key, prompt) in pending {
         if !in_batch.contains(&item.seq) {
@@ -380,6 +456,7 @@ async fn collect(
             output: answer.ok().map(|c| shared.redaction.apply(&c.content)),
         };
         spent += record.cost_usd.unwrap_or(0.0);
+        live_cost += shared.prices.cost(&ep.name, &route.model, usage).unwrap_or(0.0);
         shared.audit.finished(&iref, call_id, record);
         match answer {
             Ok(c) => {
@@ -390,7 +467,10 @@ async fn collect(
                 r.latency_ms = (batch.age_s * 1000.0).min(i32::MAX as f64) as i32;
                 r.cache_key = cache_key.clone();
                 match process::batch_answer(job, route, &prompt, c, call_id, &mut r) {
-                    Ok(()) => done.push(r),
+                    Ok(()) => {
+                        answered += 1;
+                        done.push(r);
+                    }
                     // Re-asked live, with the live path's budgets.
                     Err(_) => reask.push((Item { prior: attempt, ..item }, cache_key, prompt)),
                 }
@@ -413,8 +493,9 @@ async fn collect(
     // marked collected leaves only the unanswered items to collect again.
     let finished = left.is_empty() && held_back == 0;
     save(shared, chunk, job, &done, finished, stop).await?;
-    if store::set_batch(&shared.pool, chunk, batch.generation, batch.round, "collected", None, last_error.as_deref())
-        .await?
+    let collected =
+        store::Collected { answered, cost_usd: spent, live_cost_usd: live_cost, error: last_error.as_deref() };
+    if store::collected_batch(&shared.pool, chunk, batch.generation, batch.round, &collected).await?
         && batch.reserved_usd > 0.0
     {
         store::settle_budget(&shared.pool, chunk.job_id, batch.reserved_usd, spent).await?;

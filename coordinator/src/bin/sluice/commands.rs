@@ -994,8 +994,17 @@ fn print_status(s: &JobStatus, json: bool) {
         let note = c.note.as_deref().map(|n| format!(" ({n})")).unwrap_or_default();
         println!("trust    {} results scored by {}{note}", c.results, c.strategy);
     }
-    if s.batches_pending > 0 {
-        println!("batches  {} items waiting in {} provider batches", s.batch_items_pending, s.batches_pending);
+    if s.batches_pending > 0 || s.batch_items_done > 0 {
+        let reused = s.cache_hits + s.shared;
+        let live = s.succeeded.saturating_sub(s.batch_items_done + reused);
+        println!(
+            "batches  {} items answered through provider batches, {} waiting in {} batches, {live} answered live{}",
+            s.batch_items_done,
+            s.batch_items_pending,
+            s.batches_pending,
+            if reused > 0 { format!(", {reused} reused") } else { String::new() }
+        );
+        println!("saved    ${:.4} against live prices", s.batch_saved_usd);
     }
     for m in &s.output_modes {
         match m.mode.strip_prefix("batch:") {
