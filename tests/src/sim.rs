@@ -146,6 +146,11 @@ pub struct SimConfig {
     /// most (0: none). A batch past it is refused with a 429.
     #[arg(long, env = "SIM_BATCH_QUEUE_REQUESTS", default_value_t = 0)]
     pub batch_queue_requests: u64,
+    /// Batch APIs, OpenAI: milliseconds a batch create waits, after the
+    /// batch exists, before it answers (a client stopped meanwhile never
+    /// learns the batch's id).
+    #[arg(long, default_value_t = 0)]
+    pub batch_create_delay_ms: u64,
 }
 
 impl SimConfig {

@@ -93,7 +93,7 @@ async fn a_batch_is_answered_with_partial_failures_in_each_dialect() {
             .unwrap();
         let client = client(&sim, kind);
         let (reqs, expected) = requests(&client, 300);
-        let id = client.submit_batch(&reqs, None).await.unwrap();
+        let id = client.submit_batch(&reqs, None, None).await.unwrap();
         assert_eq!(client.batch_status(&id, None).await.unwrap().state, BatchState::Pending, "{kind:?}");
         let status = ended(&client, &id).await;
         let items = client.batch_results(&status, None).await.unwrap();
@@ -114,7 +114,7 @@ async fn an_expired_batch_keeps_what_it_ran_and_names_the_rest() {
             .unwrap();
         let client = client(&sim, kind);
         let (reqs, expected) = requests(&client, 200);
-        let status = ended(&client, &client.submit_batch(&reqs, None).await.unwrap()).await;
+        let status = ended(&client, &client.submit_batch(&reqs, None, None).await.unwrap()).await;
         let want = if kind == ProviderKind::Anthropic { "ended" } else { "expired" };
         assert_eq!(status.state, BatchState::Ended { status: want.into() });
         let items = client.batch_results(&status, None).await.unwrap();
@@ -136,7 +136,7 @@ async fn a_cancelled_batch_ends_with_its_requests_not_run() {
         let sim = SimServer::start(SimConfig { batch_seconds: 600.0, ..Default::default() }).await.unwrap();
         let client = client(&sim, kind);
         let (reqs, expected) = requests(&client, 50);
-        let id = client.submit_batch(&reqs, None).await.unwrap();
+        let id = client.submit_batch(&reqs, None, None).await.unwrap();
         client.cancel_batch(&id, None).await.unwrap();
         let status = ended(&client, &id).await;
         let items = client.batch_results(&status, None).await.unwrap();
@@ -151,17 +151,41 @@ async fn batches_that_break_the_rules_are_refused() {
     let (mut reqs, _) = requests(&openai, 3);
     reqs[2].0 = reqs[0].0.clone();
     // OpenAI takes the file and fails the batch in validation.
-    let id = openai.submit_batch(&reqs, None).await.unwrap();
+    let id = openai.submit_batch(&reqs, None, None).await.unwrap();
     let BatchState::Failed { errors } = ended(&openai, &id).await.state else { panic!("the batch should fail") };
     assert!(errors.contains("duplicate_custom_id") && errors.contains("\"line\":3"), "{errors}");
     // Anthropic refuses it at once.
     let anthropic = client(&sim, ProviderKind::Anthropic);
     let (mut reqs, _) = requests(&anthropic, 3);
     reqs[2].0 = reqs[0].0.clone();
-    let err = anthropic.submit_batch(&reqs, None).await.unwrap_err();
+    let err = anthropic.submit_batch(&reqs, None, None).await.unwrap_err();
     assert_eq!(err.class().as_str(), "invalid_request", "{err}");
     // Over the size cap, nothing is sent.
     let many: Vec<(String, Vec<u8>)> = (0..50_001).map(|i| (i.to_string(), b"{}".to_vec())).collect();
-    assert!(openai.submit_batch(&many, None).await.unwrap_err().to_string().contains("1 to 50000"));
+    assert!(openai.submit_batch(&many, None, None).await.unwrap_err().to_string().contains("1 to 50000"));
     assert_eq!(sim.sim.batches.created.load(std::sync::atomic::Ordering::Relaxed), 1);
+}
+
+#[tokio::test]
+async fn an_openai_batch_is_found_by_its_label_among_many() {
+    let sim = SimServer::start(SimConfig { batch_seconds: 600.0, ..Default::default() }).await.unwrap();
+    let openai = client(&sim, ProviderKind::Openai);
+    let (reqs, _) = requests(&openai, 2);
+    // More batches than one page of the list holds, the wanted one early.
+    let wanted = openai.submit_batch(&reqs, Some("job/3/0/1"), None).await.unwrap();
+    for i in 0..120 {
+        openai.submit_batch(&reqs, Some(&format!("other/{i}")), None).await.unwrap();
+    }
+    assert_eq!(openai.find_batch("job/3/0/1", None).await.unwrap().as_deref(), Some(wanted.as_str()));
+    assert_eq!(openai.find_batch("job/3/0/2", None).await.unwrap(), None);
+    // The list is the provider's: the label is in each batch's metadata.
+    let page: serde_json::Value =
+        reqwest::get(format!("{}/batches?limit=1", sim.base_url())).await.unwrap().json().await.unwrap();
+    assert_eq!(page["data"][0]["metadata"]["sluice_batch"], "other/119");
+    assert_eq!(page["has_more"], true);
+    // Anthropic's batches carry no metadata: nothing to find.
+    let anthropic = client(&sim, ProviderKind::Anthropic);
+    let (reqs, _) = requests(&anthropic, 2);
+    anthropic.submit_batch(&reqs, Some("job/3/0/1"), None).await.unwrap();
+    assert_eq!(anthropic.find_batch("job/3/0/1", None).await.unwrap(), None);
 }

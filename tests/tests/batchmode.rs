@@ -424,3 +424,29 @@ batch_queue_tokens = 10
     assert!(errors[0].1.as_deref().unwrap_or_default().contains("batch_queue_tokens"), "{errors:?}");
     assert_eq!(stack.sim.sim.batches.created.load(std::sync::atomic::Ordering::Relaxed), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_while_creating_batches_has_them_found_not_sent_again() {
+    // A create answers 30 s after the batch exists: the worker is killed
+    // before it learns the ids of the batches it created.
+    let sim = SimConfig { batch_seconds: 1.0, batch_create_delay_ms: 30_000, seed: 15, ..Default::default() };
+    let stack = Stack::start(sim.clone(), |_| {}).await.unwrap();
+    let config = stack.worker_config();
+    // One chunk at a time: the worker is killed with exactly one batch created, its id unknown.
+    let mut worker = WorkerProcess::spawn(&worker::WorkerConfig { max_chunks: 1, ..config.clone() }, "first").unwrap();
+    let job = submit_batch_job(&stack, None, 71, 100).await;
+    let created = || stack.sim.sim.batches.created.load(std::sync::atomic::Ordering::Relaxed) as i64;
+    wait_for("a batch to exist at the provider", Duration::from_secs(60), || async { Ok(created() > 0) })
+        .await
+        .unwrap();
+    worker.kill9();
+    assert_eq!((created(), batch_rows(&stack, job, "submitting").await), (1, 1), "its id is not recorded");
+    stack.sim.sim.set_config(SimConfig { batch_create_delay_ms: 0, ..sim });
+    let _worker = WorkerProcess::spawn(&config, "second").unwrap();
+    stack.wait_completed(job, Duration::from_secs(100)).await.unwrap();
+    all_answered(&stack, job, 71, 100).await;
+    // One batch per chunk: those created before the kill were found by their
+    // label and collected, none sent again (nor given up after two minutes).
+    let chunks = chunk_count(&stack, job).await;
+    assert_eq!((created(), batch_rows(&stack, job, "collected").await), (chunks, chunks));
+}

@@ -561,7 +561,9 @@ pub async fn collected_batch(
 
 /// Moves a chunk's batch of `generation` and `round` to `state` (`pending` with the
 /// provider's id, `failed` or `refused` with why); `false` when it was in
-/// that state already (another worker moved it).
+/// that state already (another worker moved it). Only a `submitting` batch
+/// becomes `pending`: one given up meanwhile (cancelled, the deadline near)
+/// stays given up, its budget already released.
 pub async fn set_batch(
     pool: &PgPool,
     c: &ChunkMsg,
@@ -575,7 +577,8 @@ pub async fn set_batch(
         "UPDATE provider_batches
          SET state = $5, batch_id = coalesce($6, batch_id), error = coalesce($7, error),
              ended_at = CASE WHEN $5 IN ('collected', 'failed', 'refused') THEN now() END
-         WHERE job_id = $1 AND chunk_no = $2 AND generation = $3 AND round = $4 AND state <> $5",
+         WHERE job_id = $1 AND chunk_no = $2 AND generation = $3 AND round = $4 AND state <> $5
+           AND (state = 'submitting' OR $5 <> 'pending')",
         c.job_id,
         c.chunk_no,
         generation,

@@ -78,6 +78,9 @@ pub enum BatchItem {
     NotRun(String),
 }
 
+/// The metadata key of a batch's label (OpenAI).
+const LABEL_KEY: &str = "sluice_batch";
+
 /// Why a batch operation failed: the provider's answer, sorted as a call's.
 pub type BatchError = CallError;
 
@@ -132,10 +135,13 @@ impl ChatClient {
     }
 
     /// Submits one batch of `(custom_id, body)` requests, each body from
-    /// [`ChatClient::body`]; returns the provider's batch id.
+    /// [`ChatClient::body`]; returns the provider's batch id. OpenAI batches
+    /// carry `label` in their metadata (as `sluice_batch`), so
+    /// [`ChatClient::find_batch`] can find one whose id was never recorded.
     pub async fn submit_batch(
         &self,
         requests: &[(String, Vec<u8>)],
+        label: Option<&str>,
         api_key: Option<&SecretString>,
     ) -> Result<String, BatchError> {
         let invalid = |message: String| CallError::InvalidRequest { status: 400, message };
@@ -175,8 +181,11 @@ impl ChatClient {
                     self.batch_json(self.http.post(format!("{}/files", self.base())).multipart(form), api_key).await?;
                 let file_id =
                     uploaded["id"].as_str().ok_or_else(|| CallError::Malformed("file upload without an id".into()))?;
-                let create =
+                let mut create =
                     json!({"input_file_id": file_id, "endpoint": "/v1/chat/completions", "completion_window": "24h"});
+                if let Some(label) = label {
+                    create["metadata"] = json!({ LABEL_KEY: label });
+                }
                 self.batch_json(self.http.post(format!("{}/batches", self.base())).json(&create), api_key).await?
             }
         };
@@ -184,6 +193,32 @@ impl ChatClient {
             .as_str()
             .map(str::to_string)
             .ok_or_else(|| CallError::Malformed("batch created without an id".into()))
+    }
+
+    /// The id of the most recent batch created with `label`, looking through
+    /// the provider's latest batches (OpenAI: `GET /batches`, newest first,
+    /// up to 300). Anthropic's batches carry no metadata: always `None`.
+    pub async fn find_batch(&self, label: &str, api_key: Option<&SecretString>) -> Result<Option<String>, BatchError> {
+        if self.endpoint.kind == ProviderKind::Anthropic {
+            return Ok(None);
+        }
+        let mut after: Option<String> = None;
+        for _ in 0..3 {
+            let mut url = format!("{}/batches?limit=100", self.base());
+            if let Some(a) = &after {
+                url.push_str(&format!("&after={a}"));
+            }
+            let page = self.batch_json(self.http.get(url), api_key).await?;
+            let data = page["data"].as_array().cloned().unwrap_or_default();
+            if let Some(b) = data.iter().find(|b| b["metadata"][LABEL_KEY] == label) {
+                return Ok(b["id"].as_str().map(str::to_string));
+            }
+            match (page["has_more"].as_bool(), page["last_id"].as_str()) {
+                (Some(true), Some(last)) => after = Some(last.to_string()),
+                _ => break,
+            }
+        }
+        Ok(None)
     }
 
     /// Asks where batch `id` stands.

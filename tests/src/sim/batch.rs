@@ -3,7 +3,8 @@
 //! What is simulated, and where it is documented:
 //! - OpenAI: `POST /v1/files` (multipart, `purpose=batch`), `GET
 //!   /v1/files/{id}/content`, `POST /v1/batches`, `GET /v1/batches/{id}`,
-//!   `POST /v1/batches/{id}/cancel`
+//!   `POST /v1/batches/{id}/cancel`, `GET /v1/batches` (newest first,
+//!   `limit`, `after`)
 //!   (<https://platform.openai.com/docs/api-reference/batch>,
 //!   <https://platform.openai.com/docs/guides/batch>). Statuses `validating`,
 //!   `in_progress`, `completed`, `expired`, `cancelling`, `cancelled` and
@@ -183,7 +184,7 @@ pub(crate) fn routes() -> Router<Arc<Sim>> {
     Router::new()
         .route("/v1/files", post(upload))
         .route("/v1/files/{id}/content", get(file_content))
-        .route("/v1/batches", post(create_openai))
+        .route("/v1/batches", post(create_openai).get(list_openai))
         .route("/v1/batches/{id}", get(retrieve_openai))
         .route("/v1/batches/{id}/cancel", post(cancel_openai))
         .route("/v1/messages/batches", post(create_anthropic))
@@ -339,7 +340,48 @@ async fn create_openai(State(sim): State<Arc<Sim>>, headers: HeaderMap, Json(req
     };
     let body = openai_object(&id, &batch, Some("validating"));
     batches.insert(id, batch);
+    drop(batches);
+    if config.batch_create_delay_ms > 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(config.batch_create_delay_ms)).await;
+    }
     Json(body).into_response()
+}
+
+/// `GET /v1/batches?limit=&after=`: newest first.
+async fn list_openai(
+    State(sim): State<Arc<Sim>>,
+    headers: HeaderMap,
+    axum::extract::Query(q): axum::extract::Query<HashMap<String, String>>,
+) -> Response {
+    if let Some(r) = refused(&sim, &headers, Dialect::OpenAi) {
+        return r;
+    }
+    let limit = q.get("limit").and_then(|l| l.parse::<usize>().ok()).unwrap_or(20).clamp(1, 100);
+    let mut batches = sim.batches.batches.lock().await;
+    let mut ids: Vec<(u64, String)> =
+        batches.iter().filter(|(_, b)| b.dialect == Dialect::OpenAi).map(|(id, b)| (b.serial, id.clone())).collect();
+    ids.sort_unstable_by(|a, b| b.cmp(a));
+    if let Some(after) = q.get("after") {
+        if let Some(at) = ids.iter().position(|(_, id)| id == after) {
+            ids.drain(..=at);
+        }
+    }
+    let has_more = ids.len() > limit;
+    ids.truncate(limit);
+    let mut data = Vec::with_capacity(ids.len());
+    for (_, id) in &ids {
+        if let Ok(b) = advanced(&sim, &mut batches, id, Dialect::OpenAi).await {
+            data.push(openai_object(id, b, None));
+        }
+    }
+    Json(json!({
+        "object": "list",
+        "data": data,
+        "first_id": ids.first().map(|(_, id)| id),
+        "last_id": ids.last().map(|(_, id)| id),
+        "has_more": has_more,
+    }))
+    .into_response()
 }
 
 /// Ends `batch` if its time has come (or it was cancelled), answering its requests.

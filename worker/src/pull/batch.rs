@@ -74,11 +74,51 @@ fn poll_after(age_s: f64) -> Duration {
     Duration::from_secs_f64((age_s / 10.0).clamp(1.0, 60.0))
 }
 
-/// A batch still `submitting` after this long never got its provider id:
-/// the worker creating it stopped between the two writes. It is marked
-/// failed and its items go in a new round (the provider may then hold a
-/// batch nobody collects: paid for, its answers unused).
+/// A batch still `submitting` after this long may never get its provider id
+/// from the worker creating it (it stopped between the two writes): the
+/// provider's batches are searched for its label.
+const LOOK_AFTER_S: f64 = 10.0;
+
+/// A batch still `submitting` after this long, and not found at the
+/// provider, was not created: it is marked failed and its items go in a new
+/// round. (Anthropic's batches carry no label: one created by a worker that
+/// stopped before recording it is left uncollected, paid for and unused.)
 const SUBMIT_TIMEOUT_S: f64 = 120.0;
+
+/// What a batch is called at the provider (OpenAI's metadata): its row's key.
+fn label(chunk: &ChunkMsg, generation: i32, round: i32) -> String {
+    format!("{}/{}/{generation}/{round}", chunk.job_id, chunk.chunk_no)
+}
+
+/// Deals with a batch recorded but without the provider's id yet: adopts the
+/// provider's batch of its label if there is one, waits for the worker
+/// creating it while that may still be under way, else marks it failed.
+async fn adopt(shared: &Shared, chunk: &ChunkMsg, route: &Route, b: store::BatchRow) -> Result<ChunkOutcome, Error> {
+    if b.age_s < LOOK_AFTER_S {
+        return Ok(ChunkOutcome::Held(poll_after(b.age_s)));
+    }
+    let ep = &route.endpoint;
+    let key = ep.keys.current();
+    match ep.client.find_batch(&label(chunk, b.generation, b.round), key.as_ref().and_then(|k| k.secret)).await {
+        Ok(Some(id)) => {
+            if store::set_batch(&shared.pool, chunk, b.generation, b.round, "pending", Some(&id), None).await? {
+                tracing::info!(job_id = %chunk.job_id, chunk = chunk.chunk_no, round = b.round, batch = %id,
+                    "provider batch found by its label: its id had not been recorded");
+            }
+            Ok(ChunkOutcome::Held(Duration::from_millis(500)))
+        }
+        Ok(None) if b.age_s >= SUBMIT_TIMEOUT_S => {
+            let why = "the batch was not known to have been created";
+            store::set_batch(&shared.pool, chunk, b.generation, b.round, "failed", None, Some(why)).await?;
+            Ok(ChunkOutcome::Held(Duration::from_millis(500)))
+        }
+        Ok(None) => Ok(ChunkOutcome::Held(poll_after(b.age_s))),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot look for a provider batch; looking again later");
+            Ok(ChunkOutcome::Held(poll_after(b.age_s).max(backoff(&e))))
+        }
+    }
+}
 
 /// Works on a delivery of a batch-mode chunk: `items` are those without a
 /// result, less the cache's answers (`hits`).
@@ -117,14 +157,7 @@ pub(super) async fn work(
             abandon(shared, chunk, job, NEAR_DEADLINE).await?;
             Ok(live(done, pending))
         }
-        Some(b) if b.state == "submitting" && b.age_s < SUBMIT_TIMEOUT_S => {
-            Ok(Step::Done(ChunkOutcome::Held(poll_after(b.age_s))))
-        }
-        Some(b) if b.state == "submitting" => {
-            let why = "the batch was not known to have been created";
-            store::set_batch(&shared.pool, chunk, b.generation, b.round, "failed", None, Some(why)).await?;
-            Ok(Step::Done(ChunkOutcome::Held(Duration::from_millis(500))))
-        }
+        Some(b) if b.state == "submitting" => adopt(shared, chunk, route, b).await.map(Step::Done),
         last => {
             // Rounds count within a generation: a resumed job's chunk tries again from round 0.
             // A batch the provider refused for a full queue never ran: it is not a round.
@@ -266,9 +299,21 @@ async fn send(
         }
     }
     let key = ep.keys.current();
-    match ep.client.submit_batch(&requests, key.as_ref().and_then(|k| k.secret)).await {
+    let label = label(chunk, chunk.generation, round);
+    match ep.client.submit_batch(&requests, Some(&label), key.as_ref().and_then(|k| k.secret)).await {
         Ok(id) => {
-            store::set_batch(&shared.pool, chunk, chunk.generation, round, "pending", Some(&id), None).await?;
+            if !store::set_batch(&shared.pool, chunk, chunk.generation, round, "pending", Some(&id), None).await? {
+                let given_up = store::last_batch(&shared.pool, chunk)
+                    .await?
+                    .is_some_and(|b| b.round == round && b.generation == chunk.generation && b.state != "pending");
+                if given_up {
+                    // Cancelled, or the deadline came, while it was being created: not wanted.
+                    if let Err(e) = ep.client.cancel_batch(&id, key.as_ref().and_then(|k| k.secret)).await {
+                        tracing::warn!(error = %e, batch = %id, "cannot cancel a provider batch");
+                    }
+                }
+                return Ok(Some(ChunkOutcome::Held(Duration::from_millis(500))));
+            }
             tracing::info!(job_id = %chunk.job_id, chunk = chunk.chunk_no, round, batch = %id, requests = requests.len(), "provider batch created");
             Ok(Some(ChunkOutcome::Held(poll_after(0.0))))
         }
