@@ -75,6 +75,12 @@ pub struct SimConfig {
     /// Models that are down: every request for them gets 503.
     #[arg(long = "down-model")]
     pub down_models: Vec<String>,
+    /// The models' context window in tokens (0: none): a request whose
+    /// prompt plus `max_tokens` is larger gets OpenAI's 400
+    /// `context_length_exceeded` (Anthropic's dialect: 400
+    /// `invalid_request_error`).
+    #[arg(long, default_value_t = 0)]
+    pub context_tokens: u32,
     /// Models that refuse every request with 400 `context_length_exceeded`.
     #[arg(long = "reject-model")]
     pub reject_models: Vec<String>,
@@ -727,6 +733,22 @@ async fn answer(sim: &Sim, config: &SimConfig, auth: &HeaderMap, request: &Value
             "context_length_exceeded",
             "This model's maximum context length is exceeded",
         );
+    }
+    if config.context_tokens > 0 {
+        let out = request["max_completion_tokens"].as_u64().or(request["max_tokens"].as_u64()).unwrap_or(0) as u32;
+        if tokens_in + out > config.context_tokens {
+            // OpenAI's body and wording, as users report them verbatim
+            // (chathub-dev/chathub#126, The-Vibe-Company/quivr#505).
+            let message = format!(
+                "This model's maximum context length is {} tokens. However, you requested {} tokens ({tokens_in} in \
+                 the messages, {out} in the completion). Please reduce the length of the messages or completion.",
+                config.context_tokens,
+                tokens_in + out
+            );
+            let body = json!({"error": {"message": message, "type": "invalid_request_error", "param": "messages",
+                "code": "context_length_exceeded"}});
+            return (StatusCode::BAD_REQUEST, Json(body)).into_response();
+        }
     }
     let request_hash = hash_of(body);
     let attempt = if live && config.any_fault() {

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use sluice_tests::fixtures::{jobs_dir, sample_jsonl, Stack};
+use sluice_tests::fixtures::{jobs_dir, sample_jsonl, SimServer, Stack};
 use sluice_tests::sim::SimConfig;
 use sqlx::Row;
 use uuid::Uuid;
@@ -387,4 +387,37 @@ async fn a_bad_providers_file_stops_the_worker_at_start_naming_file_and_field() 
         let msg = common::error_chain(&err);
         assert!(msg.contains(&path.display().to_string()) && msg.contains(field), "{msg}");
     }
+}
+
+#[tokio::test]
+async fn the_simulator_refuses_prompts_beyond_its_context_window_as_each_provider_does() {
+    let sim = SimServer::start(SimConfig { context_tokens: 100, ..Default::default() }).await.unwrap();
+    let http = reqwest::Client::new();
+    let ask = |path: &str, text: String| {
+        http.post(format!("{}{path}", sim.base_url()))
+            .header("anthropic-version", "2023-06-01")
+            .json(&serde_json::json!({"model": "sim-small", "max_tokens": 50,
+                "messages": [{"role": "user", "content": text}]}))
+            .send()
+    };
+    assert_eq!(ask("/chat/completions", "short".into()).await.unwrap().status(), 200);
+    // 500 characters: 126 tokens in the simulator's count, with 50 to answer.
+    let long = ask("/chat/completions", "word ".repeat(100)).await.unwrap();
+    assert_eq!(long.status(), 400);
+    let body: serde_json::Value = long.json().await.unwrap();
+    assert_eq!(
+        (body["error"]["type"].as_str(), body["error"]["code"].as_str()),
+        (Some("invalid_request_error"), Some("context_length_exceeded"))
+    );
+    assert!(
+        body["error"]["message"].as_str().unwrap().starts_with(
+            "This model's maximum context length is 100 tokens. However, you requested 176 tokens (126 in the messages, 50 in the completion)."
+        ),
+        "{body}"
+    );
+    assert_eq!(ask("/messages", "short".into()).await.unwrap().status(), 200);
+    let long = ask("/messages", "word ".repeat(100)).await.unwrap();
+    assert_eq!(long.status(), 400);
+    let body: serde_json::Value = long.json().await.unwrap();
+    assert_eq!(body["error"]["type"], "invalid_request_error", "{body}");
 }

@@ -997,13 +997,15 @@ fn print_status(s: &JobStatus, json: bool) {
     if s.batches_pending > 0 || s.batch_items_done > 0 {
         let reused = s.cache_hits + s.shared;
         let live = s.succeeded.saturating_sub(s.batch_items_done + reused);
-        println!(
-            "batches  {} items answered through provider batches, {} waiting in {} batches, {live} answered live{}",
-            s.batch_items_done,
-            s.batch_items_pending,
-            s.batches_pending,
-            if reused > 0 { format!(", {reused} reused") } else { String::new() }
-        );
+        let mut paths = vec![format!("{} items answered through provider batches", s.batch_items_done)];
+        if s.batches_pending > 0 {
+            paths.push(format!("{} waiting in {} batches", s.batch_items_pending, s.batches_pending));
+        }
+        paths.push(format!("{live} answered live"));
+        if reused > 0 {
+            paths.push(format!("{reused} reused"));
+        }
+        println!("batches  {}", paths.join(", "));
         println!("saved    ${:.4} against live prices", s.batch_saved_usd);
     }
     for m in &s.output_modes {
