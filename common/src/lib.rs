@@ -11,6 +11,7 @@ pub mod redact;
 pub mod sample;
 pub mod shutdown;
 pub mod spec;
+pub mod stages;
 pub mod state;
 pub mod telemetry;
 pub mod wire;

@@ -77,6 +77,10 @@ pub struct JobSpec {
     /// otherwise: `live` (the default), `batch` or `auto`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mode: Option<crate::state::JobMode>,
+    /// A multi-stage kind's stages, in order (`crate::stages`); empty for a
+    /// kind of one prompt per item.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stages: Vec<crate::stages::StageSpec>,
 }
 
 /// Where a call's request comes from.
@@ -119,7 +123,7 @@ pub enum ConfidenceStrategy {
 }
 
 /// A strategy or a list of them.
-fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<ConfidenceStrategy>, D::Error> {
+pub(crate) fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<ConfidenceStrategy>, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
     enum OneOrMany {
@@ -199,6 +203,9 @@ pub struct JobKind {
     pub spec: JobSpec,
     pub template: String,
     pub schema: Value,
+    /// Each stage's template and schema (a multi-stage kind).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stage_files: Vec<crate::stages::StageFiles>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -248,7 +255,19 @@ impl JobKind {
                 (template, schema)
             }
         };
-        let kind = JobKind { spec, template, schema };
+        let mut stage_files = Vec::with_capacity(spec.stages.len());
+        for stage in &spec.stages {
+            let template = stage.template.as_ref().map(|t| read(&dir.join(t))).transpose()?.unwrap_or_default();
+            let schema = match &stage.schema {
+                Some(file) => {
+                    let path = dir.join(file);
+                    serde_json::from_str(&read(&path)?).map_err(|source| SpecError::SchemaJson { path, source })?
+                }
+                None => Value::Null,
+            };
+            stage_files.push(crate::stages::StageFiles { template, schema });
+        }
+        let kind = JobKind { spec, template, schema, stage_files };
         kind.validate()?;
         Ok(kind)
     }
@@ -278,6 +297,17 @@ impl JobKind {
             return Err(SpecError::Invalid("max_prompt_bytes must be at least 1".into()));
         }
         self.validator()?;
+        if !s.stages.is_empty() {
+            if s.request == RequestSource::OpenaiBatch {
+                return Err(SpecError::Invalid("request = \"openai_batch\" takes no stages".into()));
+            }
+            crate::stages::validate(&s.stages, &self.stage_files, &s.input_fields, &s.confidence)?;
+            return Err(SpecError::Invalid(format!(
+                "the kind's {} stages are valid, but multi-stage jobs do not run yet (docs/design-stages.md): \
+                 run each stage as a kind of its own for now",
+                s.stages.len()
+            )));
+        }
         if s.request == RequestSource::OpenaiBatch {
             if s.scores_confidence() {
                 return Err(SpecError::Invalid(
@@ -452,6 +482,25 @@ mod tests {
         let mut old = stored.clone();
         old["confidence"] = serde_json::json!("logprobs");
         assert_eq!(serde_json::from_value::<JobSpec>(old).unwrap().confidence, [ConfidenceStrategy::Logprobs]);
+    }
+
+    #[test]
+    fn a_kind_with_stages_is_checked_then_refused_as_not_run_yet() {
+        let mut kind = JobKind::load(&repo_jobs().join("classify")).unwrap();
+        let stages: JobSpec = toml::from_str(&format!(
+            "{}\n[[stages]]\nname = \"a\"\ntemplate = \"a.j2\"\nschema = \"a.json\"\n\
+             [[stages]]\nname = \"b\"\ntemplate = \"b.j2\"\nschema = \"b.json\"\n",
+            toml::to_string(&kind.spec).unwrap()
+        ))
+        .unwrap();
+        kind.spec.stages = stages.stages;
+        let file = |t: &str| crate::stages::StageFiles { template: t.into(), schema: serde_json::json!({}) };
+        kind.stage_files = vec![file("{{ text }}"), file("{{ stages.c.x }}")];
+        let err = kind.validate().unwrap_err().to_string();
+        assert!(err.contains("stages[1].template (b): reads stages.c"), "{err}");
+        kind.stage_files[1] = file("{{ stages.a.x }}");
+        let err = kind.validate().unwrap_err().to_string();
+        assert!(err.contains("multi-stage jobs do not run yet"), "{err}");
     }
 
     #[test]

@@ -118,7 +118,8 @@ impl JobCache {
         else {
             return Ok(None);
         };
-        let kind = JobKind { spec: row.spec.0, template: row.template, schema: row.output_schema };
+        let kind =
+            JobKind { spec: row.spec.0, template: row.template, schema: row.output_schema, stage_files: Vec::new() };
         let mut compiled = CompiledJob::compile(kind, row.template_hash, row.review_below, endpoints)
             .map_err(|source| Error::Spec { job_id, source: Box::new(source) })?;
         compiled.project = row.project;

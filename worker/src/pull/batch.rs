@@ -530,7 +530,7 @@ async fn collect(
     if auto {
         left.append(&mut reask);
     } else if !reask.is_empty() {
-        let (answered, held) = run_live(shared, chunk, job, reask).await?;
+        let (answered, held) = run_live(shared, chunk, job, reask, stop).await?;
         done.extend(answered);
         held_back = held;
     }
@@ -567,8 +567,10 @@ async fn run_live(
     chunk: &ChunkMsg,
     job: &Arc<CompiledJob>,
     items: Vec<Pending>,
+    stop: &CancellationToken,
 ) -> Result<(Vec<ItemResult>, usize), Error> {
-    let delivery = crate::delivery::Delivery::watch(shared.pool.clone(), *chunk, &CancellationToken::new());
+    // Stops as the chunk's live items do: at shutdown, or once the delivery is stale.
+    let delivery = crate::delivery::Delivery::watch(shared.pool.clone(), *chunk, stop);
     let ctx = super::item_context(shared, chunk, job, &delivery);
     let (mut out, mut held) = (Vec::new(), 0);
     let _calls = shared.calls.acquire(&job.project, chunk.job_id).await;
