@@ -8,6 +8,15 @@ use sluice_tests::sim::SimConfig;
 use sqlx::Row;
 use uuid::Uuid;
 
+/// A providers file serving the simulator in Anthropic's dialect as `claude`.
+const CLAUDE: &str = r#"
+[providers.claude]
+kind = "anthropic"
+base_url = "http://{sim0}/v1"
+[providers.claude.models.sim-small]
+rpm = 60000
+"#;
+
 /// Submits `count` sample documents as a `classify` job in batch mode, on `model`.
 async fn submit_batch_job(stack: &Stack, model: Option<&str>, seed: u64, count: u64) -> Uuid {
     submit_capped(stack, model, seed, count, None).await
@@ -93,14 +102,7 @@ async fn a_batch_mode_job_is_answered_through_provider_batches_in_each_dialect()
     drop(stack);
 
     // ... and Anthropic's.
-    let providers = r#"
-[providers.claude]
-kind = "anthropic"
-base_url = "http://{sim0}/v1"
-[providers.claude.models.sim-small]
-rpm = 60000
-"#;
-    let mut stack = Stack::start_with_providers(vec![sim()], providers).await.unwrap();
+    let mut stack = Stack::start_with_providers(vec![sim()], CLAUDE).await.unwrap();
     stack.add_worker(|_| {});
     let job = submit_batch_job(&stack, Some("claude/sim-small"), 62, 200).await;
     stack.wait_completed(job, Duration::from_secs(120)).await.unwrap();
@@ -383,15 +385,8 @@ async fn batches_a_full_provider_queue_turns_away_are_sent_again_without_using_u
     drop(stack);
 
     // ... and Anthropic's queue answers 429.
-    let providers = r#"
-[providers.claude]
-kind = "anthropic"
-base_url = "http://{sim0}/v1"
-[providers.claude.models.sim-small]
-rpm = 60000
-"#;
     let sim = SimConfig { batch_seconds: 1.0, batch_queue_requests: 80, seed: 14, ..Default::default() };
-    let mut stack = Stack::start_with_providers(vec![sim], providers).await.unwrap();
+    let mut stack = Stack::start_with_providers(vec![sim], CLAUDE).await.unwrap();
     stack.add_worker(one_round);
     let job = submit_batch_job(&stack, Some("claude/sim-small"), 69, 300).await;
     stack.wait_completed(job, Duration::from_secs(180)).await.unwrap();
