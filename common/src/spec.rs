@@ -247,6 +247,9 @@ impl JobKind {
             // The body is the request: nothing to render, and answers are
             // checked against the body's own response_format.
             RequestSource::OpenaiBatch => (String::new(), serde_json::json!({})),
+            // A multi-stage kind's template and schema are its last stage's
+            // (set below): that stage's answer is the item's result.
+            RequestSource::Template if !spec.stages.is_empty() => (String::new(), Value::Null),
             RequestSource::Template => {
                 let template = read(&dir.join(&spec.template))?;
                 let schema_path = dir.join(&spec.schema);
@@ -267,6 +270,10 @@ impl JobKind {
             };
             stage_files.push(crate::stages::StageFiles { template, schema });
         }
+        let (template, schema) = match stage_files.last() {
+            Some(last) => (last.template.clone(), last.schema.clone()),
+            None => (template, schema),
+        };
         let kind = JobKind { spec, template, schema, stage_files };
         kind.validate()?;
         Ok(kind)
@@ -302,11 +309,13 @@ impl JobKind {
                 return Err(SpecError::Invalid("request = \"openai_batch\" takes no stages".into()));
             }
             crate::stages::validate(&s.stages, &self.stage_files, &s.input_fields, &s.confidence)?;
-            return Err(SpecError::Invalid(format!(
-                "the kind's {} stages are valid, but multi-stage jobs do not run yet (docs/design-stages.md): \
-                 run each stage as a kind of its own for now",
-                s.stages.len()
-            )));
+            crate::stages::not_run_yet(&s.stages)?;
+            for i in 0..s.stages.len() {
+                let stage = self.stage_kind(i);
+                stage.validator()?;
+                crate::stages::check_answer_field(i, &s.stages[i].name, &stage.spec.answer_field, &stage.schema)?;
+            }
+            return Ok(());
         }
         if s.request == RequestSource::OpenaiBatch {
             if s.scores_confidence() {
@@ -330,6 +339,47 @@ impl JobKind {
         Ok(())
     }
 
+    /// Stage `i` of a multi-stage kind as a kind of its own: the stage's
+    /// template and schema, and the kind's settings with the stage's
+    /// overrides (model, confidence, threshold, answer field, max_tokens).
+    /// A stage naming its own model takes none of the kind's fallbacks.
+    pub fn stage_kind(&self, i: usize) -> JobKind {
+        let stage = &self.spec.stages[i];
+        let files = self.stage_files.get(i).cloned().unwrap_or_default();
+        let mut spec = self.spec.clone();
+        spec.stages = Vec::new();
+        if let Some(model) = &stage.model {
+            spec.model = model.clone();
+            spec.fallback_models = Vec::new();
+        }
+        if !stage.confidence.is_empty() {
+            spec.confidence = stage.confidence.clone();
+        }
+        if let Some(t) = stage.confidence_threshold {
+            spec.confidence_threshold = t;
+        }
+        if let Some(f) = &stage.answer_field {
+            spec.answer_field = f.clone();
+        }
+        if let Some(t) = stage.max_tokens {
+            spec.max_tokens = t;
+        }
+        spec.template = stage.template.clone().unwrap_or_default();
+        spec.schema = stage.schema.clone().unwrap_or_default();
+        JobKind { spec, template: files.template, schema: files.schema, stage_files: Vec::new() }
+    }
+
+    /// Every model a job of this kind may call: the kind's (main and
+    /// fallbacks), or each stage's.
+    pub fn models(&self) -> Vec<String> {
+        if self.spec.stages.is_empty() {
+            return self.spec.models().cloned().collect();
+        }
+        (0..self.spec.stages.len())
+            .flat_map(|i| self.stage_kind(i).spec.models().cloned().collect::<Vec<_>>())
+            .collect()
+    }
+
     /// Compiles the output schema.
     pub fn validator(&self) -> Result<jsonschema::Validator, SpecError> {
         jsonschema::validator_for(&self.schema).map_err(|e| SpecError::Schema(e.to_string()))
@@ -344,6 +394,11 @@ impl JobKind {
             h.update([0u8]);
         }
         h.update(self.template.as_bytes());
+        // Every stage's prompt, in order: a change to any of them is a new version.
+        for f in &self.stage_files {
+            h.update([0u8]);
+            h.update(f.template.as_bytes());
+        }
         hex::encode(h.finalize())[..16].to_string()
     }
 }
@@ -485,7 +540,7 @@ mod tests {
     }
 
     #[test]
-    fn a_kind_with_stages_is_checked_then_refused_as_not_run_yet() {
+    fn a_kind_with_stages_is_checked_and_each_stage_is_a_kind_of_its_own() {
         let mut kind = JobKind::load(&repo_jobs().join("classify")).unwrap();
         let stages: JobSpec = toml::from_str(&format!(
             "{}\n[[stages]]\nname = \"a\"\ntemplate = \"a.j2\"\nschema = \"a.json\"\n\
@@ -499,8 +554,25 @@ mod tests {
         let err = kind.validate().unwrap_err().to_string();
         assert!(err.contains("stages[1].template (b): reads stages.c"), "{err}");
         kind.stage_files[1] = file("{{ stages.a.x }}");
+        kind.validate().unwrap();
+        // A stage's schema must hold the answer field.
+        let label_only = serde_json::json!({"type": "object", "properties": {"x": {"type": "string"}}});
+        kind.stage_files[0].schema = label_only.clone();
         let err = kind.validate().unwrap_err().to_string();
-        assert!(err.contains("multi-stage jobs do not run yet"), "{err}");
+        assert!(err.contains("stages[0].answer_field (a): \"label\""), "{err}");
+        kind.spec.stages[0].answer_field = Some("x".into());
+        kind.spec.stages[1].model = Some("sim-large".into());
+        kind.validate().unwrap();
+        let b = kind.stage_kind(1);
+        assert_eq!((b.spec.model.as_str(), b.template.as_str()), ("sim-large", "{{ stages.a.x }}"));
+        assert!(b.spec.fallback_models.is_empty() && b.spec.stages.is_empty());
+        assert_eq!(kind.stage_kind(0).spec.answer_field, "x");
+        // Split stages do not run yet: refused with the field named.
+        kind.spec.stages[0].kind = crate::stages::StageKind::Split;
+        kind.spec.stages[0].template = None;
+        kind.spec.stages[0].segment_tokens = Some(100);
+        let err = kind.validate().unwrap_err().to_string();
+        assert!(err.contains("stages[0].type (a): split stages do not run yet"), "{err}");
     }
 
     #[test]

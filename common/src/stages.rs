@@ -15,9 +15,9 @@
 //! ```
 //!
 //! Stages run in the order listed; a stage's template may read only the
-//! outputs of stages before it. Multi-stage jobs do not run yet
-//! (`docs/design-stages.md`): a kind with stages is checked in full and then
-//! refused at submit.
+//! outputs of stages before it. Stages of prompts run; split and reduce
+//! stages, ensembles and gates are checked in full and then refused at
+//! submit ([`not_run_yet`], `docs/design-stages.md`).
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -231,6 +231,41 @@ pub fn validate(
         seen.push(name);
     }
     Ok(())
+}
+
+/// Refuses, with the field named, what the stage runner does not do yet:
+/// split and reduce stages, ensembles and gates (`docs/design-stages.md`).
+/// Stages of prompts, each with its own template, schema, model and
+/// confidence, run.
+pub fn not_run_yet(stages: &[StageSpec]) -> Result<(), SpecError> {
+    for (i, stage) in stages.iter().enumerate() {
+        let (field, what) = match stage {
+            s if s.kind == StageKind::Split => ("type", "split stages"),
+            s if s.kind == StageKind::Reduce => ("type", "reduce stages"),
+            s if !s.ensemble.is_empty() => ("ensemble", "ensembles"),
+            s if s.gate.is_some() => ("gate", "gates"),
+            _ => continue,
+        };
+        return Err(SpecError::Invalid(format!(
+            "stages[{i}].{field} ({}): {what} do not run yet (docs/design-stages.md); stages of prompts do",
+            stage.name
+        )));
+    }
+    Ok(())
+}
+
+/// Refuses a stage whose schema lists its properties without the field its
+/// answer is read from (`answer_field`, the kind's unless the stage names
+/// one): every answer would fail validation.
+pub fn check_answer_field(i: usize, name: &str, field: &str, schema: &Value) -> Result<(), SpecError> {
+    match schema.get("properties").and_then(Value::as_object) {
+        Some(props) if !props.contains_key(field) => Err(SpecError::Invalid(format!(
+            "stages[{i}].answer_field ({name}): {field:?} is not among the properties of the stage's schema \
+             ({}): name the field that holds the stage's short answer",
+            props.keys().cloned().collect::<Vec<_>>().join(", ")
+        ))),
+        _ => Ok(()),
+    }
 }
 
 #[cfg(test)]

@@ -76,6 +76,28 @@ impl AppState {
 /// Checks a job's models against the providers and the price table. Returns
 /// warnings the user should see before anything runs.
 pub fn check_models(catalog: &Catalog, prices: &PriceTable, job: &NewJob) -> Result<Vec<String>, Error> {
+    let stages = &job.kind.spec.stages;
+    if !stages.is_empty() {
+        if job.mode().batches() {
+            return Err(Error::Invalid(
+                "a multi-stage job runs its calls live: provider batches do not take stages yet; submit with \
+                 --mode live"
+                    .into(),
+            ));
+        }
+        // Each stage is checked as the kind of one stage it runs as.
+        let mut warnings = Vec::new();
+        for (i, stage) in stages.iter().enumerate() {
+            let staged = NewJob { kind: job.kind.stage_kind(i), ..job.clone() };
+            let named = |m: String| format!("stages[{i}] ({}): {m}", stage.name);
+            match check_models(catalog, prices, &staged) {
+                Ok(w) => warnings.extend(w.into_iter().map(named)),
+                Err(Error::Invalid(m)) => return Err(Error::Invalid(named(m))),
+                Err(e) => return Err(e),
+            }
+        }
+        return Ok(warnings);
+    }
     let spec = &job.kind.spec;
     let mut warnings = Vec::new();
     for (i, reference) in spec.models().enumerate() {
@@ -312,8 +334,8 @@ async fn create_job(
     if job.max_cost_usd.is_some() {
         let unpriced = job
             .kind
-            .spec
             .models()
+            .into_iter()
             .find(|m| st.catalog.resolve(m).map_or(true, |t| st.prices.get(t.provider, t.model).is_none()));
         if let Some(m) = unpriced {
             let whose = match default_cap {

@@ -86,7 +86,9 @@ impl NewJob {
     /// Whether the job reuses answers: as asked, else for temperature 0 only
     /// (a sampled answer is not meant to repeat).
     pub fn reuses(&self) -> bool {
-        self.cache.unwrap_or(self.kind.spec.reuses_answers())
+        // A multi-stage item's answer depends on every stage's prompt: the
+        // response cache, keyed by one prompt, does not serve stages yet.
+        self.kind.spec.stages.is_empty() && self.cache.unwrap_or(self.kind.spec.reuses_answers())
     }
 }
 
@@ -127,6 +129,22 @@ pub struct OutputModeUse {
     /// `json_schema`, `json_object` or `prompt`.
     pub mode: String,
     pub attempts: u64,
+}
+
+/// Where the items of a multi-stage job stand at one stage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StageStatus {
+    pub name: String,
+    /// Items whose answer at this stage was accepted (for the last stage:
+    /// items with a result).
+    pub passed: u64,
+    /// Of those, answers below the stage's review threshold.
+    pub needs_review: u64,
+    /// Items that failed at this stage and went no further.
+    pub failed: u64,
+    /// Calls made at this stage and what they cost (from the audit trail).
+    pub attempts: u64,
+    pub cost_usd: f64,
 }
 
 /// One refused input line.
@@ -200,6 +218,9 @@ pub struct JobStatus {
     /// they cost at batch prices.
     #[serde(default)]
     pub batch_saved_usd: f64,
+    /// A multi-stage job's items per stage (detail view only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stages: Vec<StageStatus>,
     /// The job's review threshold.
     pub review_below: Option<f64>,
     pub invalid_lines: u64,

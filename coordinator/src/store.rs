@@ -11,7 +11,7 @@ use uuid::Uuid;
 use common::wire::ChunkMsg;
 
 use crate::auth::Actor;
-use crate::model::{ConfidenceSource, JobStatus, OutputModeUse};
+use crate::model::{ConfidenceSource, JobStatus, OutputModeUse, StageStatus};
 use crate::Error;
 
 /// Applies the migrations as the owner of the tables (`owner_url`).
@@ -107,8 +107,8 @@ pub async fn create_job(
     let mode = job.mode();
     let deadline_s = (mode == common::state::JobMode::Auto)
         .then(|| job.deadline_s.unwrap_or(crate::model::DEFAULT_DEADLINE_S).min(i32::MAX as u64) as f64);
-    sqlx::query!("INSERT INTO jobs (id, kind, spec, template, template_hash, output_schema, input_name, review_below, submitted_by, project, reuse, cache_ttl_s, mode, deadline)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, now() + make_interval(secs => $14))", id, &job.kind.spec.kind, sqlx::types::Json(&job.kind.spec) as _, &job.kind.template, job.kind.template_hash(), &job.kind.schema, job.input_name.as_deref(), job.review_below, &actor.name, project, job.reuses(), ttl, mode.as_str(), deadline_s)
+    sqlx::query!("INSERT INTO jobs (id, kind, spec, template, template_hash, output_schema, input_name, review_below, submitted_by, project, reuse, cache_ttl_s, mode, deadline, stage_files)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, now() + make_interval(secs => $14), $15)", id, &job.kind.spec.kind, sqlx::types::Json(&job.kind.spec) as _, &job.kind.template, job.kind.template_hash(), &job.kind.schema, job.input_name.as_deref(), job.review_below, &actor.name, project, job.reuses(), ttl, mode.as_str(), deadline_s, sqlx::types::Json(&job.kind.stage_files) as _)
     .execute(&mut *tx)
     .await.doing("creating the job")?;
     if let Some(cap) = job.max_cost_usd {
@@ -458,7 +458,8 @@ async fn statuses(pool: &PgPool, ids: &[Uuid]) -> Result<Vec<JobStatus>, Error> 
                 t.succeeded AS "succeeded!", t.needs_review AS "needs_review!", t.reviewed AS "reviewed!",
                 t.failed AS "failed!", t.last_result_at,
                 t.tokens_in AS "tokens_in!", t.tokens_out AS "tokens_out!", t.cost_usd AS "cost_usd!",
-                t.unpriced AS "unpriced!", c.chunks_total AS "chunks_total!", c.chunks_done AS "chunks_done!"
+                t.unpriced AS "unpriced!", c.chunks_total AS "chunks_total!", c.chunks_done AS "chunks_done!",
+                jsonb_path_query_array(j.spec, '$.stages[*].name') AS "stage_names!: sqlx::types::Json<Vec<String>>"
          FROM UNNEST($1::uuid[]) WITH ORDINALITY AS wanted(id, n)
          JOIN jobs j ON j.id = wanted.id
          CROSS JOIN LATERAL (
@@ -484,7 +485,15 @@ async fn statuses(pool: &PgPool, ids: &[Uuid]) -> Result<Vec<JobStatus>, Error> 
     .fetch_all(pool)
     .await
     .doing(DOING)?;
+    let staged: Vec<(Uuid, Vec<String>)> =
+        rows.iter().filter(|r| !r.stage_names.0.is_empty()).map(|r| (r.id, r.stage_names.0.clone())).collect();
     let mut out: Vec<JobStatus> = rows.into_iter().map(status_from_row).collect();
+    for (id, names) in staged {
+        let stages = stage_statuses(pool, id, names).await?;
+        if let Some(s) = out.iter_mut().find(|s| s.job_id == id) {
+            s.stages = stages;
+        }
+    }
     let sources = sqlx::query!(
         r#"SELECT job_id, strategy, sum(n)::bigint AS "n!", max(note) AS note
          FROM job_confidence_sources WHERE job_id = ANY($1)
@@ -542,6 +551,46 @@ async fn statuses(pool: &PgPool, ids: &[Uuid]) -> Result<Vec<JobStatus>, Error> 
     Ok(out)
 }
 
+/// Where a multi-stage job's items stand at each of its stages `names`.
+/// Counted from the stage rows, results and attempts of the job (no
+/// running tallies yet: a read costs in proportion to the job's size).
+async fn stage_statuses(pool: &PgPool, job_id: Uuid, names: Vec<String>) -> Result<Vec<StageStatus>, Error> {
+    let rows = sqlx::query!(
+        r#"SELECT stage AS "stage!", sum(passed)::bigint AS "passed!", sum(needs_review)::bigint AS "needs_review!",
+                  sum(failed)::bigint AS "failed!", sum(attempts)::bigint AS "attempts!", sum(cost)::float8 AS "cost!"
+           FROM (SELECT stage, count(*) AS passed, count(*) FILTER (WHERE state = 'needs_review') AS needs_review,
+                        0 AS failed, 0 AS attempts, 0 AS cost
+                 FROM stage_results WHERE job_id = $1 GROUP BY stage
+                 UNION ALL
+                 SELECT stage, count(*) FILTER (WHERE state <> 'failed'),
+                        count(*) FILTER (WHERE state = 'needs_review'), count(*) FILTER (WHERE state = 'failed'), 0, 0
+                 FROM results WHERE job_id = $1 AND stage IS NOT NULL GROUP BY stage
+                 UNION ALL
+                 SELECT stage, 0, 0, 0, count(*), coalesce(sum(cost_usd), 0)
+                 FROM audit_attempts WHERE job_id = $1 GROUP BY stage) s
+           GROUP BY stage ORDER BY stage"#,
+        job_id
+    )
+    .fetch_all(pool)
+    .await
+    .doing("reading the job's stages")?;
+    Ok(names
+        .into_iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let r = rows.iter().find(|r| r.stage as usize == i);
+            StageStatus {
+                name,
+                passed: r.map_or(0, |r| r.passed as u64),
+                needs_review: r.map_or(0, |r| r.needs_review as u64),
+                failed: r.map_or(0, |r| r.failed as u64),
+                attempts: r.map_or(0, |r| r.attempts as u64),
+                cost_usd: r.map_or(0.0, |r| r.cost),
+            }
+        })
+        .collect())
+}
+
 /// The figures of one job, as the status query reads them.
 struct StatusRow {
     id: Uuid,
@@ -574,6 +623,7 @@ struct StatusRow {
     reserved: Option<f64>,
     cache_hits: i64,
     shared: i64,
+    stage_names: sqlx::types::Json<Vec<String>>,
 }
 
 fn status_from_row(row: StatusRow) -> JobStatus {
@@ -622,6 +672,7 @@ fn status_from_row(row: StatusRow) -> JobStatus {
         batch_items_pending: 0,
         batch_items_done: 0,
         batch_saved_usd: 0.0,
+        stages: Vec::new(),
         review_below: review_below.or_else(|| kind_threshold.and_then(|t| t.parse().ok())),
         failed: failed as u64,
         pending: pending as u64,

@@ -26,6 +26,8 @@ pub struct ItemRef {
     pub seq: i64,
     pub item_id: String,
     pub template_hash: String,
+    /// The stage of a multi-stage job the calls belong to (0 otherwise).
+    pub stage: i16,
 }
 
 /// A call about to be made.
@@ -152,11 +154,12 @@ async fn write(pool: &PgPool, worker: &str, batch: &[Row]) -> Result<(), Error> 
          INSERT INTO audit_attempts (worker, job_id, template_hash, seq, item_id, call_id, attempt, model, fallback,
                                      request_hash, outcome, error_class, http_status, latency_ms, tokens_in,
                                      tokens_out, cost_usd, api_key_id, prompt, output, provider, output_mode,
-                                     tokens_cached, tokens_reasoning)
+                                     tokens_cached, tokens_reasoning, stage)
          SELECT $1, u.* FROM UNNEST($10::uuid[], $11::text[], $12::bigint[], $13::text[], $14::uuid[], $15::int[],
                                     $16::text[], $17::bool[], $18::text[], $19::text[], $20::text[], $21::int[],
                                     $22::int[], $23::int[], $24::int[], $25::float8[], $26::text[], $27::text[],
-                                    $28::text[], $29::text[], $30::text[], $31::int[], $32::int[]) AS u",
+                                    $28::text[], $29::text[], $30::text[], $31::int[], $32::int[],
+                                    $33::smallint[]) AS u",
         worker,
         calls.iter().map(|(_, c)| c.call_id).collect::<Vec<_>>() as _,
         calls.iter().map(|(i, _)| i.job_id).collect::<Vec<_>>() as _,
@@ -188,7 +191,8 @@ async fn write(pool: &PgPool, worker: &str, batch: &[Row]) -> Result<(), Error> 
         v(|a| Some(a.provider.as_str())) as _,
         v(|a| Some(a.output_mode.as_str())) as _,
         i(|a| a.tokens_cached) as _,
-        i(|a| a.tokens_reasoning) as _
+        i(|a| a.tokens_reasoning) as _,
+        attempts.iter().map(|(r, _, _)| r.stage).collect::<Vec<i16>>() as _
     )
     .execute(pool)
     .await

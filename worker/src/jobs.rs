@@ -39,6 +39,16 @@ pub struct CompiledJob {
     /// In auto mode: when batches give way to live calls (seconds since the
     /// epoch): a tenth of the time to the deadline before it, at least 30 s.
     pub live_from: Option<f64>,
+    /// A multi-stage kind's stages, each compiled as a kind of its own
+    /// (`JobKind::stage_kind`); empty for a kind of one prompt per item.
+    pub stages: Vec<CompiledStage>,
+}
+
+/// One stage of a multi-stage job.
+pub struct CompiledStage {
+    /// How later stages' templates name its output (`stages.NAME`).
+    pub name: String,
+    pub job: CompiledJob,
 }
 
 impl CompiledJob {
@@ -76,6 +86,7 @@ impl CompiledJob {
             capped: false,
             batch: false,
             live_from: None,
+            stages: Vec::new(),
         })
     }
 }
@@ -108,7 +119,8 @@ impl JobCache {
                       extract(epoch FROM deadline - greatest((deadline - created_at) / 10, interval '30 seconds'))::float8
                           AS live_from,
                       EXISTS (SELECT 1 FROM job_budgets b WHERE b.job_id = jobs.id) AS "capped!",
-                      EXISTS (SELECT 1 FROM item_copies c WHERE c.job_id = jobs.id) AS "has_copies!"
+                      EXISTS (SELECT 1 FROM item_copies c WHERE c.job_id = jobs.id) AS "has_copies!",
+                      stage_files AS "stage_files: sqlx::types::Json<Vec<common::stages::StageFiles>>"
                FROM jobs WHERE id = $1"#,
             job_id
         )
@@ -118,10 +130,28 @@ impl JobCache {
         else {
             return Ok(None);
         };
-        let kind =
-            JobKind { spec: row.spec.0, template: row.template, schema: row.output_schema, stage_files: Vec::new() };
-        let mut compiled = CompiledJob::compile(kind, row.template_hash, row.review_below, endpoints)
-            .map_err(|source| Error::Spec { job_id, source: Box::new(source) })?;
+        let kind = JobKind {
+            spec: row.spec.0,
+            template: row.template,
+            schema: row.output_schema,
+            stage_files: row.stage_files.0,
+        };
+        let spec_error = |source| Error::Spec { job_id, source: Box::new(source) };
+        let stages = (0..kind.spec.stages.len())
+            .map(|i| {
+                let stage = &kind.spec.stages[i];
+                // A stage's own threshold wins; else the job's (`--review-below`), else the kind's.
+                let below = stage.confidence_threshold.or(row.review_below);
+                let mut job = CompiledJob::compile(kind.stage_kind(i), row.template_hash.clone(), below, endpoints)?;
+                job.project = row.project.clone();
+                job.capped = row.capped;
+                Ok(CompiledStage { name: stage.name.clone(), job })
+            })
+            .collect::<Result<Vec<_>, common::spec::SpecError>>()
+            .map_err(spec_error)?;
+        let mut compiled =
+            CompiledJob::compile(kind, row.template_hash, row.review_below, endpoints).map_err(spec_error)?;
+        compiled.stages = stages;
         compiled.project = row.project;
         compiled.cache_ttl_s = row.cache_ttl_s;
         compiled.capped = row.capped;

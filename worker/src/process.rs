@@ -108,6 +108,8 @@ pub struct ItemContext<'a> {
     pub redaction: common::redact::Redaction,
     /// For the budgets of capped jobs.
     pub pool: &'a sqlx::PgPool,
+    /// The stage of a multi-stage job the item is at (0 otherwise).
+    pub stage: i16,
 }
 
 /// A call's worst-case cost, reserved from its job's budget until the call
@@ -327,6 +329,7 @@ pub async fn run_item(
         seq: item.seq,
         item_id: item.id.clone(),
         template_hash: job.template_hash.clone(),
+        stage: ctx.stage,
     });
     let pass = match job.kind.spec.request {
         common::spec::RequestSource::OpenaiBatch => match crate::passthrough::Passthrough::parse(&prompt) {

@@ -22,6 +22,7 @@ use crate::store::ItemResult;
 use crate::{metrics, store, Error, WorkerConfig};
 
 mod batch;
+mod stages;
 
 /// State shared by the tasks of one worker.
 struct Shared {
@@ -480,6 +481,7 @@ fn item_context<'a>(
         prices: &shared.prices,
         redaction: shared.redaction,
         pool: &shared.pool,
+        stage: 0,
     }
 }
 
@@ -563,13 +565,22 @@ async fn work(
     // small batches, so a worker that dies costs few repeated calls. Items
     // stop on the delivery's token: shutdown, or the delivery gone stale.
     let delivery = crate::delivery::Delivery::watch(shared.pool.clone(), *chunk, stop);
+    // A multi-stage item's accepted answers before its last stage come here,
+    // to be written with the chunk's results.
+    let (stage_tx, mut stage_rx) = tokio::sync::mpsc::unbounded_channel::<ItemResult>();
+    let mut passed = if job.stages.is_empty() { HashMap::new() } else { stages::passed(shared, chunk).await? };
     let mut running: FuturesUnordered<_> = items
         .into_iter()
         .map(|(item, key)| {
             let shared = shared.clone();
             let job = job.clone();
             let delivery = &delivery;
+            let stage_tx = stage_tx.clone();
+            let passed = passed.remove(&item.seq).unwrap_or_default();
             async move {
+                if !job.stages.is_empty() {
+                    return stages::run(&shared, chunk, &job, delivery, item, passed, &stage_tx).await;
+                }
                 let _call = tokio::select! {
                     permit = shared.calls.acquire(&job.project, chunk.job_id) => permit,
                     _ = delivery.stop().cancelled() => return Ok(Outcome::Held(Duration::ZERO)),
@@ -584,6 +595,7 @@ async fn work(
             }
         })
         .collect();
+    drop(stage_tx);
     let mut batch: Vec<ItemResult> = hits;
     let mut held: Option<Duration> = None;
     let mut failure = None;
@@ -602,21 +614,26 @@ async fn work(
                 Some(Err(e)) => failure = Some(e),
                 None => break,
             },
+            Some(r) = stage_rx.recv() => batch.push(r),
             _ = tokio::time::sleep_until(flush_at), if !batch.is_empty() => {}
         }
         let due = batch.len() >= COMMIT_ITEMS || last_write.elapsed() >= COMMIT_EVERY;
         if due && !batch.is_empty() && !running.is_empty() {
             save(shared, chunk, &job, &batch, false, stop).await?;
-            ok += batch.iter().filter(|r| r.succeeded).count() as u64;
-            written += batch.len() as u64;
+            let (o, w) = tally(&batch);
+            (ok, written) = (ok + o, written + w);
             batch.clear();
             last_write = Instant::now();
         }
     }
+    // Every item's future has ended, so every stage answer has been sent.
+    while let Ok(r) = stage_rx.try_recv() {
+        batch.push(r);
+    }
     let finished = held.is_none() && failure.is_none();
     save(shared, chunk, &job, &batch, finished, stop).await?;
-    ok += batch.iter().filter(|r| r.succeeded).count() as u64;
-    written += batch.len() as u64;
+    let (o, w) = tally(&batch);
+    (ok, written) = (ok + o, written + w);
     metrics::chunk(if finished { "written" } else { "partial" }, ok, written - ok);
     if let Some(e) = failure {
         return Err(e);
@@ -628,4 +645,12 @@ async fn work(
         tracing::info!(job_id = %chunk.job_id, "job completed");
     }
     Ok(ChunkOutcome::Finished)
+}
+
+/// Items succeeded and written among `results`: the answers of stages
+/// before the last are not items' results and are not counted.
+fn tally(results: &[ItemResult]) -> (u64, u64) {
+    let items = results.iter().filter(|r| !r.goes_on);
+    let ok = items.clone().filter(|r| r.succeeded).count() as u64;
+    (ok, results.iter().filter(|r| !r.goes_on).count() as u64)
 }

@@ -124,6 +124,11 @@ pub struct ItemResult {
     pub cache_key: Option<String>,
     /// For an answer from the cache: what its audit row records.
     pub reused: Option<Box<Reused>>,
+    /// For a multi-stage job: the stage this result is of.
+    pub stage: Option<i16>,
+    /// The accepted answer of a stage before the last: the item goes on, and
+    /// this is written to `stage_results`, not `results`.
+    pub goes_on: bool,
 }
 
 /// The audit facts of an answer taken from the response cache.
@@ -224,6 +229,8 @@ impl ItemResult {
             answered_by: None,
             cache_key: None,
             reused: None,
+            stage: None,
+            goes_on: false,
         }
     }
 }
@@ -253,12 +260,15 @@ pub async fn write_chunk(pool: &PgPool, t: &Target<'_>, results: &[ItemResult], 
 async fn write_chunk_tx(pool: &PgPool, t: &Target<'_>, results: &[ItemResult], done: bool) -> Result<(), sqlx::Error> {
     let (c, template_hash, worker) = (t.chunk, t.template_hash, t.worker);
     let mut tx = pool.begin().await?;
+    fn col<T>(results: &[&ItemResult], f: impl Fn(&ItemResult) -> T) -> Vec<T> {
+        results.iter().map(|r| f(r)).collect()
+    }
+    let (all, staged): (Vec<&ItemResult>, Vec<&ItemResult>) = results.iter().partition(|r| !r.goes_on);
+    if !staged.is_empty() {
+        write_stages(&mut tx, c.job_id, worker, &staged).await?;
+    }
+    let results = &all[..];
     if !results.is_empty() {
-        fn col<T>(results: &[&ItemResult], f: impl Fn(&ItemResult) -> T) -> Vec<T> {
-            results.iter().map(|r| f(r)).collect()
-        }
-        let all: Vec<&ItemResult> = results.iter().collect();
-        let results = &all[..];
         // The answers worth caching, one per key (a statement may not upsert
         // one row twice): each model answer of a job that reuses answers.
         let mut keys = std::collections::HashSet::new();
@@ -274,15 +284,15 @@ async fn write_chunk_tx(pool: &PgPool, t: &Target<'_>, results: &[ItemResult], d
             "WITH written AS (
                  INSERT INTO results (job_id, seq, item_id, state, output, answer, confidence, error_class, error,
                                       model, template_hash, attempts, tokens_in, tokens_out, latency_ms, worker,
-                                      confidence_detail, source, answered_by)
+                                      confidence_detail, source, answered_by, stage)
                  SELECT $1, u.seq, u.item_id, u.state, u.output, u.answer, u.confidence, u.error_class, u.error,
                         u.model, $2, u.attempts, u.tokens_in, u.tokens_out, u.latency_ms, $3, u.detail, u.source,
-                        u.answered_by
+                        u.answered_by, u.stage
                  FROM UNNEST($4::bigint[], $5::text[], $6::text[], $7::jsonb[], $8::text[], $9::float8[],
                              $10::text[], $11::text[], $12::text[], $13::int[], $14::int[], $15::int[], $16::int[],
-                             $17::jsonb[], $18::text[], $19::uuid[])
+                             $17::jsonb[], $18::text[], $19::uuid[], $23::smallint[])
                       AS u(seq, item_id, state, output, answer, confidence, error_class, error, model,
-                           attempts, tokens_in, tokens_out, latency_ms, detail, source, answered_by)
+                           attempts, tokens_in, tokens_out, latency_ms, detail, source, answered_by, stage)
                  ON CONFLICT (job_id, seq) DO NOTHING
                  RETURNING seq)
              INSERT INTO response_cache (project, key, job_id, seq)
@@ -311,6 +321,7 @@ async fn write_chunk_tx(pool: &PgPool, t: &Target<'_>, results: &[ItemResult], d
             t.project,
             &col(&fresh, |r| r.seq),
             &col(&fresh, |r| r.cache_key.clone().unwrap_or_default()),
+            &col(results, |r| r.stage) as _,
         )
         .execute(&mut *tx)
         .await?;
@@ -386,6 +397,62 @@ async fn write_chunk_tx(pool: &PgPool, t: &Target<'_>, results: &[ItemResult], d
         .await?;
     }
     tx.commit().await
+}
+
+/// Writes the accepted answers of stages before the last (`stage_results`),
+/// once each: a redelivered chunk's repeat is ignored.
+async fn write_stages(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    job_id: uuid::Uuid,
+    worker: &str,
+    rows: &[&ItemResult],
+) -> Result<(), sqlx::Error> {
+    let col = |f: fn(&ItemResult) -> Option<String>| -> Vec<Option<String>> { rows.iter().map(|r| f(r)).collect() };
+    sqlx::query!(
+        "INSERT INTO stage_results (job_id, seq, stage, state, output, answer, confidence, confidence_detail, model,
+                                    attempts, tokens_in, tokens_out, latency_ms, answered_by, worker)
+         SELECT $1, u.seq, u.stage, u.state, u.output, u.answer, u.confidence, u.detail, u.model, u.attempts,
+                u.tokens_in, u.tokens_out, u.latency_ms, u.answered_by, $2
+         FROM UNNEST($3::bigint[], $4::smallint[], $5::text[], $6::jsonb[], $7::text[], $8::float8[], $9::jsonb[],
+                     $10::text[], $11::int[], $12::int[], $13::int[], $14::int[], $15::uuid[])
+              AS u(seq, stage, state, output, answer, confidence, detail, model, attempts, tokens_in, tokens_out,
+                   latency_ms, answered_by)
+         ON CONFLICT (job_id, seq, stage, seg) DO NOTHING",
+        job_id,
+        worker,
+        &rows.iter().map(|r| r.seq).collect::<Vec<_>>(),
+        &rows.iter().map(|r| r.stage.unwrap_or(0)).collect::<Vec<_>>(),
+        &rows.iter().map(|r| r.state().as_str().to_string()).collect::<Vec<_>>(),
+        &rows.iter().map(|r| r.output.clone().unwrap_or(Value::Null)).collect::<Vec<_>>(),
+        &col(|r| r.answer.clone()) as _,
+        &rows.iter().map(|r| r.confidence).collect::<Vec<_>>() as _,
+        &rows.iter().map(|r| r.confidence_detail.clone()).collect::<Vec<_>>() as _,
+        &col(|r| r.model.clone()) as _,
+        &rows.iter().map(|r| r.attempts).collect::<Vec<_>>(),
+        &rows.iter().map(|r| r.tokens_in).collect::<Vec<_>>(),
+        &rows.iter().map(|r| r.tokens_out).collect::<Vec<_>>(),
+        &rows.iter().map(|r| r.latency_ms).collect::<Vec<_>>(),
+        &rows.iter().map(|r| r.answered_by).collect::<Vec<_>>() as _,
+    )
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// The outputs of the stages a multi-stage chunk's items have passed:
+/// (seq, stage, output), by seq and stage.
+pub async fn stage_outputs(pool: &PgPool, c: &ChunkMsg) -> Result<Vec<(i64, i16, Value)>, Error> {
+    let rows = sqlx::query!(
+        "SELECT seq, stage, output FROM stage_results
+         WHERE job_id = $1 AND seq BETWEEN $2 AND $3 AND seg = 0 ORDER BY seq, stage",
+        c.job_id,
+        c.first_seq,
+        c.last_seq
+    )
+    .fetch_all(pool)
+    .await
+    .doing("reading the stages the chunk's items have passed")?;
+    Ok(rows.into_iter().map(|r| (r.seq, r.stage, r.output)).collect())
 }
 
 /// How many jobs are running.

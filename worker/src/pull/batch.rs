@@ -436,6 +436,7 @@ async fn collect(
             seq: item.seq,
             item_id: item.id.clone(),
             template_hash: job.template_hash.clone(),
+            stage: 0,
         });
         let request = process::batch_request(job, route, &prompt);
         let request_hash = match &request {

@@ -968,6 +968,16 @@ fn print_status(s: &JobStatus, json: bool) {
         println!("review   {} waiting{threshold}, {} decided", s.needs_review, s.reviewed);
     }
     println!("chunks   {}/{} done", s.chunks_done, s.chunks_total);
+    for (i, st) in s.stages.iter().enumerate() {
+        let mut parts = vec![format!("{} passed", st.passed)];
+        if st.needs_review > 0 {
+            parts.push(format!("{} below its review threshold", st.needs_review));
+        }
+        if st.failed > 0 {
+            parts.push(format!("{} failed here", st.failed));
+        }
+        println!("stage {}  {}: {}; {} calls, ${:.4}", i + 1, st.name, parts.join(", "), st.attempts, st.cost_usd);
+    }
     if let Some(b) = &s.budget {
         let paused = if s.state == "paused" { " (paused: raise it with `sluice resume JOB --max-cost N`)" } else { "" };
         println!(

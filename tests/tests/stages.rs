@@ -1,0 +1,216 @@
+//! Multi-stage kinds end to end: items move through stages without a barrier, each stage with its own model, results and attempts; a failed stage resumes where it stopped.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use sluice_tests::fixtures::{wait_for, Stack};
+use sluice_tests::sim::SimConfig;
+use sqlx::Row;
+use uuid::Uuid;
+
+/// A three-stage kind as a user writes it: an outline from the brief, a
+/// draft from the outline on another model, a check of the draft.
+fn three_stage_kind() -> (tempfile::TempDir, common::spec::JobKind) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
+    file(
+        "job.toml",
+        r#"
+kind = "brief-to-draft"
+model = "sim-small"
+max_tokens = 200
+answer_field = "title"
+input_fields = ["text"]
+chunk_size = 10
+
+[[stages]]
+name = "outline"
+template = "outline.j2"
+schema = "outline.json"
+
+[[stages]]
+name = "draft"
+template = "draft.j2"
+schema = "draft.json"
+model = "sim-large"
+answer_field = "body"
+
+[[stages]]
+name = "check"
+template = "check.j2"
+schema = "check.json"
+answer_field = "verdict"
+"#,
+    );
+    // The simulator answers a string field with the first words of the text
+    // after "Document:", so each stage's answer shows what its prompt held.
+    file("outline.j2", "Outline an article for this brief.\nDocument: {{ text }}");
+    file("draft.j2", "Draft the article the outline titles.\nDocument: {{ stages.outline.title }}");
+    file("check.j2", "Check the draft.\nDocument: {{ stages.draft.body }} {{ stages.outline.title }}");
+    let schema = |field: &str, len: u32| {
+        serde_json::json!({"type": "object", "properties": {field: {"type": "string", "maxLength": len}},
+                           "required": [field], "additionalProperties": false})
+        .to_string()
+    };
+    file("outline.json", &schema("title", 40));
+    file("draft.json", &schema("body", 30));
+    file("check.json", &schema("verdict", 60));
+    let kind = common::spec::JobKind::load(dir.path()).expect("the three-stage kind loads");
+    (dir, kind)
+}
+
+fn briefs(n: usize) -> Vec<u8> {
+    (0..n)
+        .map(|i| {
+            format!("{{\"id\": \"b{i}\", \"text\": \"brief number {i} about rivers and the towns along them\"}}\n")
+        })
+        .collect::<String>()
+        .into_bytes()
+}
+
+/// (stage, model) -> calls made, from the audit trail.
+async fn calls(stack: &Stack, job: Uuid) -> HashMap<(i16, String), i64> {
+    sqlx::query("SELECT stage, model, count(*) AS n FROM audit_attempts WHERE job_id = $1 GROUP BY 1, 2")
+        .bind(job)
+        .fetch_all(&stack.db.pool)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| ((r.get("stage"), r.get("model")), r.get("n")))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_three_stage_kind_takes_every_item_through_each_stage_on_its_own_model() {
+    let mut stack = Stack::start(SimConfig { latency_ms: 5, ..Default::default() }, |_| {}).await.unwrap();
+    stack.add_worker(|_| {});
+    let (_dir, kind) = three_stage_kind();
+    let report = stack.submit_kind(kind, briefs(40), false).await.unwrap();
+    assert_eq!(report.items, 40);
+    stack.wait_completed(report.job_id, Duration::from_secs(90)).await.unwrap();
+
+    // One call per item and stage, each on its stage's model.
+    let calls = calls(&stack, report.job_id).await;
+    let want: HashMap<(i16, String), i64> =
+        [((0, "sim-small".into()), 40), ((1, "sim-large".into()), 40), ((2, "sim-small".into()), 40)].into();
+    assert_eq!(calls, want);
+    assert_eq!(stack.sim.sim.stats().requests, 120);
+
+    // Each stage read the one before: the draft starts with the outline's
+    // title, the check with the draft; the item's result is the last stage's.
+    let rows = sqlx::query(
+        "SELECT r.item_id, r.state, r.stage, r.answer, o.output->>'title' AS title, d.output->>'body' AS body
+         FROM results r
+         JOIN stage_results o ON o.job_id = r.job_id AND o.seq = r.seq AND o.stage = 0
+         JOIN stage_results d ON d.job_id = r.job_id AND d.seq = r.seq AND d.stage = 1
+         WHERE r.job_id = $1",
+    )
+    .bind(report.job_id)
+    .fetch_all(&stack.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), 40, "every item has both earlier stages' answers and a result");
+    for r in &rows {
+        let (id, state, stage): (String, String, Option<i16>) = (r.get("item_id"), r.get("state"), r.get("stage"));
+        let (title, body, answer): (String, String, String) = (r.get("title"), r.get("body"), r.get("answer"));
+        let n = id.trim_start_matches('b');
+        assert_eq!((state.as_str(), stage), ("succeeded", Some(2)), "{id}");
+        assert!(title.starts_with(&format!("brief number {n} ")), "{id}: outline {title:?}");
+        assert!(!body.is_empty() && title.starts_with(&body), "{id}: draft {body:?} from outline {title:?}");
+        assert!(answer.starts_with(&body), "{id}: check {answer:?} of draft {body:?}");
+    }
+
+    // status shows each stage.
+    let st = stack.status(report.job_id).await.unwrap();
+    assert_eq!(st.succeeded, 40);
+    let stages: Vec<(&str, u64, u64, u64)> =
+        st.stages.iter().map(|s| (s.name.as_str(), s.passed, s.failed, s.attempts)).collect();
+    assert_eq!(stages, [("outline", 40, 0, 40), ("draft", 40, 0, 40), ("check", 40, 0, 40)]);
+    let stage_cost: f64 = st.stages.iter().map(|s| s.cost_usd).sum();
+    assert!(st.cost_usd > 0.0 && (stage_cost - st.cost_usd).abs() < 1e-9, "{stage_cost} vs {}", st.cost_usd);
+    let out = stack.sluice(&["status", &report.job_id.to_string()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("stage 2  draft: 40 passed; 40 calls"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_item_failing_stage_two_does_not_run_stage_three_and_resumes_from_stage_two() {
+    // The draft's model refuses every request (400): every item fails there.
+    let sim = SimConfig { reject_models: vec!["sim-large".into()], ..Default::default() };
+    let mut stack = Stack::start(sim, |_| {}).await.unwrap();
+    stack.add_worker(|_| {});
+    let (_dir, kind) = three_stage_kind();
+    let report = stack.submit_kind(kind, briefs(20), false).await.unwrap();
+    let job = report.job_id;
+    wait_for("every item failed", Duration::from_secs(60), || async {
+        let st = stack.client.status(job).await?;
+        Ok(st.failed == 20 && st.state == "completed")
+    })
+    .await
+    .unwrap();
+    let st = stack.status(job).await.unwrap();
+    let at: Vec<(u64, u64)> = st.stages.iter().map(|s| (s.passed, s.failed)).collect();
+    assert_eq!(at, [(20, 0), (0, 20), (0, 0)], "passed and failed per stage");
+    let failed: Vec<(Option<i16>, String)> = sqlx::query("SELECT stage, error FROM results WHERE job_id = $1")
+        .bind(job)
+        .fetch_all(&stack.db.pool)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get("stage"), r.get("error")))
+        .collect();
+    for (stage, error) in &failed {
+        assert_eq!(*stage, Some(1));
+        assert!(error.starts_with("stage 2 (draft): "), "{error}");
+    }
+    let before = calls(&stack, job).await;
+    assert!(!before.keys().any(|(stage, _)| *stage == 2), "no check call after a failed draft: {before:?}");
+    assert_eq!(before[&(0, "sim-small".to_string())], 20);
+
+    // The model is back; resume runs the drafts and checks, not the outlines.
+    stack.sim.sim.set_config(SimConfig::default());
+    stack.client.resume(job, false).await.unwrap();
+    stack.wait_completed(job, Duration::from_secs(60)).await.unwrap();
+    let st = stack.status(job).await.unwrap();
+    assert_eq!((st.succeeded, st.failed), (20, 0));
+    let after = calls(&stack, job).await;
+    assert_eq!(after[&(0, "sim-small".to_string())], 20, "outlines were not asked again");
+    assert_eq!(after[&(2, "sim-small".to_string())], 20);
+    assert!(after[&(1, "sim-large".to_string())] > before[&(1, "sim-large".to_string())]);
+    // Attempt numbers go on across stages and deliveries: none repeats.
+    let repeated: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT seq, attempt FROM audit_attempts WHERE job_id = $1
+                               GROUP BY 1, 2 HAVING count(*) > 1) d",
+    )
+    .bind(job)
+    .fetch_one(&stack.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(repeated, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kinds_with_stages_that_cannot_run_are_refused_at_submit_with_the_field_named() {
+    let stack = Stack::start(SimConfig::default(), |_| {}).await.unwrap();
+    let (_dir, kind) = three_stage_kind();
+    // A stage reading a stage that runs after it (a cycle).
+    let mut cyclic = kind.clone();
+    cyclic.stage_files[0].template = "Document: {{ stages.check.verdict }}".into();
+    // A model no provider serves.
+    let mut unknown = kind.clone();
+    unknown.spec.stages[1].model = Some("no-such-model".into());
+    // Batch mode.
+    let batch = coordinator::model::NewJob { mode: Some(common::state::JobMode::Batch), ..sluice_tests_new(kind) };
+    for (job, want) in [
+        (sluice_tests_new(cyclic), "stages[0].template (outline): reads stages.check, which does not run before it"),
+        (sluice_tests_new(unknown), "stages[1] (draft): model \"no-such-model\""),
+        (batch, "a multi-stage job runs its calls live"),
+    ] {
+        let err = stack.client.create_job(&job).await.unwrap_err().to_string();
+        assert!(err.contains(want), "{err}");
+    }
+}
+
+fn sluice_tests_new(kind: common::spec::JobKind) -> coordinator::model::NewJob {
+    coordinator::model::NewJob { input_name: Some("briefs.jsonl".into()), ..coordinator::model::NewJob::new(kind) }
+}
