@@ -15,8 +15,8 @@
 //! ```
 //!
 //! Stages run in the order listed; a stage's template may read only the
-//! outputs of stages before it. Stages of prompts run; split and reduce
-//! stages, ensembles and gates are checked in full and then refused at
+//! outputs of stages before it. Stages of prompts run, gated or not; split
+//! and reduce stages and ensembles are checked in full and then refused at
 //! submit ([`not_run_yet`], `docs/design-stages.md`).
 
 use serde::{Deserialize, Serialize};
@@ -234,16 +234,15 @@ pub fn validate(
 }
 
 /// Refuses, with the field named, what the stage runner does not do yet:
-/// split and reduce stages, ensembles and gates (`docs/design-stages.md`).
-/// Stages of prompts, each with its own template, schema, model and
-/// confidence, run.
+/// split and reduce stages and ensembles (`docs/design-stages.md`). Stages
+/// of prompts, each with its own template, schema, model and confidence,
+/// run, gated or not.
 pub fn not_run_yet(stages: &[StageSpec]) -> Result<(), SpecError> {
     for (i, stage) in stages.iter().enumerate() {
         let (field, what) = match stage {
             s if s.kind == StageKind::Split => ("type", "split stages"),
             s if s.kind == StageKind::Reduce => ("type", "reduce stages"),
             s if !s.ensemble.is_empty() => ("ensemble", "ensembles"),
-            s if s.gate.is_some() => ("gate", "gates"),
             _ => continue,
         };
         return Err(SpecError::Invalid(format!(

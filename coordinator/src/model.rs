@@ -140,8 +140,11 @@ pub struct StageStatus {
     pub passed: u64,
     /// Of those, answers below the stage's review threshold.
     pub needs_review: u64,
-    /// Items that failed at this stage and went no further.
+    /// Items that failed at this stage and went no further (rejected at
+    /// its gate included).
     pub failed: u64,
+    /// Items its gate holds for a reviewer's decision.
+    pub waiting: u64,
     /// Calls made at this stage and what they cost (from the audit trail).
     pub attempts: u64,
     pub cost_usd: f64,

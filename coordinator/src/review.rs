@@ -1,4 +1,11 @@
 //! The review queue: exporting doubtful results for humans (JSONL, CSV, Label Studio) and importing their decisions.
+//!
+//! Two kinds of item wait for a reviewer: results below their job's review
+//! threshold (`needs_review`), and, in a multi-stage job, answers a stage's
+//! gate holds (`held`, with the stage named). A decision on a held answer
+//! approves it as it is, edits it (a new `answer`, or a whole new `output`,
+//! checked against the stage's schema) or rejects it (`reject` with the
+//! reason); approved and edited items go on to the next stage at once.
 
 use common::db::Doing;
 use std::collections::HashMap;
@@ -24,20 +31,30 @@ pub struct QueueItem {
     pub confidence_detail: Option<Value>,
     pub model: Option<String>,
     pub state: String,
+    /// For an answer held at a gate: the stage it waits after.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stage: Option<String>,
     #[serde(skip)]
     pub seq: i64,
 }
 
 /// The results to review: those flagged `needs_review`, or with `below`,
-/// every answered result with a confidence under it (or none at all).
+/// every answered result with a confidence under it (or none at all); and
+/// every answer held at a gate.
 pub async fn queue(pool: &PgPool, job_id: Uuid, below: Option<f64>) -> Result<Vec<QueueItem>, Error> {
     let rows = sqlx::query!(
-        "SELECT r.seq, r.item_id, i.payload, r.answer, r.output, r.confidence, r.confidence_detail, r.model, r.state
+        r#"SELECT r.seq AS "seq!", r.item_id AS "item_id!", i.payload AS "payload!", r.answer, r.output,
+                  r.confidence, r.confidence_detail, r.model, r.state AS "state!", NULL::text AS stage
          FROM results r JOIN items i ON i.job_id = r.job_id AND i.seq = r.seq
          WHERE r.job_id = $1
            AND CASE WHEN $2::float8 IS NULL THEN r.state = 'needs_review'
                     ELSE r.state IN ('succeeded', 'needs_review') AND (r.confidence IS NULL OR r.confidence < $2) END
-         ORDER BY r.confidence NULLS FIRST, r.seq",
+         UNION ALL
+         SELECT s.seq, i.item_id, i.payload, s.answer, s.output, s.confidence, s.confidence_detail, s.model, s.state,
+                j.spec->'stages'->(s.stage::int)->>'name'
+         FROM stage_results s JOIN items i ON i.job_id = s.job_id AND i.seq = s.seq JOIN jobs j ON j.id = s.job_id
+         WHERE s.job_id = $1 AND s.state = 'held'
+         ORDER BY 6 NULLS FIRST, 1"#,
         job_id,
         below
     )
@@ -56,6 +73,7 @@ pub async fn queue(pool: &PgPool, job_id: Uuid, below: Option<f64>) -> Result<Ve
             confidence_detail: r.confidence_detail,
             model: r.model,
             state: r.state,
+            stage: r.stage,
         })
         .collect())
 }
@@ -97,6 +115,9 @@ pub fn render(items: &[QueueItem], format: Format, labels: &[String]) -> Vec<u8>
                         other => serde_json::Map::from_iter([("input".to_string(), other.clone())]),
                     };
                     data.insert("sluice_id".into(), json!(i.id));
+                    if let Some(stage) = &i.stage {
+                        data.insert("sluice_stage".into(), json!(stage));
+                    }
                     let answer = i.answer.clone().unwrap_or_default();
                     let result = if labels.is_empty() {
                         json!({"from_name": "answer", "to_name": "text", "type": "textarea", "value": {"text": [answer]}})
@@ -129,20 +150,43 @@ pub struct Decision {
     /// token's holder, who is recorded as the reviewer.
     pub reviewer: Option<String>,
     pub decided_at: DateTime<Utc>,
+    /// For an answer held at a gate: the whole output as the reviewer edited
+    /// it (else `answer`, if given, replaces the stage's answer field).
+    pub output: Option<Value>,
+    /// For an answer held at a gate: the item ends here, for this reason.
+    pub reject: Option<String>,
 }
 
-/// Parses a decisions file (JSONL, or CSV with a header `id,answer[,reviewer][,decided_at]`),
-/// collecting every bad line.
+/// The fields of one decision line, before they are checked.
+struct RawDecision {
+    id: String,
+    answer: String,
+    reviewer: String,
+    at: Option<String>,
+    output: Option<Value>,
+    reject: Option<String>,
+}
+
+/// Parses a decisions file (JSONL, or CSV with a header
+/// `id,answer[,reviewer][,decided_at][,reject][,output]`), collecting every
+/// bad line.
 pub fn parse_decisions(body: &[u8], csv_format: bool) -> (Vec<Decision>, Vec<DecisionError>) {
     let mut good = Vec::new();
     let mut bad = Vec::new();
-    let mut push = |line: u64, r: Result<(String, String, String, Option<String>), String>| match r.and_then(
-        |(id, answer, reviewer, at)| {
+    let mut push = |line: u64, r: Result<RawDecision, String>| match r.and_then(
+        |RawDecision { id, answer, reviewer, at, output, reject }| {
             if id.trim().is_empty() {
                 return Err("missing \"id\"".into());
             }
-            if answer.trim().is_empty() {
+            let reject = reject.filter(|r| !r.trim().is_empty());
+            if answer.trim().is_empty() && output.is_none() && reject.is_none() {
                 return Err("missing \"answer\"".into());
+            }
+            if reject.is_some() && (output.is_some() || !answer.trim().is_empty()) {
+                return Err("a decision either rejects (\"reject\") or gives an answer, not both".into());
+            }
+            if output.as_ref().is_some_and(|o| !o.is_object()) {
+                return Err("\"output\" must be a JSON object".into());
             }
             let reviewer = Some(reviewer.trim().to_string()).filter(|r| !r.is_empty());
             let decided_at = match at.filter(|a| !a.trim().is_empty()) {
@@ -151,7 +195,7 @@ pub fn parse_decisions(body: &[u8], csv_format: bool) -> (Vec<Decision>, Vec<Dec
                     .map_err(|e| format!("\"decided_at\" is not an RFC 3339 time: {e}"))?,
                 None => Utc::now(),
             };
-            Ok(Decision { line, id, answer, reviewer, decided_at })
+            Ok(Decision { line, id, answer, reviewer, decided_at, output, reject })
         },
     ) {
         Ok(d) => good.push(d),
@@ -173,13 +217,25 @@ pub fn parse_decisions(body: &[u8], csv_format: bool) -> (Vec<Decision>, Vec<Dec
         };
         let cr = col("reviewer");
         let cd = col("decided_at");
+        let (cj, co) = (col("reject"), col("output"));
         for (n, rec) in reader.records().enumerate() {
             let line = n as u64 + 2;
             push(
                 line,
-                rec.map_err(|e| format!("invalid CSV: {e}")).map(|r| {
+                rec.map_err(|e| format!("invalid CSV: {e}")).and_then(|r| {
                     let get = |i: usize| r.get(i).unwrap_or("").to_string();
-                    (get(ci), get(ca), cr.map(get).unwrap_or_default(), cd.map(get))
+                    let output = match co.map(get).filter(|o| !o.trim().is_empty()) {
+                        Some(o) => Some(serde_json::from_str(&o).map_err(|e| format!("\"output\" is not JSON: {e}"))?),
+                        None => None,
+                    };
+                    Ok(RawDecision {
+                        id: get(ci),
+                        answer: get(ca),
+                        reviewer: cr.map(get).unwrap_or_default(),
+                        at: cd.map(get),
+                        output,
+                        reject: cj.map(get),
+                    })
                 }),
             );
         }
@@ -207,8 +263,15 @@ pub fn parse_decisions(body: &[u8], csv_format: bool) -> (Vec<Decision>, Vec<Dec
                     if !v.is_object() {
                         return Err("expected a JSON object".into());
                     }
-                    let at = v.get("decided_at").and_then(Value::as_str).map(String::from);
-                    Ok((field(&v, "id"), field(&v, "answer"), field(&v, "reviewer"), at))
+                    let text = |k: &str| v.get(k).and_then(Value::as_str).map(String::from);
+                    Ok(RawDecision {
+                        id: field(&v, "id"),
+                        answer: field(&v, "answer"),
+                        reviewer: field(&v, "reviewer"),
+                        at: text("decided_at"),
+                        output: v.get("output").cloned(),
+                        reject: text("reject"),
+                    })
                 }),
             );
         }
@@ -216,8 +279,28 @@ pub fn parse_decisions(body: &[u8], csv_format: bool) -> (Vec<Decision>, Vec<Dec
     (good, bad)
 }
 
+/// What a decision applies to.
+enum Target {
+    /// The item's final result.
+    Result,
+    /// An answer held at gate `stage`, with the stage's output.
+    Held { stage: i16, output: Value },
+}
+
+/// A decision on an answer held at a gate, checked.
+struct GateVerdict {
+    seq: i64,
+    stage: i16,
+    decision: Decision,
+    /// The output the item goes on with; `None` when rejected.
+    output: Option<Value>,
+    verdict: &'static str,
+}
+
 /// Applies decisions all together or not at all: every id must be an item of
-/// the job with a result, and answers must be allowed labels when the kind has labels.
+/// the job with a result or an answer held at a gate; final answers must be
+/// allowed labels when the kind has labels; edited gate answers must match
+/// their stage's schema.
 pub async fn import(
     pool: &PgPool,
     job_id: Uuid,
@@ -226,12 +309,15 @@ pub async fn import(
     source: &str,
     actor: &Actor,
 ) -> Result<ImportReport, Error> {
-    let spec = store::job_spec(pool, job_id).await?;
+    let kind = store::job_kind_stages(pool, job_id).await?;
+    let spec = &kind.spec;
     let (decisions, mut errors) = parse_decisions(body, csv_format);
     let ids: Vec<String> = decisions.iter().map(|d| d.id.clone()).collect();
-    let known: HashMap<String, (i64, bool)> = sqlx::query!(
-        r#"SELECT i.item_id, i.seq, r.seq IS NOT NULL AS "has_result!"
+    let known: HashMap<String, (i64, Option<Target>)> = sqlx::query!(
+        r#"SELECT i.item_id, i.seq, r.seq IS NOT NULL AS "has_result!", h.stage AS "held_stage?",
+                  h.output AS "held_output?"
          FROM items i LEFT JOIN results r ON r.job_id = i.job_id AND r.seq = i.seq
+              LEFT JOIN stage_results h ON h.job_id = i.job_id AND h.seq = i.seq AND h.state = 'held'
          WHERE i.job_id = $1 AND i.item_id = ANY($2)"#,
         job_id,
         &ids
@@ -240,20 +326,44 @@ pub async fn import(
     .await
     .doing("applying review decisions")?
     .into_iter()
-    .map(|r| (r.item_id, (r.seq, r.has_result)))
+    .map(|r| {
+        let target = match (r.has_result, r.held_stage, r.held_output) {
+            (true, _, _) => Some(Target::Result),
+            (false, Some(stage), Some(output)) => Some(Target::Held { stage, output }),
+            _ => None,
+        };
+        (r.item_id, (r.seq, target))
+    })
     .collect();
     let mut apply = Vec::new();
+    let mut gates = Vec::new();
     for d in decisions {
+        let line = d.line;
+        let refuse = |reason: String| DecisionError { line, reason };
         match known.get(&d.id) {
-            None => errors.push(DecisionError { line: d.line, reason: format!("unknown item id \"{}\"", d.id) }),
-            Some((_, false)) => {
-                errors.push(DecisionError { line: d.line, reason: format!("item \"{}\" has no result yet", d.id) })
+            None => errors.push(refuse(format!("unknown item id \"{}\"", d.id))),
+            Some((_, None)) => errors.push(refuse(format!("item \"{}\" has no result yet", d.id))),
+            Some((_, Some(Target::Result))) if d.reject.is_some() || d.output.is_some() => {
+                errors.push(refuse(format!(
+                    "item \"{}\" has its final result: \"reject\" and \"output\" are for answers held at a gate; \
+                     give the right \"answer\"",
+                    d.id
+                )))
             }
-            Some(_) if !spec.labels.is_empty() && !spec.labels.contains(&d.answer) => errors.push(DecisionError {
-                line: d.line,
-                reason: format!("answer \"{}\" is not one of the labels: {}", d.answer, spec.labels.join(", ")),
-            }),
-            Some((seq, true)) => apply.push((*seq, d)),
+            Some(_) if !spec.labels.is_empty() && !spec.labels.contains(&d.answer) && known_result(&known, &d) => {
+                errors.push(refuse(format!(
+                    "answer \"{}\" is not one of the labels: {}",
+                    d.answer,
+                    spec.labels.join(", ")
+                )))
+            }
+            Some((seq, Some(Target::Result))) => apply.push((*seq, d)),
+            Some((seq, Some(Target::Held { stage, output }))) => match gate_verdict(&kind, *stage, output, &d) {
+                Ok((output, verdict)) => {
+                    gates.push(GateVerdict { seq: *seq, stage: *stage, decision: d, output, verdict })
+                }
+                Err(reason) => errors.push(refuse(reason)),
+            },
         }
     }
     if !errors.is_empty() {
@@ -290,10 +400,160 @@ pub async fn import(
         .await
         .doing("applying review decisions")?;
     }
+    let released = decide_gates(&mut tx, job_id, &kind, &gates, source, actor).await?;
     tx.commit().await.doing("applying review decisions")?;
-    let applied = apply.len() as u64;
-    store::event(pool, job_id, "imported", actor, json!({"decisions": applied, "source": source})).await?;
+    let rejected = gates.iter().filter(|g| g.output.is_none()).count();
+    if rejected > 0 {
+        // A rejection may have been the last thing the job waited for.
+        common::db::complete_if_done(pool, job_id).await?;
+    }
+    let applied = (apply.len() + gates.len()) as u64;
+    let detail = json!({"decisions": applied, "source": source, "released": released, "rejected": rejected});
+    store::event(pool, job_id, "imported", actor, detail).await?;
     Ok(ImportReport { applied, errors })
+}
+
+/// Whether `d` is about an item's final result (whose answer must be a label).
+fn known_result(known: &HashMap<String, (i64, Option<Target>)>, d: &Decision) -> bool {
+    matches!(known.get(&d.id), Some((_, Some(Target::Result))))
+}
+
+/// What a decision on an answer held at gate `stage` (output `held`) does:
+/// the output the item goes on with and the verdict, or `None` and
+/// `rejected`; `Err` when an edit does not match the stage's schema.
+fn gate_verdict(
+    kind: &common::spec::JobKind,
+    stage: i16,
+    held: &Value,
+    d: &Decision,
+) -> Result<(Option<Value>, &'static str), String> {
+    if d.reject.is_some() {
+        return Ok((None, "rejected"));
+    }
+    let Some(stage_spec) = kind.spec.stages.get(stage as usize) else {
+        return Err(format!("item \"{}\" is held at stage {stage}, which the job does not have", d.id));
+    };
+    let staged = kind.stage_kind(stage as usize);
+    let mut output = d.output.clone().unwrap_or_else(|| held.clone());
+    if !d.answer.trim().is_empty() {
+        output[&staged.spec.answer_field] = Value::String(d.answer.clone());
+    }
+    let validator = staged.validator().map_err(|e| e.to_string())?;
+    if let Some(e) = validator.iter_errors(&output).next() {
+        return Err(format!(
+            "the edited answer of item \"{}\" does not match stage {} ({})'s schema: {e} at {}",
+            d.id,
+            stage + 1,
+            stage_spec.name,
+            e.instance_path()
+        ));
+    }
+    let verdict = if &output == held { "approved" } else { "edited" };
+    Ok((Some(output), verdict))
+}
+
+/// Records the gate decisions and applies them: approved and edited answers
+/// let their items go on (their chunks are published again), rejected ones
+/// end their items with a failed result naming the reason. Returns how many
+/// items were let go on.
+async fn decide_gates(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    job_id: Uuid,
+    kind: &common::spec::JobKind,
+    gates: &[GateVerdict],
+    source: &str,
+    actor: &Actor,
+) -> Result<usize, Error> {
+    const DOING: &str = "applying decisions at the gates";
+    let mut released = Vec::new();
+    for g in gates {
+        let d = &g.decision;
+        let answer = g.output.as_ref().map(|o| match o.get(&kind.stage_kind(g.stage as usize).spec.answer_field) {
+            Some(Value::String(s)) => s.clone(),
+            Some(other) => other.to_string(),
+            None => String::new(),
+        });
+        sqlx::query!(
+            "INSERT INTO reviews (job_id, seq, answer, reviewer, decided_at, source, token_id, named_reviewer,
+                                  stage, verdict, reason)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+            job_id,
+            g.seq,
+            answer.as_deref().unwrap_or(""),
+            &actor.name,
+            d.decided_at,
+            source,
+            actor.token_id,
+            d.reviewer.as_deref(),
+            g.stage,
+            g.verdict,
+            d.reject.as_deref()
+        )
+        .execute(&mut **tx)
+        .await
+        .doing(DOING)?;
+        match &g.output {
+            Some(output) => {
+                sqlx::query!(
+                    "UPDATE stage_results SET state = 'approved', output = $4, answer = $5
+                     WHERE job_id = $1 AND seq = $2 AND stage = $3 AND state = 'held'",
+                    job_id,
+                    g.seq,
+                    g.stage,
+                    output,
+                    answer.as_deref()
+                )
+                .execute(&mut **tx)
+                .await
+                .doing(DOING)?;
+                released.push(g.seq);
+            }
+            None => {
+                let name = kind.spec.stages.get(g.stage as usize).map_or("?", |s| s.name.as_str());
+                let why = format!(
+                    "rejected at stage {} ({name}) by {}: {}",
+                    g.stage + 1,
+                    actor.name,
+                    d.reject.as_deref().unwrap_or_default()
+                );
+                sqlx::query!(
+                    "WITH rejected AS (
+                         UPDATE stage_results SET state = 'rejected'
+                         WHERE job_id = $1 AND seq = $2 AND stage = $3 AND state = 'held'
+                         RETURNING seq, model, attempts)
+                     INSERT INTO results (job_id, seq, item_id, state, error_class, error, model, template_hash,
+                                          attempts, worker, stage)
+                     SELECT $1, r.seq, i.item_id, 'failed', $4, $5, r.model, j.template_hash, r.attempts,
+                            'coordinator', $3
+                     FROM rejected r JOIN items i ON i.job_id = $1 AND i.seq = r.seq JOIN jobs j ON j.id = $1
+                     ON CONFLICT (job_id, seq) DO NOTHING",
+                    job_id,
+                    g.seq,
+                    g.stage,
+                    common::provider::ErrorClass::Rejected.as_str(),
+                    why
+                )
+                .execute(&mut **tx)
+                .await
+                .doing(DOING)?;
+            }
+        }
+    }
+    if !released.is_empty() {
+        // The chunks holding released items are published again; their new
+        // delivery takes those items on from the next stage.
+        sqlx::query!(
+            "UPDATE chunks c SET state = 'pending', published_at = NULL, done_at = NULL, generation = generation + 1
+             WHERE c.job_id = $1
+               AND EXISTS (SELECT 1 FROM UNNEST($2::bigint[]) AS f(seq) WHERE f.seq BETWEEN c.first_seq AND c.last_seq)",
+            job_id,
+            &released
+        )
+        .execute(&mut **tx)
+        .await
+        .doing(DOING)?;
+    }
+    Ok(released.len())
 }
 
 #[cfg(test)]
@@ -340,6 +600,7 @@ mod tests {
             confidence_detail: None,
             model: Some("sim-small".into()),
             state: "needs_review".into(),
+            stage: None,
             seq: 7,
         };
         let out: Value = serde_json::from_slice(&render(&[item], Format::LabelStudio, &["sports".into()])).unwrap();

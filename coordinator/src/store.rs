@@ -189,6 +189,27 @@ pub async fn job_spec(pool: &PgPool, job_id: Uuid) -> Result<common::spec::JobSp
     spec.map(|s| s.0).ok_or(Error::JobNotFound(job_id))
 }
 
+/// A job's kind as far as its stages go: the spec and each stage's template
+/// and schema (not the kind's own template and schema).
+pub async fn job_kind_stages(pool: &PgPool, job_id: Uuid) -> Result<common::spec::JobKind, Error> {
+    let row = sqlx::query!(
+        r#"SELECT spec AS "spec: sqlx::types::Json<common::spec::JobSpec>",
+                  stage_files AS "stage_files: sqlx::types::Json<Vec<common::stages::StageFiles>>"
+           FROM jobs WHERE id = $1"#,
+        job_id
+    )
+    .fetch_optional(pool)
+    .await
+    .doing("reading the job's kind")?
+    .ok_or(Error::JobNotFound(job_id))?;
+    Ok(common::spec::JobKind {
+        spec: row.spec.0,
+        template: String::new(),
+        schema: serde_json::Value::Null,
+        stage_files: row.stage_files.0,
+    })
+}
+
 /// Whether a job reuses answers (cache and identical items).
 pub async fn job_reuses(pool: &PgPool, job_id: Uuid) -> Result<bool, Error> {
     sqlx::query_scalar!("SELECT reuse FROM jobs WHERE id = $1", job_id)
@@ -557,16 +578,19 @@ async fn statuses(pool: &PgPool, ids: &[Uuid]) -> Result<Vec<JobStatus>, Error> 
 async fn stage_statuses(pool: &PgPool, job_id: Uuid, names: Vec<String>) -> Result<Vec<StageStatus>, Error> {
     let rows = sqlx::query!(
         r#"SELECT stage AS "stage!", sum(passed)::bigint AS "passed!", sum(needs_review)::bigint AS "needs_review!",
-                  sum(failed)::bigint AS "failed!", sum(attempts)::bigint AS "attempts!", sum(cost)::float8 AS "cost!"
-           FROM (SELECT stage, count(*) AS passed, count(*) FILTER (WHERE state = 'needs_review') AS needs_review,
-                        0 AS failed, 0 AS attempts, 0 AS cost
+                  sum(failed)::bigint AS "failed!", sum(waiting)::bigint AS "waiting!",
+                  sum(attempts)::bigint AS "attempts!", sum(cost)::float8 AS "cost!"
+           FROM (SELECT stage, count(*) FILTER (WHERE state IN ('succeeded', 'needs_review', 'approved')) AS passed,
+                        count(*) FILTER (WHERE state = 'needs_review') AS needs_review, 0 AS failed,
+                        count(*) FILTER (WHERE state = 'held') AS waiting, 0 AS attempts, 0 AS cost
                  FROM stage_results WHERE job_id = $1 GROUP BY stage
                  UNION ALL
                  SELECT stage, count(*) FILTER (WHERE state <> 'failed'),
-                        count(*) FILTER (WHERE state = 'needs_review'), count(*) FILTER (WHERE state = 'failed'), 0, 0
+                        count(*) FILTER (WHERE state = 'needs_review'), count(*) FILTER (WHERE state = 'failed'),
+                        0, 0, 0
                  FROM results WHERE job_id = $1 AND stage IS NOT NULL GROUP BY stage
                  UNION ALL
-                 SELECT stage, 0, 0, 0, count(*), coalesce(sum(cost_usd), 0)
+                 SELECT stage, 0, 0, 0, 0, count(*), coalesce(sum(cost_usd), 0)
                  FROM audit_attempts WHERE job_id = $1 GROUP BY stage) s
            GROUP BY stage ORDER BY stage"#,
         job_id
@@ -584,6 +608,7 @@ async fn stage_statuses(pool: &PgPool, job_id: Uuid, names: Vec<String>) -> Resu
                 passed: r.map_or(0, |r| r.passed as u64),
                 needs_review: r.map_or(0, |r| r.needs_review as u64),
                 failed: r.map_or(0, |r| r.failed as u64),
+                waiting: r.map_or(0, |r| r.waiting as u64),
                 attempts: r.map_or(0, |r| r.attempts as u64),
                 cost_usd: r.map_or(0.0, |r| r.cost),
             }

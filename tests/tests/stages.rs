@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use serde_json::{json, Value};
 use sluice_tests::fixtures::{wait_for, Stack};
 use sluice_tests::sim::SimConfig;
 use sqlx::Row;
@@ -11,11 +12,16 @@ use uuid::Uuid;
 /// A three-stage kind as a user writes it: an outline from the brief, a
 /// draft from the outline on another model, a check of the draft.
 fn three_stage_kind() -> (tempfile::TempDir, common::spec::JobKind) {
+    kind_with("")
+}
+
+/// The three-stage kind with `outline` settings added to its first stage.
+fn kind_with(outline: &str) -> (tempfile::TempDir, common::spec::JobKind) {
     let dir = tempfile::tempdir().unwrap();
     let file = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
     file(
         "job.toml",
-        r#"
+        &r#"
 kind = "brief-to-draft"
 model = "sim-small"
 max_tokens = 200
@@ -27,6 +33,7 @@ chunk_size = 10
 name = "outline"
 template = "outline.j2"
 schema = "outline.json"
+OUTLINE
 
 [[stages]]
 name = "draft"
@@ -40,7 +47,8 @@ name = "check"
 template = "check.j2"
 schema = "check.json"
 answer_field = "verdict"
-"#,
+"#
+        .replace("OUTLINE", outline),
     );
     // The simulator answers a string field with the first words of the text
     // after "Document:", so each stage's answer shows what its prompt held.
@@ -213,4 +221,115 @@ async fn kinds_with_stages_that_cannot_run_are_refused_at_submit_with_the_field_
 
 fn sluice_tests_new(kind: common::spec::JobKind) -> coordinator::model::NewJob {
     coordinator::model::NewJob { input_name: Some("briefs.jsonl".into()), ..coordinator::model::NewJob::new(kind) }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_approval_gate_holds_every_item_until_a_reviewer_approves_edits_or_rejects_it() {
+    let mut stack = Stack::start(SimConfig::default(), |_| {}).await.unwrap();
+    stack.add_worker(|_| {});
+    let (_dir, kind) = kind_with("gate = \"approve_all\"");
+    let report = stack.submit_kind(kind, briefs(6), false).await.unwrap();
+    let job = report.job_id;
+    // Every outline is written, then every item waits: the chunks are done,
+    // the job is not, and no draft is asked for.
+    wait_for("every item waiting at the gate", Duration::from_secs(60), || async {
+        let st = stack.client.status(job).await?;
+        Ok(st.stages.first().is_some_and(|s| s.waiting == 6) && st.chunks_done == st.chunks_total)
+    })
+    .await
+    .unwrap();
+    assert_eq!(stack.client.status(job).await.unwrap().state, "running");
+    assert_eq!(calls(&stack, job).await.len(), 1, "only outlines were asked for");
+
+    // The review queue lists the held outlines, their stage named.
+    let queue = stack.client.review_export(job, None, "jsonl").await.unwrap();
+    let queue: Vec<Value> = String::from_utf8_lossy(&queue).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(queue.len(), 6);
+    assert!(queue.iter().all(|q| q["stage"] == "outline" && q["state"] == "held"), "{queue:?}");
+    let title = |id: &str| queue.iter().find(|q| q["id"] == id).unwrap()["answer"].as_str().unwrap().to_string();
+
+    // Bad decisions are refused with their line, and nothing is applied: an
+    // edit the stage's schema refuses (a title over 40 characters), a
+    // decision that both answers and rejects.
+    let long = "x".repeat(41);
+    let bad =
+        format!("{}\n{}\n", json!({"id": "b0", "answer": long}), json!({"id": "b1", "answer": "fine", "reject": "no"}));
+    let err = stack.client.review_import(job, bad.into_bytes(), "jsonl", "test").await.unwrap_err();
+    let coordinator::client::ClientError::Decisions { errors, .. } = err else { panic!("{err}") };
+    let lines: Vec<u64> = errors.iter().map(|e| e.line).collect();
+    assert_eq!(lines, [1, 2], "{errors:?}");
+    assert!(errors[0].reason.contains("does not match stage 1 (outline)'s schema"), "{errors:?}");
+    assert_eq!(stack.client.status(job).await.unwrap().stages[0].waiting, 6, "nothing was applied");
+
+    // b0 approved as it is, b1 with its title edited, b2 with its whole
+    // output edited, b3 rejected; b4 and b5 stay held.
+    let decisions = [
+        json!({"id": "b0", "answer": title("b0"), "reviewer": "ann"}),
+        json!({"id": "b1", "answer": "rivers retold"}),
+        json!({"id": "b2", "output": {"title": "towns along the water"}}),
+        json!({"id": "b3", "reject": "off brief"}),
+    ];
+    let body: String = decisions.iter().map(|d| format!("{d}\n")).collect();
+    let r = stack.client.review_import(job, body.into_bytes(), "jsonl", "test").await.unwrap();
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert_eq!(r.applied, 4);
+    wait_for("the approved items finished", Duration::from_secs(60), || async {
+        let st = stack.client.status(job).await?;
+        Ok(st.succeeded == 3 && st.failed == 1)
+    })
+    .await
+    .unwrap();
+    let st = stack.status(job).await.unwrap();
+    assert_eq!(st.state, "running", "b4 and b5 still wait");
+    let at: Vec<(u64, u64, u64)> = st.stages.iter().map(|s| (s.passed, s.waiting, s.failed)).collect();
+    assert_eq!(at, [(3, 2, 1), (3, 0, 0), (3, 0, 0)], "passed, waiting, failed per stage");
+
+    // The drafts were written from the outlines as decided.
+    let drafts: HashMap<String, String> = sqlx::query(
+        "SELECT i.item_id, s.output->>'body' AS body FROM stage_results s
+         JOIN items i ON i.job_id = s.job_id AND i.seq = s.seq WHERE s.job_id = $1 AND s.stage = 1",
+    )
+    .bind(job)
+    .fetch_all(&stack.db.pool)
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| (r.get("item_id"), r.get("body")))
+    .collect();
+    assert!(title("b0").starts_with(&drafts["b0"]), "{drafts:?}");
+    assert_eq!(drafts["b1"], "rivers retold");
+    assert_eq!(drafts["b2"], "towns along the water");
+    let (state, error): (String, String) =
+        sqlx::query_as("SELECT r.state, r.error FROM results r JOIN items i USING (job_id, seq) WHERE r.job_id = $1 AND i.item_id = 'b3'")
+            .bind(job)
+            .fetch_one(&stack.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(state, "failed");
+    assert!(error.starts_with("rejected at stage 1 (outline) by ") && error.ends_with(": off brief"), "{error}");
+    // Each decision is kept with its verdict.
+    let verdicts: Vec<(String, Option<String>)> =
+        sqlx::query_as("SELECT verdict, reason FROM reviews WHERE job_id = $1 ORDER BY seq")
+            .bind(job)
+            .fetch_all(&stack.db.pool)
+            .await
+            .unwrap();
+    let want: Vec<(String, Option<String>)> = vec![
+        ("approved".into(), None),
+        ("edited".into(), None),
+        ("edited".into(), None),
+        ("rejected".into(), Some("off brief".into())),
+    ];
+    assert_eq!(verdicts, want);
+
+    // The last two approved: the job completes, each outline asked for once.
+    let body = format!("id,answer\nb4,{}\nb5,{}\n", title("b4"), title("b5"));
+    let r = stack.client.review_import(job, body.into_bytes(), "csv", "test").await.unwrap();
+    assert_eq!((r.applied, r.errors.len()), (2, 0), "{:?}", r.errors);
+    stack.wait_completed(job, Duration::from_secs(60)).await.unwrap();
+    let st = stack.status(job).await.unwrap();
+    assert_eq!((st.succeeded, st.failed), (5, 1));
+    let calls = calls(&stack, job).await;
+    assert_eq!(calls[&(0, "sim-small".to_string())], 6);
+    assert_eq!(calls[&(1, "sim-large".to_string())], 5);
 }

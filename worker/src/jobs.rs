@@ -49,6 +49,8 @@ pub struct CompiledStage {
     /// How later stages' templates name its output (`stages.NAME`).
     pub name: String,
     pub job: CompiledJob,
+    /// What holds an item after this stage until a reviewer decides.
+    pub gate: Option<common::stages::Gate>,
 }
 
 impl CompiledJob {
@@ -145,7 +147,7 @@ impl JobCache {
                 let mut job = CompiledJob::compile(kind.stage_kind(i), row.template_hash.clone(), below, endpoints)?;
                 job.project = row.project.clone();
                 job.capped = row.capped;
-                Ok(CompiledStage { name: stage.name.clone(), job })
+                Ok(CompiledStage { name: stage.name.clone(), job, gate: stage.gate })
             })
             .collect::<Result<Vec<_>, common::spec::SpecError>>()
             .map_err(spec_error)?;

@@ -250,9 +250,12 @@ pub fn next_action(e: &CallError, b: &Budgets) -> Action {
         C::Server | C::Transient | C::Malformed if b.failures < b.max_attempts => Action::RetryAfterBackoff,
         C::Server | C::Transient | C::Malformed => Action::NextModel,
         // Not classes of a call.
-        C::FailedValidation | C::Template | C::PromptTooLarge | C::UnknownModel | C::RedeliveriesExhausted => {
-            Action::Fail
-        }
+        C::FailedValidation
+        | C::Template
+        | C::PromptTooLarge
+        | C::UnknownModel
+        | C::RedeliveriesExhausted
+        | C::Rejected => Action::Fail,
     }
 }
 

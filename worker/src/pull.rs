@@ -569,6 +569,9 @@ async fn work(
     // to be written with the chunk's results.
     let (stage_tx, mut stage_rx) = tokio::sync::mpsc::unbounded_channel::<ItemResult>();
     let mut passed = if job.stages.is_empty() { HashMap::new() } else { stages::passed(shared, chunk).await? };
+    // Items waiting at a gate have nothing to do until a reviewer decides.
+    let items: Vec<_> =
+        items.into_iter().filter(|(item, _)| !passed.get(&item.seq).is_some_and(|p| p.waiting)).collect();
     let mut running: FuturesUnordered<_> = items
         .into_iter()
         .map(|(item, key)| {

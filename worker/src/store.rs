@@ -129,6 +129,8 @@ pub struct ItemResult {
     /// The accepted answer of a stage before the last: the item goes on, and
     /// this is written to `stage_results`, not `results`.
     pub goes_on: bool,
+    /// With `goes_on`: a gate holds the item at this stage for a reviewer.
+    pub held: bool,
 }
 
 /// The audit facts of an answer taken from the response cache.
@@ -231,6 +233,7 @@ impl ItemResult {
             reused: None,
             stage: None,
             goes_on: false,
+            held: false,
         }
     }
 }
@@ -389,9 +392,13 @@ async fn write_chunk_tx(pool: &PgPool, t: &Target<'_>, results: &[ItemResult], d
     }
     if done {
         sqlx::query!(
-            "UPDATE chunks SET state = 'done', done_at = now() WHERE job_id = $1 AND chunk_no = $2 AND state = 'pending'",
+            // Not if the chunk was published again meanwhile (a gate's
+            // decision, a resume): that newer delivery finishes it.
+            "UPDATE chunks SET state = 'done', done_at = now()
+             WHERE job_id = $1 AND chunk_no = $2 AND state = 'pending' AND generation = $3",
             c.job_id,
-            c.chunk_no
+            c.chunk_no,
+            c.generation
         )
         .execute(&mut *tx)
         .await?;
@@ -422,7 +429,7 @@ async fn write_stages(
         worker,
         &rows.iter().map(|r| r.seq).collect::<Vec<_>>(),
         &rows.iter().map(|r| r.stage.unwrap_or(0)).collect::<Vec<_>>(),
-        &rows.iter().map(|r| r.state().as_str().to_string()).collect::<Vec<_>>(),
+        &rows.iter().map(|r| if r.held { "held" } else { r.state().as_str() }.to_string()).collect::<Vec<_>>(),
         &rows.iter().map(|r| r.output.clone().unwrap_or(Value::Null)).collect::<Vec<_>>(),
         &col(|r| r.answer.clone()) as _,
         &rows.iter().map(|r| r.confidence).collect::<Vec<_>>() as _,
@@ -439,20 +446,29 @@ async fn write_stages(
     Ok(())
 }
 
-/// The outputs of the stages a multi-stage chunk's items have passed:
-/// (seq, stage, output), by seq and stage.
-pub async fn stage_outputs(pool: &PgPool, c: &ChunkMsg) -> Result<Vec<(i64, i16, Value)>, Error> {
-    let rows = sqlx::query!(
-        "SELECT seq, stage, output FROM stage_results
-         WHERE job_id = $1 AND seq BETWEEN $2 AND $3 AND seg = 0 ORDER BY seq, stage",
+/// A stage a multi-stage item has reached: its output, and whether the
+/// item waits there for a reviewer (held, or rejected: then the item has
+/// its result already).
+pub struct StageOutput {
+    pub seq: i64,
+    pub stage: i16,
+    pub output: Value,
+    pub waiting: bool,
+}
+
+/// The stages a multi-stage chunk's items have reached, by seq and stage.
+pub async fn stage_outputs(pool: &PgPool, c: &ChunkMsg) -> Result<Vec<StageOutput>, Error> {
+    Ok(sqlx::query_as!(
+        StageOutput,
+        r#"SELECT seq, stage, output, state IN ('held', 'rejected') AS "waiting!" FROM stage_results
+         WHERE job_id = $1 AND seq BETWEEN $2 AND $3 AND seg = 0 ORDER BY seq, stage"#,
         c.job_id,
         c.first_seq,
         c.last_seq
     )
     .fetch_all(pool)
     .await
-    .doing("reading the stages the chunk's items have passed")?;
-    Ok(rows.into_iter().map(|r| (r.seq, r.stage, r.output)).collect())
+    .doing("reading the stages the chunk's items have passed")?)
 }
 
 /// How many jobs are running.

@@ -184,6 +184,8 @@ pub enum ErrorClass {
     UnknownModel,
     /// The chunk was delivered more than `SLUICE_MAX_DELIVERIES` times.
     RedeliveriesExhausted,
+    /// A reviewer rejected the item's answer at a stage's gate.
+    Rejected,
 }
 
 impl ErrorClass {
@@ -201,6 +203,7 @@ impl ErrorClass {
             ErrorClass::PromptTooLarge => "prompt_too_large",
             ErrorClass::UnknownModel => "unknown_model",
             ErrorClass::RedeliveriesExhausted => "redeliveries_exhausted",
+            ErrorClass::Rejected => "rejected",
         }
     }
 

@@ -13,11 +13,20 @@
 //! is the item's result. A redelivered or resumed item starts at the first
 //! stage without a row in `stage_results`: an item that failed at stage 2
 //! reruns stage 2, not stage 1.
+//!
+//! A gated stage (`gate = "review"` below its threshold, `"approve_all"`
+//! always) writes its answer as `held` and the item stops there: its chunk
+//! finishes without it, and the job is not complete while it waits. A
+//! reviewer's decision (`sluice review import`) marks the row approved (its
+//! output perhaps edited) and publishes the chunk again, whose delivery takes
+//! the item on from the next stage; a rejection ends the item with a failed
+//! result.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::stages::Gate;
 use common::wire::ChunkMsg;
 use serde_json::Value;
 use tokio::sync::mpsc;
@@ -29,15 +38,27 @@ use crate::process::{run_item, Outcome};
 use crate::store::{self, Item, ItemResult};
 use crate::Error;
 
-/// The outputs of the stages each item of a chunk has passed, in stage
-/// order, by seq.
-pub(super) async fn passed(shared: &Shared, chunk: &ChunkMsg) -> Result<HashMap<i64, Vec<Value>>, Error> {
-    let mut by_item: HashMap<i64, Vec<Value>> = HashMap::new();
-    for (seq, stage, output) in store::stage_outputs(&shared.pool, chunk).await? {
-        let outputs = by_item.entry(seq).or_default();
+/// Where an item of a multi-stage chunk stands.
+#[derive(Default)]
+pub(super) struct Passed {
+    /// The outputs of the stages it has passed, in stage order.
+    pub outputs: Vec<Value>,
+    /// It waits at a gate for a reviewer's decision: nothing to do now.
+    pub waiting: bool,
+}
+
+/// Where each item of a chunk stands, by seq.
+pub(super) async fn passed(shared: &Shared, chunk: &ChunkMsg) -> Result<HashMap<i64, Passed>, Error> {
+    let mut by_item: HashMap<i64, Passed> = HashMap::new();
+    for row in store::stage_outputs(&shared.pool, chunk).await? {
+        let item = by_item.entry(row.seq).or_default();
         // Stages are passed in order; a gap would mean the rest must run again.
-        if outputs.len() == stage as usize {
-            outputs.push(output);
+        if item.outputs.len() == row.stage as usize && !item.waiting {
+            if row.waiting {
+                item.waiting = true;
+            } else {
+                item.outputs.push(row.output);
+            }
         }
     }
     Ok(by_item)
@@ -52,14 +73,14 @@ pub(super) async fn run(
     job: &CompiledJob,
     delivery: &Delivery,
     item: Item,
-    passed: Vec<Value>,
+    passed: Passed,
     stages: &mpsc::UnboundedSender<ItemResult>,
 ) -> Result<Outcome, Error> {
     let mut outputs = serde_json::Map::new();
     let mut prior = item.prior;
     let last = job.stages.len() - 1;
     for (k, stage) in job.stages.iter().enumerate() {
-        if let Some(output) = passed.get(k) {
+        if let Some(output) = passed.outputs.get(k) {
             outputs.insert(stage.name.clone(), output.clone());
             continue;
         }
@@ -87,9 +108,18 @@ pub(super) async fn run(
         if k == last {
             return Ok(Outcome::Done(r));
         }
+        r.goes_on = true;
+        r.held = match stage.gate {
+            Some(Gate::ApproveAll) => true,
+            Some(Gate::Review) => r.needs_review,
+            None => false,
+        };
+        if r.held {
+            // Written with the chunk's results; the item waits for a reviewer.
+            return Ok(Outcome::Done(r));
+        }
         prior = r.attempts;
         outputs.insert(stage.name.clone(), r.output.clone().unwrap_or(Value::Null));
-        r.goes_on = true;
         // The receiver lives as long as the chunk's work; if it is gone the
         // chunk is over and the answer is lost with it, as an unwritten one is.
         let _ = stages.send(*r);

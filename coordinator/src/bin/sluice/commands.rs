@@ -973,6 +973,9 @@ fn print_status(s: &JobStatus, json: bool) {
         if st.needs_review > 0 {
             parts.push(format!("{} below its review threshold", st.needs_review));
         }
+        if st.waiting > 0 {
+            parts.push(format!("{} waiting at its gate (sluice review export)", st.waiting));
+        }
         if st.failed > 0 {
             parts.push(format!("{} failed here", st.failed));
         }
