@@ -9,6 +9,7 @@ pub mod provider;
 pub mod providers;
 pub mod redact;
 pub mod sample;
+pub mod segment;
 pub mod shutdown;
 pub mod spec;
 pub mod stages;

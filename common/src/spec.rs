@@ -366,7 +366,9 @@ impl JobKind {
         }
         spec.template = stage.template.clone().unwrap_or_default();
         spec.schema = stage.schema.clone().unwrap_or_default();
-        JobKind { spec, template: files.template, schema: files.schema, stage_files: Vec::new() }
+        // A split stage has no schema of its own: it makes no call.
+        let schema = if files.schema.is_null() { serde_json::json!({}) } else { files.schema };
+        JobKind { spec, template: files.template, schema, stage_files: Vec::new() }
     }
 
     /// Every model a job of this kind may call: the kind's (main and
@@ -567,12 +569,11 @@ mod tests {
         assert_eq!((b.spec.model.as_str(), b.template.as_str()), ("sim-large", "{{ stages.a.x }}"));
         assert!(b.spec.fallback_models.is_empty() && b.spec.stages.is_empty());
         assert_eq!(kind.stage_kind(0).spec.answer_field, "x");
-        // Split stages do not run yet: refused with the field named.
-        kind.spec.stages[0].kind = crate::stages::StageKind::Split;
-        kind.spec.stages[0].template = None;
-        kind.spec.stages[0].segment_tokens = Some(100);
+        // Ensembles do not run yet: refused with the field named.
+        kind.spec.stages[0].model = None;
+        kind.spec.stages[0].ensemble = vec!["sim-small".into(), "sim-large".into()];
         let err = kind.validate().unwrap_err().to_string();
-        assert!(err.contains("stages[0].type (a): split stages do not run yet"), "{err}");
+        assert!(err.contains("stages[0].ensemble (a): ensembles do not run yet"), "{err}");
     }
 
     #[test]

@@ -15,8 +15,11 @@
 //! ```
 //!
 //! Stages run in the order listed; a stage's template may read only the
-//! outputs of stages before it. Stages of prompts run, gated or not; split
-//! and reduce stages and ensembles are checked in full and then refused at
+//! outputs of stages before it. A `split` stage cuts an input field into
+//! segments that fit the model's context (`crate::segment`); the stages
+//! after it run once per segment (their template sees `segment`) until a
+//! `reduce` stage, which runs once per item over the list of its segments'
+//! answers (`segments`). Ensembles are checked in full and then refused at
 //! submit ([`not_run_yet`], `docs/design-stages.md`).
 
 use serde::{Deserialize, Serialize};
@@ -62,6 +65,17 @@ pub struct StageSpec {
     /// Split stages: tokens a segment repeats from the one before it.
     #[serde(default)]
     pub overlap_tokens: Option<u32>,
+    /// Split stages: the input field holding the text to cut (`text` if
+    /// left out).
+    #[serde(default)]
+    pub field: Option<String>,
+}
+
+impl StageSpec {
+    /// The input field a split stage cuts.
+    pub fn split_field(&self) -> &str {
+        self.field.as_deref().unwrap_or("text")
+    }
 }
 
 /// What a stage does.
@@ -113,6 +127,9 @@ pub fn validate(
     };
     let mut seen: Vec<&str> = Vec::new();
     let mut split_before = false;
+    // The split whose segments the stages now listed run on, and those stages.
+    let mut open_split: Option<usize> = None;
+    let mut per_segment: Vec<&str> = Vec::new();
     for (i, stage) in stages.iter().enumerate() {
         let name = stage.name.as_str();
         let identifier = name.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
@@ -144,6 +161,41 @@ pub fn validate(
                 "type",
                 "a reduce stage combines segments: it needs a split stage before it".into(),
             ));
+        }
+        match stage.kind {
+            StageKind::Split if open_split.is_some() => {
+                return Err(invalid(i, "type", "a split inside a split: reduce the segments first".into()))
+            }
+            StageKind::Split if !input_fields.iter().any(|f| f == stage.split_field()) => {
+                return Err(invalid(
+                    i,
+                    "field",
+                    format!(
+                        "cuts the input field {:?}, which input_fields does not declare ([{}])",
+                        stage.split_field(),
+                        input_fields.join(", ")
+                    ),
+                ))
+            }
+            StageKind::Split => open_split = Some(i),
+            StageKind::Reduce if open_split.is_some_and(|j| j + 1 == i) => {
+                return Err(invalid(
+                    i,
+                    "type",
+                    "nothing runs per segment between the split and this reduce: put a stage between them".into(),
+                ))
+            }
+            StageKind::Reduce => open_split = None,
+            StageKind::Prompt if open_split.is_some() && stage.gate.is_some() => {
+                return Err(invalid(
+                    i,
+                    "gate",
+                    "this stage runs once per segment, and segments cannot be held at a gate: gate the reduce \
+                     stage instead"
+                        .into(),
+                ))
+            }
+            StageKind::Prompt => {}
         }
         if stage.ensemble.len() == 1 {
             return Err(invalid(
@@ -196,6 +248,16 @@ pub fn validate(
             for var in &read {
                 if let Some(rest) = var.strip_prefix("stages.") {
                     let other = rest.split('.').next().unwrap_or_default();
+                    if per_segment.contains(&other) && open_split.is_none() {
+                        return Err(invalid(
+                            i,
+                            "template",
+                            format!(
+                                "reads stages.{other}, which runs once per segment: a reduce stage reads its \
+                                 answers as `segments` (each segment's `{other}`)"
+                            ),
+                        ));
+                    }
                     if !seen.contains(&other) {
                         let why = if stages.iter().any(|s| s.name == other) {
                             format!(
@@ -228,20 +290,27 @@ pub fn validate(
                 .map_err(|e| invalid(i, "schema", format!("not a valid JSON schema: {e}")))?;
         }
         split_before |= stage.kind == StageKind::Split;
+        if open_split.is_some() && stage.kind == StageKind::Prompt {
+            per_segment.push(name);
+        }
         seen.push(name);
+    }
+    if let Some(j) = open_split {
+        return Err(invalid(
+            j,
+            "type",
+            "a split stage needs a reduce stage after it to combine each item's segments into one answer".into(),
+        ));
     }
     Ok(())
 }
 
 /// Refuses, with the field named, what the stage runner does not do yet:
-/// split and reduce stages and ensembles (`docs/design-stages.md`). Stages
-/// of prompts, each with its own template, schema, model and confidence,
-/// run, gated or not.
+/// ensembles (`docs/design-stages.md`). Stages of prompts, gated or not,
+/// and split and reduce stages run.
 pub fn not_run_yet(stages: &[StageSpec]) -> Result<(), SpecError> {
     for (i, stage) in stages.iter().enumerate() {
         let (field, what) = match stage {
-            s if s.kind == StageKind::Split => ("type", "split stages"),
-            s if s.kind == StageKind::Reduce => ("type", "reduce stages"),
             s if !s.ensemble.is_empty() => ("ensemble", "ensembles"),
             _ => continue,
         };
@@ -313,6 +382,7 @@ schema = "draft.json"
 [[stages]]
 name = "clauses"
 type = "split"
+field = "brief"
 segment_tokens = 2000
 overlap_tokens = 100
 [[stages]]
@@ -327,6 +397,29 @@ template = "v.j2"
 schema = "v.json"
 "#;
         check(split, &["", "{{ segment }}", "{% for s in segments %}{{ s.label }}{% endfor %}"]).unwrap();
+    }
+
+    #[test]
+    fn splits_need_a_field_a_reduce_and_stages_between() {
+        let stage = |name: &str, extra: &str| {
+            let calls = if extra.contains("split") { "" } else { "template = \"t.j2\"\nschema = \"s.json\"\n" };
+            format!("[[stages]]\nname = \"{name}\"\n{calls}{extra}\n")
+        };
+        let split = |field: &str| stage("cut", &format!("type = \"split\"\nsegment_tokens = 100\nfield = \"{field}\""));
+        let err = refused(&(split("body") + &stage("c", "") + &stage("r", "type = \"reduce\"")), &["", "", ""]);
+        assert!(err.contains("stages[0].field (cut): cuts the input field \"body\""), "{err}");
+        let err = refused(&(split("brief") + &stage("c", "")), &["", ""]);
+        assert!(err.contains("stages[0].type (cut): a split stage needs a reduce stage after it"), "{err}");
+        let err = refused(&(split("brief") + &stage("r", "type = \"reduce\"")), &["", ""]);
+        assert!(err.contains("stages[1].type (r): nothing runs per segment"), "{err}");
+        let gated = stage("c", "gate = \"approve_all\"");
+        let err = refused(&(split("brief") + &gated + &stage("r", "type = \"reduce\"")), &["", "", ""]);
+        assert!(err.contains("stages[1].gate (c): this stage runs once per segment"), "{err}");
+        // After the reduce, a segment stage's answers are read through `segments`.
+        let four = split("brief") + &stage("c", "") + &stage("r", "type = \"reduce\"") + &stage("after", "");
+        let err = refused(&four, &["", "{{ segment.text }}", "{{ segments }}", "{{ stages.c.label }}"]);
+        assert!(err.contains("stages[3].template (after): reads stages.c, which runs once per segment"), "{err}");
+        check(&four, &["", "{{ segment.text }}", "{{ segments }}", "{{ stages.r.verdict }}"]).unwrap();
     }
 
     #[test]

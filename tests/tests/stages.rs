@@ -333,3 +333,158 @@ async fn an_approval_gate_holds_every_item_until_a_reviewer_approves_edits_or_re
     assert_eq!(calls[&(0, "sim-small".to_string())], 6);
     assert_eq!(calls[&(1, "sim-large".to_string())], 5);
 }
+
+/// A kind reading long documents: cut into segments of `segment_tokens`,
+/// each segment's clauses classified, then one verdict per document over
+/// the segments' labels, on another model.
+fn clauses_kind(segment_tokens: u32) -> (tempfile::TempDir, common::spec::JobKind) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
+    file(
+        "job.toml",
+        &format!(
+            r#"
+kind = "clauses"
+model = "sim-small"
+max_tokens = 60
+answer_field = "label"
+input_fields = ["text"]
+chunk_size = 5
+
+[[stages]]
+name = "cut"
+type = "split"
+segment_tokens = {segment_tokens}
+overlap_tokens = 20
+
+[[stages]]
+name = "classify"
+template = "classify.j2"
+schema = "classify.json"
+
+[[stages]]
+name = "verdict"
+type = "reduce"
+template = "verdict.j2"
+schema = "verdict.json"
+model = "sim-large"
+answer_field = "verdict"
+"#
+        ),
+    );
+    file("classify.j2", "Classify the clauses of this part.\nDocument: {{ segment.text }}");
+    file(
+        "verdict.j2",
+        "Combine the parts' labels.\nDocument: {% for s in segments %}{{ s.number }}:{{ s.classify.label }} {% endfor %}",
+    );
+    file(
+        "classify.json",
+        r#"{"type": "object", "properties": {"label": {"type": "string", "maxLength": 12}}, "required": ["label"]}"#,
+    );
+    file(
+        "verdict.json",
+        r#"{"type": "object", "properties": {"verdict": {"type": "string", "maxLength": 200}}, "required": ["verdict"]}"#,
+    );
+    let kind = common::spec::JobKind::load(dir.path()).expect("the clauses kind loads");
+    (dir, kind)
+}
+
+/// Documents of about 5,000 bytes in paragraphs: over 1,000 tokens each.
+fn contracts(n: usize) -> (Vec<u8>, Vec<String>) {
+    let texts: Vec<String> = (0..n)
+        .map(|d| {
+            (0..20)
+                .map(|p| {
+                    format!("clause{p} of contract{d} binds the parties to terms that run on for some words here ")
+                        .repeat(3)
+                })
+                .collect::<Vec<_>>()
+                .join("\n\n")
+        })
+        .collect();
+    let lines = texts
+        .iter()
+        .enumerate()
+        .map(|(d, t)| format!("{}\n", json!({"id": format!("c{d}"), "text": t})))
+        .collect::<String>();
+    (lines.into_bytes(), texts)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn split_and_reduce_read_documents_longer_than_the_models_context_and_resume_by_segment() {
+    // The models' context is 400 tokens; each document is over 1,000. The
+    // reduce stage's model refuses everything at first.
+    let sim = SimConfig { context_tokens: 400, reject_models: vec!["sim-large".into()], ..Default::default() };
+    let mut stack = Stack::start(sim, |_| {}).await.unwrap();
+    stack.add_worker(|_| {});
+    let (input, texts) = contracts(6);
+    assert!(texts.iter().all(|t| t.len() / 4 > 1_000));
+
+    // Without cutting (one segment as large as the document), the model refuses it.
+    let (_whole_dir, whole) = clauses_kind(100_000);
+    let report = stack.submit_kind(whole, input.clone(), false).await.unwrap();
+    wait_for("the uncut documents failed", Duration::from_secs(60), || async {
+        Ok(stack.client.status(report.job_id).await?.failed == 6)
+    })
+    .await
+    .unwrap();
+    let error: String = sqlx::query_scalar("SELECT error FROM results WHERE job_id = $1 LIMIT 1")
+        .bind(report.job_id)
+        .fetch_one(&stack.db.pool)
+        .await
+        .unwrap();
+    assert!(error.starts_with("stage 2 (classify), segment 1 of 1: "), "{error}");
+    assert!(error.contains("maximum context length is 400 tokens"), "{error}");
+
+    // Cut into segments of 250 tokens, every segment fits; the verdicts fail
+    // on the refusing model, and resume from there.
+    let (_dir, kind) = clauses_kind(250);
+    let report = stack.submit_kind(kind, input, false).await.unwrap();
+    let job = report.job_id;
+    wait_for("every verdict failed", Duration::from_secs(60), || async {
+        Ok(stack.client.status(job).await?.failed == 6)
+    })
+    .await
+    .unwrap();
+    let expected: Vec<usize> = texts.iter().map(|t| common::segment::split(t, 250, 20).len()).collect();
+    let segments: usize = expected.iter().sum();
+    assert!(expected.iter().all(|&n| n >= 4), "{expected:?}");
+    let before = calls(&stack, job).await;
+    assert_eq!(before[&(1, "sim-small".to_string())], segments as i64, "one call per segment");
+    stack.sim.sim.set_config(SimConfig { context_tokens: 400, ..Default::default() });
+    stack.client.resume(job, false).await.unwrap();
+    stack.wait_completed(job, Duration::from_secs(60)).await.unwrap();
+    let after = calls(&stack, job).await;
+    assert_eq!(after[&(1, "sim-small".to_string())], segments as i64, "no segment was classified twice");
+
+    // Each document's split is recorded, each segment's label kept, and the
+    // verdict read every segment's label in order.
+    let st = stack.status(job).await.unwrap();
+    assert_eq!((st.succeeded, st.failed), (6, 0));
+    for (d, n) in expected.iter().enumerate() {
+        let id = format!("c{d}");
+        let rows: Vec<(i16, i32, Value)> = sqlx::query_as(
+            "SELECT s.stage, s.seg, s.output FROM stage_results s JOIN items i USING (job_id, seq)
+             WHERE s.job_id = $1 AND i.item_id = $2 ORDER BY s.stage, s.seg",
+        )
+        .bind(job)
+        .bind(&id)
+        .fetch_all(&stack.db.pool)
+        .await
+        .unwrap();
+        assert_eq!(rows[0], (0, 0, json!({"segments": n})), "{id}");
+        let labels: Vec<String> = rows[1..].iter().map(|(_, _, o)| o["label"].as_str().unwrap().to_string()).collect();
+        assert_eq!(rows.len(), 1 + n, "{id}: {rows:?}");
+        let verdict: String = sqlx::query_scalar(
+            "SELECT r.answer FROM results r JOIN items i USING (job_id, seq) WHERE r.job_id = $1 AND i.item_id = $2",
+        )
+        .bind(job)
+        .bind(&id)
+        .fetch_one(&stack.db.pool)
+        .await
+        .unwrap();
+        let read: String = labels.iter().enumerate().map(|(s, l)| format!("{}:{l} ", s + 1)).collect();
+        assert!(read.trim_end().starts_with(verdict.trim_end()), "{id}: verdict {verdict:?} from {read:?}");
+        assert!(verdict.contains(&format!("{n}:")), "{id}: the verdict saw all {n} segments: {verdict:?}");
+    }
+}

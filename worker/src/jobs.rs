@@ -51,6 +51,8 @@ pub struct CompiledStage {
     pub job: CompiledJob,
     /// What holds an item after this stage until a reviewer decides.
     pub gate: Option<common::stages::Gate>,
+    /// The stage as the kind declares it (its type, a split's sizes).
+    pub spec: common::stages::StageSpec,
 }
 
 impl CompiledJob {
@@ -147,7 +149,7 @@ impl JobCache {
                 let mut job = CompiledJob::compile(kind.stage_kind(i), row.template_hash.clone(), below, endpoints)?;
                 job.project = row.project.clone();
                 job.capped = row.capped;
-                Ok(CompiledStage { name: stage.name.clone(), job, gate: stage.gate })
+                Ok(CompiledStage { name: stage.name.clone(), job, gate: stage.gate, spec: stage.clone() })
             })
             .collect::<Result<Vec<_>, common::spec::SpecError>>()
             .map_err(spec_error)?;

@@ -131,6 +131,9 @@ pub struct ItemResult {
     pub goes_on: bool,
     /// With `goes_on`: a gate holds the item at this stage for a reviewer.
     pub held: bool,
+    /// With `goes_on`: the segment of the item this answer is of (stages
+    /// between a split and its reduce), else 0.
+    pub seg: i32,
 }
 
 /// The audit facts of an answer taken from the response cache.
@@ -234,6 +237,7 @@ impl ItemResult {
             stage: None,
             goes_on: false,
             held: false,
+            seg: 0,
         }
     }
 }
@@ -416,14 +420,14 @@ async fn write_stages(
 ) -> Result<(), sqlx::Error> {
     let col = |f: fn(&ItemResult) -> Option<String>| -> Vec<Option<String>> { rows.iter().map(|r| f(r)).collect() };
     sqlx::query!(
-        "INSERT INTO stage_results (job_id, seq, stage, state, output, answer, confidence, confidence_detail, model,
-                                    attempts, tokens_in, tokens_out, latency_ms, answered_by, worker)
-         SELECT $1, u.seq, u.stage, u.state, u.output, u.answer, u.confidence, u.detail, u.model, u.attempts,
+        "INSERT INTO stage_results (job_id, seq, stage, seg, state, output, answer, confidence, confidence_detail,
+                                    model, attempts, tokens_in, tokens_out, latency_ms, answered_by, worker)
+         SELECT $1, u.seq, u.stage, u.seg, u.state, u.output, u.answer, u.confidence, u.detail, u.model, u.attempts,
                 u.tokens_in, u.tokens_out, u.latency_ms, u.answered_by, $2
          FROM UNNEST($3::bigint[], $4::smallint[], $5::text[], $6::jsonb[], $7::text[], $8::float8[], $9::jsonb[],
-                     $10::text[], $11::int[], $12::int[], $13::int[], $14::int[], $15::uuid[])
+                     $10::text[], $11::int[], $12::int[], $13::int[], $14::int[], $15::uuid[], $16::int[])
               AS u(seq, stage, state, output, answer, confidence, detail, model, attempts, tokens_in, tokens_out,
-                   latency_ms, answered_by)
+                   latency_ms, answered_by, seg)
          ON CONFLICT (job_id, seq, stage, seg) DO NOTHING",
         job_id,
         worker,
@@ -440,6 +444,7 @@ async fn write_stages(
         &rows.iter().map(|r| r.tokens_out).collect::<Vec<_>>(),
         &rows.iter().map(|r| r.latency_ms).collect::<Vec<_>>(),
         &rows.iter().map(|r| r.answered_by).collect::<Vec<_>>() as _,
+        &rows.iter().map(|r| r.seg).collect::<Vec<_>>(),
     )
     .execute(&mut **tx)
     .await?;
@@ -452,6 +457,7 @@ async fn write_stages(
 pub struct StageOutput {
     pub seq: i64,
     pub stage: i16,
+    pub seg: i32,
     pub output: Value,
     pub waiting: bool,
 }
@@ -460,8 +466,8 @@ pub struct StageOutput {
 pub async fn stage_outputs(pool: &PgPool, c: &ChunkMsg) -> Result<Vec<StageOutput>, Error> {
     Ok(sqlx::query_as!(
         StageOutput,
-        r#"SELECT seq, stage, output, state IN ('held', 'rejected') AS "waiting!" FROM stage_results
-         WHERE job_id = $1 AND seq BETWEEN $2 AND $3 AND seg = 0 ORDER BY seq, stage"#,
+        r#"SELECT seq, stage, seg, output, state IN ('held', 'rejected') AS "waiting!" FROM stage_results
+         WHERE job_id = $1 AND seq BETWEEN $2 AND $3"#,
         c.job_id,
         c.first_seq,
         c.last_seq

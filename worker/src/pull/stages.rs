@@ -14,6 +14,12 @@
 //! stage without a row in `stage_results`: an item that failed at stage 2
 //! reruns stage 2, not stage 1.
 //!
+//! A split stage makes no call: it cuts the item's text into segments
+//! (`common::segment`), and the stages up to the next reduce run on each
+//! segment in turn, their answers kept per segment (`stage_results.seg`) so
+//! a resumed item redoes only the segments it had not finished. The reduce
+//! stage then runs once, over the list of the segments' answers.
+//!
 //! A gated stage (`gate = "review"` below its threshold, `"approve_all"`
 //! always) writes its answer as `held` and the item stops there: its chunk
 //! finishes without it, and the job is not complete while it waits. A
@@ -26,9 +32,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::stages::Gate;
+use common::segment;
+use common::stages::{Gate, StageKind};
 use common::wire::ChunkMsg;
-use serde_json::Value;
+use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use super::{item_context, Shared};
@@ -41,8 +48,9 @@ use crate::Error;
 /// Where an item of a multi-stage chunk stands.
 #[derive(Default)]
 pub(super) struct Passed {
-    /// The outputs of the stages it has passed, in stage order.
-    pub outputs: Vec<Value>,
+    /// The outputs of the stages it has passed, by stage and segment (0 for
+    /// stages that run once per item).
+    pub outputs: HashMap<(usize, i32), Value>,
     /// It waits at a gate for a reviewer's decision: nothing to do now.
     pub waiting: bool,
 }
@@ -52,21 +60,65 @@ pub(super) async fn passed(shared: &Shared, chunk: &ChunkMsg) -> Result<HashMap<
     let mut by_item: HashMap<i64, Passed> = HashMap::new();
     for row in store::stage_outputs(&shared.pool, chunk).await? {
         let item = by_item.entry(row.seq).or_default();
-        // Stages are passed in order; a gap would mean the rest must run again.
-        if item.outputs.len() == row.stage as usize && !item.waiting {
-            if row.waiting {
-                item.waiting = true;
-            } else {
-                item.outputs.push(row.output);
-            }
+        if row.waiting {
+            item.waiting = true;
+        } else {
+            item.outputs.insert((row.stage as usize, row.seg), row.output);
         }
     }
     Ok(by_item)
 }
 
+/// How one stage call of an item ended.
+enum Call {
+    /// Accepted: the result, `stage` and `seg` set.
+    Answered(Box<ItemResult>),
+    /// The item is done: failed here (its result), or held back.
+    Ends(Outcome),
+}
+
+/// One item on its way through the stages.
+struct Run<'a> {
+    shared: &'a Arc<Shared>,
+    chunk: &'a ChunkMsg,
+    job: &'a CompiledJob,
+    delivery: &'a Delivery,
+    item: &'a Item,
+    /// Attempts so far, across stages and deliveries: numbering goes on.
+    prior: i32,
+}
+
+impl Run<'_> {
+    /// Calls stage `k` (segment `seg`) with the item's fields and `extra`
+    /// (`stages`, `segment`, `segments`) as its template's variables.
+    async fn call(&mut self, k: usize, seg: i32, extra: serde_json::Map<String, Value>) -> Result<Call, Error> {
+        let stage = &self.job.stages[k];
+        let mut payload = self.item.payload.clone();
+        if let Value::Object(fields) = &mut payload {
+            fields.extend(extra);
+        }
+        let at = Item { seq: self.item.seq, id: self.item.id.clone(), payload, prior: self.prior };
+        let _call = tokio::select! {
+            permit = self.shared.calls.acquire(&self.job.project, self.chunk.job_id) => permit,
+            _ = self.delivery.stop().cancelled() => return Ok(Call::Ends(Outcome::Held(Duration::ZERO))),
+        };
+        let mut ctx = item_context(self.shared, self.chunk, &stage.job, self.delivery);
+        ctx.stage = k as i16;
+        let mut r = match run_item(&ctx, &stage.job, &at, None).await? {
+            Outcome::Done(r) => r,
+            held @ Outcome::Held(_) => return Ok(Call::Ends(held)),
+        };
+        r.stage = Some(k as i16);
+        r.seg = seg;
+        self.prior = r.attempts;
+        Ok(Call::Answered(r))
+    }
+}
+
 /// Runs `item` from the first stage it has not passed (`passed` holds the
-/// outputs of those it has) to its last, or until a stage fails or is held
-/// back. Each accepted answer before the last is sent to `stages`.
+/// outputs of those it has) to its last, or until a stage fails, is held
+/// back or holds it at a gate. Each accepted answer before the last (and a
+/// split's count of segments) is sent to `sink`.
 pub(super) async fn run(
     shared: &Arc<Shared>,
     chunk: &ChunkMsg,
@@ -74,33 +126,40 @@ pub(super) async fn run(
     delivery: &Delivery,
     item: Item,
     passed: Passed,
-    stages: &mpsc::UnboundedSender<ItemResult>,
+    sink: &mpsc::UnboundedSender<ItemResult>,
 ) -> Result<Outcome, Error> {
+    let mut run = Run { shared, chunk, job, delivery, item: &item, prior: item.prior };
+    // Outputs of the stages run once per item, by name (`stages.NAME`).
     let mut outputs = serde_json::Map::new();
-    let mut prior = item.prior;
+    // After a split: each segment's answers, for the reduce (`segments`).
+    let mut segments: Option<Vec<Value>> = None;
     let last = job.stages.len() - 1;
-    for (k, stage) in job.stages.iter().enumerate() {
-        if let Some(output) = passed.outputs.get(k) {
-            outputs.insert(stage.name.clone(), output.clone());
+    let mut k = 0;
+    while k <= last {
+        let stage = &job.stages[k];
+        if stage.spec.kind == StageKind::Split {
+            let (reduce, answers) = match split(&mut run, k, &passed, &outputs, sink).await? {
+                Ok(done) => done,
+                Err(ends) => return Ok(ends),
+            };
+            outputs.insert(stage.name.clone(), json!({"segments": answers.len()}));
+            segments = Some(answers);
+            k = reduce;
             continue;
         }
-        // The stage's template sees the item's fields and `stages.NAME`.
-        let mut payload = item.payload.clone();
-        if let Value::Object(fields) = &mut payload {
-            fields.insert("stages".into(), Value::Object(outputs.clone()));
+        if let Some(output) = passed.outputs.get(&(k, 0)) {
+            outputs.insert(stage.name.clone(), output.clone());
+            k += 1;
+            continue;
         }
-        let at = Item { seq: item.seq, id: item.id.clone(), payload, prior };
-        let _call = tokio::select! {
-            permit = shared.calls.acquire(&job.project, chunk.job_id) => permit,
-            _ = delivery.stop().cancelled() => return Ok(Outcome::Held(Duration::ZERO)),
+        let mut extra = serde_json::Map::from_iter([("stages".to_string(), Value::Object(outputs.clone()))]);
+        if stage.spec.kind == StageKind::Reduce {
+            extra.insert("segments".into(), Value::Array(segments.take().unwrap_or_default()));
+        }
+        let mut r = match run.call(k, 0, extra).await? {
+            Call::Answered(r) => r,
+            Call::Ends(outcome) => return Ok(outcome),
         };
-        let mut ctx = item_context(shared, chunk, &stage.job, delivery);
-        ctx.stage = k as i16;
-        let mut r = match run_item(&ctx, &stage.job, &at, None).await? {
-            Outcome::Done(r) => r,
-            held @ Outcome::Held(_) => return Ok(held),
-        };
-        r.stage = Some(k as i16);
         if !r.succeeded {
             r.error = r.error.map(|e| format!("stage {} ({}): {e}", k + 1, stage.name));
             return Ok(Outcome::Done(r));
@@ -118,15 +177,89 @@ pub(super) async fn run(
             // Written with the chunk's results; the item waits for a reviewer.
             return Ok(Outcome::Done(r));
         }
-        prior = r.attempts;
         outputs.insert(stage.name.clone(), r.output.clone().unwrap_or(Value::Null));
         // The receiver lives as long as the chunk's work; if it is gone the
         // chunk is over and the answer is lost with it, as an unwritten one is.
-        let _ = stages.send(*r);
+        let _ = sink.send(*r);
+        k += 1;
     }
-    // Only reached if every stage, the last included, was passed: the last
-    // stage's answer is never a stage row, so this means the rows disagree
-    // with the job's stages.
+    // Only reached if the last stage was passed, which never happens: its
+    // answer is the item's result, not a stage row.
     let why = format!("the item has passed all {} stages but has no result", job.stages.len());
     Ok(Outcome::Done(Box::new(ItemResult::failed(&item, common::provider::ErrorClass::Template, why))))
+}
+
+/// Cuts the item's text at split stage `k` and runs the stages up to the
+/// next reduce on each segment in turn (a segment's attempts number on from
+/// the one before). Returns the reduce's index and each segment's answers
+/// (`{"index", "number", "text", NAME: output, ...}`), or how the item ends:
+/// a stage failing on a segment fails the item, naming the segment.
+async fn split(
+    run: &mut Run<'_>,
+    k: usize,
+    passed: &Passed,
+    outputs: &serde_json::Map<String, Value>,
+    sink: &mpsc::UnboundedSender<ItemResult>,
+) -> Result<Result<(usize, Vec<Value>), Outcome>, Error> {
+    let job = run.job;
+    let spec = &job.stages[k].spec;
+    let text = run.item.payload.get(spec.split_field()).and_then(Value::as_str).unwrap_or_default();
+    let texts = segment::split(text, spec.segment_tokens.unwrap_or(u32::MAX), spec.overlap_tokens.unwrap_or(0));
+    let count = texts.len();
+    let reduce = (k + 1..job.stages.len()).find(|&j| job.stages[j].spec.kind == StageKind::Reduce).expect("validated");
+    if !passed.outputs.contains_key(&(k, 0)) {
+        // Recorded for status and audit; the segments themselves are cut
+        // again from the same text whenever the item runs.
+        let mut r = ItemResult::pending(run.item);
+        r.succeeded = true;
+        r.output = Some(json!({"segments": count}));
+        r.answer = Some(count.to_string());
+        r.stage = Some(k as i16);
+        r.goes_on = true;
+        r.attempts = run.prior;
+        let _ = sink.send(r);
+    }
+    let mut answers = Vec::with_capacity(count);
+    for (s, text) in texts.into_iter().enumerate() {
+        let seg = s as i32;
+        let segment = json!({"index": s, "number": s + 1, "count": count, "text": text});
+        let mut answer = serde_json::Map::from_iter([
+            ("index".to_string(), json!(s)),
+            ("number".to_string(), json!(s + 1)),
+            ("text".to_string(), json!(text)),
+        ]);
+        for j in k + 1..reduce {
+            let stage = &job.stages[j];
+            if let Some(output) = passed.outputs.get(&(j, seg)) {
+                answer.insert(stage.name.clone(), output.clone());
+                continue;
+            }
+            // Earlier stages of this segment read like the item's own stages.
+            let mut stages = outputs.clone();
+            stages.extend(
+                answer
+                    .iter()
+                    .filter(|(n, _)| job.stages.iter().any(|st| &st.name == *n))
+                    .map(|(n, v)| (n.clone(), v.clone())),
+            );
+            let extra = serde_json::Map::from_iter([
+                ("stages".to_string(), Value::Object(stages)),
+                ("segment".to_string(), segment.clone()),
+            ]);
+            let mut r = match run.call(j, seg, extra).await? {
+                Call::Answered(r) => r,
+                Call::Ends(outcome) => return Ok(Err(outcome)),
+            };
+            if !r.succeeded {
+                r.error =
+                    r.error.map(|e| format!("stage {} ({}), segment {} of {count}: {e}", j + 1, stage.name, s + 1));
+                return Ok(Err(Outcome::Done(r)));
+            }
+            answer.insert(stage.name.clone(), r.output.clone().unwrap_or(Value::Null));
+            r.goes_on = true;
+            let _ = sink.send(*r);
+        }
+        answers.push(Value::Object(answer));
+    }
+    Ok(Ok((reduce, answers)))
 }
