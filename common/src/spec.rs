@@ -309,7 +309,6 @@ impl JobKind {
                 return Err(SpecError::Invalid("request = \"openai_batch\" takes no stages".into()));
             }
             crate::stages::validate(&s.stages, &self.stage_files, &s.input_fields, &s.confidence)?;
-            crate::stages::not_run_yet(&s.stages)?;
             for i in 0..s.stages.len() {
                 let stage = self.stage_kind(i);
                 stage.validator()?;
@@ -371,14 +370,35 @@ impl JobKind {
         JobKind { spec, template: files.template, schema, stage_files: Vec::new() }
     }
 
+    /// The kinds an ensemble stage `i` calls, one per member, in order:
+    /// the stage's kind with the member's model (and no fallbacks). A stage
+    /// without an ensemble is its one kind.
+    pub fn stage_members(&self, i: usize) -> Vec<JobKind> {
+        let stage = self.stage_kind(i);
+        let ensemble = &self.spec.stages[i].ensemble;
+        if ensemble.is_empty() {
+            return vec![stage];
+        }
+        ensemble
+            .iter()
+            .map(|model| {
+                let mut member = stage.clone();
+                member.spec.model = model.clone();
+                member.spec.fallback_models = Vec::new();
+                member
+            })
+            .collect()
+    }
+
     /// Every model a job of this kind may call: the kind's (main and
-    /// fallbacks), or each stage's.
+    /// fallbacks), or each stage's (every member of an ensemble).
     pub fn models(&self) -> Vec<String> {
         if self.spec.stages.is_empty() {
             return self.spec.models().cloned().collect();
         }
         (0..self.spec.stages.len())
-            .flat_map(|i| self.stage_kind(i).spec.models().cloned().collect::<Vec<_>>())
+            .flat_map(|i| self.stage_members(i))
+            .flat_map(|k| k.spec.models().cloned().collect::<Vec<_>>())
             .collect()
     }
 
@@ -569,11 +589,16 @@ mod tests {
         assert_eq!((b.spec.model.as_str(), b.template.as_str()), ("sim-large", "{{ stages.a.x }}"));
         assert!(b.spec.fallback_models.is_empty() && b.spec.stages.is_empty());
         assert_eq!(kind.stage_kind(0).spec.answer_field, "x");
-        // Ensembles do not run yet: refused with the field named.
+        // An ensemble's members are the stage with each member's model.
         kind.spec.stages[0].model = None;
         kind.spec.stages[0].ensemble = vec!["sim-small".into(), "sim-large".into()];
+        kind.validate().unwrap();
+        let members: Vec<String> = kind.stage_members(0).into_iter().map(|k| k.spec.model).collect();
+        assert_eq!(members, ["sim-small", "sim-large"]);
+        assert_eq!(kind.models(), ["sim-small", "sim-large", "sim-large"]);
+        kind.spec.stages[0].weights = vec![1.0];
         let err = kind.validate().unwrap_err().to_string();
-        assert!(err.contains("stages[0].ensemble (a): ensembles do not run yet"), "{err}");
+        assert!(err.contains("stages[0].weights (a): gives 1 weights for an ensemble of 2"), "{err}");
     }
 
     #[test]

@@ -19,8 +19,8 @@
 //! segments that fit the model's context (`crate::segment`); the stages
 //! after it run once per segment (their template sees `segment`) until a
 //! `reduce` stage, which runs once per item over the list of its segments'
-//! answers (`segments`). Ensembles are checked in full and then refused at
-//! submit ([`not_run_yet`], `docs/design-stages.md`).
+//! answers (`segments`). A stage with an `ensemble` asks each of its models
+//! and takes their weighted vote.
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -48,6 +48,10 @@ pub struct StageSpec {
     /// Several models that each answer; the stage's answer is their vote.
     #[serde(default)]
     pub ensemble: Vec<String>,
+    /// The ensemble members' weights in the vote, in order (1 each if left
+    /// out).
+    #[serde(default)]
+    pub weights: Vec<f64>,
     #[serde(default, deserialize_with = "crate::spec::one_or_many")]
     pub confidence: Vec<ConfidenceStrategy>,
     /// Answers below it go to review (the kind's own if left out).
@@ -207,6 +211,16 @@ pub fn validate(
         if !stage.ensemble.is_empty() && stage.model.is_some() {
             return Err(invalid(i, "model", "give model or ensemble, not both".into()));
         }
+        if !stage.weights.is_empty() && stage.weights.len() != stage.ensemble.len() {
+            return Err(invalid(
+                i,
+                "weights",
+                format!("gives {} weights for an ensemble of {}", stage.weights.len(), stage.ensemble.len()),
+            ));
+        }
+        if stage.weights.iter().any(|w| !w.is_finite() || *w <= 0.0) {
+            return Err(invalid(i, "weights", "each weight must be a positive number".into()));
+        }
         if let Some(t) = stage.confidence_threshold {
             if !(0.0..=1.0).contains(&t) {
                 return Err(invalid(i, "confidence_threshold", format!("must be within 0..=1, got {t}")));
@@ -301,23 +315,6 @@ pub fn validate(
             "type",
             "a split stage needs a reduce stage after it to combine each item's segments into one answer".into(),
         ));
-    }
-    Ok(())
-}
-
-/// Refuses, with the field named, what the stage runner does not do yet:
-/// ensembles (`docs/design-stages.md`). Stages of prompts, gated or not,
-/// and split and reduce stages run.
-pub fn not_run_yet(stages: &[StageSpec]) -> Result<(), SpecError> {
-    for (i, stage) in stages.iter().enumerate() {
-        let (field, what) = match stage {
-            s if !s.ensemble.is_empty() => ("ensemble", "ensembles"),
-            _ => continue,
-        };
-        return Err(SpecError::Invalid(format!(
-            "stages[{i}].{field} ({}): {what} do not run yet (docs/design-stages.md); stages of prompts do",
-            stage.name
-        )));
     }
     Ok(())
 }

@@ -88,12 +88,14 @@ pub fn check_models(catalog: &Catalog, prices: &PriceTable, job: &NewJob) -> Res
         // Each stage is checked as the kind of one stage it runs as.
         let mut warnings = Vec::new();
         for (i, stage) in stages.iter().enumerate() {
-            let staged = NewJob { kind: job.kind.stage_kind(i), ..job.clone() };
             let named = |m: String| format!("stages[{i}] ({}): {m}", stage.name);
-            match check_models(catalog, prices, &staged) {
-                Ok(w) => warnings.extend(w.into_iter().map(named)),
-                Err(Error::Invalid(m)) => return Err(Error::Invalid(named(m))),
-                Err(e) => return Err(e),
+            for member in job.kind.stage_members(i) {
+                let staged = NewJob { kind: member, ..job.clone() };
+                match check_models(catalog, prices, &staged) {
+                    Ok(w) => warnings.extend(w.into_iter().map(named)),
+                    Err(Error::Invalid(m)) => return Err(Error::Invalid(named(m))),
+                    Err(e) => return Err(e),
+                }
             }
         }
         return Ok(warnings);

@@ -93,7 +93,8 @@ pub fn render(items: &[QueueItem], format: Format, labels: &[String]) -> Vec<u8>
         }
         Format::Csv => {
             let mut w = csv::Writer::from_writer(Vec::new());
-            w.write_record(["id", "answer", "confidence", "model", "input"]).expect("writing to memory");
+            w.write_record(["id", "answer", "confidence", "model", "input", "stage", "votes"])
+                .expect("writing to memory");
             for i in items {
                 w.write_record([
                     i.id.as_str(),
@@ -101,6 +102,8 @@ pub fn render(items: &[QueueItem], format: Format, labels: &[String]) -> Vec<u8>
                     &i.confidence.map(|c| format!("{c:.4}")).unwrap_or_default(),
                     i.model.as_deref().unwrap_or(""),
                     &i.input.to_string(),
+                    i.stage.as_deref().unwrap_or(""),
+                    &votes(i.confidence_detail.as_ref()),
                 ])
                 .expect("writing to memory");
             }
@@ -138,6 +141,27 @@ pub fn render(items: &[QueueItem], format: Format, labels: &[String]) -> Vec<u8>
             serde_json::to_vec_pretty(&tasks).expect("tasks serialise")
         }
     }
+}
+
+/// Who said what in an ensemble's vote, for a CSV cell:
+/// `model=answer (confidence)` joined with `; `, a member without an answer
+/// as `model: why`. Empty for an answer of one model.
+fn votes(detail: Option<&Value>) -> String {
+    let Some(votes) = detail.and_then(|d| d["votes"].as_array()) else { return String::new() };
+    votes
+        .iter()
+        .map(|v| {
+            let model = v["model"].as_str().unwrap_or_default();
+            match v["answer"].as_str() {
+                Some(a) => match v["confidence"].as_f64() {
+                    Some(c) => format!("{model}={a} ({c:.2})"),
+                    None => format!("{model}={a}"),
+                },
+                None => format!("{model}: {}", v["error"].as_str().unwrap_or("no answer")),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// One human decision.

@@ -91,6 +91,11 @@ pub struct SimConfig {
     /// it picks another label and, as real models tend to, is less sure of it.
     #[arg(long, default_value_t = 0.0)]
     pub wrong: f64,
+    /// Models wrong on their own share of documents, as `model=share`
+    /// (`--wrong-model sim-b=0.1`, repeatable): each listed model's wrong
+    /// documents are drawn independently of the other models'.
+    #[arg(long = "wrong-model")]
+    pub wrong_models: Vec<String>,
     /// Send no `x-ratelimit-*` headers (only 429 and Retry-After), as some providers do.
     #[arg(long)]
     pub no_limit_headers: bool,
@@ -160,6 +165,18 @@ pub struct SimConfig {
 }
 
 impl SimConfig {
+    /// How often `model` is wrong, and whether its draws are its own.
+    fn wrong_for(&self, model: &str) -> (f64, Option<String>) {
+        let own = self.wrong_models.iter().find_map(|w| {
+            let (m, share) = w.split_once('=')?;
+            (m == model).then(|| share.parse::<f64>().ok()).flatten()
+        });
+        match own {
+            Some(share) => (share, Some(model.to_string())),
+            None => (self.wrong, None),
+        }
+    }
+
     fn any_fault(&self) -> bool {
         // (injected 429s are counted separately)
         self.error_500 + self.error_503 + self.error_429 + self.hang + self.malformed + self.bad_output > 0.0
@@ -839,7 +856,8 @@ async fn answer(sim: &Sim, config: &SimConfig, auth: &HeaderMap, request: &Value
     };
     let n = request["n"].as_u64().unwrap_or(1).clamp(1, 20) as usize;
     let temperature = request["temperature"].as_f64().unwrap_or(1.0);
-    let model_cfg = Answering { wrong: config.wrong, seed: config.seed };
+    let (wrong, salt) = config.wrong_for(model);
+    let model_cfg = Answering { wrong, seed: config.seed, salt };
     let mut choices = Vec::with_capacity(n);
     let mut tokens_out = 0u32;
     // The same request asked again at a temperature above 0 is sampled again.
@@ -911,6 +929,8 @@ async fn answer(sim: &Sim, config: &SimConfig, auth: &HeaderMap, request: &Value
 struct Answering {
     wrong: f64,
     seed: u64,
+    /// A model wrong on its own documents draws them with its name.
+    salt: Option<String>,
 }
 
 /// The label chosen for an enum and the probabilities the model gave every label.
@@ -995,7 +1015,10 @@ fn fill(schema: &Value, text: &str, how: &Answering, draw: Option<f64>, pick: &m
         let mut probs = label_probs(doc, &labels);
         // A document the model gets wrong: it prefers the runner-up label,
         // without much conviction.
-        let h = hash_of((how.seed, doc, 11u8));
+        let h = match &how.salt {
+            None => hash_of((how.seed, doc, 11u8)),
+            Some(model) => hash_of((how.seed, doc, 11u8, model)),
+        };
         if labels.len() > 1 && unit(h) < how.wrong {
             let mut order: Vec<usize> = (0..probs.len()).collect();
             order.sort_by(|a, b| probs[*b].1.total_cmp(&probs[*a].1));
@@ -1064,7 +1087,7 @@ mod tests {
     fn fills_enums_with_the_known_label() {
         let schema =
             json!({"type": "object", "properties": {"label": {"type": "string", "enum": common::sample::labels()}}});
-        let how = Answering { wrong: 0.0, seed: 0 };
+        let how = Answering { wrong: 0.0, seed: 0, salt: None };
         for i in 0..200 {
             let doc = common::sample::document(9, i);
             let prompt = format!("Classify.\n\nDocument:\n{}", doc["text"].as_str().unwrap());
@@ -1080,7 +1103,7 @@ mod tests {
     #[test]
     fn summaries_respect_max_length() {
         let schema = json!({"type": "string", "maxLength": 20});
-        let how = Answering { wrong: 0.0, seed: 0 };
+        let how = Answering { wrong: 0.0, seed: 0, salt: None };
         let v = fill(&schema, "Document: one two three four five six seven eight", &how, None, &mut Pick::default());
         assert!(v.as_str().unwrap().len() <= 20, "{v}");
         assert_eq!(v, "one two three four");
@@ -1089,7 +1112,7 @@ mod tests {
     #[test]
     fn wrong_answers_are_the_runner_up_with_less_probability() {
         let schema = json!({"type": "string", "enum": common::sample::labels()});
-        let how = Answering { wrong: 1.0, seed: 0 };
+        let how = Answering { wrong: 1.0, seed: 0, salt: None };
         for i in 0..100 {
             let doc = common::sample::document(10, i);
             let mut pick = Pick::default();

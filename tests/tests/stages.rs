@@ -488,3 +488,106 @@ async fn split_and_reduce_read_documents_longer_than_the_models_context_and_resu
         assert!(verdict.contains(&format!("{n}:")), "{id}: the verdict saw all {n} segments: {verdict:?}");
     }
 }
+
+/// A providers file serving three models of the simulator.
+const THREE_MODELS: &str = r#"
+[providers.sim]
+kind = "openai"
+base_url = "http://{sim0}/v1"
+[providers.sim.models.sim-small]
+rpm = 60000
+[providers.sim.models.sim-large]
+rpm = 60000
+[providers.sim.models.sim-reasoner]
+rpm = 60000
+"#;
+
+/// The shipped `classify` kind as one stage answered by three models.
+fn ensemble_kind() -> common::spec::JobKind {
+    let dir = sluice_tests::fixtures::jobs_dir().join("classify");
+    let mut kind = common::spec::JobKind::load(&dir).unwrap();
+    let stage = json!({"name": "label", "template": "prompt.j2", "schema": "schema.json",
+                       "ensemble": ["sim-small", "sim-large", "sim-reasoner"], "confidence_threshold": 0.7});
+    kind.spec.stages = vec![serde_json::from_value(stage).unwrap()];
+    kind.stage_files =
+        vec![common::stages::StageFiles { template: kind.template.clone(), schema: kind.schema.clone() }];
+    kind.validate().unwrap();
+    kind
+}
+
+/// Each result's answer, confidence, review state and the ensemble's votes.
+async fn verdicts(stack: &Stack, job: Uuid) -> Vec<(String, String, f64, String, Value)> {
+    sqlx::query_as(
+        "SELECT item_id, answer, confidence, state, confidence_detail FROM results WHERE job_id = $1 ORDER BY seq",
+    )
+    .bind(job)
+    .fetch_all(&stack.db.pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ensemble_votes_and_sends_disagreements_and_missing_members_to_review() {
+    // sim-large is wrong on a third of the documents, on its own draw.
+    let sim = SimConfig { wrong_models: vec!["sim-large=0.35".into()], ..Default::default() };
+    let mut stack = Stack::start_with_providers(vec![sim], THREE_MODELS).await.unwrap();
+    stack.add_worker(|_| {});
+    let n = 40;
+    let report = stack.submit_kind(ensemble_kind(), sluice_tests::fixtures::sample_jsonl(5, n), false).await.unwrap();
+    stack.wait_completed(report.job_id, Duration::from_secs(90)).await.unwrap();
+    let expected: HashMap<String, String> = (0..n)
+        .map(|i| {
+            let d = common::sample::document(5, i);
+            (d["id"].as_str().unwrap().to_string(), d["expected"].as_str().unwrap().to_string())
+        })
+        .collect();
+    let (mut split, mut flagged_unanimous) = (0, 0);
+    for (id, answer, confidence, state, detail) in verdicts(&stack, report.job_id).await {
+        // The majority is right even where sim-large is not.
+        assert_eq!(answer, expected[&id], "{id}: {detail}");
+        let votes = detail["votes"].as_array().unwrap();
+        assert_eq!(votes.len(), 3, "every member's answer is kept: {detail}");
+        let own = |m: usize| votes[m]["confidence"].as_f64().unwrap();
+        let agree: Vec<usize> = (0..3).filter(|&m| votes[m]["answer"] == answer.as_str()).collect();
+        // Agreement across models times the agreeing models' own confidence.
+        let want = agree.iter().map(|&m| own(m)).sum::<f64>() / 3.0;
+        assert!((confidence - want).abs() < 1e-9, "{id}: {confidence} vs {want}: {detail}");
+        assert_eq!(state == "needs_review", confidence < 0.7, "{id}: routed by the stage's threshold");
+        if agree.len() == 2 {
+            split += 1;
+            assert_eq!(votes[1]["model"], "sim-large");
+            assert!((detail["agreement"].as_f64().unwrap() - 2.0 / 3.0).abs() < 1e-9);
+            assert_eq!(state, "needs_review", "{id}: a disagreement is reviewed");
+        } else if state == "needs_review" {
+            flagged_unanimous += 1;
+        }
+    }
+    assert!(split >= 5, "sim-large disagreed on {split} of {n}");
+    assert!(flagged_unanimous < n / 4, "{flagged_unanimous} unanimous answers flagged");
+    // The review queue shows who said what.
+    let csv = stack.client.review_export(report.job_id, None, "csv").await.unwrap();
+    let csv = String::from_utf8_lossy(&csv);
+    assert!(csv.lines().next().unwrap().ends_with(",stage,votes"), "{csv}");
+    assert!(csv.contains("sim-small=") && csv.contains("; sim-large="), "{csv}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ensemble_with_a_model_down_answers_without_it_and_says_so() {
+    let sim = SimConfig { down_models: vec!["sim-reasoner".into()], ..Default::default() };
+    let mut stack = Stack::start_with_providers(vec![sim], THREE_MODELS).await.unwrap();
+    stack.add_worker(|_| {});
+    let n = 20;
+    let report = stack.submit_kind(ensemble_kind(), sluice_tests::fixtures::sample_jsonl(6, n), false).await.unwrap();
+    stack.wait_completed(report.job_id, Duration::from_secs(120)).await.unwrap();
+    let st = stack.status(report.job_id).await.unwrap();
+    assert_eq!((st.succeeded, st.failed), (n, 0), "answered by the two models up");
+    for (id, _, confidence, state, detail) in verdicts(&stack, report.job_id).await {
+        let votes = detail["votes"].as_array().unwrap();
+        assert_eq!(votes[2]["model"], "sim-reasoner");
+        assert!(votes[2]["error"].is_string() && votes[2]["answer"].is_null(), "{id}: {detail}");
+        assert_eq!(detail["answered"], 2);
+        // Two of three at most: below the threshold, so every answer is reviewed.
+        assert!(confidence <= 2.0 / 3.0 + 1e-9, "{id}: {confidence}");
+        assert_eq!(state, "needs_review", "{id}");
+    }
+}

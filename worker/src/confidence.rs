@@ -134,6 +134,77 @@ pub fn score(
     }
 }
 
+/// One ensemble member's answer, or why it has none.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Vote {
+    pub model: String,
+    /// Its weight in the vote (`weights` in the stage, 1 by default).
+    pub weight: f64,
+    /// The answer and the model's own confidence in it (`None` when the
+    /// stage computes none: then it counts as 1), or why it gave none (its
+    /// breaker open, its calls failed).
+    pub answer: Result<(String, Option<f64>), String>,
+}
+
+/// The outcome of an ensemble's vote.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Verdict {
+    /// The answer with the most weight, and the members who gave it (by
+    /// index); `None` if no member answered.
+    pub answer: Option<(String, Vec<usize>)>,
+    pub scored: Scored,
+}
+
+/// The weighted majority of an ensemble: each member's vote counts its
+/// weight times its own confidence; ties go to the answer of the member
+/// listed first. The confidence is the winners' weighted confidence over
+/// the weight of every member, those without an answer included, so it
+/// falls with disagreement, with doubt, and with members missing. The
+/// detail keeps who said what.
+pub fn ensemble(votes: &[Vote]) -> Verdict {
+    let total: f64 = votes.iter().map(|v| v.weight).sum();
+    let mut tally: Vec<(String, f64, Vec<usize>)> = Vec::new();
+    for (i, v) in votes.iter().enumerate() {
+        if let Ok((answer, own)) = &v.answer {
+            let w = v.weight * own.unwrap_or(1.0).clamp(0.0, 1.0);
+            match tally.iter_mut().find(|(a, _, _)| a == answer) {
+                Some(t) => {
+                    t.1 += w;
+                    t.2.push(i);
+                }
+                None => tally.push((answer.clone(), w, vec![i])),
+            }
+        }
+    }
+    // The first answer reached wins a tie: members are listed by preference.
+    let best = tally.iter().fold(None::<&(String, f64, Vec<usize>)>, |best, t| match best {
+        Some(b) if b.1 >= t.1 => Some(b),
+        _ => Some(t),
+    });
+    let detail_votes: Vec<Value> = votes
+        .iter()
+        .map(|v| match &v.answer {
+            Ok((a, c)) => json!({"model": v.model, "weight": v.weight, "answer": a, "confidence": c}),
+            Err(why) => json!({"model": v.model, "weight": v.weight, "error": why}),
+        })
+        .collect();
+    let Some((answer, weight, members)) = best.cloned() else {
+        let detail = json!({"strategy": "ensemble", "votes": detail_votes, "error": "no member answered"});
+        return Verdict { answer: None, scored: Scored { value: None, detail } };
+    };
+    let agreeing: f64 = members.iter().map(|&i| votes[i].weight).sum();
+    let value = if total > 0.0 { weight / total } else { 0.0 };
+    let detail = json!({
+        "strategy": "ensemble",
+        "answer": answer,
+        "agreement": if total > 0.0 { agreeing / total } else { 0.0 },
+        "answered": votes.iter().filter(|v| v.answer.is_ok()).count(),
+        "members": votes.len(),
+        "votes": detail_votes,
+    });
+    Verdict { answer: Some((answer, members)), scored: Scored { value: Some(value), detail } }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -207,5 +278,59 @@ mod tests {
             None
         );
         assert_eq!(score(ConfidenceStrategy::None, Ok(0.1), false, false, Value::Null).value, None);
+    }
+
+    fn vote(model: &str, answer: Result<(&str, Option<f64>), &str>) -> Vote {
+        Vote { model: model.into(), weight: 1.0, answer: answer.map(|(a, c)| (a.to_string(), c)).map_err(String::from) }
+    }
+
+    #[test]
+    fn an_ensemble_agreeing_is_as_sure_as_its_members() {
+        let v =
+            ensemble(&[vote("a", Ok(("x", Some(0.9)))), vote("b", Ok(("x", Some(0.9)))), vote("c", Ok(("x", None)))]);
+        assert_eq!(v.answer, Some(("x".to_string(), vec![0, 1, 2])));
+        assert!((v.scored.value.unwrap() - 2.8 / 3.0).abs() < 1e-12);
+        assert_eq!(v.scored.detail["agreement"], 1.0);
+        assert_eq!(v.scored.detail["votes"][1]["model"], "b");
+    }
+
+    #[test]
+    fn a_confident_minority_lowers_a_doubtful_majority() {
+        // Two members sure of x, one unsure of y: x, fairly sure.
+        let sure = ensemble(&[
+            vote("a", Ok(("x", Some(0.9)))),
+            vote("b", Ok(("x", Some(0.9)))),
+            vote("c", Ok(("y", Some(0.5)))),
+        ]);
+        assert_eq!(sure.answer.as_ref().unwrap().0, "x");
+        assert!((sure.scored.value.unwrap() - 0.6).abs() < 1e-12);
+        // Two members unsure of y, one sure of x: y by a little, and doubtful.
+        let doubt = ensemble(&[
+            vote("a", Ok(("y", Some(0.5)))),
+            vote("b", Ok(("x", Some(0.9)))),
+            vote("c", Ok(("y", Some(0.5)))),
+        ]);
+        assert_eq!(doubt.answer, Some(("y".to_string(), vec![0, 2])));
+        assert!((doubt.scored.value.unwrap() - 1.0 / 3.0).abs() < 1e-12);
+        assert!((doubt.scored.detail["agreement"].as_f64().unwrap() - 2.0 / 3.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn missing_members_count_against_the_confidence_and_ties_go_to_the_first() {
+        let v = ensemble(&[vote("a", Err("breaker open")), vote("b", Ok(("x", None))), vote("c", Ok(("x", None)))]);
+        assert_eq!(v.answer.as_ref().unwrap().0, "x");
+        assert!((v.scored.value.unwrap() - 2.0 / 3.0).abs() < 1e-12);
+        assert_eq!(v.scored.detail["votes"][0]["error"], "breaker open");
+        assert_eq!(v.scored.detail["answered"], 2);
+        let tie = ensemble(&[vote("a", Ok(("y", None))), vote("b", Ok(("x", None)))]);
+        assert_eq!(tie.answer.unwrap().0, "y");
+        let none = ensemble(&[vote("a", Err("down")), vote("b", Err("down"))]);
+        assert_eq!((none.answer, none.scored.value), (None, None));
+        // Weights count.
+        let mut heavy = vote("b", Ok(("x", None)));
+        heavy.weight = 3.0;
+        let w = ensemble(&[vote("a", Ok(("y", None))), heavy, vote("c", Ok(("y", None)))]);
+        assert_eq!(w.answer.unwrap().0, "x");
+        assert!((w.scored.value.unwrap() - 0.6).abs() < 1e-12);
     }
 }

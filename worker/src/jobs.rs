@@ -53,6 +53,9 @@ pub struct CompiledStage {
     pub gate: Option<common::stages::Gate>,
     /// The stage as the kind declares it (its type, a split's sizes).
     pub spec: common::stages::StageSpec,
+    /// An ensemble stage's members, each the stage with one member's model,
+    /// and their weights; empty for a stage of one model (`job`).
+    pub members: Vec<(CompiledJob, f64)>,
 }
 
 impl CompiledJob {
@@ -146,10 +149,23 @@ impl JobCache {
                 let stage = &kind.spec.stages[i];
                 // A stage's own threshold wins; else the job's (`--review-below`), else the kind's.
                 let below = stage.confidence_threshold.or(row.review_below);
-                let mut job = CompiledJob::compile(kind.stage_kind(i), row.template_hash.clone(), below, endpoints)?;
-                job.project = row.project.clone();
-                job.capped = row.capped;
-                Ok(CompiledStage { name: stage.name.clone(), job, gate: stage.gate, spec: stage.clone() })
+                let compile = |kind| -> Result<CompiledJob, common::spec::SpecError> {
+                    let mut job = CompiledJob::compile(kind, row.template_hash.clone(), below, endpoints)?;
+                    job.project = row.project.clone();
+                    job.capped = row.capped;
+                    Ok(job)
+                };
+                let job = compile(kind.stage_kind(i))?;
+                let members = match stage.ensemble.is_empty() {
+                    true => Vec::new(),
+                    false => kind
+                        .stage_members(i)
+                        .into_iter()
+                        .enumerate()
+                        .map(|(m, member)| Ok((compile(member)?, stage.weights.get(m).copied().unwrap_or(1.0))))
+                        .collect::<Result<_, common::spec::SpecError>>()?,
+                };
+                Ok(CompiledStage { name: stage.name.clone(), job, gate: stage.gate, spec: stage.clone(), members })
             })
             .collect::<Result<Vec<_>, common::spec::SpecError>>()
             .map_err(spec_error)?;

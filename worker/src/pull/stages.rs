@@ -39,6 +39,7 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use super::{item_context, Shared};
+use crate::confidence::{self, Vote};
 use crate::delivery::Delivery;
 use crate::jobs::CompiledJob;
 use crate::process::{run_item, Outcome};
@@ -97,20 +98,93 @@ impl Run<'_> {
         if let Value::Object(fields) = &mut payload {
             fields.extend(extra);
         }
-        let at = Item { seq: self.item.seq, id: self.item.id.clone(), payload, prior: self.prior };
-        let _call = tokio::select! {
-            permit = self.shared.calls.acquire(&self.job.project, self.chunk.job_id) => permit,
-            _ = self.delivery.stop().cancelled() => return Ok(Call::Ends(Outcome::Held(Duration::ZERO))),
-        };
-        let mut ctx = item_context(self.shared, self.chunk, &stage.job, self.delivery);
-        ctx.stage = k as i16;
-        let mut r = match run_item(&ctx, &stage.job, &at, None).await? {
+        if !stage.members.is_empty() {
+            return self.ensemble(k, seg, payload).await;
+        }
+        let mut r = match self.ask(k, &stage.job, payload).await? {
             Outcome::Done(r) => r,
             held @ Outcome::Held(_) => return Ok(Call::Ends(held)),
         };
         r.stage = Some(k as i16);
         r.seg = seg;
-        self.prior = r.attempts;
+        Ok(Call::Answered(r))
+    }
+
+    /// One model's answer at stage `k` (through `job`, the stage or one of
+    /// its ensemble's members), under a call permit.
+    async fn ask(&mut self, k: usize, job: &CompiledJob, payload: Value) -> Result<Outcome, Error> {
+        let at = Item { seq: self.item.seq, id: self.item.id.clone(), payload, prior: self.prior };
+        let _call = tokio::select! {
+            permit = self.shared.calls.acquire(&self.job.project, self.chunk.job_id) => permit,
+            _ = self.delivery.stop().cancelled() => return Ok(Outcome::Held(Duration::ZERO)),
+        };
+        let mut ctx = item_context(self.shared, self.chunk, job, self.delivery);
+        ctx.stage = k as i16;
+        let outcome = run_item(&ctx, job, &at, None).await?;
+        if let Outcome::Done(r) = &outcome {
+            self.prior = r.attempts;
+        }
+        Ok(outcome)
+    }
+
+    /// Asks each member of ensemble stage `k` in turn and takes their vote
+    /// ([`confidence::ensemble`]). A member whose breaker is open or whose
+    /// calls failed is left out, and the confidence shows it; the stage is
+    /// held back only when no member answered and one may yet (breaker), and
+    /// fails when every member failed.
+    async fn ensemble(&mut self, k: usize, seg: i32, payload: Value) -> Result<Call, Error> {
+        let stage = &self.job.stages[k];
+        let mut votes = Vec::with_capacity(stage.members.len());
+        let mut answers: Vec<Option<Box<ItemResult>>> = Vec::with_capacity(stage.members.len());
+        let mut held: Option<Duration> = None;
+        for (member, weight) in &stage.members {
+            let model = member.kind.spec.model.clone();
+            match self.ask(k, member, payload.clone()).await? {
+                Outcome::Held(wait) if wait.is_zero() => return Ok(Call::Ends(Outcome::Held(wait))),
+                Outcome::Held(wait) => {
+                    held = Some(held.map_or(wait, |h| h.min(wait)));
+                    votes.push(Vote { model, weight: *weight, answer: Err("its circuit breaker is open".into()) });
+                    answers.push(None);
+                }
+                Outcome::Done(r) => {
+                    let answer = match (&r.answer, r.succeeded) {
+                        (Some(a), true) => Ok((a.clone(), r.confidence)),
+                        _ => Err(r.error.clone().unwrap_or_else(|| "no answer".into())),
+                    };
+                    votes.push(Vote { model, weight: *weight, answer });
+                    answers.push(Some(r));
+                }
+            }
+        }
+        let verdict = confidence::ensemble(&votes);
+        let tokens = |f: fn(&ItemResult) -> i32| answers.iter().flatten().map(|r| f(r)).sum::<i32>();
+        let (tokens_in, tokens_out) = (tokens(|r| r.tokens_in), tokens(|r| r.tokens_out));
+        let latency_ms = tokens(|r| r.latency_ms);
+        let mut r = match verdict.answer {
+            Some((_, winners)) => {
+                let mut r = answers[winners[0]].take().expect("a winner answered");
+                r.confidence = verdict.scored.value;
+                r.needs_review = verdict.scored.value.is_none_or(|v| v < stage.job.review_below);
+                r.confidence_detail = Some(verdict.scored.detail);
+                r
+            }
+            None if held.is_some() && answers.iter().flatten().next().is_none() => {
+                return Ok(Call::Ends(Outcome::Held(held.unwrap_or_default())));
+            }
+            None => {
+                let mut r = Box::new(ItemResult::pending(self.item));
+                let why: Vec<String> =
+                    votes.iter().filter_map(|v| v.answer.as_ref().err().map(|e| format!("{}: {e}", v.model))).collect();
+                r.error_class = answers.iter().flatten().find_map(|a| a.error_class);
+                r.error = Some(format!("no member of the ensemble answered ({})", why.join("; ")));
+                r.confidence_detail = Some(verdict.scored.detail);
+                r
+            }
+        };
+        (r.tokens_in, r.tokens_out, r.latency_ms) = (tokens_in, tokens_out, latency_ms);
+        r.attempts = self.prior;
+        r.stage = Some(k as i16);
+        r.seg = seg;
         Ok(Call::Answered(r))
     }
 }
