@@ -136,9 +136,107 @@ pub fn document(seed: u64, index: u64) -> Value {
     json!({ "id": format!("doc-{:07}", index + 1), "text": text, "expected": label })
 }
 
+/// The clause labels of the synthetic contracts (`jobs/contract-review`),
+/// with words typical of each: a risky clause is full of its words, a
+/// standard one carries a few of its own.
+pub const CLAUSES: &[(&str, &[&str])] = &[
+    (
+        "risky",
+        &[
+            "indemnify",
+            "unlimited",
+            "penalty",
+            "irrevocable",
+            "exclusive",
+            "waive",
+            "perpetual",
+            "forfeit",
+            "unilaterally",
+            "liquidated",
+        ],
+    ),
+    ("standard", &["notice", "reasonable", "mutual", "customary", "confidential", "renewal", "payment", "written"]),
+];
+
+const CLAUSE_FILLER: &[&str] = &[
+    "the",
+    "party",
+    "shall",
+    "agreement",
+    "under",
+    "this",
+    "any",
+    "of",
+    "to",
+    "and",
+    "by",
+    "within",
+    "days",
+    "other",
+    "services",
+    "provider",
+    "client",
+    "terms",
+    "as",
+    "set",
+    "out",
+    "herein",
+    "may",
+    "be",
+];
+
+/// Contract `index` for `seed`: `{"id", "text", "expected", "risky_clauses"}`.
+/// Between 6 and 12 clauses of about 250 bytes, as paragraphs; about a third
+/// of the contracts have one or two risky clauses (`expected` is then
+/// `risky`, else `standard`), whose numbers (from 1) are listed.
+pub fn contract(seed: u64, index: u64) -> Value {
+    let mut rng = Rng(seed ^ index.wrapping_mul(0x9FB2_1C65_1E98_DF25) ^ 0xC0C0);
+    let clauses = 6 + rng.below(7);
+    let risky_count = if rng.below(3) == 0 { 1 + rng.below(2) } else { 0 };
+    let mut risky: Vec<usize> = Vec::new();
+    while risky.len() < risky_count {
+        let c = rng.below(clauses);
+        if !risky.contains(&c) {
+            risky.push(c);
+        }
+    }
+    risky.sort_unstable();
+    let paragraphs: Vec<String> = (0..clauses)
+        .map(|c| {
+            let (words, count) =
+                if risky.contains(&c) { (CLAUSES[0].1, 8 + rng.below(3)) } else { (CLAUSES[1].1, 1 + rng.below(2)) };
+            let mut tokens: Vec<&str> = (0..count).map(|_| words[rng.below(words.len())]).collect();
+            tokens.extend((0..30 + rng.below(8)).map(|_| CLAUSE_FILLER[rng.below(CLAUSE_FILLER.len())]));
+            for i in (1..tokens.len()).rev() {
+                tokens.swap(i, rng.below(i + 1));
+            }
+            format!("{}. {}.", c + 1, tokens.join(" "))
+        })
+        .collect();
+    let expected = if risky.is_empty() { "standard" } else { "risky" };
+    let numbers: Vec<usize> = risky.iter().map(|c| c + 1).collect();
+    json!({"id": format!("contract-{:07}", index + 1), "text": paragraphs.join("\n\n"), "expected": expected,
+           "risky_clauses": numbers})
+}
+
+/// Article brief `index` for `seed` (`jobs/article`): `{"id", "topic",
+/// "sources", "words"}`, a topic of the classification corpus with two or
+/// three source URLs and a length of 400 to 1,200 words.
+pub fn brief(seed: u64, index: u64) -> Value {
+    let mut rng = Rng(seed ^ index.wrapping_mul(0xD6E8_FEB8_6659_FD93) ^ 0xB1EF);
+    let (label, words) = TOPICS[rng.below(TOPICS.len())];
+    let subject: Vec<&str> = (0..3).map(|_| words[rng.below(words.len())]).collect();
+    let sources: Vec<String> = (0..2 + rng.below(2))
+        .map(|s| format!("https://example.org/{label}/{}-{}", subject[s % 3], rng.below(1000)))
+        .collect();
+    json!({"id": format!("brief-{:07}", index + 1), "topic": format!("{label}: {}", subject.join(", ")),
+           "sources": sources, "words": 400 + 100 * rng.below(9)})
+}
+
 /// How strongly `text` speaks of `label`: its topic words plus the label itself.
 pub fn score(text: &str, label: &str) -> usize {
-    let vocab = TOPICS.iter().find(|(l, _)| l.eq_ignore_ascii_case(label)).map(|(_, w)| *w).unwrap_or(&[]);
+    let vocab =
+        TOPICS.iter().chain(CLAUSES).find(|(l, _)| l.eq_ignore_ascii_case(label)).map(|(_, w)| *w).unwrap_or(&[]);
     text.split(|c: char| !c.is_alphanumeric())
         .filter(|w| !w.is_empty())
         .filter(|w| w.eq_ignore_ascii_case(label) || vocab.iter().any(|v| v.eq_ignore_ascii_case(w)))
@@ -181,6 +279,35 @@ mod tests {
         let seen: std::collections::HashSet<String> =
             (0..200).map(|i| document(3, i)["expected"].as_str().unwrap().to_string()).collect();
         assert_eq!(seen.len(), TOPICS.len());
+    }
+
+    #[test]
+    fn contracts_are_risky_exactly_where_a_clause_is_and_each_clause_reads_as_its_label() {
+        let labels: Vec<String> = CLAUSES.iter().map(|(l, _)| l.to_string()).collect();
+        let mut risky = 0;
+        for i in 0..300 {
+            let c = contract(4, i);
+            assert_eq!(c, contract(4, i));
+            let clauses: Vec<&str> = c["text"].as_str().unwrap().split("\n\n").collect();
+            assert!((6..=12).contains(&clauses.len()));
+            let numbers: Vec<u64> =
+                c["risky_clauses"].as_array().unwrap().iter().map(|n| n.as_u64().unwrap()).collect();
+            assert_eq!(c["expected"] == "risky", !numbers.is_empty());
+            risky += usize::from(!numbers.is_empty());
+            for (n, clause) in clauses.iter().enumerate() {
+                let want = if numbers.contains(&(n as u64 + 1)) { "risky" } else { "standard" };
+                assert_eq!(best_label(clause, &labels).unwrap().0, want, "{clause}");
+            }
+        }
+        assert!((70..130).contains(&risky), "{risky} of 300 risky");
+    }
+
+    #[test]
+    fn briefs_name_a_topic_sources_and_a_length() {
+        let b = brief(2, 7);
+        assert_eq!(b, brief(2, 7));
+        assert!(b["sources"].as_array().unwrap().len() >= 2);
+        assert!((400..=1200).contains(&b["words"].as_u64().unwrap()));
     }
 
     #[test]

@@ -502,6 +502,32 @@ mod tests {
             assert!(text.contains("The striker scored."), "{text}");
             assert_eq!(kind.template_hash().len(), 16);
         }
+        // The multi-stage kinds: every stage's template renders a sample input.
+        for (name, input) in
+            [("article", crate::sample::brief(1, 0)), ("contract-review", crate::sample::contract(1, 0))]
+        {
+            let kind = JobKind::load(&repo_jobs().join(name)).unwrap();
+            assert_eq!(kind.spec.kind, name);
+            assert_eq!(kind.spec.stages.len(), 3);
+            for i in 0..3 {
+                if kind.spec.stages[i].kind == crate::stages::StageKind::Split {
+                    continue;
+                }
+                let stage = kind.stage_kind(i);
+                let prompt = Prompt::new(&stage).unwrap();
+                let mut item = input.clone();
+                item["stages"] = serde_json::json!({"outline": {"title": "T", "sections": ["a", "b"]},
+                                                     "draft": {"body": "one two", "citations": ["u"]}});
+                item["segment"] = serde_json::json!({"text": "1. clause", "number": 1});
+                item["segments"] = serde_json::json!([{"number": 1, "clauses": {"label": "risky"}},
+                                                       {"number": 2, "clauses": {"label": "standard"}}]);
+                let text = prompt.render(&item).unwrap();
+                assert!(text.contains("Document:"), "{name} stage {i}: {text}");
+                if name == "contract-review" && i == 2 {
+                    assert!(text.ends_with("Part 1 of 2 is risky. "), "{text:?}");
+                }
+            }
+        }
     }
 
     #[test]

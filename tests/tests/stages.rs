@@ -591,3 +591,112 @@ async fn an_ensemble_with_a_model_down_answers_without_it_and_says_so() {
         assert_eq!(state, "needs_review", "{id}");
     }
 }
+
+/// Runs `sluice sample KIND --count N` and returns its lines.
+fn sample(stack: &Stack, kind: &str, count: usize) -> (Vec<u8>, Vec<Value>) {
+    let out = stack.sluice(&["sample", kind, "--count", &count.to_string(), "--seed", "3"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    (out.stdout, lines)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn contract_review_catches_the_wrong_verdicts_of_three_independently_wrong_models() {
+    let wrong = ["sim-small=0.1", "sim-large=0.1", "sim-reasoner=0.1"].map(String::from).to_vec();
+    let mut stack =
+        Stack::start_with_providers(vec![SimConfig { wrong_models: wrong, ..Default::default() }], THREE_MODELS)
+            .await
+            .unwrap();
+    stack.add_worker(|_| {});
+    let (input, contracts) = sample(&stack, "contract-review", 60);
+    let report = stack.submit("contract-review", input, false).await.unwrap();
+    stack.wait_completed(report.job_id, Duration::from_secs(120)).await.unwrap();
+    let st = stack.status(report.job_id).await.unwrap();
+    assert_eq!((st.succeeded, st.failed), (60, 0));
+    let names: Vec<&str> = st.stages.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["parts", "clauses", "verdict"]);
+    assert!(st.stages[1].passed >= 120, "about three parts a contract: {:?}", st.stages[1]);
+    let expected: HashMap<String, String> = contracts
+        .iter()
+        .map(|c| (c["id"].as_str().unwrap().to_string(), c["expected"].as_str().unwrap().to_string()))
+        .collect();
+    let (mut wrong, mut caught, mut flagged) = (0, 0, 0);
+    for (id, answer, _, state, detail) in verdicts(&stack, report.job_id).await {
+        let review = state == "needs_review";
+        flagged += usize::from(review);
+        if answer != expected[&id] {
+            wrong += 1;
+            caught += usize::from(review);
+            assert!(review, "{id}: the wrong verdict {answer} went unflagged: {detail}");
+        }
+        if answer == "risky" && !review {
+            assert!(detail["votes"][0]["answer"] == "risky", "{detail}");
+        }
+    }
+    // The models disagree somewhere, and not every contract is flagged.
+    assert!(flagged > 0 && flagged < 60 / 4, "{flagged} of 60 flagged, {wrong} wrong, {caught} caught");
+
+    // A reviewer decides the flagged contracts from the review queue.
+    let queue = stack.client.review_export(report.job_id, None, "jsonl").await.unwrap();
+    let decisions: String = String::from_utf8_lossy(&queue)
+        .lines()
+        .map(|l| {
+            let q: Value = serde_json::from_str(l).unwrap();
+            assert_eq!(q["confidence_detail"]["votes"].as_array().unwrap().len(), 3, "who said what: {q}");
+            let id = q["id"].as_str().unwrap();
+            format!("{}\n", json!({"id": id, "answer": expected[id], "reviewer": "legal"}))
+        })
+        .collect();
+    let r = stack.client.review_import(report.job_id, decisions.into_bytes(), "jsonl", "test").await.unwrap();
+    assert_eq!(r.applied as usize, flagged);
+    assert_eq!(stack.client.status(report.job_id).await.unwrap().reviewed as usize, flagged);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn article_goes_from_brief_through_an_approved_outline_to_a_checked_draft() {
+    let mut stack = Stack::start_with_providers(vec![SimConfig::default()], THREE_MODELS).await.unwrap();
+    stack.add_worker(|_| {});
+    let (input, briefs) = sample(&stack, "article", 5);
+    let report = stack.submit("article", input, false).await.unwrap();
+    let job = report.job_id;
+    wait_for("every outline waiting for approval", Duration::from_secs(60), || async {
+        Ok(stack.client.status(job).await?.stages.first().is_some_and(|s| s.waiting == 5))
+    })
+    .await
+    .unwrap();
+    // The editor approves four outlines and rejects one.
+    let queue = stack.client.review_export(job, None, "jsonl").await.unwrap();
+    let titles: HashMap<String, String> = String::from_utf8_lossy(&queue)
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .map(|q| (q["id"].as_str().unwrap().to_string(), q["answer"].as_str().unwrap().to_string()))
+        .collect();
+    let mut decisions = String::from("id,answer,reject\n");
+    for b in &briefs[..4] {
+        let id = b["id"].as_str().unwrap();
+        decisions.push_str(&format!("{id},\"{}\",\n", titles[id].replace('"', "\"\"")));
+    }
+    decisions.push_str(&format!("{},,not our beat\n", briefs[4]["id"].as_str().unwrap()));
+    let r = stack.client.review_import(job, decisions.into_bytes(), "csv", "test").await.unwrap();
+    assert_eq!(r.applied, 5, "{:?}", r.errors);
+    stack.wait_completed(job, Duration::from_secs(60)).await.unwrap();
+    let st = stack.status(job).await.unwrap();
+    assert_eq!((st.succeeded, st.failed), (4, 1));
+    let at: Vec<(u64, u64)> = st.stages.iter().map(|s| (s.passed, s.failed)).collect();
+    assert_eq!(at, [(4, 1), (4, 0), (4, 0)]);
+    // Each draft cites from its brief and is checked; the check's answer is
+    // the item's result.
+    let rows: Vec<(String, Value, Value)> = sqlx::query_as(
+        "SELECT i.item_id, d.output, r.output FROM results r JOIN items i USING (job_id, seq)
+         JOIN stage_results d ON d.job_id = r.job_id AND d.seq = r.seq AND d.stage = 1 WHERE r.job_id = $1",
+    )
+    .bind(job)
+    .fetch_all(&stack.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), 4);
+    for (id, draft, check) in rows {
+        assert!(draft["headline"].is_string() && draft["body"].is_string(), "{id}: {draft}");
+        assert!(["publish", "revise"].contains(&check["verdict"].as_str().unwrap()), "{id}: {check}");
+    }
+}

@@ -459,6 +459,7 @@ pub struct StageOutput {
     pub stage: i16,
     pub seg: i32,
     pub output: Value,
+    pub confidence: Option<f64>,
     pub waiting: bool,
 }
 
@@ -466,7 +467,7 @@ pub struct StageOutput {
 pub async fn stage_outputs(pool: &PgPool, c: &ChunkMsg) -> Result<Vec<StageOutput>, Error> {
     Ok(sqlx::query_as!(
         StageOutput,
-        r#"SELECT seq, stage, seg, output, state IN ('held', 'rejected') AS "waiting!" FROM stage_results
+        r#"SELECT seq, stage, seg, output, confidence, state IN ('held', 'rejected') AS "waiting!" FROM stage_results
          WHERE job_id = $1 AND seq BETWEEN $2 AND $3"#,
         c.job_id,
         c.first_seq,

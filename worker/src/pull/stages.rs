@@ -49,9 +49,9 @@ use crate::Error;
 /// Where an item of a multi-stage chunk stands.
 #[derive(Default)]
 pub(super) struct Passed {
-    /// The outputs of the stages it has passed, by stage and segment (0 for
-    /// stages that run once per item).
-    pub outputs: HashMap<(usize, i32), Value>,
+    /// The outputs of the stages it has passed, and their confidence, by
+    /// stage and segment (0 for stages that run once per item).
+    pub outputs: HashMap<(usize, i32), (Value, Option<f64>)>,
     /// It waits at a gate for a reviewer's decision: nothing to do now.
     pub waiting: bool,
 }
@@ -64,7 +64,7 @@ pub(super) async fn passed(shared: &Shared, chunk: &ChunkMsg) -> Result<HashMap<
         if row.waiting {
             item.waiting = true;
         } else {
-            item.outputs.insert((row.stage as usize, row.seg), row.output);
+            item.outputs.insert((row.stage as usize, row.seg), (row.output, row.confidence));
         }
     }
     Ok(by_item)
@@ -205,23 +205,26 @@ pub(super) async fn run(
     let mut run = Run { shared, chunk, job, delivery, item: &item, prior: item.prior };
     // Outputs of the stages run once per item, by name (`stages.NAME`).
     let mut outputs = serde_json::Map::new();
-    // After a split: each segment's answers, for the reduce (`segments`).
+    // After a split: each segment's answers, for the reduce (`segments`),
+    // and the least confidence among them.
     let mut segments: Option<Vec<Value>> = None;
+    let mut weakest: Option<Weakest> = None;
     let last = job.stages.len() - 1;
     let mut k = 0;
     while k <= last {
         let stage = &job.stages[k];
         if stage.spec.kind == StageKind::Split {
-            let (reduce, answers) = match split(&mut run, k, &passed, &outputs, sink).await? {
+            let (reduce, answers, least) = match split(&mut run, k, &passed, &outputs, sink).await? {
                 Ok(done) => done,
                 Err(ends) => return Ok(ends),
             };
             outputs.insert(stage.name.clone(), json!({"segments": answers.len()}));
             segments = Some(answers);
+            weakest = least;
             k = reduce;
             continue;
         }
-        if let Some(output) = passed.outputs.get(&(k, 0)) {
+        if let Some((output, _)) = passed.outputs.get(&(k, 0)) {
             outputs.insert(stage.name.clone(), output.clone());
             k += 1;
             continue;
@@ -237,6 +240,11 @@ pub(super) async fn run(
         if !r.succeeded {
             r.error = r.error.map(|e| format!("stage {} ({}): {e}", k + 1, stage.name));
             return Ok(Outcome::Done(r));
+        }
+        if stage.spec.kind == StageKind::Reduce {
+            if let Some(w) = weakest.take() {
+                w.bound(&mut r, stage.job.review_below);
+            }
         }
         if k == last {
             return Ok(Outcome::Done(r));
@@ -263,18 +271,42 @@ pub(super) async fn run(
     Ok(Outcome::Done(Box::new(ItemResult::failed(&item, common::provider::ErrorClass::Template, why))))
 }
 
+/// The least confident segment answer of an item, at the last stage before
+/// its reduce.
+struct Weakest {
+    confidence: f64,
+    /// From 1.
+    segment: usize,
+}
+
+impl Weakest {
+    /// A reduce's answer is no surer than the least sure of the segment
+    /// answers it combines: its confidence is bounded by theirs (and it goes
+    /// to review below the stage's threshold), the detail naming the segment.
+    fn bound(self, r: &mut ItemResult, review_below: f64) {
+        if r.confidence.is_none_or(|c| c > self.confidence) {
+            r.confidence = Some(self.confidence);
+            r.needs_review = self.confidence < review_below;
+        }
+        if let Some(Value::Object(detail)) = &mut r.confidence_detail {
+            detail.insert("weakest_segment".into(), json!({"number": self.segment, "confidence": self.confidence}));
+        }
+    }
+}
+
 /// Cuts the item's text at split stage `k` and runs the stages up to the
 /// next reduce on each segment in turn (a segment's attempts number on from
-/// the one before). Returns the reduce's index and each segment's answers
-/// (`{"index", "number", "text", NAME: output, ...}`), or how the item ends:
-/// a stage failing on a segment fails the item, naming the segment.
+/// the one before). Returns the reduce's index, each segment's answers
+/// (`{"index", "number", "text", NAME: output, ...}`) and the least
+/// confident of them, or how the item ends: a stage failing on a segment
+/// fails the item, naming the segment.
 async fn split(
     run: &mut Run<'_>,
     k: usize,
     passed: &Passed,
     outputs: &serde_json::Map<String, Value>,
     sink: &mpsc::UnboundedSender<ItemResult>,
-) -> Result<Result<(usize, Vec<Value>), Outcome>, Error> {
+) -> Result<Result<(usize, Vec<Value>, Option<Weakest>), Outcome>, Error> {
     let job = run.job;
     let spec = &job.stages[k].spec;
     let text = run.item.payload.get(spec.split_field()).and_then(Value::as_str).unwrap_or_default();
@@ -294,6 +326,7 @@ async fn split(
         let _ = sink.send(r);
     }
     let mut answers = Vec::with_capacity(count);
+    let mut weakest: Option<Weakest> = None;
     for (s, text) in texts.into_iter().enumerate() {
         let seg = s as i32;
         let segment = json!({"index": s, "number": s + 1, "count": count, "text": text});
@@ -302,10 +335,12 @@ async fn split(
             ("number".to_string(), json!(s + 1)),
             ("text".to_string(), json!(text)),
         ]);
+        let mut confidence = None;
         for j in k + 1..reduce {
             let stage = &job.stages[j];
-            if let Some(output) = passed.outputs.get(&(j, seg)) {
+            if let Some((output, c)) = passed.outputs.get(&(j, seg)) {
                 answer.insert(stage.name.clone(), output.clone());
+                confidence = *c;
                 continue;
             }
             // Earlier stages of this segment read like the item's own stages.
@@ -330,10 +365,16 @@ async fn split(
                 return Ok(Err(Outcome::Done(r)));
             }
             answer.insert(stage.name.clone(), r.output.clone().unwrap_or(Value::Null));
+            confidence = r.confidence;
             r.goes_on = true;
             let _ = sink.send(*r);
         }
+        if let Some(c) = confidence {
+            if weakest.as_ref().is_none_or(|w| c < w.confidence) {
+                weakest = Some(Weakest { confidence: c, segment: s + 1 });
+            }
+        }
         answers.push(Value::Object(answer));
     }
-    Ok(Ok((reduce, answers)))
+    Ok(Ok((reduce, answers, weakest)))
 }

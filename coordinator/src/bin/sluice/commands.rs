@@ -208,8 +208,10 @@ enum Command {
     },
     /// Print deterministic synthetic documents with known answers as JSONL.
     Sample {
-        /// Job kind the documents are for (classify or summarize).
-        #[arg(value_parser = ["classify", "summarize"])]
+        /// Job kind the inputs are for: classify and summarize take topic
+        /// documents, article takes briefs, contract-review takes contracts
+        /// (each with its known answer: `expected`, `risky_clauses`).
+        #[arg(value_parser = ["classify", "summarize", "article", "contract-review"])]
         kind: String,
         #[arg(long, default_value_t = 1000)]
         count: u64,
@@ -503,11 +505,16 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::from(2));
             }
         }
-        Command::Sample { kind: _, count, seed } => {
+        Command::Sample { kind, count, seed } => {
             let stdout = std::io::stdout();
             let mut out = std::io::BufWriter::new(stdout.lock());
+            let make = match kind.as_str() {
+                "article" => common::sample::brief,
+                "contract-review" => common::sample::contract,
+                _ => common::sample::document,
+            };
             for i in 0..count {
-                serde_json::to_writer(&mut out, &common::sample::document(seed, i))?;
+                serde_json::to_writer(&mut out, &make(seed, i))?;
                 out.write_all(b"\n")?;
             }
             out.flush()?;
