@@ -244,7 +244,9 @@ enum CacheCommand {
 #[derive(Debug, Subcommand)]
 enum ReviewCommand {
     /// Write the results that need review: those below the job's threshold
-    /// (or below --below), least confident first.
+    /// (or below --below), least confident first, and the answers a stage's
+    /// gate holds (with `stage` named). An ensemble's answers carry every
+    /// model's vote.
     Export {
         job: Uuid,
         /// Include every answer with a confidence under this instead.
@@ -260,9 +262,12 @@ enum ReviewCommand {
     },
     /// Record people's decisions from a file: JSONL lines {"id", "answer",
     /// "reviewer"?, "decided_at"?} or CSV with the header
-    /// id,answer[,reviewer][,decided_at]. The reviewer recorded is your
-    /// token's holder; a reviewer named in the file is kept as a note. Any
-    /// bad line (named by number) rejects the whole file.
+    /// id,answer[,reviewer][,decided_at]. For an answer held at a gate, the
+    /// same answer approves it, another edits it ("output" may give the
+    /// whole edited output), and "reject" with a reason (instead of an
+    /// answer) ends the item; approved items go on at once. The reviewer
+    /// recorded is your token's holder; a reviewer named in the file is kept
+    /// as a note. Any bad line (named by number) rejects the whole file.
     Import {
         job: Uuid,
         /// The decisions file; its extension (.jsonl or .csv) gives the format.
