@@ -207,10 +207,23 @@ async fn kinds_with_stages_that_cannot_run_are_refused_at_submit_with_the_field_
     // A model no provider serves.
     let mut unknown = kind.clone();
     unknown.spec.stages[1].model = Some("no-such-model".into());
+    // A stage reading one that does not exist.
+    let mut misnamed = kind.clone();
+    misnamed.stage_files[1].template = "Document: {{ stages.outlne.title }}".into();
+    // An ensemble of one model.
+    let mut alone = kind.clone();
+    alone.spec.stages[1].model = None;
+    alone.spec.stages[1].ensemble = vec!["sim-large".into()];
+    // A gate on the last stage.
+    let mut gated_last = kind.clone();
+    gated_last.spec.stages[2].gate = Some(common::stages::Gate::ApproveAll);
     // Batch mode.
     let batch = coordinator::model::NewJob { mode: Some(common::state::JobMode::Batch), ..sluice_tests_new(kind) };
     for (job, want) in [
         (sluice_tests_new(cyclic), "stages[0].template (outline): reads stages.check, which does not run before it"),
+        (sluice_tests_new(misnamed), "stages[1].template (draft): reads stages.outlne, but no stage is named outlne"),
+        (sluice_tests_new(alone), "stages[1].ensemble (draft): an ensemble of one model is no ensemble"),
+        (sluice_tests_new(gated_last), "stages[2].gate (check): the last stage has no stage after it"),
         (sluice_tests_new(unknown), "stages[1] (draft): model \"no-such-model\""),
         (batch, "a multi-stage job runs its calls live"),
     ] {

@@ -168,9 +168,8 @@ impl Run<'_> {
                 r.confidence_detail = Some(verdict.scored.detail);
                 r
             }
-            None if held.is_some() && answers.iter().flatten().next().is_none() => {
-                return Ok(Call::Ends(Outcome::Held(held.unwrap_or_default())));
-            }
+            // No answer yet, but a member held back by its breaker may give one.
+            None if held.is_some() => return Ok(Call::Ends(Outcome::Held(held.unwrap_or_default()))),
             None => {
                 let mut r = Box::new(ItemResult::pending(self.item));
                 let why: Vec<String> =

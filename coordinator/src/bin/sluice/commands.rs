@@ -927,10 +927,17 @@ async fn watch_job(client: &Client, job: Uuid, quiet: bool) -> anyhow::Result<Jo
     loop {
         bar.set_length(status.total);
         bar.set_position(status.done());
-        bar.set_message(format!("{:.0} items/s, {} failed{}", status.items_per_s, status.failed, eta(&status)));
+        // Items held at a gate wait for people: say so, and how to decide them.
+        let waiting: u64 = status.stages.iter().map(|s| s.waiting).sum();
+        let gates = if waiting > 0 {
+            format!(", {waiting} waiting at a gate (sluice review export {job})")
+        } else {
+            String::new()
+        };
+        bar.set_message(format!("{:.0} items/s, {} failed{}{gates}", status.items_per_s, status.failed, eta(&status)));
         if plain && last_print.elapsed() >= Duration::from_secs(5) {
             eprintln!(
-                "{}: {}/{} done, {} failed, {:.0} items/s{}",
+                "{}: {}/{} done, {} failed, {:.0} items/s{}{gates}",
                 status.state,
                 status.done(),
                 status.total,
