@@ -136,9 +136,13 @@ pub struct OutputModeUse {
 pub struct StageStatus {
     pub name: String,
     /// Items whose answer at this stage was accepted (for the last stage:
-    /// items with a result).
+    /// items with a result; for a stage that runs per segment, items with
+    /// at least one segment's answer).
     pub passed: u64,
-    /// Of those, answers below the stage's review threshold.
+    /// Answers accepted: one per item, or one per segment.
+    #[serde(default)]
+    pub answers: u64,
+    /// Of those answers, the ones below the stage's review threshold.
     pub needs_review: u64,
     /// Items that failed at this stage and went no further (rejected at
     /// its gate included).

@@ -577,20 +577,22 @@ async fn statuses(pool: &PgPool, ids: &[Uuid]) -> Result<Vec<JobStatus>, Error> 
 /// running tallies yet: a read costs in proportion to the job's size).
 async fn stage_statuses(pool: &PgPool, job_id: Uuid, names: Vec<String>) -> Result<Vec<StageStatus>, Error> {
     let rows = sqlx::query!(
-        r#"SELECT stage AS "stage!", sum(passed)::bigint AS "passed!", sum(needs_review)::bigint AS "needs_review!",
-                  sum(failed)::bigint AS "failed!", sum(waiting)::bigint AS "waiting!",
-                  sum(attempts)::bigint AS "attempts!", sum(cost)::float8 AS "cost!"
-           FROM (SELECT stage, count(*) FILTER (WHERE state IN ('succeeded', 'needs_review', 'approved')) AS passed,
+        r#"SELECT stage AS "stage!", sum(passed)::bigint AS "passed!", sum(answers)::bigint AS "answers!",
+                  sum(needs_review)::bigint AS "needs_review!", sum(failed)::bigint AS "failed!",
+                  sum(waiting)::bigint AS "waiting!", sum(attempts)::bigint AS "attempts!", sum(cost)::float8 AS "cost!"
+           FROM (SELECT stage,
+                        count(DISTINCT seq) FILTER (WHERE state IN ('succeeded', 'needs_review', 'approved')) AS passed,
+                        count(*) FILTER (WHERE state IN ('succeeded', 'needs_review', 'approved')) AS answers,
                         count(*) FILTER (WHERE state = 'needs_review') AS needs_review, 0 AS failed,
                         count(*) FILTER (WHERE state = 'held') AS waiting, 0 AS attempts, 0 AS cost
                  FROM stage_results WHERE job_id = $1 GROUP BY stage
                  UNION ALL
-                 SELECT stage, count(*) FILTER (WHERE state <> 'failed'),
+                 SELECT stage, count(*) FILTER (WHERE state <> 'failed'), count(*) FILTER (WHERE state <> 'failed'),
                         count(*) FILTER (WHERE state = 'needs_review'), count(*) FILTER (WHERE state = 'failed'),
                         0, 0, 0
                  FROM results WHERE job_id = $1 AND stage IS NOT NULL GROUP BY stage
                  UNION ALL
-                 SELECT stage, 0, 0, 0, 0, count(*), coalesce(sum(cost_usd), 0)
+                 SELECT stage, 0, 0, 0, 0, 0, count(*), coalesce(sum(cost_usd), 0)
                  FROM audit_attempts WHERE job_id = $1 GROUP BY stage) s
            GROUP BY stage ORDER BY stage"#,
         job_id
@@ -606,6 +608,7 @@ async fn stage_statuses(pool: &PgPool, job_id: Uuid, names: Vec<String>) -> Resu
             StageStatus {
                 name,
                 passed: r.map_or(0, |r| r.passed as u64),
+                answers: r.map_or(0, |r| r.answers as u64),
                 needs_review: r.map_or(0, |r| r.needs_review as u64),
                 failed: r.map_or(0, |r| r.failed as u64),
                 waiting: r.map_or(0, |r| r.waiting as u64),

@@ -989,8 +989,11 @@ fn print_status(s: &JobStatus, json: bool) {
     println!("chunks   {}/{} done", s.chunks_done, s.chunks_total);
     for (i, st) in s.stages.iter().enumerate() {
         let mut parts = vec![format!("{} passed", st.passed)];
+        if st.answers > st.passed {
+            parts[0].push_str(&format!(" ({} segment answers)", st.answers));
+        }
         if st.needs_review > 0 {
-            parts.push(format!("{} below its review threshold", st.needs_review));
+            parts.push(format!("{} answers below its review threshold", st.needs_review));
         }
         if st.waiting > 0 {
             parts.push(format!("{} waiting at its gate (sluice review export)", st.waiting));
