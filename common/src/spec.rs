@@ -390,14 +390,31 @@ impl JobKind {
             .collect()
     }
 
+    /// The kind an ensemble stage `i`'s adjudicator is asked as, if it has one.
+    pub fn stage_adjudicator(&self, i: usize) -> Option<JobKind> {
+        let model = self.spec.stages[i].adjudicator.as_ref()?;
+        let mut judge = self.stage_kind(i);
+        judge.spec.model = model.clone();
+        judge.spec.fallback_models = Vec::new();
+        Some(judge)
+    }
+
+    /// Every kind stage `i` may call: its members (or itself) and its adjudicator.
+    pub fn stage_callers(&self, i: usize) -> Vec<JobKind> {
+        let mut kinds = self.stage_members(i);
+        kinds.extend(self.stage_adjudicator(i));
+        kinds
+    }
+
     /// Every model a job of this kind may call: the kind's (main and
-    /// fallbacks), or each stage's (every member of an ensemble).
+    /// fallbacks), or each stage's (every member of an ensemble, and its
+    /// adjudicator).
     pub fn models(&self) -> Vec<String> {
         if self.spec.stages.is_empty() {
             return self.spec.models().cloned().collect();
         }
         (0..self.spec.stages.len())
-            .flat_map(|i| self.stage_members(i))
+            .flat_map(|i| self.stage_callers(i))
             .flat_map(|k| k.spec.models().cloned().collect::<Vec<_>>())
             .collect()
     }

@@ -52,6 +52,11 @@ pub struct StageSpec {
     /// out).
     #[serde(default)]
     pub weights: Vec<f64>,
+    /// A model asked when the ensemble's members disagree (or one has no
+    /// answer), with their answers (`ensemble` in the template): its answer
+    /// is the stage's. Without one, disagreements go straight to review.
+    #[serde(default)]
+    pub adjudicator: Option<String>,
     #[serde(default, deserialize_with = "crate::spec::one_or_many")]
     pub confidence: Vec<ConfidenceStrategy>,
     /// Answers below it go to review (the kind's own if left out).
@@ -115,7 +120,7 @@ pub struct StageFiles {
 }
 
 /// What a stage's template may read besides the item's fields.
-const PROVIDED: &[&str] = &["labels", "stages", "segment", "segments"];
+const PROVIDED: &[&str] = &["labels", "stages", "segment", "segments", "ensemble"];
 
 /// Checks the stages of a kind whose input lines carry `input_fields` and
 /// whose own confidence strategies and threshold are `confidence` and
@@ -216,6 +221,13 @@ pub fn validate(
                 i,
                 "weights",
                 format!("gives {} weights for an ensemble of {}", stage.weights.len(), stage.ensemble.len()),
+            ));
+        }
+        if stage.adjudicator.is_some() && stage.ensemble.is_empty() {
+            return Err(invalid(
+                i,
+                "adjudicator",
+                "an adjudicator settles an ensemble's disagreements: name the ensemble's models too".into(),
             ));
         }
         if stage.weights.iter().any(|w| !w.is_finite() || *w <= 0.0) {
@@ -439,6 +451,13 @@ schema = "v.json"
         assert!(err.contains("cycle"), "{err}");
         let err = refused(TWO, &["{{ brief }}", "{{ stages.draft.text }}"]);
         assert!(err.starts_with("job spec: stages[1].template (draft): reads stages.draft"), "{err}");
+    }
+
+    #[test]
+    fn an_adjudicator_needs_an_ensemble() {
+        let judged = TWO.replace("schema = \"draft.json\"", "schema = \"draft.json\"\nadjudicator = \"openai/a\"");
+        let err = refused(&judged, &["{{ brief }}", "{{ stages.outline.sections }}"]);
+        assert!(err.starts_with("job spec: stages[1].adjudicator (draft): an adjudicator settles"), "{err}");
     }
 
     #[test]

@@ -89,7 +89,7 @@ pub fn check_models(catalog: &Catalog, prices: &PriceTable, job: &NewJob) -> Res
         let mut warnings = Vec::new();
         for (i, stage) in stages.iter().enumerate() {
             let named = |m: String| format!("stages[{i}] ({}): {m}", stage.name);
-            for member in job.kind.stage_members(i) {
+            for member in job.kind.stage_callers(i) {
                 let staged = NewJob { kind: member, ..job.clone() };
                 match check_models(catalog, prices, &staged) {
                     Ok(w) => warnings.extend(w.into_iter().map(named)),

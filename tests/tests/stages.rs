@@ -517,10 +517,16 @@ rpm = 60000
 
 /// The shipped `classify` kind as one stage answered by three models.
 fn ensemble_kind() -> common::spec::JobKind {
+    ensemble_kind_with(json!({"ensemble": ["sim-small", "sim-large", "sim-reasoner"]}))
+}
+
+/// The shipped `classify` kind as one stage with `ensemble` settings.
+fn ensemble_kind_with(ensemble: Value) -> common::spec::JobKind {
     let dir = sluice_tests::fixtures::jobs_dir().join("classify");
     let mut kind = common::spec::JobKind::load(&dir).unwrap();
-    let stage = json!({"name": "label", "template": "prompt.j2", "schema": "schema.json",
-                       "ensemble": ["sim-small", "sim-large", "sim-reasoner"], "confidence_threshold": 0.7});
+    let mut stage = json!({"name": "label", "template": "prompt.j2", "schema": "schema.json",
+                           "confidence_threshold": 0.7});
+    stage.as_object_mut().unwrap().extend(ensemble.as_object().unwrap().clone());
     kind.spec.stages = vec![serde_json::from_value(stage).unwrap()];
     kind.stage_files =
         vec![common::stages::StageFiles { template: kind.template.clone(), schema: kind.schema.clone() }];
@@ -713,4 +719,45 @@ async fn article_goes_from_brief_through_an_approved_outline_to_a_checked_draft(
         assert!(draft["headline"].is_string() && draft["body"].is_string(), "{id}: {draft}");
         assert!(["publish", "revise"].contains(&check["verdict"].as_str().unwrap()), "{id}: {check}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_adjudicator_settles_the_ensembles_disagreements_and_only_those() {
+    // Two members, sim-large wrong on half the documents; sim-reasoner judges.
+    let sim = SimConfig { wrong_models: vec!["sim-large=0.5".into()], ..Default::default() };
+    let mut stack = Stack::start_with_providers(vec![sim], THREE_MODELS).await.unwrap();
+    stack.add_worker(|_| {});
+    let kind = ensemble_kind_with(json!({"ensemble": ["sim-small", "sim-large"], "adjudicator": "sim-reasoner"}));
+    let n = 30;
+    let report = stack.submit_kind(kind, sluice_tests::fixtures::sample_jsonl(8, n), false).await.unwrap();
+    stack.wait_completed(report.job_id, Duration::from_secs(90)).await.unwrap();
+    let expected: HashMap<String, String> = (0..n)
+        .map(|i| {
+            let d = common::sample::document(8, i);
+            (d["id"].as_str().unwrap().to_string(), d["expected"].as_str().unwrap().to_string())
+        })
+        .collect();
+    let mut split = 0;
+    for (id, answer, confidence, _, detail) in verdicts(&stack, report.job_id).await {
+        let votes = detail["votes"].as_array().unwrap();
+        if votes[0]["answer"] == votes[1]["answer"] {
+            assert!(detail.get("adjudicator").is_none(), "{id}: a unanimous vote is not judged: {detail}");
+            continue;
+        }
+        split += 1;
+        // The judge (right) decides; it and the member it sides with count.
+        assert_eq!(answer, expected[&id], "{id}: {detail}");
+        assert_eq!(detail["adjudicator"]["model"], "sim-reasoner");
+        let judge = detail["adjudicator"]["confidence"].as_f64().unwrap();
+        let ally = votes.iter().find(|v| v["answer"] == answer.as_str()).unwrap()["confidence"].as_f64().unwrap();
+        assert!((confidence - (judge + ally) / 3.0).abs() < 1e-9, "{id}: {confidence}: {detail}");
+    }
+    let judged: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM audit_attempts WHERE job_id = $1 AND model = 'sim-reasoner'")
+            .bind(report.job_id)
+            .fetch_one(&stack.db.pool)
+            .await
+            .unwrap();
+    assert!(split >= 5, "sim-large disagreed on {split} of {n}");
+    assert_eq!(judged, split as i64, "the judge was asked about disagreements only");
 }

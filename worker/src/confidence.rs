@@ -205,6 +205,37 @@ pub fn ensemble(votes: &[Vote]) -> Verdict {
     Verdict { answer: Some((answer, members)), scored: Scored { value: Some(value), detail } }
 }
 
+/// An ensemble's disagreement settled by an adjudicator model (`judge`,
+/// asked with the members' answers): its answer wins, counted as one more
+/// member of weight `judge.weight`, so the confidence is the judge's and
+/// the agreeing members' weighted confidence over every member's weight and
+/// the judge's. A judge without an answer leaves the vote as it was, the
+/// detail saying why.
+pub fn adjudicate(votes: &[Vote], judge: &Vote) -> Verdict {
+    let mut verdict = ensemble(votes);
+    let Ok((answer, own)) = &judge.answer else {
+        let why = judge.answer.as_ref().err().cloned().unwrap_or_default();
+        verdict.scored.detail["adjudicator"] = json!({"model": judge.model, "error": why});
+        return verdict;
+    };
+    let total: f64 = votes.iter().map(|v| v.weight).sum::<f64>() + judge.weight;
+    let agreeing: Vec<usize> =
+        (0..votes.len()).filter(|&i| votes[i].answer.as_ref().is_ok_and(|(a, _)| a == answer)).collect();
+    let weighted: f64 = agreeing
+        .iter()
+        .map(|&i| votes[i].weight * votes[i].answer.as_ref().map_or(0.0, |(_, c)| c.unwrap_or(1.0).clamp(0.0, 1.0)))
+        .sum::<f64>()
+        + judge.weight * own.unwrap_or(1.0).clamp(0.0, 1.0);
+    let agreement = (agreeing.iter().map(|&i| votes[i].weight).sum::<f64>() + judge.weight) / total;
+    let detail = &mut verdict.scored.detail;
+    detail["answer"] = json!(answer);
+    detail["agreement"] = json!(agreement);
+    detail["adjudicator"] = json!({"model": judge.model, "weight": judge.weight, "answer": answer, "confidence": own});
+    verdict.scored.value = Some(weighted / total);
+    verdict.answer = Some((answer.clone(), agreeing));
+    verdict
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -313,6 +344,26 @@ mod tests {
         assert_eq!(doubt.answer, Some(("y".to_string(), vec![0, 2])));
         assert!((doubt.scored.value.unwrap() - 1.0 / 3.0).abs() < 1e-12);
         assert!((doubt.scored.detail["agreement"].as_f64().unwrap() - 2.0 / 3.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn an_adjudicator_settles_a_split_and_counts_as_one_more_member() {
+        let split = [vote("a", Ok(("x", Some(0.9)))), vote("b", Ok(("y", Some(0.9))))];
+        // The judge sides with b: y wins, whatever the order.
+        let v = adjudicate(&split, &vote("judge", Ok(("y", Some(0.6)))));
+        assert_eq!(v.answer, Some(("y".to_string(), vec![1])));
+        assert!((v.scored.value.unwrap() - 1.5 / 3.0).abs() < 1e-12);
+        assert!((v.scored.detail["agreement"].as_f64().unwrap() - 2.0 / 3.0).abs() < 1e-12);
+        assert_eq!(v.scored.detail["adjudicator"]["answer"], "y");
+        assert_eq!(v.scored.detail["votes"].as_array().unwrap().len(), 2);
+        // A third answer of its own: it wins alone, with little confidence.
+        let v = adjudicate(&split, &vote("judge", Ok(("z", None))));
+        assert_eq!(v.answer, Some(("z".to_string(), vec![])));
+        assert!((v.scored.value.unwrap() - 1.0 / 3.0).abs() < 1e-12);
+        // A judge without an answer leaves the vote, and says so.
+        let v = adjudicate(&split, &vote("judge", Err("breaker open")));
+        assert_eq!(v.answer.unwrap().0, "x");
+        assert_eq!(v.scored.detail["adjudicator"]["error"], "breaker open");
     }
 
     #[test]

@@ -56,6 +56,8 @@ pub struct CompiledStage {
     /// An ensemble stage's members, each the stage with one member's model,
     /// and their weights; empty for a stage of one model (`job`).
     pub members: Vec<(CompiledJob, f64)>,
+    /// The model that settles the members' disagreements, if any.
+    pub adjudicator: Option<CompiledJob>,
 }
 
 impl CompiledJob {
@@ -165,7 +167,15 @@ impl JobCache {
                         .map(|(m, member)| Ok((compile(member)?, stage.weights.get(m).copied().unwrap_or(1.0))))
                         .collect::<Result<_, common::spec::SpecError>>()?,
                 };
-                Ok(CompiledStage { name: stage.name.clone(), job, gate: stage.gate, spec: stage.clone(), members })
+                let adjudicator = kind.stage_adjudicator(i).map(compile).transpose()?;
+                Ok(CompiledStage {
+                    name: stage.name.clone(),
+                    job,
+                    gate: stage.gate,
+                    spec: stage.clone(),
+                    members,
+                    adjudicator,
+                })
             })
             .collect::<Result<Vec<_>, common::spec::SpecError>>()
             .map_err(spec_error)?;

@@ -156,13 +156,44 @@ impl Run<'_> {
                 }
             }
         }
-        let verdict = confidence::ensemble(&votes);
-        let tokens = |f: fn(&ItemResult) -> i32| answers.iter().flatten().map(|r| f(r)).sum::<i32>();
+        let mut verdict = confidence::ensemble(&votes);
+        // A split vote (or a member missing) goes to the adjudicator, if the
+        // stage has one, with the members' answers.
+        let split = verdict.scored.detail["agreement"].as_f64().is_none_or(|a| a < 1.0);
+        let mut judged: Option<Box<ItemResult>> = None;
+        if let (Some(judge), true) = (&stage.adjudicator, split) {
+            let mut payload = payload.clone();
+            payload["ensemble"] = votes
+                .iter()
+                .map(|v| json!({"model": v.model, "answer": v.answer.as_ref().ok().map(|(a, _)| a)}))
+                .collect();
+            let model = judge.kind.spec.model.clone();
+            let vote = match self.ask(k, judge, payload).await? {
+                Outcome::Held(wait) if wait.is_zero() => return Ok(Call::Ends(Outcome::Held(wait))),
+                Outcome::Held(_) => Vote { model, weight: 1.0, answer: Err("its circuit breaker is open".into()) },
+                Outcome::Done(r) => {
+                    let answer = match (&r.answer, r.succeeded) {
+                        (Some(a), true) => Ok((a.clone(), r.confidence)),
+                        _ => Err(r.error.clone().unwrap_or_else(|| "no answer".into())),
+                    };
+                    if answer.is_ok() {
+                        judged = Some(r);
+                    }
+                    Vote { model, weight: 1.0, answer }
+                }
+            };
+            verdict = confidence::adjudicate(&votes, &vote);
+        }
+        let tokens =
+            |f: fn(&ItemResult) -> i32| answers.iter().flatten().chain(judged.iter()).map(|r| f(r)).sum::<i32>();
         let (tokens_in, tokens_out) = (tokens(|r| r.tokens_in), tokens(|r| r.tokens_out));
         let latency_ms = tokens(|r| r.latency_ms);
         let mut r = match verdict.answer {
             Some((_, winners)) => {
-                let mut r = answers[winners[0]].take().expect("a winner answered");
+                let mut r = match judged.take() {
+                    Some(judge) => judge,
+                    None => answers[winners[0]].take().expect("a winner answered"),
+                };
                 r.confidence = verdict.scored.value;
                 r.needs_review = verdict.scored.value.is_none_or(|v| v < stage.job.review_below);
                 r.confidence_detail = Some(verdict.scored.detail);
