@@ -374,13 +374,8 @@ pub async fn import(
                     d.id
                 )))
             }
-            Some(_) if !spec.labels.is_empty() && !spec.labels.contains(&d.answer) && known_result(&known, &d) => {
-                errors.push(refuse(format!(
-                    "answer \"{}\" is not one of the labels: {}",
-                    d.answer,
-                    spec.labels.join(", ")
-                )))
-            }
+            Some((_, Some(Target::Result))) if !spec.labels.is_empty() && !spec.labels.contains(&d.answer) => errors
+                .push(refuse(format!("answer \"{}\" is not one of the labels: {}", d.answer, spec.labels.join(", ")))),
             Some((seq, Some(Target::Result))) => apply.push((*seq, d)),
             Some((seq, Some(Target::Held { stage, output }))) => match gate_verdict(&kind, *stage, output, &d) {
                 Ok((output, verdict)) => {
@@ -435,11 +430,6 @@ pub async fn import(
     let detail = json!({"decisions": applied, "source": source, "released": released, "rejected": rejected});
     store::event(pool, job_id, "imported", actor, detail).await?;
     Ok(ImportReport { applied, errors })
-}
-
-/// Whether `d` is about an item's final result (whose answer must be a label).
-fn known_result(known: &HashMap<String, (i64, Option<Target>)>, d: &Decision) -> bool {
-    matches!(known.get(&d.id), Some((_, Some(Target::Result))))
 }
 
 /// What a decision on an answer held at gate `stage` (output `held`) does:

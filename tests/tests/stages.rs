@@ -534,6 +534,16 @@ fn ensemble_kind_with(ensemble: Value) -> common::spec::JobKind {
     kind
 }
 
+/// The known label of each sample document of `seed`, by id.
+fn expected_labels(seed: u64, n: u64) -> HashMap<String, String> {
+    (0..n)
+        .map(|i| {
+            let d = common::sample::document(seed, i);
+            (d["id"].as_str().unwrap().to_string(), d["expected"].as_str().unwrap().to_string())
+        })
+        .collect()
+}
+
 /// Each result's answer, confidence, review state and the ensemble's votes.
 async fn verdicts(stack: &Stack, job: Uuid) -> Vec<(String, String, f64, String, Value)> {
     sqlx::query_as(
@@ -554,12 +564,7 @@ async fn an_ensemble_votes_and_sends_disagreements_and_missing_members_to_review
     let n = 40;
     let report = stack.submit_kind(ensemble_kind(), sluice_tests::fixtures::sample_jsonl(5, n), false).await.unwrap();
     stack.wait_completed(report.job_id, Duration::from_secs(90)).await.unwrap();
-    let expected: HashMap<String, String> = (0..n)
-        .map(|i| {
-            let d = common::sample::document(5, i);
-            (d["id"].as_str().unwrap().to_string(), d["expected"].as_str().unwrap().to_string())
-        })
-        .collect();
+    let expected = expected_labels(5, n);
     let (mut split, mut flagged_unanimous) = (0, 0);
     for (id, answer, confidence, state, detail) in verdicts(&stack, report.job_id).await {
         // The majority is right even where sim-large is not.
@@ -731,12 +736,7 @@ async fn an_adjudicator_settles_the_ensembles_disagreements_and_only_those() {
     let n = 30;
     let report = stack.submit_kind(kind, sluice_tests::fixtures::sample_jsonl(8, n), false).await.unwrap();
     stack.wait_completed(report.job_id, Duration::from_secs(90)).await.unwrap();
-    let expected: HashMap<String, String> = (0..n)
-        .map(|i| {
-            let d = common::sample::document(8, i);
-            (d["id"].as_str().unwrap().to_string(), d["expected"].as_str().unwrap().to_string())
-        })
-        .collect();
+    let expected = expected_labels(8, n);
     let mut split = 0;
     for (id, answer, confidence, _, detail) in verdicts(&stack, report.job_id).await {
         let votes = detail["votes"].as_array().unwrap();

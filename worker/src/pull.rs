@@ -654,6 +654,5 @@ async fn work(
 /// before the last are not items' results and are not counted.
 fn tally(results: &[ItemResult]) -> (u64, u64) {
     let items = results.iter().filter(|r| !r.goes_on);
-    let ok = items.clone().filter(|r| r.succeeded).count() as u64;
-    (ok, results.iter().filter(|r| !r.goes_on).count() as u64)
+    (items.clone().filter(|r| r.succeeded).count() as u64, items.count() as u64)
 }

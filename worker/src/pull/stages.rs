@@ -184,10 +184,9 @@ impl Run<'_> {
             };
             verdict = confidence::adjudicate(&votes, &vote);
         }
-        let tokens =
-            |f: fn(&ItemResult) -> i32| answers.iter().flatten().chain(judged.iter()).map(|r| f(r)).sum::<i32>();
-        let (tokens_in, tokens_out) = (tokens(|r| r.tokens_in), tokens(|r| r.tokens_out));
-        let latency_ms = tokens(|r| r.latency_ms);
+        // Tokens and time of every call the stage made, the judge's included.
+        let sum = |f: fn(&ItemResult) -> i32| answers.iter().flatten().chain(judged.iter()).map(|r| f(r)).sum::<i32>();
+        let (tokens_in, tokens_out, latency_ms) = (sum(|r| r.tokens_in), sum(|r| r.tokens_out), sum(|r| r.latency_ms));
         let mut r = match verdict.answer {
             Some((_, winners)) => {
                 let mut r = match judged.take() {
