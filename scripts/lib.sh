@@ -110,6 +110,25 @@ ensure_deploy_tools() {
   export SLUICE_DEPLOY_CHECK_PYTHONPATH="$tools/pip"
 }
 
+# The tools that check the review queue's files (tests/tests/label_studio.rs):
+# label-studio-sdk, Label Studio's own Python library (its config parser,
+# prediction validation and export converter), pinned, under .sluice/tools.
+# Exports SLUICE_LABEL_STUDIO_PYTHONPATH.
+LABEL_STUDIO_SDK_VERSION=2.1.2
+ensure_review_tools() {
+  local target="$STATE/tools/label-studio"
+  if [ ! -d "$target/label_studio_sdk" ]; then
+    say "installing label-studio-sdk $LABEL_STUDIO_SDK_VERSION (PyPI)"
+    command -v python3 >/dev/null || apt_install python3
+    python3 -m pip --version >/dev/null 2>&1 || apt_install python3-pip
+    python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --target "$target" \
+      "label-studio-sdk==$LABEL_STUDIO_SDK_VERSION" 2>/dev/null \
+      || python3 -m pip install --quiet --break-system-packages --target "$target" "label-studio-sdk==$LABEL_STUDIO_SDK_VERSION" \
+      || die "cannot install label-studio-sdk from PyPI"
+  fi
+  export SLUICE_LABEL_STUDIO_PYTHONPATH="$target"
+}
+
 start_nats() { # port, store dir
   local port="${1:-4222}" store="${2:-$STATE/nats}"
   ensure_nats_installed

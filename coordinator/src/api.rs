@@ -17,8 +17,8 @@ use uuid::Uuid;
 
 use crate::auth::{self, Actor, Principal, Role, Throttle, TokenSecret};
 use crate::ingest::{self, Mode};
-use crate::model::{ApiError, Created, Format, NewJob};
-use crate::{cache, metrics as m, review, store, Error};
+use crate::model::{ApiError, Created, Format, LabelStudioNames, NewJob};
+use crate::{cache, label_studio, metrics as m, review, store, Error};
 use common::prices::PriceTable;
 use common::providers::{Catalog, Param, ProviderKind};
 use common::spec::{ConfidenceStrategy, RequestSource};
@@ -173,6 +173,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/jobs/{id}/resume", post(resume_job))
         .route("/v1/jobs/{id}/results", get(results))
         .route("/v1/jobs/{id}/review", get(review_export).post(review_import))
+        .route("/v1/jobs/{id}/review/label-studio-config", get(label_studio_config))
         .route("/v1/estimate", post(estimate_lookup))
         .route("/v1/cache", get(cache_stats).delete(cache_purge))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::guard));
@@ -522,6 +523,10 @@ struct ReviewParams {
     below: Option<f64>,
     #[serde(default = "default_format")]
     format: String,
+    /// Label Studio's control name (`format=label-studio`).
+    control: Option<String>,
+    /// Label Studio's object name (`format=label-studio`).
+    object: Option<String>,
 }
 
 async fn review_export(
@@ -533,8 +538,10 @@ async fn review_export(
     let format =
         Format::parse(&p.format, &[Format::Jsonl, Format::Csv, Format::LabelStudio]).map_err(Error::Invalid)?;
     let spec = store::job_spec(&st.pool, job_id).await?;
+    let names = LabelStudioNames { control: p.control, object: p.object };
+    let names = label_studio::Names::for_kind(&spec, &names).map_err(Error::Invalid)?;
     let items = review::queue(&st.pool, job_id, p.below).await?;
-    let body = review::render(&items, format, &spec.labels);
+    let body = review::render(&items, format, job_id, &spec, &names);
     let detail = serde_json::json!({"what": "review", "format": p.format, "below": p.below, "items": items.len()});
     store::event(&st.pool, job_id, "exported", &actor, detail).await?;
     Ok(([(header::CONTENT_TYPE, format.content_type())], body).into_response())
@@ -546,6 +553,20 @@ struct ImportParams {
     format: String,
     #[serde(default)]
     source: Option<String>,
+    /// Label Studio's control name, to read an export of its own.
+    control: Option<String>,
+}
+
+/// The Label Studio labeling config for a job's review queue (XML).
+async fn label_studio_config(
+    State(st): State<AppState>,
+    _actor: Actor,
+    Path(job_id): Path<Uuid>,
+    Query(names): Query<LabelStudioNames>,
+) -> Result<Response, Error> {
+    let spec = store::job_spec(&st.pool, job_id).await?;
+    let names = label_studio::Names::for_kind(&spec, &names).map_err(Error::Invalid)?;
+    Ok(([(header::CONTENT_TYPE, "application/xml")], label_studio::config(&spec, &names)).into_response())
 }
 
 async fn review_import(
@@ -558,7 +579,8 @@ async fn review_import(
     let format = Format::parse(&p.format, &[Format::Jsonl, Format::Csv]).map_err(Error::Invalid)?;
     let csv_format = format == Format::Csv;
     let source = p.source.unwrap_or_else(|| format!("upload.{}", p.format));
-    let report = review::import(&st.pool, job_id, &body, csv_format, &source, &actor).await?;
+    let names = LabelStudioNames { control: p.control, object: None };
+    let report = review::import(&st.pool, job_id, &body, csv_format, &source, &actor, &names).await?;
     if !report.errors.is_empty() {
         let error = format!("{} bad line(s) in the decisions; nothing was applied", report.errors.len());
         let body = serde_json::json!({"error": error, "import": report});

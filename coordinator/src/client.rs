@@ -9,7 +9,7 @@ use uuid::Uuid;
 use secrecy::{ExposeSecret, SecretString};
 
 use crate::auth::{CreatedToken, NewToken, Principal, TokenInfo};
-use crate::model::{ApiError, Created, ImportReport, IngestReport, JobStatus, NewJob};
+use crate::model::{ApiError, Created, ImportReport, IngestReport, JobStatus, LabelStudioNames, NewJob};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -270,12 +270,32 @@ impl Client {
         below: Option<f64>,
         format: &str,
     ) -> Result<bytes::Bytes, ClientError> {
-        let mut url = self.url(&format!("/v1/jobs/{job_id}/review?format={format}"));
-        if let Some(b) = below {
-            url.push_str(&format!("&below={b}"));
-        }
-        let resp = self.send(self.http.get(&url), &url).await?;
+        self.review_export_with(job_id, below, format, &LabelStudioNames::default()).await
+    }
+
+    /// The review queue in `format`, Label Studio tasks naming the control
+    /// and object `names` gives.
+    pub async fn review_export_with(
+        &self,
+        job_id: Uuid,
+        below: Option<f64>,
+        format: &str,
+        names: &LabelStudioNames,
+    ) -> Result<bytes::Bytes, ClientError> {
+        let url = self.url(&format!("/v1/jobs/{job_id}/review"));
+        let mut query = vec![("format", format.to_string())];
+        query.extend(below.map(|b| ("below", b.to_string())));
+        query.extend(names.control.clone().map(|c| ("control", c)));
+        query.extend(names.object.clone().map(|o| ("object", o)));
+        let resp = self.send(self.http.get(&url).query(&query), &url).await?;
         resp.bytes().await.map_err(|source| ClientError::Http { url, source })
+    }
+
+    /// The Label Studio labeling config (XML) for a job's review queue.
+    pub async fn label_studio_config(&self, job_id: Uuid, names: &LabelStudioNames) -> Result<String, ClientError> {
+        let url = self.url(&format!("/v1/jobs/{job_id}/review/label-studio-config"));
+        let resp = self.send(self.http.get(&url).query(names), &url).await?;
+        resp.text().await.map_err(|source| ClientError::Http { url, source })
     }
 
     /// Imports review decisions (`jsonl` or `csv`); all or nothing.
@@ -286,8 +306,25 @@ impl Client {
         format: &str,
         source: &str,
     ) -> Result<ImportReport, ClientError> {
-        let url = self.url(&format!("/v1/jobs/{job_id}/review?format={format}"));
-        let req = self.http.post(&url).query(&[("source", source)]).body(body);
+        self.review_import_with(job_id, body, format, source, None).await
+    }
+
+    /// Imports review decisions: Sluice's `jsonl` or `csv`, or Label
+    /// Studio's JSON or CSV export (sent as `jsonl` or `csv`), whose answers
+    /// are read from the control named `control` (by default the kind's
+    /// answer field).
+    pub async fn review_import_with(
+        &self,
+        job_id: Uuid,
+        body: Vec<u8>,
+        format: &str,
+        source: &str,
+        control: Option<&str>,
+    ) -> Result<ImportReport, ClientError> {
+        let url = self.url(&format!("/v1/jobs/{job_id}/review"));
+        let mut query = vec![("format", format), ("source", source)];
+        query.extend(control.map(|c| ("control", c)));
+        let req = self.http.post(&url).query(&query).body(body);
         let resp = self.send(req, &url).await?;
         self.json(resp, &url).await
     }

@@ -10,6 +10,7 @@ pub mod error;
 pub mod estimate;
 pub mod gauges;
 pub mod ingest;
+pub mod label_studio;
 pub mod leader;
 pub mod metrics;
 pub mod model;

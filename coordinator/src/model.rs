@@ -288,6 +288,21 @@ pub struct ImportReport {
     pub applied: u64,
     /// The refused lines (nothing is applied when there are any).
     pub errors: Vec<DecisionError>,
+    /// Tasks of a Label Studio export that nobody annotated (or whose every
+    /// annotation was skipped): left as they were.
+    #[serde(default)]
+    pub skipped: u64,
+}
+
+/// The names of the Label Studio control (the answer) and object (the
+/// document) a review queue's labeling config uses; by default the kind's
+/// answer field and its first input field.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LabelStudioNames {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub object: Option<String>,
 }
 
 /// A format the API exports or imports, as named in `?format=`.

@@ -8,6 +8,7 @@
 //! reason); approved and edited items go on to the next stage at once.
 
 use common::db::Doing;
+use common::spec::JobSpec;
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
@@ -16,6 +17,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::auth::Actor;
+use crate::label_studio::{self, Names};
 use crate::model::Format;
 use crate::model::{DecisionError, ImportReport};
 use crate::{store, Error};
@@ -79,8 +81,9 @@ pub async fn queue(pool: &PgPool, job_id: Uuid, below: Option<f64>) -> Result<Ve
 }
 
 /// Writes the queue in `format`: `jsonl`, `csv` or `label-studio` (a JSON
-/// array of tasks whose prediction carries the model's answer and score).
-pub fn render(items: &[QueueItem], format: Format, labels: &[String]) -> Vec<u8> {
+/// array of tasks whose prediction carries the model's answer and score,
+/// for the labeling config `label_studio::config` writes with `names`).
+pub fn render(items: &[QueueItem], format: Format, job_id: Uuid, spec: &JobSpec, names: &Names) -> Vec<u8> {
     match format {
         // The API offers review queues only as jsonl, csv and label-studio.
         Format::Jsonl | Format::OpenaiBatch => {
@@ -109,37 +112,7 @@ pub fn render(items: &[QueueItem], format: Format, labels: &[String]) -> Vec<u8>
             }
             w.into_inner().expect("writing to memory")
         }
-        Format::LabelStudio => {
-            let tasks: Vec<Value> = items
-                .iter()
-                .map(|i| {
-                    let mut data = match &i.input {
-                        Value::Object(m) => m.clone(),
-                        other => serde_json::Map::from_iter([("input".to_string(), other.clone())]),
-                    };
-                    data.insert("sluice_id".into(), json!(i.id));
-                    if let Some(stage) = &i.stage {
-                        data.insert("sluice_stage".into(), json!(stage));
-                    }
-                    let answer = i.answer.clone().unwrap_or_default();
-                    let result = if labels.is_empty() {
-                        json!({"from_name": "answer", "to_name": "text", "type": "textarea", "value": {"text": [answer]}})
-                    } else {
-                        json!({"from_name": "label", "to_name": "text", "type": "choices", "value": {"choices": [answer]}})
-                    };
-                    json!({
-                        "id": i.seq,
-                        "data": data,
-                        "predictions": [{
-                            "model_version": i.model.clone().unwrap_or_default(),
-                            "score": i.confidence,
-                            "result": [result]
-                        }]
-                    })
-                })
-                .collect();
-            serde_json::to_vec_pretty(&tasks).expect("tasks serialise")
-        }
+        Format::LabelStudio => label_studio::tasks(job_id, items, spec, names),
     }
 }
 
@@ -243,7 +216,12 @@ pub fn parse_decisions(body: &[u8], csv_format: bool) -> (Vec<Decision>, Vec<Dec
         let cd = col("decided_at");
         let (cj, co) = (col("reject"), col("output"));
         for (n, rec) in reader.records().enumerate() {
-            let line = n as u64 + 2;
+            // A quoted cell may span lines: a record is named by where it starts.
+            let start = match &rec {
+                Ok(r) => r.position(),
+                Err(e) => e.position(),
+            };
+            let line = start.map_or(n as u64 + 2, |p| p.line());
             push(
                 line,
                 rec.map_err(|e| format!("invalid CSV: {e}")).and_then(|r| {
@@ -303,6 +281,25 @@ pub fn parse_decisions(body: &[u8], csv_format: bool) -> (Vec<Decision>, Vec<Dec
     (good, bad)
 }
 
+/// Parses decisions in any format `import` takes: Sluice's JSON lines or
+/// CSV, or Label Studio's JSON or CSV export of a queue (told apart by what
+/// the body holds: an array of tasks, a `sluice_id` column).
+pub fn parse_any(body: &[u8], csv_format: bool, job_id: Uuid, names: &Names) -> label_studio::Parsed {
+    if csv_format {
+        let header: Vec<String> = csv::Reader::from_reader(body)
+            .headers()
+            .map(|h| h.iter().map(|s| s.trim().to_string()).collect())
+            .unwrap_or_default();
+        if label_studio::is_csv_export(&header) {
+            return label_studio::parse_csv_export(body, job_id, names);
+        }
+    } else if label_studio::is_json_export(body) {
+        return label_studio::parse_json_export(body, job_id, names);
+    }
+    let (good, bad) = parse_decisions(body, csv_format);
+    (good, bad, 0)
+}
+
 /// What a decision applies to.
 enum Target {
     /// The item's final result.
@@ -332,10 +329,12 @@ pub async fn import(
     csv_format: bool,
     source: &str,
     actor: &Actor,
+    names: &crate::model::LabelStudioNames,
 ) -> Result<ImportReport, Error> {
     let kind = store::job_kind_stages(pool, job_id).await?;
     let spec = &kind.spec;
-    let (decisions, mut errors) = parse_decisions(body, csv_format);
+    let names = Names::for_kind(spec, names).map_err(Error::Invalid)?;
+    let (decisions, mut errors, skipped) = parse_any(body, csv_format, job_id, &names);
     let ids: Vec<String> = decisions.iter().map(|d| d.id.clone()).collect();
     let known: HashMap<String, (i64, Option<Target>)> = sqlx::query!(
         r#"SELECT i.item_id, i.seq, r.seq IS NOT NULL AS "has_result!", h.stage AS "held_stage?",
@@ -387,7 +386,7 @@ pub async fn import(
     }
     if !errors.is_empty() {
         errors.sort_by_key(|e| e.line);
-        return Ok(ImportReport { applied: 0, errors });
+        return Ok(ImportReport { applied: 0, errors, skipped });
     }
     let mut tx = pool.begin().await.doing("applying review decisions")?;
     for (seq, d) in &apply {
@@ -427,9 +426,10 @@ pub async fn import(
         common::db::complete_if_done(pool, job_id).await?;
     }
     let applied = (apply.len() + gates.len()) as u64;
-    let detail = json!({"decisions": applied, "source": source, "released": released, "rejected": rejected});
+    let detail = json!({"decisions": applied, "source": source, "released": released, "rejected": rejected,
+                        "skipped": skipped});
     store::event(pool, job_id, "imported", actor, detail).await?;
-    Ok(ImportReport { applied, errors })
+    Ok(ImportReport { applied, errors, skipped })
 }
 
 /// What a decision on an answer held at gate `stage` (output `held`) does:
@@ -617,7 +617,14 @@ mod tests {
             stage: None,
             seq: 7,
         };
-        let out: Value = serde_json::from_slice(&render(&[item], Format::LabelStudio, &["sports".into()])).unwrap();
+        let spec: JobSpec = serde_json::from_value(json!({
+            "kind": "classify", "model": "m", "max_tokens": 5, "answer_field": "label", "input_fields": ["text"],
+            "labels": ["sports"]
+        }))
+        .unwrap();
+        let names = Names::for_kind(&spec, &Default::default()).unwrap();
+        let out: Value =
+            serde_json::from_slice(&render(&[item], Format::LabelStudio, Uuid::nil(), &spec, &names)).unwrap();
         let task = &out[0];
         assert_eq!(task["data"]["text"], "hello");
         assert_eq!(task["data"]["sluice_id"], "doc-1");

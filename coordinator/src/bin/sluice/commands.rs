@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use coordinator::client::{Client, ClientError};
-use coordinator::model::{parse_dollars, IngestReport, JobStatus, NewJob};
+use coordinator::model::{parse_dollars, IngestReport, JobStatus, LabelStudioNames, NewJob};
 use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 use uuid::Uuid;
@@ -252,13 +252,20 @@ enum ReviewCommand {
         /// Include every answer with a confidence under this instead.
         #[arg(long)]
         below: Option<f64>,
-        /// jsonl, csv, or label-studio (tasks with the model's answer as a
-        /// prediction and its confidence as the score).
+        /// jsonl, csv, or label-studio: tasks with the model's answer as a
+        /// prediction and its confidence as the score, and the labeling
+        /// config they validate against (written beside --output as
+        /// NAME.label-config.xml; --config prints it alone).
         #[arg(long, default_value = "jsonl", value_parser = ["jsonl", "csv", "label-studio"])]
         format: String,
         /// Write to this file instead of standard output.
         #[arg(long, short)]
         output: Option<PathBuf>,
+        /// Print only the Label Studio labeling config (XML) for the queue.
+        #[arg(long)]
+        config: bool,
+        #[command(flatten)]
+        names: LabelStudioArgs,
     },
     /// Record people's decisions from a file: JSONL lines {"id", "answer",
     /// "reviewer"?, "decided_at"?} or CSV with the header
@@ -268,11 +275,36 @@ enum ReviewCommand {
     /// answer) ends the item; approved items go on at once. The reviewer
     /// recorded is your token's holder; a reviewer named in the file is kept
     /// as a note. Any bad line (named by number) rejects the whole file.
+    ///
+    /// Label Studio's own JSON and CSV exports of a queue exported with
+    /// --format label-studio are read as they come: each task maps back to
+    /// its item through data.sluice_id, the latest annotation of a task
+    /// counts, skipped annotations and tasks nobody annotated are left out,
+    /// and the annotator is kept as the reviewer the file names.
     Import {
         job: Uuid,
-        /// The decisions file; its extension (.jsonl or .csv) gives the format.
+        /// The decisions file: .jsonl, .json (also Label Studio's JSON
+        /// export) or .csv (also Label Studio's CSV export).
         file: PathBuf,
+        /// The Label Studio control holding the answer, if the project's
+        /// config names it otherwise than the kind's answer field.
+        #[arg(long)]
+        ls_control: Option<String>,
     },
+}
+
+/// Names in the Label Studio labeling config, for a project whose config
+/// is already set up (e.g. from a Label Studio template).
+#[derive(Debug, clap::Args)]
+struct LabelStudioArgs {
+    /// Name of the control that holds the answer (default: the kind's
+    /// answer field, e.g. `label`).
+    #[arg(long)]
+    ls_control: Option<String>,
+    /// Name of the object that shows the document (default: the kind's
+    /// first input field, e.g. `text`).
+    #[arg(long)]
+    ls_object: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -725,17 +757,42 @@ async fn jobs_command(command: Command, client: Client) -> anyhow::Result<ExitCo
                 return Ok(outcome(&status));
             }
         }
-        Command::Review(ReviewCommand::Export { job, below, format, output }) => {
-            let body = client.review_export(job, below, &format).await?;
+        Command::Review(ReviewCommand::Export { job, below, format, output, config, names }) => {
+            let names = LabelStudioNames { control: names.ls_control, object: names.ls_object };
+            let label_studio = format == "label-studio";
+            anyhow::ensure!(!config || label_studio, "--config is for --format label-studio");
+            if config {
+                let xml = client.label_studio_config(job, &names).await?;
+                match &output {
+                    Some(p) => std::fs::write(p, xml).with_context(|| format!("cannot write {}", p.display()))?,
+                    None => print!("{xml}"),
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            let body = client.review_export_with(job, below, &format, &names).await?;
             match &output {
                 Some(p) => {
                     std::fs::write(p, &body).with_context(|| format!("cannot write {}", p.display()))?;
                     eprintln!("review queue written to {}", p.display());
+                    if label_studio {
+                        let xml = client.label_studio_config(job, &names).await?;
+                        let c = p.with_extension("label-config.xml");
+                        std::fs::write(&c, xml).with_context(|| format!("cannot write {}", c.display()))?;
+                        eprintln!(
+                            "labeling config written to {} (paste it in the project's Labeling Interface)",
+                            c.display()
+                        );
+                    }
                 }
-                None => std::io::stdout().write_all(&body)?,
+                None => {
+                    std::io::stdout().write_all(&body)?;
+                    if label_studio {
+                        eprintln!("the labeling config these tasks need: sluice review export {job} --format label-studio --config");
+                    }
+                }
             }
         }
-        Command::Review(ReviewCommand::Import { job, file }) => {
+        Command::Review(ReviewCommand::Import { job, file, ls_control }) => {
             let format = match file.extension().and_then(|e| e.to_str()) {
                 Some("csv") => "csv",
                 Some("jsonl" | "json" | "ndjson") => "jsonl",
@@ -743,7 +800,11 @@ async fn jobs_command(command: Command, client: Client) -> anyhow::Result<ExitCo
             };
             let body = std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
             let source = file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            match client.review_import(job, body, format, &source).await {
+            match client.review_import_with(job, body, format, &source, ls_control.as_deref()).await {
+                Ok(report) if report.skipped > 0 => eprintln!(
+                    "{} decision(s) recorded; {} task(s) without an annotation left as they were",
+                    report.applied, report.skipped
+                ),
                 Ok(report) => eprintln!("{} decision(s) recorded", report.applied),
                 Err(ClientError::Decisions { message, errors }) => {
                     for e in &errors {
