@@ -174,6 +174,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/jobs/{id}/results", get(results))
         .route("/v1/jobs/{id}/review", get(review_export).post(review_import))
         .route("/v1/jobs/{id}/review/label-studio-config", get(label_studio_config))
+        .route("/v1/jobs/{id}/review/stats", get(review_stats))
         .route("/v1/estimate", post(estimate_lookup))
         .route("/v1/cache", get(cache_stats).delete(cache_purge))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::guard));
@@ -555,6 +556,25 @@ struct ImportParams {
     source: Option<String>,
     /// Label Studio's control name, to read an export of its own.
     control: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct StatsParams {
+    /// Suggest the threshold that meets this precision.
+    precision: Option<f64>,
+}
+
+/// Agreement between reviewers and the model by confidence band.
+async fn review_stats(
+    State(st): State<AppState>,
+    _actor: Actor,
+    Path(job_id): Path<Uuid>,
+    Query(p): Query<StatsParams>,
+) -> Result<Json<crate::model::ReviewStats>, Error> {
+    if let Some(t) = p.precision.filter(|t| !(0.0..=1.0).contains(t)) {
+        return Err(Error::Invalid(format!("precision must be within 0..=1, got {t}")));
+    }
+    Ok(Json(review::stats(&st.pool, job_id, p.precision).await?))
 }
 
 /// The Label Studio labeling config for a job's review queue (XML).

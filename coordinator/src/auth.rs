@@ -110,6 +110,7 @@ pub const ENDPOINTS: &[Endpoint] = &[
     ep("POST", "/v1/jobs/{id}/resume", Action::Resume, Role::Submitter),
     ep("GET", "/v1/jobs/{id}/review", Action::ExportReview, Role::Reviewer),
     ep("GET", "/v1/jobs/{id}/review/label-studio-config", Action::ExportReview, Role::Reviewer),
+    ep("GET", "/v1/jobs/{id}/review/stats", Action::ReadResults, Role::Reader),
     ep("POST", "/v1/jobs/{id}/review", Action::ImportReview, Role::Reviewer),
     ep("POST", "/v1/estimate", Action::ReadCache, Role::Reader),
     ep("GET", "/v1/cache", Action::ReadCache, Role::Reader),

@@ -9,7 +9,7 @@ use uuid::Uuid;
 use secrecy::{ExposeSecret, SecretString};
 
 use crate::auth::{CreatedToken, NewToken, Principal, TokenInfo};
-use crate::model::{ApiError, Created, ImportReport, IngestReport, JobStatus, LabelStudioNames, NewJob};
+use crate::model::{ApiError, Created, ImportReport, IngestReport, JobStatus, LabelStudioNames, NewJob, ReviewStats};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -289,6 +289,15 @@ impl Client {
         query.extend(names.object.clone().map(|o| ("object", o)));
         let resp = self.send(self.http.get(&url).query(&query), &url).await?;
         resp.bytes().await.map_err(|source| ClientError::Http { url, source })
+    }
+
+    /// Agreement between reviewers and the model by confidence band; with
+    /// `precision`, the threshold suggested for it.
+    pub async fn review_stats(&self, job_id: Uuid, precision: Option<f64>) -> Result<ReviewStats, ClientError> {
+        let url = self.url(&format!("/v1/jobs/{job_id}/review/stats"));
+        let query: Vec<(&str, String)> = precision.map(|p| ("precision", p.to_string())).into_iter().collect();
+        let resp = self.send(self.http.get(&url).query(&query), &url).await?;
+        self.json(resp, &url).await
     }
 
     /// The Label Studio labeling config (XML) for a job's review queue.

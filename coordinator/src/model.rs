@@ -294,6 +294,59 @@ pub struct ImportReport {
     pub skipped: u64,
 }
 
+/// How often reviewers agreed with the model, by the model's confidence:
+/// the evidence for a job's review threshold.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReviewStats {
+    /// Final answers a person decided.
+    pub reviewed: u64,
+    /// Of those, the ones where the person gave the model's answer.
+    pub agreed: u64,
+    /// The job's review threshold.
+    pub threshold: f64,
+    /// Ten bands of confidence, 0.0–0.1 up to 0.9–1.0 (the last includes 1.0).
+    pub bands: Vec<AgreementBand>,
+    /// Reviewed answers without a confidence.
+    pub unscored: AgreementBand,
+    /// Agreement per reviewer of record.
+    pub reviewers: Vec<ReviewerAgreement>,
+    /// With `--suggest-threshold`: the lowest threshold whose answers at or
+    /// above it were right at least as often as asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suggestion: Option<ThresholdSuggestion>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgreementBand {
+    pub from: f64,
+    pub to: f64,
+    pub reviewed: u64,
+    pub agreed: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReviewerAgreement {
+    pub reviewer: String,
+    pub reviewed: u64,
+    pub agreed: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ThresholdSuggestion {
+    /// The precision asked for.
+    pub target: f64,
+    /// The threshold; `None` when no threshold reaches the target on the
+    /// reviewed answers.
+    pub threshold: Option<f64>,
+    /// The reviewed answers at or above it, and the share of them the
+    /// reviewers agreed with.
+    pub sample: u64,
+    pub precision: Option<f64>,
+    /// The job's answered items, and how many of them fall below it.
+    pub items: u64,
+    pub below: u64,
+}
+
 /// The names of the Label Studio control (the answer) and object (the
 /// document) a review queue's labeling config uses; by default the kind's
 /// answer field and its first input field.

@@ -570,6 +570,127 @@ async fn decide_gates(
     Ok(released.len())
 }
 
+/// One reviewed final answer: the model's confidence, whether the person
+/// agreed, and who is recorded.
+#[derive(Debug, Clone)]
+pub struct Reviewed {
+    pub confidence: Option<f64>,
+    pub agreed: bool,
+    pub reviewer: String,
+}
+
+/// Agreement between reviewers and the model, by confidence band and by
+/// reviewer.
+pub fn agreement(rows: &[Reviewed], threshold: f64) -> crate::model::ReviewStats {
+    use crate::model::{AgreementBand, ReviewerAgreement};
+    let band = |from: f64, to: f64| AgreementBand { from, to, reviewed: 0, agreed: 0 };
+    let mut bands: Vec<AgreementBand> = (0..10).map(|i| band(i as f64 / 10.0, (i + 1) as f64 / 10.0)).collect();
+    let mut unscored = band(0.0, 0.0);
+    let mut reviewers: Vec<ReviewerAgreement> = Vec::new();
+    for r in rows {
+        let b = match r.confidence {
+            // 1.0 belongs to the last band; the index is clamped for it.
+            Some(c) => &mut bands[((c * 10.0).floor().max(0.0) as usize).min(9)],
+            None => &mut unscored,
+        };
+        b.reviewed += 1;
+        b.agreed += r.agreed as u64;
+        let who = match reviewers.iter().position(|w| w.reviewer == r.reviewer) {
+            Some(i) => &mut reviewers[i],
+            None => {
+                reviewers.push(ReviewerAgreement { reviewer: r.reviewer.clone(), reviewed: 0, agreed: 0 });
+                reviewers.last_mut().expect("just pushed")
+            }
+        };
+        who.reviewed += 1;
+        who.agreed += r.agreed as u64;
+    }
+    reviewers.sort_by(|a, b| a.reviewer.cmp(&b.reviewer));
+    crate::model::ReviewStats {
+        reviewed: rows.len() as u64,
+        agreed: rows.iter().filter(|r| r.agreed).count() as u64,
+        threshold,
+        bands,
+        unscored,
+        reviewers,
+        suggestion: None,
+    }
+}
+
+/// The lowest threshold whose reviewed answers at or above it were agreed
+/// with at least `target` of the time: each reviewed confidence is a
+/// candidate, and the answers above it are counted from the top. Returns
+/// the threshold with its sample and precision, or `None` when none
+/// reaches the target.
+pub fn suggest_threshold(rows: &[Reviewed], target: f64) -> Option<(f64, u64, f64)> {
+    let mut scored: Vec<(f64, bool)> = rows.iter().filter_map(|r| r.confidence.map(|c| (c, r.agreed))).collect();
+    scored.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let (mut n, mut agreed, mut best) = (0u64, 0u64, None);
+    for (i, (c, ok)) in scored.iter().enumerate() {
+        n += 1;
+        agreed += *ok as u64;
+        // Only where the next answer has a lower confidence: a threshold
+        // takes every answer at its value.
+        if scored.get(i + 1).is_some_and(|next| next.0 == *c) {
+            continue;
+        }
+        let precision = agreed as f64 / n as f64;
+        if precision >= target {
+            best = Some((*c, n, precision));
+        }
+    }
+    best
+}
+
+/// The review statistics of a job; with `target`, a threshold suggested
+/// for that precision and what it would send to review.
+pub async fn stats(pool: &PgPool, job_id: Uuid, target: Option<f64>) -> Result<crate::model::ReviewStats, Error> {
+    const DOING: &str = "reading review statistics";
+    let threshold = sqlx::query_scalar!(
+        r#"SELECT COALESCE(review_below, (spec->>'confidence_threshold')::float8) FROM jobs WHERE id = $1"#,
+        job_id
+    )
+    .fetch_optional(pool)
+    .await
+    .doing(DOING)?
+    .ok_or(Error::JobNotFound(job_id))?
+    .unwrap_or(0.0);
+    let rows: Vec<Reviewed> = sqlx::query!(
+        r#"SELECT confidence, COALESCE(answer = human_answer, false) AS "agreed!", COALESCE(reviewer, '') AS "reviewer!"
+           FROM results WHERE job_id = $1 AND human_answer IS NOT NULL"#,
+        job_id
+    )
+    .fetch_all(pool)
+    .await
+    .doing(DOING)?
+    .into_iter()
+    .map(|r| Reviewed { confidence: r.confidence, agreed: r.agreed, reviewer: r.reviewer })
+    .collect();
+    let mut stats = agreement(&rows, threshold);
+    if let Some(target) = target {
+        let found = suggest_threshold(&rows, target);
+        let at = found.map(|(t, _, _)| t);
+        let counts = sqlx::query!(
+            r#"SELECT count(*) AS "items!", count(*) FILTER (WHERE confidence IS NULL OR confidence < $2) AS "below!"
+               FROM results WHERE job_id = $1 AND answer IS NOT NULL"#,
+            job_id,
+            at.unwrap_or(0.0)
+        )
+        .fetch_one(pool)
+        .await
+        .doing(DOING)?;
+        stats.suggestion = Some(crate::model::ThresholdSuggestion {
+            target,
+            threshold: at,
+            sample: found.map_or(0, |(_, n, _)| n),
+            precision: found.map(|(_, _, p)| p),
+            items: counts.items as u64,
+            below: if at.is_some() { counts.below as u64 } else { 0 },
+        });
+    }
+    Ok(stats)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -630,6 +751,52 @@ mod tests {
         assert_eq!(task["data"]["sluice_id"], "doc-1");
         assert_eq!(task["predictions"][0]["score"], 0.42);
         assert_eq!(task["predictions"][0]["result"][0]["value"]["choices"][0], "sports");
+    }
+
+    fn reviewed(confidence: f64, agreed: bool, reviewer: &str) -> Reviewed {
+        Reviewed { confidence: Some(confidence), agreed, reviewer: reviewer.into() }
+    }
+
+    #[test]
+    fn agreement_is_counted_per_band_and_per_reviewer() {
+        // Known agreement: band 0.3 has 1 of 4 agreed, band 0.9 has 3 of 3
+        // (1.0 included), one answer has no confidence.
+        let mut rows = vec![
+            reviewed(0.30, true, "ann"),
+            reviewed(0.31, false, "bo"),
+            reviewed(0.35, false, "ann"),
+            reviewed(0.399, false, "ann"),
+            reviewed(0.9, true, "bo"),
+            reviewed(0.95, true, "bo"),
+            reviewed(1.0, true, "ann"),
+        ];
+        rows.push(Reviewed { confidence: None, agreed: false, reviewer: "ann".into() });
+        let s = agreement(&rows, 0.65);
+        assert_eq!((s.reviewed, s.agreed), (8, 4));
+        assert_eq!((s.bands[3].reviewed, s.bands[3].agreed), (4, 1));
+        assert_eq!((s.bands[9].reviewed, s.bands[9].agreed), (3, 3));
+        assert_eq!(s.bands.iter().map(|b| b.reviewed).sum::<u64>(), 7);
+        assert_eq!((s.unscored.reviewed, s.unscored.agreed), (1, 0));
+        let who: Vec<(&str, u64, u64)> =
+            s.reviewers.iter().map(|r| (r.reviewer.as_str(), r.reviewed, r.agreed)).collect();
+        assert_eq!(who, [("ann", 5, 2), ("bo", 3, 2)]);
+    }
+
+    #[test]
+    fn the_suggested_threshold_is_the_lowest_that_meets_the_precision() {
+        // From the top: 0.95 ok, 0.9 ok, 0.8 wrong (2/3), 0.7 ok (3/4),
+        // 0.6 ok (4/5), 0.5 wrong (4/6).
+        let rows: Vec<Reviewed> = [(0.95, true), (0.9, true), (0.8, false), (0.7, true), (0.6, true), (0.5, false)]
+            .iter()
+            .map(|(c, a)| reviewed(*c, *a, "ann"))
+            .collect();
+        assert_eq!(suggest_threshold(&rows, 1.0), Some((0.9, 2, 1.0)));
+        assert_eq!(suggest_threshold(&rows, 0.8), Some((0.6, 5, 0.8)));
+        assert_eq!(suggest_threshold(&rows, 0.5), Some((0.5, 6, 4.0 / 6.0)));
+        assert_eq!(suggest_threshold(&[reviewed(0.9, false, "a")], 0.9), None);
+        // Answers of equal confidence stand or fall together.
+        let tied = [reviewed(0.9, true, "a"), reviewed(0.8, true, "a"), reviewed(0.8, false, "a")];
+        assert_eq!(suggest_threshold(&tied, 0.9), Some((0.9, 1, 1.0)));
     }
 
     #[test]

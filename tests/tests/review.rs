@@ -159,6 +159,67 @@ async fn bad_decision_files_are_refused_whole_with_line_numbers() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn review_stats_show_agreement_by_band_and_suggest_a_threshold() {
+    let sim = SimConfig { wrong: 0.25, seed: 5, ..Default::default() };
+    let mut stack = Stack::start(sim, |_| {}).await.unwrap();
+    stack.add_worker(|_| {});
+    let job = stack.submit("classify", sample_jsonl(43, 400), false).await.unwrap().job_id;
+    stack.wait_completed(job, Duration::from_secs(60)).await.unwrap();
+
+    // Every answer is reviewed (a sample of the whole range, as the docs
+    // advise), with the known right answer.
+    let truth = expected(43, 400);
+    let queue = stack.client.review_export(job, Some(1.01), "jsonl").await.unwrap();
+    let mut decisions = Vec::new();
+    for line in queue.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+        let id = serde_json::from_slice::<serde_json::Value>(line).unwrap()["id"].as_str().unwrap().to_string();
+        decisions.extend(serde_json::to_vec(&serde_json::json!({"id": id, "answer": truth[&id]})).unwrap());
+        decisions.push(b'\n');
+    }
+    let ann = stack.client_as("ann", "default", coordinator::auth::Role::Reviewer).await.unwrap();
+    assert_eq!(ann.review_import(job, decisions, "jsonl", "all.jsonl").await.unwrap().applied, 400);
+
+    // The known agreement per band, from the model's answers and the truth.
+    let results = rows(&stack, job).await;
+    let scored: Vec<(f64, bool)> =
+        results.iter().map(|(id, _, answer, c)| (c.unwrap(), answer.as_deref() == Some(truth[id].as_str()))).collect();
+    let stats = stack.client.review_stats(job, Some(0.95)).await.unwrap();
+    assert_eq!(stats.reviewed, 400);
+    assert_eq!(stats.agreed, scored.iter().filter(|(_, ok)| *ok).count() as u64);
+    assert!(stats.agreed < 380 && stats.agreed > 200, "the simulator is wrong a quarter of the time: {stats:?}");
+    for (i, band) in stats.bands.iter().enumerate() {
+        let inside: Vec<bool> =
+            scored.iter().filter(|(c, _)| ((c * 10.0).floor() as usize).min(9) == i).map(|(_, ok)| *ok).collect();
+        assert_eq!(band.reviewed, inside.len() as u64, "band {i}");
+        assert_eq!(band.agreed, inside.iter().filter(|ok| **ok).count() as u64, "band {i}");
+    }
+    assert_eq!(stats.reviewers.len(), 1);
+    assert_eq!((stats.reviewers[0].reviewer.as_str(), stats.reviewers[0].reviewed), ("ann", 400));
+
+    // The suggestion: at or above it, at least 95% right; at every lower
+    // confidence, less.
+    let g = stats.suggestion.clone().expect("asked for");
+    let t = g.threshold.expect("some threshold reaches 95% here");
+    let precision_at = |t: f64| {
+        let above: Vec<bool> = scored.iter().filter(|(c, _)| *c >= t).map(|(_, ok)| *ok).collect();
+        (above.iter().filter(|ok| **ok).count() as f64 / above.len() as f64, above.len() as u64)
+    };
+    let (p, n) = precision_at(t);
+    assert!(p >= 0.95 && (p - g.precision.unwrap()).abs() < 1e-9 && n == g.sample, "{g:?}");
+    assert!(scored.iter().filter(|(c, _)| *c < t).all(|(c, _)| precision_at(*c).0 < 0.95), "{t} is not the lowest");
+    assert_eq!(g.below, scored.iter().filter(|(c, _)| *c < t).count() as u64);
+    assert_eq!(g.items, 400);
+
+    let out = stack.sluice(&["review", "stats", &job.to_string(), "--suggest-threshold"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains(&format!("suggested threshold for 95% precision: {t:.4}")), "{text}");
+    assert!(text.contains("confidence    reviewed  agreed agreement"), "{text}");
+    let bad = stack.client.review_stats(job, Some(1.5)).await.unwrap_err();
+    assert!(bad.to_string().contains("precision must be within 0..=1"), "{bad}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn self_reported_and_agreement_confidence() {
     let mut stack = Stack::start(SimConfig::default(), |_| {}).await.unwrap();
     stack.add_worker(|_| {});

@@ -291,6 +291,20 @@ enum ReviewCommand {
         #[arg(long)]
         ls_control: Option<String>,
     },
+    /// How often reviewers agreed with the model, by the model's confidence
+    /// (0.0–0.1 up to 0.9–1.0) and by reviewer: evidence for the review
+    /// threshold. Only answers a person decided count, so review a sample
+    /// above the threshold too (`review export JOB --below 1`) to measure
+    /// the answers that would not go to review.
+    Stats {
+        job: Uuid,
+        /// Also propose the lowest threshold whose answers at or above it
+        /// reviewers agreed with at least this often (default 0.95).
+        #[arg(long, num_args = 0..=1, default_missing_value = "0.95", value_name = "PRECISION")]
+        suggest_threshold: Option<f64>,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Names in the Label Studio labeling config, for a project whose config
@@ -816,6 +830,14 @@ async fn jobs_command(command: Command, client: Client) -> anyhow::Result<ExitCo
                 Err(e) => return Err(e.into()),
             }
         }
+        Command::Review(ReviewCommand::Stats { job, suggest_threshold, json }) => {
+            let stats = client.review_stats(job, suggest_threshold).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&stats)?);
+            } else {
+                print_review_stats(job, &stats);
+            }
+        }
         Command::Cancel { job, json } => {
             let status = client.cancel(job).await?;
             print_status(&status, json);
@@ -1020,6 +1042,67 @@ async fn watch_job(client: &Client, job: Uuid, quiet: bool) -> anyhow::Result<Jo
 
 fn eta(s: &JobStatus) -> String {
     s.eta_s.map(|e| format!(", ETA {}s", e.ceil() as u64)).unwrap_or_default()
+}
+
+fn percent(part: u64, whole: u64) -> String {
+    if whole == 0 {
+        "-".into()
+    } else {
+        format!("{:.1}%", 100.0 * part as f64 / whole as f64)
+    }
+}
+
+fn print_review_stats(job: Uuid, s: &coordinator::model::ReviewStats) {
+    println!("job {job}: review threshold {}", s.threshold);
+    println!(
+        "reviewed {} answer(s); the reviewers gave the model's answer for {} ({})",
+        s.reviewed,
+        s.agreed,
+        percent(s.agreed, s.reviewed)
+    );
+    println!();
+    println!("{:<13} {:>8} {:>7} {:>9}", "confidence", "reviewed", "agreed", "agreement");
+    for b in s.bands.iter().chain(std::iter::once(&s.unscored)).filter(|b| b.reviewed > 0) {
+        let band = if b.to == 0.0 { "none".to_string() } else { format!("{:.1}-{:.1}", b.from, b.to) };
+        let bar = "#".repeat((20 * b.agreed / b.reviewed.max(1)) as usize);
+        println!("{band:<13} {:>8} {:>7} {:>9}  {bar}", b.reviewed, b.agreed, percent(b.agreed, b.reviewed));
+    }
+    if !s.reviewers.is_empty() {
+        println!();
+        println!("{:<24} {:>8} {:>7} {:>9}", "reviewer", "reviewed", "agreed", "agreement");
+        for r in &s.reviewers {
+            println!("{:<24} {:>8} {:>7} {:>9}", r.reviewer, r.reviewed, r.agreed, percent(r.agreed, r.reviewed));
+        }
+    }
+    let Some(g) = &s.suggestion else { return };
+    println!();
+    match (g.threshold, g.precision) {
+        (Some(t), Some(p)) => {
+            println!("suggested threshold for {:.0}% precision: {t:.4}", 100.0 * g.target);
+            println!(
+                "  reviewed answers at or above it: {}, {:.1}% of them agreed with",
+                g.sample,
+                100.0 * p
+            );
+            println!(
+                "  {} of the job's {} answers ({}) are below it and would go to review (now: below {})",
+                g.below,
+                g.items,
+                percent(g.below, g.items),
+                s.threshold
+            );
+            if g.sample < 30 {
+                println!(
+                    "  only {} reviewed answer(s) back this: review a sample above the threshold (sluice review export {job} --below 1) for firmer evidence",
+                    g.sample
+                );
+            }
+        }
+        _ => println!(
+            "no threshold reaches {:.0}% precision on the reviewed answers: review a sample above the threshold (sluice review export {job} --below 1) to measure more",
+            100.0 * g.target
+        ),
+    }
 }
 
 fn print_status(s: &JobStatus, json: bool) {
