@@ -180,6 +180,32 @@ pub async fn ensure_leader_bucket(js: &jetstream::Context, ttl: Duration) -> Res
     .map_err(|e| NatsError::Kv { bucket: LEADER_BUCKET, source: Box::new(e) })
 }
 
+/// A circuit breaker as stored in the state bucket, one per provider
+/// endpoint and model: written by workers, read by the coordinator's
+/// notifier. A wire boundary like `wire`: add optional fields only.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct BreakerState {
+    pub open: bool,
+    /// Consecutive failures seen by the cluster.
+    pub failures: u32,
+    pub opened_at_ms: u64,
+    /// The next probe may be sent at this time.
+    pub probe_at_ms: u64,
+}
+
+/// Prefix of the breakers' keys in the state bucket.
+pub const BREAKER_PREFIX: &str = "cb.";
+
+/// The state-bucket key of the breaker for `model` at `endpoint`.
+pub fn breaker_key(endpoint: &str, model: &str) -> String {
+    format!("{BREAKER_PREFIX}{}.{}", key_part(endpoint), key_part(model))
+}
+
+/// The model part of a breaker's key (as `key_part` wrote it).
+pub fn breaker_model(key: &str) -> Option<&str> {
+    key.strip_prefix(BREAKER_PREFIX)?.split_once('.').map(|(_, model)| model)
+}
+
 /// Turns any text into a valid key-value key part (letters, digits, `-`, `_`).
 pub fn key_part(s: &str) -> String {
     s.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect()

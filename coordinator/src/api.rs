@@ -175,6 +175,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/jobs/{id}/review", get(review_export).post(review_import))
         .route("/v1/jobs/{id}/review/label-studio-config", get(label_studio_config))
         .route("/v1/jobs/{id}/review/stats", get(review_stats))
+        .route("/v1/jobs/{id}/notifications", get(job_notifications))
+        .route("/v1/webhooks", get(list_webhooks).post(add_webhook))
+        .route("/v1/webhooks/{id}", axum::routing::delete(remove_webhook))
+        .route("/v1/webhooks/secret", get(webhook_secret))
         .route("/v1/estimate", post(estimate_lookup))
         .route("/v1/cache", get(cache_stats).delete(cache_purge))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::guard));
@@ -307,6 +311,9 @@ async fn create_job(
         )));
     }
     job.kind.validate()?;
+    for hook in &job.notify {
+        crate::notify::check_url(&hook.url).map_err(Error::Invalid)?;
+    }
     if let Some(t) = job.review_below {
         if !(0.0..=1.0).contains(&t) {
             return Err(Error::Invalid(format!("review_below must be within 0..=1, got {t}")));
@@ -556,6 +563,82 @@ struct ImportParams {
     source: Option<String>,
     /// Label Studio's control name, to read an export of its own.
     control: Option<String>,
+}
+
+/// The project a webhook call is about: the one named (an admin may name
+/// any), else the token's.
+fn webhook_project(principal: &Principal, named: Option<String>) -> Result<String, Error> {
+    let project = named.unwrap_or_else(|| principal.project.clone());
+    auth::check_project(&project)?;
+    if !principal.sees(&project) {
+        return Err(Error::Forbidden(format!(
+            "your token (project {}) may not manage the webhooks of project {project}: only an admin token may",
+            principal.project
+        )));
+    }
+    Ok(project)
+}
+
+async fn add_webhook(
+    State(st): State<AppState>,
+    principal: Principal,
+    actor: Actor,
+    Json(hook): Json<crate::model::NewWebhook>,
+) -> Result<(StatusCode, Json<crate::model::Webhook>), Error> {
+    crate::notify::check_url(&hook.url).map_err(Error::Invalid)?;
+    let project = webhook_project(&principal, hook.project.clone())?;
+    let added = crate::notify::add_project_webhook(&st.pool, &project, &hook, &actor).await?;
+    tracing::info!(id = added.id, %project, "webhook added");
+    Ok((StatusCode::CREATED, Json(added)))
+}
+
+#[derive(Deserialize)]
+struct ProjectParams {
+    project: Option<String>,
+}
+
+async fn list_webhooks(
+    State(st): State<AppState>,
+    principal: Principal,
+    Query(p): Query<ProjectParams>,
+) -> Result<Json<Vec<crate::model::Webhook>>, Error> {
+    // An admin without a project named sees every project's.
+    let project = match (&p.project, principal.role) {
+        (None, Role::Admin) => None,
+        _ => Some(webhook_project(&principal, p.project)?),
+    };
+    Ok(Json(crate::notify::list(&st.pool, project.as_deref()).await?))
+}
+
+async fn remove_webhook(
+    State(st): State<AppState>,
+    principal: Principal,
+    Path(id): Path<i64>,
+) -> Result<StatusCode, Error> {
+    let project = (principal.role != Role::Admin).then(|| principal.project.clone());
+    if crate::notify::remove(&st.pool, id, project.as_deref()).await? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(Error::Invalid(format!("no webhook {id} in your project: `sluice webhooks list` shows them")))
+    }
+}
+
+async fn webhook_secret(
+    State(st): State<AppState>,
+    principal: Principal,
+    Query(p): Query<ProjectParams>,
+) -> Result<Json<crate::model::WebhookSecret>, Error> {
+    let project = webhook_project(&principal, p.project)?;
+    let secret = crate::notify::Signer::new(st.secret.clone()).secret(&project);
+    Ok(Json(crate::model::WebhookSecret { project, secret }))
+}
+
+async fn job_notifications(
+    State(st): State<AppState>,
+    Path(job_id): Path<Uuid>,
+) -> Result<Json<Vec<crate::model::WebhookDelivery>>, Error> {
+    store::job_spec(&st.pool, job_id).await?;
+    Ok(Json(crate::notify::deliveries(&st.pool, job_id).await?))
 }
 
 #[derive(Deserialize)]

@@ -61,6 +61,7 @@ pub enum Action {
     ManageTokens,
     ReadCache,
     PurgeCache,
+    ManageWebhooks,
 }
 
 impl Action {
@@ -79,6 +80,7 @@ impl Action {
             Action::ManageTokens => "manage tokens",
             Action::ReadCache => "read the response cache's figures",
             Action::PurgeCache => "purge the response cache",
+            Action::ManageWebhooks => "manage webhooks and their signing secret",
         }
     }
 }
@@ -111,6 +113,11 @@ pub const ENDPOINTS: &[Endpoint] = &[
     ep("GET", "/v1/jobs/{id}/review", Action::ExportReview, Role::Reviewer),
     ep("GET", "/v1/jobs/{id}/review/label-studio-config", Action::ExportReview, Role::Reviewer),
     ep("GET", "/v1/jobs/{id}/review/stats", Action::ReadResults, Role::Reader),
+    ep("GET", "/v1/jobs/{id}/notifications", Action::ManageWebhooks, Role::Submitter),
+    ep("GET", "/v1/webhooks", Action::ManageWebhooks, Role::Submitter),
+    ep("POST", "/v1/webhooks", Action::ManageWebhooks, Role::Submitter),
+    ep("DELETE", "/v1/webhooks/{id}", Action::ManageWebhooks, Role::Submitter),
+    ep("GET", "/v1/webhooks/secret", Action::ManageWebhooks, Role::Submitter),
     ep("POST", "/v1/jobs/{id}/review", Action::ImportReview, Role::Reviewer),
     ep("POST", "/v1/estimate", Action::ReadCache, Role::Reader),
     ep("GET", "/v1/cache", Action::ReadCache, Role::Reader),
@@ -213,6 +220,13 @@ impl TokenSecret {
     /// A new random secret (64 hexadecimal characters).
     pub fn generate() -> String {
         hex::encode(random_bytes())
+    }
+
+    /// A key for another purpose, derived from the secret (HMAC-SHA256 of a
+    /// label holding a NUL byte, which no token holds): every coordinator of
+    /// the installation derives the same one.
+    pub fn derive(&self, purpose: &str, subject: &str) -> Vec<u8> {
+        self.digest(&format!("\0{purpose}\0{subject}"))
     }
 
     fn digest(&self, token: &str) -> Vec<u8> {

@@ -253,6 +253,43 @@ impl Client {
         self.json(resp, &url).await
     }
 
+    /// Adds a webhook for every job of a project.
+    pub async fn add_webhook(&self, hook: &crate::model::NewWebhook) -> Result<crate::model::Webhook, ClientError> {
+        let url = self.url("/v1/webhooks");
+        let resp = self.send(self.http.post(&url).json(hook), &url).await?;
+        self.json(resp, &url).await
+    }
+
+    /// The webhooks of a project and its jobs (the token's project by default).
+    pub async fn webhooks(&self, project: Option<&str>) -> Result<Vec<crate::model::Webhook>, ClientError> {
+        let url = self.url("/v1/webhooks");
+        let query: Vec<(&str, &str)> = project.map(|p| ("project", p)).into_iter().collect();
+        let resp = self.send(self.http.get(&url).query(&query), &url).await?;
+        self.json(resp, &url).await
+    }
+
+    /// Deletes webhook `id`.
+    pub async fn remove_webhook(&self, id: i64) -> Result<(), ClientError> {
+        let url = self.url(&format!("/v1/webhooks/{id}"));
+        self.send(self.http.delete(&url), &url).await?;
+        Ok(())
+    }
+
+    /// The project's webhook signing secret.
+    pub async fn webhook_secret(&self, project: Option<&str>) -> Result<crate::model::WebhookSecret, ClientError> {
+        let url = self.url("/v1/webhooks/secret");
+        let query: Vec<(&str, &str)> = project.map(|p| ("project", p)).into_iter().collect();
+        let resp = self.send(self.http.get(&url).query(&query), &url).await?;
+        self.json(resp, &url).await
+    }
+
+    /// Every notification of a job and how its delivery went.
+    pub async fn notifications(&self, job_id: Uuid) -> Result<Vec<crate::model::WebhookDelivery>, ClientError> {
+        let url = self.url(&format!("/v1/jobs/{job_id}/notifications"));
+        let resp = self.send(self.http.get(&url), &url).await?;
+        self.json(resp, &url).await
+    }
+
     /// Deletes cache entries (only those older than `older_than_s` when given); returns how many.
     pub async fn cache_purge(&self, project: Option<&str>, older_than_s: Option<u64>) -> Result<u64, ClientError> {
         let url = self.url("/v1/cache");

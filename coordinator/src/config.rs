@@ -100,6 +100,22 @@ pub struct ServeConfig {
     /// was created (the client died, the upload was cut off) is marked `abandoned`.
     #[arg(long, env = "SLUICE_UPLOAD_TIMEOUT_S", default_value_t = 3_600)]
     pub upload_timeout_s: u64,
+    /// How long a webhook receiver has to answer, in milliseconds.
+    #[arg(long, env = "SLUICE_WEBHOOK_TIMEOUT_MS", default_value_t = 10_000)]
+    pub webhook_timeout_ms: u64,
+    /// Attempts at a notification before it is recorded as failed; the
+    /// waits between them double from --webhook-retry-min-ms up to 10
+    /// minutes (10 attempts span about 17 minutes).
+    #[arg(long, env = "SLUICE_WEBHOOK_MAX_ATTEMPTS", default_value_t = 10,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub webhook_max_attempts: u32,
+    /// The first wait before a notification is sent again, in milliseconds.
+    #[arg(long, env = "SLUICE_WEBHOOK_RETRY_MIN_MS", default_value_t = 1_000)]
+    pub webhook_retry_min_ms: u64,
+    /// A model's circuit breaker open this many seconds is told to the
+    /// webhooks of the running jobs that use it (`breaker.open`).
+    #[arg(long, env = "SLUICE_NOTIFY_BREAKER_AFTER_S", default_value_t = 300)]
+    pub notify_breaker_after_s: u64,
 }
 
 /// One `PROJECT=DOLLARS` entry of `--project-max-cost`.

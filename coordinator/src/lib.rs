@@ -14,6 +14,7 @@ pub mod label_studio;
 pub mod leader;
 pub mod metrics;
 pub mod model;
+pub mod notify;
 pub mod openai_batch;
 pub mod publish;
 pub mod reconcile;
@@ -131,6 +132,17 @@ fn lead(state: &api::AppState, config: &ServeConfig, leading: CancellationToken)
         state.pool.clone(),
         state.catalog.clone(),
         config.autoscale(),
+        leading.clone(),
+    )));
+    tasks.push(tokio::spawn(notify::run(
+        notify::Context {
+            pool: state.pool.clone(),
+            js: state.js.clone(),
+            catalog: state.catalog.clone(),
+            signer: notify::Signer::new(state.secret.clone()),
+            http: reqwest::Client::new(),
+        },
+        notify::Settings::from(config),
         leading.clone(),
     )));
     if config.reconcile_interval_ms > 0 {

@@ -38,6 +38,84 @@ pub struct NewJob {
     /// (default a day).
     #[serde(default)]
     pub deadline_s: Option<u64>,
+    /// Webhooks told of this job's events (`--notify URL`).
+    #[serde(default)]
+    pub notify: Vec<NewWebhook>,
+}
+
+/// How a webhook's body is written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WebhookFormat {
+    /// Standard Webhooks' envelope around the job's status.
+    #[default]
+    Json,
+    /// `{"text": ...}`, as a Slack incoming webhook takes it.
+    Slack,
+}
+
+impl WebhookFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WebhookFormat::Json => "json",
+            WebhookFormat::Slack => "slack",
+        }
+    }
+
+    /// The format stored in `webhooks.format` (checked by the schema).
+    pub fn parse(s: &str) -> Self {
+        if s == "slack" {
+            WebhookFormat::Slack
+        } else {
+            WebhookFormat::Json
+        }
+    }
+}
+
+/// A webhook to add: for a job (`submit --notify`), or for every job of a
+/// project (`sluice webhooks add`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NewWebhook {
+    pub url: String,
+    #[serde(default)]
+    pub format: WebhookFormat,
+    /// For a project's webhook: the project (default: the token's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub project: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Webhook {
+    pub id: i64,
+    pub project: Option<String>,
+    pub job_id: Option<Uuid>,
+    pub url: String,
+    pub format: WebhookFormat,
+    pub created_by: String,
+    pub created_at: DateTime<Utc>,
+}
+
+/// One notification and how its delivery went.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WebhookDelivery {
+    pub id: i64,
+    pub event: String,
+    pub url: String,
+    /// `pending`, `delivered` or `failed` (attempts used up).
+    pub state: String,
+    pub attempts: i32,
+    pub last_status: Option<i32>,
+    pub last_error: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub delivered_at: Option<DateTime<Utc>>,
+}
+
+/// A project's webhook signing secret.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WebhookSecret {
+    pub project: String,
+    /// `whsec_` and the key in base64, as Standard Webhooks libraries take it.
+    pub secret: String,
 }
 
 /// An `auto` job's deadline when it names none: the providers' batch window.
@@ -75,6 +153,7 @@ impl NewJob {
             cache_ttl_s: None,
             mode: None,
             deadline_s: None,
+            notify: Vec::new(),
         }
     }
 

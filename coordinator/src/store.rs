@@ -117,10 +117,11 @@ pub async fn create_job(
             .await
             .doing("creating the job")?;
     }
+    crate::notify::add_job_webhooks(&mut tx, id, &job.notify, actor).await?;
     tx.commit().await.doing("creating the job")?;
     let detail = serde_json::json!({"kind": job.kind.spec.kind, "input": job.input_name, "project": project,
                                     "max_cost_usd": job.max_cost_usd, "reuse": job.reuses(), "mode": mode,
-                                    "deadline_s": deadline_s});
+                                    "deadline_s": deadline_s, "notify": job.notify.len()});
     event(pool, id, "submitted", actor, detail).await?;
     Ok(id)
 }

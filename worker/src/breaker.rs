@@ -14,20 +14,10 @@ use crate::kvstate::now_ms;
 
 use async_nats::jetstream::kv;
 use futures::StreamExt;
-use serde::{Deserialize, Serialize};
 
 use crate::Error;
 
-/// The breaker as stored in KV.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct BreakerState {
-    pub open: bool,
-    /// Consecutive failures seen by the cluster.
-    pub failures: u32,
-    pub opened_at_ms: u64,
-    /// The next probe may be sent at this time.
-    pub probe_at_ms: u64,
-}
+pub use common::nats::{breaker_key as key, BreakerState};
 
 /// What a caller may do now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,11 +37,6 @@ pub struct Breaker {
     /// The latest state seen through the watch; shared with the watch task.
     cache: Arc<RwLock<BreakerState>>,
     watcher: tokio::task::JoinHandle<()>,
-}
-
-/// The KV key of the breaker for `model` at `endpoint`.
-pub fn key(endpoint: &str, model: &str) -> String {
-    format!("cb.{}.{}", common::nats::key_part(endpoint), common::nats::key_part(model))
 }
 
 impl Drop for Breaker {

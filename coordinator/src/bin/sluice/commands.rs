@@ -156,6 +156,13 @@ enum Command {
     /// requests of later jobs (temperature 0 jobs, unless --no-cache).
     #[command(subcommand)]
     Cache(CacheCommand),
+    /// Notifications: webhooks told when a job completes, fails, pauses,
+    /// waits for review, or a model it uses stays unavailable. Deliveries
+    /// are signed as Standard Webhooks (verify them with `webhooks
+    /// secret`), retried with back-off, and recorded (`webhooks log JOB`).
+    /// A single job's webhooks are given at submit (--notify).
+    #[command(subcommand)]
+    Webhooks(WebhooksCommand),
     /// Save your API token (read from standard input) for later commands,
     /// after checking it with the coordinator.
     Login,
@@ -238,6 +245,43 @@ enum CacheCommand {
         older_than: Option<u64>,
         #[arg(long)]
         project: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum WebhooksCommand {
+    /// Tell URL of every job of the project (events: job.completed,
+    /// job.failed, job.paused, review.ready, breaker.open).
+    Add {
+        url: String,
+        /// Send Slack's `{"text": ...}` instead of the JSON envelope (for a
+        /// Slack incoming webhook).
+        #[arg(long)]
+        slack: bool,
+        /// The project (default: your token's; only an admin may name another).
+        #[arg(long)]
+        project: Option<String>,
+    },
+    /// The webhooks of the project and of its jobs.
+    List {
+        #[arg(long)]
+        project: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop telling a webhook (by the id `list` shows).
+    Remove { id: i64 },
+    /// The project's signing secret (whsec_...): a receiver checks the
+    /// webhook-signature header with it, e.g. with a Standard Webhooks library.
+    Secret {
+        #[arg(long)]
+        project: Option<String>,
+    },
+    /// Every notification of a job: event, receiver, attempts, outcome.
+    Log {
+        job: Uuid,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -456,6 +500,13 @@ struct SubmitArgs {
     /// Use cached answers no older than this (90d, 12h, 30m, 3600s) [default: 30d].
     #[arg(long, value_parser = parse_duration)]
     cache_ttl: Option<u64>,
+    /// Tell this URL of the job's events (completed, failed, paused, review
+    /// ready, model unavailable) with a signed JSON POST; repeat for more.
+    #[arg(long, value_name = "URL")]
+    notify: Vec<String>,
+    /// As --notify, with the body Slack's incoming webhooks take.
+    #[arg(long, value_name = "URL")]
+    notify_slack: Vec<String>,
     /// Estimate first (as `sluice estimate`) and ask before submitting.
     #[arg(long)]
     estimate: bool,
@@ -838,6 +889,7 @@ async fn jobs_command(command: Command, client: Client) -> anyhow::Result<ExitCo
                 print_review_stats(job, &stats);
             }
         }
+        Command::Webhooks(w) => webhooks(&client, w).await?,
         Command::Cancel { job, json } => {
             let status = client.cancel(job).await?;
             print_status(&status, json);
@@ -891,7 +943,15 @@ async fn submit(client: &Client, args: SubmitArgs) -> anyhow::Result<ExitCode> {
         prices_file,
         mode,
         deadline,
+        notify,
+        notify_slack,
     } = args;
+    let notify: Vec<coordinator::model::NewWebhook> = notify
+        .into_iter()
+        .map(|url| (url, coordinator::model::WebhookFormat::Json))
+        .chain(notify_slack.into_iter().map(|url| (url, coordinator::model::WebhookFormat::Slack)))
+        .map(|(url, format)| coordinator::model::NewWebhook { url, format, project: None })
+        .collect();
     let kind = load_kind(&job_dir, model, &input)?;
     if ask {
         let e = estimate(Some(client), &kind, &input, providers_file, &prices_file, no_cache).await?;
@@ -932,6 +992,7 @@ async fn submit(client: &Client, args: SubmitArgs) -> anyhow::Result<ExitCode> {
             cache_ttl_s: cache_ttl,
             mode,
             deadline_s: deadline,
+            notify,
             ..NewJob::new(kind)
         })
         .await?;
@@ -1042,6 +1103,72 @@ async fn watch_job(client: &Client, job: Uuid, quiet: bool) -> anyhow::Result<Jo
 
 fn eta(s: &JobStatus) -> String {
     s.eta_s.map(|e| format!(", ETA {}s", e.ceil() as u64)).unwrap_or_default()
+}
+
+async fn webhooks(client: &Client, command: WebhooksCommand) -> anyhow::Result<()> {
+    use coordinator::model::{NewWebhook, WebhookFormat};
+    match command {
+        WebhooksCommand::Add { url, slack, project } => {
+            let format = if slack { WebhookFormat::Slack } else { WebhookFormat::Json };
+            let added = client.add_webhook(&NewWebhook { url, format, project }).await?;
+            eprintln!(
+                "webhook {} added for every job of project {}; verify its deliveries with `sluice webhooks secret`",
+                added.id,
+                added.project.unwrap_or_default()
+            );
+        }
+        WebhooksCommand::List { project, json } => {
+            let hooks = client.webhooks(project.as_deref()).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&hooks)?);
+            } else if hooks.is_empty() {
+                println!("no webhooks: add one with `sluice webhooks add URL` or `submit --notify URL`");
+            } else {
+                for h in hooks {
+                    let scope = match (&h.project, h.job_id) {
+                        (Some(p), _) => format!("project {p}"),
+                        (None, Some(j)) => format!("job {j}"),
+                        _ => String::new(),
+                    };
+                    println!("{:>5}  {:<5}  {scope:<44}  {}", h.id, h.format.as_str(), h.url);
+                }
+            }
+        }
+        WebhooksCommand::Remove { id } => {
+            client.remove_webhook(id).await?;
+            eprintln!("webhook {id} removed");
+        }
+        WebhooksCommand::Secret { project } => {
+            let s = client.webhook_secret(project.as_deref()).await?;
+            println!("{}", s.secret);
+            eprintln!("the signing secret of project {}: keep it with the receivers only", s.project);
+        }
+        WebhooksCommand::Log { job, json } => {
+            let log = client.notifications(job).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&log)?);
+            } else if log.is_empty() {
+                println!("no notifications for job {job} yet");
+            } else {
+                for d in log {
+                    let outcome = match (&d.last_status, &d.last_error) {
+                        (_, Some(e)) => e.clone(),
+                        (Some(s), None) => format!("HTTP {s}"),
+                        _ => String::new(),
+                    };
+                    println!(
+                        "{}  {:<13} {:<9} attempts {}  {}  {outcome}",
+                        d.created_at.format("%F %T"),
+                        d.event,
+                        d.state,
+                        d.attempts,
+                        d.url
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 fn percent(part: u64, whole: u64) -> String {
