@@ -45,6 +45,8 @@ pub struct AppState {
     pub leader: Arc<crate::leader::Status>,
     /// Caps of jobs submitted without one (`--project-max-cost`).
     pub default_caps: Arc<crate::config::DefaultCaps>,
+    /// Whether the API serves HTTPS (the review page's cookie is then `Secure`).
+    pub https: bool,
 }
 
 impl AppState {
@@ -69,6 +71,7 @@ impl AppState {
             throttle: Arc::new(Throttle::default()),
             leader: Arc::new(crate::leader::Status::new()),
             default_caps: Arc::new(config.default_caps()),
+            https: config.tls_cert_file.is_some(),
         }
     }
 }
@@ -181,9 +184,11 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/webhooks/secret", get(webhook_secret))
         .route("/v1/estimate", post(estimate_lookup))
         .route("/v1/cache", get(cache_stats).delete(cache_purge))
+        .merge(crate::review_page::routes())
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::guard));
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
+        .route("/review/login", post(crate::review_page::login))
         .route("/readyz", get(readyz))
         .merge(v1)
         // Decision files are read whole (they are validated before anything is applied).

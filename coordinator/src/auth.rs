@@ -114,6 +114,9 @@ pub const ENDPOINTS: &[Endpoint] = &[
     ep("GET", "/v1/jobs/{id}/review/label-studio-config", Action::ExportReview, Role::Reviewer),
     ep("GET", "/v1/jobs/{id}/review/stats", Action::ReadResults, Role::Reader),
     ep("GET", "/v1/jobs/{id}/notifications", Action::ManageWebhooks, Role::Submitter),
+    ep("GET", "/review/{id}", Action::ExportReview, Role::Reviewer),
+    ep("POST", "/review/{id}/decide", Action::ImportReview, Role::Reviewer),
+    ep("POST", "/review/{id}/undo", Action::ImportReview, Role::Reviewer),
     ep("GET", "/v1/webhooks", Action::ManageWebhooks, Role::Submitter),
     ep("POST", "/v1/webhooks", Action::ManageWebhooks, Role::Submitter),
     ep("DELETE", "/v1/webhooks/{id}", Action::ManageWebhooks, Role::Submitter),
@@ -410,7 +413,7 @@ impl Outcome {
 }
 
 /// The token's holder, or why the token is refused.
-async fn authenticate(pool: &PgPool, secret: &TokenSecret, token: &str) -> Result<Result<Principal, String>, Error> {
+pub(crate) async fn authenticate(pool: &PgPool, secret: &TokenSecret, token: &str) -> Result<Result<Principal, String>, Error> {
     if !token.starts_with(TOKEN_PREFIX) {
         return Ok(Err(format!("that is not a Sluice API token (they start with {TOKEN_PREFIX:?})")));
     }
@@ -550,7 +553,15 @@ pub async fn guard(
         )
             .into_response();
     }
-    let principal = match bearer(req.headers()) {
+    // The review page's browser sends its token in a cookie (set by its
+    // login form); every other client in the Authorization header.
+    let page = route.as_str().starts_with(crate::review_page::PREFIX);
+    let (token, from_cookie) = match bearer(req.headers()) {
+        Some(t) => (Some(t.to_string()), false),
+        None if page => (crate::review_page::cookie_token(req.headers()), true),
+        None => (None, false),
+    };
+    let principal = match token.as_deref() {
         None => Err("no API token: the CLI reads it from SLUICE_TOKEN or ~/.config/sluice/token (`sluice login` saves one); an admin makes tokens with `sluice admin token create`".to_string()),
         Some(token) => match authenticate(&st.pool, &st.secret, token).await {
             Ok(found) => found,
@@ -559,6 +570,15 @@ pub async fn guard(
     };
     let principal = match principal {
         Ok(p) => p,
+        Err(reason) if page && method == "GET" => {
+            // A browser without a (valid) cookie gets the login form.
+            if token.is_some() {
+                st.throttle.failed(ip, Instant::now());
+                refuse(Outcome::Unauthenticated, reason.clone(), None).await;
+            }
+            let shown = token.is_some().then_some(reason.as_str());
+            return crate::review_page::login_page(StatusCode::UNAUTHORIZED, &path, shown);
+        }
         Err(reason) => {
             st.throttle.failed(ip, Instant::now());
             let error = refuse(Outcome::Unauthenticated, reason, None).await;
@@ -570,6 +590,14 @@ pub async fn guard(
                 .into_response();
         }
     };
+    if from_cookie && method != "GET" && !req.headers().contains_key(crate::review_page::CSRF_HEADER) {
+        // A cookie goes with any request the browser makes, a form posted
+        // by another site's page included; only the page's own script sets
+        // this header (another origin cannot without CORS, which Sluice
+        // does not allow).
+        let reason = format!("a decision sent with the review page's cookie must carry the {} header", crate::review_page::CSRF_HEADER);
+        return Error::Forbidden(refuse(Outcome::Forbidden, reason, Some(principal)).await).into_response();
+    }
     let Some(endpoint) = endpoint(&method, route.as_str()) else {
         let reason = format!("no role may call {method} {}", route.as_str());
         return Error::Forbidden(refuse(Outcome::Forbidden, reason, Some(principal)).await).into_response();
@@ -585,7 +613,8 @@ pub async fn guard(
         );
         return Error::Forbidden(refuse(Outcome::Forbidden, reason, Some(principal)).await).into_response();
     }
-    if let Some(job_id) = route.as_str().starts_with("/v1/jobs/{id}").then(|| job_in(&path)).flatten() {
+    let about_job = route.as_str().starts_with("/v1/jobs/{id}") || route.as_str().starts_with("/review/{id}");
+    if let Some(job_id) = about_job.then(|| job_in(&path)).flatten() {
         match store::job_project(&st.pool, job_id).await {
             Ok(Some(project)) if !principal.sees(&project) => {
                 let reason = format!("job {job_id} belongs to project {project}");
@@ -601,9 +630,9 @@ pub async fn guard(
     next.run(req).await
 }
 
-/// The job id in `/v1/jobs/{id}/...`, if it is one.
+/// The job id in `/v1/jobs/{id}/...` or `/review/{id}/...`, if it is one.
 fn job_in(path: &str) -> Option<Uuid> {
-    path.strip_prefix("/v1/jobs/")?.split('/').next()?.parse().ok()
+    path.strip_prefix("/v1/jobs/").or_else(|| path.strip_prefix("/review/"))?.split('/').next()?.parse().ok()
 }
 
 #[cfg(test)]

@@ -19,6 +19,7 @@ pub mod openai_batch;
 pub mod publish;
 pub mod reconcile;
 pub mod review;
+pub mod review_page;
 pub mod store;
 pub mod tls;
 

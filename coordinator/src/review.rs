@@ -570,6 +570,89 @@ async fn decide_gates(
     Ok(released.len())
 }
 
+/// Takes back `actor`'s latest decision on the final answer of item `id`
+/// (the review page's undo): an `undone` row records it, and the decision
+/// before it, if any, stands again; else the answer waits for review again.
+/// Decisions at a gate are not taken back: their items have gone on.
+pub async fn undo(pool: &PgPool, job_id: Uuid, id: &str, actor: &Actor) -> Result<(), Error> {
+    const DOING: &str = "taking back a review decision";
+    let mut tx = pool.begin().await.doing(DOING)?;
+    let target = sqlx::query!(
+        r#"SELECT r.id, r.seq, r.reviewer, r.answer FROM reviews r JOIN items i ON i.job_id = r.job_id AND i.seq = r.seq
+           WHERE r.job_id = $1 AND i.item_id = $2 AND r.stage IS NULL AND r.verdict IS NULL
+             AND NOT EXISTS (SELECT 1 FROM reviews u WHERE u.undoes = r.id)
+           ORDER BY r.id DESC LIMIT 1
+           FOR UPDATE OF r"#,
+        job_id,
+        id
+    )
+    .fetch_optional(&mut *tx)
+    .await
+    .doing(DOING)?
+    .ok_or_else(|| Error::Invalid(format!("item \"{id}\" has no decision on its answer to take back")))?;
+    if target.reviewer != actor.name {
+        return Err(Error::Forbidden(format!(
+            "the last decision on item \"{id}\" is {}'s: only they can take it back",
+            target.reviewer
+        )));
+    }
+    sqlx::query!(
+        "INSERT INTO reviews (job_id, seq, answer, reviewer, decided_at, source, token_id, verdict, undoes)
+         VALUES ($1, $2, $3, $4, now(), 'review-page', $5, 'undone', $6)",
+        job_id,
+        target.seq,
+        target.answer,
+        &actor.name,
+        actor.token_id,
+        target.id
+    )
+    .execute(&mut *tx)
+    .await
+    .doing(DOING)?;
+    sqlx::query!(
+        r#"WITH before AS (
+               SELECT r.answer, r.reviewer, r.decided_at FROM reviews r
+               WHERE r.job_id = $1 AND r.seq = $2 AND r.stage IS NULL AND r.verdict IS NULL AND r.id < $3
+                 AND NOT EXISTS (SELECT 1 FROM reviews u WHERE u.undoes = r.id)
+               ORDER BY r.id DESC LIMIT 1)
+           UPDATE results r SET
+               human_answer = (SELECT answer FROM before),
+               reviewer = (SELECT reviewer FROM before),
+               reviewed_at = (SELECT decided_at FROM before),
+               state = CASE WHEN EXISTS (SELECT 1 FROM before) THEN 'reviewed'
+                            WHEN r.confidence IS NULL
+                                 OR r.confidence < (SELECT COALESCE(j.review_below, (j.spec->>'confidence_threshold')::float8)
+                                                    FROM jobs j WHERE j.id = $1)
+                            THEN 'needs_review' ELSE 'succeeded' END
+           WHERE r.job_id = $1 AND r.seq = $2"#,
+        job_id,
+        target.seq,
+        target.id
+    )
+    .execute(&mut *tx)
+    .await
+    .doing(DOING)?;
+    tx.commit().await.doing(DOING)?;
+    store::event(pool, job_id, "undone", actor, json!({"item": id})).await?;
+    Ok(())
+}
+
+/// How far a job's review has come: decisions standing, and answers still
+/// waiting (below the threshold, or held at a gate).
+pub async fn progress(pool: &PgPool, job_id: Uuid) -> Result<(u64, u64), Error> {
+    let r = sqlx::query!(
+        r#"SELECT (SELECT count(*) FROM results WHERE job_id = $1 AND state = 'reviewed')
+                + (SELECT count(*) FROM stage_results WHERE job_id = $1 AND state IN ('approved', 'rejected')) AS "done!",
+                  (SELECT count(*) FROM results WHERE job_id = $1 AND state = 'needs_review')
+                + (SELECT count(*) FROM stage_results WHERE job_id = $1 AND state = 'held') AS "waiting!""#,
+        job_id
+    )
+    .fetch_one(pool)
+    .await
+    .doing("counting review progress")?;
+    Ok((r.done as u64, r.waiting as u64))
+}
+
 /// One reviewed final answer: the model's confidence, whether the person
 /// agreed, and who is recorded.
 #[derive(Debug, Clone)]
