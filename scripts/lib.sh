@@ -110,12 +110,35 @@ ensure_deploy_tools() {
   export SLUICE_DEPLOY_CHECK_PYTHONPATH="$tools/pip"
 }
 
-# The tools that check the review queue's files (tests/tests/label_studio.rs):
-# label-studio-sdk, Label Studio's own Python library (its config parser,
-# prediction validation and export converter), pinned, under .sluice/tools.
-# Exports SLUICE_LABEL_STUDIO_PYTHONPATH.
+# The tools that check the review queue's files and page:
+#   label-studio-sdk  Label Studio's own Python library (its config parser,
+#                     prediction validation and export converter), for
+#                     tests/tests/label_studio.rs
+#   chromium          Debian's package, driven headless through
+#   playwright-core   (npm, no browser download) by scripts/review-check/review_page.cjs,
+#                     for tests/tests/review_page.rs
+# pinned where the registry allows, under .sluice/tools. Exports
+# SLUICE_LABEL_STUDIO_PYTHONPATH, SLUICE_CHROMIUM and SLUICE_REVIEW_NODE_PATH.
 LABEL_STUDIO_SDK_VERSION=2.1.2
+PLAYWRIGHT_CORE_VERSION=1.65.1
 ensure_review_tools() {
+  local chromium
+  chromium="$(command -v chromium || command -v chromium-browser || true)"
+  if [ -z "$chromium" ]; then
+    say "installing Chromium (Debian package chromium)"
+    apt_install chromium
+    chromium="$(command -v chromium)"
+  fi
+  export SLUICE_CHROMIUM="$chromium"
+  command -v npm >/dev/null || apt_install nodejs npm
+  local npm_dir="$STATE/tools/npm-review"
+  if [ ! -d "$npm_dir/node_modules/playwright-core" ]; then
+    say "installing playwright-core $PLAYWRIGHT_CORE_VERSION (npm; it drives the Chromium above)"
+    mkdir -p "$npm_dir"
+    (cd "$npm_dir" && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm install --silent --no-audit --no-fund --no-save \
+      "playwright-core@$PLAYWRIGHT_CORE_VERSION" >/dev/null) || die "cannot install playwright-core from npm"
+  fi
+  export SLUICE_REVIEW_NODE_PATH="$npm_dir/node_modules"
   local target="$STATE/tools/label-studio"
   if [ ! -d "$target/label_studio_sdk" ]; then
     say "installing label-studio-sdk $LABEL_STUDIO_SDK_VERSION (PyPI)"

@@ -413,7 +413,11 @@ impl Outcome {
 }
 
 /// The token's holder, or why the token is refused.
-pub(crate) async fn authenticate(pool: &PgPool, secret: &TokenSecret, token: &str) -> Result<Result<Principal, String>, Error> {
+pub(crate) async fn authenticate(
+    pool: &PgPool,
+    secret: &TokenSecret,
+    token: &str,
+) -> Result<Result<Principal, String>, Error> {
     if !token.starts_with(TOKEN_PREFIX) {
         return Ok(Err(format!("that is not a Sluice API token (they start with {TOKEN_PREFIX:?})")));
     }
@@ -595,7 +599,10 @@ pub async fn guard(
         // by another site's page included; only the page's own script sets
         // this header (another origin cannot without CORS, which Sluice
         // does not allow).
-        let reason = format!("a decision sent with the review page's cookie must carry the {} header", crate::review_page::CSRF_HEADER);
+        let reason = format!(
+            "a decision sent with the review page's cookie must carry the {} header",
+            crate::review_page::CSRF_HEADER
+        );
         return Error::Forbidden(refuse(Outcome::Forbidden, reason, Some(principal)).await).into_response();
     }
     let Some(endpoint) = endpoint(&method, route.as_str()) else {

@@ -66,7 +66,10 @@ fn env() -> minijinja::Environment<'static> {
 }
 
 fn render(name: &str, ctx: Value) -> String {
-    env().get_template(name).and_then(|t| t.render(minijinja::value::Serde(&ctx))).unwrap_or_else(|e| format!("cannot render the page: {e}"))
+    env()
+        .get_template(name)
+        .and_then(|t| t.render(minijinja::value::Serde(&ctx)))
+        .unwrap_or_else(|e| format!("cannot render the page: {e}"))
 }
 
 /// The login form, answered to a browser without a valid cookie; `next` is
@@ -98,7 +101,8 @@ pub async fn login(State(st): State<AppState>, Form(form): Form<LoginForm>) -> R
             let secure = if st.https { "; Secure" } else { "" };
             let cookie = format!("{COOKIE}={token}; Path=/review; HttpOnly; SameSite=Strict; Max-Age=43200{secure}");
             tracing::info!(reviewer = %p.name, "signed in to the review page");
-            (StatusCode::SEE_OTHER, [(header::SET_COOKIE, cookie), (header::LOCATION, next.to_string())]).into_response()
+            (StatusCode::SEE_OTHER, [(header::SET_COOKIE, cookie), (header::LOCATION, next.to_string())])
+                .into_response()
         }
         Ok(Err(reason)) => login_page(StatusCode::UNAUTHORIZED, &form.next, Some(&reason)),
         Err(e) => e.into_response(),
@@ -142,9 +146,10 @@ fn page_item(q: &review::QueueItem, input_fields: &[String]) -> PageItem {
         .map(|vs| {
             vs.iter()
                 .map(|v| {
-                    let answer = v["answer"].as_str().map(String::from).unwrap_or_else(|| {
-                        format!("({})", v["error"].as_str().unwrap_or("no answer"))
-                    });
+                    let answer = v["answer"]
+                        .as_str()
+                        .map(String::from)
+                        .unwrap_or_else(|| format!("({})", v["error"].as_str().unwrap_or("no answer")));
                     let c = v["confidence"].as_f64().map(|c| format!("{c:.2}")).unwrap_or_default();
                     (v["model"].as_str().unwrap_or("?").to_string(), answer, c)
                 })
