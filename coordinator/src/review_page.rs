@@ -138,7 +138,12 @@ fn page_item(q: &review::QueueItem, input_fields: &[String]) -> PageItem {
     };
     let detail = q.confidence_detail.as_ref().and_then(Value::as_object);
     let components = detail
-        .map(|d| d.iter().filter(|(k, _)| *k != "votes").map(|(k, v)| (k.clone(), show(v))).collect())
+        .map(|d| {
+            let empty = |v: &Value| {
+                v.is_null() || v.as_array().is_some_and(Vec::is_empty) || v.as_object().is_some_and(|o| o.is_empty())
+            };
+            d.iter().filter(|(k, v)| *k != "votes" && !empty(v)).map(|(k, v)| (k.clone(), show(v))).collect()
+        })
         .unwrap_or_default();
     let votes = detail
         .and_then(|d| d.get("votes"))
@@ -424,7 +429,7 @@ mod tests {
             answer: Some("\"sports\"".into()),
             output: None,
             confidence: Some(0.4),
-            confidence_detail: Some(serde_json::json!({"strategy": "logprobs", "votes": [
+            confidence_detail: Some(serde_json::json!({"strategy": "logprobs", "penalties": [], "components": null, "votes": [
                 {"model": "sim-small", "answer": "sports", "confidence": 0.9},
                 {"model": "sim-large", "error": "timeout"}]})),
             model: None,
