@@ -111,6 +111,7 @@ pub const ENDPOINTS: &[Endpoint] = &[
     ep("POST", "/v1/jobs/{id}/cancel", Action::Cancel, Role::Submitter),
     ep("POST", "/v1/jobs/{id}/resume", Action::Resume, Role::Submitter),
     ep("GET", "/v1/jobs/{id}/review", Action::ExportReview, Role::Reviewer),
+    ep("POST", "/v1/jobs/{id}/review", Action::ImportReview, Role::Reviewer),
     ep("GET", "/v1/jobs/{id}/review/label-studio-config", Action::ExportReview, Role::Reviewer),
     ep("GET", "/v1/jobs/{id}/review/stats", Action::ReadResults, Role::Reader),
     ep("GET", "/v1/jobs/{id}/notifications", Action::ManageWebhooks, Role::Submitter),
@@ -121,7 +122,6 @@ pub const ENDPOINTS: &[Endpoint] = &[
     ep("POST", "/v1/webhooks", Action::ManageWebhooks, Role::Submitter),
     ep("DELETE", "/v1/webhooks/{id}", Action::ManageWebhooks, Role::Submitter),
     ep("GET", "/v1/webhooks/secret", Action::ManageWebhooks, Role::Submitter),
-    ep("POST", "/v1/jobs/{id}/review", Action::ImportReview, Role::Reviewer),
     ep("POST", "/v1/estimate", Action::ReadCache, Role::Reader),
     ep("GET", "/v1/cache", Action::ReadCache, Role::Reader),
     ep("DELETE", "/v1/cache", Action::PurgeCache, Role::Submitter),
@@ -629,7 +629,10 @@ pub async fn guard(
                 // Word for word what a job that does not exist answers.
                 return Error::JobNotFound(job_id).into_response();
             }
-            Ok(_) => {}
+            // Before the body is read, so a job that does not exist answers
+            // alike on every route (and another project's job like it).
+            Ok(None) => return Error::JobNotFound(job_id).into_response(),
+            Ok(Some(_)) => {}
             Err(e) => return e.into_response(),
         }
     }

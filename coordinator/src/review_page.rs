@@ -429,9 +429,11 @@ mod tests {
             answer: Some("\"sports\"".into()),
             output: None,
             confidence: Some(0.4),
-            confidence_detail: Some(serde_json::json!({"strategy": "logprobs", "penalties": [], "components": null, "votes": [
+            confidence_detail: Some(
+                serde_json::json!({"strategy": "logprobs", "penalties": [], "components": null, "votes": [
                 {"model": "sim-small", "answer": "sports", "confidence": 0.9},
-                {"model": "sim-large", "error": "timeout"}]})),
+                {"model": "sim-large", "error": "timeout"}]}),
+            ),
             model: None,
             state: "needs_review".into(),
             stage: None,
