@@ -117,9 +117,13 @@ ensure_deploy_tools() {
 #   chromium          Debian's package, driven headless through
 #   playwright-core   (npm, no browser download) by scripts/review-check/review_page.cjs,
 #                     for tests/tests/review_page.rs
+#   standardwebhooks  the Standard Webhooks reference library (PyPI), which
+#                     verifies Sluice's webhook signatures in tests/tests/notify.rs
 # pinned where the registry allows, under .sluice/tools. Exports
-# SLUICE_LABEL_STUDIO_PYTHONPATH, SLUICE_CHROMIUM and SLUICE_REVIEW_NODE_PATH.
+# SLUICE_LABEL_STUDIO_PYTHONPATH, SLUICE_CHROMIUM, SLUICE_REVIEW_NODE_PATH
+# and SLUICE_WEBHOOKS_PYTHONPATH.
 LABEL_STUDIO_SDK_VERSION=2.1.2
+STANDARDWEBHOOKS_VERSION=1.1.0
 PLAYWRIGHT_CORE_VERSION=1.65.1
 ensure_review_tools() {
   local chromium
@@ -150,6 +154,15 @@ ensure_review_tools() {
       || die "cannot install label-studio-sdk from PyPI"
   fi
   export SLUICE_LABEL_STUDIO_PYTHONPATH="$target"
+  local hooks="$STATE/tools/webhooks"
+  if [ ! -d "$hooks/standardwebhooks" ]; then
+    say "installing standardwebhooks $STANDARDWEBHOOKS_VERSION (PyPI)"
+    python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --target "$hooks" \
+      "standardwebhooks==$STANDARDWEBHOOKS_VERSION" 2>/dev/null \
+      || python3 -m pip install --quiet --break-system-packages --target "$hooks" "standardwebhooks==$STANDARDWEBHOOKS_VERSION" \
+      || die "cannot install standardwebhooks from PyPI"
+  fi
+  export SLUICE_WEBHOOKS_PYTHONPATH="$hooks"
 }
 
 start_nats() { # port, store dir

@@ -88,6 +88,41 @@ fn verify(secret: &str, r: &Received) -> bool {
     r.signature.split(' ').any(|s| s.strip_prefix("v1,") == Some(want.as_str()))
 }
 
+/// Runs scripts/review-check/verify_webhooks.py (the PyPI package
+/// standardwebhooks, which scripts/test installs) on the requests, their
+/// bodies changed by a byte if `tamper`.
+fn reference_check(secret: &str, got: &[Received], tamper: bool) -> (bool, String) {
+    let path = std::env::var("SLUICE_WEBHOOKS_PYTHONPATH").unwrap_or_else(|_| {
+        panic!(
+            "SLUICE_WEBHOOKS_PYTHONPATH is not set: run the tests with scripts/test, which installs standardwebhooks"
+        )
+    });
+    let deliveries: Vec<serde_json::Value> = got
+        .iter()
+        .map(|r| {
+            let mut body = String::from_utf8(r.body.clone()).unwrap();
+            if tamper {
+                body.push(' ');
+            }
+            serde_json::json!({"body": body, "headers": {
+                "webhook-id": r.id, "webhook-timestamp": r.timestamp, "webhook-signature": r.signature}})
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("deliveries.json");
+    std::fs::write(&file, serde_json::to_vec(&deliveries).unwrap()).unwrap();
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = std::process::Command::new("python3")
+        .arg(repo.join("scripts/review-check/verify_webhooks.py"))
+        .arg(secret)
+        .arg(&file)
+        .env("PYTHONPATH", path)
+        .output()
+        .expect("python3 runs");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
 fn hook(url: String, format: WebhookFormat) -> NewWebhook {
     NewWebhook { url, format, project: None }
 }
@@ -153,6 +188,11 @@ async fn webhooks_are_signed_retried_and_recorded_and_a_dead_receiver_blocks_not
             assert!(!verify(&secret, &tampered), "the check must fail on a changed body");
         }
     }
+    // And with the Standard Webhooks reference library, as a receiver would.
+    let (ok, report) = reference_check(&secret, &project.received(), false);
+    assert!(ok && report.contains("verified=2 refused=0"), "{report}");
+    let (_, report) = reference_check(&secret, &project.received(), true);
+    assert!(report.contains("verified=0 refused=2"), "a changed body is refused: {report}");
     let texts: Vec<String> = slack.accepted().iter().map(|b| b["text"].as_str().unwrap().to_string()).collect();
     assert!(texts.iter().any(|t| t.contains("completed: ") && t.contains(&job.to_string())), "{texts:?}");
     assert!(texts.iter().any(|t| t.contains("waiting for review")), "{texts:?}");
