@@ -511,6 +511,56 @@ impl Throttle {
     }
 }
 
+/// Counts, logs and records (in `audit_access`) a refused request.
+async fn record_refusal(
+    pool: &PgPool,
+    ip: IpAddr,
+    method: &str,
+    path: &str,
+    outcome: Outcome,
+    reason: &str,
+    principal: Option<&Principal>,
+) {
+    metrics::counter!(m::API_DENIED, "outcome" => outcome.as_str()).increment(1);
+    tracing::info!(%ip, %method, %path, outcome = outcome.as_str(), %reason, "request refused");
+    let recorded = sqlx::query!(
+        "INSERT INTO audit_access (address, method, path, outcome, reason, token_id, actor)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        ip.to_string(),
+        method,
+        path,
+        outcome.as_str(),
+        reason,
+        principal.map(|p| p.token_id),
+        principal.map(|p| p.name.as_str())
+    )
+    .execute(pool)
+    .await;
+    if let Err(e) = recorded {
+        tracing::warn!(error = %e, "cannot record a refused request in audit_access");
+    }
+}
+
+/// A sign-in with `token` from `ip` (the review page's login form), under
+/// the same throttle and audit as the API's: the holder, or why not.
+pub(crate) async fn sign_in(
+    st: &AppState,
+    ip: IpAddr,
+    path: &str,
+    token: &str,
+) -> Result<Result<Principal, String>, Error> {
+    if let Some(wait) = st.throttle.wait(ip, Instant::now()) {
+        let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+        return Ok(Err(format!("too many failed sign-ins from {ip}: try again in {secs} s")));
+    }
+    let found = authenticate(&st.pool, &st.secret, token).await?;
+    if let Err(reason) = &found {
+        st.throttle.failed(ip, Instant::now());
+        record_refusal(&st.pool, ip, "POST", path, Outcome::Unauthenticated, reason, None).await;
+    }
+    Ok(found)
+}
+
 /// The check every `/v1` request passes; see the module's documentation.
 pub async fn guard(
     State(st): State<AppState>,
@@ -525,24 +575,7 @@ pub async fn guard(
     let refuse = |outcome: Outcome, reason: String, principal: Option<Principal>| {
         let (pool, method, path) = (st.pool.clone(), method.clone(), path.clone());
         async move {
-            metrics::counter!(m::API_DENIED, "outcome" => outcome.as_str()).increment(1);
-            tracing::info!(%ip, %method, %path, outcome = outcome.as_str(), %reason, "request refused");
-            let recorded = sqlx::query!(
-                "INSERT INTO audit_access (address, method, path, outcome, reason, token_id, actor)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
-                ip.to_string(),
-                method,
-                path,
-                outcome.as_str(),
-                &reason,
-                principal.as_ref().map(|p| p.token_id),
-                principal.as_ref().map(|p| p.name.as_str())
-            )
-            .execute(&pool)
-            .await;
-            if let Err(e) = recorded {
-                tracing::warn!(error = %e, "cannot record a refused request in audit_access");
-            }
+            record_refusal(&pool, ip, &method, &path, outcome, &reason, principal.as_ref()).await;
             reason
         }
     };

@@ -14,7 +14,7 @@
 //! HTTPS); the guard accepts that cookie on `/review/` routes only, and a
 //! decision sent with it must carry the page's own header (`CSRF_HEADER`).
 
-use axum::extract::{Path, State};
+use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
@@ -92,10 +92,15 @@ pub struct LoginForm {
     next: String,
 }
 
-/// `POST /review/login`: checks the token and keeps it in the cookie.
-pub async fn login(State(st): State<AppState>, Form(form): Form<LoginForm>) -> Response {
+/// `POST /review/login`: checks the token (a failure is throttled and
+/// audited as the API's are) and keeps it in the cookie.
+pub async fn login(
+    State(st): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
+    Form(form): Form<LoginForm>,
+) -> Response {
     let token = form.token.trim();
-    match crate::auth::authenticate(&st.pool, &st.secret, token).await {
+    match crate::auth::sign_in(&st, peer.ip(), "/review/login", token).await {
         Ok(Ok(p)) => {
             let next = if safe_next(&form.next) { form.next.as_str() } else { "/review/" };
             let secure = if st.https { "; Secure" } else { "" };

@@ -124,6 +124,13 @@ async fn the_page_and_its_decisions_need_a_reviewers_sign_in() {
         .unwrap();
     assert_eq!(r.status(), 401);
     assert!(r.text().await.unwrap().contains("unknown API token"));
+    let refused: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM audit_access WHERE path = '/review/login' AND outcome = 'unauthenticated'",
+    )
+    .fetch_one(&stack.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(refused, 1, "a failed sign-in is audited as the API's are");
 
     // A reviewer's sign-in sets the cookie; with it the page opens, but a
     // decision without the page's header (another site's form) is refused.
