@@ -7,7 +7,8 @@
 // after each for the page's answer. Prints one JSON line per key: the item it
 // acted on, the answer (the model's, or the label the digit picks), and the
 // progress text after. With KEYS "time:N" it accepts N items and prints how
-// long that took. SCREENSHOT, if given, is a PNG of the page at the end.
+// long that took. SCREENSHOT, if given, is a PNG of the page at the end. A
+// last line tells how the page fits a phone's screen (390 px wide).
 // Needs SLUICE_CHROMIUM (the browser) and NODE_PATH holding playwright-core.
 const { chromium } = require("playwright-core");
 
@@ -63,6 +64,16 @@ async function main() {
       }
     }
     if (screenshot) await page.screenshot({ path: screenshot, fullPage: false });
+    // The same page on a phone's screen: nothing wider than it, the buttons
+    // on it.
+    await page.setViewportSize({ width: 390, height: 844 });
+    const phone = await page.evaluate(() => {
+      const el = document.querySelector("article.item:not([hidden])") || document.getElementById("finished");
+      const buttons = [...el.querySelectorAll("button")].map((b) => b.getBoundingClientRect());
+      return { width: innerWidth, scroll_width: document.documentElement.scrollWidth,
+               buttons: buttons.length, buttons_inside: buttons.every((r) => r.left >= 0 && r.right <= innerWidth) };
+    });
+    console.log(JSON.stringify({ phone }));
   } finally {
     await browser.close();
   }

@@ -59,8 +59,14 @@ async fn a_reviewer_decides_three_items_by_keyboard_undoes_one_and_the_database_
     // again, then u takes the last decision back.
     let dir = tempfile::tempdir().unwrap();
     let shot = dir.path().join("page.png");
-    let steps = browse(&stack, job, &rita, "Enter,2,Enter,u", &shot);
+    let mut steps = browse(&stack, job, &rita, "Enter,2,Enter,u", &shot);
+    let phone = steps.pop().unwrap();
     assert_eq!(steps.len(), 4, "{steps:?}");
+    // On a phone's screen the page is no wider than the screen and every
+    // button of the item is on it.
+    let phone = &phone["phone"];
+    assert!(phone["scroll_width"].as_u64() <= phone["width"].as_u64(), "{phone}");
+    assert!(phone["buttons"].as_u64() >= Some(7) && phone["buttons_inside"] == true, "{phone}");
     let labels = common::sample::labels();
     let (first, second, third) = (&steps[0], &steps[1], &steps[2]);
     assert_eq!(second["answer"], labels[1]);
