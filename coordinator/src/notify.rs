@@ -260,18 +260,23 @@ pub struct Context {
     pub http: reqwest::Client,
 }
 
+/// How often the notifier looks for gates waiting and breakers left open.
+const LOOK_EVERY: Duration = Duration::from_secs(5);
+
 /// Queues and sends notifications until `leading` is cancelled.
 pub async fn run(ctx: Context, settings: Settings, leading: CancellationToken) {
     let mut health = common::telemetry::Health::default();
-    let mut breakers_checked = Instant::now() - Duration::from_secs(3600);
+    // Gates and breakers are looked at every few seconds; due deliveries
+    // (job events the trigger queued, retries) at every turn.
+    let mut looked = Instant::now() - LOOK_EVERY;
     loop {
-        let check_breakers = breakers_checked.elapsed() >= Duration::from_secs(5);
-        if check_breakers {
-            breakers_checked = Instant::now();
+        let look = looked.elapsed() >= LOOK_EVERY;
+        if look {
+            looked = Instant::now();
         }
         let step = async {
-            queue_gates(&ctx.pool).await?;
-            if check_breakers {
+            if look {
+                queue_gates(&ctx.pool).await?;
                 queue_breakers(&ctx, settings.breaker_after).await?;
             }
             deliver_due(&ctx, &settings).await
