@@ -761,3 +761,73 @@ async fn an_adjudicator_settles_the_ensembles_disagreements_and_only_those() {
     assert!(split >= 5, "sim-large disagreed on {split} of {n}");
     assert_eq!(judged, split as i64, "the judge was asked about disagreements only");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunk_given_up_on_leaves_the_items_waiting_at_its_gate_waiting() {
+    let mut stack = Stack::start_with_providers(vec![SimConfig::default()], THREE_MODELS).await.unwrap();
+    // The settings under test: a chunk not acknowledged within 3 s is
+    // delivered again, and a second delivery is given up on.
+    stack.add_worker(|c| {
+        c.ack_wait_s = 3;
+        c.heartbeat = false;
+        c.max_deliveries = 1;
+    });
+    // 16 items: a small job is spread over 8 chunks, two items each.
+    let (input, briefs) = sample(&stack, "article", 16);
+    let job = stack.submit("article", input, false).await.unwrap().job_id;
+    let chunk: (i64, i64) = sqlx::query_as("SELECT first_seq, last_seq FROM chunks WHERE job_id = $1 AND chunk_no = 0")
+        .bind(job)
+        .fetch_one(&stack.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(chunk.1 - chunk.0, 1, "the first two items share a chunk");
+    wait_for("every outline waiting for approval", Duration::from_secs(60), || async {
+        Ok(stack.client.status(job).await?.stages.first().is_some_and(|s| s.waiting == 16))
+    })
+    .await
+    .unwrap();
+    // The model now answers in 4 s, past the ack wait; the first outline is
+    // approved. Its chunk is delivered again, and given up on.
+    stack.sim.sim.set_config(SimConfig { latency_ms: 4_000, ..Default::default() });
+    let queue = stack.client.review_export(job, None, "jsonl").await.unwrap();
+    let held: HashMap<String, String> = String::from_utf8_lossy(&queue)
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .map(|q| (q["id"].as_str().unwrap().to_string(), q["answer"].as_str().unwrap().to_string()))
+        .collect();
+    let (first, second) = (briefs[0]["id"].as_str().unwrap(), briefs[1]["id"].as_str().unwrap());
+    let approve = |id: &str| serde_json::to_vec(&json!({"id": id, "answer": held[id]})).unwrap();
+    stack.client.review_import(job, approve(first), "jsonl", "first.jsonl").await.unwrap();
+    let results = || async {
+        let rows: Vec<(String, String, Option<String>)> = sqlx::query_as(
+            "SELECT i.item_id, r.state, r.error_class FROM results r JOIN items i USING (job_id, seq) WHERE r.job_id = $1",
+        )
+        .bind(job)
+        .fetch_all(&stack.db.pool)
+        .await
+        .unwrap();
+        rows
+    };
+    wait_for("the approved item given up on", Duration::from_secs(60), || async {
+        Ok(results()
+            .await
+            .iter()
+            .any(|(id, _, class)| id == first && class.as_deref() == Some("redeliveries_exhausted")))
+    })
+    .await
+    .unwrap();
+    // The other outline of that chunk still waits for its decision: no
+    // result, still held.
+    assert!(results().await.iter().all(|(id, _, _)| id == first), "{:?}", results().await);
+    let st = stack.status(job).await.unwrap();
+    assert_eq!((st.state.as_str(), st.stages[0].waiting), ("running", 15), "{st:?}");
+    // The model is quick again; the decisions come; the job completes.
+    stack.sim.sim.set_config(SimConfig::default());
+    let rest: Vec<u8> =
+        briefs[1..].iter().flat_map(|b| [approve(b["id"].as_str().unwrap()), b"\n".to_vec()].concat()).collect();
+    stack.client.review_import(job, rest, "jsonl", "rest.jsonl").await.unwrap();
+    stack.wait_completed(job, Duration::from_secs(60)).await.unwrap();
+    let done = results().await;
+    assert_eq!(done.iter().filter(|(_, state, _)| state != "failed").count(), 15, "{done:?}");
+    assert!(done.iter().any(|(id, state, _)| id == second && state != "failed"), "{done:?}");
+}

@@ -534,9 +534,17 @@ async fn work(
     // A batch-mode chunk comes back once per poll of its provider batch; its
     // rounds are bounded instead (see `batch`).
     if delivered > shared.max_deliveries && !job.batch {
-        // Give up on this chunk rather than let its items vanish silently.
+        // Give up on this chunk rather than let its items vanish silently;
+        // but an item waiting at a gate waits for a person, not for this
+        // delivery: it stays held, and a decision publishes the chunk again.
+        let waiting: std::collections::HashSet<i64> = if job.stages.is_empty() {
+            Default::default()
+        } else {
+            stages::passed(shared, chunk).await?.into_iter().filter(|(_, p)| p.waiting).map(|(seq, _)| seq).collect()
+        };
         let results: Vec<ItemResult> = items
             .iter()
+            .filter(|item| !waiting.contains(&item.seq))
             .map(|item| {
                 ItemResult::failed(
                     item,
