@@ -57,12 +57,16 @@ pub fn cookie_token(headers: &HeaderMap) -> Option<String> {
         .filter(|v| !v.is_empty())
 }
 
-fn env() -> minijinja::Environment<'static> {
-    let mut env = minijinja::Environment::new();
-    env.set_auto_escape_callback(|_| minijinja::AutoEscape::Html);
-    env.add_template("login", LOGIN).expect("the login template parses");
-    env.add_template("page", PAGE).expect("the page template parses");
-    env
+/// The page's templates, parsed once.
+fn env() -> &'static minijinja::Environment<'static> {
+    static ENV: std::sync::OnceLock<minijinja::Environment<'static>> = std::sync::OnceLock::new();
+    ENV.get_or_init(|| {
+        let mut env = minijinja::Environment::new();
+        env.set_auto_escape_callback(|_| minijinja::AutoEscape::Html);
+        env.add_template("login", LOGIN).expect("the login template parses");
+        env.add_template("page", PAGE).expect("the page template parses");
+        env
+    })
 }
 
 fn render(name: &str, ctx: Value) -> String {
