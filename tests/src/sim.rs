@@ -998,7 +998,7 @@ fn summary(text: &str, max: usize) -> String {
 /// The probability the model gives each label: topic words plus smoothing,
 /// so every label has some.
 fn label_probs(text: &str, labels: &[String]) -> Vec<(String, f64)> {
-    let scores: Vec<f64> = labels.iter().map(|l| common::sample::score(text, l) as f64 + 0.05).collect();
+    let scores: Vec<f64> = common::sample::scores(text, labels).into_iter().map(|s| s as f64 + 0.05).collect();
     let total: f64 = scores.iter().sum();
     labels.iter().cloned().zip(scores.iter().map(|s| s / total)).collect()
 }
