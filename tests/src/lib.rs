@@ -2,3 +2,4 @@
 
 pub mod fixtures;
 pub mod sim;
+pub mod tools;

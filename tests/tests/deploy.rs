@@ -1,25 +1,9 @@
 //! The deployment files checked with the real tools: Kubernetes manifests rendered by kustomize and validated against the Kubernetes and KEDA schemas, alert rules through promtool, and every metric the dashboard and the rules query one Sluice exports.
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
 use std::process::Command;
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// A tool scripts/test installs and names in an environment variable.
-fn tool(var: &str) -> String {
-    std::env::var(var)
-        .unwrap_or_else(|_| panic!("{var} is not set: run the tests with scripts/test, which installs it"))
-}
-
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "{cmd:?} failed:\n{text}");
-    text
-}
+use sluice_tests::tools::{repo, run, tool};
 
 #[test]
 fn every_overlay_renders_and_validates_against_the_kubernetes_and_keda_schemas() {

@@ -8,26 +8,18 @@ use coordinator::client::ClientError;
 use coordinator::model::LabelStudioNames;
 use sluice_tests::fixtures::{sample_jsonl, Stack};
 use sluice_tests::sim::SimConfig;
+use sluice_tests::tools::{output, repo, tool};
 use uuid::Uuid;
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
 
 /// Runs scripts/review-check/label_studio.py with label-studio-sdk (which
 /// scripts/test installs); returns whether it succeeded, and what it printed.
 fn label_studio(args: &[&Path]) -> (bool, String) {
-    let path = std::env::var("SLUICE_LABEL_STUDIO_PYTHONPATH").unwrap_or_else(|_| {
-        panic!("SLUICE_LABEL_STUDIO_PYTHONPATH is not set: run the tests with scripts/test, which installs label-studio-sdk")
-    });
-    let out = Command::new("python3")
-        .arg(repo().join("scripts/review-check/label_studio.py"))
-        .args(args)
-        .env("PYTHONPATH", path)
-        .output()
-        .expect("python3 runs");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    (out.status.success(), text)
+    output(
+        Command::new("python3")
+            .arg(repo().join("scripts/review-check/label_studio.py"))
+            .args(args)
+            .env("PYTHONPATH", tool("SLUICE_LABEL_STUDIO_PYTHONPATH")),
+    )
 }
 
 fn validate(config: &Path, tasks: &Path) -> (bool, String) {

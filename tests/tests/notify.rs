@@ -10,6 +10,7 @@ use coordinator::model::{NewJob, NewWebhook, WebhookFormat};
 use hmac::{Hmac, KeyInit, Mac};
 use sluice_tests::fixtures::{jobs_dir, sample_jsonl, wait_for, Stack};
 use sluice_tests::sim::SimConfig;
+use sluice_tests::tools::{output, repo, tool};
 use uuid::Uuid;
 
 /// One request a receiver got.
@@ -92,11 +93,6 @@ fn verify(secret: &str, r: &Received) -> bool {
 /// standardwebhooks, which scripts/test installs) on the requests, their
 /// bodies changed by a byte if `tamper`.
 fn reference_check(secret: &str, got: &[Received], tamper: bool) -> (bool, String) {
-    let path = std::env::var("SLUICE_WEBHOOKS_PYTHONPATH").unwrap_or_else(|_| {
-        panic!(
-            "SLUICE_WEBHOOKS_PYTHONPATH is not set: run the tests with scripts/test, which installs standardwebhooks"
-        )
-    });
     let deliveries: Vec<serde_json::Value> = got
         .iter()
         .map(|r| {
@@ -111,16 +107,13 @@ fn reference_check(secret: &str, got: &[Received], tamper: bool) -> (bool, Strin
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("deliveries.json");
     std::fs::write(&file, serde_json::to_vec(&deliveries).unwrap()).unwrap();
-    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let out = std::process::Command::new("python3")
-        .arg(repo.join("scripts/review-check/verify_webhooks.py"))
-        .arg(secret)
-        .arg(&file)
-        .env("PYTHONPATH", path)
-        .output()
-        .expect("python3 runs");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    (out.status.success(), text)
+    output(
+        std::process::Command::new("python3")
+            .arg(repo().join("scripts/review-check/verify_webhooks.py"))
+            .arg(secret)
+            .arg(&file)
+            .env("PYTHONPATH", tool("SLUICE_WEBHOOKS_PYTHONPATH")),
+    )
 }
 
 fn hook(url: String, format: WebhookFormat) -> NewWebhook {

@@ -1,31 +1,24 @@
 //! The built-in review page in a real headless Chromium: sign in, review by keyboard, undo, and the database agrees; requests without a valid sign-in are refused.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use coordinator::auth::Role;
 use sluice_tests::fixtures::{make_token, sample_jsonl, Stack};
 use sluice_tests::sim::SimConfig;
+use sluice_tests::tools::{repo, tool};
 use uuid::Uuid;
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
 
 /// Runs scripts/review-check/review_page.cjs (Chromium through
 /// playwright-core, which scripts/test installs); its JSON lines.
 fn browse(stack: &Stack, job: Uuid, token: &str, keys: &str, screenshot: &Path) -> Vec<serde_json::Value> {
-    let var = |name: &str| {
-        std::env::var(name)
-            .unwrap_or_else(|_| panic!("{name} is not set: run the tests with scripts/test, which installs it"))
-    };
     let out = Command::new("node")
         .arg(repo().join("scripts/review-check/review_page.cjs"))
         .args([&format!("http://{}", stack.coordinator_addr), &job.to_string(), token, keys])
         .arg(screenshot)
-        .env("SLUICE_CHROMIUM", var("SLUICE_CHROMIUM"))
-        .env("NODE_PATH", var("SLUICE_REVIEW_NODE_PATH"))
+        .env("SLUICE_CHROMIUM", tool("SLUICE_CHROMIUM"))
+        .env("NODE_PATH", tool("SLUICE_REVIEW_NODE_PATH"))
         .output()
         .expect("node runs");
     let text = String::from_utf8_lossy(&out.stdout).to_string();
