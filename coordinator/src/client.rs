@@ -262,7 +262,16 @@ impl Client {
 
     /// The webhooks of a project and its jobs (the token's project by default).
     pub async fn webhooks(&self, project: Option<&str>) -> Result<Vec<crate::model::Webhook>, ClientError> {
-        let url = self.url("/v1/webhooks");
+        self.get_in_project("/v1/webhooks", project).await
+    }
+
+    /// GET `path`, for `project` when given (else the token's own).
+    async fn get_in_project<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        project: Option<&str>,
+    ) -> Result<T, ClientError> {
+        let url = self.url(path);
         let query: Vec<(&str, &str)> = project.map(|p| ("project", p)).into_iter().collect();
         let resp = self.send(self.http.get(&url).query(&query), &url).await?;
         self.json(resp, &url).await
@@ -277,10 +286,7 @@ impl Client {
 
     /// The project's webhook signing secret.
     pub async fn webhook_secret(&self, project: Option<&str>) -> Result<crate::model::WebhookSecret, ClientError> {
-        let url = self.url("/v1/webhooks/secret");
-        let query: Vec<(&str, &str)> = project.map(|p| ("project", p)).into_iter().collect();
-        let resp = self.send(self.http.get(&url).query(&query), &url).await?;
-        self.json(resp, &url).await
+        self.get_in_project("/v1/webhooks/secret", project).await
     }
 
     /// Every notification of a job and how its delivery went.
