@@ -241,11 +241,11 @@ pub fn parse_json_export(body: &[u8], job_id: Uuid, names: &Names) -> Parsed {
 /// tasks nobody annotated.
 pub fn parse_csv_export(body: &[u8], job_id: Uuid, names: &Names) -> Parsed {
     let (mut bad, mut skipped) = (Vec::new(), 0);
-    let mut reader = csv::ReaderBuilder::new().from_reader(body);
-    let header: Vec<String> = match reader.headers() {
-        Ok(h) => h.iter().map(|s| s.trim().to_string()).collect(),
-        Err(e) => {
-            bad.push(DecisionError { line: 1, reason: format!("unreadable CSV header: {e}") });
+    let (header, rows) = crate::review::csv_rows(body, false);
+    let header = match header {
+        Ok(h) => h,
+        Err(reason) => {
+            bad.push(DecisionError { line: 1, reason });
             return (Vec::new(), bad, skipped);
         }
     };
@@ -264,16 +264,14 @@ pub fn parse_csv_export(body: &[u8], job_id: Uuid, names: &Names) -> Parsed {
     // The latest decision per item, with when it was made.
     let mut latest: std::collections::HashMap<String, (Option<DateTime<Utc>>, Decision)> = Default::default();
     let mut order = Vec::new();
-    for rec in reader.records() {
+    for (line, rec) in rows {
         let rec = match rec {
             Ok(r) => r,
-            Err(e) => {
-                let line = e.position().map_or(0, |p| p.line());
-                bad.push(DecisionError { line, reason: format!("invalid CSV: {e}") });
+            Err(reason) => {
+                bad.push(DecisionError { line, reason });
                 continue;
             }
         };
-        let line = rec.position().map_or(0, |p| p.line());
         let get = |i: Option<usize>| i.and_then(|i| rec.get(i)).unwrap_or("").trim().to_string();
         let cell = get(Some(ca));
         if cell.is_empty() {

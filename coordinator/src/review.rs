@@ -199,11 +199,11 @@ pub fn parse_decisions(body: &[u8], csv_format: bool) -> (Vec<Decision>, Vec<Dec
         Err(reason) => bad.push(DecisionError { line, reason }),
     };
     if csv_format {
-        let mut reader = csv::ReaderBuilder::new().flexible(true).from_reader(body);
-        let header: Vec<String> = match reader.headers() {
-            Ok(h) => h.iter().map(|s| s.trim().to_string()).collect(),
-            Err(e) => {
-                bad.push(DecisionError { line: 1, reason: format!("unreadable CSV header: {e}") });
+        let (header, rows) = csv_rows(body, true);
+        let header = match header {
+            Ok(h) => h,
+            Err(reason) => {
+                bad.push(DecisionError { line: 1, reason });
                 return (good, bad);
             }
         };
@@ -215,16 +215,10 @@ pub fn parse_decisions(body: &[u8], csv_format: bool) -> (Vec<Decision>, Vec<Dec
         let cr = col("reviewer");
         let cd = col("decided_at");
         let (cj, co) = (col("reject"), col("output"));
-        for (n, rec) in reader.records().enumerate() {
-            // A quoted cell may span lines: a record is named by where it starts.
-            let start = match &rec {
-                Ok(r) => r.position(),
-                Err(e) => e.position(),
-            };
-            let line = start.map_or(n as u64 + 2, |p| p.line());
+        for (line, rec) in rows {
             push(
                 line,
-                rec.map_err(|e| format!("invalid CSV: {e}")).and_then(|r| {
+                rec.and_then(|r| {
                     let get = |i: usize| r.get(i).unwrap_or("").to_string();
                     let output = match co.map(get).filter(|o| !o.trim().is_empty()) {
                         Some(o) => Some(serde_json::from_str(&o).map_err(|e| format!("\"output\" is not JSON: {e}"))?),
@@ -279,6 +273,57 @@ pub fn parse_decisions(body: &[u8], csv_format: bool) -> (Vec<Decision>, Vec<Dec
         }
     }
     (good, bad)
+}
+
+/// A CSV record and the line it starts on (a quoted cell may span lines).
+pub(crate) type CsvRow = (u64, Result<csv::StringRecord, String>);
+
+/// A CSV file's header (its cells trimmed) and records.
+///
+/// A quote left open would make the rest of the file one cell, and every
+/// decision after it would vanish into it without a word. So a last record
+/// that runs to the end of the file with an odd number of quotes is an
+/// error naming the line it starts on, and the lines after that line are
+/// read again as records: one stray quote costs one line. (A stray quote
+/// with another quoted cell after it pairs with that cell's quote, as CSV
+/// reads it; the record then has a cell spanning lines, which the import
+/// refuses for a label kind as not one of its labels.)
+pub(crate) fn csv_rows(body: &[u8], flexible: bool) -> (Result<Vec<String>, String>, Vec<CsvRow>) {
+    let mut rows = Vec::new();
+    read_csv_records(body, 1, flexible, &mut rows);
+    if rows.is_empty() {
+        return (Ok(Vec::new()), rows);
+    }
+    let header = match rows.remove(0) {
+        (_, Ok(h)) => Ok(h.iter().map(|s| s.trim().to_string()).collect()),
+        (_, Err(e)) => Err(format!("unreadable CSV header: {e}")),
+    };
+    (header, rows)
+}
+
+fn read_csv_records(body: &[u8], first_line: u64, flexible: bool, out: &mut Vec<CsvRow>) {
+    let mut reader = csv::ReaderBuilder::new().has_headers(false).flexible(flexible).from_reader(body);
+    let mut last = None;
+    for rec in reader.records() {
+        let pos = match &rec {
+            Ok(r) => r.position().cloned(),
+            Err(e) => e.position().cloned(),
+        };
+        let (line, byte) = pos.map_or((first_line, 0), |p| (p.line() + first_line - 1, p.byte() as usize));
+        out.push((line, rec.map_err(|e| format!("invalid CSV: {e}"))));
+        last = Some((line, byte));
+    }
+    let Some((line, byte)) = last else { return };
+    let rest = &body[byte.min(body.len())..];
+    let text = rest.strip_suffix(b"\n").unwrap_or(rest);
+    let Some(end_of_line) = text.iter().position(|b| *b == b'\n') else { return };
+    if text.iter().filter(|b| **b == b'"').count() % 2 == 1 {
+        out.pop();
+        let reason = "a quoted cell is never closed: its opening quote (\") makes the rest of the file one cell; \
+                      close the quote, or double it (\"\") if it is part of the text";
+        out.push((line, Err(reason.into())));
+        read_csv_records(&rest[end_of_line + 1..], line + 1, flexible, out);
+    }
 }
 
 /// Parses decisions in any format `import` takes: Sluice's JSON lines or
@@ -805,6 +850,26 @@ mod tests {
         assert!(bad[0].reason.contains("must name id and answer"));
         let (good, bad) = parse_decisions(b"id,answer\na,sports\n", true);
         assert!(bad.is_empty() && good[0].reviewer.is_none(), "the reviewer column is optional");
+    }
+
+    #[test]
+    fn an_unclosed_quote_costs_its_line_not_the_rest_of_the_file() {
+        let body = b"id,answer\na,sports\nb,\"politics\nc,health\nd,multi line\ne,business\n";
+        let (good, bad) = parse_decisions(body, true);
+        let ids: Vec<(u64, &str, &str)> = good.iter().map(|d| (d.line, d.id.as_str(), d.answer.as_str())).collect();
+        assert_eq!(ids, vec![(2, "a", "sports"), (4, "c", "health"), (5, "d", "multi line"), (6, "e", "business")]);
+        assert_eq!(bad.len(), 1, "{bad:?}");
+        assert_eq!(bad[0].line, 3);
+        assert!(bad[0].reason.contains("never closed"), "{}", bad[0].reason);
+        // On the last line, with no newline after it.
+        let (good, bad) = parse_decisions(b"id,answer\na,x\nb,\"y", true);
+        assert_eq!((good.len(), bad.len()), (2, 0), "an open quote on the last line swallows nothing: {bad:?}");
+        let (good, bad) = parse_decisions(b"id,answer\nb,\"y\nc,z", true);
+        assert_eq!(good.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(), ["c"]);
+        assert_eq!(bad.iter().map(|b| b.line).collect::<Vec<_>>(), [2]);
+        // A closed multi-line cell at the end is no error.
+        let (good, bad) = parse_decisions(b"id,answer\na,\"x\ny\"\n", true);
+        assert!(bad.is_empty() && good[0].answer == "x\ny", "{bad:?}");
     }
 
     #[test]
