@@ -51,7 +51,13 @@ impl Redaction {
     /// them (any script's), and again after a replacement, whose hash adds
     /// some, so the result is what running every pattern would give.
     pub fn apply(&self, text: &str) -> String {
-        let digits = |t: &str| t.chars().filter(|c| c.is_numeric()).count();
+        let digits = |t: &str| {
+            if t.is_ascii() {
+                t.bytes().filter(u8::is_ascii_digit).count()
+            } else {
+                t.chars().filter(|c| c.is_numeric()).count()
+            }
+        };
         let mut out = Cow::Borrowed(text);
         // Order matters: IBANs and cards contain digit runs a phone pattern would take.
         if self.email && out.contains('@') {
