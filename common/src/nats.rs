@@ -123,20 +123,19 @@ pub async fn ensure_stream(js: &jetstream::Context, url: &str) -> Result<stream:
 
 /// Creates (or opens) the durable pull consumer that all workers share.
 pub async fn ensure_consumer(stream: &stream::Stream, ack_wait: Duration) -> Result<consumer::PullConsumer, NatsError> {
+    // Created, or updated to this configuration: a changed ack wait (a new
+    // default) takes effect on a consumer made by older workers.
     stream
-        .get_or_create_consumer(
-            wire::CONSUMER,
-            consumer::pull::Config {
-                durable_name: Some(wire::CONSUMER.to_string()),
-                ack_policy: consumer::AckPolicy::Explicit,
-                ack_wait,
-                // Postgres, not the delivery count, decides when a chunk is
-                // finished, so JetStream keeps redelivering until it is acked.
-                max_deliver: -1,
-                max_ack_pending: 10_000,
-                ..Default::default()
-            },
-        )
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some(wire::CONSUMER.to_string()),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait,
+            // Postgres, not the delivery count, decides when a chunk is
+            // finished, so JetStream keeps redelivering until it is acked.
+            max_deliver: -1,
+            max_ack_pending: 10_000,
+            ..Default::default()
+        })
         .await
         .map_err(|e| NatsError::Consumer { consumer: wire::CONSUMER, source: Box::new(e) })
 }

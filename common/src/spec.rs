@@ -6,6 +6,17 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+/// The values of `reasoning_effort` the OpenAI API accepts: the
+/// `ReasoningEffort` enum of its OpenAPI specification (openai/openai-openapi,
+/// "Currently supported values are `none`, `minimal`, `low`, `medium`,
+/// `high`, and `xhigh`"); a model may take fewer, which only it can say.
+pub const REASONING_EFFORTS: [&str; 6] = ["none", "minimal", "low", "medium", "high", "xhigh"];
+
+/// The highest `temperature` any dialect accepts: OpenAI's chat completions
+/// take 0 to 2; Anthropic's Messages API takes 0 to 1, checked where the
+/// provider is known (`coordinator::api::check_models`).
+pub const MAX_TEMPERATURE: f32 = 2.0;
+
 /// The contents of a job kind's `job.toml`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -303,6 +314,21 @@ impl JobKind {
         if s.max_prompt_bytes == 0 {
             return Err(SpecError::Invalid("max_prompt_bytes must be at least 1".into()));
         }
+        if let Some(effort) = s.reasoning_effort.as_deref() {
+            if !REASONING_EFFORTS.contains(&effort) {
+                return Err(SpecError::Invalid(format!(
+                    "reasoning_effort = {effort:?} is not a value providers accept ({}): every call would be \
+                     refused; fix it in job.toml",
+                    REASONING_EFFORTS.join(", ")
+                )));
+            }
+        }
+        if !(0.0..=MAX_TEMPERATURE).contains(&s.temperature) {
+            return Err(SpecError::Invalid(format!(
+                "temperature = {} is outside 0..={MAX_TEMPERATURE}, the range providers accept: fix it in job.toml",
+                s.temperature
+            )));
+        }
         self.validator()?;
         if !s.stages.is_empty() {
             if s.request == RequestSource::OpenaiBatch {
@@ -559,6 +585,33 @@ mod tests {
         // A stored spec of a template kind is as it was before the field existed.
         let classify = JobKind::load(&repo_jobs().join("classify")).unwrap();
         assert!(serde_json::to_value(&classify.spec).unwrap().get("request").is_none());
+    }
+
+    #[test]
+    fn enumerated_parameters_outside_what_providers_accept_are_refused_naming_the_field() {
+        let kind = JobKind::load(&repo_jobs().join("classify")).unwrap();
+        let with = |effort: Option<&str>, temperature: f32| {
+            let mut k = kind.clone();
+            k.spec.reasoning_effort = effort.map(str::to_string);
+            k.spec.temperature = temperature;
+            k.validate().map_err(|e| e.to_string())
+        };
+        for (effort, temperature, refused) in [
+            (None, 0.0, None),
+            (Some("low"), 0.0, None),
+            (Some("minimal"), 1.5, None),
+            (Some("xhigh"), 2.0, None),
+            (Some("extreme"), 0.0, Some("reasoning_effort = \"extreme\"")),
+            (Some("Low"), 0.0, Some("reasoning_effort = \"Low\"")),
+            (None, 2.5, Some("temperature = 2.5")),
+            (None, -0.1, Some("temperature = -0.1")),
+        ] {
+            match (with(effort, temperature), refused) {
+                (Ok(()), None) => {}
+                (Err(e), Some(field)) => assert!(e.contains(field) && e.contains("job.toml"), "{e}"),
+                (got, want) => panic!("{effort:?} at {temperature}: got {got:?}, want {want:?}"),
+            }
+        }
     }
 
     #[test]

@@ -76,6 +76,9 @@ impl AppState {
     }
 }
 
+/// The highest `temperature` the Anthropic Messages API accepts.
+const ANTHROPIC_MAX_TEMPERATURE: f32 = 1.0;
+
 /// Checks a job's models against the providers and the price table. Returns
 /// warnings the user should see before anything runs.
 pub fn check_models(catalog: &Catalog, prices: &PriceTable, job: &NewJob) -> Result<Vec<String>, Error> {
@@ -115,6 +118,17 @@ pub fn check_models(catalog: &Catalog, prices: &PriceTable, job: &NewJob) -> Res
             return Err(Error::Invalid(format!(
                 "model {reference:?} is served by {}, an Azure OpenAI provider, whose batches Sluice does not use: \
                  submit with --mode live, or pick a model of an OpenAI, OpenAI-compatible or Anthropic provider",
+                target.provider
+            )));
+        }
+        // Anthropic's Messages API: "Defaults to 1.0. Ranges from 0.0 to 1.0"
+        // (its API reference and SDKs); OpenAI's reaches 2 (checked with the kind).
+        if anthropic && spec.temperature > ANTHROPIC_MAX_TEMPERATURE {
+            return Err(Error::Invalid(format!(
+                "temperature = {} is over {ANTHROPIC_MAX_TEMPERATURE}, the most the Anthropic Messages API accepts, \
+                 and {} {reference:?} is served by {}, an Anthropic provider: lower temperature in job.toml",
+                spec.temperature,
+                if i == 0 { "model" } else { "fallback model" },
                 target.provider
             )));
         }

@@ -13,7 +13,13 @@
 //! lease, so another takes over at its next try instead of after the TTL.
 //!
 //! A leader killed outright is replaced once its lease expires: within
-//! `LEASE_TTL + RENEW_EVERY` (tests/tests/leader.rs). Two leaders never act
+//! `LEASE_TTL + RENEW_EVERY` (tests/tests/leader.rs). A leader frozen (a
+//! stopped process, a paused VM) may wake after its lease expired and its
+//! successor took over, with its timers all due at once: it acts on nothing
+//! then. The lease is known valid only until one renewal before it could
+//! expire, on the monotonic clock, which runs on while the process is
+//! frozen; [`Status::is_leader`] says false past that instant, and the
+//! publisher asks it before every round. Two leaders never act
 //! at once on the same lease; even if they did, chunk messages carry a
 //! `Nats-Msg-Id` that JetStream deduplicates, and workers skip chunks that
 //! Postgres says are done or republished.
@@ -42,6 +48,8 @@ pub struct Status {
     /// This replica's name in the lease (host, process and a random part).
     pub holder: String,
     leading: AtomicBool,
+    /// Until when the lease is known to be this replica's.
+    valid_until: Mutex<Option<Instant>>,
     /// When the publisher last finished a turn, if it runs here.
     publisher_turn: Mutex<Option<Instant>>,
 }
@@ -50,12 +58,24 @@ impl Status {
     pub fn new() -> Self {
         let host = std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()).unwrap_or_else(|| "coordinator".into());
         let holder = format!("{host}-{}-{}", std::process::id(), &uuid::Uuid::new_v4().simple().to_string()[..8]);
-        Status { holder, leading: AtomicBool::new(false), publisher_turn: Mutex::new(None) }
+        Status {
+            holder,
+            leading: AtomicBool::new(false),
+            valid_until: Mutex::new(None),
+            publisher_turn: Mutex::new(None),
+        }
     }
 
-    /// Whether this replica holds the lease.
+    /// Whether this replica holds the lease now: it won it, and the last
+    /// renewal still holds. False as soon as a renewal is overdue, before the
+    /// campaign notices and steps down.
     pub fn is_leader(&self) -> bool {
         self.leading.load(Ordering::SeqCst)
+            && self.valid_until.lock().expect("lease lock").is_some_and(|t| Instant::now() < t)
+    }
+
+    fn renewed(&self, valid_until: Instant) {
+        *self.valid_until.lock().expect("lease lock") = Some(valid_until);
     }
 
     /// Called by the publisher after every turn, successful or not.
@@ -72,6 +92,7 @@ impl Status {
         self.leading.store(leading, Ordering::SeqCst);
         if !leading {
             *self.publisher_turn.lock().expect("publisher turn lock") = None;
+            *self.valid_until.lock().expect("lease lock") = None;
         }
         metrics::gauge!(m::LEADER).set(if leading { 1.0 } else { 0.0 });
     }
@@ -126,11 +147,12 @@ pub async fn run<F>(
             }
         };
         let held_since = Instant::now();
+        status.renewed(held_since + LEASE_TTL - RENEW_EVERY);
         tracing::info!(holder = %status.holder, "this coordinator is the leader: it publishes chunks and reconciles");
         status.set_leader(true);
         let leading = shutdown.child_token();
         let tasks = lead(leading.clone());
-        let end = hold(&kv, &status.holder, revision, held_since, &shutdown).await;
+        let end = hold(&kv, &status, revision, held_since, &shutdown).await;
         leading.cancel();
         for task in tasks {
             let _ = task.await;
@@ -159,7 +181,14 @@ enum Held {
 }
 
 /// Renews the lease every [`RENEW_EVERY`] until shutdown or until it is lost.
-async fn hold(kv: &kv::Store, holder: &str, mut revision: u64, since: Instant, shutdown: &CancellationToken) -> Held {
+async fn hold(
+    kv: &kv::Store,
+    status: &Status,
+    mut revision: u64,
+    since: Instant,
+    shutdown: &CancellationToken,
+) -> Held {
+    let holder = &status.holder;
     // The lease is known valid until `LEASE_TTL` after the write that
     // renewed it was sent; stepping down one renewal earlier leaves room
     // for clocks and the server's expiry timer.
@@ -169,6 +198,11 @@ async fn hold(kv: &kv::Store, holder: &str, mut revision: u64, since: Instant, s
             _ = shutdown.cancelled() => return Held::Shutdown(revision),
             _ = tokio::time::sleep(RENEW_EVERY) => {}
         }
+        if Instant::now() >= valid_until {
+            // Woken past the lease's end (the process was frozen): another
+            // replica may hold it by now.
+            return Held::Lost("the lease ran out while this coordinator was not running".into());
+        }
         let sent = Instant::now();
         let renewed =
             tokio::time::timeout_at(valid_until.into(), kv.update(KEY, holder.to_string().into(), revision)).await;
@@ -176,6 +210,7 @@ async fn hold(kv: &kv::Store, holder: &str, mut revision: u64, since: Instant, s
             Ok(Ok(r)) => {
                 revision = r;
                 valid_until = sent + LEASE_TTL - RENEW_EVERY;
+                status.renewed(valid_until);
             }
             Ok(Err(e)) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
                 return Held::Lost("another coordinator holds the lease".into());

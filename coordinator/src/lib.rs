@@ -152,6 +152,7 @@ fn lead(state: &api::AppState, config: &ServeConfig, leading: CancellationToken)
             js: state.js.clone(),
             stream: state.stream.clone(),
             wake: state.wake.clone(),
+            leader: state.leader.clone(),
         };
         tasks.push(tokio::spawn(reconcile::run(context, reconcile::Settings::from(config), leading)));
     }

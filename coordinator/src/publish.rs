@@ -315,6 +315,15 @@ pub async fn run(
 ) {
     let mut health = common::telemetry::Health::default();
     loop {
+        // The lease is asked right before each round: a leader that was
+        // frozen wakes with this loop's timer due, and must not publish on a
+        // lease that ran out meanwhile.
+        if !status.is_leader() {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(interval) => continue,
+            }
+        }
         let turn = publisher.turn().await;
         status.publisher_turned();
         let next = match turn {

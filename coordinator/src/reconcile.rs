@@ -26,6 +26,8 @@ pub struct Context {
     pub js: jetstream::Context,
     pub stream: Arc<tokio::sync::Mutex<StreamWatch>>,
     pub wake: Arc<Notify>,
+    /// Asked before each pass: a leader woken past its lease does nothing.
+    pub leader: Arc<crate::leader::Status>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -57,6 +59,9 @@ pub async fn run(state: Context, settings: Settings, shutdown: CancellationToken
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
+        }
+        if !state.leader.is_leader() {
+            continue;
         }
         match pass(&state, settings, &mut completed_after).await {
             Ok(()) => health.ok("reconciling"),

@@ -836,10 +836,28 @@ impl ServeProcess {
         let _ = self.child.wait();
     }
 
+    /// Freezes the process (SIGSTOP), as a paused VM or a long GC pause would:
+    /// it keeps its sockets and its state, and runs nothing until [`thaw`].
+    ///
+    /// [`thaw`]: ServeProcess::thaw
+    pub fn freeze(&self) -> anyhow::Result<()> {
+        self.signal("-STOP")
+    }
+
+    /// Lets a frozen process run again (SIGCONT).
+    pub fn thaw(&self) -> anyhow::Result<()> {
+        self.signal("-CONT")
+    }
+
+    fn signal(&self, signal: &str) -> anyhow::Result<()> {
+        let status = Command::new("kill").args([signal, &self.child.id().to_string()]).status()?;
+        anyhow::ensure!(status.success(), "kill {signal} failed");
+        Ok(())
+    }
+
     /// Asks the process to stop (SIGTERM), as Kubernetes does, and waits for it.
     pub fn terminate(&mut self) -> anyhow::Result<std::process::ExitStatus> {
-        let status = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status()?;
-        anyhow::ensure!(status.success(), "kill -TERM failed");
+        self.signal("-TERM")?;
         Ok(self.child.wait()?)
     }
 }

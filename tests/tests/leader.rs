@@ -174,3 +174,31 @@ async fn readyz_is_ready_only_while_postgres_and_nats_answer() {
     let live = reqwest::get(format!("{url}/healthz")).await.unwrap();
     assert_eq!(live.status(), reqwest::StatusCode::OK);
 }
+
+/// A leader frozen past its lease (SIGSTOP) wakes with every timer due. It
+/// must not answer as leader, nor publish, on the lease its successor holds:
+/// it knows the lease ran out while it was not running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_frozen_past_its_lease_does_not_lead_when_it_wakes() {
+    let (stack, coordinators, job, _logs) = cluster(2, 2_000).await;
+    let frozen = one_leader(&coordinators, &[true, true]).await;
+    let other = 1 - frozen;
+    coordinators[frozen].freeze().unwrap();
+    let mut alive = vec![true; 2];
+    alive[frozen] = false;
+    assert_eq!(one_leader(&coordinators, &alive).await, other);
+    // Asked while frozen: the question waits in the socket and is the first
+    // thing answered on waking, before a renewal could fail.
+    let url = coordinators[frozen].url();
+    let asked = tokio::spawn(async move { readiness(&url).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    coordinators[frozen].thaw().unwrap();
+    let woken = asked.await.unwrap().expect("the thawed coordinator answers");
+    assert!(!woken.leader, "the thawed coordinator answered as leader: {woken:?}");
+    // Never two leaders after that either, and the job finishes once.
+    for _ in 0..20 {
+        leaders(&coordinators, &[true, true]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    completes_exactly_once(&stack, &coordinators[other], job, 2_000).await;
+}

@@ -332,6 +332,20 @@ base_url = "http://{sim0}/v1"
     let created = create(k, false).await.unwrap();
     assert!(created.warnings.iter().any(|w| w.contains("agreement makes 5 calls per item")), "{:?}", created.warnings);
     assert!(!created.warnings.iter().any(|w| w.contains("every item would go to review")), "{:?}", created.warnings);
+
+    // Parameters a provider would refuse on every call are refused at submit,
+    // naming the field: a reasoning effort outside OpenAI's enum, and a
+    // temperature over Anthropic's 1.0 (fine for OpenAI's models).
+    let mut k = kind("classify", "openai/sim-small");
+    k.spec.reasoning_effort = Some("extreme".into());
+    let err = create(k, false).await.unwrap_err().to_string();
+    assert!(err.contains("reasoning_effort = \"extreme\"") && err.contains("xhigh"), "{err}");
+    let mut k = kind("classify", "openai/sim-small");
+    k.spec.temperature = 1.5;
+    create(k.clone(), false).await.unwrap();
+    k.spec.fallback_models = vec!["claude/sim-large".into()];
+    let err = create(k, false).await.unwrap_err().to_string();
+    assert!(err.contains("temperature = 1.5") && err.contains("fallback model \"claude/sim-large\""), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -13,8 +13,12 @@ pub struct WorkerConfig {
     /// Postgres connection URL.
     #[arg(long, env = "SLUICE_DATABASE_URL", default_value = "postgres://sluice_worker:sluice@127.0.0.1:5432/sluice")]
     pub database_url: String,
-    /// Most connections this worker keeps open to Postgres.
-    #[arg(long, env = "SLUICE_DB_POOL_SIZE", default_value_t = 4)]
+    /// Most connections this worker keeps open to Postgres (0: one per chunk
+    /// it may hold, plus two: the audit writer's, and one for the short
+    /// checks made beside the writes; 4 with the default concurrency). No
+    /// connection is held across a model call, a rate-limit wait or a
+    /// back-off, so a smaller pool makes writes queue, never stall.
+    #[arg(long, env = "SLUICE_DB_POOL_SIZE", default_value_t = 0)]
     pub db_pool_size: u32,
     /// NATS server URL (JetStream must be enabled).
     #[arg(long, env = "SLUICE_NATS_URL", default_value = "nats://127.0.0.1:4222")]
@@ -90,9 +94,11 @@ pub struct WorkerConfig {
     /// failed (redeliveries_exhausted) instead of being tried again.
     #[arg(long, env = "SLUICE_MAX_DELIVERIES", default_value_t = 50)]
     pub max_deliveries: i64,
-    /// JetStream ack wait in seconds: an unacked chunk is redelivered after this.
-    /// The worker signals progress well within it while a chunk is being worked on.
-    #[arg(long, env = "SLUICE_ACK_WAIT_S", default_value_t = 30)]
+    /// JetStream ack wait in seconds: an unacked chunk is redelivered after
+    /// this, so a worker that died hands its chunks on within it. The worker
+    /// signals progress every third of it while a chunk is being worked on.
+    /// Every worker must be given the same value.
+    #[arg(long, env = "SLUICE_ACK_WAIT_S", default_value_t = 10)]
     pub ack_wait_s: u64,
     /// On shutdown, how long in-flight chunks may take to finish, in seconds.
     #[arg(long, env = "SLUICE_SHUTDOWN_GRACE_S", default_value_t = 20)]
@@ -105,6 +111,11 @@ pub struct WorkerConfig {
     /// trail: a comma-separated list of email, phone, card, iban, or all / none.
     #[arg(long, env = "SLUICE_REDACT", default_value = "all")]
     pub redact: String,
+    /// Seconds without progress (no call finished, no result written) while
+    /// holding chunks with no call in flight, after which the worker logs
+    /// what each of its tasks waits on.
+    #[arg(long, env = "SLUICE_STALL_WARN_S", default_value_t = 60)]
+    pub stall_warn_s: u64,
     /// Name recorded with every result (default: host name and process id).
     #[arg(long, env = "SLUICE_WORKER_NAME")]
     pub name: Option<String>,
@@ -136,6 +147,7 @@ impl WorkerConfig {
         let mut env = vec![
             ("SLUICE_DATABASE_URL", self.database_url.clone()),
             ("SLUICE_DB_POOL_SIZE", self.db_pool_size.to_string()),
+            ("SLUICE_STALL_WARN_S", self.stall_warn_s.to_string()),
             ("SLUICE_NATS_URL", self.nats_url.clone()),
             ("SLUICE_MODEL_BASE_URL", self.model_base_url.clone()),
             ("SLUICE_CONCURRENCY", self.concurrency.to_string()),
@@ -227,6 +239,16 @@ impl WorkerConfig {
     }
 
     /// Chunks to hold at once.
+    /// The Postgres pool's size: `db_pool_size`, or with 0 one connection
+    /// per chunk slot of the default chunk size plus two.
+    pub fn pool_size(&self) -> u32 {
+        if self.db_pool_size > 0 {
+            self.db_pool_size
+        } else {
+            self.chunk_slots(100) as u32 + 2
+        }
+    }
+
     pub fn chunk_slots(&self, chunk_size: usize) -> usize {
         if self.max_chunks > 0 {
             self.max_chunks

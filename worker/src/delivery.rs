@@ -8,9 +8,14 @@
 //! the delivery is stale: checked every [`CHECK_EVERY`] while the chunk is
 //! held, and right before every retry (the moment a provider outage ends is
 //! when a cancelled-and-resumed job's old retries would all fire).
+//!
+//! The items of a chunk that a burst of 429s sent to sleep together ask
+//! together when they wake: one query answers all who asked before it
+//! started, and it runs as a task of its own, so an item that stops being
+//! polled never holds one of the worker's few database connections.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::state::JobState;
 use common::wire::ChunkMsg;
@@ -27,13 +32,15 @@ pub struct Delivery {
     pool: PgPool,
     chunk: ChunkMsg,
     stop: CancellationToken,
+    /// The last answer, and when the query that gave it started.
+    last: tokio::sync::Mutex<Option<(Instant, bool)>>,
 }
 
 impl Delivery {
     /// Starts watching `chunk`; the token is a child of `shutdown`, so it is
     /// also cancelled when the worker stops.
     pub fn watch(pool: PgPool, chunk: ChunkMsg, shutdown: &CancellationToken) -> Arc<Self> {
-        let delivery = Arc::new(Delivery { pool, chunk, stop: shutdown.child_token() });
+        let delivery = Arc::new(Delivery { pool, chunk, stop: shutdown.child_token(), last: Default::default() });
         // The watch ends with the delivery: when the chunk's work drops it.
         let (watched, stop) = (Arc::downgrade(&delivery), delivery.stop.clone());
         tokio::spawn(async move {
@@ -65,11 +72,22 @@ impl Delivery {
         if self.stop.is_cancelled() {
             return false;
         }
-        let current = match store::chunk_state(&self.pool, &self.chunk).await {
-            Ok(Some(s)) => s.job == JobState::Running && s.generation == self.chunk.generation,
-            Ok(None) => false,
-            Err(_) => true,
+        let asked = Instant::now();
+        let mut last = self.last.lock().await;
+        if let Some((at, current)) = *last {
+            if at >= asked {
+                return current && !self.stop.is_cancelled();
+            }
+        }
+        let started = Instant::now();
+        let (pool, chunk) = (self.pool.clone(), self.chunk);
+        let state = tokio::spawn(async move { store::chunk_state(&pool, &chunk).await }).await;
+        let current = match state {
+            Ok(Ok(Some(s))) => s.job == JobState::Running && s.generation == self.chunk.generation,
+            Ok(Ok(None)) => false,
+            Ok(Err(_)) | Err(_) => true,
         };
+        *last = Some((started, current));
         if !current {
             tracing::debug!(job_id = %self.chunk.job_id, chunk = self.chunk.chunk_no, "delivery is stale: its calls stop");
             self.stop.cancel();

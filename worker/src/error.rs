@@ -14,8 +14,14 @@ pub enum Error {
     Kv(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("the audit writer stopped")]
     AuditStopped,
-    #[error("the task reserving a job's budget ended without an answer")]
-    BudgetTask(#[source] tokio::task::JoinError),
+    /// A task of the worker's own (a write, a query run apart from the item
+    /// that needs it) ended without an answer: it panicked or was aborted.
+    #[error("the task {doing} ended without an answer")]
+    Task {
+        doing: &'static str,
+        #[source]
+        source: tokio::task::JoinError,
+    },
     #[error("job {job_id} has an invalid stored kind")]
     Spec {
         job_id: uuid::Uuid,

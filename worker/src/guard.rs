@@ -21,6 +21,11 @@ pub struct GuardConfig {
     pub worker: String,
 }
 
+/// The limits configured for a model (all 0 where the user gave none).
+fn limits(config: &ModelConfig) -> Limits {
+    Limits { rpm: config.rpm, tpm: config.tpm, input_tpm: config.input_tpm, output_tpm: config.output_tpm }
+}
+
 /// Limiters and breakers by model, created on first use.
 pub struct Guards {
     kv: kv::Store,
@@ -43,19 +48,27 @@ impl Guards {
         }
     }
 
-    /// The limiter of an API key (by id) and model, or `None` when no limit is configured.
+    /// The limiter of an API key (by id) and model: where a limit is
+    /// configured, or once the provider has shown it limits this key (see
+    /// [`Guards::provider_limits`]); otherwise `None`.
     pub fn limiter(&self, key_id: &str, model: &str, config: &ModelConfig) -> Option<Arc<Limiter>> {
-        let limits =
-            Limits { rpm: config.rpm, tpm: config.tpm, input_tpm: config.input_tpm, output_tpm: config.output_tpm };
-        if !limits.any() {
-            return None;
-        }
+        let limits = limits(config);
         let mut map = self.limiters.lock().expect("limiters lock");
-        Some(
-            map.entry((key_id.to_string(), model.to_string()))
-                .or_insert_with(|| Arc::new(Limiter::new(self.kv.clone(), key_id, model, limits)))
-                .clone(),
-        )
+        let k = (key_id.to_string(), model.to_string());
+        if !limits.any() {
+            return map.get(&k).cloned();
+        }
+        Some(map.entry(k).or_insert_with(|| Arc::new(Limiter::new(self.kv.clone(), key_id, model, limits))).clone())
+    }
+
+    /// The provider has shown that it limits this key and model (an answer
+    /// announcing a limit, or a 429): the limiter, created if none was, so a
+    /// user who configured no limit gets the provider's.
+    pub fn provider_limits(&self, key_id: &str, model: &str, config: &ModelConfig) -> Arc<Limiter> {
+        let mut map = self.limiters.lock().expect("limiters lock");
+        map.entry((key_id.to_string(), model.to_string()))
+            .or_insert_with(|| Arc::new(Limiter::new(self.kv.clone(), key_id, model, limits(config))))
+            .clone()
     }
 
     /// The cluster-wide window of calls in flight for a key and model, within

@@ -89,7 +89,7 @@ mod wire_tests {
         }
         let dim = r#"{"level":1.5,"rate":600.0,"learned":true,"provider":12.0,"big_bucket":true,"leased":2.0}"#;
         let bucket: Bucket = same(&format!(
-            r#"{{"at_ms":1,"dims":[{dim},{dim},{dim},{dim}],"paused_until_ms":2,"reported_ms":3,"confirmed_ms":4,"last_cut_ms":5}}"#
+            r#"{{"at_ms":1,"dims":[{dim},{dim},{dim},{dim}],"paused_until_ms":2,"reported_ms":3,"confirmed_ms":4,"last_cut_ms":5,"announced":[6000.0,0.0,0.0,0.0]}}"#
         ));
         assert_eq!(
             (bucket.at_ms, bucket.dims[2].rate, bucket.dims[3].provider, bucket.last_cut_ms),
@@ -106,5 +106,11 @@ mod wire_tests {
         // Fields added since the first version are optional in what older workers wrote.
         let old: CapState = serde_json::from_str(r#"{"holders":{}}"#).unwrap();
         assert_eq!(old.window, 0.0);
+        let dim = r#"{"level":1.5,"rate":600.0,"learned":true,"provider":12.0,"leased":2.0}"#;
+        let old: Bucket = serde_json::from_str(&format!(
+            r#"{{"at_ms":1,"dims":[{dim},{dim},{dim},{dim}],"paused_until_ms":2,"reported_ms":3,"confirmed_ms":4,"last_cut_ms":5}}"#
+        ))
+        .unwrap();
+        assert_eq!(old.announced, [0.0; 4]);
     }
 }

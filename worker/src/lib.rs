@@ -20,6 +20,7 @@ pub mod passthrough;
 pub mod process;
 pub mod pull;
 pub mod store;
+pub mod watchdog;
 
 pub use config::WorkerConfig;
 pub use error::Error;

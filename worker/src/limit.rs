@@ -19,14 +19,21 @@
 //!   down to 0.2 s' worth beyond the steady rate; otherwise, or without a
 //!   fresh report, the bucket paces at the steady rate with a burst of 0.2 s,
 //!   and never sends when the provider says its budget is spent.
-//! - **Its limits are hypotheses.** A `*-limit` header below the configured
-//!   figure lowers the effective limit, by at most half per response; it then
-//!   decays back toward the configured figure (2.5% of it per second) unless
-//!   a 429 within the last 5 s confirms it. A 429 without headers cuts by a
-//!   fifth, once per 250 ms, recovering 1% per second. Retry-After pauses the
-//!   key for every worker. Each cut and each return to the configured figure
-//!   is logged once, by the worker whose write made it, and the effective
-//!   limit is exported as a gauge.
+//! - **Its limits are hypotheses.** A `*-limit` header at least 5% below the
+//!   configured figure lowers the effective limit, by at most half per
+//!   response; a 429 without headers cuts it by a fifth, once per 250 ms.
+//!   Either holds while the provider confirms it (a 429, or a header announcing
+//!   the same limit, within the last 5 s) and otherwise recovers toward the
+//!   configured figure by 2.5% of it per second. Retry-After pauses the key
+//!   for every worker. Each change of 5% or more, and each return to the
+//!   configured figure, is logged once for the cluster, by the worker whose
+//!   write made it; the effective limit is exported as a gauge.
+//! - **Nothing configured is not "no limit".** Where the user gave no figure
+//!   for a dimension, the provider's `*-limit` header is the limit (adopted
+//!   at once, and again when it changes by 5% or more), so a user who does
+//!   not know their key's limit still gets paced calls instead of a storm of
+//!   429s. A worker creates such a limiter on the first answer that carries
+//!   limit headers or is a 429 ([`crate::guard::Guards`]).
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -57,8 +64,10 @@ const CUT_INTERVAL_MS: u64 = 250;
 /// A 429 within this many ms holds a header-learned limit where it is.
 const CONFIRM_MS: u64 = 5_000;
 /// Recovery per second, as a share of the configured limit.
-const RECOVER_LEARNED: f64 = 0.025;
-const RECOVER_CUT: f64 = 0.01;
+const RECOVER: f64 = 0.025;
+/// A limit changes only by at least this share: smaller differences (a
+/// provider rounding, a figure read twice) are noise, not news.
+const MEANINGFUL: f64 = 0.05;
 /// How long a lease may be spent.
 const LEASE_TTL: Duration = Duration::from_millis(500);
 
@@ -74,10 +83,17 @@ pub struct Limits {
     pub output_tpm: f64,
 }
 
+/// The request rate tracked where none is known: unbounded in practice.
+const UNBOUNDED_RPM: f64 = 1e9;
+
 impl Limits {
+    fn configured(&self) -> [f64; 4] {
+        [self.rpm, self.tpm, self.input_tpm, self.output_tpm]
+    }
+
     fn per_minute(&self) -> [f64; 4] {
         // Token-only limits still track requests: unbounded in practice.
-        let rpm = if self.rpm > 0.0 { self.rpm } else { 1e9 };
+        let rpm = if self.rpm > 0.0 { self.rpm } else { UNBOUNDED_RPM };
         [rpm, self.tpm, self.input_tpm, self.output_tpm]
     }
 
@@ -137,6 +153,10 @@ pub struct Bucket {
     pub confirmed_ms: u64,
     /// When the limit was last cut after a 429 without headers.
     pub last_cut_ms: u64,
+    /// Per dimension with no configured limit, the limit the provider
+    /// announced (0: none yet); it stands in for the configured figure.
+    #[serde(default)]
+    pub announced: [f64; 4],
 }
 
 /// Budget granted by the bucket, and where the lease stood in each dimension.
@@ -165,8 +185,19 @@ impl Bucket {
         b
     }
 
-    fn active(l: Limits) -> [bool; 4] {
-        let c = l.per_minute();
+    /// Per dimension, the limit the bucket keeps to and recovers toward: the
+    /// configured figure, or the provider's announced one where none is
+    /// configured (0: not tracked; requests: unbounded).
+    pub fn ceilings(&self, l: Limits) -> [f64; 4] {
+        let (conf, per_minute) = (l.configured(), l.per_minute());
+        std::array::from_fn(|i| match (conf[i] > 0.0, self.announced[i] > 0.0) {
+            (false, true) => self.announced[i],
+            _ => per_minute[i],
+        })
+    }
+
+    fn active(&self, l: Limits) -> [bool; 4] {
+        let c = self.ceilings(l);
         [true, c[1] > 0.0, c[2] > 0.0, c[3] > 0.0]
     }
 
@@ -176,22 +207,17 @@ impl Bucket {
         let dt = now.saturating_sub(self.at_ms) as f64 / 1000.0;
         let stale = now.saturating_sub(self.reported_ms) > REPORT_TTL_MS;
         let confirmed = self.confirmed_ms > 0 && now.saturating_sub(self.confirmed_ms) < CONFIRM_MS;
-        for (i, (d, conf)) in self.dims.iter_mut().zip(l.per_minute()).enumerate() {
+        let ceilings = self.ceilings(l);
+        for (i, (d, conf)) in self.dims.iter_mut().zip(ceilings).enumerate() {
             if conf <= 0.0 {
                 continue;
             }
             if d.rate < conf {
-                let per_s = if d.learned { RECOVER_LEARNED } else { RECOVER_CUT };
-                if !(d.learned && confirmed) {
-                    d.rate = (d.rate + conf * per_s * dt).min(conf);
+                if !confirmed {
+                    d.rate = (d.rate + conf * RECOVER * dt).min(conf);
                 }
                 if d.rate >= conf {
-                    changes.push(Change {
-                        dim: DIM_NAMES[i],
-                        from: d.rate,
-                        to: conf,
-                        why: "back to the configured limit",
-                    });
+                    changes.push(Change { dim: DIM_NAMES[i], from: d.rate, to: conf, why: "back to the known limit" });
                     d.learned = false;
                 }
             }
@@ -208,7 +234,7 @@ impl Bucket {
         if self.paused_until_ms > now {
             return Err(Duration::from_millis(self.paused_until_ms - now));
         }
-        let active = Self::active(l);
+        let active = self.active(l);
         let mut wait = 0.0f64;
         // How many requests the provider's reported burst would allow now.
         let mut burst = f64::INFINITY;
@@ -267,9 +293,12 @@ impl Bucket {
     /// Takes in a report of the provider's budget and limits, made by a call
     /// leased at `marks`.
     pub fn report(&mut self, now: u64, rate: &RateInfo, marks: &[f64; 4], l: Limits, changes: &mut Vec<Change>) {
+        // Limits first: a dimension the provider names for the first time
+        // becomes tracked, and its remaining budget then counts.
+        self.learn(now, rate, l, changes);
         let remaining =
             [rate.remaining_requests, rate.remaining_tokens, rate.remaining_input_tokens, rate.remaining_output_tokens];
-        let active = Self::active(l);
+        let active = self.active(l);
         for i in 0..4 {
             if let (true, Some(r)) = (active[i], remaining[i]) {
                 let d = &mut self.dims[i];
@@ -279,36 +308,63 @@ impl Bucket {
                 self.reported_ms = now;
             }
         }
-        self.learn(rate, l, changes);
     }
 
-    /// Adopts the provider's announced limits: lower ones by at most half at
-    /// a time, higher ones (up to the configured figure) at once.
-    fn learn(&mut self, rate: &RateInfo, l: Limits, changes: &mut Vec<Change>) -> bool {
+    /// Adopts the provider's announced limits. Where a limit is configured,
+    /// a lower one lowers the effective limit by at most half at a time, a
+    /// higher one lifts a lowered limit (up to the configured figure) at once,
+    /// and one announced as it stands confirms it. Where none is configured,
+    /// the announced limit is the limit. Differences under 5% change nothing.
+    /// True if the provider announced any limit.
+    fn learn(&mut self, now: u64, rate: &RateInfo, l: Limits, changes: &mut Vec<Change>) -> bool {
         let limits = [rate.limit_requests, rate.limit_tokens, rate.limit_input_tokens, rate.limit_output_tokens];
+        let conf = l.configured();
         let mut any = false;
-        for (i, (d, conf)) in self.dims.iter_mut().zip(l.per_minute()).enumerate() {
-            let (Some(limit), true) = (limits[i].filter(|v| *v > 0.0), conf > 0.0) else { continue };
+        for i in 0..4 {
+            let Some(limit) = limits[i].filter(|v| *v > 0.0) else { continue };
             any = true;
+            let d = &mut self.dims[i];
             let before = d.rate;
-            if limit < d.rate {
+            if conf[i] <= 0.0 {
+                // Nothing configured: the provider's word is the limit.
+                let known = self.announced[i];
+                if known > 0.0 && (limit - known).abs() < known * MEANINGFUL {
+                    continue;
+                }
+                self.announced[i] = limit;
+                d.rate = limit;
+                d.learned = false;
+                d.level = d.level.min((limit / 60.0 * BURST_S).max(1.0));
+                changes.push(Change {
+                    dim: DIM_NAMES[i],
+                    from: known,
+                    to: limit,
+                    why: "the provider announced its limit (none configured)",
+                });
+                continue;
+            }
+            if limit < d.rate * (1.0 - MEANINGFUL) {
                 d.rate = limit.max(d.rate / 2.0);
                 d.learned = true;
+                self.confirmed_ms = now;
                 changes.push(Change {
                     dim: DIM_NAMES[i],
                     from: before,
                     to: d.rate,
                     why: "the provider announced a lower limit",
                 });
-            } else if d.learned && limit > d.rate {
-                d.rate = limit.min(conf);
-                d.learned = d.rate < conf;
+            } else if d.learned && limit > d.rate * (1.0 + MEANINGFUL) {
+                d.rate = limit.min(conf[i]);
+                d.learned = d.rate < conf[i];
                 changes.push(Change {
                     dim: DIM_NAMES[i],
                     from: before,
                     to: d.rate,
                     why: "the provider announced a higher limit",
                 });
+            } else if d.learned {
+                // The limit as it stands, said again: it holds.
+                self.confirmed_ms = now;
             }
         }
         any
@@ -317,25 +373,29 @@ impl Bucket {
     /// Reacts to a 429: pause everyone, and lower the limit.
     pub fn rate_limited(&mut self, now: u64, pause: Duration, rate: &RateInfo, l: Limits, changes: &mut Vec<Change>) {
         self.paused_until_ms = self.paused_until_ms.max(now + pause.as_millis() as u64);
+        // A 429 holds a lowered limit where it is for CONFIRM_MS: it is what
+        // the provider takes now.
         self.confirmed_ms = now;
         for d in &mut self.dims {
             d.level = d.level.min(0.0);
             d.provider = d.provider.map(|_| 0.0);
         }
-        if !self.learn(rate, l, changes) && now >= self.last_cut_ms + CUT_INTERVAL_MS {
+        if !self.learn(now, rate, l, changes) && now >= self.last_cut_ms + CUT_INTERVAL_MS {
             self.last_cut_ms = now;
-            for (i, (d, conf)) in self.dims.iter_mut().zip(l.per_minute()).enumerate() {
-                if conf > 0.0 {
+            let conf = l.configured();
+            for (i, d) in self.dims.iter_mut().enumerate() {
+                // A limit known (configured or announced) is cut; an unknown
+                // one is left to the window of calls in flight.
+                if conf[i] > 0.0 || self.announced[i] > 0.0 {
                     let before = d.rate;
                     d.rate = (d.rate * 0.8).max(1.0);
-                    if i == 0 || before != d.rate {
-                        changes.push(Change {
-                            dim: DIM_NAMES[i],
-                            from: before,
-                            to: d.rate,
-                            why: "429 without limit headers",
-                        });
-                    }
+                    d.learned = true;
+                    changes.push(Change {
+                        dim: DIM_NAMES[i],
+                        from: before,
+                        to: d.rate,
+                        why: "429 without limit headers",
+                    });
                 }
             }
         }
@@ -380,6 +440,14 @@ pub struct Limiter {
 pub struct Reservation {
     amounts: [f64; 4],
     marks: [f64; 4],
+}
+
+impl Reservation {
+    /// A call made before its limiter existed: it reserved nothing, and the
+    /// bucket had leased nothing when it was sent.
+    pub fn none() -> Self {
+        Reservation { amounts: [0.0; 4], marks: [0.0; 4] }
+    }
 }
 
 impl Limiter {
@@ -458,8 +526,9 @@ impl Limiter {
         let limits = [rate.limit_requests, rate.limit_tokens, rate.limit_input_tokens, rate.limit_output_tokens];
         let remaining =
             [rate.remaining_requests, rate.remaining_tokens, rate.remaining_input_tokens, rate.remaining_output_tokens];
+        // A limit announced for the first time, or lower than the one in force.
         let urgent = (0..4).any(|i| {
-            limits[i].is_some_and(|v| v > 0.0 && v < seen[i] * 0.99)
+            limits[i].is_some_and(|v| v > 0.0 && (seen[i] <= 0.0 || v < seen[i] * (1.0 - MEANINGFUL)))
                 || remaining[i].is_some_and(|v| v < seen[i] / 60.0 * PROVIDER_RESERVE_S)
         });
         if !urgent {
@@ -495,6 +564,13 @@ impl Limiter {
         .await
     }
 
+    /// Whether the request limit is known (configured, or announced by the
+    /// provider): where it is not, the window of calls in flight is what a
+    /// 429 can slow down.
+    pub fn knows_request_limit(&self) -> bool {
+        self.seen_rate.lock().expect("seen lock")[0] < UNBOUNDED_RPM
+    }
+
     async fn lease(&self, need: &[f64; 4]) -> Result<Result<Grant, Duration>, Error> {
         let limits = self.limits;
         let pending = self.pending.lock().expect("pending lock").take();
@@ -525,11 +601,12 @@ impl Limiter {
         )
         .await?;
         let Some(b) = written else { return Ok(()) };
-        let rates = [b.dims[0].rate, b.dims[1].rate, b.dims[2].rate, b.dims[3].rate];
+        let ceilings = b.ceilings(limits);
+        let rates: [f64; 4] = std::array::from_fn(|i| if ceilings[i] > 0.0 { b.dims[i].rate } else { 0.0 });
         *self.seen_rate.lock().expect("seen lock") = rates;
         let (key_id, model) = (&self.labels.0, &self.labels.1);
-        for (i, conf) in limits.per_minute().into_iter().enumerate() {
-            if conf > 0.0 && !(i == 0 && limits.rpm <= 0.0) {
+        for (i, ceiling) in ceilings.into_iter().enumerate() {
+            if ceiling > 0.0 && ceiling < UNBOUNDED_RPM {
                 crate::metrics::rate_limit(key_id, model, DIM_NAMES[i], rates[i]);
             }
         }
@@ -671,15 +748,83 @@ mod tests {
     }
 
     #[test]
-    fn a_429_without_headers_cuts_by_a_fifth_once_per_burst() {
+    fn a_429_without_headers_cuts_by_a_fifth_once_per_burst_holds_a_while_then_recovers() {
         let mut b = Bucket::full(1000, L);
-        b.rate_limited(1000, Duration::from_secs(2), &RateInfo::default(), L, &mut no_changes());
+        let mut changes = Vec::new();
+        b.rate_limited(1000, Duration::from_secs(2), &RateInfo::default(), L, &mut changes);
         assert_eq!(b.take(2000, &ONE, L).unwrap_err(), Duration::from_secs(1));
         assert_eq!(b.dims[0].rate, 4800.0);
-        b.rate_limited(1100, Duration::ZERO, &RateInfo::default(), L, &mut no_changes());
+        b.rate_limited(1100, Duration::ZERO, &RateInfo::default(), L, &mut changes);
         assert_eq!(b.dims[0].rate, 4800.0, "a second 429 right after the first does not cut again");
-        b.refill(11_000, L, &mut no_changes());
-        assert_eq!(b.dims[0].rate, 4800.0 + 600.0, "recovers 1% of the configured limit per second");
+        assert_eq!(changes.len(), 1, "one cut, logged once");
+        // Held for 5 s after the last 429, then back by 2.5% of 6,000 per second.
+        for t in (2..=6).map(|s| s * 1_000) {
+            b.refill(t, L, &mut changes);
+        }
+        assert_eq!(b.dims[0].rate, 4800.0);
+        b.refill(7_000, L, &mut changes);
+        assert_eq!(b.dims[0].rate, 4800.0 + 150.0);
+        for t in (8..=14).map(|s| s * 1_000) {
+            b.refill(t, L, &mut changes);
+        }
+        assert_eq!(b.dims[0].rate, 6000.0, "within 13 s of the 429 the configured limit is back");
+        assert_eq!(changes.len(), 2, "the return is logged once: {changes:?}");
+    }
+
+    #[test]
+    fn with_no_limit_configured_the_providers_announced_limit_is_the_limit() {
+        let untold = Limits::default();
+        let mut b = Bucket::full(0, untold);
+        let mut changes = Vec::new();
+        assert!(b.take(0, &ONE, untold).unwrap().amounts[0] > 1e6, "no limit known: nothing paces");
+        let announce =
+            |limit| RateInfo { limit_requests: Some(limit), remaining_requests: Some(100.0), ..Default::default() };
+        b.report(10, &announce(6000.0), &[0.0; 4], untold, &mut changes);
+        assert_eq!((b.dims[0].rate, b.announced[0]), (6000.0, 6000.0));
+        assert_eq!(changes.len(), 1, "{changes:?}");
+        // Paced at the announced rate from now on: no more than 6,000 a minute.
+        let mut granted = 0.0;
+        for now in 10..60_010u64 {
+            b.refill(now, untold, &mut changes);
+            while let Ok(g) = b.take(now, &ONE, untold) {
+                granted += g.amounts[0];
+            }
+        }
+        assert!(granted <= 6000.0 + 100.0, "{granted}");
+        assert!(granted >= 6000.0 - 100.0, "{granted}");
+        // The same figure again, or one within 5%, changes nothing and logs nothing.
+        for limit in [6000.0, 5900.0, 6200.0] {
+            b.report(60_010, &announce(limit), &[0.0; 4], untold, &mut changes);
+        }
+        assert_eq!((b.dims[0].rate, changes.len()), (6000.0, 1));
+        // A new tier: adopted at once, both ways.
+        b.report(60_020, &announce(9000.0), &[0.0; 4], untold, &mut changes);
+        assert_eq!(b.dims[0].rate, 9000.0);
+        b.report(60_030, &announce(3000.0), &[0.0; 4], untold, &mut changes);
+        assert_eq!((b.dims[0].rate, changes.len()), (3000.0, 3));
+        // A token limit announced for the first time becomes tracked.
+        let tokens = RateInfo { limit_tokens: Some(60_000.0), ..Default::default() };
+        b.report(60_040, &tokens, &[0.0; 4], untold, &mut changes);
+        assert!(b.active(untold)[1]);
+        assert_eq!(b.dims[1].rate, 60_000.0);
+    }
+
+    #[test]
+    fn a_learned_limit_said_again_holds_quietly() {
+        // Told twice the real limit: the first header halves it, the same
+        // header on every answer after confirms it without a word.
+        let told = Limits { rpm: 12_000.0, ..L };
+        let mut b = Bucket::full(1_000, told);
+        let mut changes = Vec::new();
+        for t in (1..60).map(|s| s * 1_000) {
+            b.refill(t, told, &mut changes);
+            for limit in [6000.0, 5999.5, 6000.0] {
+                let r = RateInfo { limit_requests: Some(limit), ..Default::default() };
+                b.report(t, &r, &[0.0; 4], told, &mut changes);
+            }
+        }
+        assert_eq!(b.dims[0].rate, 6000.0);
+        assert_eq!(changes.len(), 1, "{changes:?}");
     }
 
     #[test]

@@ -41,6 +41,12 @@ pub const BUDGET_STOPS: &str = "sluice_budget_stops_total";
 /// file's limits; `provider`: the provider refused the batch).
 pub const BATCH_QUEUE_WAITS: &str = "sluice_batch_queue_waits_total";
 
+/// Time to take a connection from the worker's Postgres pool, sampled
+/// every second by the watchdog: high figures mean a pool too small for the work.
+pub const DB_ACQUIRE_SECONDS: &str = "sluice_db_acquire_seconds";
+/// The worker's Postgres connections (label `state`: busy, idle).
+pub const DB_CONNECTIONS: &str = "sluice_db_connections";
+
 /// Every metric the worker exports (docs/metrics.md lists them).
 pub const ALL: &[&str] = &[
     ITEMS,
@@ -59,7 +65,17 @@ pub const ALL: &[&str] = &[
     SPENT,
     BUDGET_STOPS,
     BATCH_QUEUE_WAITS,
+    DB_ACQUIRE_SECONDS,
+    DB_CONNECTIONS,
 ];
+
+/// Records one sampled wait for a pooled connection, and the pool's state.
+pub fn db_acquire(wait: Duration, size: u32, idle: usize) {
+    metrics::histogram!(DB_ACQUIRE_SECONDS).record(wait.as_secs_f64());
+    let busy = size.saturating_sub(idle as u32);
+    metrics::gauge!(DB_CONNECTIONS, "state" => "busy").set(busy as f64);
+    metrics::gauge!(DB_CONNECTIONS, "state" => "idle").set(idle as f64);
+}
 
 /// Counts a call not made because its job reached its cap.
 pub fn budget_stop() {
@@ -103,6 +119,12 @@ pub fn describe() {
     metrics::describe_histogram!(MODEL_CALL_SECONDS, metrics::Unit::Seconds, "Model call latency");
     metrics::describe_counter!(TOKENS, "Tokens used, by model and direction");
     metrics::describe_counter!(CHUNKS, "Chunks finished, by outcome");
+    metrics::describe_histogram!(
+        DB_ACQUIRE_SECONDS,
+        metrics::Unit::Seconds,
+        "Time to take a connection from the Postgres pool, sampled every second"
+    );
+    metrics::describe_gauge!(DB_CONNECTIONS, "Postgres connections of the worker's pool, busy or idle");
 }
 
 /// Records one model call.

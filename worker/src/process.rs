@@ -38,6 +38,7 @@ use crate::learned::{Facts, Learned};
 use crate::limit::Cost;
 use crate::metrics;
 use crate::store::{AttemptRecord, Item, ItemResult};
+use crate::watchdog::Wait;
 use crate::Error;
 use common::spec::ConfidenceStrategy;
 use sha2::{Digest, Sha256};
@@ -110,6 +111,8 @@ pub struct ItemContext<'a> {
     pub pool: &'a sqlx::PgPool,
     /// The stage of a multi-stage job the item is at (0 otherwise).
     pub stage: i16,
+    /// Where the item waits, for the watchdog.
+    pub watch: &'a crate::watchdog::Watch,
 }
 
 /// A call's worst-case cost, reserved from its job's budget until the call
@@ -132,7 +135,7 @@ impl BudgetHold {
         let p = pool.clone();
         let reserved = tokio::spawn(async move { crate::store::reserve_budget(&p, job_id, usd).await })
             .await
-            .map_err(Error::BudgetTask)??;
+            .map_err(|source| Error::Task { doing: "reserving a job's budget", source })??;
         Ok(reserved.then(|| BudgetHold { pool: pool.clone(), job_id, usd, settled: false }))
     }
 
@@ -405,10 +408,12 @@ impl ItemRun<'_> {
             // A slot under the cluster-wide window first, then the breaker, then
             // the rate budget: a reservation must not wait for a slot and be spent late.
             let cap = ctx.guards.cap(key.id, &route.model, route.config.max_in_flight);
+            let waiting = ctx.watch.waiting(Wait::Window);
             let _slot = tokio::select! {
                 p = cap.acquire() => p,
                 _ = ctx.stop.cancelled() => return Ok(ModelEnd::Stopping),
             };
+            drop(waiting);
             if let Gate::Open(wait) = breaker.gate().await? {
                 // Try the next model; if none is left, hold the item.
                 self.held = Some(self.held.map_or(wait, |h| h.min(wait)));
@@ -460,11 +465,14 @@ impl ItemRun<'_> {
                 model: route.model.clone(),
                 request_hash: request_hash.clone(),
             };
+            let waiting = ctx.watch.waiting(Wait::Audit);
             tokio::select! {
                 r = ctx.audit.begin(&self.iref, start) => r?,
                 _ = ctx.stop.cancelled() => return Ok(ModelEnd::Stopping),
             }
+            drop(waiting);
             let cost_estimate = Cost { prompt: estimate_prompt_tokens(call.system, &messages) as f64, max_output };
+            let waiting = ctx.watch.waiting(Wait::RateLimit);
             let reservation = match &limiter {
                 Some(l) => tokio::select! {
                     r = l.acquire(ctx.project, ctx.job_id, cost_estimate) => Some(r?),
@@ -472,10 +480,13 @@ impl ItemRun<'_> {
                 },
                 None => None,
             };
+            drop(waiting);
             let t = Instant::now();
-            let in_flight = crate::metrics::InFlight::start(crate::metrics::CALLS_IN_FLIGHT);
+            let in_flight =
+                (crate::metrics::InFlight::start(crate::metrics::CALLS_IN_FLIGHT), ctx.watch.waiting(Wait::Call));
             let response = ep.client.complete(&route.wire_model, body, key.secret).await;
             drop(in_flight);
+            ctx.watch.progressed();
             let attempt = AttemptFacts {
                 number: self.result.attempts,
                 route,
@@ -511,13 +522,21 @@ impl ItemRun<'_> {
                     // The answer is paid for: shared state that cannot be updated
                     // (NATS away) must not cost the item its result.
                     soft(breaker.record(true).await);
-                    if let (Some(l), Some(r)) = (&limiter, reservation) {
-                        // Providers charge the token limit with the prompt and max_tokens,
-                        // whatever the answer's length: correct the prompt estimate with
-                        // the real (uncached) count.
-                        let uncached = (c.tokens_in - c.tokens_cached.min(c.tokens_in)) as f64;
-                        soft(l.observe(&c.rate, &r).await);
-                        l.settle(r, Cost { prompt: uncached, max_output: cost_estimate.max_output });
+                    match (&limiter, reservation) {
+                        (Some(l), Some(r)) => {
+                            // Providers charge the token limit with the prompt and max_tokens,
+                            // whatever the answer's length: correct the prompt estimate with
+                            // the real (uncached) count.
+                            let uncached = (c.tokens_in - c.tokens_cached.min(c.tokens_in)) as f64;
+                            soft(l.observe(&c.rate, &r).await);
+                            l.settle(r, Cost { prompt: uncached, max_output: cost_estimate.max_output });
+                        }
+                        (None, _) if c.rate.announces_limit() => {
+                            // No limit configured, but the provider has one: keep to it from now on.
+                            let l = ctx.guards.provider_limits(key.id, &route.model, &route.config);
+                            soft(l.observe(&c.rate, &crate::limit::Reservation::none()).await);
+                        }
+                        _ => {}
                     }
                     self.result.tokens_in += c.tokens_in as i32;
                     self.result.tokens_out += c.tokens_out as i32;
@@ -588,8 +607,16 @@ impl ItemRun<'_> {
             if let CallError::RateLimited { retry_after, rate } = &e {
                 rate_limited += 1;
                 pause = retry_after.unwrap_or(pause);
-                if let Some(l) = &limiter {
-                    pause_shared = soft(l.rate_limited(*retry_after, rate).await);
+                // With no limit configured, the first 429 makes one: its pause
+                // then holds for the whole cluster instead of each item waiting
+                // alone and all retrying at once.
+                let l =
+                    limiter.clone().unwrap_or_else(|| ctx.guards.provider_limits(key.id, &route.model, &route.config));
+                pause_shared = soft(l.rate_limited(*retry_after, rate).await);
+                // Nor, without a known request limit, can the limiter pace the
+                // calls: the window of calls in flight shrinks instead.
+                if !l.knows_request_limit() {
+                    cap.record(false);
                 }
             }
             if class.counts_against_breaker() {
@@ -616,6 +643,7 @@ impl ItemRun<'_> {
                 Action::RetryAfterPause => {
                     // Without the shared limiter, this item waits out the pause itself.
                     if !pause_shared {
+                        let _waiting = ctx.watch.waiting(Wait::Backoff);
                         tokio::time::sleep(pause).await;
                     }
                     if !ctx.delivery.is_current().await {
@@ -624,7 +652,9 @@ impl ItemRun<'_> {
                 }
                 Action::RetryAfterBackoff => {
                     let d = backoff.next().unwrap_or(ctx.policy.base);
+                    let waiting = ctx.watch.waiting(Wait::Backoff);
                     tokio::time::sleep(e.retry_after().map_or(d, |ra| d.max(ra))).await;
+                    drop(waiting);
                     if !ctx.delivery.is_current().await {
                         return Ok(ModelEnd::Stopping);
                     }

@@ -44,6 +44,8 @@ struct Shared {
     name: String,
     /// Chunks held, by job.
     held: std::sync::Mutex<std::collections::HashMap<uuid::Uuid, usize>>,
+    /// What the worker's tasks wait on, for the watchdog.
+    watch: Arc<crate::watchdog::Watch>,
 }
 
 /// A worker connected to Postgres and NATS, its stream and consumer
@@ -54,6 +56,7 @@ pub struct Worker {
     consumer: PullConsumer,
     slots: usize,
     grace: Duration,
+    stall_warn: Duration,
 }
 
 impl Worker {
@@ -63,7 +66,7 @@ impl Worker {
     pub async fn connect(config: WorkerConfig) -> Result<Self, Error> {
         let config = config.resolve()?;
         metrics::describe();
-        let pool = common::db::connect(&config.database_url, config.db_pool_size).await?;
+        let pool = common::db::connect(&config.database_url, config.pool_size()).await?;
         let nats = common::nats::connect(&config.nats_url, &config.nats_auth).await?;
         let js = jetstream::new(nats);
         let ack_wait = Duration::from_secs(config.ack_wait_s);
@@ -94,6 +97,7 @@ impl Worker {
             max_deliveries: config.max_deliveries,
             name,
             held: Default::default(),
+            watch: Default::default(),
         });
         Ok(Worker {
             shared,
@@ -103,6 +107,7 @@ impl Worker {
             // chunks simply keeps fewer of them in hand.
             slots: config.chunk_slots(100),
             grace: Duration::from_secs(config.shutdown_grace_s),
+            stall_warn: Duration::from_secs(config.stall_warn_s),
         })
     }
 
@@ -112,8 +117,9 @@ impl Worker {
     /// another worker does the rest. Chunks not written by then are
     /// redelivered after ack_wait.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
-        let Worker { shared, topology, consumer, slots, grace } = self;
+        let Worker { shared, topology, consumer, slots, grace, stall_warn } = self;
         let slots = Arc::new(Semaphore::new(slots));
+        tokio::spawn(crate::watchdog::run(shared.watch.clone(), shared.pool.clone(), stall_warn, shutdown.clone()));
         let tracker = TaskTracker::new();
         tokio::spawn(newcomer_slots(shared.clone(), slots.clone(), shutdown.clone()));
         let result = pull_loop(&topology, consumer, &shared, &slots, &tracker, &shutdown).await;
@@ -303,8 +309,9 @@ async fn handle(shared: Arc<Shared>, msg: Message, _slot: OwnedSemaphorePermit, 
     let delivered = msg.info().map(|i| i.delivered).unwrap_or(1);
     *shared.held.lock().expect("held lock").entry(chunk.job_id).or_default() += 1;
     let held = crate::metrics::InFlight::start(crate::metrics::CHUNKS_IN_FLIGHT);
+    let holding = shared.watch.holding();
     let outcome = work(&shared, &chunk, delivered, &stop).await;
-    drop(held);
+    drop((held, holding));
     {
         let mut held = shared.held.lock().expect("held lock");
         if let Some(n) = held.get_mut(&chunk.job_id) {
@@ -372,8 +379,14 @@ async fn save(
             worker: &shared.name,
             copies: job.has_copies,
         };
-        match store::write_chunk(&shared.pool, &target, results, done).await {
-            Ok(()) => return Ok(()),
+        let writing = shared.watch.waiting(crate::watchdog::Wait::Write);
+        let written = store::write_chunk(&shared.pool, &target, results, done).await;
+        drop(writing);
+        match written {
+            Ok(()) => {
+                shared.watch.progressed();
+                return Ok(());
+            }
             Err(e) if e.is_unavailable() && !stop.is_cancelled() => {
                 tracing::debug!(error = &e as &dyn std::error::Error, "results not written yet; retrying");
                 tokio::select! {
@@ -482,6 +495,7 @@ fn item_context<'a>(
         redaction: shared.redaction,
         pool: &shared.pool,
         stage: 0,
+        watch: &shared.watch,
     }
 }
 
@@ -592,10 +606,12 @@ async fn work(
                 if !job.stages.is_empty() {
                     return stages::run(&shared, chunk, &job, delivery, item, passed, &stage_tx).await;
                 }
+                let waiting = shared.watch.waiting(crate::watchdog::Wait::CallPermit);
                 let _call = tokio::select! {
                     permit = shared.calls.acquire(&job.project, chunk.job_id) => permit,
                     _ = delivery.stop().cancelled() => return Ok(Outcome::Held(Duration::ZERO)),
                 };
+                drop(waiting);
                 let ctx = item_context(&shared, chunk, &job, delivery);
                 let (key, prompt) = key.unzip();
                 let mut outcome = run_item(&ctx, &job, &item, prompt).await;
@@ -612,6 +628,11 @@ async fn work(
     let mut failure = None;
     let (mut ok, mut written) = (0u64, 0u64);
     let mut last_write = Instant::now();
+    // A write of the answers so far runs as a task of its own while this loop
+    // goes on polling the items: an item between two awaits of a query holds
+    // a pooled connection, and a write that waited for a connection while
+    // the items holding them were not polled would wait for ever.
+    let mut writing: Option<tokio::task::JoinHandle<Result<(u64, u64), Error>>> = None;
     loop {
         // Answers are written at most COMMIT_EVERY after they come, even
         // while the chunk's other items wait out a provider's back-off: an
@@ -626,16 +647,27 @@ async fn work(
                 None => break,
             },
             Some(r) = stage_rx.recv() => batch.push(r),
-            _ = tokio::time::sleep_until(flush_at), if !batch.is_empty() => {}
+            w = async { writing.as_mut().expect("guarded").await }, if writing.is_some() => {
+                writing = None;
+                let (o, w) = w.map_err(|source| Error::Task { doing: "writing a chunk's results", source })??;
+                (ok, written) = (ok + o, written + w);
+            }
+            _ = tokio::time::sleep_until(flush_at), if !batch.is_empty() && writing.is_none() => {}
         }
         let due = batch.len() >= COMMIT_ITEMS || last_write.elapsed() >= COMMIT_EVERY;
-        if due && !batch.is_empty() && !running.is_empty() {
-            save(shared, chunk, &job, &batch, false, stop).await?;
-            let (o, w) = tally(&batch);
-            (ok, written) = (ok + o, written + w);
-            batch.clear();
+        if due && !batch.is_empty() && !running.is_empty() && writing.is_none() {
+            let (shared, chunk, job, stop) = (shared.clone(), *chunk, job.clone(), stop.clone());
+            let results = std::mem::take(&mut batch);
+            writing = Some(tokio::spawn(async move {
+                save(&shared, &chunk, &job, &results, false, &stop).await?;
+                Ok(tally(&results))
+            }));
             last_write = Instant::now();
         }
+    }
+    if let Some(w) = writing {
+        let (o, w) = w.await.map_err(|source| Error::Task { doing: "writing a chunk's results", source })??;
+        (ok, written) = (ok + o, written + w);
     }
     // Every item's future has ended, so every stage answer has been sent.
     while let Ok(r) = stage_rx.try_recv() {

@@ -121,6 +121,13 @@ impl RateInfo {
     pub fn is_empty(&self) -> bool {
         *self == RateInfo::default()
     }
+
+    /// True when the provider announced a limit of any kind.
+    pub fn announces_limit(&self) -> bool {
+        [self.limit_requests, self.limit_tokens, self.limit_input_tokens, self.limit_output_tokens]
+            .iter()
+            .any(|l| l.is_some_and(|v| v > 0.0))
+    }
 }
 
 /// A header holding a finite number that is not negative.
