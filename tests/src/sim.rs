@@ -104,6 +104,12 @@ pub struct SimConfig {
     /// `reset` (time until full) headers on every answer.
     #[arg(long)]
     pub full_bucket: bool,
+    /// How a limit's budget comes back: `bucket` (refilled continuously at
+    /// the rate; with `--full-bucket` it holds a minute's worth) or `rolling`
+    /// (a minute's budget that starts unspent; what was spent comes back 60 s
+    /// later, as a sliding-window limit does).
+    #[arg(long, value_enum, default_value_t = Window::Bucket)]
+    pub window: Window,
     /// Input tokens per minute (0: none), counted apart as Anthropic does.
     #[arg(long, default_value_t = 0)]
     pub input_tpm: u32,
@@ -183,17 +189,104 @@ impl SimConfig {
     }
 }
 
-type Limiter = RateLimiter<NotKeyed, InMemoryState, DefaultClock, StateInformationMiddleware>;
+/// How a limit's budget comes back (`--window`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Window {
+    /// A bucket refilled continuously at the rate.
+    #[default]
+    Bucket,
+    /// A sliding minute: a unit spent at t comes back at t + 60 s.
+    Rolling,
+}
 
-/// Builds a limiter allowing `per_minute` units per minute, smoothly: the
-/// burst is one second's worth, so no window of a few seconds sees more than
-/// the limit.
-fn limiter(per_minute: u32, full: bool) -> Option<Limiter> {
+type Bucket = RateLimiter<NotKeyed, InMemoryState, DefaultClock, StateInformationMiddleware>;
+
+/// One server-side limit.
+enum Limiter {
+    Bucket(Bucket),
+    Rolling(Mutex<Rolling>),
+}
+
+/// A sliding minute: what was spent in the last 60 s, oldest first.
+struct Rolling {
+    per_minute: u32,
+    spent: std::collections::VecDeque<(std::time::Instant, u32)>,
+    used: u32,
+}
+
+const MINUTE: Duration = Duration::from_secs(60);
+
+impl Rolling {
+    /// Spends `cost` if it fits: the budget left, and the time until the
+    /// window is unspent again; otherwise the time until enough comes back.
+    fn take(&mut self, cost: u32) -> Result<(u32, Duration), Duration> {
+        let now = std::time::Instant::now();
+        while let Some((t, n)) = self.spent.front().copied() {
+            if now.duration_since(t) < MINUTE {
+                break;
+            }
+            self.spent.pop_front();
+            self.used -= n;
+        }
+        if self.used + cost <= self.per_minute {
+            self.spent.push_back((now, cost));
+            self.used += cost;
+            return Ok((self.per_minute - self.used, MINUTE));
+        }
+        let mut freed = self.per_minute - self.used;
+        for (t, n) in &self.spent {
+            freed += n;
+            if freed >= cost {
+                return Err((*t + MINUTE).saturating_duration_since(now));
+            }
+        }
+        Err(MINUTE)
+    }
+}
+
+impl Limiter {
+    /// Spends `cost`: the budget left and the time until it is all back, or
+    /// the time to wait; `Err(None)` when `cost` exceeds the whole limit.
+    fn check(&self, cost: NonZeroU32, per_minute: u32, full: bool) -> Result<(u32, Duration), Option<Duration>> {
+        match self {
+            Limiter::Bucket(l) => match l.check_n(cost) {
+                Ok(Ok(snap)) => {
+                    let remaining = snap.remaining_burst_capacity();
+                    let capacity = if full { per_minute } else { (per_minute / 60).max(1) };
+                    let period_ms = 60_000.0 / per_minute.max(1) as f64;
+                    let until_full = (capacity.saturating_sub(remaining) as f64 * period_ms).ceil() as u64;
+                    Ok((remaining, Duration::from_millis(until_full)))
+                }
+                Ok(Err(not_until)) => {
+                    Err(Some(not_until.wait_time_from(governor::clock::Clock::now(&DefaultClock::default()))))
+                }
+                Err(_) => Err(None),
+            },
+            Limiter::Rolling(r) => {
+                let mut r = r.lock().expect("rolling lock");
+                if cost.get() > r.per_minute {
+                    return Err(None);
+                }
+                r.take(cost.get()).map_err(Some)
+            }
+        }
+    }
+}
+
+/// Builds a limiter allowing `per_minute` units per minute. A bucket is
+/// smooth unless `full`: its burst is one second's worth, so no window of a
+/// few seconds sees more than the limit.
+fn limiter(per_minute: u32, full: bool, window: Window) -> Option<Limiter> {
     let per_minute = NonZeroU32::new(per_minute)?;
+    if window == Window::Rolling {
+        let spent = std::collections::VecDeque::new();
+        return Some(Limiter::Rolling(Mutex::new(Rolling { per_minute: per_minute.get(), spent, used: 0 })));
+    }
     let burst = if full { per_minute } else { NonZeroU32::new((per_minute.get() / 60).max(1)).expect("at least 1") };
     let quota =
         Quota::with_period(Duration::from_secs(60) / per_minute.get()).expect("positive period").allow_burst(burst);
-    Some(RateLimiter::direct(quota).with_middleware::<StateInformationMiddleware>())
+    Some(Limiter::Bucket(RateLimiter::direct(quota).with_middleware::<StateInformationMiddleware>()))
 }
 
 /// Counters served at `GET /stats`.
@@ -274,10 +367,10 @@ struct Limits {
 impl Limits {
     fn new(c: &SimConfig) -> Self {
         Limits {
-            requests: limiter(c.rpm, c.full_bucket),
-            tokens: limiter(c.tpm, c.full_bucket),
-            input: limiter(c.input_tpm, c.full_bucket),
-            output: limiter(c.output_tpm, c.full_bucket),
+            requests: limiter(c.rpm, c.full_bucket, c.window),
+            tokens: limiter(c.tpm, c.full_bucket, c.window),
+            input: limiter(c.input_tpm, c.full_bucket, c.window),
+            output: limiter(c.output_tpm, c.full_bucket, c.window),
             rpm: c.rpm,
             tpm: c.tpm,
             input_tpm: c.input_tpm,
@@ -676,31 +769,31 @@ async fn answer(sim: &Sim, config: &SimConfig, auth: &HeaderMap, request: &Value
         // Batch requests have limits of their own (the enqueued tokens).
         let Some(l) = l.as_ref().filter(|_| live) else { continue };
         let Some(cost) = NonZeroU32::new(cost.max(1)) else { continue };
-        let capacity = if config.full_bucket { per_minute } else { (per_minute / 60).max(1) };
-        let period_ms = 60_000.0 / per_minute.max(1) as f64;
-        let set = |h: &mut HeaderMap, remaining: u32| {
+        // `reset`: the time until the budget is whole again, as OpenAI's
+        // `x-ratelimit-reset-*` ("until the rate limit resets to its initial state").
+        let set = |h: &mut HeaderMap, remaining: u32, reset: Duration| {
             h.insert(HeaderName::try_from(format!("x-ratelimit-limit-{name}")).expect("name"), per_minute.into());
             h.insert(HeaderName::try_from(format!("x-ratelimit-remaining-{name}")).expect("name"), remaining.into());
-            let until_full = (capacity.saturating_sub(remaining) as f64 * period_ms).ceil() as u64;
             h.insert(
                 HeaderName::try_from(format!("x-ratelimit-reset-{name}")).expect("name"),
-                HeaderValue::from_str(&format!("{until_full}ms")).expect("ascii"),
+                HeaderValue::from_str(&format!("{}ms", reset.as_millis())).expect("ascii"),
             );
         };
-        match l.check_n(cost) {
-            Ok(Ok(snap)) => set(&mut headers, snap.remaining_burst_capacity()),
-            Ok(Err(not_until)) => {
-                let wait = not_until.wait_time_from(governor::clock::Clock::now(&DefaultClock::default()));
+        match l.check(cost, per_minute, config.full_bucket) {
+            Ok((remaining, reset)) => set(&mut headers, remaining, reset),
+            Err(Some(wait)) => {
                 c.status_429.fetch_add(1, Ordering::Relaxed);
                 let mut resp = error(
                     StatusCode::TOO_MANY_REQUESTS,
                     "rate_limit_exceeded",
                     &format!("Rate limit reached for {name}"),
                 );
-                set(resp.headers_mut(), 0);
+                let capacity = if config.full_bucket { per_minute } else { (per_minute / 60).max(1) };
+                let whole = Duration::from_secs_f64(capacity as f64 * 60.0 / per_minute.max(1) as f64);
+                set(resp.headers_mut(), 0, whole);
                 return with_retry_after(resp, (wait.as_secs_f64() * 1000.0).ceil() / 1000.0);
             }
-            Err(_) => {
+            Err(None) => {
                 return error(
                     StatusCode::BAD_REQUEST,
                     "invalid_request_error",

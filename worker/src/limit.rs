@@ -28,6 +28,15 @@
 //!   for every worker. Each change of 5% or more, and each return to the
 //!   configured figure, is logged once for the cluster, by the worker whose
 //!   write made it; the effective limit is exported as a gauge.
+//! - **How its budget comes back.** A bucket refills at the steady rate; a
+//!   window (a sliding minute) gives back what was spent a minute earlier,
+//!   and nothing before. Two reports at least 3 s apart tell them apart: if
+//!   the budget the provider reports, plus what was leased between the two
+//!   reporting calls, came back at under a quarter of the steady rate while
+//!   the bucket had room, the dimension is a window from then on. The bucket
+//!   then keeps what it leased by half-second over the last minute, and the
+//!   provider's budget is credited as each half-second's leases age out
+//!   (late by one lease's lifetime, to be safe), never by the steady rate.
 //! - **Nothing configured is not "no limit".** Where the user gave no figure
 //!   for a dimension, the provider's `*-limit` header is the limit (adopted
 //!   at once, and again when it changes by 5% or more), so a user who does
@@ -70,6 +79,18 @@ const RECOVER: f64 = 0.025;
 const MEANINGFUL: f64 = 0.05;
 /// How long a lease may be spent.
 const LEASE_TTL: Duration = Duration::from_millis(500);
+/// What a window gives back is kept by slots of this many ms.
+const SLOT_MS: u64 = 500;
+/// A window's length.
+const WINDOW_MS: u64 = 60_000;
+/// Two reports at least this far apart tell a window from a bucket.
+const REFILL_CHECK_MS: u64 = 3_000;
+
+/// When what was leased in `slot` is surely back in a window: a minute after
+/// the slot's end, plus the time a lease may wait before it is spent.
+fn frees_at(slot: u64) -> u64 {
+    (slot + 1) * SLOT_MS + WINDOW_MS + LEASE_TTL.as_millis() as u64
+}
 
 /// The dimensions, in the order of [`Bucket::dims`].
 pub const DIM_NAMES: [&str; 4] = ["requests", "tokens", "input_tokens", "output_tokens"];
@@ -137,6 +158,37 @@ pub struct Dim {
     /// Everything leased so far: a call's lease mark against it tells how much
     /// was sent after that call (see [`Limiter::observe`]).
     pub leased: f64,
+    /// The provider's budget comes back a minute after it is spent (a
+    /// window), not at the steady rate.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rolling: bool,
+    /// What was leased, by [`SLOT_MS`] slot, until a window would give it back;
+    /// kept while the provider's budget is worth spending (or not yet known).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub spent: Vec<(u64, f64)>,
+    /// The report the next refill check compares with: when it came, the
+    /// budget reported, and its call's lease mark.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub baseline: Option<(u64, f64, f64)>,
+}
+
+impl Dim {
+    /// Compares a report (budget `r`, by a call leased at `mark`) with the
+    /// baseline: true if the budget came back at under a quarter of the
+    /// steady rate while a bucket would have had room for it.
+    fn window_seen(&mut self, now: u64, r: f64, mark: f64) -> bool {
+        let Some((t1, r1, m1)) = self.baseline else {
+            self.baseline = Some((now, r, mark));
+            return false;
+        };
+        if now < t1 + REFILL_CHECK_MS {
+            return false;
+        }
+        self.baseline = Some((now, r, mark));
+        let expected = self.rate / 60.0 * (now - t1) as f64 / 1000.0;
+        let came_back = r - r1 + (mark - m1);
+        r1 + expected < self.rate * 0.95 && came_back < expected * 0.25
+    }
 }
 
 /// The shared bucket as stored in KV.
@@ -208,10 +260,15 @@ impl Bucket {
         let stale = now.saturating_sub(self.reported_ms) > REPORT_TTL_MS;
         let confirmed = self.confirmed_ms > 0 && now.saturating_sub(self.confirmed_ms) < CONFIRM_MS;
         let ceilings = self.ceilings(l);
+        let since = self.at_ms;
         for (i, (d, conf)) in self.dims.iter_mut().zip(ceilings).enumerate() {
             if conf <= 0.0 {
                 continue;
             }
+            // What a window gives back between the last refill and now.
+            let back: f64 =
+                d.spent.iter().filter(|(slot, _)| (since + 1..=now).contains(&frees_at(*slot))).map(|(_, a)| a).sum();
+            d.spent.retain(|(slot, _)| frees_at(*slot) > now);
             if d.rate < conf {
                 if !confirmed {
                     d.rate = (d.rate + conf * RECOVER * dt).min(conf);
@@ -224,7 +281,14 @@ impl Bucket {
             d.rate = d.rate.min(conf);
             let per_s = d.rate / 60.0;
             d.level = (d.level + per_s * dt).min((per_s * BURST_S).max(1.0));
-            d.provider = if stale { None } else { d.provider.map(|p| (p + per_s * dt).min(d.rate)) };
+            d.provider = if d.rolling {
+                // A window's budget is what ages out: known without a fresh report.
+                d.provider.map(|p| (p + back).min(d.rate))
+            } else if stale {
+                None
+            } else {
+                d.provider.map(|p| (p + per_s * dt).min(d.rate))
+            };
         }
         self.at_ms = self.at_ms.max(now);
     }
@@ -252,8 +316,12 @@ impl Bucket {
                     let spare = if d.big_bucket { p - per_s * PROVIDER_RESERVE_S } else { 0.0 };
                     burst = burst.min(if need > 0.0 { (spare / need).floor() } else { f64::INFINITY });
                     if p < need {
-                        // The provider's budget is spent: wait for it to refill.
-                        wait = wait.max((need - p) / per_s);
+                        // The provider's budget is spent: wait for it to come back.
+                        let back = d.spent.iter().map(|(slot, _)| frees_at(*slot)).filter(|t| *t > now).min();
+                        wait = wait.max(match (d.rolling, back) {
+                            (true, Some(t)) => (t - now) as f64 / 1000.0,
+                            _ => (need - p) / per_s,
+                        });
                     } else if !paced && spare < need {
                         wait = wait.max((need.min(pace_burst) - d.level) / per_s);
                     }
@@ -282,6 +350,13 @@ impl Bucket {
             grant.amounts[i] = g;
             grant.marks[i] = d.leased;
             d.leased += g;
+            if d.big_bucket || self.reported_ms == 0 {
+                let slot = now / SLOT_MS;
+                match d.spent.last_mut() {
+                    Some((s, a)) if *s == slot => *a += g,
+                    _ => d.spent.push((slot, g)),
+                }
+            }
             d.level = (d.level - g).max(-(per_s * BURST_S).max(1.0));
             if let Some(p) = &mut d.provider {
                 *p -= g;
@@ -306,6 +381,15 @@ impl Bucket {
                 d.provider = Some((r - (d.leased - marks[i])).max(0.0));
                 d.big_bucket |= r > d.rate / 60.0 * BIG_BUCKET_S;
                 self.reported_ms = now;
+                if d.big_bucket && !d.rolling && d.window_seen(now, r, marks[i]) {
+                    d.rolling = true;
+                    changes.push(Change {
+                        dim: DIM_NAMES[i],
+                        from: d.rate,
+                        to: d.rate,
+                        why: "the provider's budget comes back a minute after it is spent (a window), not at the steady rate",
+                    });
+                }
             }
         }
     }
@@ -612,7 +696,11 @@ impl Limiter {
         }
         // Logged once for the cluster: only the write that made the change logs it.
         for c in changes {
-            tracing::warn!(key_id = %key_id, model = %model, limit = c.dim, from = c.from.round(), to = c.to.round(), "effective rate limit changed: {}", c.why);
+            if c.from == c.to {
+                tracing::info!(key_id = %key_id, model = %model, limit = c.dim, "{}", c.why);
+            } else {
+                tracing::warn!(key_id = %key_id, model = %model, limit = c.dim, from = c.from.round(), to = c.to.round(), "effective rate limit changed: {}", c.why);
+            }
         }
         Ok(())
     }
@@ -825,6 +913,104 @@ mod tests {
         }
         assert_eq!(b.dims[0].rate, 6000.0);
         assert_eq!(changes.len(), 1, "{changes:?}");
+    }
+
+    /// A provider limiting to 6,000 requests a minute whose budget starts
+    /// whole: a bucket refilled at the rate, or a sliding minute.
+    struct Provider {
+        rolling: bool,
+        level: f64,
+        at: u64,
+        spent: std::collections::VecDeque<u64>,
+    }
+
+    impl Provider {
+        fn new(rolling: bool) -> Self {
+            Provider { rolling, level: 6000.0, at: 0, spent: Default::default() }
+        }
+
+        fn remaining(&mut self, now: u64) -> f64 {
+            if self.rolling {
+                while self.spent.front().is_some_and(|t| now >= t + 60_000) {
+                    self.spent.pop_front();
+                }
+                6000.0 - self.spent.len() as f64
+            } else {
+                self.level = (self.level + (now - self.at) as f64 * 0.1).min(6000.0);
+                self.at = now;
+                self.level
+            }
+        }
+
+        /// One request arriving at `now`: answered, or 429.
+        fn call(&mut self, now: u64) -> bool {
+            if self.remaining(now) < 1.0 {
+                return false;
+            }
+            self.spent.push_back(now);
+            self.level -= 1.0;
+            true
+        }
+    }
+
+    /// Sends `items` requests through a bucket to `provider`, answers taking
+    /// 300 ms; returns when the last was answered and how many got a 429.
+    fn run(provider: &mut Provider, items: usize) -> (u64, usize) {
+        let mut b = Bucket::full(1, L);
+        let mut changes = Vec::new();
+        let (mut done, mut refused) = (0usize, 0usize);
+        // Answers on their way: when they arrive, the budget they report, the lease mark.
+        let mut answers: std::collections::VecDeque<(u64, f64, [f64; 4])> = Default::default();
+        let mut left = items;
+        let mut leased = (0.0, [0.0; 4]);
+        let mut now = 1u64;
+        while done < items {
+            assert!(now < 600_000, "not done in 10 minutes: {done} of {items}");
+            b.refill(now, L, &mut changes);
+            while answers.front().is_some_and(|a| a.0 <= now) {
+                let (_, remaining, marks) = answers.pop_front().expect("an answer");
+                let rate = RateInfo { remaining_requests: Some(remaining), limit_requests: Some(6000.0), ..Default::default() };
+                b.report(now, &rate, &marks, L, &mut changes);
+            }
+            // The client sends a request a millisecond at most (as 4 workers
+            // of 64 calls at 300 ms would), from leases of the bucket.
+            if left > 0 && leased.0 < 1.0 {
+                if let Ok(g) = b.take(now, &ONE, L) {
+                    leased = (g.amounts[0], g.marks);
+                }
+            }
+            if left > 0 && leased.0 >= 1.0 {
+                leased.0 -= 1.0;
+                if provider.call(now) {
+                    left -= 1;
+                    done += 1;
+                    answers.push_back((now + 300, provider.remaining(now), leased.1));
+                } else {
+                    refused += 1;
+                    leased.0 = 0.0;
+                    let rate = RateInfo { remaining_requests: Some(0.0), ..Default::default() };
+                    b.rate_limited(now, Duration::from_secs(1), &rate, L, &mut changes);
+                }
+            }
+            now += 1;
+        }
+        (now + 300, refused)
+    }
+
+    #[test]
+    fn a_window_is_told_from_a_bucket_and_each_burst_is_spent_without_a_429() {
+        // A bucket: 6,000 at once, the other 3,000 at 100 a second.
+        let (bucket_done, refused) = run(&mut Provider::new(false), 9_000);
+        assert_eq!(refused, 0);
+        assert!((30_000..=31_500).contains(&bucket_done), "{bucket_done} ms");
+        // A window gives nothing back for a minute: the other 3,000 go as
+        // the first burst ages out (its first 3,000 were sent in 3 s), not at
+        // the steady rate into 429s. Ideal: 63.3 s; what ages out is credited
+        // up to a second late.
+        let mut window = Provider::new(true);
+        let (window_done, refused) = run(&mut window, 9_000);
+        assert_eq!(refused, 0, "429s from a window, done at {window_done} ms");
+        assert!((63_300..=64_500).contains(&window_done), "{window_done} ms");
     }
 
     #[test]
