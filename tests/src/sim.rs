@@ -1177,6 +1177,27 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_rolling_window_starts_unspent_and_gives_back_only_what_aged_out() {
+        let l = limiter(6, true, Window::Rolling).unwrap();
+        let one = NonZeroU32::new(1).unwrap();
+        for left in (0..6).rev() {
+            let (remaining, reset) = l.check(one, 6, true).unwrap();
+            assert_eq!((remaining, reset), (left, MINUTE));
+        }
+        // Spent: nothing comes back before the first unit is a minute old.
+        let wait = l.check(one, 6, true).unwrap_err().unwrap();
+        assert!(wait > Duration::from_secs(59) && wait <= MINUTE, "{wait:?}");
+        assert_eq!(l.check(NonZeroU32::new(7).unwrap(), 6, true), Err(None), "more than the whole limit");
+        // A minute on (moved back in time), the oldest unit is back.
+        if let Limiter::Rolling(r) = &l {
+            let mut r = r.lock().unwrap();
+            let t = r.spent[0].0;
+            r.spent[0].0 = t.checked_sub(MINUTE).expect("the machine is up for a minute");
+        }
+        assert_eq!(l.check(one, 6, true).unwrap().0, 0);
+    }
+
+    #[test]
     fn fills_enums_with_the_known_label() {
         let schema =
             json!({"type": "object", "properties": {"label": {"type": "string", "enum": common::sample::labels()}}});
