@@ -969,7 +969,11 @@ mod tests {
             b.refill(now, L, &mut changes);
             while answers.front().is_some_and(|a| a.0 <= now) {
                 let (_, remaining, marks) = answers.pop_front().expect("an answer");
-                let rate = RateInfo { remaining_requests: Some(remaining), limit_requests: Some(6000.0), ..Default::default() };
+                let rate = RateInfo {
+                    remaining_requests: Some(remaining),
+                    limit_requests: Some(6000.0),
+                    ..Default::default()
+                };
                 b.report(now, &rate, &marks, L, &mut changes);
             }
             // The client sends a request a millisecond at most (as 4 workers
