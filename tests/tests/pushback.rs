@@ -17,22 +17,27 @@ async fn outcome(stack: &Stack, job: uuid::Uuid) -> Vec<(String, Option<String>,
     .unwrap()
 }
 
-/// Two workers with default settings (no `SLUICE_RPM`) against a provider
-/// that allows 9,000 requests a minute and says nothing of its limit but
-/// 429s: the first half-second draws hundreds of them. A worker whose
-/// database connections were all held by calls waiting out those 429s used
-/// to stall for good.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_burst_of_429s_does_not_stall_a_job_with_default_settings() {
-    let sim = SimConfig { rpm: 9_000, no_limit_headers: true, ..Default::default() };
+/// Runs 1,500 items through two workers with default settings (no
+/// `SLUICE_RPM`) against `sim`: every item must succeed, and within two
+/// minutes (10 s at the provider's limit; a stalled job never completes).
+/// Returns the simulator's counts.
+async fn untold(sim: SimConfig) -> sluice_tests::sim::Stats {
     let mut stack = Stack::start(sim, |_| {}).await.unwrap();
     stack.add_worker(|_| {});
     stack.add_worker(|_| {});
     let report = stack.submit("classify", sample_jsonl(30, 1_500), false).await.unwrap();
-    // 10 s at the provider's limit; a stalled job never completes.
     stack.wait_completed(report.job_id, Duration::from_secs(120)).await.unwrap();
     assert_eq!(outcome(&stack, report.job_id).await, [("succeeded".to_string(), None, 1_500)]);
-    let stats = stack.sim.sim.stats();
+    stack.sim.sim.stats()
+}
+
+/// A provider that allows 9,000 requests a minute and says nothing of its
+/// limit but 429s: the first half-second draws hundreds of them. A worker
+/// whose database connections were all held by calls waiting out those
+/// 429s used to stall for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_429s_does_not_stall_a_job_with_default_settings() {
+    let stats = untold(SimConfig { rpm: 9_000, no_limit_headers: true, ..Default::default() }).await;
     assert!(stats.status_429 > 0, "the provider must have pushed back: {stats:?}");
 }
 
@@ -41,14 +46,7 @@ async fn a_burst_of_429s_does_not_stall_a_job_with_default_settings() {
 /// the first answer on instead of learning it from a storm of 429s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_no_limit_configured_the_providers_announced_limit_paces_the_calls() {
-    let sim = SimConfig { rpm: 9_000, ..Default::default() };
-    let mut stack = Stack::start(sim, |_| {}).await.unwrap();
-    stack.add_worker(|_| {});
-    stack.add_worker(|_| {});
-    let report = stack.submit("classify", sample_jsonl(30, 1_500), false).await.unwrap();
-    stack.wait_completed(report.job_id, Duration::from_secs(120)).await.unwrap();
-    assert_eq!(outcome(&stack, report.job_id).await, [("succeeded".to_string(), None, 1_500)]);
-    let stats = stack.sim.sim.stats();
+    let stats = untold(SimConfig { rpm: 9_000, ..Default::default() }).await;
     assert!(stats.status_429 * 20 <= stats.requests, "more than 5% of calls answered 429: {stats:?}");
 }
 
