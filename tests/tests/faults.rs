@@ -166,10 +166,15 @@ async fn no_model_call_is_made_while_postgres_is_down_and_the_job_completes_afte
     let config = {
         let mut c = stack.worker_config();
         c.concurrency = 4;
+        // The watchdog speaks up well within the outage.
+        c.stall_warn_s = 5;
         c
     };
-    let _workers: Vec<WorkerProcess> =
-        (0..2).map(|i| WorkerProcess::spawn(&config, &format!("w{i}")).unwrap()).collect();
+    let logs = tempfile::tempdir().unwrap();
+    let log_of = |i: usize| logs.path().join(format!("w{i}.log"));
+    let _workers: Vec<WorkerProcess> = (0..2)
+        .map(|i| WorkerProcess::spawn_logged(&config, &format!("w{i}"), &[], Some(&log_of(i))).unwrap())
+        .collect();
     let total = 2_000;
     let report = stack.submit("classify", sample_jsonl(83, total), false).await.unwrap();
     wait_for("some results", Duration::from_secs(60), || async { Ok(results(&stack, report.job_id).await >= 300) })
@@ -196,6 +201,16 @@ async fn no_model_call_is_made_while_postgres_is_down_and_the_job_completes_afte
     stack.wait_completed(report.job_id, Duration::from_secs(120)).await.unwrap();
     assert_one_result_each(&stack, report.job_id, total).await;
     assert_eq!(unaudited_answers(&stack, report.job_id).await, 0, "answered calls without an audit row");
+    // A worker holding chunks with no call made for 5 s said what its tasks
+    // were waiting on: their calls' rows in the audit trail.
+    let said: Vec<String> = (0..2)
+        .flat_map(|i| std::fs::read_to_string(log_of(i)).unwrap().lines().map(str::to_string).collect::<Vec<_>>())
+        .filter(|l| l.contains("no progress for"))
+        .collect();
+    assert!(!said.is_empty(), "no worker logged the stall");
+    eprintln!("the watchdog said: {}", said[0]);
+    assert!(said.iter().all(|l| l.contains("audit=") && l.contains("db_connections")), "{said:?}");
+    assert!(said.iter().any(|l| !l.contains("audit=0")), "nothing waited on the audit trail: {said:?}");
     // Answers that arrived during the outage were kept, not asked again.
     let repeated = log.iter().filter(|e| e.status == 200).count() as i64 - total as i64;
     assert!(repeated <= 8, "{repeated} calls repeated");
