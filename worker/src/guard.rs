@@ -52,13 +52,10 @@ impl Guards {
     /// configured, or once the provider has shown it limits this key (see
     /// [`Guards::provider_limits`]); otherwise `None`.
     pub fn limiter(&self, key_id: &str, model: &str, config: &ModelConfig) -> Option<Arc<Limiter>> {
-        let limits = limits(config);
-        let mut map = self.limiters.lock().expect("limiters lock");
-        let k = (key_id.to_string(), model.to_string());
-        if !limits.any() {
-            return map.get(&k).cloned();
+        if limits(config).any() {
+            return Some(self.provider_limits(key_id, model, config));
         }
-        Some(map.entry(k).or_insert_with(|| Arc::new(Limiter::new(self.kv.clone(), key_id, model, limits))).clone())
+        self.limiters.lock().expect("limiters lock").get(&(key_id.to_string(), model.to_string())).cloned()
     }
 
     /// The provider has shown that it limits this key and model (an answer

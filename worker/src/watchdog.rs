@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::metrics;
 
-/// What a task of the worker can be waiting on.
+/// What a task of the worker can be waiting on; its value indexes [`WAITS`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Wait {
     /// One of the worker's `SLUICE_CONCURRENCY` call permits.
@@ -41,15 +41,8 @@ pub enum Wait {
     Write,
 }
 
-const WAITS: [(Wait, &str); 7] = [
-    (Wait::CallPermit, "call_permit"),
-    (Wait::Window, "window"),
-    (Wait::Audit, "audit"),
-    (Wait::RateLimit, "rate_limit"),
-    (Wait::Call, "call"),
-    (Wait::Backoff, "backoff"),
-    (Wait::Write, "write"),
-];
+/// The waits' names in the log, in [`Wait`]'s order.
+const WAITS: [&str; 7] = ["call_permit", "window", "audit", "rate_limit", "call", "backoff", "write"];
 
 /// One worker's counts of waits, chunks held and progress.
 #[derive(Debug, Default)]
@@ -81,7 +74,7 @@ impl Drop for Holding<'_> {
 
 impl Watch {
     fn slot(&self, w: Wait) -> &AtomicI64 {
-        &self.waiting[WAITS.iter().position(|(k, _)| *k == w).expect("every wait is listed")]
+        &self.waiting[w as usize]
     }
 
     /// Counts a wait of kind `w` until the guard is dropped.
@@ -115,7 +108,7 @@ impl Watch {
         WAITS
             .iter()
             .zip(&self.waiting)
-            .map(|((_, name), n)| format!("{name}={}", n.load(Ordering::Relaxed)))
+            .map(|(name, n)| format!("{name}={}", n.load(Ordering::Relaxed)))
             .collect::<Vec<_>>()
             .join(" ")
     }
