@@ -165,6 +165,66 @@ ensure_review_tools() {
   export SLUICE_WEBHOOKS_PYTHONPATH="$hooks"
 }
 
+# PgBouncer, for the workers of a large fleet (deploy/README.md, "Postgres
+# connections"). Transaction pooling needs PgBouncer 1.21 or later, whose
+# max_prepared_statements keeps the extended protocol's named statements
+# (which sqlx prepares) working across server connections; Debian 12 ships
+# 1.18, so Debian 13's source package of PgBouncer is built instead, pinned
+# by its checksum, into .sluice/tools/pgbouncer. Exports PGBOUNCER_BIN.
+PGBOUNCER_VERSION=1.24.1
+PGBOUNCER_SHA256=da72a3aba13072876d055a3e58dd4aba4a5de4ed6148e73033185245598fd3e0
+ensure_pgbouncer() {
+  local dir="$STATE/tools/pgbouncer"
+  PGBOUNCER_BIN="$dir/bin/pgbouncer"
+  if [ -x "$PGBOUNCER_BIN" ] && "$PGBOUNCER_BIN" --version | grep -q "PgBouncer $PGBOUNCER_VERSION"; then return; fi
+  say "building PgBouncer $PGBOUNCER_VERSION (Debian's source package)"
+  local build="$STATE/tools/pgbouncer-build"
+  rm -rf "$build"; mkdir -p "$build"
+  dpkg -s libevent-dev >/dev/null 2>&1 || apt_install libevent-dev
+  dpkg -s libssl-dev >/dev/null 2>&1 || apt_install libssl-dev
+  dpkg -s pkg-config >/dev/null 2>&1 || apt_install pkg-config
+  curl -fsSL -o "$build/src.tar.gz" \
+    "http://deb.debian.org/debian/pool/main/p/pgbouncer/pgbouncer_$PGBOUNCER_VERSION.orig.tar.gz" \
+    || die "cannot download PgBouncer's source from deb.debian.org"
+  echo "$PGBOUNCER_SHA256  $build/src.tar.gz" | sha256sum -c --quiet - || die "PgBouncer's source does not match its checksum"
+  tar -xzf "$build/src.tar.gz" -C "$build"
+  (cd "$build/pgbouncer-$PGBOUNCER_VERSION" \
+    && ./configure --prefix="$dir" --without-cares --without-systemd >"$build/configure.log" 2>&1 \
+    && make -j"$(nproc)" >"$build/make.log" 2>&1 && make install >"$build/install.log" 2>&1) \
+    || die "cannot build PgBouncer (logs in $build)"
+  rm -rf "$build"
+}
+
+# Starts PgBouncer in transaction mode on 127.0.0.1:$1 in front of the local
+# Postgres, for every database, with the given server pool size; the users
+# and passwords are Sluice's roles'. Its files are under $2.
+start_pgbouncer() { # port, dir, server pool size
+  local port="$1" dir="$2" size="$3"
+  ensure_pgbouncer
+  mkdir -p "$dir"
+  : >"$dir/userlist.txt"
+  for u in "$PG_USER" sluice_worker sluice_coordinator; do echo "\"$u\" \"$PG_PASSWORD\"" >>"$dir/userlist.txt"; done
+  cat >"$dir/pgbouncer.ini" <<INI
+[databases]
+* = host=$PG_HOST port=$PG_PORT
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $port
+unix_socket_dir =
+auth_type = plain
+auth_file = $dir/userlist.txt
+pool_mode = transaction
+max_prepared_statements = 200
+default_pool_size = $size
+max_client_conn = 2000
+ignore_startup_parameters = extra_float_digits
+logfile = $dir/pgbouncer.log
+pidfile = $dir/pgbouncer.pid
+INI
+  "$PGBOUNCER_BIN" -d "$dir/pgbouncer.ini" || die "PgBouncer did not start (see $dir/pgbouncer.log)"
+  wait_port "$port" pgbouncer
+}
+
 start_nats() { # port, store dir
   local port="${1:-4222}" store="${2:-$STATE/nats}"
   ensure_nats_installed

@@ -64,6 +64,16 @@ pub struct ServeConfig {
     /// Seconds within which the backlog should be done, for the autoscaling figure.
     #[arg(long, env = "SLUICE_AUTOSCALE_DRAIN_S", default_value_t = 300)]
     pub autoscale_drain_s: u32,
+    /// Postgres connections one worker holds at most (the workers'
+    /// SLUICE_DB_POOL_SIZE): the autoscaling figure keeps the fleet within
+    /// Postgres's max_connections. 0: the workers reach Postgres through a
+    /// pooler such as PgBouncer, which bounds the server's connections itself.
+    #[arg(long, env = "SLUICE_AUTOSCALE_WORKER_DB_CONNECTIONS", default_value_t = 2)]
+    pub autoscale_worker_db_connections: u32,
+    /// Postgres connection slots the autoscaling figure leaves to everything
+    /// but the workers: coordinators (SLUICE_DB_POOL_SIZE each), migrations, operators.
+    #[arg(long, env = "SLUICE_AUTOSCALE_DB_RESERVE", default_value_t = 20)]
+    pub autoscale_db_reserve: u32,
     /// The providers file the workers use (see deploy/providers.example.toml):
     /// a job naming a provider or model it does not list is refused at submit.
     /// Without it, any model is taken (the workers' one-provider shorthand).
@@ -227,6 +237,8 @@ impl ServeConfig {
             worker_concurrency: self.autoscale_worker_concurrency as f64,
             worker_calls_per_s: self.autoscale_worker_calls_per_s as f64,
             drain_s: self.autoscale_drain_s as f64,
+            worker_db_connections: self.autoscale_worker_db_connections as f64,
+            db_reserve: self.autoscale_db_reserve as f64,
             ..Default::default()
         }
     }

@@ -68,8 +68,12 @@ async fn export(
         metrics::gauge!(m::COST, "project" => project).set(dollars);
     }
     let demand = demand(&store::running_job_demand(pool).await?, catalog);
-    let plan = autoscale::plan(&demand, assumptions);
+    let slots = common::db::slots(pool).await?;
+    let plan = autoscale::plan(&demand, assumptions, autoscale::db_cap(slots.max, slots.reserved, assumptions));
     metrics::gauge!(m::WORKERS_WANTED).set(plan.wanted as f64);
+    if let Some(cap) = plan.db_cap {
+        metrics::gauge!(m::WORKERS_DB_CAP).set(cap as f64);
+    }
     for gone in models.iter().filter(|m| !plan.models.iter().any(|(p, _, _)| p == *m)) {
         set_model(gone, 0.0, Some(0.0));
     }

@@ -50,6 +50,7 @@ impl Coordinator {
         let tls = config.tls()?;
         let pool = common::db::connect(&config.database_url, config.db_pool_size).await?;
         store::ensure_schema(&pool, config.migrate_database_url.as_deref()).await?;
+        common::db::check_slots(&pool, &config.database_url, config.db_pool_size, "coordinator").await;
         let nats = common::nats::connect(&config.nats_url, &config.nats_auth).await?;
         let js = async_nats::jetstream::new(nats);
         common::nats::ensure_stream(&js, &config.nats_url).await?;

@@ -24,6 +24,8 @@ pub const REVIEW_QUEUE: &str = "sluice_review_queue_items";
 pub const WORKERS_WANTED: &str = "sluice_autoscale_workers_wanted";
 /// Its parts per model (labels `model`, `bound`: backlog, limits).
 pub const WORKERS_FOR: &str = "sluice_autoscale_workers";
+/// Workers Postgres's connection slots allow (not exported behind a pooler); leader only.
+pub const WORKERS_DB_CAP: &str = "sluice_autoscale_workers_db_cap";
 /// Dollars spent on model calls by every job of a project so far, at the price table's prices (label `project`); leader only.
 pub const COST: &str = "sluice_cost_dollars";
 /// Budget alerts: a capped job's spending crossed 50, 80 or 100 percent of its cap.
@@ -47,6 +49,7 @@ pub const ALL: &[&str] = &[
     REVIEW_QUEUE,
     WORKERS_WANTED,
     WORKERS_FOR,
+    WORKERS_DB_CAP,
     COST,
     BUDGET_ALERTS,
     JOBS_PAUSED,
@@ -67,9 +70,13 @@ pub fn describe() {
     metrics::describe_gauge!(REVIEW_QUEUE, "Results waiting for a reviewer (exported by the leader)");
     metrics::describe_gauge!(
         WORKERS_WANTED,
-        "Workers worth running: enough for the backlog, no more than the provider limits keep busy"
+        "Workers worth running: enough for the backlog, no more than the provider limits keep busy or Postgres's connections allow"
     );
     metrics::describe_gauge!(WORKERS_FOR, "Workers the backlog needs and the provider limits keep busy, by model");
+    metrics::describe_gauge!(
+        WORKERS_DB_CAP,
+        "Workers Postgres's max_connections allows at SLUICE_AUTOSCALE_WORKER_DB_CONNECTIONS each (exported by the leader)"
+    );
     metrics::describe_gauge!(COST, "Dollars spent on model calls by every job of a project (exported by the leader)");
     metrics::describe_counter!(BUDGET_ALERTS, "Capped jobs whose spending crossed 50, 80 or 100 percent of the cap");
     metrics::describe_gauge!(JOBS_PAUSED, "Jobs paused at their spending cap (exported by the leader)");

@@ -274,6 +274,109 @@ impl TestDb {
     }
 }
 
+/// PgBouncer (from `SLUICE_PGBOUNCER`, which scripts/test builds) in
+/// transaction mode on a free port in front of the test Postgres, with
+/// `server_pool` server connections per database and user, and its admin
+/// console open to the admin URL's user. `max_prepared_statements` as
+/// given (0: named statements are not carried across server connections,
+/// PgBouncer's default). Stopped when dropped.
+pub struct Pooler {
+    child: Child,
+    port: u16,
+    dir: tempfile::TempDir,
+    /// The test Postgres's admin URL, whose host and port PgBouncer forwards to.
+    upstream: sqlx::postgres::PgConnectOptions,
+}
+
+impl Pooler {
+    pub async fn start(server_pool: u32, max_prepared_statements: u32) -> anyhow::Result<Self> {
+        let bin = std::env::var("SLUICE_PGBOUNCER")
+            .context("SLUICE_PGBOUNCER is not set: run the tests with scripts/test, which builds PgBouncer")?;
+        let upstream: sqlx::postgres::PgConnectOptions = admin_url().parse()?;
+        let password = admin_url()
+            .split_once("://")
+            .and_then(|(_, rest)| rest.split_once('@'))
+            .and_then(|(cred, _)| cred.split_once(':'))
+            .map_or(String::new(), |(_, p)| p.to_string());
+        let admin = upstream.get_username().to_string();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let dir = tempfile::tempdir()?;
+        let users: String = [admin.as_str(), "sluice_worker", "sluice_coordinator"]
+            .iter()
+            .map(|u| format!("\"{u}\" \"{password}\"\n"))
+            .collect();
+        std::fs::write(dir.path().join("userlist.txt"), users)?;
+        // What transaction pooling needs of PgBouncer for sqlx: named
+        // statements tracked across server connections (1.21 and later), and
+        // sqlx's extra_float_digits startup parameter let through.
+        let ini = format!(
+            "[databases]\n* = host={host} port={pg_port}\n[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\n\
+             unix_socket_dir =\nauth_type = plain\nauth_file = {dir}/userlist.txt\nadmin_users = {admin}\n\
+             pool_mode = transaction\nmax_prepared_statements = {max_prepared_statements}\ndefault_pool_size = {server_pool}\n\
+             max_client_conn = 500\nignore_startup_parameters = extra_float_digits\nlogfile = {dir}/pgbouncer.log\n\
+             pidfile = {dir}/pgbouncer.pid\n",
+            host = upstream.get_host(),
+            pg_port = upstream.get_port(),
+            dir = dir.path().display(),
+        );
+        std::fs::write(dir.path().join("pgbouncer.ini"), ini)?;
+        // PgBouncer refuses to run as root: as root, it runs as postgres,
+        // which then owns its folder.
+        let uid = Command::new("id").arg("-u").output()?.stdout;
+        let mut cmd = if String::from_utf8_lossy(&uid).trim() == "0" {
+            let ok = Command::new("chown").args(["-R", "postgres:"]).arg(dir.path()).status()?.success();
+            anyhow::ensure!(ok, "cannot give {} to the postgres user", dir.path().display());
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(&bin);
+            c
+        } else {
+            Command::new(&bin)
+        };
+        let child = cmd
+            .arg(dir.path().join("pgbouncer.ini"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("cannot start PgBouncer ({bin})"))?;
+        let pooler = Pooler { child, port, dir, upstream };
+        wait_for("PgBouncer to listen", Duration::from_secs(10), || async {
+            Ok(tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok())
+        })
+        .await?;
+        Ok(pooler)
+    }
+
+    /// `url` (a database URL of the test Postgres) pointed at PgBouncer instead.
+    pub fn url_for(&self, url: &str) -> String {
+        url.replacen(
+            &format!("{}:{}/", self.upstream.get_host(), self.upstream.get_port()),
+            &format!("127.0.0.1:{}/", self.port),
+            1,
+        )
+    }
+
+    /// The port PgBouncer listens on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// PgBouncer's log.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("pgbouncer.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Pooler {
+    fn drop(&mut self) {
+        // PgBouncer's own pid: runuser, the child, does not pass SIGKILL on.
+        if let Ok(pid) = std::fs::read_to_string(self.dir.path().join("pgbouncer.pid")) {
+            let _ = Command::new("kill").arg(pid.trim()).status();
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// A Postgres server of the test's own, in a temporary folder, for tests
 /// that stop and start it. Its superuser is `sluice`; it has the
 /// application roles scripts/lib.sh makes on the shared server. It listens
@@ -490,6 +593,15 @@ impl Stack {
     /// Like [`Stack::start`], on a database of the caller's.
     pub async fn start_on(db: TestDb, sim: SimConfig) -> anyhow::Result<Self> {
         Self::start_inner(db, NatsServer::start()?, vec![sim], None, |_| {}).await
+    }
+
+    /// Like [`Stack::start_on`], with `tune` adjusting the coordinator's configuration.
+    pub async fn start_on_tuned(
+        db: TestDb,
+        sim: SimConfig,
+        tune: impl FnOnce(&mut coordinator::ServeConfig),
+    ) -> anyhow::Result<Self> {
+        Self::start_inner(db, NatsServer::start()?, vec![sim], None, tune).await
     }
 
     /// Starts a simulator per entry of `sims` and writes `providers` as the

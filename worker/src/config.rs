@@ -13,12 +13,15 @@ pub struct WorkerConfig {
     /// Postgres connection URL.
     #[arg(long, env = "SLUICE_DATABASE_URL", default_value = "postgres://sluice_worker:sluice@127.0.0.1:5432/sluice")]
     pub database_url: String,
-    /// Most connections this worker keeps open to Postgres (0: one per chunk
-    /// it may hold, plus two: the audit writer's, and one for the short
-    /// checks made beside the writes; 4 with the default concurrency). No
-    /// connection is held across a model call, a rate-limit wait or a
-    /// back-off, so a smaller pool makes writes queue, never stall.
-    #[arg(long, env = "SLUICE_DB_POOL_SIZE", default_value_t = 0)]
+    /// Most connections this worker keeps open to Postgres, whatever its
+    /// concurrency: by default two, one the audit writer uses (calls wait on
+    /// it) and one for everything else. Every query runs in a task of its own
+    /// and no connection is held across a model call, a rate-limit wait or a
+    /// back-off, so queries queue for a connection, never stall; a fleet of N
+    /// workers needs 2N of Postgres's `max_connections` (deploy/README.md,
+    /// "Postgres connections"). More only help a worker writing thousands of
+    /// results a second.
+    #[arg(long, env = "SLUICE_DB_POOL_SIZE", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
     pub db_pool_size: u32,
     /// NATS server URL (JetStream must be enabled).
     #[arg(long, env = "SLUICE_NATS_URL", default_value = "nats://127.0.0.1:4222")]
@@ -239,16 +242,6 @@ impl WorkerConfig {
     }
 
     /// Chunks to hold at once.
-    /// The Postgres pool's size: `db_pool_size`, or with 0 one connection
-    /// per chunk slot of the default chunk size plus two.
-    pub fn pool_size(&self) -> u32 {
-        if self.db_pool_size > 0 {
-            self.db_pool_size
-        } else {
-            self.chunk_slots(100) as u32 + 2
-        }
-    }
-
     pub fn chunk_slots(&self, chunk_size: usize) -> usize {
         if self.max_chunks > 0 {
             self.max_chunks

@@ -66,7 +66,8 @@ impl Worker {
     pub async fn connect(config: WorkerConfig) -> Result<Self, Error> {
         let config = config.resolve()?;
         metrics::describe();
-        let pool = common::db::connect(&config.database_url, config.pool_size()).await?;
+        let pool = common::db::connect(&config.database_url, config.db_pool_size).await?;
+        common::db::check_slots(&pool, &config.database_url, config.db_pool_size, "worker").await;
         let nats = common::nats::connect(&config.nats_url, &config.nats_auth).await?;
         let js = jetstream::new(nats);
         let ack_wait = Duration::from_secs(config.ack_wait_s);
