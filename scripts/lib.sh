@@ -221,7 +221,13 @@ ignore_startup_parameters = extra_float_digits
 logfile = $dir/pgbouncer.log
 pidfile = $dir/pgbouncer.pid
 INI
-  "$PGBOUNCER_BIN" -d "$dir/pgbouncer.ini" || die "PgBouncer did not start (see $dir/pgbouncer.log)"
+  # PgBouncer refuses to run as root: as root, it runs as postgres.
+  if [ "$(id -u)" = 0 ]; then
+    chown -R postgres: "$dir"
+    as_postgres "$PGBOUNCER_BIN" -d "$dir/pgbouncer.ini" || die "PgBouncer did not start (see $dir/pgbouncer.log)"
+  else
+    "$PGBOUNCER_BIN" -d "$dir/pgbouncer.ini" || die "PgBouncer did not start (see $dir/pgbouncer.log)"
+  fi
   wait_port "$port" pgbouncer
 }
 

@@ -138,16 +138,17 @@ pub struct Slots {
 
 /// Reads the server's connection slots.
 pub async fn slots(pool: &PgPool) -> Result<Slots, DbError> {
-    let (max, reserved, open, port): (i32, i32, i64, Option<i32>) = sqlx::query_as(
-        "SELECT current_setting('max_connections')::int,
-                current_setting('superuser_reserved_connections')::int
-                  + coalesce(current_setting('reserved_connections', true)::int, 0),
-                (SELECT coalesce(sum(numbackends), 0) FROM pg_stat_database)::bigint,
-                inet_server_port()",
+    let row = sqlx::query!(
+        r#"SELECT current_setting('max_connections')::int AS "max!",
+                  current_setting('superuser_reserved_connections')::int
+                    + coalesce(current_setting('reserved_connections', true)::int, 0) AS "reserved!",
+                  (SELECT coalesce(sum(numbackends), 0) FROM pg_stat_database)::bigint AS "open!",
+                  inet_server_port() AS port"#
     )
     .fetch_one(pool)
     .await
     .doing("reading Postgres's connection slots")?;
+    let (max, reserved, open, port) = (row.max, row.reserved, row.open, row.port);
     Ok(Slots {
         max: max.max(0) as u32,
         reserved: reserved.max(0) as u32,

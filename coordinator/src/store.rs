@@ -480,7 +480,7 @@ async fn statuses(pool: &PgPool, ids: &[Uuid]) -> Result<Vec<JobStatus>, Error> 
                 t.succeeded AS "succeeded!", t.needs_review AS "needs_review!", t.reviewed AS "reviewed!",
                 t.failed AS "failed!", t.last_result_at,
                 t.tokens_in AS "tokens_in!", t.tokens_out AS "tokens_out!", t.cost_usd AS "cost_usd!",
-                t.unpriced AS "unpriced!", c.chunks_total AS "chunks_total!", c.chunks_done AS "chunks_done!",
+                t.unpriced AS "unpriced!", t.chunks_total AS "chunks_total!", t.chunks_done AS "chunks_done!",
                 jsonb_path_query_array(j.spec, '$.stages[*].name') AS "stage_names!: sqlx::types::Json<Vec<String>>"
          FROM UNNEST($1::uuid[]) WITH ORDINALITY AS wanted(id, n)
          JOIN jobs j ON j.id = wanted.id
@@ -495,12 +495,11 @@ async fn statuses(pool: &PgPool, ids: &[Uuid]) -> Result<Vec<JobStatus>, Error> 
                     coalesce(sum(cost_usd), 0)::float8 AS cost_usd,
                     coalesce(sum(unpriced), 0)::bigint AS unpriced,
                     coalesce(sum(cache_hits), 0)::bigint AS cache_hits,
-                    coalesce(sum(shared), 0)::bigint AS shared
+                    coalesce(sum(shared), 0)::bigint AS shared,
+                    coalesce(sum(chunks_total), 0)::bigint AS chunks_total,
+                    coalesce(sum(chunks_done), 0)::bigint AS chunks_done
              FROM job_tallies WHERE job_id = j.id) t
          LEFT JOIN job_budgets b ON b.job_id = j.id
-         CROSS JOIN LATERAL (
-             SELECT count(*) AS chunks_total, count(*) FILTER (WHERE state = 'done') AS chunks_done
-             FROM chunks WHERE job_id = j.id) c
          ORDER BY wanted.n"#,
         ids
     )
@@ -573,28 +572,15 @@ async fn statuses(pool: &PgPool, ids: &[Uuid]) -> Result<Vec<JobStatus>, Error> 
     Ok(out)
 }
 
-/// Where a multi-stage job's items stand at each of its stages `names`.
-/// Counted from the stage rows, results and attempts of the job (no
-/// running tallies yet: a read costs in proportion to the job's size).
+/// Where a multi-stage job's items stand at each of its stages `names`,
+/// from the running tallies (migration 0019): a fixed number of rows
+/// whatever the job's size.
 async fn stage_statuses(pool: &PgPool, job_id: Uuid, names: Vec<String>) -> Result<Vec<StageStatus>, Error> {
     let rows = sqlx::query!(
         r#"SELECT stage AS "stage!", sum(passed)::bigint AS "passed!", sum(answers)::bigint AS "answers!",
                   sum(needs_review)::bigint AS "needs_review!", sum(failed)::bigint AS "failed!",
-                  sum(waiting)::bigint AS "waiting!", sum(attempts)::bigint AS "attempts!", sum(cost)::float8 AS "cost!"
-           FROM (SELECT stage,
-                        count(DISTINCT seq) FILTER (WHERE state IN ('succeeded', 'needs_review', 'approved')) AS passed,
-                        count(*) FILTER (WHERE state IN ('succeeded', 'needs_review', 'approved')) AS answers,
-                        count(*) FILTER (WHERE state = 'needs_review') AS needs_review, 0 AS failed,
-                        count(*) FILTER (WHERE state = 'held') AS waiting, 0 AS attempts, 0 AS cost
-                 FROM stage_results WHERE job_id = $1 GROUP BY stage
-                 UNION ALL
-                 SELECT stage, count(*) FILTER (WHERE state <> 'failed'), count(*) FILTER (WHERE state <> 'failed'),
-                        count(*) FILTER (WHERE state = 'needs_review'), count(*) FILTER (WHERE state = 'failed'),
-                        0, 0, 0
-                 FROM results WHERE job_id = $1 AND stage IS NOT NULL GROUP BY stage
-                 UNION ALL
-                 SELECT stage, 0, 0, 0, 0, 0, count(*), coalesce(sum(cost_usd), 0)
-                 FROM audit_attempts WHERE job_id = $1 GROUP BY stage) s
+                  sum(waiting)::bigint AS "waiting!", sum(attempts)::bigint AS "attempts!", sum(cost_usd)::float8 AS "cost!"
+           FROM job_stage_tallies WHERE job_id = $1 AND slot < 0
            GROUP BY stage ORDER BY stage"#,
         job_id
     )

@@ -824,6 +824,55 @@ impl Stack {
             .map(|m| (m.provider.clone(), m.model.clone(), m.mode.clone(), m.attempts as i64))
             .collect();
         anyhow::ensure!(modes == reported, "output modes: audit trail {modes:?}, status {reported:?}");
+        let c = sqlx::query(
+            "SELECT count(*) AS total, count(*) FILTER (WHERE state = 'done') AS done FROM chunks WHERE job_id = $1",
+        )
+        .bind(job_id)
+        .fetch_one(pool)
+        .await?;
+        let counted: [i64; 2] = [c.get("total"), c.get("done")];
+        let reported = [st.chunks_total as i64, st.chunks_done as i64];
+        anyhow::ensure!(counted == reported, "chunks total, done: table {counted:?}, status {reported:?}");
+        // Each stage's figures, counted from the rows as the status did before it kept tallies.
+        let rows = sqlx::query(
+            "SELECT stage, sum(passed)::bigint AS passed, sum(answers)::bigint AS answers,
+                    sum(needs_review)::bigint AS needs_review, sum(failed)::bigint AS failed,
+                    sum(waiting)::bigint AS waiting, sum(attempts)::bigint AS attempts, sum(cost)::float8 AS cost
+             FROM (SELECT stage,
+                          count(DISTINCT seq) FILTER (WHERE state IN ('succeeded', 'needs_review', 'approved')) AS passed,
+                          count(*) FILTER (WHERE state IN ('succeeded', 'needs_review', 'approved')) AS answers,
+                          count(*) FILTER (WHERE state = 'needs_review') AS needs_review, 0 AS failed,
+                          count(*) FILTER (WHERE state = 'held') AS waiting, 0 AS attempts, 0 AS cost
+                   FROM stage_results WHERE job_id = $1 GROUP BY stage
+                   UNION ALL
+                   SELECT stage, count(*) FILTER (WHERE state <> 'failed'), count(*) FILTER (WHERE state <> 'failed'),
+                          count(*) FILTER (WHERE state = 'needs_review'), count(*) FILTER (WHERE state = 'failed'), 0, 0, 0
+                   FROM results WHERE job_id = $1 AND stage IS NOT NULL GROUP BY stage
+                   UNION ALL
+                   SELECT stage, 0, 0, 0, 0, 0, count(*), coalesce(sum(cost_usd), 0)
+                   FROM audit_attempts WHERE job_id = $1 GROUP BY stage) s
+             GROUP BY stage ORDER BY stage",
+        )
+        .bind(job_id)
+        .fetch_all(pool)
+        .await?;
+        for (i, stage) in st.stages.iter().enumerate() {
+            let r = rows.iter().find(|r| r.get::<i16, _>("stage") as usize == i);
+            let n = |col: &str| r.map_or(0, |r| r.get::<i64, _>(col)) as u64;
+            let counted = [n("passed"), n("answers"), n("needs_review"), n("failed"), n("waiting"), n("attempts")];
+            let reported =
+                [stage.passed, stage.answers, stage.needs_review, stage.failed, stage.waiting, stage.attempts];
+            anyhow::ensure!(
+                counted == reported,
+                "stage {i} passed, answers, needs review, failed, waiting, attempts: rows {counted:?}, status {reported:?}"
+            );
+            let cost = r.map_or(0.0, |r| r.get::<f64, _>("cost"));
+            anyhow::ensure!(
+                (cost - stage.cost_usd).abs() < 1e-9,
+                "stage {i} cost: rows {cost}, status {}",
+                stage.cost_usd
+            );
+        }
         Ok(st)
     }
 }

@@ -114,15 +114,30 @@ async fn the_leader_exports_the_backlog_and_the_workers_worth_running() {
     let job = client.create_job(&new).await.unwrap().job_id;
     let input = vec![Ok(bytes::Bytes::from(sample_jsonl(7, 3_000)))];
     client.upload(job, futures::stream::iter(input), false).await.unwrap();
-    let seen = |wanted: &'static [&'static str]| {
+    let seen = |wanted: &[&str]| {
         let addr = coordinator.metrics;
-        move || async move {
-            let c = metrics(addr).await;
-            Ok(wanted.iter().all(|w| c.contains(w)))
+        let wanted: Vec<String> = wanted.iter().map(|w| w.to_string()).collect();
+        move || {
+            let wanted = wanted.clone();
+            async move {
+                let c = metrics(addr).await;
+                Ok(wanted.iter().all(|w| c.contains(w.as_str())))
+            }
         }
     };
-    let running = &["sluice_backlog_items{job_state=\"running\"} 3000", "sluice_autoscale_workers_wanted 47"];
-    wait_for("the backlog and the workers wanted", Duration::from_secs(30), seen(running)).await.unwrap();
+    // Capped by what Postgres's connection slots allow at 2 per worker, 20 kept
+    // for the rest: 38 with Postgres's default max_connections of 100.
+    let slots: i32 = sqlx::query_scalar(
+        "SELECT current_setting('max_connections')::int - current_setting('superuser_reserved_connections')::int",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    let db_cap = (slots - 20) / 2;
+    let wanted = format!("sluice_autoscale_workers_wanted {}", db_cap.min(47));
+    let cap = format!("sluice_autoscale_workers_db_cap {db_cap}");
+    let running = ["sluice_backlog_items{job_state=\"running\"} 3000", wanted.as_str(), cap.as_str()];
+    wait_for("the backlog and the workers wanted", Duration::from_secs(30), seen(&running)).await.unwrap();
     let c = metrics(coordinator.metrics).await;
     // The parts: 46.9 workers for the backlog, no bound from limits (none configured).
     assert!(c.contains("sluice_autoscale_workers{model=\"default/sim-small\",bound=\"backlog\"} 46.875"), "{c}");

@@ -178,7 +178,7 @@ impl Breaker {
 
     /// Applies `f` with compare-and-set; whether something was written.
     async fn modify(&self, f: impl FnMut(&mut BreakerState, u64) -> bool) -> Result<bool, Error> {
-        match crate::kvstate::modify(&self.kv, &self.key, |_| BreakerState::default(), f).await? {
+        match crate::kvstate::modify(&self.kv, "breaker", &self.key, |_| BreakerState::default(), f).await? {
             Some(state) => {
                 // Reflect our own write at once rather than waiting for the watch.
                 *self.cache.write().expect("breaker cache lock") = state;

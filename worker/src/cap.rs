@@ -198,6 +198,7 @@ impl Cap {
         let mut new_held = held_before;
         let result = crate::kvstate::modify(
             store,
+            "window",
             key,
             |_| CapState::default(),
             |s, now| {

@@ -32,7 +32,15 @@ pub fn now_ms() -> u64 {
 /// any number of workers sharing a key produces, so only a fault ends there.
 pub const MAX_CONFLICTS: usize = 100;
 
-pub async fn modify<T, I, F>(store: &kv::Store, key: &str, init: I, mut f: F) -> Result<Option<T>, Error>
+/// `state` names the state for the request counter
+/// ([`crate::metrics::STATE_REQUESTS`]): limiter, window, breaker, learned.
+pub async fn modify<T, I, F>(
+    store: &kv::Store,
+    state: &'static str,
+    key: &str,
+    init: I,
+    mut f: F,
+) -> Result<Option<T>, Error>
 where
     T: Serialize + DeserializeOwned,
     I: Fn(u64) -> T,
@@ -40,17 +48,19 @@ where
 {
     for _ in 0..MAX_CONFLICTS {
         let now = now_ms();
+        crate::metrics::state_request(state, "read");
         let entry = store.entry(key.to_string()).await.map_err(|e| Error::Kv(Box::new(e)))?;
-        let (mut state, revision) = match entry {
+        let (mut value, revision) = match entry {
             Some(e) if e.operation == kv::Operation::Put => {
                 (serde_json::from_slice(&e.value).unwrap_or_else(|_| init(now)), Some(e.revision))
             }
             _ => (init(now), None),
         };
-        if !f(&mut state, now) {
+        if !f(&mut value, now) {
             return Ok(None);
         }
-        let bytes: bytes::Bytes = serde_json::to_vec(&state).expect("state serialises").into();
+        crate::metrics::state_request(state, "write");
+        let bytes: bytes::Bytes = serde_json::to_vec(&value).expect("state serialises").into();
         let conflict = match revision {
             Some(rev) => match store.update(key, bytes, rev).await {
                 Ok(_) => false,
@@ -64,8 +74,9 @@ where
             },
         };
         if !conflict {
-            return Ok(Some(state));
+            return Ok(Some(value));
         }
+        crate::metrics::state_request(state, "conflict");
     }
     Err(Error::Kv(format!("compare-and-set on {key} lost {MAX_CONFLICTS} times in a row").into()))
 }

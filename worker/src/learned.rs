@@ -65,6 +65,7 @@ impl Learned {
                 return Ok(*f);
             }
         }
+        crate::metrics::state_request("learned", "read");
         let facts = match self.kv.get(k.clone()).await.map_err(|e| Error::Kv(Box::new(e)))? {
             Some(bytes) => serde_json::from_slice::<Facts>(&bytes).unwrap_or_default().in_force(now),
             None => Facts::default(),
@@ -84,6 +85,7 @@ impl Learned {
         let k = key(endpoint, model);
         let written = crate::kvstate::modify(
             &self.kv,
+            "learned",
             &k,
             |_| Facts::default(),
             |facts, now| {

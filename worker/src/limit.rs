@@ -184,6 +184,12 @@ impl Dim {
         if now < t1 + REFILL_CHECK_MS {
             return false;
         }
+        // A report whose call was leased before the baseline's says nothing
+        // of what came back since: reports reach the bucket out of order
+        // (each worker brings its own with its next lease).
+        if mark < m1 {
+            return false;
+        }
         self.baseline = Some((now, r, mark));
         let expected = self.rate / 60.0 * (now - t1) as f64 / 1000.0;
         let came_back = r - r1 + (mark - m1);
@@ -676,6 +682,7 @@ impl Limiter {
         let mut changes = Vec::new();
         let written = crate::kvstate::modify(
             &self.kv,
+            "limiter",
             &self.key,
             |now| Bucket::full(now, limits),
             |b, now| {
@@ -786,6 +793,18 @@ mod tests {
             }
         }
         assert!(granted <= 1_000.0 + 20.0 + 10.0, "{granted}");
+    }
+
+    #[test]
+    fn a_report_older_than_the_baseline_does_not_make_a_bucket_a_window() {
+        let mut d = Dim { rate: 6000.0, ..Default::default() };
+        // Baseline: 3,000 left, reported by a call leased at mark 5,000.
+        assert!(!d.window_seen(0, 3_000.0, 5_000.0));
+        // 4 s later a report from a call leased earlier (mark 4,000), made
+        // before the baseline's: its figure is lower, yet nothing was spent late.
+        assert!(!d.window_seen(4_000, 2_500.0, 4_000.0));
+        // A later call's report that shows nothing came back while the bucket had room: a window.
+        assert!(d.window_seen(8_000, 1_000.0, 6_000.0));
     }
 
     #[test]

@@ -47,6 +47,11 @@ pub const DB_ACQUIRE_SECONDS: &str = "sluice_db_acquire_seconds";
 /// The worker's Postgres connections (label `state`: busy, idle).
 pub const DB_CONNECTIONS: &str = "sluice_db_connections";
 
+/// Requests to the cluster's shared state in NATS KV (labels `state`:
+/// limiter, window, breaker, learned; `op`: read, write, conflict): divided
+/// by `sluice_model_calls_total`, the cluster-state traffic per model call.
+pub const STATE_REQUESTS: &str = "sluice_cluster_state_requests_total";
+
 /// Every metric the worker exports (docs/metrics.md lists them).
 pub const ALL: &[&str] = &[
     ITEMS,
@@ -67,7 +72,13 @@ pub const ALL: &[&str] = &[
     BATCH_QUEUE_WAITS,
     DB_ACQUIRE_SECONDS,
     DB_CONNECTIONS,
+    STATE_REQUESTS,
 ];
+
+/// Counts one request to the shared state `state` (`op`: read, write, conflict).
+pub fn state_request(state: &'static str, op: &'static str) {
+    metrics::counter!(STATE_REQUESTS, "state" => state, "op" => op).increment(1);
+}
 
 /// Records one sampled wait for a pooled connection, and the pool's state.
 pub fn db_acquire(wait: Duration, size: u32, idle: usize) {
@@ -106,6 +117,10 @@ pub fn describe() {
         "Seconds of pause announced after 429s"
     );
     metrics::describe_gauge!(CHUNKS_IN_FLIGHT, "Chunks this worker holds");
+    metrics::describe_counter!(
+        STATE_REQUESTS,
+        "Requests to the cluster's shared state in NATS KV, by state and operation (a conflict is a write refused and retried)"
+    );
     metrics::describe_counter!(CACHE_HITS, "Items answered from the response cache, without a call");
     metrics::describe_gauge!(SPENT, "Dollars spent on model calls since the worker started, by model");
     metrics::describe_counter!(BUDGET_STOPS, "Calls not made because their job reached its spending cap");
