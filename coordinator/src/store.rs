@@ -580,7 +580,7 @@ async fn stage_statuses(pool: &PgPool, job_id: Uuid, names: Vec<String>) -> Resu
         r#"SELECT stage AS "stage!", sum(passed)::bigint AS "passed!", sum(answers)::bigint AS "answers!",
                   sum(needs_review)::bigint AS "needs_review!", sum(failed)::bigint AS "failed!",
                   sum(waiting)::bigint AS "waiting!", sum(attempts)::bigint AS "attempts!", sum(cost_usd)::float8 AS "cost!"
-           FROM job_stage_tallies WHERE job_id = $1 AND slot < 0
+           FROM job_stage_tallies WHERE job_id = $1
            GROUP BY stage ORDER BY stage"#,
         job_id
     )
