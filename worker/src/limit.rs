@@ -372,8 +372,26 @@ impl Bucket {
     }
 
     /// Takes in a report of the provider's budget and limits, made by a call
-    /// leased at `marks`.
+    /// leased at `marks` and answered just now.
     pub fn report(&mut self, now: u64, rate: &RateInfo, marks: &[f64; 4], l: Limits, changes: &mut Vec<Change>) {
+        self.report_answered(now, now, rate, marks, l, changes);
+    }
+
+    /// [`Bucket::report`] of a call answered at `answered_ms`: a worker
+    /// brings its latest report with its next lease, which with many workers
+    /// may be seconds later. The window check compares reports by when they
+    /// were answered: by when they reached the bucket, a report that waited
+    /// made the budget look as if it had not come back, and 64 workers then
+    /// stalled for 40 s on a window that was not there (`scripts/bench scale`).
+    pub fn report_answered(
+        &mut self,
+        now: u64,
+        answered_ms: u64,
+        rate: &RateInfo,
+        marks: &[f64; 4],
+        l: Limits,
+        changes: &mut Vec<Change>,
+    ) {
         // Limits first: a dimension the provider names for the first time
         // becomes tracked, and its remaining budget then counts.
         self.learn(now, rate, l, changes);
@@ -387,7 +405,7 @@ impl Bucket {
                 d.provider = Some((r - (d.leased - marks[i])).max(0.0));
                 d.big_bucket |= r > d.rate / 60.0 * BIG_BUCKET_S;
                 self.reported_ms = now;
-                if d.big_bucket && !d.rolling && d.window_seen(now, r, marks[i]) {
+                if d.big_bucket && !d.rolling && d.window_seen(answered_ms.min(now), r, marks[i]) {
                     d.rolling = true;
                     changes.push(Change {
                         dim: DIM_NAMES[i],
@@ -508,6 +526,8 @@ struct Pool {
 struct Pending {
     rate: RateInfo,
     marks: [f64; 4],
+    /// When the call was answered (ms since the epoch).
+    answered_ms: u64,
 }
 
 /// One key-and-model's limiter, as seen by one worker.
@@ -622,7 +642,8 @@ impl Limiter {
                 || remaining[i].is_some_and(|v| v < seen[i] / 60.0 * PROVIDER_RESERVE_S)
         });
         if !urgent {
-            *self.pending.lock().expect("pending lock") = Some(Pending { rate: *rate, marks: r.marks });
+            let answered_ms = crate::kvstate::now_ms();
+            *self.pending.lock().expect("pending lock") = Some(Pending { rate: *rate, marks: r.marks, answered_ms });
             return Ok(());
         }
         let (rate, marks, limits) = (*rate, r.marks, self.limits);
@@ -668,7 +689,7 @@ impl Limiter {
         self.modify(|b, now, changes| {
             b.refill(now, limits, changes);
             if let Some(p) = &pending {
-                b.report(now, &p.rate, &p.marks, limits, changes);
+                b.report_answered(now, p.answered_ms, &p.rate, &p.marks, limits, changes);
             }
             grant = b.take(now, need, limits);
             grant.is_ok() || pending.is_some()
@@ -805,6 +826,23 @@ mod tests {
         assert!(!d.window_seen(4_000, 2_500.0, 4_000.0));
         // A later call's report that shows nothing came back while the bucket had room: a window.
         assert!(d.window_seen(8_000, 1_000.0, 6_000.0));
+    }
+
+    #[test]
+    fn a_report_that_waited_for_its_workers_next_lease_does_not_make_a_bucket_a_window() {
+        // A bucket refilling at 100/s, spent down: 64 workers each bring their
+        // latest report with their next lease, seconds after the answer.
+        let mut b = Bucket::full(0, L);
+        let report = |left| RateInfo { remaining_requests: Some(left), ..Default::default() };
+        b.report_answered(1_000, 1_000, &report(3_000.0), &[5_000.0; 4], L, &mut no_changes());
+        assert!(b.dims[0].big_bucket);
+        // Answered 0.5 s later (50 back, 40 leased since), taken in 3.5 s later:
+        // by arrival, 350 should have come back and 10 did. Not a window.
+        b.report_answered(4_500, 1_500, &report(2_970.0), &[5_040.0; 4], L, &mut no_changes());
+        assert!(!b.dims[0].rolling);
+        // A report answered 3 s after the baseline, with nothing back: a window.
+        b.report_answered(4_600, 4_000, &report(2_900.0), &[5_100.0; 4], L, &mut no_changes());
+        assert!(b.dims[0].rolling);
     }
 
     #[test]
