@@ -51,10 +51,16 @@ pub async fn ping(pool: &PgPool, timeout: Duration) -> Result<(), String> {
 }
 
 impl DbError {
+    /// The error sqlx gave, whatever the variant.
+    fn sqlx_error(&self) -> &sqlx::Error {
+        let (DbError::Connect { source, .. } | DbError::Query { source, .. } | DbError::Pooler { source, .. }) = self;
+        source
+    }
+
     /// Whether Postgres could not be reached (down, restarting, network):
     /// worth waiting for, unlike an error in what was asked of it.
     pub fn is_unavailable(&self) -> bool {
-        let (DbError::Connect { source, .. } | DbError::Query { source, .. } | DbError::Pooler { source, .. }) = self;
+        let source = self.sqlx_error();
         match source {
             sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::Tls(_) | sqlx::Error::Protocol(_) => true,
             // Class 08: connection exception; 57P01-57P03: shut down or starting.
@@ -65,7 +71,7 @@ impl DbError {
 
     /// The database's own error, if the statement reached it.
     pub fn database(&self) -> Option<&dyn sqlx::error::DatabaseError> {
-        let (DbError::Connect { source, .. } | DbError::Query { source, .. } | DbError::Pooler { source, .. }) = self;
+        let source = self.sqlx_error();
         source.as_database_error()
     }
 }
