@@ -183,6 +183,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/whoami", get(whoami))
         .route("/v1/tokens", get(list_tokens).post(create_token))
         .route("/v1/tokens/{id}/revoke", post(revoke_token))
+        .route("/v1/admin/prune", post(prune))
         .route("/v1/jobs", post(create_job).get(list_jobs))
         .route("/v1/jobs/{id}", get(job_status))
         .route("/v1/jobs/{id}/input", put(upload_input))
@@ -251,7 +252,7 @@ impl Error {
         match self {
             Error::JobNotFound(_) | Error::TokenNotFound(_) => StatusCode::NOT_FOUND,
             Error::Forbidden(_) => StatusCode::FORBIDDEN,
-            Error::JobState { .. } => StatusCode::CONFLICT,
+            Error::JobState { .. } | Error::StillNeeded { .. } => StatusCode::CONFLICT,
             Error::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Error::TooManyJobs(_) => StatusCode::TOO_MANY_REQUESTS,
             Error::Spec(_) | Error::Upload(_) | Error::Invalid(_) => StatusCode::BAD_REQUEST,
@@ -313,6 +314,19 @@ async fn revoke_token(
     Path(token_id): Path<Uuid>,
 ) -> Result<impl IntoResponse, Error> {
     Ok(Json(auth::revoke(&st.pool, token_id, &actor.name).await?))
+}
+
+async fn prune(
+    State(st): State<AppState>,
+    actor: Actor,
+    Json(req): Json<crate::model::PruneRequest>,
+) -> Result<impl IntoResponse, Error> {
+    let pruned = crate::history::prune(&st.pool, req.before, &actor.name, req.dry_run).await?;
+    if !pruned.dry_run {
+        tracing::info!(before = %req.before, boundary = %pruned.boundary, jobs = pruned.jobs,
+                       partitions = pruned.partitions.len(), by = %actor.name, "history pruned");
+    }
+    Ok(Json(pruned))
 }
 
 async fn create_job(

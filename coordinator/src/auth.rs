@@ -62,6 +62,7 @@ pub enum Action {
     ReadCache,
     PurgeCache,
     ManageWebhooks,
+    PruneHistory,
 }
 
 impl Action {
@@ -81,6 +82,7 @@ impl Action {
             Action::ReadCache => "read the response cache's figures",
             Action::PurgeCache => "purge the response cache",
             Action::ManageWebhooks => "manage webhooks and their signing secret",
+            Action::PruneHistory => "prune old jobs' history",
         }
     }
 }
@@ -128,6 +130,7 @@ pub const ENDPOINTS: &[Endpoint] = &[
     ep("GET", "/v1/tokens", Action::ManageTokens, Role::Admin),
     ep("POST", "/v1/tokens", Action::ManageTokens, Role::Admin),
     ep("POST", "/v1/tokens/{id}/revoke", Action::ManageTokens, Role::Admin),
+    ep("POST", "/v1/admin/prune", Action::PruneHistory, Role::Admin),
 ];
 
 /// The entry of `ENDPOINTS` for a method and a declared route.

@@ -235,6 +235,20 @@ impl Client {
         self.json(resp, &url).await
     }
 
+    /// Removes the jobs created before the start of `before`'s month with
+    /// their results and audit trail (admin tokens only); with `dry_run`,
+    /// only says what would go.
+    pub async fn prune(
+        &self,
+        before: chrono::DateTime<chrono::Utc>,
+        dry_run: bool,
+    ) -> Result<crate::model::Pruned, ClientError> {
+        let url = self.url("/v1/admin/prune");
+        let body = crate::model::PruneRequest { before, dry_run };
+        let resp = self.send(self.http.post(&url).json(&body), &url).await?;
+        self.json(resp, &url).await
+    }
+
     /// How many of a file's distinct prompts are cached, and what earlier jobs of the kind used.
     pub async fn estimate_lookup(
         &self,

@@ -46,6 +46,9 @@ pub enum Error {
     /// A project has as many jobs uploading or running as it may.
     #[error("{0}")]
     TooManyJobs(String),
+    /// A prune would remove jobs that are still needed.
+    #[error("{}", crate::history::describe_needed(boundary, jobs))]
+    StillNeeded { boundary: chrono::DateTime<chrono::Utc>, jobs: Vec<crate::model::NeededJob> },
     #[error("reading the uploaded input failed")]
     Upload(#[source] axum::Error),
 }

@@ -9,6 +9,7 @@ pub mod config;
 pub mod error;
 pub mod estimate;
 pub mod gauges;
+pub mod history;
 pub mod ingest;
 pub mod label_studio;
 pub mod leader;
@@ -136,6 +137,7 @@ fn lead(state: &api::AppState, config: &ServeConfig, leading: CancellationToken)
         config.autoscale(),
         leading.clone(),
     )));
+    tasks.push(tokio::spawn(history::run(state.pool.clone(), leading.clone())));
     tasks.push(tokio::spawn(notify::run(
         notify::Context {
             pool: state.pool.clone(),

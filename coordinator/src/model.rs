@@ -499,3 +499,35 @@ mod tests {
         assert_eq!(spec.mode, Some(JobMode::Auto));
     }
 }
+
+/// `POST /v1/admin/prune`: remove the jobs created before the start of
+/// `before`'s month (UTC), with their results and audit trail.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PruneRequest {
+    pub before: DateTime<Utc>,
+    /// Only say what would go.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+/// What a prune removed (or, with `dry_run`, would remove).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Pruned {
+    /// Jobs created before this went: the start of `before`'s month.
+    pub boundary: DateTime<Utc>,
+    /// The partitions dropped, by name.
+    pub partitions: Vec<String>,
+    pub jobs: u64,
+    /// Rows dropped, by table.
+    pub rows: std::collections::BTreeMap<String, u64>,
+    pub dry_run: bool,
+}
+
+/// A job a prune would remove that is still needed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NeededJob {
+    pub job: Uuid,
+    pub state: String,
+    /// Answers waiting for a reviewer (below the threshold or held at a gate).
+    pub waiting_review: i64,
+}

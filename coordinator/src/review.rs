@@ -581,11 +581,11 @@ async fn decide_gates(
                          WHERE job_id = $1 AND seq = $2 AND stage = $3 AND state = 'held'
                          RETURNING seq, model, attempts)
                      INSERT INTO results (job_id, seq, item_id, state, error_class, error, model, template_hash,
-                                          attempts, worker, stage)
+                                          attempts, worker, stage, job_time)
                      SELECT $1, r.seq, i.item_id, 'failed', $4, $5, r.model, j.template_hash, r.attempts,
-                            'coordinator', $3
+                            'coordinator', $3, job_time($1)
                      FROM rejected r JOIN items i ON i.job_id = $1 AND i.seq = r.seq JOIN jobs j ON j.id = $1
-                     ON CONFLICT (job_id, seq) DO NOTHING",
+                     ON CONFLICT (job_id, seq, job_time) DO NOTHING",
                     job_id,
                     g.seq,
                     g.stage,

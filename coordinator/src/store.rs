@@ -165,7 +165,8 @@ pub async fn event(pool: &PgPool, job_id: Uuid, event: &str, actor: &Actor, mut 
         map.insert("claimed_actor".into(), Value::String(claimed.clone()));
     }
     sqlx::query!(
-        "INSERT INTO audit_events (job_id, event, actor, detail, token_id) VALUES ($1, $2, $3, $4, $5)",
+        "INSERT INTO audit_events (job_id, event, actor, detail, token_id, job_time)
+         VALUES ($1, $2, $3, $4, $5, job_time($1))",
         job_id,
         event,
         &actor.name,
@@ -355,9 +356,9 @@ pub async fn budget_alerts(pool: &PgPool) -> Result<Vec<BudgetAlert>, Error> {
                CROSS JOIN UNNEST(ARRAY[50, 80, 100]) AS p(percent)
                WHERE p.percent > r.was AND p.percent <= r.level),
            recorded AS (
-               INSERT INTO audit_events (job_id, event, actor, detail)
+               INSERT INTO audit_events (job_id, event, actor, detail, job_time)
                SELECT job_id, 'budget_alert', 'sluice',
-                      jsonb_build_object('percent', percent, 'spent_usd', spent, 'cap_usd', cap_usd)
+                      jsonb_build_object('percent', percent, 'spent_usd', spent, 'cap_usd', cap_usd), job_time(job_id)
                FROM crossed)
            SELECT job_id AS "job_id!", percent AS "percent!", spent AS "spent!", cap_usd AS "cap!" FROM crossed"#
     )
@@ -756,8 +757,8 @@ pub async fn abandon_stale_uploads(pool: &PgPool, timeout: Duration) -> Result<V
                           FOR UPDATE SKIP LOCKED)
              RETURNING id),
          recorded AS (
-             INSERT INTO audit_events (job_id, event, actor, detail)
-             SELECT id, 'abandoned', 'sluice', $2 FROM abandoned)
+             INSERT INTO audit_events (job_id, event, actor, detail, job_time)
+             SELECT id, 'abandoned', 'sluice', $2, job_time(id) FROM abandoned)
          SELECT id AS \"id!\" FROM abandoned",
         timeout.as_secs_f64(),
         detail

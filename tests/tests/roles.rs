@@ -16,11 +16,16 @@ async fn the_application_roles_cannot_rewrite_the_audit_trail() {
     for role in ["sluice_coordinator", "sluice_worker"] {
         // What they need: append and read.
         let append = format!(
-            "INSERT INTO audit_events (job_id, event, actor) VALUES ('{job}', 'test', '{role}');
+            "INSERT INTO audit_events (job_id, event, actor, job_time) VALUES ('{job}', 'test', '{role}', job_time('{job}'));
              SELECT count(*) FROM audit_events; SELECT count(*) FROM audit_attempts; SELECT count(*) FROM audit_calls"
         );
         assert_eq!(attempt(&db, role, &append).await, None, "{role} appends and reads");
-        for table in ["audit_events", "audit_attempts", "audit_calls"] {
+        for table in audit_tables(&db).await {
+            // A partition's row triggers are its parent's, by name.
+            let parent = table
+                .rsplit_once("_p")
+                .filter(|(_, n)| n.chars().all(|c| c.is_ascii_digit()))
+                .map_or(table.as_str(), |(p, _)| p);
             for sql in [
                 format!("ALTER TABLE {table} DISABLE TRIGGER USER"),
                 format!("ALTER TABLE {table} DISABLE TRIGGER ALL"),
@@ -31,7 +36,9 @@ async fn the_application_roles_cannot_rewrite_the_audit_trail() {
                 format!("DELETE FROM {table}"),
                 format!("TRUNCATE {table}"),
                 format!("DROP TABLE {table}"),
-                format!("DROP TRIGGER {table}_append_only ON {table}"),
+                format!("DROP TRIGGER {parent}_append_only ON {table}"),
+                format!("DROP TRIGGER {table}_no_truncate ON {table}"),
+                format!("ALTER TABLE {table} DETACH PARTITION {table}_p0"),
             ] {
                 let err = attempt(&db, role, &sql).await;
                 if sql.starts_with("GRANT") {
@@ -41,15 +48,19 @@ async fn the_application_roles_cannot_rewrite_the_audit_trail() {
                              OR has_table_privilege($1, $2, 'TRUNCATE')",
                     )
                     .bind(role)
-                    .bind(table)
+                    .bind(&table)
                     .fetch_one(&db.pool)
                     .await
                     .unwrap();
                     assert!(!granted, "{role}: {sql:?} granted something");
                     continue;
                 }
+                // (DETACH PARTITION of a partition: not a partitioned table,
+                // so refused as well, for another reason.)
                 assert!(
-                    err.as_deref().is_some_and(|e| e.contains("permission denied") || e.contains("must be owner")),
+                    err.as_deref().is_some_and(|e| {
+                        e.contains("permission denied") || e.contains("must be owner") || e.contains("is not partitioned")
+                    }),
                     "{role}: {sql:?} was not refused: {err:?}"
                 );
             }
@@ -61,6 +72,45 @@ async fn the_application_roles_cannot_rewrite_the_audit_trail() {
     }
     let events: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_events").fetch_one(&db.pool).await.unwrap();
     assert_eq!(events, 2, "both rows are still there");
+    // Their owner, who may drop them (to prune), may not rewrite them either:
+    // the triggers refuse, on the parents and on every partition.
+    let mut owner = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    for table in audit_tables(&db).await {
+        for sql in [
+            format!("UPDATE {table} SET job_id = job_id"),
+            format!("DELETE FROM {table}"),
+            format!("TRUNCATE {table}"),
+        ] {
+            let err = sqlx::raw_sql(sqlx::AssertSqlSafe(sql.clone())).execute(&mut owner).await.err();
+            assert!(
+                err.as_ref().is_some_and(|e| {
+                    let e = e.to_string();
+                    e.contains("append-only") || e.contains("permission denied")
+                }),
+                "owner: {sql:?} was not refused: {err:?}"
+            );
+        }
+    }
+    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_events").fetch_one(&db.pool).await.unwrap();
+    assert_eq!(events, 2, "both rows are still there");
+}
+
+/// The audit tables and every partition of theirs (migration 0020), one month
+/// made in the past as a prune would find it.
+async fn audit_tables(db: &TestDb) -> Vec<String> {
+    sqlx::query("SELECT create_history_month(now() - interval '3 months')").execute(&db.pool).await.unwrap();
+    let tables: Vec<String> = sqlx::query_scalar(
+        "SELECT c.relname::text FROM pg_class c
+         WHERE c.relname IN ('audit_events', 'audit_attempts', 'audit_calls')
+            OR c.oid IN (SELECT i.inhrelid FROM pg_inherits i JOIN pg_class p ON p.oid = i.inhparent
+                         WHERE p.relname IN ('audit_events', 'audit_attempts', 'audit_calls'))
+         ORDER BY 1",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert!(tables.len() >= 3 * 5, "three tables, each with a first partition, this month, three ahead and one past: {tables:?}");
+    tables
 }
 
 #[tokio::test]
@@ -133,6 +183,9 @@ async fn a_workers_role_may_do_only_what_a_worker_does() {
         "UPDATE chunks SET generation = generation + 1".into(),
         "DELETE FROM chunks".into(),
         format!("INSERT INTO reviews (job_id, seq, answer, reviewer, decided_at, source) VALUES ('{job}', 1, 'x', 'w', now(), 's')"),
+        "SELECT prune_history(now(), 'w', true)".into(),
+        "SELECT ensure_history_partitions(1)".into(),
+        "SELECT create_history_month(now())".into(),
     ];
     for sql in &refused {
         let err = attempt(&db, "sluice_worker", sql).await;
@@ -141,8 +194,10 @@ async fn a_workers_role_may_do_only_what_a_worker_does() {
     // What a worker does: read, write a result once, mark its chunk done, complete the job.
     let work = format!(
         "SELECT count(*) FROM jobs j JOIN items i ON i.job_id = j.id JOIN chunks c ON c.job_id = j.id;
-         INSERT INTO results (job_id, seq, item_id, state, template_hash, attempts, tokens_in, tokens_out, latency_ms, worker)
-             VALUES ('{job}', 1, 'a', 'succeeded', 'h', 1, 0, 0, 0, 'w') ON CONFLICT (job_id, seq) DO NOTHING;
+         INSERT INTO results (job_id, seq, item_id, state, template_hash, attempts, tokens_in, tokens_out, latency_ms, worker,
+                              job_time)
+             VALUES ('{job}', 1, 'a', 'succeeded', 'h', 1, 0, 0, 0, 'w', job_time('{job}'))
+             ON CONFLICT (job_id, seq, job_time) DO NOTHING;
          UPDATE chunks SET state = 'done', done_at = now() WHERE job_id = '{job}';
          SELECT complete_job_if_done('{job}');"
     );
@@ -154,7 +209,7 @@ async fn a_workers_role_may_do_only_what_a_worker_does() {
     let state: String = sqlx::query_scalar("SELECT state FROM jobs").fetch_one(&db.pool).await.unwrap();
     assert_eq!(state, "completed", "the worker completed the job through the function");
     // The coordinator may do what the worker may not.
-    for sql in &refused[..4] {
+    for sql in refused[..4].iter().chain(&refused[refused.len() - 3..refused.len() - 1]) {
         assert_eq!(
             attempt(&db, "sluice_coordinator", sql).await.filter(|e| e.contains("permission")),
             None,

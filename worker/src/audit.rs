@@ -146,20 +146,25 @@ async fn write(pool: &PgPool, worker: &str, batch: &[Row]) -> Result<(), Error> 
     let i = |f: fn(&AttemptRecord) -> i32| -> Vec<i32> { attempts.iter().map(|(_, _, a)| f(a)).collect() };
     sqlx::query!(
         "WITH calls AS (
-             INSERT INTO audit_calls (call_id, job_id, seq, item_id, attempt, worker, provider, model, request_hash)
-             SELECT u.call_id, u.job_id, u.seq, u.item_id, u.attempt, $1, u.provider, u.model, u.request_hash
+             INSERT INTO audit_calls (call_id, job_id, seq, item_id, attempt, worker, provider, model, request_hash,
+                                      job_time)
+             SELECT u.call_id, u.job_id, u.seq, u.item_id, u.attempt, $1, u.provider, u.model, u.request_hash,
+                    job_time(u.job_id)
              FROM UNNEST($2::uuid[], $3::uuid[], $4::bigint[], $5::text[], $6::int[], $7::text[], $8::text[], $9::text[])
                   AS u(call_id, job_id, seq, item_id, attempt, provider, model, request_hash)
-             ON CONFLICT (call_id) DO NOTHING)
+             ON CONFLICT (call_id, job_time) DO NOTHING)
          INSERT INTO audit_attempts (worker, job_id, template_hash, seq, item_id, call_id, attempt, model, fallback,
                                      request_hash, outcome, error_class, http_status, latency_ms, tokens_in,
                                      tokens_out, cost_usd, api_key_id, prompt, output, provider, output_mode,
-                                     tokens_cached, tokens_reasoning, stage)
-         SELECT $1, u.* FROM UNNEST($10::uuid[], $11::text[], $12::bigint[], $13::text[], $14::uuid[], $15::int[],
-                                    $16::text[], $17::bool[], $18::text[], $19::text[], $20::text[], $21::int[],
-                                    $22::int[], $23::int[], $24::int[], $25::float8[], $26::text[], $27::text[],
-                                    $28::text[], $29::text[], $30::text[], $31::int[], $32::int[],
-                                    $33::smallint[]) AS u",
+                                     tokens_cached, tokens_reasoning, stage, job_time)
+         SELECT $1, u.*, job_time(u.job_id)
+         FROM UNNEST($10::uuid[], $11::text[], $12::bigint[], $13::text[], $14::uuid[], $15::int[], $16::text[],
+                     $17::bool[], $18::text[], $19::text[], $20::text[], $21::int[], $22::int[], $23::int[],
+                     $24::int[], $25::float8[], $26::text[], $27::text[], $28::text[], $29::text[], $30::text[],
+                     $31::int[], $32::int[], $33::smallint[])
+              AS u(job_id, template_hash, seq, item_id, call_id, attempt, model, fallback, request_hash, outcome,
+                   error_class, http_status, latency_ms, tokens_in, tokens_out, cost_usd, api_key_id, prompt,
+                   output, provider, output_mode, tokens_cached, tokens_reasoning, stage)",
         worker,
         calls.iter().map(|(_, c)| c.call_id).collect::<Vec<_>>() as _,
         calls.iter().map(|(i, _)| i.job_id).collect::<Vec<_>>() as _,

@@ -291,16 +291,16 @@ async fn write_chunk_tx(pool: &PgPool, t: &Target<'_>, results: &[ItemResult], d
             "WITH written AS (
                  INSERT INTO results (job_id, seq, item_id, state, output, answer, confidence, error_class, error,
                                       model, template_hash, attempts, tokens_in, tokens_out, latency_ms, worker,
-                                      confidence_detail, source, answered_by, stage)
+                                      confidence_detail, source, answered_by, stage, job_time)
                  SELECT $1, u.seq, u.item_id, u.state, u.output, u.answer, u.confidence, u.error_class, u.error,
                         u.model, $2, u.attempts, u.tokens_in, u.tokens_out, u.latency_ms, $3, u.detail, u.source,
-                        u.answered_by, u.stage
+                        u.answered_by, u.stage, job_time($1)
                  FROM UNNEST($4::bigint[], $5::text[], $6::text[], $7::jsonb[], $8::text[], $9::float8[],
                              $10::text[], $11::text[], $12::text[], $13::int[], $14::int[], $15::int[], $16::int[],
                              $17::jsonb[], $18::text[], $19::uuid[], $23::smallint[])
                       AS u(seq, item_id, state, output, answer, confidence, error_class, error, model,
                            attempts, tokens_in, tokens_out, latency_ms, detail, source, answered_by, stage)
-                 ON CONFLICT (job_id, seq) DO NOTHING
+                 ON CONFLICT (job_id, seq, job_time) DO NOTHING
                  RETURNING seq)
              INSERT INTO response_cache (project, key, job_id, seq)
              SELECT $20, decode(k.key, 'hex'), $1, w.seq
@@ -340,9 +340,9 @@ async fn write_chunk_tx(pool: &PgPool, t: &Target<'_>, results: &[ItemResult], d
             sqlx::query!(
                 "INSERT INTO audit_attempts (worker, job_id, template_hash, seq, item_id, call_id, attempt, model,
                                              fallback, request_hash, outcome, latency_ms, tokens_in, tokens_out,
-                                             cost_usd, api_key_id, prompt, output, provider, reused_call)
+                                             cost_usd, api_key_id, prompt, output, provider, reused_call, job_time)
                  SELECT $1, $2, $3, u.seq, u.item_id, gen_random_uuid(), u.attempt, coalesce(u.model, ''), false,
-                        u.key, 'cache', 0, 0, 0, 0, '', u.prompt, NULL, u.provider, u.reused_call
+                        u.key, 'cache', 0, 0, 0, 0, '', u.prompt, NULL, u.provider, u.reused_call, job_time($2)
                  FROM UNNEST($4::bigint[], $5::text[], $6::int[], $7::text[], $8::text[], $9::text[], $10::text[],
                              $11::uuid[]) AS u(seq, item_id, attempt, model, key, prompt, provider, reused_call)",
                 worker,
@@ -369,20 +369,21 @@ async fn write_chunk_tx(pool: &PgPool, t: &Target<'_>, results: &[ItemResult], d
             "WITH copied AS (
                  INSERT INTO results (job_id, seq, item_id, state, output, answer, confidence, error_class, error,
                                       model, template_hash, attempts, tokens_in, tokens_out, latency_ms, worker,
-                                      confidence_detail, source, answered_by)
+                                      confidence_detail, source, answered_by, job_time)
                  SELECT $1, d.seq, i.item_id, r.state, r.output, r.answer, r.confidence, r.error_class, r.error,
-                        r.model, r.template_hash, 0, 0, 0, 0, $2, r.confidence_detail, 'shared', r.answered_by
+                        r.model, r.template_hash, 0, 0, 0, 0, $2, r.confidence_detail, 'shared', r.answered_by,
+                        job_time($1)
                  FROM item_copies d
                  JOIN results r ON r.job_id = d.job_id AND r.seq = d.original_seq
                  JOIN items i ON i.job_id = d.job_id AND i.seq = d.seq
                  WHERE d.job_id = $1 AND d.original_seq = ANY($3)
-                 ON CONFLICT (job_id, seq) DO NOTHING
+                 ON CONFLICT (job_id, seq, job_time) DO NOTHING
                  RETURNING seq, item_id, model, answered_by, state)
              INSERT INTO audit_attempts (worker, job_id, template_hash, seq, item_id, call_id, attempt, model,
                                          fallback, request_hash, outcome, latency_ms, tokens_in, tokens_out,
-                                         cost_usd, api_key_id, prompt, output, reused_call)
+                                         cost_usd, api_key_id, prompt, output, reused_call, job_time)
              SELECT $2, $1, $4, seq, item_id, gen_random_uuid(), 1, coalesce(model, ''), false, '', 'shared', 0,
-                    0, 0, 0, '', '', NULL, answered_by
+                    0, 0, 0, '', '', NULL, answered_by, job_time($1)
              FROM copied WHERE state <> 'failed'",
             c.job_id,
             worker,

@@ -404,6 +404,33 @@ enum AdminCommand {
     /// API tokens: create, list, revoke (needs an admin token).
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Remove old jobs with their items, results and audit trail (needs an
+    /// admin token). Results and the audit trail are kept in one partition
+    /// per month of job creation: this drops the months that end by the
+    /// start of DATE's month (UTC) and deletes their jobs. Refused, with the
+    /// jobs named, while any of them is unfinished or has answers waiting for
+    /// review. Each prune is recorded in the audit table `audit_prunes`.
+    Prune {
+        /// YYYY-MM-DD or an RFC 3339 time: jobs created before the start of
+        /// its month go. Must not be in the future.
+        #[arg(long, value_parser = parse_date)]
+        before: chrono::DateTime<chrono::Utc>,
+        /// Only say what would go.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `2026-11-15` (midnight UTC) or an RFC 3339 time.
+fn parse_date(text: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    if let Ok(day) = chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d") {
+        return Ok(day.and_hms_opt(0, 0, 0).expect("midnight exists").and_utc());
+    }
+    chrono::DateTime::parse_from_rfc3339(text)
+        .map(|t| t.with_timezone(&chrono::Utc))
+        .map_err(|_| format!("{text:?} is not a date: write YYYY-MM-DD (e.g. 2026-11-15) or an RFC 3339 time"))
 }
 
 #[derive(Debug, Subcommand)]
@@ -735,6 +762,25 @@ async fn admin(
         AdminCommand::Token(TokenCommand::Revoke { id }) => {
             let t = api()?.revoke_token(id).await?;
             eprintln!("token {} ({}) revoked", t.id, t.name);
+        }
+        AdminCommand::Prune { before, dry_run, json } => {
+            let pruned = api()?.prune(before, dry_run).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&pruned)?);
+            } else {
+                let rows: Vec<String> = pruned.rows.iter().map(|(t, n)| format!("{n} {t}")).collect();
+                println!(
+                    "{} {} job(s) created before {}: {} partition(s){}",
+                    if pruned.dry_run { "would remove" } else { "removed" },
+                    pruned.jobs,
+                    pruned.boundary.format("%Y-%m-%d"),
+                    pruned.partitions.len(),
+                    if rows.is_empty() { String::new() } else { format!(" ({} rows)", rows.join(", ")) }
+                );
+                for p in &pruned.partitions {
+                    println!("  {p}");
+                }
+            }
         }
     }
     Ok(ExitCode::SUCCESS)
