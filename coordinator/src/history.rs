@@ -64,15 +64,10 @@ pub async fn prune(pool: &PgPool, before: DateTime<Utc>, actor: &str, dry_run: b
             before.format("%Y-%m-%d")
         )));
     }
-    let report = sqlx::query_scalar!(
-        r#"SELECT prune_history($1, $2, $3) AS "report!""#,
-        before,
-        actor,
-        dry_run
-    )
-    .fetch_one(pool)
-    .await
-    .doing("pruning old jobs")?;
+    let report = sqlx::query_scalar!(r#"SELECT prune_history($1, $2, $3) AS "report!""#, before, actor, dry_run)
+        .fetch_one(pool)
+        .await
+        .doing("pruning old jobs")?;
     outcome(report)
 }
 
@@ -98,7 +93,9 @@ pub fn describe_needed(boundary: &DateTime<Utc>, jobs: &[NeededJob]) -> String {
     for j in jobs {
         let why = match (j.state.as_str(), j.waiting_review) {
             ("uploading" | "running" | "paused", 0) => format!("is {}", j.state),
-            ("uploading" | "running" | "paused", n) => format!("is {} and has {n} answer(s) waiting for review", j.state),
+            ("uploading" | "running" | "paused", n) => {
+                format!("is {} and has {n} answer(s) waiting for review", j.state)
+            }
             (_, n) => format!("has {n} answer(s) waiting for review"),
         };
         msg.push_str(&format!("\n  {} {why}", j.job));

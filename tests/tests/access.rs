@@ -82,6 +82,7 @@ const EXPECTED: &[(&str, &str, Role)] = &[
     ("GET", "/v1/tokens", Role::Admin),
     ("POST", "/v1/tokens", Role::Admin),
     ("POST", "/v1/tokens/{id}/revoke", Role::Admin),
+    ("POST", "/v1/admin/prune", Role::Admin),
 ];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -125,6 +126,7 @@ async fn each_role_may_call_exactly_its_endpoints_and_a_refusal_changes_nothing(
                 ),
                 ("POST", "/v1/tokens") => Some(br#"{"name":"made","project":"alpha","role":"reader"}"#.to_vec()),
                 ("POST", "/v1/webhooks") => Some(br#"{"url":"http://127.0.0.1:9/hook"}"#.to_vec()),
+                ("POST", "/v1/admin/prune") => Some(br#"{"before":"2020-01-01T00:00:00Z","dry_run":true}"#.to_vec()),
                 ("POST", "/review/{id}/decide" | "/review/{id}/undo") => {
                     Some(br#"{"id":"doc-1","answer":"x"}"#.to_vec())
                 }

@@ -132,9 +132,12 @@ async fn prune_drops_old_months_whole_refuses_what_is_still_needed_and_is_audite
     for table in ["results", "audit_calls", "audit_attempts", "audit_events"] {
         assert!(!exists(&stack, &format!("{table}_p{month}")).await, "{table}_p{month} dropped");
     }
-    let gone = count(&stack, &format!("SELECT count(*) FROM jobs WHERE id IN ('{old}', '{paused}', '{reviewing}')")).await;
+    let gone =
+        count(&stack, &format!("SELECT count(*) FROM jobs WHERE id IN ('{old}', '{paused}', '{reviewing}')")).await;
     assert_eq!(gone, 0);
-    let items = count(&stack, &format!("SELECT count(*) FROM items WHERE job_id IN ('{old}', '{paused}', '{reviewing}')")).await;
+    let items =
+        count(&stack, &format!("SELECT count(*) FROM items WHERE job_id IN ('{old}', '{paused}', '{reviewing}')"))
+            .await;
     assert_eq!(items, 0, "their items went with them");
     // This month's job is untouched and its figures still add up.
     let status = stack.status(recent).await.unwrap();
@@ -165,4 +168,77 @@ async fn prune_drops_old_months_whole_refuses_what_is_still_needed_and_is_audite
     let made = coordinator::history::ensure_partitions(&stack.db.pool).await.unwrap();
     assert_eq!(made, 1);
     assert!(exists(&stack, &format!("results_p{ahead}")).await);
+}
+
+/// A database made before partitioning keeps every row and every figure
+/// when migration 0020 partitions it: a job with a UUIDv7 id moves to its
+/// month, one with an older random id to the first partition, and the audit
+/// ids go on from where they were.
+#[tokio::test]
+async fn partitioning_an_existing_database_keeps_every_row_and_figure() {
+    use migrations::MIGRATOR;
+    let db = sluice_tests::fixtures::TestDb::create_empty(&sluice_tests::fixtures::admin_url()).await.unwrap();
+    // The schema as it was before 0020.
+    let before = sqlx::migrate::Migrator {
+        migrations: std::borrow::Cow::Owned(MIGRATOR.iter().filter(|m| m.version < 20).cloned().collect()),
+        ..sqlx::migrate::Migrator::DEFAULT
+    };
+    before.run(&db.pool).await.unwrap();
+    let then = Utc::now() - chrono::Duration::days(70);
+    let (v7, v4) = (id_at(then), Uuid::new_v4());
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO jobs (id, kind, spec, template, template_hash, output_schema, state, created_at)
+         VALUES ('{v7}', 'k', '{{}}', 't', 'h', '{{}}', 'completed', '{then}'),
+                ('{v4}', 'k', '{{}}', 't', 'h', '{{}}', 'completed', '{then}');
+         INSERT INTO items (job_id, seq, item_id, line_no, payload)
+         SELECT j, s, 'i' || s, s, '{{}}' FROM (VALUES ('{v7}'::uuid), ('{v4}'::uuid)) v(j), generate_series(1, 5) s;
+         INSERT INTO results (job_id, seq, item_id, state, template_hash, attempts, worker)
+         SELECT job_id, seq, item_id, CASE WHEN seq = 1 THEN 'needs_review' ELSE 'succeeded' END, 'h', 1, 'w' FROM items;
+         INSERT INTO audit_calls (call_id, job_id, seq, item_id, attempt, worker, provider, model, request_hash)
+         SELECT gen_random_uuid(), job_id, seq, item_id, 1, 'w', 'p', 'm', 'r' FROM items;
+         INSERT INTO audit_attempts (job_id, seq, item_id, attempt, worker, model, fallback, template_hash, request_hash,
+                                     outcome, latency_ms, tokens_in, tokens_out, cost_usd, api_key_id, prompt)
+         SELECT job_id, seq, item_id, 1, 'w', 'm', false, 'h', 'r', 'ok', 1, 10, 2, 0.01, 'k', 'p' FROM items;
+         INSERT INTO audit_events (job_id, event, actor) SELECT id, 'created', 'me' FROM jobs;"
+    )))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let figures = "SELECT job_id::text, sum(succeeded)::bigint, sum(needs_review)::bigint, sum(tokens_in)::bigint
+                   FROM job_tallies GROUP BY 1 ORDER BY 1";
+    let counts = "SELECT (SELECT count(*) FROM results), (SELECT count(*) FROM audit_calls),
+                         (SELECT count(*) FROM audit_attempts), (SELECT count(*) FROM audit_events),
+                         (SELECT max(id) FROM audit_attempts)";
+    type Figures = Vec<(String, i64, i64, i64)>;
+    let tallies: Figures = sqlx::query_as(figures).fetch_all(&db.pool).await.unwrap();
+    let rows: (i64, i64, i64, i64, i64) = sqlx::query_as(counts).fetch_one(&db.pool).await.unwrap();
+    assert_eq!(rows.0, 10);
+
+    MIGRATOR.run(&db.pool).await.unwrap();
+    assert_eq!(sqlx::query_as::<_, (String, i64, i64, i64)>(figures).fetch_all(&db.pool).await.unwrap(), tallies);
+    assert_eq!(sqlx::query_as::<_, (i64, i64, i64, i64, i64)>(counts).fetch_one(&db.pool).await.unwrap(), rows);
+    let month = then.format("%Y%m").to_string();
+    for (table, job) in [(format!("results_p{month}"), v7), ("results_p0".to_string(), v4)] {
+        let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT count(*) FROM {table} WHERE job_id = $1")))
+            .bind(job)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+        assert_eq!(n, 5, "{table}");
+    }
+    let next: i64 = sqlx::query_scalar("SELECT nextval('audit_attempts_id_seq')").fetch_one(&db.pool).await.unwrap();
+    assert!(next > rows.4, "audit ids go on: {next} after {}", rows.4);
+    // Still append-only, and a result is still written once.
+    let rewrite =
+        sqlx::query("UPDATE audit_attempts SET outcome = 'x'").execute(&db.pool).await.unwrap_err().to_string();
+    assert!(rewrite.contains("append-only") || rewrite.contains("permission denied"), "{rewrite}");
+    let again = sqlx::query(
+        "INSERT INTO results (job_id, seq, item_id, state, template_hash, attempts, worker, job_time)
+         VALUES ($1, 2, 'i2', 'failed', 'h', 1, 'w', job_time($1)) ON CONFLICT (job_id, seq, job_time) DO NOTHING",
+    )
+    .bind(v7)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(again.rows_affected(), 0);
 }

@@ -59,7 +59,9 @@ async fn the_application_roles_cannot_rewrite_the_audit_trail() {
                 // so refused as well, for another reason.)
                 assert!(
                     err.as_deref().is_some_and(|e| {
-                        e.contains("permission denied") || e.contains("must be owner") || e.contains("is not partitioned")
+                        e.contains("permission denied")
+                            || e.contains("must be owner")
+                            || e.contains("is not partitioned")
                     }),
                     "{role}: {sql:?} was not refused: {err:?}"
                 );
@@ -76,11 +78,9 @@ async fn the_application_roles_cannot_rewrite_the_audit_trail() {
     // the triggers refuse, on the parents and on every partition.
     let mut owner = sqlx::PgConnection::connect(&db.url).await.unwrap();
     for table in audit_tables(&db).await {
-        for sql in [
-            format!("UPDATE {table} SET job_id = job_id"),
-            format!("DELETE FROM {table}"),
-            format!("TRUNCATE {table}"),
-        ] {
+        for sql in
+            [format!("UPDATE {table} SET job_id = job_id"), format!("DELETE FROM {table}"), format!("TRUNCATE {table}")]
+        {
             let err = sqlx::raw_sql(sqlx::AssertSqlSafe(sql.clone())).execute(&mut owner).await.err();
             assert!(
                 err.as_ref().is_some_and(|e| {
@@ -109,7 +109,10 @@ async fn audit_tables(db: &TestDb) -> Vec<String> {
     .fetch_all(&db.pool)
     .await
     .unwrap();
-    assert!(tables.len() >= 3 * 5, "three tables, each with a first partition, this month, three ahead and one past: {tables:?}");
+    assert!(
+        tables.len() >= 3 * 5,
+        "three tables, each with a first partition, this month, three ahead and one past: {tables:?}"
+    );
     tables
 }
 

@@ -48,16 +48,20 @@ pub struct Item {
 /// The results side names the chunk's range too: while a job's tables grow
 /// faster than autovacuum analyses them, the planner may pick a merge anti
 /// join that would otherwise read every result of the job for each chunk.
+/// Both name the job's month (`job_time`), so only its partition is read
+/// (migration 0020).
 pub async fn items(pool: &PgPool, c: &ChunkMsg, earlier_attempts: bool) -> Result<Vec<Item>, Error> {
     Ok(sqlx::query_as!(
         Item,
         r#"SELECT i.seq, i.item_id AS id, i.payload,
-                  CASE WHEN $4 THEN (SELECT count(*) FROM audit_attempts a WHERE a.job_id = i.job_id AND a.seq = i.seq)::int
+                  CASE WHEN $4 THEN (SELECT count(*) FROM audit_attempts a
+                                     WHERE a.job_id = i.job_id AND a.seq = i.seq AND a.job_time = job_time($1))::int
                        ELSE 0 END AS "prior!"
            FROM items i
            WHERE i.job_id = $1 AND i.seq BETWEEN $2 AND $3
              AND NOT EXISTS (SELECT 1 FROM results r
-                             WHERE r.job_id = $1 AND r.seq BETWEEN $2 AND $3 AND r.seq = i.seq)
+                             WHERE r.job_id = $1 AND r.seq BETWEEN $2 AND $3 AND r.seq = i.seq
+                               AND r.job_time = job_time($1))
              AND NOT EXISTS (SELECT 1 FROM item_copies d WHERE d.job_id = $1 AND d.seq = i.seq)
            ORDER BY i.seq"#,
         c.job_id,
@@ -164,7 +168,8 @@ pub async fn cached(pool: &PgPool, project: &str, keys: &[String], ttl_s: i64) -
         Cached,
         r#"SELECT encode(c.key, 'hex') AS "key!", r.answered_by AS "call_id!", r.model, r.output AS "output!",
                   r.answer, r.confidence, r.confidence_detail
-           FROM response_cache c JOIN results r ON r.job_id = c.job_id AND r.seq = c.seq
+           FROM response_cache c
+           JOIN results r ON r.job_id = c.job_id AND r.seq = c.seq AND r.job_time = job_time(c.job_id)
            WHERE c.project = $1 AND c.key = ANY($2)
              AND c.created_at > now() - make_interval(secs => $3::float8)
              AND r.output IS NOT NULL AND r.answered_by IS NOT NULL"#,
@@ -374,7 +379,7 @@ async fn write_chunk_tx(pool: &PgPool, t: &Target<'_>, results: &[ItemResult], d
                         r.model, r.template_hash, 0, 0, 0, 0, $2, r.confidence_detail, 'shared', r.answered_by,
                         job_time($1)
                  FROM item_copies d
-                 JOIN results r ON r.job_id = d.job_id AND r.seq = d.original_seq
+                 JOIN results r ON r.job_id = d.job_id AND r.seq = d.original_seq AND r.job_time = job_time($1)
                  JOIN items i ON i.job_id = d.job_id AND i.seq = d.seq
                  WHERE d.job_id = $1 AND d.original_seq = ANY($3)
                  ON CONFLICT (job_id, seq, job_time) DO NOTHING
