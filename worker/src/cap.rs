@@ -16,6 +16,13 @@
 //! gives slots back, as its calls finish, when it holds more than its share of
 //! the demand. A worker that dies stops renewing and its slots return to the
 //! pool when its entry expires. A lone worker's share is the whole cap.
+//!
+//! The entry's traffic follows the calls, not the workers ([`pacing`]): a
+//! worker renews after a batch of finished calls, keeps its holding alive at
+//! an interval that grows with the number of holders (so the cluster renews
+//! about as often whatever its size), writes only when something another
+//! worker would see has changed or its keep-alive is due, and a worker that
+//! holds and wants nothing leaves the entry and waits until it has calls.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
@@ -28,19 +35,82 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::Error;
 
-/// How often a worker renews its holding.
+/// A holding's keep-alive, per worker holding a share: with N holders each
+/// renews every N x this, so the cluster renews about every 60 ms.
+const KEEPALIVE_PER_HOLDER: Duration = Duration::from_millis(60);
+/// The keep-alive of a lone worker or a few, and the longest.
 const RENEW: Duration = Duration::from_millis(300);
-/// Least time between two renewals, however many calls finish.
+const KEEPALIVE_MAX: Duration = Duration::from_secs(5);
+/// Least time between two renewals of a worker, per holder (and at least
+/// 20 ms, at most a second), however many calls finish.
+const GAP_PER_HOLDER: Duration = Duration::from_millis(20);
 const RENEW_MIN: Duration = Duration::from_millis(20);
+const GAP_MAX: Duration = Duration::from_secs(1);
+/// Finished calls after which a worker renews early: a sixteenth of the
+/// window, at most this (or half its holding, if more). The window learns
+/// from batches: about 16 renewals per latency for the cluster, whatever
+/// its size, and every call's news while the window is small and growing.
+const OK_BATCH: u32 = 16;
+
+/// Finished calls after which to renew early, for a window of `window` calls.
+pub fn ok_batch(window: u32) -> u32 {
+    (window / 16).clamp(1, OK_BATCH)
+}
 /// Calls in flight across the cluster when a model is first used (or after it sat idle).
 pub const INITIAL_WINDOW: f64 = 4.0;
+/// An idle worker looks again this often even unasked (a lost wake-up costs no more).
+const IDLE_RECHECK: Duration = Duration::from_secs(10);
 /// A model with no demand for this long starts from the initial window again.
 const IDLE_RESET_MS: u64 = 10_000;
 /// Failures within this many ms of a cut do not cut again: they answer calls
 /// sent before it.
 const CUT_INTERVAL_MS: u64 = 500;
-/// A holding not renewed for this long is reclaimed.
+/// A holding not renewed for this long is reclaimed (or for three
+/// keep-alives, if longer).
 const EXPIRE_MS: u64 = 3_000;
+
+/// How a worker renews when `holders` workers (itself included) hold or
+/// want a share of the window.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Pacing {
+    /// Renew at least this often while holding or wanting slots.
+    pub keepalive: Duration,
+    /// Never renew sooner than this after the last renewal.
+    pub gap: Duration,
+    /// The holding expires this long after a renewal writes it.
+    pub expire_ms: u64,
+}
+
+/// The renewal pace for `holders` holders.
+pub fn pacing(holders: usize) -> Pacing {
+    let n = holders.max(1) as u32;
+    let keepalive = (KEEPALIVE_PER_HOLDER * n).clamp(RENEW, KEEPALIVE_MAX);
+    Pacing {
+        keepalive,
+        gap: (GAP_PER_HOLDER * n).clamp(RENEW_MIN, GAP_MAX),
+        expire_ms: EXPIRE_MS.max(3 * keepalive.as_millis() as u64),
+    }
+}
+
+/// Whether a renewal that turned `before` into `after` needs writing: it
+/// changed something another worker sees (a holding, a demand, the window),
+/// or `me`'s keep-alive is due. The demand's timestamp alone is news only
+/// when it is old.
+pub fn worth_writing(before: &CapState, after: &CapState, me: &str, now: u64, p: Pacing) -> bool {
+    let Some(mine) = before.holders.get(me) else { return after.holders.contains_key(me) };
+    // Written last at expires_ms - expire_ms: due a keep-alive after that.
+    if now + p.expire_ms >= mine.expires_ms + p.keepalive.as_millis() as u64 {
+        return true;
+    }
+    let mut a = after.clone();
+    if let Some(h) = a.holders.get_mut(me) {
+        h.expires_ms = mine.expires_ms;
+    }
+    if a.demand_ms.saturating_sub(before.demand_ms) < IDLE_RESET_MS / 2 {
+        a.demand_ms = before.demand_ms;
+    }
+    a != *before
+}
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Holder {
@@ -118,6 +188,11 @@ impl CapState {
     /// Computes `me`'s new holding given its demand and how many slots it
     /// cannot give back yet (`in_use`), and records it. Returns the holding.
     pub fn rebalance(&mut self, me: &str, cap: u32, want: u32, in_use: u32, now: u64) -> u32 {
+        self.rebalance_for(me, cap, want, in_use, now, EXPIRE_MS)
+    }
+
+    /// [`CapState::rebalance`], the holding expiring `expire_ms` from now.
+    pub fn rebalance_for(&mut self, me: &str, cap: u32, want: u32, in_use: u32, now: u64, expire_ms: u64) -> u32 {
         self.holders.retain(|name, h| name == me || h.expires_ms > now);
         let current = self.holders.get(me).map_or(0, |h| h.held);
         let others_held: u32 = self.holders.iter().filter(|(n, _)| *n != me).map(|(_, h)| h.held).sum();
@@ -142,9 +217,25 @@ impl CapState {
         } else {
             want.max(current).min(cap.saturating_sub(others_held)).max(in_use)
         };
-        self.holders.insert(me.to_string(), Holder { held, want, expires_ms: now + EXPIRE_MS });
+        self.holders.insert(me.to_string(), Holder { held, want, expires_ms: now + expire_ms });
         held
     }
+
+    /// Workers holding or wanting a share, unexpired at `now`.
+    pub fn live_holders(&self, now: u64) -> usize {
+        self.holders.values().filter(|h| h.expires_ms > now && (h.held > 0 || h.want > 0)).count()
+    }
+}
+
+/// Where a worker stands after a renewal, which sets when it renews next.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Standing {
+    /// Holds and wants nothing, and has left the entry.
+    Idle,
+    /// Its calls want more slots than it holds.
+    Short,
+    /// Holds what it wants.
+    Holding,
 }
 
 /// This worker's side of one cap.
@@ -156,6 +247,10 @@ pub struct Cap {
     ok: AtomicU32,
     failed: AtomicU32,
     wake: Notify,
+    /// Holders seen at the last renewal: sets the pace.
+    holders: AtomicUsize,
+    /// The window at the last renewal: sets the batch of finished calls.
+    window: AtomicU32,
 }
 
 impl Cap {
@@ -168,43 +263,71 @@ impl Cap {
             ok: AtomicU32::new(0),
             failed: AtomicU32::new(0),
             wake: Notify::new(),
+            holders: AtomicUsize::new(1),
+            window: AtomicU32::new(INITIAL_WINDOW as u32),
         });
         let key = format!("cc.{}.{}", common::nats::key_part(key_id), common::nats::key_part(model));
         let (me, weak) = (worker.to_string(), Arc::downgrade(&this));
         tokio::spawn(async move {
             let mut health = common::telemetry::Health::default();
             while let Some(cap_ref) = weak.upgrade() {
-                match cap_ref.renew(&store, &key, &me, cap).await {
-                    Ok(()) => health.ok("renewing the concurrency cap"),
-                    Err(err) => health.failed("renewing the concurrency cap", &err),
-                }
+                let standing = match cap_ref.renew(&store, &key, &me, cap).await {
+                    Ok(standing) => {
+                        health.ok("renewing the concurrency cap");
+                        standing
+                    }
+                    Err(err) => {
+                        health.failed("renewing the concurrency cap", &err);
+                        Standing::Short
+                    }
+                };
+                let p = pacing(cap_ref.holders.load(Ordering::Acquire));
+                let wait = match standing {
+                    // Nothing held or wanted: until a call asks for a slot (or
+                    // a long while, should a wake-up go astray).
+                    Standing::Idle => IDLE_RECHECK,
+                    // Calls wait for slots: look again after the gap alone.
+                    Standing::Short => Duration::ZERO,
+                    Standing::Holding => p.keepalive,
+                };
                 tokio::select! {
                     _ = cap_ref.wake.notified() => {}
-                    _ = tokio::time::sleep(RENEW) => {}
+                    _ = tokio::time::sleep(wait) => {}
                 }
                 drop(cap_ref);
-                tokio::time::sleep(RENEW_MIN).await;
+                tokio::time::sleep(p.gap).await;
             }
         });
         this
     }
 
-    async fn renew(&self, store: &kv::Store, key: &str, me: &str, cap: u32) -> Result<(), Error> {
+    /// Renews this worker's holding; returns where it stands.
+    async fn renew(&self, store: &kv::Store, key: &str, me: &str, cap: u32) -> Result<Standing, Error> {
         let held_before = self.held.load(Ordering::Acquire) as u32;
         let available = self.sem.available_permits() as u32;
         let in_use = held_before.saturating_sub(available);
         let want = in_use + self.waiting.load(Ordering::Acquire) as u32;
         let fb = Feedback { ok: self.ok.swap(0, Ordering::AcqRel), failed: self.failed.swap(0, Ordering::AcqRel) };
+        let idle = want == 0 && held_before == 0 && fb == Feedback::default();
         let mut new_held = held_before;
+        let mut holders = 1;
+        let mut window = INITIAL_WINDOW as u32;
         let result = crate::kvstate::modify(
             store,
             "window",
             key,
             |_| CapState::default(),
             |s, now| {
+                let before = s.clone();
+                let p = pacing(s.live_holders(now).max(1));
                 s.adapt(fb, now, want);
-                new_held = s.rebalance(me, s.limit(cap), want, in_use, now);
-                true
+                new_held = s.rebalance_for(me, s.limit(cap), want, in_use, now, p.expire_ms);
+                if idle {
+                    s.holders.remove(me);
+                }
+                holders = s.live_holders(now).max(1);
+                window = s.limit(cap);
+                worth_writing(&before, s, me, now, p)
             },
         )
         .await;
@@ -223,7 +346,15 @@ impl Cap {
             let gone = self.sem.forget_permits((held_before - new_held) as usize);
             self.held.store(held_before as usize - gone, Ordering::Release);
         }
-        Ok(())
+        self.holders.store(holders, Ordering::Release);
+        self.window.store(window, Ordering::Release);
+        Ok(if idle {
+            Standing::Idle
+        } else if want > new_held {
+            Standing::Short
+        } else {
+            Standing::Holding
+        })
     }
 
     /// Reports a finished call: successes grow the window, server errors and
@@ -231,13 +362,20 @@ impl Cap {
     pub fn record(&self, ok: bool) {
         if ok {
             let n = self.ok.fetch_add(1, Ordering::AcqRel) + 1;
-            if n as usize >= (self.held.load(Ordering::Acquire) / 2).max(1) {
+            let batch = ok_batch(self.window.load(Ordering::Acquire)) as usize;
+            if n as usize >= (self.held.load(Ordering::Acquire) / 2).max(batch) {
                 self.wake.notify_one();
             }
         } else {
             self.failed.fetch_add(1, Ordering::AcqRel);
             self.wake.notify_one();
         }
+    }
+
+    /// Workers holding or wanting a share of this window at the last renewal
+    /// (this one included): the workers calling this key and model.
+    pub fn holders(&self) -> usize {
+        self.holders.load(Ordering::Acquire)
     }
 
     /// Waits for a slot; the call holds it until the permit is dropped.
@@ -256,6 +394,69 @@ impl Cap {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_cluster_renews_about_as_often_whatever_its_size() {
+        let ms = |d: Duration| d.as_millis() as u64;
+        // holders: keep-alive, gap, expiry
+        for (holders, keepalive, gap, expire) in [
+            (0, 300, 20, 3_000),
+            (1, 300, 20, 3_000),
+            (4, 300, 80, 3_000),
+            (16, 960, 320, 3_000),
+            (64, 3_840, 1_000, 11_520),
+            (1_000, 5_000, 1_000, 15_000),
+        ] {
+            let p = pacing(holders);
+            assert_eq!((ms(p.keepalive), ms(p.gap), p.expire_ms), (keepalive, gap, expire), "{holders}");
+            assert!(p.expire_ms >= 3 * ms(p.keepalive), "a holding outlives three keep-alives");
+        }
+        // Keep-alives of the whole cluster per second, from 16 holders on: about 16.
+        for n in [16, 32, 64] {
+            let per_s = n as f64 / pacing(n).keepalive.as_secs_f64();
+            assert!((16.0..=17.0).contains(&per_s), "{n}: {per_s}");
+        }
+    }
+
+    #[test]
+    fn the_batch_of_finished_calls_grows_with_the_window() {
+        // While the window is small every call's news counts (slow start is
+        // fast); a large one learns in sixteenths of itself, at most 16 calls.
+        for (window, batch) in [(0, 1), (4, 1), (31, 1), (32, 2), (64, 4), (256, 16), (4_096, 16)] {
+            assert_eq!(ok_batch(window), batch, "{window}");
+        }
+    }
+
+    #[test]
+    fn a_renewal_is_written_only_when_others_would_see_a_change_or_its_keepalive_is_due() {
+        let p = pacing(16);
+        let mut before = CapState { window: 40.0, demand_ms: 1_000, ..Default::default() };
+        before.rebalance_for("a", 40, 4, 2, 1_000, p.expire_ms);
+        before.rebalance_for("b", 40, 4, 2, 1_000, p.expire_ms);
+        let renewed = |want: u32, window: f64, now: u64| {
+            let mut s = before.clone();
+            s.window = window;
+            s.demand_ms = now;
+            s.rebalance_for("a", 40, want, 2, now, p.expire_ms);
+            s
+        };
+        // now, a's want, the window: written?
+        for (now, want, window, written) in [
+            (1_100, 4, 40.0, false),      // only the expiry and the demand's time moved
+            (1_100, 5, 40.0, true),       // a wants more: others see it
+            (1_100, 4, 41.0, true),       // the window grew
+            (1_000 + 960, 4, 40.0, true), // the keep-alive is due
+            (1_000 + 959, 4, 40.0, false),
+        ] {
+            let after = renewed(want, window, now);
+            assert_eq!(worth_writing(&before, &after, "a", now, p), written, "{now} {want} {window}");
+        }
+        // A worker not in the entry writes only to enter it; one leaving writes once.
+        let mut left = before.clone();
+        left.holders.remove("a");
+        assert!(worth_writing(&before, &left, "a", 1_100, p));
+        assert!(!worth_writing(&left, &left, "a", 1_100, p));
+    }
 
     #[test]
     fn a_lone_worker_takes_the_whole_cap() {

@@ -45,6 +45,9 @@ impl Facts {
 pub struct Learned {
     kv: kv::Store,
     cache: Mutex<HashMap<String, Facts>>,
+    /// One read at a time fills the cache: a worker's first calls to a model
+    /// (as many as its concurrency) wait for one read instead of each making one.
+    filling: tokio::sync::Mutex<()>,
 }
 
 fn key(endpoint: &str, model: &str) -> String {
@@ -53,17 +56,23 @@ fn key(endpoint: &str, model: &str) -> String {
 
 impl Learned {
     pub fn new(kv: kv::Store) -> Self {
-        Learned { kv, cache: Mutex::default() }
+        Learned { kv, cache: Mutex::default(), filling: tokio::sync::Mutex::new(()) }
     }
 
     /// The facts of `model` at `endpoint`.
     pub async fn get(&self, endpoint: &str, model: &str) -> Result<Facts, Error> {
         let k = key(endpoint, model);
+        let cached = |now| {
+            let cache = self.cache.lock().expect("learned lock");
+            cache.get(&k).copied().filter(|f| f.in_force(now) == *f)
+        };
+        if let Some(f) = cached(crate::kvstate::now_ms()) {
+            return Ok(f);
+        }
+        let _filling = self.filling.lock().await;
         let now = crate::kvstate::now_ms();
-        if let Some(f) = self.cache.lock().expect("learned lock").get(&k) {
-            if f.in_force(now) == *f {
-                return Ok(*f);
-            }
+        if let Some(f) = cached(now) {
+            return Ok(f);
         }
         crate::metrics::state_request("learned", "read");
         let facts = match self.kv.get(k.clone()).await.map_err(|e| Error::Kv(Box::new(e)))? {
