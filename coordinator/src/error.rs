@@ -47,8 +47,32 @@ pub enum Error {
     #[error("{0}")]
     TooManyJobs(String),
     /// A prune would remove jobs that are still needed.
-    #[error("{}", crate::history::describe_needed(boundary, jobs))]
+    #[error("{}", describe_needed(boundary, jobs))]
     StillNeeded { boundary: chrono::DateTime<chrono::Utc>, jobs: Vec<crate::model::NeededJob> },
     #[error("reading the uploaded input failed")]
     Upload(#[source] axum::Error),
+}
+
+/// The message of a refused prune: the jobs, why, and what to do.
+fn describe_needed(boundary: &chrono::DateTime<chrono::Utc>, jobs: &[crate::model::NeededJob]) -> String {
+    let mut msg = format!(
+        "nothing pruned: {}{} job(s) created before {} are still needed:",
+        if jobs.len() >= 20 { "at least " } else { "" },
+        jobs.len(),
+        boundary.format("%Y-%m-%d")
+    );
+    for j in jobs {
+        let why = match (j.state.as_str(), j.waiting_review) {
+            ("uploading" | "running" | "paused", 0) => format!("is {}", j.state),
+            ("uploading" | "running" | "paused", n) => {
+                format!("is {} and has {n} answer(s) waiting for review", j.state)
+            }
+            (_, n) => format!("has {n} answer(s) waiting for review"),
+        };
+        msg.push_str(&format!("\n  {} {why}", j.job));
+    }
+    msg.push_str(
+        "\nfinish or cancel them (`sluice cancel JOB`), finish their review (`sluice review export` / `import`), or prune an earlier month",
+    );
+    msg
 }

@@ -82,30 +82,6 @@ fn outcome(report: serde_json::Value) -> Result<Pruned, Error> {
     serde_json::from_value(report).map_err(malformed)
 }
 
-/// The message of a refused prune: the jobs, why, and what to do.
-pub fn describe_needed(boundary: &DateTime<Utc>, jobs: &[NeededJob]) -> String {
-    let mut msg = format!(
-        "nothing pruned: {}{} job(s) created before {} are still needed:",
-        if jobs.len() >= 20 { "at least " } else { "" },
-        jobs.len(),
-        boundary.format("%Y-%m-%d")
-    );
-    for j in jobs {
-        let why = match (j.state.as_str(), j.waiting_review) {
-            ("uploading" | "running" | "paused", 0) => format!("is {}", j.state),
-            ("uploading" | "running" | "paused", n) => {
-                format!("is {} and has {n} answer(s) waiting for review", j.state)
-            }
-            (_, n) => format!("has {n} answer(s) waiting for review"),
-        };
-        msg.push_str(&format!("\n  {} {why}", j.job));
-    }
-    msg.push_str(
-        "\nfinish or cancel them (`sluice cancel JOB`), finish their review (`sluice review export` / `import`), or prune an earlier month",
-    );
-    msg
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
