@@ -32,6 +32,24 @@ pub fn now_ms() -> u64 {
 /// any number of workers sharing a key produces, so only a fault ends there.
 pub const MAX_CONFLICTS: usize = 100;
 
+/// The pause before trying again after the `n`th conflict in a row: up to
+/// 2^n ms (at most 32), by `draw` (0 to 1). Workers that met on one key then
+/// try again apart rather than together: with 64 workers leasing from one
+/// bucket, retrying at once cost seven conflicts per write (`scripts/bench
+/// scale --workers 64`).
+pub fn conflict_pause(n: usize, draw: f64) -> std::time::Duration {
+    let most = (1u64 << n.min(5)) as f64;
+    std::time::Duration::from_secs_f64(most * draw.clamp(0.0, 1.0) / 1000.0)
+}
+
+/// A draw between 0 and 1, different in each worker and each time.
+fn draw() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos());
+    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
+}
+
 /// `state` names the state for the request counter
 /// ([`crate::metrics::STATE_REQUESTS`]): limiter, window, breaker, learned.
 pub async fn modify<T, I, F>(
@@ -46,7 +64,10 @@ where
     I: Fn(u64) -> T,
     F: FnMut(&mut T, u64) -> bool,
 {
-    for _ in 0..MAX_CONFLICTS {
+    for attempt in 0..MAX_CONFLICTS {
+        if attempt > 0 {
+            tokio::time::sleep(conflict_pause(attempt, draw())).await;
+        }
         let now = now_ms();
         crate::metrics::state_request(state, "read");
         let entry = store.entry(key.to_string()).await.map_err(|e| Error::Kv(Box::new(e)))?;
@@ -79,6 +100,25 @@ where
         crate::metrics::state_request(state, "conflict");
     }
     Err(Error::Kv(format!("compare-and-set on {key} lost {MAX_CONFLICTS} times in a row").into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conflicts_in_a_row_are_tried_again_apart() {
+        let us = |d: std::time::Duration| d.as_micros();
+        // conflicts in a row, draw: the pause
+        for (n, d, pause) in
+            [(1, 1.0, 2_000), (1, 0.5, 1_000), (3, 1.0, 8_000), (5, 1.0, 32_000), (40, 1.0, 32_000), (4, 0.0, 0)]
+        {
+            assert_eq!(us(conflict_pause(n, d)), pause, "{n} {d}");
+        }
+        let draws: Vec<f64> = (0..100).map(|_| draw()).collect();
+        assert!(draws.iter().all(|d| (0.0..1.0).contains(d)));
+        assert!(draws.iter().any(|d| *d < 0.5) && draws.iter().any(|d| *d >= 0.5), "spread: {draws:?}");
+    }
 }
 
 #[cfg(test)]

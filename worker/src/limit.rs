@@ -4,7 +4,11 @@
 //! cluster as a whole never exceeds the limit however many workers come and
 //! go, and a lone worker can use all of it. To keep KV traffic low a worker
 //! leases a tenth of a second's budget at a time and spends it locally; an
-//! unused lease expires instead of being spent late.
+//! unused lease expires instead of being spent late. Where the bucket is
+//! short, a lease is granted in turn: at once, but due when the bucket will
+//! have accrued it ([`Bucket::take_in_turn`]), so a waiting worker asks once
+//! per lease rather than polling, and the shared state's traffic follows the
+//! calls, not the number of workers.
 //!
 //! A bucket has four dimensions: requests, tokens (prompt plus max output),
 //! input tokens and output tokens (Anthropic limits the last two apart);
@@ -30,10 +34,11 @@
 //!   write made it; the effective limit is exported as a gauge.
 //! - **How its budget comes back.** A bucket refills at the steady rate; a
 //!   window (a sliding minute) gives back what was spent a minute earlier,
-//!   and nothing before. Two reports at least 3 s apart tell them apart: if
+//!   and nothing before. Reports at least 1.5 s apart tell them apart: if
 //!   the budget the provider reports, plus what was leased between the two
 //!   reporting calls, came back at under a quarter of the steady rate while
-//!   the bucket had room, the dimension is a window from then on. The bucket
+//!   the bucket had room, twice in a row, the dimension is a window from
+//!   then on. The bucket
 //!   then keeps what it leased by half-second over the last minute, and the
 //!   provider's budget is credited as each half-second's leases age out
 //!   (late by one lease's lifetime, to be safe), never by the steady rate.
@@ -83,8 +88,12 @@ const LEASE_TTL: Duration = Duration::from_millis(500);
 const SLOT_MS: u64 = 500;
 /// A window's length.
 const WINDOW_MS: u64 = 60_000;
-/// Two reports at least this far apart tell a window from a bucket.
-const REFILL_CHECK_MS: u64 = 3_000;
+/// Two reports at least this far apart tell a window from a bucket (two
+/// such checks in a row say "window").
+const REFILL_CHECK_MS: u64 = 1_500;
+/// Leases are granted in turn at most this many seconds of budget ahead;
+/// a worker further back asks again when its turn is within reach.
+const AHEAD_S: f64 = 10.0;
 
 /// When what was leased in `slot` is surely back in a window: a minute after
 /// the slot's end, plus the time a lease may wait before it is spent.
@@ -170,9 +179,37 @@ pub struct Dim {
     /// budget reported, and its call's lease mark.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub baseline: Option<(u64, f64, f64)>,
+    /// Two reports showed the provider's budget coming back at the rate (a
+    /// bucket, not a window): a late report may be credited the refill since.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub refills: bool,
+    /// Refill checks in a row that looked like a window.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub window_hints: u8,
+}
+
+fn is_zero(n: &u8) -> bool {
+    *n == 0
 }
 
 impl Dim {
+    /// Keeps what a lease spends from `at` by [`SLOT_MS`] slot, for a window
+    /// to give back, while the provider's budget is worth spending (or not
+    /// yet known).
+    fn note_spent(&mut self, at: u64, g: f64, unknown: bool) {
+        if !(self.big_bucket || unknown) {
+            return;
+        }
+        let slot = at / SLOT_MS;
+        match self.spent.iter_mut().rev().find(|(s, _)| *s == slot) {
+            Some((_, a)) => *a += g,
+            None => {
+                self.spent.push((slot, g));
+                self.spent.sort_by_key(|(s, _)| *s);
+            }
+        }
+    }
+
     /// Compares a report (budget `r`, by a call leased at `mark`) with the
     /// baseline: true if the budget came back at under a quarter of the
     /// steady rate while a bucket would have had room for it.
@@ -193,7 +230,23 @@ impl Dim {
         self.baseline = Some((now, r, mark));
         let expected = self.rate / 60.0 * (now - t1) as f64 / 1000.0;
         let came_back = r - r1 + (mark - m1);
-        r1 + expected < self.rate * 0.95 && came_back < expected * 0.25
+        let room = r1 + expected < self.rate * 0.95;
+        if !room {
+            return false;
+        }
+        if came_back >= expected * 0.25 {
+            self.refills = true;
+            self.window_hints = 0;
+            return false;
+        }
+        // Marks count what was sent between two calls only as well as leases
+        // are spent in the order they were taken: with many workers, the end
+        // of a burst can look like a window once (leases taken before the
+        // first call spent after it). A window looks like one check after
+        // check; 64 workers once stalled 35 s on one seen once
+        // (`scripts/bench scale --workers 64`).
+        self.window_hints += 1;
+        self.window_hints >= 2
     }
 }
 
@@ -222,6 +275,9 @@ pub struct Bucket {
 pub struct Grant {
     pub amounts: [f64; 4],
     pub marks: [f64; 4],
+    /// When the lease may be spent (ms since the epoch): now, or later for a
+    /// lease granted in turn ([`Bucket::take_in_turn`]).
+    pub due_ms: u64,
 }
 
 /// A change of the effective limit, to log and export.
@@ -344,7 +400,7 @@ impl Bucket {
             return Err(Duration::from_secs_f64(wait.clamp(0.002, 60.0)));
         }
         let requests = if burst >= 1.0 { burst.min(BURST_LEASE) } else { 0.0 };
-        let mut grant = Grant { amounts: [f64::INFINITY; 4], marks: [0.0; 4] };
+        let mut grant = Grant { amounts: [f64::INFINITY; 4], marks: [0.0; 4], due_ms: now };
         for i in 0..4 {
             if !active[i] {
                 continue;
@@ -356,17 +412,79 @@ impl Bucket {
             grant.amounts[i] = g;
             grant.marks[i] = d.leased;
             d.leased += g;
-            if d.big_bucket || self.reported_ms == 0 {
-                let slot = now / SLOT_MS;
-                match d.spent.last_mut() {
-                    Some((s, a)) if *s == slot => *a += g,
-                    _ => d.spent.push((slot, g)),
-                }
-            }
-            d.level = (d.level - g).max(-(per_s * BURST_S).max(1.0));
+            // A grant out of the provider's burst takes the level at most a
+            // burst below zero; a debt of leases granted in turn stays whole.
+            let floor = (-(per_s * BURST_S).max(1.0)).min(d.level);
+            d.level = (d.level - g).max(floor);
             if let Some(p) = &mut d.provider {
                 *p -= g;
             }
+            d.note_spent(now, g, self.reported_ms == 0);
+        }
+        Ok(grant)
+    }
+
+    /// [`Bucket::take`], except that where the bucket is short only because
+    /// it paces (no pause, no window's budget to wait for), the lease is
+    /// granted now and due when the bucket will have accrued it: the level
+    /// (and the provider's estimated budget) go into debt by it, and the next
+    /// asker's lease is due after this one's. A worker then asks once per
+    /// lease instead of polling a short bucket, whatever the number of
+    /// workers: with 16 workers sharing 20,000 requests a minute, polling
+    /// cost 2.9 requests to the shared state per call (`scripts/bench scale`).
+    /// A lease more than [`AHEAD_S`] ahead is refused with the wait until it
+    /// would be within reach.
+    pub fn take_in_turn(&mut self, now: u64, cost: &[f64; 4], l: Limits) -> Result<Grant, Duration> {
+        let wait = match self.take(now, cost, l) {
+            Ok(g) => return Ok(g),
+            Err(wait) => wait,
+        };
+        if self.paused_until_ms > now {
+            return Err(wait);
+        }
+        let active = self.active(l);
+        let mut due = 0.0f64;
+        let mut amounts = [f64::INFINITY; 4];
+        for i in 0..4 {
+            if !active[i] {
+                continue;
+            }
+            let d = &self.dims[i];
+            let per_s = (d.rate / 60.0).max(1e-9);
+            let need = cost[i];
+            let g = (per_s * LEASE_S).max(need);
+            let g = if i == 0 { g.floor().max(1.0) } else { g };
+            if d.rolling && d.provider.is_some_and(|p| p < g) {
+                // A window's budget comes back when a slot ages out, not by
+                // the rate: nothing to schedule by.
+                let back = d.spent.iter().map(|(slot, _)| frees_at(*slot)).filter(|t| *t > now).min();
+                let back = back.map_or(wait, |t| Duration::from_millis(t - now));
+                return Err(wait.max(back).min(Duration::from_secs(60)));
+            }
+            amounts[i] = g;
+            due = due.max((g - d.level) / per_s);
+            if let Some(p) = d.provider {
+                due = due.max((g - p) / per_s);
+            }
+        }
+        if due > AHEAD_S {
+            return Err(Duration::from_secs_f64((due - AHEAD_S).clamp(0.002, 60.0)));
+        }
+        let due_ms = now + (due.max(0.0) * 1000.0).ceil() as u64;
+        let mut grant = Grant { amounts, marks: [0.0; 4], due_ms };
+        for i in 0..4 {
+            if !active[i] {
+                continue;
+            }
+            let d = &mut self.dims[i];
+            let g = amounts[i];
+            grant.marks[i] = d.leased;
+            d.leased += g;
+            d.level -= g;
+            if let Some(p) = &mut d.provider {
+                *p -= g;
+            }
+            d.note_spent(due_ms, g, self.reported_ms == 0);
         }
         Ok(grant)
     }
@@ -401,8 +519,17 @@ impl Bucket {
         for i in 0..4 {
             if let (true, Some(r)) = (active[i], remaining[i]) {
                 let d = &mut self.dims[i];
-                // What was leased after the reporting call is not in the figure yet.
-                d.provider = Some((r - (d.leased - marks[i])).max(0.0));
+                // What was leased after the reporting call is not in the
+                // figure yet; what a bucket refilled since the answer is.
+                // (A worker brings its report with its next lease: with many
+                // workers taking turns, seconds after the answer.)
+                let since = now.saturating_sub(answered_ms) as f64 / 1000.0;
+                let refilled = if d.refills || !d.big_bucket { d.rate / 60.0 * since } else { 0.0 };
+                // Below zero by no more than the leases granted in turn and
+                // not yet due (the level's debt): a lease the provider never
+                // saw spent (a limit not known when it was taken) is no debt.
+                let floor = d.level.min(0.0);
+                d.provider = Some(((r + refilled).min(d.rate) - (d.leased - marks[i])).max(floor));
                 d.big_bucket |= r > d.rate / 60.0 * BIG_BUCKET_S;
                 self.reported_ms = now;
                 if d.big_bucket && !d.rolling && d.window_seen(answered_ms.min(now), r, marks[i]) {
@@ -600,6 +727,19 @@ impl Limiter {
             }
             match self.lease(&need).await? {
                 Ok(g) => {
+                    let wait = Duration::from_millis(g.due_ms.saturating_sub(crate::kvstate::now_ms()));
+                    if !wait.is_zero() {
+                        tokio::time::sleep(wait).await;
+                    }
+                    // A lease granted long before it is due is checked once
+                    // against a pause some other worker's 429 set meanwhile.
+                    if wait > LEASE_TTL {
+                        if let Some(until) = self.paused_until().await? {
+                            let mut p = self.pool.lock().expect("pool lock");
+                            p.paused_until = p.paused_until.max(until);
+                            continue;
+                        }
+                    }
                     let mut p = self.pool.lock().expect("pool lock");
                     let expired = Instant::now() >= p.expires;
                     for i in 0..4 {
@@ -682,6 +822,26 @@ impl Limiter {
         self.seen_rate.lock().expect("seen lock")[0] < UNBOUNDED_RPM
     }
 
+    /// Until when the shared bucket pauses the key, if it does: one read.
+    async fn paused_until(&self) -> Result<Option<Instant>, Error> {
+        let limits = self.limits;
+        let mut until = None;
+        crate::kvstate::modify(
+            &self.kv,
+            "limiter",
+            &self.key,
+            |now| Bucket::full(now, limits),
+            |b: &mut Bucket, now| {
+                if b.paused_until_ms > now {
+                    until = Some(Instant::now() + Duration::from_millis(b.paused_until_ms - now));
+                }
+                false
+            },
+        )
+        .await?;
+        Ok(until)
+    }
+
     async fn lease(&self, need: &[f64; 4]) -> Result<Result<Grant, Duration>, Error> {
         let limits = self.limits;
         let pending = self.pending.lock().expect("pending lock").take();
@@ -691,7 +851,7 @@ impl Limiter {
             if let Some(p) = &pending {
                 b.report_answered(now, p.answered_ms, &p.rate, &p.marks, limits, changes);
             }
-            grant = b.take(now, need, limits);
+            grant = b.take_in_turn(now, need, limits);
             grant.is_ok() || pending.is_some()
         })
         .await?;
@@ -824,8 +984,10 @@ mod tests {
         // 4 s later a report from a call leased earlier (mark 4,000), made
         // before the baseline's: its figure is lower, yet nothing was spent late.
         assert!(!d.window_seen(4_000, 2_500.0, 4_000.0));
-        // A later call's report that shows nothing came back while the bucket had room: a window.
-        assert!(d.window_seen(8_000, 1_000.0, 6_000.0));
+        // Later calls' reports that show nothing came back while the bucket
+        // had room, check after check: a window.
+        assert!(!d.window_seen(8_000, 1_000.0, 6_000.0));
+        assert!(d.window_seen(10_000, 800.0, 6_200.0));
     }
 
     #[test]
@@ -840,9 +1002,31 @@ mod tests {
         // by arrival, 350 should have come back and 10 did. Not a window.
         b.report_answered(4_500, 1_500, &report(2_970.0), &[5_040.0; 4], L, &mut no_changes());
         assert!(!b.dims[0].rolling);
-        // A report answered 3 s after the baseline, with nothing back: a window.
+        // Reports answered 3 s after the baseline and 1.6 s after that, with
+        // nothing back: a window.
         b.report_answered(4_600, 4_000, &report(2_900.0), &[5_100.0; 4], L, &mut no_changes());
+        b.report_answered(5_700, 5_600, &report(2_880.0), &[5_120.0; 4], L, &mut no_changes());
         assert!(b.dims[0].rolling);
+    }
+
+    #[test]
+    fn a_bucket_that_looks_like_a_window_once_is_not_one() {
+        // 100 a second. Each check compares reports at least 3 s apart: the
+        // budget left, the reporting call's lease mark.
+        let mut d = Dim { rate: 6000.0, big_bucket: true, ..Default::default() };
+        assert!(!d.window_seen(10_000, 500.0, 5_000.0));
+        // As a burst ends, leases taken before the first call went after it:
+        // by the marks, nothing came back. Once is not a window...
+        assert!(!d.window_seen(13_500, 100.0, 5_300.0));
+        // ...the next check finds the refill (300 sent, 200 more left).
+        assert!(!d.window_seen(17_000, 300.0, 5_600.0));
+        assert!(d.refills);
+        // A window looks like one check after check.
+        let mut d = Dim { rate: 6000.0, big_bucket: true, ..Default::default() };
+        assert!(!d.window_seen(10_000, 500.0, 5_000.0));
+        assert!(!d.window_seen(13_500, 100.0, 5_400.0));
+        assert!(d.window_seen(17_000, 0.0, 5_500.0));
+        assert!(!d.refills);
     }
 
     #[test]
@@ -1072,6 +1256,137 @@ mod tests {
         let (window_done, refused) = run(&mut window, 9_000);
         assert_eq!(refused, 0, "429s from a window, done at {window_done} ms");
         assert!((63_300..=64_500).contains(&window_done), "{window_done} ms");
+    }
+
+    /// `workers` workers of 64 calls in flight, each sending a request a millisecond at most from
+    /// leases taken in turn ([`Bucket::take_in_turn`], as [`Limiter::acquire`]
+    /// does) and bringing its latest report with its next lease; answers take
+    /// 300 ms. Returns when the last was answered, the 429s, and the bucket
+    /// operations (reads) per request.
+    fn run_in_turn(provider: &mut Provider, items: usize, workers: usize) -> (u64, usize, f64) {
+        #[derive(Default)]
+        struct W {
+            amount: f64,
+            marks: [f64; 4],
+            due: u64,
+            asks_at: u64,
+            report: Option<(u64, f64, [f64; 4])>,
+            in_flight: usize,
+        }
+        let mut b = Bucket::full(1, L);
+        let mut changes = Vec::new();
+        let mut ws: Vec<W> = (0..workers).map(|_| W::default()).collect();
+        let mut answers: std::collections::VecDeque<(u64, usize, f64, [f64; 4])> = Default::default();
+        let (mut sent, mut done, mut refused, mut asks) = (0usize, 0usize, 0usize, 0usize);
+        let mut now = 1u64;
+        while done < items {
+            assert!(now < 600_000, "not done in 10 minutes: {done} of {items}");
+            while answers.front().is_some_and(|a| a.0 <= now) {
+                let (at, w, remaining, marks) = answers.pop_front().expect("an answer");
+                ws[w].report = Some((at, remaining, marks));
+                ws[w].in_flight -= 1;
+                done += 1;
+            }
+            for (i, w) in ws.iter_mut().enumerate() {
+                if sent == items {
+                    break;
+                }
+                if w.amount < 1.0 && now >= w.asks_at {
+                    asks += 1;
+                    b.refill(now, L, &mut changes);
+                    if let Some((at, remaining, marks)) = w.report.take() {
+                        let rate = RateInfo {
+                            remaining_requests: Some(remaining),
+                            limit_requests: Some(6000.0),
+                            ..Default::default()
+                        };
+                        b.report_answered(now, at, &rate, &marks, L, &mut changes);
+                    }
+                    match b.take_in_turn(now, &ONE, L) {
+                        Ok(g) => (w.amount, w.marks, w.due, w.asks_at) = (g.amounts[0], g.marks, g.due_ms, g.due_ms),
+                        Err(wait) => w.asks_at = now + wait.as_millis() as u64,
+                    }
+                }
+                if w.amount >= 1.0 && now >= w.due && w.in_flight < 64 {
+                    w.amount -= 1.0;
+                    if provider.call(now) {
+                        sent += 1;
+                        w.in_flight += 1;
+                        answers.push_back((now + 300, i, provider.remaining(now), w.marks));
+                    } else {
+                        refused += 1;
+                        w.amount = 0.0;
+                        let rate = RateInfo { remaining_requests: Some(0.0), ..Default::default() };
+                        b.refill(now, L, &mut changes);
+                        b.rate_limited(now, Duration::from_secs(1), &rate, L, &mut changes);
+                    }
+                }
+            }
+            now += 1;
+        }
+        (now, refused, asks as f64 / items as f64)
+    }
+
+    #[test]
+    fn workers_taking_leases_in_turn_ask_once_a_lease_and_keep_to_the_limit() {
+        // workers: (done by, in ms; bucket operations per request at most).
+        // A provider bucket of 6,000 that starts full, 100 a second after:
+        // 6,000 at once, the other 3,000 in 30 s, plus a latency. Asking in
+        // turn, a worker's lease is 10 requests (0.1 s): a tenth of an
+        // operation per request whatever the number of workers; the burst's
+        // leases of 32 cost less.
+        for (workers, by, ops) in [(4, 31_500, 0.1), (16, 31_500, 0.1), (64, 32_000, 0.1)] {
+            let (done_at, refused, per_request) = run_in_turn(&mut Provider::new(false), 9_000, workers);
+            // The burst's last leases of 32 per worker, granted before a
+            // report and spent after it, can meet a spent budget: a few 429s
+            // where it ends (polling the bucket met as many).
+            assert!(refused <= 9_000 / 200, "{workers} workers: {refused} 429s");
+            assert!((30_000..=by).contains(&done_at), "{workers} workers: done at {done_at} ms");
+            assert!(per_request <= ops, "{workers} workers: {per_request:.3} operations per request");
+        }
+        // A window: the rest goes as the first burst ages out, in turn too.
+        // (With 16 workers the burst is gone in 2 s, before two checks of
+        // reports 1.5 s apart can tell a window: polling fared no better.)
+        let workers = 4;
+        let (done_at, refused, per_request) = run_in_turn(&mut Provider::new(true), 9_000, workers);
+        assert!(refused <= 9_000 / 200, "{workers} workers: {refused} 429s from a window, done at {done_at} ms");
+        assert!((63_300..=65_000).contains(&done_at), "{workers} workers: {done_at} ms");
+        assert!(per_request <= 0.2, "{workers} workers: {per_request:.3} operations per request");
+    }
+
+    #[test]
+    fn a_short_bucket_grants_the_next_lease_in_turn() {
+        let mut b = Bucket::full(0, L);
+        b.dims[0].level = 0.0;
+        // 100 requests a second, leases of 10: each due 0.1 s after the one before.
+        for due in [100, 200, 300] {
+            let g = b.take_in_turn(0, &ONE, L).unwrap();
+            assert_eq!((g.amounts[0], g.due_ms), (10.0, due));
+        }
+        assert_eq!(b.dims[0].level, -30.0);
+        // No further than 10 s ahead: the next asks again when its turn is near.
+        b.dims[0].level = -995.0;
+        assert_eq!(b.take_in_turn(0, &ONE, L).unwrap_err(), Duration::from_millis(50));
+        // A pause (a 429's Retry-After) is waited out, not scheduled around.
+        let mut b = Bucket::full(0, L);
+        b.paused_until_ms = 2_000;
+        assert_eq!(b.take_in_turn(0, &ONE, L).unwrap_err(), Duration::from_secs(2));
+        // A window's spent budget comes back when its slot ages out: that wait stands.
+        let mut b = Bucket::full(0, L);
+        b.dims[0].level = 0.0;
+        b.dims[0].rolling = true;
+        b.dims[0].provider = Some(0.0);
+        b.dims[0].spent = vec![(4, 50.0)];
+        assert_eq!(b.take_in_turn(5_000, &ONE, L).unwrap_err(), Duration::from_millis(58_000));
+        // A burst granted from the provider's budget leaves a debt in turn whole.
+        let mut b = Bucket::full(0, L);
+        b.dims[0].level = -300.0;
+        b.dims[0].big_bucket = true;
+        b.dims[0].provider = Some(3_000.0);
+        b.reported_ms = 1;
+        let g = b.take_in_turn(0, &ONE, L).unwrap();
+        assert_eq!((g.amounts[0], g.due_ms), (32.0, 0));
+        assert_eq!(b.dims[0].level, -300.0);
     }
 
     #[test]
