@@ -234,9 +234,14 @@ impl Dim {
         if !room {
             return false;
         }
-        if came_back >= expected * 0.25 {
+        if came_back >= expected * 0.75 {
+            // Clearly a bucket.
             self.refills = true;
             self.window_hints = 0;
+            return false;
+        }
+        if came_back >= expected * 0.25 {
+            // Neither: leases spent out of order blur a check either way.
             return false;
         }
         // Marks count what was sent between two calls only as well as leases
@@ -534,7 +539,8 @@ impl Bucket {
                 // (A worker brings its report with its next lease: with many
                 // workers taking turns, seconds after the answer.)
                 let since = now.saturating_sub(answered_ms) as f64 / 1000.0;
-                let refilled = if d.refills || !d.big_bucket { d.rate / 60.0 * since } else { 0.0 };
+                let bucket = !d.rolling && (d.refills || !d.big_bucket);
+                let refilled = if bucket { d.rate / 60.0 * since } else { 0.0 };
                 // Below zero by no more than the leases granted in turn and
                 // not yet due (the level's debt): a lease the provider never
                 // saw spent (a limit not known when it was taken) is no debt.
@@ -544,6 +550,7 @@ impl Bucket {
                 self.reported_ms = now;
                 if d.big_bucket && !d.rolling && d.window_seen(answered_ms.min(now), r, marks[i]) {
                     d.rolling = true;
+                    d.refills = false;
                     changes.push(Change {
                         dim: DIM_NAMES[i],
                         from: d.rate,
