@@ -17,8 +17,9 @@
 //! What the provider says is used, never trusted blindly:
 //! - **Its burst.** Providers' buckets hold a minute's budget and start full;
 //!   `*-remaining` headers say what is left. The bucket keeps an estimate of
-//!   the provider's remaining budget (the figure reported, less what was
-//!   leased since the reporting call was leased). Where the provider's bucket
+//!   the provider's remaining budget (the figure reported, plus a bucket's
+//!   refill since the answer, less what was leased since the reporting call
+//!   was leased). Where the provider's bucket
 //!   proved large (over 2 s of budget reported at once) that estimate is spent
 //!   down to 0.2 s' worth beyond the steady rate; otherwise, or without a
 //!   fresh report, the bucket paces at the steady rate with a burst of 0.2 s,
@@ -99,6 +100,17 @@ const AHEAD_S: f64 = 10.0;
 /// the slot's end, plus the time a lease may wait before it is spent.
 fn frees_at(slot: u64) -> u64 {
     (slot + 1) * SLOT_MS + WINDOW_MS + LEASE_TTL.as_millis() as u64
+}
+
+/// A lease in dimension `i` at `per_s` a second: a tenth of a second's
+/// budget, at least one call's `need`, at most `most`; whole requests.
+fn lease_size(i: usize, per_s: f64, need: f64, most: f64) -> f64 {
+    let g = (per_s * LEASE_S).max(need).min(most);
+    if i == 0 {
+        g.floor().max(1.0)
+    } else {
+        g
+    }
 }
 
 /// The dimensions, in the order of [`Bucket::dims`].
@@ -413,8 +425,7 @@ impl Bucket {
             }
             let d = &mut self.dims[i];
             let per_s = d.rate / 60.0;
-            let paced = (per_s * LEASE_S).max(cost[i]).min(d.level.max(cost[i]));
-            let g = if i == 0 { paced.floor().max(1.0) } else { paced }.max(requests * cost[i]);
+            let g = lease_size(i, per_s, cost[i], d.level.max(cost[i])).max(requests * cost[i]);
             grant.amounts[i] = g;
             grant.marks[i] = d.leased;
             d.leased += g;
@@ -464,8 +475,7 @@ impl Bucket {
             let d = &self.dims[i];
             let per_s = (d.rate / 60.0).max(1e-9);
             let need = cost[i];
-            let g = (per_s * LEASE_S).max(need);
-            let g = if i == 0 { g.floor().max(1.0) } else { g };
+            let g = lease_size(i, per_s, need, f64::INFINITY);
             amounts[i] = g;
             if d.rate >= UNBOUNDED_RPM {
                 continue;
@@ -1028,7 +1038,7 @@ mod tests {
 
     #[test]
     fn a_bucket_that_looks_like_a_window_once_is_not_one() {
-        // 100 a second. Each check compares reports at least 3 s apart: the
+        // 100 a second. Each check compares reports at least 1.5 s apart: the
         // budget left, the reporting call's lease mark.
         let mut d = Dim { rate: 6000.0, big_bucket: true, ..Default::default() };
         assert!(!d.window_seen(10_000, 500.0, 5_000.0));
