@@ -25,7 +25,7 @@
 //! holds and wants nothing leaves the entry and waits until it has calls.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -163,16 +163,28 @@ impl CapState {
             return;
         }
         if fb.ok > 0 {
-            // Not far beyond the demand, so the window means something when it
-            // is cut; but a dip in demand between chunks does not shrink it.
-            let demand: u32 = self.holders.values().map(|h| h.want.max(h.held)).sum::<u32>().max(want);
-            let ceiling = ((2 * demand) as f64).max(INITIAL_WINDOW);
+            let ceiling = self.ceiling(want);
             if self.window < ceiling {
                 self.window +=
                     if self.window < self.ssthresh { fb.ok as f64 } else { fb.ok as f64 / self.window.max(1.0) };
                 self.window = self.window.min(ceiling);
             }
         }
+    }
+
+    /// How far successes may grow the window: not far beyond the demand (twice
+    /// it), so the window means something when it is cut; but a dip in demand
+    /// between chunks does not shrink it.
+    fn ceiling(&self, want: u32) -> f64 {
+        let demand: u32 = self.holders.values().map(|h| h.want.max(h.held)).sum::<u32>().max(want);
+        ((2 * demand) as f64).max(INITIAL_WINDOW)
+    }
+
+    /// Whether successes can still grow the window (below its ceiling and
+    /// the configured cap, 0: none): only then is their news worth an early
+    /// renewal.
+    pub fn can_grow(&self, want: u32, configured: u32) -> bool {
+        self.window < self.ceiling(want) && (configured == 0 || self.window < configured as f64)
     }
 
     /// The calls in flight allowed now: the window, within the configured cap (0: none).
@@ -251,6 +263,9 @@ pub struct Cap {
     holders: AtomicUsize,
     /// The window at the last renewal: sets the batch of finished calls.
     window: AtomicU32,
+    /// The window could still grow at the last renewal: finished calls
+    /// wake an early renewal only then.
+    growing: AtomicBool,
 }
 
 impl Cap {
@@ -265,6 +280,7 @@ impl Cap {
             wake: Notify::new(),
             holders: AtomicUsize::new(1),
             window: AtomicU32::new(INITIAL_WINDOW as u32),
+            growing: AtomicBool::new(true),
         });
         let key = format!("cc.{}.{}", common::nats::key_part(key_id), common::nats::key_part(model));
         let (me, weak) = (worker.to_string(), Arc::downgrade(&this));
@@ -312,6 +328,7 @@ impl Cap {
         let mut new_held = held_before;
         let mut holders = 1;
         let mut window = INITIAL_WINDOW as u32;
+        let mut growing = true;
         let result = crate::kvstate::modify(
             store,
             "window",
@@ -327,6 +344,7 @@ impl Cap {
                 }
                 holders = s.live_holders(now).max(1);
                 window = s.limit(cap);
+                growing = s.can_grow(want, cap);
                 worth_writing(&before, s, me, now, p)
             },
         )
@@ -348,6 +366,8 @@ impl Cap {
         }
         self.holders.store(holders, Ordering::Release);
         self.window.store(window, Ordering::Release);
+        self.growing.store(growing, Ordering::Release);
+        tracing::debug!(want, held_before, new_held, in_use, window, holders, growing, ok = fb.ok, "window renewed");
         Ok(if idle {
             Standing::Idle
         } else if want > new_held {
@@ -358,12 +378,16 @@ impl Cap {
     }
 
     /// Reports a finished call: successes grow the window, server errors and
-    /// timeouts shrink it (at once).
+    /// timeouts shrink it (at once). A window that cannot grow (at its
+    /// ceiling or the configured cap) hears of successes at the next
+    /// keep-alive: with 64 workers, renewing early for news nobody could use
+    /// cost 0.3 cluster-state requests per call (`scripts/bench scale`).
     pub fn record(&self, ok: bool) {
         if ok {
             let n = self.ok.fetch_add(1, Ordering::AcqRel) + 1;
             let batch = ok_batch(self.window.load(Ordering::Acquire)) as usize;
-            if n as usize >= (self.held.load(Ordering::Acquire) / 2).max(batch) {
+            if self.growing.load(Ordering::Acquire) && n as usize >= (self.held.load(Ordering::Acquire) / 2).max(batch)
+            {
                 self.wake.notify_one();
             }
         } else {
@@ -525,6 +549,23 @@ mod tests {
             s.adapt(Feedback { ok: 3, failed: 0 }, t, 3);
         }
         assert!(s.limit(0) <= 6, "{}", s.limit(0));
+    }
+
+    #[test]
+    fn successes_are_news_only_while_the_window_can_grow() {
+        // window, this worker's want, others' (want, held), configured cap: can grow?
+        for (window, want, others, cap, grows) in [
+            (4.0, 10, (0, 0), 0, true),        // slow start
+            (19.0, 10, (0, 0), 0, true),       // below twice the demand
+            (20.0, 10, (0, 0), 0, false),      // at twice the demand
+            (20.0, 10, (30, 10), 0, true),     // another worker wants more (want, calls under way)
+            (20.0, 10, (30, 10), 20, false),   // at the configured cap
+            (8_192.0, 64, (64, 64), 0, false), // 64 workers' steady state, as measured
+        ] {
+            let mut s = CapState { window, ..Default::default() };
+            s.rebalance_for("b", 100, others.0, others.1, 0, 1_000);
+            assert_eq!(s.can_grow(want, cap), grows, "{window} {want} {others:?} {cap}");
+        }
     }
 
     #[test]

@@ -38,8 +38,13 @@
 //!   and nothing before. Reports at least 1.5 s apart tell them apart: if
 //!   the budget the provider reports, plus what was leased between the two
 //!   reporting calls, came back at under a quarter of the steady rate while
-//!   the bucket had room, twice in a row, the dimension is a window from
-//!   then on. The bucket
+//!   the bucket had room, the dimension is a window from then on. Leases
+//!   taken before a reporting call and spent after it blur that sum, by up
+//!   to a lease per worker calling the model: the two reports must be far
+//!   enough apart that a quarter of the refill exceeds it (5 s with 4
+//!   workers at 6,000 a minute; with 64 workers at 20,000 never within a
+//!   burst, which is what made them stall on a window that was not there).
+//!   The bucket
 //!   then keeps what it leased by half-second over the last minute, and the
 //!   provider's budget is credited as each half-second's leases age out
 //!   (late by one lease's lifetime, to be safe), never by the steady rate.
@@ -100,6 +105,16 @@ const AHEAD_S: f64 = 10.0;
 /// the slot's end, plus the time a lease may wait before it is spent.
 fn frees_at(slot: u64) -> u64 {
     (slot + 1) * SLOT_MS + WINDOW_MS + LEASE_TTL.as_millis() as u64
+}
+
+/// The most a window check in dimension `d` can be misled by leases taken
+/// before a reporting call and spent after it: one lease in flight per
+/// worker calling the model, of at most [`BURST_LEASE`] requests (or a
+/// paced lease, if larger), at what a request has cost on average in that
+/// dimension (all leased in it over all leased requests).
+fn blur(workers: usize, requests_leased: f64, d: &Dim) -> f64 {
+    let per_request = if requests_leased > 0.0 { d.leased / requests_leased } else { 1.0 };
+    workers as f64 * (BURST_LEASE * per_request).max(d.rate / 60.0 * LEASE_S)
 }
 
 /// A lease in dimension `i` at `per_s` a second: a tenth of a second's
@@ -195,13 +210,6 @@ pub struct Dim {
     /// bucket, not a window): a late report may be credited the refill since.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub refills: bool,
-    /// Refill checks in a row that looked like a window.
-    #[serde(default, skip_serializing_if = "is_zero")]
-    pub window_hints: u8,
-}
-
-fn is_zero(n: &u8) -> bool {
-    *n == 0
 }
 
 impl Dim {
@@ -224,8 +232,11 @@ impl Dim {
 
     /// Compares a report (budget `r`, by a call leased at `mark`) with the
     /// baseline: true if the budget came back at under a quarter of the
-    /// steady rate while a bucket would have had room for it.
-    fn window_seen(&mut self, now: u64, r: f64, mark: f64) -> bool {
+    /// steady rate while a bucket would have had room for it. `blur` is the
+    /// most that leases taken before the baseline's call and spent after it
+    /// can hide (one lease per worker, see [`blur`]): a check over too short
+    /// a time to see past it waits for a later report.
+    fn window_seen(&mut self, now: u64, r: f64, mark: f64, blur: f64) -> bool {
         let Some((t1, r1, m1)) = self.baseline else {
             self.baseline = Some((now, r, mark));
             return false;
@@ -239,31 +250,30 @@ impl Dim {
         if mark < m1 {
             return false;
         }
-        self.baseline = Some((now, r, mark));
         let expected = self.rate / 60.0 * (now - t1) as f64 / 1000.0;
-        let came_back = r - r1 + (mark - m1);
-        let room = r1 + expected < self.rate * 0.95;
-        if !room {
+        if r1 + expected >= self.rate * 0.95 {
+            // A bucket this full could not have taken the refill: the
+            // baseline tells nothing; this report may.
+            self.baseline = Some((now, r, mark));
             return false;
         }
+        if blur > expected * 0.25 {
+            // What the leases in flight can hide is more than a window's
+            // sign: with 64 workers, 64 leases of 32 at a burst's end looked
+            // like a window and stalled the cluster for 40 s. Compare with a
+            // later report, over a longer time.
+            return false;
+        }
+        self.baseline = Some((now, r, mark));
+        let came_back = r - r1 + (mark - m1);
         if came_back >= expected * 0.75 {
             // Clearly a bucket.
             self.refills = true;
-            self.window_hints = 0;
             return false;
         }
-        if came_back >= expected * 0.25 {
-            // Neither: leases spent out of order blur a check either way.
-            return false;
-        }
-        // Marks count what was sent between two calls only as well as leases
-        // are spent in the order they were taken: with many workers, the end
-        // of a burst can look like a window once (leases taken before the
-        // first call spent after it). A window looks like one check after
-        // check; 64 workers once stalled 35 s on one seen once
-        // (`scripts/bench scale --workers 64`).
-        self.window_hints += 1;
-        self.window_hints >= 2
+        // Under a quarter, over a time long enough to see past the leases
+        // in flight: a window. (Between a quarter and three quarters: neither.)
+        came_back < expected * 0.25
     }
 }
 
@@ -517,7 +527,7 @@ impl Bucket {
     /// Takes in a report of the provider's budget and limits, made by a call
     /// leased at `marks` and answered just now.
     pub fn report(&mut self, now: u64, rate: &RateInfo, marks: &[f64; 4], l: Limits, changes: &mut Vec<Change>) {
-        self.report_answered(now, now, rate, marks, l, changes);
+        self.report_answered(now, now, rate, marks, 1, l, changes);
     }
 
     /// [`Bucket::report`] of a call answered at `answered_ms`: a worker
@@ -526,12 +536,15 @@ impl Bucket {
     /// were answered: by when they reached the bucket, a report that waited
     /// made the budget look as if it had not come back, and 64 workers then
     /// stalled for 40 s on a window that was not there (`scripts/bench scale`).
+    /// `workers`: the workers calling the model (each may hold a lease).
+    #[allow(clippy::too_many_arguments)]
     pub fn report_answered(
         &mut self,
         now: u64,
         answered_ms: u64,
         rate: &RateInfo,
         marks: &[f64; 4],
+        workers: usize,
         l: Limits,
         changes: &mut Vec<Change>,
     ) {
@@ -541,9 +554,11 @@ impl Bucket {
         let remaining =
             [rate.remaining_requests, rate.remaining_tokens, rate.remaining_input_tokens, rate.remaining_output_tokens];
         let active = self.active(l);
+        let requests_leased = self.dims[0].leased;
         for i in 0..4 {
             if let (true, Some(r)) = (active[i], remaining[i]) {
                 let d = &mut self.dims[i];
+                let blur = blur(workers, requests_leased, d);
                 // What was leased after the reporting call is not in the
                 // figure yet; what a bucket refilled since the answer is.
                 // (A worker brings its report with its next lease: with many
@@ -558,7 +573,7 @@ impl Bucket {
                 d.provider = Some(((r + refilled).min(d.rate) - (d.leased - marks[i])).max(floor));
                 d.big_bucket |= r > d.rate / 60.0 * BIG_BUCKET_S;
                 self.reported_ms = now;
-                if d.big_bucket && !d.rolling && d.window_seen(answered_ms.min(now), r, marks[i]) {
+                if d.big_bucket && !d.rolling && d.window_seen(answered_ms.min(now), r, marks[i], blur) {
                     d.rolling = true;
                     d.refills = false;
                     changes.push(Change {
@@ -694,6 +709,10 @@ pub struct Limiter {
     pending: Mutex<Option<Pending>>,
     /// The effective request rate seen at the last lease.
     seen_rate: Mutex<[f64; 4]>,
+    /// Workers calling this key and model (as the window of calls in flight
+    /// last counted them): each may hold a lease, which blurs what a report
+    /// says ([`blur`]).
+    workers: std::sync::atomic::AtomicUsize,
     /// One caller at a time takes from the pool or leases more; callers
     /// take turns by job, so a new job's items do not queue behind every
     /// item of an earlier one.
@@ -729,12 +748,21 @@ impl Limiter {
             }),
             pending: Mutex::new(None),
             seen_rate: Mutex::new(limits.per_minute()),
+            workers: std::sync::atomic::AtomicUsize::new(1),
             leasing: crate::fair::FairSemaphore::new(1),
         }
     }
 
     /// Waits until one request of `job` of `project` costing about `cost` may be sent.
-    pub async fn acquire(&self, project: &str, job: uuid::Uuid, cost: Cost) -> Result<Reservation, Error> {
+    /// `workers`: the workers calling this key and model, this one included.
+    pub async fn acquire(
+        &self,
+        project: &str,
+        job: uuid::Uuid,
+        cost: Cost,
+        workers: usize,
+    ) -> Result<Reservation, Error> {
+        self.workers.store(workers.max(1), std::sync::atomic::Ordering::Relaxed);
         let need = cost.amounts(cost.max_output);
         let _turn = self.leasing.acquire(project, job).await;
         loop {
@@ -755,6 +783,11 @@ impl Limiter {
             match self.lease(&need).await? {
                 Ok(g) => {
                     let wait = Duration::from_millis(g.due_ms.saturating_sub(crate::kvstate::now_ms()));
+                    let counted = self.knows_request_limit();
+                    if counted {
+                        let how = if wait.is_zero() { "now" } else { "in_turn" };
+                        crate::metrics::lease(&self.labels.0, &self.labels.1, how, g.amounts[0]);
+                    }
                     if !wait.is_zero() {
                         tokio::time::sleep(wait).await;
                     }
@@ -769,6 +802,15 @@ impl Limiter {
                     }
                     let mut p = self.pool.lock().expect("pool lock");
                     let expired = Instant::now() >= p.expires;
+                    if expired && counted && p.amounts[0] >= 1.0 {
+                        crate::metrics::lease_unspent(&self.labels.0, &self.labels.1, p.amounts[0].floor());
+                        tracing::debug!(
+                            unspent = p.amounts[0].floor(),
+                            granted = g.amounts[0],
+                            waited_ms = wait.as_millis() as u64,
+                            "lease expired unspent"
+                        );
+                    }
                     for i in 0..4 {
                         p.amounts[i] = if expired { g.amounts[i] } else { p.amounts[i] + g.amounts[i] };
                     }
@@ -814,9 +856,10 @@ impl Limiter {
             return Ok(());
         }
         let (rate, marks, limits) = (*rate, r.marks, self.limits);
+        let workers = self.workers.load(std::sync::atomic::Ordering::Relaxed);
         self.modify(|b, now, changes| {
             b.refill(now, limits, changes);
-            b.report(now, &rate, &marks, limits, changes);
+            b.report_answered(now, now, &rate, &marks, workers, limits, changes);
             true
         })
         .await
@@ -871,12 +914,13 @@ impl Limiter {
 
     async fn lease(&self, need: &[f64; 4]) -> Result<Result<Grant, Duration>, Error> {
         let limits = self.limits;
+        let workers = self.workers.load(std::sync::atomic::Ordering::Relaxed);
         let pending = self.pending.lock().expect("pending lock").take();
         let mut grant = Err(Duration::ZERO);
         self.modify(|b, now, changes| {
             b.refill(now, limits, changes);
             if let Some(p) = &pending {
-                b.report_answered(now, p.answered_ms, &p.rate, &p.marks, limits, changes);
+                b.report_answered(now, p.answered_ms, &p.rate, &p.marks, workers, limits, changes);
             }
             grant = b.take_in_turn(now, need, limits);
             grant.is_ok() || pending.is_some()
@@ -1007,14 +1051,13 @@ mod tests {
     fn a_report_older_than_the_baseline_does_not_make_a_bucket_a_window() {
         let mut d = Dim { rate: 6000.0, ..Default::default() };
         // Baseline: 3,000 left, reported by a call leased at mark 5,000.
-        assert!(!d.window_seen(0, 3_000.0, 5_000.0));
+        assert!(!d.window_seen(0, 3_000.0, 5_000.0, 0.0));
         // 4 s later a report from a call leased earlier (mark 4,000), made
         // before the baseline's: its figure is lower, yet nothing was spent late.
-        assert!(!d.window_seen(4_000, 2_500.0, 4_000.0));
-        // Later calls' reports that show nothing came back while the bucket
-        // had room, check after check: a window.
-        assert!(!d.window_seen(8_000, 1_000.0, 6_000.0));
-        assert!(d.window_seen(10_000, 800.0, 6_200.0));
+        assert!(!d.window_seen(4_000, 2_500.0, 4_000.0, 0.0));
+        // A later call's report that shows nothing came back while the
+        // bucket had room: a window.
+        assert!(d.window_seen(8_000, 1_000.0, 6_000.0, 0.0));
     }
 
     #[test]
@@ -1023,37 +1066,61 @@ mod tests {
         // latest report with their next lease, seconds after the answer.
         let mut b = Bucket::full(0, L);
         let report = |left| RateInfo { remaining_requests: Some(left), ..Default::default() };
-        b.report_answered(1_000, 1_000, &report(3_000.0), &[5_000.0; 4], L, &mut no_changes());
+        b.report_answered(1_000, 1_000, &report(3_000.0), &[5_000.0; 4], 1, L, &mut no_changes());
         assert!(b.dims[0].big_bucket);
         // Answered 0.5 s later (50 back, 40 leased since), taken in 3.5 s later:
         // by arrival, 350 should have come back and 10 did. Not a window.
-        b.report_answered(4_500, 1_500, &report(2_970.0), &[5_040.0; 4], L, &mut no_changes());
+        b.report_answered(4_500, 1_500, &report(2_970.0), &[5_040.0; 4], 1, L, &mut no_changes());
         assert!(!b.dims[0].rolling);
         // Reports answered 3 s after the baseline and 1.6 s after that, with
         // nothing back: a window.
-        b.report_answered(4_600, 4_000, &report(2_900.0), &[5_100.0; 4], L, &mut no_changes());
-        b.report_answered(5_700, 5_600, &report(2_880.0), &[5_120.0; 4], L, &mut no_changes());
+        b.report_answered(4_600, 4_000, &report(2_900.0), &[5_100.0; 4], 1, L, &mut no_changes());
+        b.report_answered(5_700, 5_600, &report(2_880.0), &[5_120.0; 4], 1, L, &mut no_changes());
         assert!(b.dims[0].rolling);
     }
 
     #[test]
-    fn a_bucket_that_looks_like_a_window_once_is_not_one() {
-        // 100 a second. Each check compares reports at least 1.5 s apart: the
-        // budget left, the reporting call's lease mark.
-        let mut d = Dim { rate: 6000.0, big_bucket: true, ..Default::default() };
-        assert!(!d.window_seen(10_000, 500.0, 5_000.0));
-        // As a burst ends, leases taken before the first call went after it:
-        // by the marks, nothing came back. Once is not a window...
-        assert!(!d.window_seen(13_500, 100.0, 5_300.0));
-        // ...the next check finds the refill (300 sent, 200 more left).
-        assert!(!d.window_seen(17_000, 300.0, 5_600.0));
+    fn what_the_workers_leases_can_hide_is_not_taken_for_a_window() {
+        // 100 a second. Reports: when answered, the budget left, the
+        // reporting call's lease mark. A burst ends: 400 fewer left, 300
+        // leased between the two calls, so by the marks 100 went missing
+        // instead of 350 coming back.
+        let (baseline, burst_end) = ((10_000, 500.0, 5_000.0), (13_500, 100.0, 5_300.0));
+        let dim = || Dim { rate: 6000.0, big_bucket: true, ..Default::default() };
+        // From one worker, whose leases are spent in order: a window.
+        let mut d = dim();
+        assert!(!d.window_seen(baseline.0, baseline.1, baseline.2, blur(1, 0.0, &d)));
+        assert!(d.window_seen(burst_end.0, burst_end.1, burst_end.2, blur(1, 0.0, &d)));
+        // From 64 workers, each of which may hold a lease of 32 taken before
+        // the first call and spent after it (2,048 requests): no sign at all.
+        // Every later check is as blurred, and the baseline stays, until the
+        // refill over the whole time shows a bucket.
+        let mut d = dim();
+        let blur64 = blur(64, 0.0, &d);
+        assert_eq!(blur64, 2_048.0);
+        assert!(!d.window_seen(baseline.0, baseline.1, baseline.2, blur64));
+        assert!(!d.window_seen(burst_end.0, burst_end.1, burst_end.2, blur64));
+        assert!(!d.window_seen(17_000, 300.0, 5_600.0, blur64));
+        assert_eq!(d.baseline, Some(baseline), "a blurred check keeps its baseline");
+        assert!(!d.rolling && !d.refills);
+        // With 4 workers (128 hidden at most) the check waits until a
+        // quarter of the refill is past what leases can hide: 5.12 s.
+        let mut d = dim();
+        let blur4 = blur(4, 0.0, &d);
+        assert!(!d.window_seen(baseline.0, baseline.1, baseline.2, blur4));
+        assert!(!d.window_seen(13_500, 100.0, 5_300.0, blur4));
+        assert!(!d.window_seen(17_000, 450.0, 5_600.0, blur4), "7 s: 600 sent, 450 left: a bucket");
         assert!(d.refills);
-        // A window looks like one check after check.
-        let mut d = Dim { rate: 6000.0, big_bucket: true, ..Default::default() };
-        assert!(!d.window_seen(10_000, 500.0, 5_000.0));
-        assert!(!d.window_seen(13_500, 100.0, 5_400.0));
-        assert!(d.window_seen(17_000, 0.0, 5_500.0));
-        assert!(!d.refills);
+        // A window seen over as long: nothing came back.
+        let mut d = dim();
+        assert!(!d.window_seen(baseline.0, baseline.1, baseline.2, blur4));
+        assert!(!d.window_seen(13_500, 100.0, 5_300.0, blur4));
+        assert!(d.window_seen(17_000, 0.0, 5_500.0, blur4));
+        // A baseline from a bucket too full to take the refill is replaced.
+        let mut d = dim();
+        assert!(!d.window_seen(0, 5_900.0, 100.0, blur4));
+        assert!(!d.window_seen(6_000, 5_000.0, 1_000.0, blur4));
+        assert_eq!(d.baseline, Some((6_000, 5_000.0, 1_000.0)));
     }
 
     #[test]
@@ -1327,7 +1394,7 @@ mod tests {
                             limit_requests: Some(6000.0),
                             ..Default::default()
                         };
-                        b.report_answered(now, at, &rate, &marks, L, &mut changes);
+                        b.report_answered(now, at, &rate, &marks, workers, L, &mut changes);
                     }
                     match b.take_in_turn(now, &ONE, L) {
                         Ok(g) => (w.amount, w.marks, w.due, w.asks_at) = (g.amounts[0], g.marks, g.due_ms, g.due_ms),
@@ -1403,7 +1470,7 @@ mod tests {
             limit_output_tokens: Some(120_000.0),
             ..Default::default()
         };
-        b.report_answered(300, 300, &rate, &first.marks, l, &mut no_changes());
+        b.report_answered(300, 300, &rate, &first.marks, 1, l, &mut no_changes());
         let mut calls = 0.0;
         for now in 300..1_300u64 {
             b.refill(now, l, &mut no_changes());

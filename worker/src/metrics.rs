@@ -51,6 +51,14 @@ pub const DB_CONNECTIONS: &str = "sluice_db_connections";
 /// limiter, window, breaker, learned; `op`: read, write, conflict): divided
 /// by `sluice_model_calls_total`, the cluster-state traffic per model call.
 pub const STATE_REQUESTS: &str = "sluice_cluster_state_requests_total";
+/// Leases of a key and model's request budget taken from the shared
+/// bucket (label `how`: now, or in_turn when granted ahead and due later).
+pub const LEASES: &str = "sluice_rate_limit_leases_total";
+/// Requests' budget those leases held: divided by the leases, the mean lease.
+pub const LEASED_REQUESTS: &str = "sluice_rate_limit_leased_requests_total";
+/// Requests' budget leased and let expire unspent (lost to the cluster
+/// until the provider's next report).
+pub const UNSPENT_REQUESTS: &str = "sluice_rate_limit_unspent_requests_total";
 
 /// Every metric the worker exports (docs/metrics.md lists them).
 pub const ALL: &[&str] = &[
@@ -73,6 +81,9 @@ pub const ALL: &[&str] = &[
     DB_ACQUIRE_SECONDS,
     DB_CONNECTIONS,
     STATE_REQUESTS,
+    LEASES,
+    LEASED_REQUESTS,
+    UNSPENT_REQUESTS,
 ];
 
 /// Counts one request to the shared state `state` (`op`: read, write, conflict).
@@ -109,6 +120,9 @@ pub fn cache_hits(n: u64) {
 }
 
 pub fn describe() {
+    metrics::describe_counter!(LEASES, "Leases of a key and model's request budget, by how granted (now, in_turn)");
+    metrics::describe_counter!(LEASED_REQUESTS, "Requests' budget leased, by how granted (now, in_turn)");
+    metrics::describe_counter!(UNSPENT_REQUESTS, "Requests' budget leased and let expire unspent");
     metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION"), "component" => "worker").set(1.0);
     metrics::describe_counter!(RATE_LIMIT_PAUSES, "Pauses of a key and model for the whole cluster after a 429");
     metrics::describe_counter!(
@@ -168,6 +182,19 @@ pub fn chunk(outcome: &'static str, succeeded: u64, failed: u64) {
 pub fn rate_limit(key_id: &str, model: &str, limit: &'static str, per_minute: f64) {
     metrics::gauge!(RATE_LIMIT, "key_id" => key_id.to_string(), "model" => model.to_string(), "limit" => limit)
         .set(per_minute);
+}
+
+/// Records a lease of `requests` requests' budget (`how`: now, in_turn).
+pub fn lease(key_id: &str, model: &str, how: &'static str, requests: f64) {
+    let labels = [("key_id", key_id.to_string()), ("model", model.to_string()), ("how", how.to_string())];
+    metrics::counter!(LEASES, &labels).increment(1);
+    metrics::counter!(LEASED_REQUESTS, &labels).increment(requests.round() as u64);
+}
+
+/// Records `requests` requests' budget of a lease that expired unspent.
+pub fn lease_unspent(key_id: &str, model: &str, requests: f64) {
+    let labels = [("key_id", key_id.to_string()), ("model", model.to_string())];
+    metrics::counter!(UNSPENT_REQUESTS, &labels).increment(requests.round() as u64);
 }
 
 /// Records a pause of a key and model after a 429.

@@ -475,7 +475,7 @@ impl ItemRun<'_> {
             let waiting = ctx.watch.waiting(Wait::RateLimit);
             let reservation = match &limiter {
                 Some(l) => tokio::select! {
-                    r = l.acquire(ctx.project, ctx.job_id, cost_estimate) => Some(r?),
+                    r = l.acquire(ctx.project, ctx.job_id, cost_estimate, cap.holders()) => Some(r?),
                     _ = ctx.stop.cancelled() => return Ok(ModelEnd::Stopping),
                 },
                 None => None,
