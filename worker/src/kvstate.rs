@@ -33,12 +33,14 @@ pub fn now_ms() -> u64 {
 pub const MAX_CONFLICTS: usize = 100;
 
 /// The pause before trying again after the `n`th conflict in a row: up to
-/// 2^n ms (at most 32), by `draw` (0 to 1). Workers that met on one key then
-/// try again apart rather than together: with 64 workers leasing from one
-/// bucket, retrying at once cost seven conflicts per write (`scripts/bench
-/// scale --workers 64`).
+/// 2^(n+3) ms (16 ms after the first, at most 128), by `draw` (0 to 1).
+/// Workers that met on one key then try again apart rather than together:
+/// with 64 workers leasing from one bucket, retrying at once cost seven
+/// conflicts per write, pauses of up to 2^n ms five to six, these about
+/// three (0.09 conflicts per call against 0.19-0.26; `scripts/bench scale
+/// --workers 64`). A lease waits a few ms more where calls take hundreds.
 pub fn conflict_pause(n: usize, draw: f64) -> std::time::Duration {
-    let most = (1u64 << n.min(5)) as f64;
+    let most = (1u64 << (n + 3).min(7)) as f64;
     std::time::Duration::from_secs_f64(most * draw.clamp(0.0, 1.0) / 1000.0)
 }
 
@@ -111,7 +113,7 @@ mod tests {
         let us = |d: std::time::Duration| d.as_micros();
         // conflicts in a row, draw: the pause
         for (n, d, pause) in
-            [(1, 1.0, 2_000), (1, 0.5, 1_000), (3, 1.0, 8_000), (5, 1.0, 32_000), (40, 1.0, 32_000), (4, 0.0, 0)]
+            [(1, 1.0, 16_000), (1, 0.5, 8_000), (3, 1.0, 64_000), (4, 1.0, 128_000), (40, 1.0, 128_000), (4, 0.0, 0)]
         {
             assert_eq!(us(conflict_pause(n, d)), pause, "{n} {d}");
         }
