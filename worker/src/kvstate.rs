@@ -24,10 +24,6 @@ pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
-/// Reads `key` (or `init(now)` when absent or unreadable), lets `f` change it,
-/// and writes it back only if the key has not changed meanwhile, retrying on
-/// conflict up to [`MAX_CONFLICTS`] times in a row. `f` returns whether there
-/// is anything to write. Returns the state written, if any.
 /// Conflicts in a row after which a compare-and-set gives up: far beyond what
 /// any number of workers sharing a key produces, so only a fault ends there.
 pub const MAX_CONFLICTS: usize = 100;
@@ -52,6 +48,10 @@ fn draw() -> f64 {
     (h.finish() >> 11) as f64 / (1u64 << 53) as f64
 }
 
+/// Reads `key` (or `init(now)` when absent or unreadable), lets `f` change it,
+/// and writes it back only if the key has not changed meanwhile, retrying on
+/// conflict up to [`MAX_CONFLICTS`] times in a row. `f` returns whether there
+/// is anything to write. Returns the state written, if any.
 /// `state` names the state for the request counter
 /// ([`crate::metrics::STATE_REQUESTS`]): limiter, window, breaker, learned.
 pub async fn modify<T, I, F>(
@@ -59,14 +59,65 @@ pub async fn modify<T, I, F>(
     state: &'static str,
     key: &str,
     init: I,
-    mut f: F,
+    f: F,
 ) -> Result<Option<T>, Error>
 where
     T: Serialize + DeserializeOwned,
     I: Fn(u64) -> T,
     F: FnMut(&mut T, u64) -> bool,
 {
-    for attempt in 0..MAX_CONFLICTS {
+    match modify_within(store, state, key, init, f, MAX_CONFLICTS).await? {
+        Modified::Written(v) => Ok(Some(v)),
+        Modified::Unchanged => Ok(None),
+        Modified::Yielded => {
+            Err(Error::Kv(format!("compare-and-set on {key} lost {MAX_CONFLICTS} times in a row").into()))
+        }
+    }
+}
+
+/// What [`modify_or_yield`] did.
+#[derive(Debug, PartialEq)]
+pub enum Modified<T> {
+    /// Wrote this state.
+    Written(T),
+    /// Had nothing to write.
+    Unchanged,
+    /// Another worker wrote the key between the read and the write.
+    Yielded,
+}
+
+/// [`modify`], except that it gives way to another worker's write instead
+/// of trying again, for news that can wait for the next turn: every try
+/// after a conflict is another read and write on a key many workers share.
+pub async fn modify_or_yield<T, I, F>(
+    store: &kv::Store,
+    state: &'static str,
+    key: &str,
+    init: I,
+    f: F,
+) -> Result<Modified<T>, Error>
+where
+    T: Serialize + DeserializeOwned,
+    I: Fn(u64) -> T,
+    F: FnMut(&mut T, u64) -> bool,
+{
+    modify_within(store, state, key, init, f, 1).await
+}
+
+async fn modify_within<T, I, F>(
+    store: &kv::Store,
+    state: &'static str,
+    key: &str,
+    init: I,
+    mut f: F,
+    tries: usize,
+) -> Result<Modified<T>, Error>
+where
+    T: Serialize + DeserializeOwned,
+    I: Fn(u64) -> T,
+    F: FnMut(&mut T, u64) -> bool,
+{
+    for attempt in 0..tries {
         if attempt > 0 {
             tokio::time::sleep(conflict_pause(attempt, draw())).await;
         }
@@ -80,7 +131,7 @@ where
             _ => (init(now), None),
         };
         if !f(&mut value, now) {
-            return Ok(None);
+            return Ok(Modified::Unchanged);
         }
         crate::metrics::state_request(state, "write");
         let bytes: bytes::Bytes = serde_json::to_vec(&value).expect("state serialises").into();
@@ -97,11 +148,11 @@ where
             },
         };
         if !conflict {
-            return Ok(Some(value));
+            return Ok(Modified::Written(value));
         }
         crate::metrics::state_request(state, "conflict");
     }
-    Err(Error::Kv(format!("compare-and-set on {key} lost {MAX_CONFLICTS} times in a row").into()))
+    Ok(Modified::Yielded)
 }
 
 #[cfg(test)]

@@ -4,7 +4,12 @@
 //! cluster as a whole never exceeds the limit however many workers come and
 //! go, and a lone worker can use all of it. To keep KV traffic low a worker
 //! leases a tenth of a second's budget at a time and spends it locally; an
-//! unused lease expires instead of being spent late. Where the bucket is
+//! unused lease expires instead of being spent late. With more than a few
+//! workers, each spends its share of the rate, so leases live longer and
+//! take more of the provider's burst at a time, though never more than the
+//! worker showed it can spend nor more than its share of what is left
+//! ([`lease_ttl`], [`burst_lease`]): NATS requests then follow the calls,
+//! not the workers. Where the bucket is
 //! short, a lease is granted in turn: at once, but due when the bucket will
 //! have accrued it ([`Bucket::take_in_turn`]), so a waiting worker asks once
 //! per lease rather than polling, and the shared state's traffic follows the
@@ -74,8 +79,13 @@ const LEASE_S: f64 = 0.1;
 const BIG_BUCKET_S: f64 = 2.0;
 /// ...and then down to this many seconds' worth.
 const PROVIDER_RESERVE_S: f64 = 0.2;
-/// At most this many requests' worth is leased at once out of the provider's burst.
+/// At most this many requests' worth is leased at once out of the provider's
+/// burst by one of up to [`FEW_WORKERS`] workers (more: see [`burst_lease`]).
 const BURST_LEASE: f64 = 32.0;
+/// Up to this many workers, leases keep their base size and lifetime.
+const FEW_WORKERS: f64 = 16.0;
+/// The longest a lease lives (see [`lease_ttl`]).
+const LEASE_TTL_MAX: Duration = Duration::from_secs(4);
 /// A report of the provider's remaining budget is used for this long.
 const REPORT_TTL_MS: u64 = 5_000;
 /// After a 429 cuts the limit, further 429s within this many ms do not cut
@@ -88,7 +98,7 @@ const RECOVER: f64 = 0.025;
 /// A limit changes only by at least this share: smaller differences (a
 /// provider rounding, a figure read twice) are noise, not news.
 const MEANINGFUL: f64 = 0.05;
-/// How long a lease may be spent.
+/// How long a lease may be spent, with up to [`FEW_WORKERS`] / 2 workers.
 const LEASE_TTL: Duration = Duration::from_millis(500);
 /// What a window gives back is kept by slots of this many ms.
 const SLOT_MS: u64 = 500;
@@ -102,7 +112,8 @@ const REFILL_CHECK_MS: u64 = 1_500;
 const AHEAD_S: f64 = 10.0;
 
 /// When what was leased in `slot` is surely back in a window: a minute after
-/// the slot's end, plus the time a lease may wait before it is spent.
+/// the slot's end, plus the time a lease may wait before it is spent
+/// ([`LEASE_TTL`]; a longer-lived lease is noted in a later slot).
 fn frees_at(slot: u64) -> u64 {
     (slot + 1) * SLOT_MS + WINDOW_MS + LEASE_TTL.as_millis() as u64
 }
@@ -114,7 +125,34 @@ fn frees_at(slot: u64) -> u64 {
 /// dimension (all leased in it over all leased requests).
 fn blur(workers: usize, requests_leased: f64, d: &Dim) -> f64 {
     let per_request = if requests_leased > 0.0 { d.leased / requests_leased } else { 1.0 };
-    workers as f64 * (BURST_LEASE * per_request).max(d.rate / 60.0 * LEASE_S)
+    workers as f64 * (burst_lease(workers) * per_request).max(d.rate / 60.0 * LEASE_S)
+}
+
+/// The most requests one lease takes out of the provider's burst when
+/// `workers` workers call the model: [`BURST_LEASE`], and from
+/// [`FEW_WORKERS`] on in proportion to them, up to four times it. Each lease
+/// is a compare-and-set on one shared key, and the more workers lease at
+/// once, the likelier two meet there: with 64 workers spending a burst in
+/// leases of 32, each lease met about four conflicts (each a read and a
+/// write) and the limiter cost 0.34 NATS requests per call; in leases of
+/// 128, 0.09 (`scripts/bench scale --workers 64`).
+fn burst_lease(workers: usize) -> f64 {
+    BURST_LEASE * (workers as f64 / FEW_WORKERS).clamp(1.0, 4.0)
+}
+
+/// How long a lease may be spent when `workers` workers call the model:
+/// [`LEASE_TTL`], and with more than [`FEW_WORKERS`] / 2 in proportion to
+/// them, up to [`LEASE_TTL_MAX`]. A worker spends its share of the rate, so
+/// the more workers, the longer a lease takes to spend: with 64 workers a
+/// lease of a tenth of a second's budget (33 requests at 20,000 a minute)
+/// took seconds, and one living 0.5 s left 10,000 requests' budget unspent
+/// in a 30,000-call job, each expired lease another compare-and-set. A
+/// lease spent late is still within what the bucket granted: it was counted
+/// when taken, and a window's give-back waits for the lease's whole life
+/// ([`Dim::note_spent`]).
+fn lease_ttl(workers: usize) -> Duration {
+    let n = workers.max(1) as u32;
+    (LEASE_TTL * n / (FEW_WORKERS as u32 / 2)).clamp(LEASE_TTL, LEASE_TTL_MAX)
 }
 
 /// A lease in dimension `i` at `per_s` a second: a tenth of a second's
@@ -215,7 +253,9 @@ pub struct Dim {
 impl Dim {
     /// Keeps what a lease spends from `at` by [`SLOT_MS`] slot, for a window
     /// to give back, while the provider's budget is worth spending (or not
-    /// yet known).
+    /// yet known). A lease living longer than [`LEASE_TTL`] counts from
+    /// `at` that much later: the window gives back what it spent last only
+    /// a minute after its end ([`frees_at`]).
     fn note_spent(&mut self, at: u64, g: f64, unknown: bool) {
         if !(self.big_bucket || unknown) {
             return;
@@ -295,6 +335,20 @@ pub struct Bucket {
     /// announced (0: none yet); it stands in for the configured figure.
     #[serde(default)]
     pub announced: [f64; 4],
+}
+
+/// Who asks for a lease: the workers calling the model (this one included),
+/// and how many requests this one can spend in a lease's life, as far as
+/// it knows.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Asker {
+    pub workers: usize,
+    pub spends: f64,
+}
+
+impl Asker {
+    /// A lone worker that could spend any lease.
+    pub const ONE: Asker = Asker { workers: 1, spends: f64::INFINITY };
 }
 
 /// Budget granted by the bucket, and where the lease stood in each dimension.
@@ -383,7 +437,11 @@ impl Bucket {
     }
 
     /// Takes a lease if one request costing `cost` fits; otherwise says how long to wait.
-    pub fn take(&mut self, now: u64, cost: &[f64; 4], l: Limits) -> Result<Grant, Duration> {
+    /// `workers`: the workers calling the model, which sets how much a
+    /// lease out of the provider's burst may take ([`burst_lease`]) and how
+    /// long it lives ([`lease_ttl`]).
+    pub fn take(&mut self, now: u64, cost: &[f64; 4], l: Limits, asker: Asker) -> Result<Grant, Duration> {
+        let workers = asker.workers;
         if self.paused_until_ms > now {
             return Err(Duration::from_millis(self.paused_until_ms - now));
         }
@@ -427,7 +485,16 @@ impl Bucket {
         if wait > 0.0 {
             return Err(Duration::from_secs_f64(wait.clamp(0.002, 60.0)));
         }
-        let requests = if burst >= 1.0 { burst.min(BURST_LEASE) } else { 0.0 };
+        // Out of the provider's burst, at most a share of what is left per
+        // worker: a lease taken before a reporting call and spent after it
+        // is counted twice (in the report, and as leased), by as much as
+        // every worker's lease; sized so, that error shrinks with the burst
+        // instead of overspending its end (with 64 workers in leases of
+        // 128 living 4 s: 59 429s).
+        let per_worker = (burst / workers.max(1) as f64).floor().max(1.0);
+        let requests =
+            if burst >= 1.0 { burst.min(burst_lease(workers)).min(per_worker).min(asker.spends.max(1.0)) } else { 0.0 };
+        let late = (lease_ttl(workers) - LEASE_TTL).as_millis() as u64;
         let mut grant = Grant { amounts: [f64::INFINITY; 4], marks: [0.0; 4], due_ms: now };
         for i in 0..4 {
             if !active[i] {
@@ -446,7 +513,7 @@ impl Bucket {
             if let Some(p) = &mut d.provider {
                 *p -= g;
             }
-            d.note_spent(now, g, self.reported_ms == 0);
+            d.note_spent(now + late, g, self.reported_ms == 0);
         }
         Ok(grant)
     }
@@ -461,8 +528,9 @@ impl Bucket {
     /// cost 2.9 requests to the shared state per call (`scripts/bench scale`).
     /// A lease more than [`AHEAD_S`] ahead is refused with the wait until it
     /// would be within reach.
-    pub fn take_in_turn(&mut self, now: u64, cost: &[f64; 4], l: Limits) -> Result<Grant, Duration> {
-        let wait = match self.take(now, cost, l) {
+    pub fn take_in_turn(&mut self, now: u64, cost: &[f64; 4], l: Limits, asker: Asker) -> Result<Grant, Duration> {
+        let workers = asker.workers;
+        let wait = match self.take(now, cost, l, asker) {
             Ok(g) => return Ok(g),
             Err(wait) => wait,
         };
@@ -506,6 +574,7 @@ impl Bucket {
             return Err(Duration::from_secs_f64((due - AHEAD_S).clamp(0.002, 60.0)));
         }
         let due_ms = now + (due.max(0.0) * 1000.0).ceil() as u64;
+        let late = (lease_ttl(workers) - LEASE_TTL).as_millis() as u64;
         let mut grant = Grant { amounts, marks: [0.0; 4], due_ms };
         for i in 0..4 {
             if !active[i] {
@@ -519,7 +588,7 @@ impl Bucket {
             if let Some(p) = &mut d.provider {
                 *p -= g;
             }
-            d.note_spent(due_ms, g, self.reported_ms == 0);
+            d.note_spent(due_ms + late, g, self.reported_ms == 0);
         }
         Ok(grant)
     }
@@ -689,6 +758,27 @@ struct Pool {
     /// pause was written there would otherwise refill the pool, and a retry
     /// could start at once, before Retry-After.
     paused_until: Instant,
+    /// Requests the pool held when last refilled.
+    granted: f64,
+}
+
+impl Pool {
+    /// How many requests this worker can spend in a lease's life, as far as
+    /// the lease it is done with tells (at `now`): what it spent of one that
+    /// expired, twice one it used up. A worker that can spend few (its
+    /// share of the window of calls in flight is small) leases few out of
+    /// the provider's burst, and the rest is there for the others, not
+    /// expiring unspent.
+    fn spends(&self, now: Instant) -> f64 {
+        if self.granted <= 0.0 {
+            return f64::INFINITY;
+        }
+        if now >= self.expires {
+            (self.granted - self.amounts[0].max(0.0).floor()).max(1.0)
+        } else {
+            2.0 * self.granted
+        }
+    }
 }
 
 /// A report waiting to be taken to the shared bucket with the next lease.
@@ -723,13 +813,16 @@ pub struct Limiter {
 pub struct Reservation {
     amounts: [f64; 4],
     marks: [f64; 4],
+    /// The call waited for budget (the limit, not the window of calls in
+    /// flight, held it back).
+    pub waited: bool,
 }
 
 impl Reservation {
     /// A call made before its limiter existed: it reserved nothing, and the
     /// bucket had leased nothing when it was sent.
     pub fn none() -> Self {
-        Reservation { amounts: [0.0; 4], marks: [0.0; 4] }
+        Reservation { amounts: [0.0; 4], marks: [0.0; 4], waited: false }
     }
 }
 
@@ -745,6 +838,7 @@ impl Limiter {
                 marks: [0.0; 4],
                 expires: Instant::now(),
                 paused_until: Instant::now(),
+                granted: 0.0,
             }),
             pending: Mutex::new(None),
             seen_rate: Mutex::new(limits.per_minute()),
@@ -765,9 +859,11 @@ impl Limiter {
         self.workers.store(workers.max(1), std::sync::atomic::Ordering::Relaxed);
         let need = cost.amounts(cost.max_output);
         let _turn = self.leasing.acquire(project, job).await;
+        let mut waited = false;
         loop {
             let paused = self.pool.lock().expect("pool lock").paused_until;
             if Instant::now() < paused {
+                waited = true;
                 tokio::time::sleep_until(paused.into()).await;
                 continue;
             }
@@ -777,10 +873,11 @@ impl Limiter {
                     for (a, n) in p.amounts.iter_mut().zip(need) {
                         *a -= n;
                     }
-                    return Ok(Reservation { amounts: need, marks: p.marks });
+                    return Ok(Reservation { amounts: need, marks: p.marks, waited });
                 }
             }
-            match self.lease(&need).await? {
+            let spends = self.pool.lock().expect("pool lock").spends(Instant::now());
+            match self.lease(&need, spends).await? {
                 Ok(g) => {
                     let wait = Duration::from_millis(g.due_ms.saturating_sub(crate::kvstate::now_ms()));
                     let counted = self.knows_request_limit();
@@ -789,6 +886,7 @@ impl Limiter {
                         crate::metrics::lease(&self.labels.0, &self.labels.1, how, g.amounts[0]);
                     }
                     if !wait.is_zero() {
+                        waited = true;
                         tokio::time::sleep(wait).await;
                     }
                     // A lease granted long before it is due is checked once
@@ -806,7 +904,9 @@ impl Limiter {
                         crate::metrics::lease_unspent(&self.labels.0, &self.labels.1, p.amounts[0].floor());
                         tracing::debug!(
                             unspent = p.amounts[0].floor(),
+                            of = p.granted,
                             granted = g.amounts[0],
+                            asked = spends,
                             waited_ms = wait.as_millis() as u64,
                             "lease expired unspent"
                         );
@@ -814,10 +914,14 @@ impl Limiter {
                     for i in 0..4 {
                         p.amounts[i] = if expired { g.amounts[i] } else { p.amounts[i] + g.amounts[i] };
                     }
+                    p.granted = p.amounts[0];
                     p.marks = g.marks;
-                    p.expires = Instant::now() + LEASE_TTL;
+                    p.expires = Instant::now() + lease_ttl(workers);
                 }
-                Err(wait) => tokio::time::sleep(wait).await,
+                Err(wait) => {
+                    waited = true;
+                    tokio::time::sleep(wait).await
+                }
             }
         }
     }
@@ -912,17 +1016,17 @@ impl Limiter {
         Ok(until)
     }
 
-    async fn lease(&self, need: &[f64; 4]) -> Result<Result<Grant, Duration>, Error> {
+    async fn lease(&self, need: &[f64; 4], spends: f64) -> Result<Result<Grant, Duration>, Error> {
         let limits = self.limits;
-        let workers = self.workers.load(std::sync::atomic::Ordering::Relaxed);
+        let asker = Asker { workers: self.workers.load(std::sync::atomic::Ordering::Relaxed), spends };
         let pending = self.pending.lock().expect("pending lock").take();
         let mut grant = Err(Duration::ZERO);
         self.modify(|b, now, changes| {
             b.refill(now, limits, changes);
             if let Some(p) = &pending {
-                b.report_answered(now, p.answered_ms, &p.rate, &p.marks, workers, limits, changes);
+                b.report_answered(now, p.answered_ms, &p.rate, &p.marks, asker.workers, limits, changes);
             }
-            grant = b.take_in_turn(now, need, limits);
+            grant = b.take_in_turn(now, need, limits, asker);
             grant.is_ok() || pending.is_some()
         })
         .await?;
@@ -977,10 +1081,66 @@ mod tests {
     }
 
     #[test]
+    fn leases_grow_and_live_longer_with_the_workers() {
+        // workers: most requests out of the provider's burst, life in ms
+        for (workers, burst, life) in [
+            (1, 32.0, 500),
+            (8, 32.0, 500),
+            (16, 32.0, 1_000),
+            (32, 64.0, 2_000),
+            (64, 128.0, 4_000),
+            (500, 128.0, 4_000),
+        ] {
+            assert_eq!((burst_lease(workers), lease_ttl(workers).as_millis()), (burst, life), "{workers}");
+        }
+    }
+
+    #[test]
+    fn a_lease_out_of_the_burst_is_what_the_worker_can_spend_and_its_share() {
+        // 20,000 a minute, the provider reporting 12,800 left: out of its
+        // burst, (workers, what the worker can spend) -> requests leased.
+        let l = Limits { rpm: 20_000.0, ..Default::default() };
+        let rate = RateInfo { remaining_requests: Some(12_800.0), ..Default::default() };
+        for (workers, spends, leased) in [
+            (1, f64::INFINITY, 33.0), // a few workers: the paced lease is more than 32
+            (64, f64::INFINITY, 128.0),
+            (64, 10.0, 33.0), // a tenth of a second's budget, the paced lease, is more
+            (64, 50.0, 50.0),
+            (200, f64::INFINITY, 63.0), // a share of what is left: 12,733 spare / 200
+        ] {
+            let mut b = Bucket::full(0, l);
+            b.report(0, &rate, &[0.0; 4], l, &mut no_changes());
+            let g = b.take(0, &ONE, l, Asker { workers, spends }).unwrap();
+            assert_eq!(g.amounts[0], leased, "{workers} {spends}");
+        }
+    }
+
+    #[test]
+    fn a_worker_asks_for_what_its_last_lease_showed_it_can_spend() {
+        let now = Instant::now();
+        let pool = |granted: f64, left: f64, expired: bool| Pool {
+            amounts: [left, 0.0, 0.0, 0.0],
+            marks: [0.0; 4],
+            expires: if expired { now - Duration::from_millis(1) } else { now + Duration::from_millis(100) },
+            paused_until: now,
+            granted,
+        };
+        // granted, left, expired: what it can spend
+        for (granted, left, expired, spends) in [
+            (0.0, 0.0, true, f64::INFINITY), // no lease yet: unknown
+            (128.0, 81.0, true, 47.0),       // spent 47 in a lease's life
+            (33.0, 33.0, true, 1.0),         // spent nothing: one
+            (33.0, 0.0, false, 66.0),        // used up before its end: twice as many
+        ] {
+            assert_eq!(pool(granted, left, expired).spends(now), spends, "{granted} {left} {expired}");
+        }
+    }
+
+    #[test]
     fn a_full_bucket_leases_a_tenth_of_a_second() {
         let mut b = Bucket::full(0, L);
         assert_eq!(b.dims[0].level, 20.0);
-        let g = b.take(0, &ONE, L).unwrap();
+        let g = b.take(0, &ONE, L, Asker::ONE).unwrap();
         assert_eq!(g.amounts[0], 10.0);
         assert!(g.amounts[1].is_infinite());
         assert_eq!(b.dims[0].level, 10.0);
@@ -990,10 +1150,10 @@ mod tests {
     fn an_empty_bucket_says_how_long_to_wait() {
         let mut b = Bucket::full(0, L);
         b.dims[0].level = 0.0;
-        let wait = b.take(0, &ONE, L).unwrap_err();
+        let wait = b.take(0, &ONE, L, Asker::ONE).unwrap_err();
         assert_eq!(wait, Duration::from_millis(10)); // 100 requests/s
         b.refill(10, L, &mut no_changes());
-        assert!(b.take(10, &ONE, L).is_ok());
+        assert!(b.take(10, &ONE, L, Asker::ONE).is_ok());
     }
 
     #[test]
@@ -1002,7 +1162,7 @@ mod tests {
         let mut granted = 0.0;
         for now in 0..60_000u64 {
             b.refill(now, L, &mut no_changes());
-            while let Ok(g) = b.take(now, &ONE, L) {
+            while let Ok(g) = b.take(now, &ONE, L, Asker::ONE) {
                 granted += g.amounts[0];
             }
         }
@@ -1013,14 +1173,14 @@ mod tests {
     fn the_providers_reported_burst_is_spent_down_to_a_second_of_rate() {
         // A provider whose bucket starts full: 6,000 requests, reported on the first answer.
         let mut b = Bucket::full(0, L);
-        let first = b.take(0, &ONE, L).unwrap();
+        let first = b.take(0, &ONE, L, Asker::ONE).unwrap();
         let rate = RateInfo { remaining_requests: Some(5_999.0), limit_requests: Some(6000.0), ..Default::default() };
         b.report(300, &rate, &first.marks, L, &mut no_changes());
         let mut granted = first.amounts[0];
         let mut now = 300;
         while now < 10_300 {
             b.refill(now, L, &mut no_changes());
-            while let Ok(g) = b.take(now, &ONE, L) {
+            while let Ok(g) = b.take(now, &ONE, L, Asker::ONE) {
                 granted += g.amounts[0];
             }
             now += 1;
@@ -1034,13 +1194,13 @@ mod tests {
     fn a_small_provider_bucket_is_not_spent_beyond_the_steady_rate() {
         // A smooth limit with one second of burst reports at most 100 remaining at 6,000/min.
         let mut b = Bucket::full(0, L);
-        let first = b.take(0, &ONE, L).unwrap();
+        let first = b.take(0, &ONE, L, Asker::ONE).unwrap();
         let rate = RateInfo { remaining_requests: Some(99.0), ..Default::default() };
         b.report(10, &rate, &first.marks, L, &mut no_changes());
         let mut granted = first.amounts[0];
         for now in 10..10_010u64 {
             b.refill(now, L, &mut no_changes());
-            while let Ok(g) = b.take(now, &ONE, L) {
+            while let Ok(g) = b.take(now, &ONE, L, Asker::ONE) {
                 granted += g.amounts[0];
             }
         }
@@ -1091,13 +1251,14 @@ mod tests {
         let mut d = dim();
         assert!(!d.window_seen(baseline.0, baseline.1, baseline.2, blur(1, 0.0, &d)));
         assert!(d.window_seen(burst_end.0, burst_end.1, burst_end.2, blur(1, 0.0, &d)));
-        // From 64 workers, each of which may hold a lease of 32 taken before
-        // the first call and spent after it (2,048 requests): no sign at all.
+        // From 64 workers, each of which may hold a lease of 128 (four times
+        // a few workers' 32) taken before the first call and spent after it
+        // (8,192 requests): no sign at all.
         // Every later check is as blurred, and the baseline stays, until the
         // refill over the whole time shows a bucket.
         let mut d = dim();
         let blur64 = blur(64, 0.0, &d);
-        assert_eq!(blur64, 2_048.0);
+        assert_eq!(blur64, 8_192.0);
         assert!(!d.window_seen(baseline.0, baseline.1, baseline.2, blur64));
         assert!(!d.window_seen(burst_end.0, burst_end.1, burst_end.2, blur64));
         assert!(!d.window_seen(17_000, 300.0, 5_600.0, blur64));
@@ -1126,7 +1287,7 @@ mod tests {
     #[test]
     fn a_report_discounts_what_was_leased_after_the_reporting_call() {
         let mut b = Bucket::full(0, L);
-        let g = b.take(0, &ONE, L).unwrap();
+        let g = b.take(0, &ONE, L, Asker::ONE).unwrap();
         b.dims[0].leased += 40.0; // other calls leased since
         let rate = RateInfo { remaining_requests: Some(100.0), ..Default::default() };
         b.report(0, &rate, &g.marks, L, &mut no_changes());
@@ -1175,7 +1336,7 @@ mod tests {
         let mut b = Bucket::full(1000, L);
         let mut changes = Vec::new();
         b.rate_limited(1000, Duration::from_secs(2), &RateInfo::default(), L, &mut changes);
-        assert_eq!(b.take(2000, &ONE, L).unwrap_err(), Duration::from_secs(1));
+        assert_eq!(b.take(2000, &ONE, L, Asker::ONE).unwrap_err(), Duration::from_secs(1));
         assert_eq!(b.dims[0].rate, 4800.0);
         b.rate_limited(1100, Duration::ZERO, &RateInfo::default(), L, &mut changes);
         assert_eq!(b.dims[0].rate, 4800.0, "a second 429 right after the first does not cut again");
@@ -1199,7 +1360,7 @@ mod tests {
         let untold = Limits::default();
         let mut b = Bucket::full(0, untold);
         let mut changes = Vec::new();
-        assert!(b.take(0, &ONE, untold).unwrap().amounts[0] > 1e6, "no limit known: nothing paces");
+        assert!(b.take(0, &ONE, untold, Asker::ONE).unwrap().amounts[0] > 1e6, "no limit known: nothing paces");
         let announce =
             |limit| RateInfo { limit_requests: Some(limit), remaining_requests: Some(100.0), ..Default::default() };
         b.report(10, &announce(6000.0), &[0.0; 4], untold, &mut changes);
@@ -1209,7 +1370,7 @@ mod tests {
         let mut granted = 0.0;
         for now in 10..60_010u64 {
             b.refill(now, untold, &mut changes);
-            while let Ok(g) = b.take(now, &ONE, untold) {
+            while let Ok(g) = b.take(now, &ONE, untold, Asker::ONE) {
                 granted += g.amounts[0];
             }
         }
@@ -1314,7 +1475,7 @@ mod tests {
             // The client sends a request a millisecond at most (as 4 workers
             // of 64 calls at 300 ms would), from leases of the bucket.
             if left > 0 && leased.0 < 1.0 {
-                if let Ok(g) = b.take(now, &ONE, L) {
+                if let Ok(g) = b.take(now, &ONE, L, Asker::ONE) {
                     leased = (g.amounts[0], g.marks);
                 }
             }
@@ -1396,7 +1557,7 @@ mod tests {
                         };
                         b.report_answered(now, at, &rate, &marks, workers, L, &mut changes);
                     }
-                    match b.take_in_turn(now, &ONE, L) {
+                    match b.take_in_turn(now, &ONE, L, Asker::ONE) {
                         Ok(g) => (w.amount, w.marks, w.due, w.asks_at) = (g.amounts[0], g.marks, g.due_ms, g.due_ms),
                         Err(wait) => w.asks_at = now + wait.as_millis() as u64,
                     }
@@ -1462,7 +1623,7 @@ mod tests {
         let l = Limits { input_tpm: 600_000.0, output_tpm: 120_000.0, ..Default::default() };
         let cost = [1.0, 0.0, 100.0, 20.0];
         let mut b = Bucket::full(0, l);
-        let first = b.take_in_turn(0, &cost, l).unwrap();
+        let first = b.take_in_turn(0, &cost, l, Asker::ONE).unwrap();
         let rate = RateInfo {
             remaining_input_tokens: Some(599_900.0),
             limit_input_tokens: Some(600_000.0),
@@ -1474,7 +1635,7 @@ mod tests {
         let mut calls = 0.0;
         for now in 300..1_300u64 {
             b.refill(now, l, &mut no_changes());
-            while let Ok(g) = b.take_in_turn(now, &cost, l) {
+            while let Ok(g) = b.take_in_turn(now, &cost, l, Asker::ONE) {
                 if g.due_ms > now {
                     break;
                 }
@@ -1490,35 +1651,35 @@ mod tests {
         b.dims[0].level = 0.0;
         // 100 requests a second, leases of 10: each due 0.1 s after the one before.
         for due in [100, 200, 300] {
-            let g = b.take_in_turn(0, &ONE, L).unwrap();
+            let g = b.take_in_turn(0, &ONE, L, Asker::ONE).unwrap();
             assert_eq!((g.amounts[0], g.due_ms), (10.0, due));
         }
         assert_eq!(b.dims[0].level, -30.0);
         // A limit lowered from the configured one is in doubt: nothing is granted ahead.
         b.dims[0].learned = true;
-        assert_eq!(b.take_in_turn(0, &ONE, L).unwrap_err(), Duration::from_millis(310));
+        assert_eq!(b.take_in_turn(0, &ONE, L, Asker::ONE).unwrap_err(), Duration::from_millis(310));
         b.dims[0].learned = false;
         // No further than 10 s ahead: the next asks again when its turn is near.
         b.dims[0].level = -995.0;
-        assert_eq!(b.take_in_turn(0, &ONE, L).unwrap_err(), Duration::from_millis(50));
+        assert_eq!(b.take_in_turn(0, &ONE, L, Asker::ONE).unwrap_err(), Duration::from_millis(50));
         // A pause (a 429's Retry-After) is waited out, not scheduled around.
         let mut b = Bucket::full(0, L);
         b.paused_until_ms = 2_000;
-        assert_eq!(b.take_in_turn(0, &ONE, L).unwrap_err(), Duration::from_secs(2));
+        assert_eq!(b.take_in_turn(0, &ONE, L, Asker::ONE).unwrap_err(), Duration::from_secs(2));
         // A window's spent budget comes back when its slot ages out: that wait stands.
         let mut b = Bucket::full(0, L);
         b.dims[0].level = 0.0;
         b.dims[0].rolling = true;
         b.dims[0].provider = Some(0.0);
         b.dims[0].spent = vec![(4, 50.0)];
-        assert_eq!(b.take_in_turn(5_000, &ONE, L).unwrap_err(), Duration::from_millis(58_000));
+        assert_eq!(b.take_in_turn(5_000, &ONE, L, Asker::ONE).unwrap_err(), Duration::from_millis(58_000));
         // A burst granted from the provider's budget leaves a debt in turn whole.
         let mut b = Bucket::full(0, L);
         b.dims[0].level = -300.0;
         b.dims[0].big_bucket = true;
         b.dims[0].provider = Some(3_000.0);
         b.reported_ms = 1;
-        let g = b.take_in_turn(0, &ONE, L).unwrap();
+        let g = b.take_in_turn(0, &ONE, L, Asker::ONE).unwrap();
         assert_eq!((g.amounts[0], g.due_ms), (32.0, 0));
         assert_eq!(b.dims[0].level, -300.0);
     }
@@ -1528,9 +1689,9 @@ mod tests {
         let l = Limits { rpm: 60_000.0, tpm: 60_000.0, ..Default::default() };
         let mut b = Bucket::full(0, l);
         assert_eq!(b.dims[1].level, 200.0);
-        let g = b.take(0, &[1.0, 150.0, 0.0, 0.0], l).unwrap();
+        let g = b.take(0, &[1.0, 150.0, 0.0, 0.0], l, Asker::ONE).unwrap();
         assert_eq!(g.amounts[1], 150.0);
-        assert!(b.take(0, &[1.0, 150.0, 0.0, 0.0], l).is_err(), "50 tokens left, 150 needed");
+        assert!(b.take(0, &[1.0, 150.0, 0.0, 0.0], l, Asker::ONE).is_err(), "50 tokens left, 150 needed");
     }
 
     #[test]
@@ -1538,8 +1699,8 @@ mod tests {
         let l = Limits { rpm: 600.0, input_tpm: 6_000.0, output_tpm: 600.0, ..Default::default() };
         let mut b = Bucket::full(0, l);
         // 20 output tokens of burst (0.2 s of 100/s): a call with max 30 output waits.
-        let g = b.take(0, &[1.0, 0.0, 10.0, 15.0], l).unwrap();
+        let g = b.take(0, &[1.0, 0.0, 10.0, 15.0], l, Asker::ONE).unwrap();
         assert_eq!(g.amounts[3], 15.0);
-        assert!(b.take(0, &[1.0, 0.0, 10.0, 15.0], l).is_err());
+        assert!(b.take(0, &[1.0, 0.0, 10.0, 15.0], l, Asker::ONE).is_err());
     }
 }

@@ -481,6 +481,9 @@ impl ItemRun<'_> {
                 None => None,
             };
             drop(waiting);
+            if reservation.as_ref().is_some_and(|r| r.waited) {
+                cap.rate_bound();
+            }
             let t = Instant::now();
             let in_flight =
                 (crate::metrics::InFlight::start(crate::metrics::CALLS_IN_FLIGHT), ctx.watch.waiting(Wait::Call));
