@@ -82,18 +82,37 @@ pub async fn publish_chunks(
 pub struct StreamWatch {
     url: String,
     created: Option<async_nats::datetime::DateTime>,
+    /// The stream as last declared: counted by name, declared again only
+    /// when counting it fails.
+    stream: Option<jetstream::stream::Stream>,
 }
 
 impl StreamWatch {
     pub fn new(url: &str) -> Self {
-        StreamWatch { url: url.to_string(), created: None }
+        StreamWatch { url: url.to_string(), created: None, stream: None }
     }
 
-    /// The stream, declared again if it is missing.
-    pub async fn stream(&mut self, js: &jetstream::Context, pool: &PgPool) -> Result<jetstream::stream::Stream, Error> {
-        let stream = common::nats::ensure_stream(js, &self.url).await?;
-        let created = stream.cached_info().created;
-        if self.created.is_some_and(|seen| seen != created) {
+    /// The stream (declared again if it is missing) and what it holds. A
+    /// turn asks the stream once: declaring it on every turn as well was
+    /// another request ten times a second from every coordinator.
+    pub async fn counts(
+        &mut self,
+        js: &jetstream::Context,
+        pool: &PgPool,
+    ) -> Result<(jetstream::stream::Stream, StreamCounts), Error> {
+        let counted = match self.stream.take() {
+            Some(stream) => stream_counts(&stream).await.map(|c| (stream, c)).ok(),
+            None => None,
+        };
+        let (stream, counts) = match counted {
+            Some(known) => known,
+            None => {
+                let stream = common::nats::ensure_stream(js, &self.url).await?;
+                let counts = stream_counts(&stream).await?;
+                (stream, counts)
+            }
+        };
+        if self.created.is_some_and(|seen| seen != counts.created) {
             let n = store::reopen_published_chunks(pool).await?;
             tracing::warn!(
                 chunks = n,
@@ -101,8 +120,9 @@ impl StreamWatch {
             );
             metrics::counter!(m::CHUNKS_REOPENED).increment(n);
         }
-        self.created = Some(created);
-        Ok(stream)
+        self.created = Some(counts.created);
+        self.stream = Some(stream.clone());
+        Ok((stream, counts))
     }
 }
 
@@ -116,6 +136,8 @@ fn request_error(e: impl std::error::Error + Send + Sync + 'static) -> Error {
 pub struct StreamCounts {
     pub by_job: HashMap<Uuid, usize>,
     pub finished: u64,
+    /// When the stream was created: a new one means JetStream lost the old.
+    pub created: async_nats::datetime::DateTime,
 }
 
 /// Counts the stream's messages by job, in one request.
@@ -123,10 +145,11 @@ pub async fn stream_counts(stream: &jetstream::stream::Stream) -> Result<StreamC
     let prefix = format!("{}.", common::wire::SUBJECT_PREFIX);
     let info = stream.info_with_subjects(format!("{prefix}*")).await.map_err(request_error)?;
     let finished = info.info.state.last_sequence.saturating_sub(info.info.state.messages);
+    let created = info.info.created;
     let counts: Vec<(String, usize)> = info.try_collect().await.map_err(request_error)?;
     let by_job =
         counts.into_iter().filter_map(|(subject, n)| Some((subject.strip_prefix(&prefix)?.parse().ok()?, n))).collect();
-    Ok(StreamCounts { by_job, finished })
+    Ok(StreamCounts { by_job, finished, created })
 }
 
 /// What the workers' consumer reports: chunks not yet delivered and pull
@@ -246,8 +269,7 @@ impl Publisher {
     /// Returns true when workers were waiting with nothing queued (the pace
     /// is still being learned): the next turn should come soon.
     pub async fn turn(&mut self) -> Result<bool, Error> {
-        let stream = self.watch.lock().await.stream(&self.js, &self.pool).await?;
-        let counts = stream_counts(&stream).await?;
+        let (stream, counts) = self.watch.lock().await.counts(&self.js, &self.pool).await?;
         let in_stream = counts.by_job;
         let demand = demand(&stream, in_stream.values().sum::<usize>() as u64).await?;
         let pace = self.pace.observe(Instant::now(), counts.finished);

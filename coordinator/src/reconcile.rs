@@ -16,7 +16,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::publish::StreamWatch;
-use crate::{metrics as m, publish, store, Error, ServeConfig};
+use crate::{metrics as m, store, Error, ServeConfig};
 
 /// What the reconciler works with: Postgres, the chunk stream, and the
 /// publisher to wake when chunks are reopened.
@@ -82,8 +82,7 @@ pub async fn pass(
         tracing::warn!(%job_id, "job abandoned: its input never finished uploading");
         metrics::counter!(m::JOBS_FINISHED, "state" => "abandoned").increment(1);
     }
-    let stream = state.stream.lock().await.stream(&state.js, &state.pool).await?;
-    let in_stream = publish::stream_counts(&stream).await?.by_job;
+    let in_stream = state.stream.lock().await.counts(&state.js, &state.pool).await?.1.by_job;
     for (job_id, _) in store::running_job_projects(&state.pool).await? {
         if common::db::complete_if_done(&state.pool, job_id).await? {
             tracing::info!(%job_id, "job completed (seen by reconciler)");
