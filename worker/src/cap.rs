@@ -191,6 +191,20 @@ impl CapState {
         }
     }
 
+    /// Until the window is first cut, one slot at least for every worker
+    /// wanting one (`me` wanting `want`): a cluster of 64 workers starting
+    /// from 4 slots spent its first 5 s mostly renewing for them (its
+    /// window grows by renewals a gap apart, and a gap grows with the
+    /// workers: [`pacing`]). A model that is down when a job starts then
+    /// sees one call per worker before the first failure halves the window.
+    pub fn one_each(&mut self, me: &str, want: u32, now: u64) {
+        if self.ssthresh < f64::MAX {
+            return;
+        }
+        let others = self.holders.iter().filter(|(n, h)| *n != me && h.want > 0 && h.expires_ms > now).count();
+        self.window = self.window.max((others + usize::from(want > 0)) as f64);
+    }
+
     /// How far successes may grow the window: not far beyond the demand (twice
     /// it), so the window means something when it is cut; but a dip in demand
     /// between chunks does not shrink it.
@@ -378,6 +392,7 @@ impl Cap {
             let before = s.clone();
             let p = pacing(s.live_holders(now).max(1));
             s.adapt(fb, now, want);
+            s.one_each(me, want, now);
             new_held = s.rebalance_for(me, s.limit(cap), want, in_use, now, p.expire_ms);
             if idle {
                 s.holders.remove(me);
@@ -638,6 +653,23 @@ mod tests {
         let mut s = CapState { window: 40.0, ssthresh: 20.0, demand_ms: 1_000, ..Default::default() };
         s.adapt(Feedback { ok: 0, failed: 1, rate_bound: true }, 1_000, 100);
         assert_eq!(s.window, 20.0);
+    }
+
+    #[test]
+    fn until_its_first_cut_the_window_has_a_slot_for_every_worker_wanting_one() {
+        // workers wanting slots besides "me", me wanting, cut before: window (from 4)
+        for (others, want, cut, window) in
+            [(0, 8, false, 4.0), (10, 8, false, 11.0), (10, 0, false, 10.0), (63, 64, false, 64.0), (63, 64, true, 4.0)]
+        {
+            let mut s = CapState { window: 4.0, ssthresh: if cut { 4.0 } else { f64::MAX }, ..Default::default() };
+            for i in 0..others {
+                s.holders.insert(format!("w{i}"), Holder { held: 0, want: 4, expires_ms: 10_000 });
+            }
+            s.holders.insert("idle".into(), Holder { held: 0, want: 0, expires_ms: 10_000 });
+            s.holders.insert("gone".into(), Holder { held: 0, want: 4, expires_ms: 500 });
+            s.one_each("me", want, 1_000);
+            assert_eq!(s.window, window, "{others} {want} {cut}");
+        }
     }
 
     #[test]

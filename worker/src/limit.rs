@@ -486,12 +486,14 @@ impl Bucket {
             return Err(Duration::from_secs_f64(wait.clamp(0.002, 60.0)));
         }
         // Out of the provider's burst, at most a share of what is left per
-        // worker: a lease taken before a reporting call and spent after it
-        // is counted twice (in the report, and as leased), by as much as
-        // every worker's lease; sized so, that error shrinks with the burst
-        // instead of overspending its end (with 64 workers in leases of
-        // 128 living 4 s: 59 429s).
-        let per_worker = (burst / workers.max(1) as f64).floor().max(1.0);
+        // worker (or a few workers' lease, if more): a lease taken before a
+        // reporting call and spent after it is counted twice (in the report,
+        // and as leased), by as much as every worker's lease; sized so, that
+        // error shrinks with the burst instead of overspending its end (with
+        // 64 workers in leases of 128 living 4 s: 59 429s). Shares smaller
+        // than a few workers' lease made the burst's end a storm of leases of
+        // a handful of requests.
+        let per_worker = (burst / workers.max(1) as f64).floor().max(BURST_LEASE);
         let requests =
             if burst >= 1.0 { burst.min(burst_lease(workers)).min(per_worker).min(asker.spends.max(1.0)) } else { 0.0 };
         let late = (lease_ttl(workers) - LEASE_TTL).as_millis() as u64;
@@ -1112,7 +1114,15 @@ mod tests {
             b.report(0, &rate, &[0.0; 4], l, &mut no_changes());
             let g = b.take(0, &ONE, l, Asker { workers, spends }).unwrap();
             assert_eq!(g.amounts[0], leased, "{workers} {spends}");
-        }
+        } // Near the burst's end a share per worker of what is left is small:
+          // still a few workers' lease (6,000 a minute, 1,000 left, 64 workers:
+          // 15 each, leased 32).
+        let mut b = Bucket::full(0, L);
+        let rate = RateInfo { remaining_requests: Some(1_000.0), ..Default::default() };
+        b.report(0, &rate, &[0.0; 4], L, &mut no_changes());
+        b.dims[0].big_bucket = true;
+        let g = b.take(0, &ONE, L, Asker { workers: 64, spends: f64::INFINITY }).unwrap();
+        assert_eq!(g.amounts[0], 32.0);
     }
 
     #[test]
