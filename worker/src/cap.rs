@@ -1,14 +1,16 @@
 //! The cluster-wide window of calls in flight for one API key and model, shared out between workers through NATS KV.
 //!
 //! The window adapts like TCP's congestion window: it starts at
-//! [`INITIAL_WINDOW`] calls, doubles with each window's worth of successful
+//! [`INITIAL_WINDOW`] calls (or one per worker wanting slots, if more, until
+//! its first cut), doubles with each window's worth of successful
 //! calls (slow start), then grows by about one call per window (additive
 //! increase), and halves when calls fail with server errors or timeouts
 //! (multiplicative decrease, once per [`CUT_INTERVAL_MS`]). It starts small
 //! again after the model sat idle, so a job's first calls to a dead model, or
 //! the calls after an outage, are a handful rather than every slot at once.
 //! It never exceeds the configured `max_in_flight`, nor grows far beyond the
-//! demand it serves.
+//! demand it serves, nor grows while the rate limit, not the window, holds
+//! the calls back.
 //!
 //! Each worker records in one KV entry how many slots it holds and how many
 //! it would like (calls under way plus calls waiting). A worker grows only
