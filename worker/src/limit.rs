@@ -437,9 +437,9 @@ impl Bucket {
     }
 
     /// Takes a lease if one request costing `cost` fits; otherwise says how long to wait.
-    /// `workers`: the workers calling the model, which sets how much a
-    /// lease out of the provider's burst may take ([`burst_lease`]) and how
-    /// long it lives ([`lease_ttl`]).
+    /// `asker`: the workers calling the model, which sets how much a lease
+    /// out of the provider's burst may take ([`burst_lease`]) and how long
+    /// it lives ([`lease_ttl`]), and what the asking worker can spend.
     pub fn take(&mut self, now: u64, cost: &[f64; 4], l: Limits, asker: Asker) -> Result<Grant, Duration> {
         let workers = asker.workers;
         if self.paused_until_ms > now {
