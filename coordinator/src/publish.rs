@@ -27,7 +27,6 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, message::PublishMessage};
 use futures::future::try_join_all;
-use futures::TryStreamExt;
 use sqlx::PgPool;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -81,7 +80,7 @@ pub async fn publish_chunks(
 /// pending is reopened to be published again.
 pub struct StreamWatch {
     url: String,
-    created: Option<async_nats::datetime::DateTime>,
+    created: Option<String>,
     /// The stream as last declared: counted by name, declared again only
     /// when counting it fails.
     stream: Option<jetstream::stream::Stream>,
@@ -101,18 +100,18 @@ impl StreamWatch {
         pool: &PgPool,
     ) -> Result<(jetstream::stream::Stream, StreamCounts), Error> {
         let counted = match self.stream.take() {
-            Some(stream) => stream_counts(&stream).await.map(|c| (stream, c)).ok(),
+            Some(stream) => stream_counts(js).await.map(|c| (stream, c)).ok(),
             None => None,
         };
         let (stream, counts) = match counted {
             Some(known) => known,
             None => {
                 let stream = common::nats::ensure_stream(js, &self.url).await?;
-                let counts = stream_counts(&stream).await?;
+                let counts = stream_counts(js).await?;
                 (stream, counts)
             }
         };
-        if self.created.is_some_and(|seen| seen != counts.created) {
+        if self.created.as_ref().is_some_and(|seen| *seen != counts.created) {
             let n = store::reopen_published_chunks(pool).await?;
             tracing::warn!(
                 chunks = n,
@@ -120,7 +119,7 @@ impl StreamWatch {
             );
             metrics::counter!(m::CHUNKS_REOPENED).increment(n);
         }
-        self.created = Some(counts.created);
+        self.created = Some(counts.created.clone());
         self.stream = Some(stream.clone());
         Ok((stream, counts))
     }
@@ -136,20 +135,74 @@ fn request_error(e: impl std::error::Error + Send + Sync + 'static) -> Error {
 pub struct StreamCounts {
     pub by_job: HashMap<Uuid, usize>,
     pub finished: u64,
-    /// When the stream was created: a new one means JetStream lost the old.
-    pub created: async_nats::datetime::DateTime,
+    /// When the stream was created (RFC 3339, as the server sends it): a new
+    /// one means JetStream lost the old.
+    pub created: String,
 }
 
-/// Counts the stream's messages by job, in one request.
-pub async fn stream_counts(stream: &jetstream::stream::Stream) -> Result<StreamCounts, Error> {
+/// One page of a `STREAM.INFO` answer with messages per subject, as the
+/// server sends it: the stream's state and, for a request with a
+/// `subjects_filter`, the paging fields `offset`, `limit` and `total`
+/// (JetStream API schema `io.nats.jetstream.api.v1.stream_info_response`;
+/// async-nats 0.51 reads them as its private `PagedInfo`). An error answer
+/// has an `error` and nothing else.
+#[derive(Debug, serde::Deserialize)]
+struct InfoPage {
+    #[serde(default)]
+    error: Option<serde_json::Value>,
+    #[serde(default)]
+    created: String,
+    #[serde(default)]
+    state: PageState,
+    #[serde(default)]
+    total: usize,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+struct PageState {
+    messages: u64,
+    last_seq: u64,
+    #[serde(default)]
+    subjects: HashMap<String, usize>,
+}
+
+/// Whether another page of subjects is to be asked for after one that
+/// brought `got` of them, `so_far` in all, of the server's `total`.
+fn more_pages(got: usize, so_far: usize, total: usize) -> bool {
+    got > 0 && so_far < total
+}
+
+/// Counts the stream's messages by job: one request while the stream holds
+/// fewer subjects than a page (the server's limit is 100,000). async-nats's
+/// `info_with_subjects` asked for a second, empty page every time, which
+/// was half the coordinator's requests to NATS (`scripts/bench scale
+/// --by-subject`).
+pub async fn stream_counts(js: &jetstream::Context) -> Result<StreamCounts, Error> {
     let prefix = format!("{}.", common::wire::SUBJECT_PREFIX);
-    let info = stream.info_with_subjects(format!("{prefix}*")).await.map_err(request_error)?;
-    let finished = info.info.state.last_sequence.saturating_sub(info.info.state.messages);
-    let created = info.info.created;
-    let counts: Vec<(String, usize)> = info.try_collect().await.map_err(request_error)?;
-    let by_job =
-        counts.into_iter().filter_map(|(subject, n)| Some((subject.strip_prefix(&prefix)?.parse().ok()?, n))).collect();
-    Ok(StreamCounts { by_job, finished, created })
+    let subject = format!("STREAM.INFO.{}", common::wire::STREAM);
+    let mut by_subject: HashMap<String, usize> = HashMap::new();
+    let mut first: Option<InfoPage> = None;
+    loop {
+        let body = serde_json::json!({ "subjects_filter": format!("{prefix}*"), "offset": by_subject.len() });
+        let mut page: InfoPage = js.request(subject.clone(), &body).await.map_err(request_error)?;
+        if let Some(error) = page.error.take() {
+            return Err(Error::Nats(NatsError::Request(format!("{subject}: {error}").into())));
+        }
+        let got = page.state.subjects.len();
+        by_subject.extend(page.state.subjects.drain());
+        let total = page.total;
+        first.get_or_insert(page);
+        if !more_pages(got, by_subject.len(), total) {
+            break;
+        }
+    }
+    let first = first.expect("one page was read");
+    let finished = first.state.last_seq.saturating_sub(first.state.messages);
+    let by_job = by_subject
+        .into_iter()
+        .filter_map(|(subject, n)| Some((subject.strip_prefix(&prefix)?.parse().ok()?, n)))
+        .collect();
+    Ok(StreamCounts { by_job, finished, created: first.created })
 }
 
 /// What the workers' consumer reports: chunks not yet delivered and pull
@@ -377,6 +430,35 @@ fn publish_error(c: &ChunkMsg, e: impl std::error::Error + Send + Sync + 'static
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn another_page_of_subjects_only_while_the_server_has_more() {
+        // got on this page, got so far, the server's total: ask again
+        for (got, so_far, total, again) in
+            [(3, 3, 3, false), (0, 0, 0, false), (100_000, 100_000, 100_002, true), (2, 100_002, 100_002, false)]
+        {
+            assert_eq!(more_pages(got, so_far, total), again, "{got} {so_far} {total}");
+        }
+    }
+
+    #[test]
+    fn a_stream_info_page_reads_as_the_server_writes_it() {
+        let page: InfoPage = serde_json::from_str(
+            r#"{"type":"io.nats.jetstream.api.v1.stream_info_response","total":2,"offset":0,"limit":100000,
+                "config":{"name":"SLUICE_CHUNKS"},"created":"2026-12-08T01:02:03.456789Z",
+                "state":{"messages":5,"bytes":10,"first_seq":8,"last_seq":12,"consumer_count":1,
+                         "subjects":{"sluice.chunks.a":3,"sluice.chunks.b":2}}}"#,
+        )
+        .unwrap();
+        assert!(page.error.is_none());
+        assert_eq!((page.total, page.state.messages, page.state.last_seq, page.state.subjects.len()), (2, 5, 12, 2));
+        assert_eq!(page.created, "2026-12-08T01:02:03.456789Z");
+        let err: InfoPage = serde_json::from_str(
+            r#"{"type":"x","error":{"code":404,"err_code":10059,"description":"stream not found"}}"#,
+        )
+        .unwrap();
+        assert!(err.error.is_some());
+    }
 
     #[test]
     fn pace_is_chunks_finished_per_second_over_the_last_seconds() {
