@@ -12,7 +12,7 @@
 //! fields with `#[serde(default)]`; never rename or remove one. The test
 //! below holds each type's JSON as it is today, so a rename fails it.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_nats::jetstream::kv;
 use serde::{de::DeserializeOwned, Serialize};
@@ -28,16 +28,22 @@ pub fn now_ms() -> u64 {
 /// any number of workers sharing a key produces, so only a fault ends there.
 pub const MAX_CONFLICTS: usize = 100;
 
-/// The pause before trying again after the `n`th conflict in a row: up to
-/// 2^(n+3) ms (16 ms after the first, at most 128), by `draw` (0 to 1).
-/// Workers that met on one key then try again apart rather than together:
-/// with 64 workers leasing from one bucket, retrying at once cost seven
-/// conflicts per write, pauses of up to 2^n ms five to six, these about
-/// three (0.09 conflicts per call against 0.19-0.26; `scripts/bench scale
-/// --workers 64`). A lease waits a few ms more where calls take hundreds.
-pub fn conflict_pause(n: usize, draw: f64) -> std::time::Duration {
-    let most = (1u64 << (n + 3).min(7)) as f64;
-    std::time::Duration::from_secs_f64(most * draw.clamp(0.0, 1.0) / 1000.0)
+/// The pause before trying again after the `n`th conflict in a row, by
+/// `draw` (0 to 1): up to 2^(n+3) ms (16 ms after the first, at most 128),
+/// or up to `span` x 2^(n-1) (at most 8 spans) if longer, never over a
+/// second. `span` is how long the try that met the conflict took from its
+/// read to its write's answer: the time the key was open to another's
+/// write. Workers that met on one key then try again apart rather than
+/// together: with 64 workers leasing from one bucket, retrying at once cost
+/// seven conflicts per write, pauses of up to 2^n ms five to six, these
+/// about three (0.09 conflicts per call against 0.19-0.26; `scripts/bench
+/// scale --workers 64`). On a busy machine a try takes 20 to 90 ms, and a
+/// pause of a few ms met the same crowd again.
+pub fn conflict_pause(n: usize, draw: f64, span: Duration) -> Duration {
+    let d = draw.clamp(0.0, 1.0);
+    let most = Duration::from_millis(1u64 << (n + 3).min(7));
+    let spans = span.saturating_mul(1u32 << n.saturating_sub(1).min(3));
+    most.max(spans).mul_f64(d).min(Duration::from_secs(1))
 }
 
 /// A draw between 0 and 1, different in each worker and each time.
@@ -117,11 +123,14 @@ where
     I: Fn(u64) -> T,
     F: FnMut(&mut T, u64) -> bool,
 {
+    // How long the last try took from its read to its write's answer.
+    let mut span = Duration::ZERO;
     for attempt in 0..tries {
         if attempt > 0 {
-            tokio::time::sleep(conflict_pause(attempt, draw())).await;
+            tokio::time::sleep(conflict_pause(attempt, draw(), span)).await;
         }
         let now = now_ms();
+        let read_at = Instant::now();
         crate::metrics::state_request(state, "read");
         let entry = store.entry(key.to_string()).await.map_err(|e| Error::Kv(Box::new(e)))?;
         let (mut value, revision) = match entry {
@@ -147,6 +156,7 @@ where
                 Err(e) => return Err(Error::Kv(Box::new(e))),
             },
         };
+        span = read_at.elapsed();
         if !conflict {
             return Ok(Modified::Written(value));
         }
@@ -161,12 +171,24 @@ mod tests {
 
     #[test]
     fn conflicts_in_a_row_are_tried_again_apart() {
-        let us = |d: std::time::Duration| d.as_micros();
-        // conflicts in a row, draw: the pause
-        for (n, d, pause) in
-            [(1, 1.0, 16_000), (1, 0.5, 8_000), (3, 1.0, 64_000), (4, 1.0, 128_000), (40, 1.0, 128_000), (4, 0.0, 0)]
-        {
-            assert_eq!(us(conflict_pause(n, d)), pause, "{n} {d}");
+        let us = |d: Duration| d.as_micros();
+        // conflicts in a row, draw, the last try's span in ms: the pause
+        for (n, d, span, pause) in [
+            (1, 1.0, 0, 16_000),
+            (1, 0.5, 1, 8_000),
+            (3, 1.0, 2, 64_000),
+            (4, 1.0, 0, 128_000),
+            (40, 1.0, 0, 128_000),
+            (4, 0.0, 90, 0),
+            // A slow try: the pause grows with it, at most 8 spans, a second.
+            (1, 1.0, 60, 60_000),
+            (1, 0.5, 60, 30_000),
+            (2, 1.0, 60, 120_000),
+            (4, 1.0, 60, 480_000),
+            (9, 1.0, 60, 480_000),
+            (4, 1.0, 200, 1_000_000),
+        ] {
+            assert_eq!(us(conflict_pause(n, d, Duration::from_millis(span))), pause, "{n} {d} {span}");
         }
         let draws: Vec<f64> = (0..100).map(|_| draw()).collect();
         assert!(draws.iter().all(|d| (0.0..1.0).contains(d)));
