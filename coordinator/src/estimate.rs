@@ -286,7 +286,7 @@ pub fn estimate(
                 Err(_) => {}
             },
             Checked::Blank => {}
-            Checked::Bad(reason) => {
+            Checked::Bad(_, reason) => {
                 invalid += 1;
                 if errors.len() < MAX_REPORTED_ERRORS {
                     errors.push(LineError { line: line_no, reason });

@@ -115,7 +115,39 @@ pub enum Checked {
     Good(GoodLine),
     /// Blank lines are allowed anywhere and ignored.
     Blank,
-    Bad(String),
+    Bad(Why, String),
+}
+
+/// Why a line was refused, for the `reason` label of
+/// `sluice_lines_rejected_total` (the message says the rest).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Why {
+    TooLong,
+    NotUtf8,
+    InvalidJson,
+    NotAnObject,
+    NulCharacter,
+    BadId,
+    MissingField,
+    BadBatchRequest,
+    DuplicateId,
+}
+
+impl Why {
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Why::TooLong => "too_long",
+            Why::NotUtf8 => "not_utf8",
+            Why::InvalidJson => "invalid_json",
+            Why::NotAnObject => "not_an_object",
+            Why::NulCharacter => "nul_character",
+            Why::BadId => "bad_id",
+            Why::MissingField => "missing_field",
+            Why::BadBatchRequest => "bad_batch_request",
+            Why::DuplicateId => "duplicate_id",
+        }
+    }
 }
 
 /// Validates lines one at a time. Duplicate ids are found by Postgres after
@@ -203,12 +235,14 @@ impl Validator {
     /// `custom_id`), required fields.
     pub fn check(&mut self, line: RawLine) -> Checked {
         let bytes = match line {
-            RawLine::TooLong => return Checked::Bad(format!("line is longer than {} KiB", MAX_LINE_BYTES / 1024)),
+            RawLine::TooLong => {
+                return Checked::Bad(Why::TooLong, format!("line is longer than {} KiB", MAX_LINE_BYTES / 1024))
+            }
             RawLine::Line(b) => b,
         };
         let text = match std::str::from_utf8(&bytes) {
             Ok(t) => t,
-            Err(e) => return Checked::Bad(format!("invalid UTF-8 at byte {}", e.valid_up_to() + 1)),
+            Err(e) => return Checked::Bad(Why::NotUtf8, format!("invalid UTF-8 at byte {}", e.valid_up_to() + 1)),
         };
         if text.trim().is_empty() {
             return Checked::Blank;
@@ -216,29 +250,34 @@ impl Validator {
         // serde_json refuses lone surrogates (\ud800) as invalid JSON.
         let value: Value = match serde_json::from_str(text) {
             Ok(v) => v,
-            Err(e) => return Checked::Bad(format!("invalid JSON: {e}")),
+            Err(e) => return Checked::Bad(Why::InvalidJson, format!("invalid JSON: {e}")),
         };
         let Value::Object(map) = &value else {
-            return Checked::Bad("expected a JSON object".into());
+            return Checked::Bad(Why::NotAnObject, "expected a JSON object".into());
         };
         if holds_nul(&value) {
-            return Checked::Bad("holds a NUL character (\\u0000), which cannot be stored: remove it".into());
+            return Checked::Bad(
+                Why::NulCharacter,
+                "holds a NUL character (\\u0000), which cannot be stored: remove it".into(),
+            );
         }
         let id = if self.request == RequestSource::OpenaiBatch {
             match self.check_batch_line(map) {
                 Ok(id) => id,
-                Err(why) => return Checked::Bad(why),
+                Err(why) => return Checked::Bad(Why::BadBatchRequest, why),
             }
         } else {
             match map.get("id").or_else(|| map.get("custom_id")) {
                 Some(Value::String(s)) if !s.is_empty() => s.clone(),
                 Some(Value::Number(n)) => n.to_string(),
-                Some(_) => return Checked::Bad("field \"id\" must be a non-empty string or a number".into()),
-                None => return Checked::Bad("missing field \"id\" (or \"custom_id\")".into()),
+                Some(_) => {
+                    return Checked::Bad(Why::BadId, "field \"id\" must be a non-empty string or a number".into())
+                }
+                None => return Checked::Bad(Why::BadId, "missing field \"id\" (or \"custom_id\")".into()),
             }
         };
         if let Some(missing) = self.required.iter().find(|f| !map.contains_key(f.as_str())) {
-            return Checked::Bad(format!("missing field \"{missing}\""));
+            return Checked::Bad(Why::MissingField, format!("missing field \"{missing}\""));
         }
         Checked::Good(GoodLine { id, payload: value })
     }
@@ -324,9 +363,9 @@ impl Intake {
         self.line_no += 1;
         match self.validator.check(raw) {
             Checked::Blank => {}
-            Checked::Bad(reason) => {
+            Checked::Bad(why, reason) => {
                 self.invalid += 1;
-                metrics::counter!(m::LINES_REJECTED).increment(1);
+                metrics::counter!(m::LINES_REJECTED, "reason" => why.label()).increment(1);
                 let e = LineError { line: self.line_no, reason };
                 if self.errors.len() < MAX_REPORTED_ERRORS {
                     self.errors.push(e.clone());
@@ -496,7 +535,7 @@ where
         let (dups, first) = duplicates(&mut tx, job_id, mode).await?;
         if dups > 0 {
             invalid += dups as u64;
-            metrics::counter!(m::LINES_REJECTED).increment(dups as u64);
+            metrics::counter!(m::LINES_REJECTED, "reason" => Why::DuplicateId.label()).increment(dups as u64);
             errors.extend(first);
             errors.sort_by_key(|e| e.line);
             errors.truncate(MAX_REPORTED_ERRORS);
@@ -717,7 +756,7 @@ mod tests {
         let mut out = Vec::new();
         let mut push = |raw| match v.check(raw) {
             Checked::Good(g) => out.push(Ok(g.id)),
-            Checked::Bad(r) => out.push(Err(r)),
+            Checked::Bad(_, r) => out.push(Err(r)),
             Checked::Blank => {}
         };
         for p in input.chunks(piece.max(1)) {

@@ -95,6 +95,36 @@ async fn coordinator_and_worker_processes_export_metrics() {
             (&json!(true), &json!("ok"), &json!("ok"))
         );
     }
+
+    // An answer that fails the kind's schema is a failed_validation call,
+    // not an ok one: the call-error alert sees a job whose every answer is
+    // refused.
+    sim.sim.set_config(SimConfig { bad_output: 1.0, ..Default::default() });
+    let refused = client.create_job(&sluice_tests::fixtures::new_job("classify")).await.unwrap().job_id;
+    let input = vec![Ok(bytes::Bytes::from(sample_jsonl(7, 2)))];
+    client.upload(refused, futures::stream::iter(input), false).await.unwrap();
+    wait_for("the refused answers' job", Duration::from_secs(60), || async {
+        Ok(client.status(refused).await?.state == "completed")
+    })
+    .await
+    .unwrap();
+    let bad = sim.sim.stats().bad_output;
+    assert!(bad >= 2, "{bad}");
+    let w = metrics(worker_metrics).await;
+    let failed = format!("sluice_model_calls_total{{model=\"sim-small\",outcome=\"failed_validation\"}} {bad}");
+    assert!(w.contains(&failed), "{failed}: {w}");
+    assert!(w.contains("sluice_model_calls_total{model=\"sim-small\",outcome=\"ok\"} 120"), "{w}");
+
+    // Lines refused at ingest are counted by why, as the dashboard's panel
+    // sums them.
+    let bad = client.create_job(&sluice_tests::fixtures::new_job("classify")).await.unwrap().job_id;
+    let lines = "{\"id\":\"a\",\"text\":\"x\"}\nnot json\n{\"id\":\"b\"}\n{\"id\":\"a\",\"text\":\"again\"}\n";
+    let report = client.upload(bad, futures::stream::iter(vec![Ok(bytes::Bytes::from(lines))]), true).await.unwrap();
+    assert_eq!(report.invalid_lines, 3, "{report:?}");
+    let c = metrics(coord_metrics).await;
+    for reason in ["invalid_json", "missing_field", "duplicate_id"] {
+        assert!(c.contains(&format!("sluice_lines_rejected_total{{reason=\"{reason}\"}} 1")), "{reason}: {c}");
+    }
 }
 
 /// The leader's gauges follow a job with no worker yet: its backlog, and the

@@ -521,7 +521,10 @@ impl ItemRun<'_> {
             }
             let e = match response {
                 Ok(c) => {
-                    metrics::model_call(&route.model, "ok", t.elapsed(), Some((c.tokens_in, c.tokens_out)));
+                    // Counted once its answer is judged: one that fails the
+                    // kind's schema is a `failed_validation` call, not `ok`.
+                    let (latency, tokens) = (t.elapsed(), Some((c.tokens_in, c.tokens_out)));
+                    let counted = |outcome| metrics::model_call(&route.model, outcome, latency, tokens);
                     // The answer is paid for: shared state that cannot be updated
                     // (NATS away) must not cost the item its result.
                     soft(breaker.record(true).await);
@@ -550,6 +553,7 @@ impl ItemRun<'_> {
                         let facts = ctx.learned.get(base_url, &route.model).await?;
                         strategy.advance(&route.config, facts, Some("the server sent no log-probabilities when asked"));
                         if strategy.current == Some(ConfidenceStrategy::Agreement) && route.config.supports(Param::N) {
+                            counted("ok");
                             continue; // agreement needs its own call with n samples
                         }
                     }
@@ -558,11 +562,13 @@ impl ItemRun<'_> {
                     if by_calls {
                         drawn.push(c.content.clone());
                         if drawn.len() < spec.samples as usize {
+                            counted("ok");
                             continue; // the next sample, another call
                         }
                     }
                     match verdict(self.job, self.pass.as_ref(), strategy.current, &c, by_calls.then_some(&drawn[..])) {
                         Ok(((value, answer), raw, mut components)) => {
+                            counted("ok");
                             if by_calls {
                                 components["calls"] = json!(drawn.len());
                             }
@@ -578,6 +584,7 @@ impl ItemRun<'_> {
                             return Ok(ModelEnd::Answered);
                         }
                         Err(msg) if repairs < ctx.policy.max_repairs => {
+                            counted(ErrorClass::FailedValidation.as_str());
                             repairs += 1;
                             drawn.clear();
                             messages.push(Message { role: "assistant".into(), content: c.content });
@@ -590,6 +597,7 @@ impl ItemRun<'_> {
                             continue;
                         }
                         Err(msg) => {
+                            counted(ErrorClass::FailedValidation.as_str());
                             let why = format!("output does not match the schema: {msg}");
                             self.last = Some((ErrorClass::FailedValidation, why));
                             return Ok(ModelEnd::Fail);
