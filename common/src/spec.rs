@@ -247,6 +247,70 @@ pub enum SpecError {
     Invalid(String),
 }
 
+/// Several problems of a kind at once, as one error (none: `Ok`).
+fn problems_to_error(problems: Vec<String>) -> Result<(), SpecError> {
+    match problems.len() {
+        0 => Ok(()),
+        1 => Err(SpecError::Invalid(problems.into_iter().next().unwrap_or_default())),
+        n => Err(SpecError::Invalid(format!("{n} problems:\n  - {}", problems.join("\n  - ")))),
+    }
+}
+
+/// What is wrong between a kind's `answer_field`, its `labels` and the
+/// output schema (`at` names the schema's file, and the stage): each
+/// problem names the field and the fix. Checked before any call: an
+/// answer field missing from the schema failed every item after it was
+/// paid for, and labels the schema spells otherwise (`Positive` against
+/// `positive`) gave every answer confidence 1.0 and sent none to review.
+/// A schema without `properties` (free-form) is not checked.
+pub fn answer_problems(answer_field: &str, labels: &[String], schema: &Value, at: &str) -> Vec<String> {
+    let mut problems = Vec::new();
+    let Some(props) = schema.get("properties").and_then(Value::as_object) else { return problems };
+    let Some(field) = props.get(answer_field) else {
+        problems.push(format!(
+            "answer_field = {answer_field:?} (job.toml) is not among the properties of {at} ({}): name the field \
+             that holds the short answer, or add it to the schema",
+            props.keys().cloned().collect::<Vec<_>>().join(", ")
+        ));
+        return problems;
+    };
+    let required = schema.get("required").and_then(Value::as_array);
+    if !required.is_some_and(|r| r.iter().any(|f| f.as_str() == Some(answer_field))) {
+        problems.push(format!(
+            "answer_field = {answer_field:?} (job.toml) is not in \"required\" of {at}: an answer without it \
+             passes the schema and then fails, paid for; add {answer_field:?} to \"required\""
+        ));
+    }
+    let allowed: Option<Vec<&str>> =
+        field.get("enum").and_then(Value::as_array).map(|e| e.iter().filter_map(Value::as_str).collect());
+    if let (false, Some(allowed)) = (labels.is_empty(), allowed) {
+        let sorted = |v: Vec<String>| {
+            let mut v = v;
+            v.sort();
+            v
+        };
+        let ours = sorted(labels.to_vec());
+        let theirs = sorted(allowed.iter().map(|s| s.to_string()).collect());
+        let lower = |v: &[String]| sorted(v.iter().map(|s| s.to_lowercase()).collect());
+        let quoted = |v: &[&str]| v.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join(", ");
+        let listed = |v: &[String]| v.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join(", ");
+        if ours != theirs {
+            let hint = if lower(&ours) == lower(&theirs) {
+                format!("they differ only in case: spell them as the schema does, labels = [{}]", quoted(&allowed))
+            } else {
+                "make them the same list".to_string()
+            };
+            problems.push(format!(
+                "labels = [{}] (job.toml) are not the enum of {answer_field:?} in {at} ([{}]): confidence is \
+                 scored over the labels and review accepts only them; {hint}",
+                listed(labels),
+                quoted(&allowed)
+            ));
+        }
+    }
+    problems
+}
+
 impl JobKind {
     /// Reads `dir/job.toml` and the template and schema it names.
     pub fn load(dir: &Path) -> Result<Self, SpecError> {
@@ -335,12 +399,14 @@ impl JobKind {
                 return Err(SpecError::Invalid("request = \"openai_batch\" takes no stages".into()));
             }
             crate::stages::validate(&s.stages, &self.stage_files, &s.input_fields, &s.confidence)?;
+            let mut problems = Vec::new();
             for i in 0..s.stages.len() {
                 let stage = self.stage_kind(i);
                 stage.validator()?;
-                crate::stages::check_answer_field(i, &s.stages[i].name, &stage.spec.answer_field, &stage.schema)?;
+                let at = format!("stages[{i}] ({}): {}", s.stages[i].name, stage.spec.schema);
+                problems.extend(answer_problems(&stage.spec.answer_field, &s.labels, &stage.schema, &at));
             }
-            return Ok(());
+            return problems_to_error(problems);
         }
         if s.request == RequestSource::OpenaiBatch {
             if s.scores_confidence() {
@@ -352,16 +418,17 @@ impl JobKind {
             }
             return Ok(());
         }
+        let mut problems = answer_problems(&s.answer_field, &s.labels, &self.schema, &s.schema);
         let unknown = Prompt::new(self)?.undeclared_fields(&s.input_fields);
         if !unknown.is_empty() {
-            return Err(SpecError::Invalid(format!(
+            problems.push(format!(
                 "the prompt template uses {} but input_fields declares only [{}]: add them to input_fields in \
                  job.toml (every input line is then checked for them at upload) or take them out of the template",
                 unknown.join(", "),
                 s.input_fields.join(", ")
-            )));
+            ));
         }
-        Ok(())
+        problems_to_error(problems)
     }
 
     /// Stage `i` of a multi-stage kind as a kind of its own: the stage's
@@ -531,6 +598,47 @@ impl Prompt {
 mod tests {
     use super::*;
 
+    #[test]
+    fn answer_field_and_labels_must_agree_with_the_schema() {
+        let schema = |labels: &[&str], required: &[&str]| {
+            serde_json::json!({"type": "object", "properties": {"label": {"type": "string", "enum": labels},
+                "note": {"type": "string"}}, "required": required})
+        };
+        let labels = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let lower = ["positive", "negative", "neutral"];
+        // answer field, labels, schema: the problems' telling words
+        let cases: Vec<(&str, Vec<String>, Value, Vec<&str>)> = vec![
+            ("label", labels(&lower), schema(&["neutral", "positive", "negative"], &["label"]), vec![]),
+            ("label", vec![], schema(&["Positive"], &["label"]), vec![]),
+            ("label", labels(&lower), serde_json::json!({"type": "object"}), vec![]),
+            (
+                "label",
+                labels(&lower),
+                schema(&["Positive", "Negative", "Neutral"], &["label"]),
+                vec!["differ only in case", "labels = [\"Positive\", \"Negative\", \"Neutral\"]"],
+            ),
+            ("label", labels(&lower), schema(&["yes", "no"], &["label"]), vec!["make them the same list"]),
+            ("label", labels(&lower), schema(&lower, &[]), vec!["not in \"required\" of schema.json"]),
+            (
+                "answer",
+                labels(&lower),
+                schema(&lower, &["label"]),
+                vec!["not among the properties of schema.json (label, note)"],
+            ),
+        ];
+        for (field, labels, schema, words) in cases {
+            let problems = answer_problems(field, &labels, &schema, "schema.json");
+            assert_eq!(problems.len(), words.len().min(1), "{field} {labels:?}: {problems:?}");
+            for w in words {
+                assert!(problems[0].contains(w), "{w}: {problems:?}");
+            }
+        }
+        // Both at once: not required, and labels spelled otherwise.
+        let both =
+            answer_problems("label", &labels(&lower), &schema(&["Positive", "Negative", "Neutral"], &[]), "s.json");
+        assert_eq!(both.len(), 2, "{both:?}");
+    }
+
     fn repo_jobs() -> PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../jobs")
     }
@@ -674,10 +782,14 @@ mod tests {
         kind.stage_files[1] = file("{{ stages.a.x }}");
         kind.validate().unwrap();
         // A stage's schema must hold the answer field.
-        let label_only = serde_json::json!({"type": "object", "properties": {"x": {"type": "string"}}});
+        let label_only =
+            serde_json::json!({"type": "object", "properties": {"x": {"type": "string"}}, "required": ["x"]});
         kind.stage_files[0].schema = label_only.clone();
         let err = kind.validate().unwrap_err().to_string();
-        assert!(err.contains("stages[0].answer_field (a): \"label\""), "{err}");
+        assert!(
+            err.contains("answer_field = \"label\" (job.toml) is not among the properties of stages[0] (a)"),
+            "{err}"
+        );
         kind.spec.stages[0].answer_field = Some("x".into());
         kind.spec.stages[1].model = Some("sim-large".into());
         kind.validate().unwrap();

@@ -331,20 +331,6 @@ pub fn validate(
     Ok(())
 }
 
-/// Refuses a stage whose schema lists its properties without the field its
-/// answer is read from (`answer_field`, the kind's unless the stage names
-/// one): every answer would fail validation.
-pub fn check_answer_field(i: usize, name: &str, field: &str, schema: &Value) -> Result<(), SpecError> {
-    match schema.get("properties").and_then(Value::as_object) {
-        Some(props) if !props.contains_key(field) => Err(SpecError::Invalid(format!(
-            "stages[{i}].answer_field ({name}): {field:?} is not among the properties of the stage's schema \
-             ({}): name the field that holds the stage's short answer",
-            props.keys().cloned().collect::<Vec<_>>().join(", ")
-        ))),
-        _ => Ok(()),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

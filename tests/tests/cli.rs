@@ -82,6 +82,110 @@ async fn results_piped_into_head_end_quietly() {
     assert_eq!(String::from_utf8_lossy(&out.stderr), "", "nothing said about the closed pipe");
 }
 
+/// A command whose stdout and stderr go to a pipe nobody reads any more
+/// (`sluice estimate ... 2>&1 | head -3` once head is done) still exits with
+/// its own code: 2 for refused lines, not a panic's 101.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_output_pipe_is_not_a_panic() {
+    let stack = Stack::start(SimConfig::default(), |_| {}).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.jsonl");
+    let lines: String = (0..200).map(|i| format!("not json {i}\n")).collect();
+    std::fs::write(&bad, lines).unwrap();
+    let kind = jobs_dir().join("classify");
+    for args in [
+        vec!["estimate", kind.to_str().unwrap(), "--input", bad.to_str().unwrap()],
+        vec!["submit", kind.to_str().unwrap(), "--input", bad.to_str().unwrap()],
+    ] {
+        // The reading end is closed before the command starts: every write fails.
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = Command::new(workspace_bin("sluice").unwrap())
+            .args(&args)
+            .current_dir(jobs_dir().parent().unwrap())
+            .env("OPENAI_API_KEY", "unused")
+            .env("SLUICE_COORDINATOR", format!("http://{}", stack.coordinator_addr))
+            .env("SLUICE_TOKEN", &stack.admin_token)
+            .stdout(writer.try_clone().unwrap())
+            .stderr(writer)
+            .status()
+            .unwrap();
+        assert_eq!(out.code(), Some(2), "{args:?}");
+    }
+}
+
+/// A copy of the shipped `classify` kind in `dir/name`, its schema changed by `edit`.
+fn classify_with_schema(dir: &tempfile::TempDir, name: &str, edit: impl Fn(&str) -> String) -> String {
+    let to = dir.path().join(name);
+    std::fs::create_dir_all(&to).unwrap();
+    for file in ["job.toml", "prompt.j2", "schema.json"] {
+        let text = std::fs::read_to_string(jobs_dir().join("classify").join(file)).unwrap();
+        std::fs::write(to.join(file), if file == "schema.json" { edit(&text) } else { text }).unwrap();
+    }
+    to.display().to_string()
+}
+
+/// A kind whose schema spells its labels otherwise (every answer would
+/// score 1.0 and none go to review), or lacks its answer field (every item
+/// would fail after it was paid for), is refused by `sluice kind check` and
+/// by `submit` before any model call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kind_at_odds_with_its_schema_is_refused_before_any_call() {
+    let mut stack = Stack::start(SimConfig::default(), |_| {}).await.unwrap();
+    stack.add_worker(|_| {});
+    let dir = tempfile::tempdir().unwrap();
+    let cased = classify_with_schema(&dir, "cased", |s| {
+        s.replace(
+            r#""business", "sports", "technology", "politics", "health""#,
+            r#""Business", "Sports", "Technology", "Politics", "Health""#,
+        )
+    });
+    let renamed = classify_with_schema(&dir, "renamed", |s| s.replace("\"label\"", "\"category\""));
+    let file = input(&dir, 7, 20);
+
+    let shipped = jobs_dir().join("classify").display().to_string();
+    let out = sluice(&stack, &["kind", "check", &shipped]);
+    assert_eq!(code(&out), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("classify: ok (kind classify, model sim-small"));
+    let out = sluice(&stack, &["kind", "check", &cased, &renamed]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(code(&out), Some(2), "{err}");
+    assert!(err.contains("cased: ") && err.contains("differ only in case"), "{err}");
+    assert!(err.contains("labels = [\"Business\", \"Sports\""), "the fix is spelled out: {err}");
+    assert!(
+        err.contains("renamed: ")
+            && err
+                .contains("answer_field = \"label\" (job.toml) is not among the properties of schema.json (category)"),
+        "{err}"
+    );
+
+    for kind in [&cased, &renamed] {
+        let out = sluice(&stack, &["submit", kind, "--input", &file, "--wait"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(code(&out), Some(1), "{err}");
+        assert!(err.contains("cannot load the job kind"), "{err}");
+    }
+    assert_eq!(stack.sim.sim.stats().requests, 0, "no call was made");
+    assert!(stack.client.jobs_of(10, None).await.unwrap().is_empty(), "no job was created");
+}
+
+/// A wrong command line exits 64, apart from refused input (2); the codes
+/// are listed in the top-level help.
+#[test]
+fn a_wrong_command_line_has_its_own_exit_code() {
+    let run = |args: &[&str]| Command::new(workspace_bin("sluice").unwrap()).args(args).output().unwrap();
+    let out = run(&["status", "nonexistent"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(err.contains("invalid value 'nonexistent'"), "{err}");
+    let out = run(&["submit", "--no-such-option"]);
+    assert_eq!(out.status.code(), Some(64));
+    let out = run(&["--help"]);
+    assert_eq!(out.status.code(), Some(0));
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(help.contains("  2  refused") && help.contains(" 64  usage"), "{help}");
+}
+
 /// Each exported result carries what its item cost: every attempt made for
 /// it, retries included, at the price table's prices; they add up to the
 /// job's cost.

@@ -181,3 +181,41 @@ fn metric_names_are_found_in_promql() {
         ["sluice_items_total", "sluice_model_call_duration_seconds"].iter().map(|s| s.to_string()).collect();
     assert_eq!(n, expected, "the histogram's series named by the histogram, the label value left out");
 }
+
+/// The fields serde accepts in a `job.toml` (or in one of its stages, with
+/// `stage`): the list its refusal of an unknown field gives.
+fn accepted_fields(stage: bool) -> BTreeSet<String> {
+    let dir = tempfile::tempdir().unwrap();
+    let toml = if stage { "[[stages]]\nzzz_not_a_field = 1\n" } else { "zzz_not_a_field = 1\n" };
+    std::fs::write(dir.path().join("job.toml"), toml).unwrap();
+    let err = common::spec::JobKind::load(dir.path()).unwrap_err();
+    let chain: Vec<String> =
+        std::iter::successors(Some(&err as &dyn std::error::Error), |e| e.source()).map(|e| e.to_string()).collect();
+    let text = chain.join(" ");
+    let list = text.split("expected one of").nth(1).unwrap_or_else(|| panic!("no field list in: {text}"));
+    list.split('`').skip(1).step_by(2).map(String::from).collect()
+}
+
+/// The field names in the first column of a table of docs/job-kinds.md,
+/// the table under `heading`.
+fn documented_fields(doc: &str, heading: &str) -> BTreeSet<String> {
+    let section = doc.split(heading).nth(1).unwrap_or_else(|| panic!("no section {heading}"));
+    let section = section.split("\n## ").next().unwrap();
+    section
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `"))
+        .filter_map(|l| l.split('`').next())
+        .map(String::from)
+        .collect()
+}
+
+#[test]
+fn the_job_kind_reference_lists_every_field() {
+    let doc = std::fs::read_to_string(repo().join("docs/job-kinds.md")).unwrap();
+    let kind = accepted_fields(false);
+    assert!(kind.contains("answer_field") && kind.contains("stages"), "{kind:?}");
+    assert_eq!(documented_fields(&doc, "## The kind"), kind, "docs/job-kinds.md's kind fields and JobSpec differ");
+    let stage = accepted_fields(true);
+    assert!(stage.contains("type") && stage.contains("segment_tokens"), "{stage:?}");
+    assert_eq!(documented_fields(&doc, "## A stage"), stage, "docs/job-kinds.md's stage fields and StageSpec differ");
+}

@@ -29,11 +29,14 @@ use uuid::Uuid;
 /// --watch, resume --watch; the others exit 0 or 1):
 ///   0  done: the job completed and every item succeeded
 ///   1  error: the command failed (network, token, a file)
-///   2  refused: the input or the decisions file had invalid lines
+///   2  refused: the input or the decisions file had invalid lines, or
+///      a job kind is unsound (`sluice kind check`)
 ///   3  the job completed with failed items (see `sluice results`)
 ///   4  the job was cancelled
 ///   5  the job never ran: rejected, or its upload abandoned
 ///   6  the job paused at its spending cap (resume it with --max-cost)
+///  64  usage: the command line was wrong (an unknown option, a JOB that is
+///      not a job id); the message says which
 #[derive(Debug, Parser)]
 #[command(name = "sluice", version, verbatim_doc_comment)]
 pub struct Cli {
@@ -213,6 +216,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Check job kinds without running them.
+    #[command(subcommand)]
+    Kind(KindCommand),
     /// Print deterministic synthetic documents with known answers as JSONL.
     Sample {
         /// Job kind the inputs are for: classify and summarize take topic
@@ -225,6 +231,20 @@ enum Command {
         /// Different seeds give different documents.
         #[arg(long, default_value_t = 1)]
         seed: u64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum KindCommand {
+    /// Check job-kind folders as `submit` and `estimate` do before any call:
+    /// job.toml's fields, the template against input_fields, answer_field
+    /// and labels against the output schema, the stages. Every problem is
+    /// named with its file and field. Exits 0 when every kind is sound, 2
+    /// when one is not.
+    Check {
+        /// Job-kind folders (e.g. jobs/classify).
+        #[arg(required = true)]
+        dirs: Vec<PathBuf>,
     },
 }
 
@@ -567,6 +587,9 @@ fn parse_mode(text: &str) -> Result<common::state::JobMode, String> {
     text.parse().map_err(|_| format!("unknown mode {text:?}: use live, batch or auto"))
 }
 
+/// The exit code of a wrong command line (`EX_USAGE` of sysexits.h).
+pub const USAGE: u8 = 64;
+
 /// Runs one command and returns the process exit code.
 pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     let token_file = cli.token_file.clone().unwrap_or_else(coordinator::client::default_token_file);
@@ -631,6 +654,21 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 eprintln!(
                     "submit would refuse this file: fix the lines above, or pass --skip-invalid to submit the good ones"
                 );
+                return Ok(ExitCode::from(2));
+            }
+        }
+        Command::Kind(KindCommand::Check { dirs }) => {
+            let mut sound = true;
+            for dir in dirs {
+                match common::spec::JobKind::load(&dir) {
+                    Ok(kind) => println!("{}: ok ({})", dir.display(), kind_summary(&kind)),
+                    Err(e) => {
+                        sound = false;
+                        eprintln!("{}: {}", dir.display(), render_error(&anyhow::Error::from(e)));
+                    }
+                }
+            }
+            if !sound {
                 return Ok(ExitCode::from(2));
             }
         }
@@ -809,23 +847,22 @@ async fn jobs_command(command: Command, client: Client) -> anyhow::Result<ExitCo
             } else if jobs.is_empty() {
                 println!("no jobs yet: submit one with `sluice submit jobs/classify --input docs.jsonl`");
             } else {
-                println!(
-                    "{:<36}  {:<16}  {:<10}  {:<10}  {:>8}  {:>8}  {:>6}  created",
-                    "job", "project", "kind", "state", "total", "done", "failed"
-                );
-                for j in jobs {
-                    println!(
-                        "{:<36}  {:<16}  {:<10}  {:<10}  {:>8}  {:>8}  {:>6}  {}",
-                        j.job_id,
-                        j.project,
-                        j.kind,
-                        j.state,
-                        j.total,
-                        j.done(),
-                        j.failed,
-                        j.created_at.format("%Y-%m-%d %H:%M:%S")
-                    );
-                }
+                let rows: Vec<[String; 8]> = jobs
+                    .iter()
+                    .map(|j| {
+                        [
+                            j.job_id.to_string(),
+                            j.project.clone(),
+                            j.kind.clone(),
+                            shown_state(&j.state, j.failed),
+                            j.total.to_string(),
+                            j.done().to_string(),
+                            j.failed.to_string(),
+                            j.created_at.format("%Y-%m-%d %H:%M:%S").to_string(),
+                        ]
+                    })
+                    .collect();
+                print!("{}", table(&JOBS_COLUMNS, &rows));
             }
         }
         Command::Results { job, format, output } => {
@@ -961,6 +998,7 @@ async fn jobs_command(command: Command, client: Client) -> anyhow::Result<ExitCo
         Command::Serve { .. }
         | Command::Migrate { .. }
         | Command::Sample { .. }
+        | Command::Kind(_)
         | Command::Estimate { .. }
         | Command::Login
         | Command::Whoami { .. }
@@ -1376,6 +1414,25 @@ fn print_status(s: &JobStatus, json: bool) {
     println!("rate     {:.1} items/s{}{}", s.items_per_s, eta(s), elapsed);
 }
 
+/// What `sluice kind check` says of a sound kind.
+fn kind_summary(kind: &common::spec::JobKind) -> String {
+    let s = &kind.spec;
+    let mut parts = vec![format!("kind {}", s.kind), format!("model {}", s.model)];
+    if !s.stages.is_empty() {
+        parts.push(format!("{} stages", s.stages.len()));
+    }
+    parts.push(format!("answer field {:?}", s.answer_field));
+    if !s.labels.is_empty() {
+        parts.push(format!("{} labels", s.labels.len()));
+    }
+    let confidence: Vec<String> = s
+        .strategies()
+        .map(|c| serde_json::to_value(c).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default())
+        .collect();
+    parts.push(format!("confidence {}", if confidence.is_empty() { "none".into() } else { confidence.join(" then ") }));
+    parts.join(", ")
+}
+
 /// A job kind from its folder, with `model` instead of its own if given.
 /// An OpenAI batch file names its model in every line (one model a file):
 /// without `model`, the first line's is the job's.
@@ -1505,6 +1562,54 @@ fn print_estimate(e: &coordinator::estimate::Estimate, json: bool) {
     }
 }
 
+/// The columns of `sluice jobs`: name, and whether right-aligned (numbers).
+const JOBS_COLUMNS: [(&str, bool); 8] = [
+    ("job", false),
+    ("project", false),
+    ("kind", false),
+    ("state", false),
+    ("total", true),
+    ("done", true),
+    ("failed", true),
+    ("created", false),
+];
+
+/// A job's state as `sluice jobs` shows it: a job that completed with
+/// failed items says so, not plain `completed` (exit code 3 of a waiting
+/// command).
+fn shown_state(state: &str, failed: u64) -> String {
+    if state == "completed" && failed > 0 {
+        format!("completed, {failed} failed")
+    } else {
+        state.to_string()
+    }
+}
+
+/// A plain-text table: each column as wide as its widest cell, two spaces
+/// apart, numbers right-aligned, no trailing spaces.
+fn table<const N: usize>(columns: &[(&str, bool); N], rows: &[[String; N]]) -> String {
+    let widths: [usize; N] = std::array::from_fn(|i| {
+        rows.iter().map(|r| r[i].chars().count()).chain([columns[i].0.len()]).max().unwrap_or(0)
+    });
+    let line = |cells: [&str; N]| {
+        let mut out = String::new();
+        for (i, cell) in cells.iter().enumerate() {
+            let pad = " ".repeat(widths[i] - cell.chars().count());
+            let cell = if columns[i].1 { format!("{pad}{cell}") } else { format!("{cell}{pad}") };
+            out.push_str(&cell);
+            out.push_str("  ");
+        }
+        out.truncate(out.trim_end().len());
+        out.push('\n');
+        out
+    };
+    let mut out = line(std::array::from_fn(|i| columns[i].0));
+    for r in rows {
+        out.push_str(&line(std::array::from_fn(|i| r[i].as_str())));
+    }
+    out
+}
+
 /// The exit code of a command that waited for a job to finish.
 fn outcome(s: &JobStatus) -> ExitCode {
     match s.state.as_str() {
@@ -1529,4 +1634,35 @@ pub fn render_error(err: &anyhow::Error) -> String {
         s.push_str(&cause.to_string());
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_job_completed_with_failures_says_so() {
+        for (state, failed, shown) in [
+            ("completed", 0, "completed"),
+            ("completed", 20, "completed, 20 failed"),
+            ("cancelled", 3, "cancelled"),
+            ("running", 2, "running"),
+        ] {
+            assert_eq!(shown_state(state, failed), shown, "{state} {failed}");
+        }
+    }
+
+    #[test]
+    fn table_columns_stay_aligned_whatever_their_content() {
+        let cols = [("kind", false), ("state", false), ("failed", true)];
+        let rows = [
+            ["openai-batch-of-many-words".to_string(), shown_state("completed", 20), "20".to_string()],
+            ["classify".to_string(), "running".to_string(), "0".to_string()],
+        ];
+        let t = table(&cols, &rows);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines[0], "kind                        state                 failed");
+        assert_eq!(lines[1], "openai-batch-of-many-words  completed, 20 failed      20");
+        assert_eq!(lines[2], "classify                    running                    0");
+    }
 }
