@@ -113,6 +113,11 @@ impl Client {
         self
     }
 
+    /// The built-in review page of a job, for a reviewer's browser.
+    pub fn review_page_url(&self, job: Uuid) -> String {
+        self.url(&format!("/review/{job}"))
+    }
+
     fn url(&self, path: &str) -> String {
         format!("{}{}", self.base, path)
     }

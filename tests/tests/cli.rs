@@ -33,6 +33,16 @@ async fn a_waiting_command_exits_with_the_jobs_outcome() {
     assert_eq!(code(&ok), Some(0), "{}", String::from_utf8_lossy(&ok.stderr));
     let job = String::from_utf8_lossy(&ok.stdout).lines().next().unwrap().to_string();
     assert_eq!(code(&sluice(&stack, &["status", &job, "--watch"])), Some(0));
+    // Answers waiting for review: status says where to review them.
+    let all_doubted = ["submit", &kind, "--input", &input(&dir, 50, 20), "--wait", "--review-below", "1"];
+    let doubted = sluice(&stack, &all_doubted);
+    assert_eq!(code(&doubted), Some(0), "{}", String::from_utf8_lossy(&doubted.stderr));
+    let job = String::from_utf8_lossy(&doubted.stdout).lines().next().unwrap().to_string();
+    let st = stack.client.status(job.parse().unwrap()).await.unwrap();
+    assert!(st.needs_review > 0, "the simulator doubts some answers: {st:?}");
+    let shown = String::from_utf8_lossy(&sluice(&stack, &["status", &job]).stdout).to_string();
+    let page = format!("review them at http://{}/review/{job}", stack.coordinator_addr);
+    assert!(shown.contains(&page) && shown.contains(&format!("sluice review export {job}")), "{shown}");
 
     // Some items failed: 3.
     stack.sim.sim.set_config(SimConfig { bad_output: 0.5, seed: 5, ..Default::default() });

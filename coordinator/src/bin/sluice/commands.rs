@@ -41,19 +41,25 @@ use uuid::Uuid;
 #[command(name = "sluice", version, verbatim_doc_comment)]
 pub struct Cli {
     /// URL of the coordinator's API.
-    #[arg(long, global = true, env = "SLUICE_COORDINATOR", default_value = "http://127.0.0.1:7700")]
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Global options",
+        env = "SLUICE_COORDINATOR",
+        default_value = "http://127.0.0.1:7700"
+    )]
     coordinator: String,
     /// CA certificate(s) (PEM) to trust for an https:// coordinator, besides
     /// the usual roots.
-    #[arg(long, global = true, env = "SLUICE_CA_FILE")]
+    #[arg(long, global = true, help_heading = "Global options", env = "SLUICE_CA_FILE")]
     ca_file: Option<PathBuf>,
     /// File holding your API token, readable only by you [default:
     /// ~/.config/sluice/token]. SLUICE_TOKEN, if set, is used instead.
-    #[arg(long, global = true, env = "SLUICE_TOKEN_FILE")]
+    #[arg(long, global = true, help_heading = "Global options", env = "SLUICE_TOKEN_FILE")]
     token_file: Option<PathBuf>,
     /// A note on who is acting (default: $USER), kept beside the token's
     /// holder in the audit trail; the token's holder is the actor.
-    #[arg(long, global = true, env = "SLUICE_ACTOR")]
+    #[arg(long, global = true, help_heading = "Global options", env = "SLUICE_ACTOR")]
     actor: Option<String>,
     #[command(subcommand)]
     command: Command,
@@ -96,27 +102,32 @@ enum Command {
     Submit(SubmitArgs),
     /// Show a job's progress: counts by state, items/s and ETA.
     Status {
+        /// The job id (`sluice jobs` lists them; `submit` prints it).
         job: Uuid,
         /// Show a live progress bar until the job finishes, then exit with the
         /// job's outcome (see the exit codes above).
         #[arg(long, visible_alias = "wait")]
         watch: bool,
+        /// Print JSON (the API's body) instead of text, for scripts.
         #[arg(long)]
         json: bool,
     },
     /// List recent jobs, newest first.
     Jobs {
+        /// How many jobs to list at most.
         #[arg(long, default_value_t = 20)]
         limit: u32,
         /// Only this project's jobs (an admin token sees every project's;
         /// any other token only its own).
         #[arg(long)]
         project: Option<String>,
+        /// Print JSON (the API's body) instead of text, for scripts.
         #[arg(long)]
         json: bool,
     },
     /// Export a job's results in input order.
     Results {
+        /// The job id (`sluice jobs` lists them; `submit` prints it).
         job: Uuid,
         /// `openai-batch` writes the OpenAI Batch API's output file format
         /// (`{"id", "custom_id", "response": {"status_code", "request_id",
@@ -129,7 +140,9 @@ enum Command {
     },
     /// Cancel a job: no new work starts; results so far are kept.
     Cancel {
+        /// The job id (`sluice jobs` lists them; `submit` prints it).
         job: Uuid,
+        /// Print JSON (the API's body) instead of text, for scripts.
         #[arg(long)]
         json: bool,
     },
@@ -137,6 +150,7 @@ enum Command {
     /// without a result and those that failed. Items with an answer are never
     /// sent to the model again.
     Resume {
+        /// The job id (`sluice jobs` lists them; `submit` prints it).
         job: Uuid,
         /// Only re-run failed items (and items without a result in the same chunks).
         #[arg(long)]
@@ -149,6 +163,7 @@ enum Command {
         /// job's outcome (see the exit codes above).
         #[arg(long, visible_alias = "wait")]
         watch: bool,
+        /// Print JSON (the API's body) instead of text, for scripts.
         #[arg(long)]
         json: bool,
     },
@@ -171,6 +186,7 @@ enum Command {
     Login,
     /// Show whom your token belongs to: name, project and role.
     Whoami {
+        /// Print JSON (the API's body) instead of text, for scripts.
         #[arg(long)]
         json: bool,
     },
@@ -195,7 +211,7 @@ enum Command {
         /// The job-kind folder (e.g. jobs/classify).
         job_dir: PathBuf,
         /// The JSONL input.
-        #[arg(long)]
+        #[arg(long, short)]
         input: PathBuf,
         /// Model to use instead of the one in job.toml.
         #[arg(long, env = "SLUICE_MODEL")]
@@ -213,6 +229,7 @@ enum Command {
         /// Do not ask the coordinator (no cache hits, no history).
         #[arg(long)]
         offline: bool,
+        /// Print JSON (the API's body) instead of text, for scripts.
         #[arg(long)]
         json: bool,
     },
@@ -226,6 +243,7 @@ enum Command {
         /// (each with its known answer: `expected`, `risky_clauses`).
         #[arg(value_parser = ["classify", "summarize", "article", "contract-review"])]
         kind: String,
+        /// How many documents.
         #[arg(long, default_value_t = 1000)]
         count: u64,
         /// Different seeds give different documents.
@@ -255,6 +273,7 @@ enum CacheCommand {
         /// Another project's cache (admin tokens only).
         #[arg(long)]
         project: Option<String>,
+        /// Print JSON (the API's body) instead of text, for scripts.
         #[arg(long)]
         json: bool,
     },
@@ -263,6 +282,8 @@ enum CacheCommand {
         /// Only entries older than this (90d, 12h, 30m, 3600s).
         #[arg(long, value_parser = parse_duration)]
         older_than: Option<u64>,
+        /// Only this project's entries (an admin may name any; others only
+        /// their own).
         #[arg(long)]
         project: Option<String>,
     },
@@ -273,6 +294,7 @@ enum WebhooksCommand {
     /// Tell URL of every job of the project (events: job.completed,
     /// job.failed, job.paused, review.ready, breaker.open).
     Add {
+        /// The receiver's URL (https:// outside a test).
         url: String,
         /// Send Slack's `{"text": ...}` instead of the JSON envelope (for a
         /// Slack incoming webhook).
@@ -284,22 +306,30 @@ enum WebhooksCommand {
     },
     /// The webhooks of the project and of its jobs.
     List {
+        /// The project (default: your token's; only an admin may name another).
         #[arg(long)]
         project: Option<String>,
+        /// Print JSON (the API's body) instead of text, for scripts.
         #[arg(long)]
         json: bool,
     },
     /// Stop telling a webhook (by the id `list` shows).
-    Remove { id: i64 },
+    Remove {
+        /// The webhook's id, as `webhooks list` shows it.
+        id: i64,
+    },
     /// The project's signing secret (whsec_...): a receiver checks the
     /// webhook-signature header with it, e.g. with a Standard Webhooks library.
     Secret {
+        /// The project (default: your token's; only an admin may name another).
         #[arg(long)]
         project: Option<String>,
     },
     /// Every notification of a job: event, receiver, attempts, outcome.
     Log {
+        /// The job id (`sluice jobs` lists them; `submit` prints it).
         job: Uuid,
+        /// Print JSON (the API's body) instead of text, for scripts.
         #[arg(long)]
         json: bool,
     },
@@ -312,6 +342,7 @@ enum ReviewCommand {
     /// gate holds (with `stage` named). An ensemble's answers carry every
     /// model's vote.
     Export {
+        /// The job id (`sluice jobs` lists them; `submit` prints it).
         job: Uuid,
         /// Include every answer with a confidence under this instead.
         #[arg(long)]
@@ -346,6 +377,7 @@ enum ReviewCommand {
     /// counts, skipped annotations and tasks nobody annotated are left out,
     /// and the annotator is kept as the reviewer the file names.
     Import {
+        /// The job id (`sluice jobs` lists them; `submit` prints it).
         job: Uuid,
         /// The decisions file: .jsonl, .json (also Label Studio's JSON
         /// export) or .csv (also Label Studio's CSV export).
@@ -361,11 +393,13 @@ enum ReviewCommand {
     /// above the threshold too (`review export JOB --below 1`) to measure
     /// the answers that would not go to review.
     Stats {
+        /// The job id (`sluice jobs` lists them; `submit` prints it).
         job: Uuid,
         /// Also propose the lowest threshold whose answers at or above it
         /// reviewers agreed with at least this often (default 0.95).
         #[arg(long, num_args = 0..=1, default_missing_value = "0.95", value_name = "PRECISION")]
         suggest_threshold: Option<f64>,
+        /// Print JSON (the API's body) instead of text, for scripts.
         #[arg(long)]
         json: bool,
     },
@@ -438,6 +472,7 @@ enum AdminCommand {
         /// Only say what would go.
         #[arg(long)]
         dry_run: bool,
+        /// Print JSON (the API's body) instead of text, for scripts.
         #[arg(long)]
         json: bool,
     },
@@ -471,16 +506,21 @@ enum TokenCommand {
         /// Expire after this long: 90d, 12h, 30m or 3600s (default: never).
         #[arg(long, value_parser = parse_duration)]
         expires: Option<u64>,
+        /// Print JSON (the API's body) instead of text, for scripts.
         #[arg(long)]
         json: bool,
     },
     /// List tokens (never their values): who, project, role, expiry, last use.
     List {
+        /// Print JSON (the API's body) instead of text, for scripts.
         #[arg(long)]
         json: bool,
     },
     /// Revoke a token at once.
-    Revoke { id: Uuid },
+    Revoke {
+        /// The token's id, as `admin token list` shows it.
+        id: Uuid,
+    },
 }
 
 /// Seconds in `90d`, `12h`, `30m` or `3600s`.
@@ -831,10 +871,10 @@ async fn jobs_command(command: Command, client: Client) -> anyhow::Result<ExitCo
         Command::Status { job, watch, json } => {
             if watch {
                 let status = watch_job(&client, job, json).await?;
-                print_status(&status, json);
+                print_status(&status, json, &client);
                 return Ok(outcome(&status));
             }
-            print_status(&client.status(job).await?, json);
+            print_status(&client.status(job).await?, json, &client);
         }
         Command::Jobs { limit, project, json } => {
             let mut jobs = client.jobs_of(limit, project.as_deref()).await?;
@@ -901,7 +941,7 @@ async fn jobs_command(command: Command, client: Client) -> anyhow::Result<ExitCo
             }
             if watch {
                 let status = watch_job(&client, job, json).await?;
-                print_status(&status, json);
+                print_status(&status, json, &client);
                 return Ok(outcome(&status));
             }
         }
@@ -975,7 +1015,7 @@ async fn jobs_command(command: Command, client: Client) -> anyhow::Result<ExitCo
         Command::Webhooks(w) => webhooks(&client, w).await?,
         Command::Cancel { job, json } => {
             let status = client.cancel(job).await?;
-            print_status(&status, json);
+            print_status(&status, json, &client);
         }
         Command::Cache(CacheCommand::Stats { project, json }) => {
             let s = client.cache_stats(project.as_deref()).await?;
@@ -1101,7 +1141,7 @@ async fn submit(client: &Client, args: SubmitArgs) -> anyhow::Result<ExitCode> {
     print_report(&report, json);
     if watch {
         let status = watch_job(client, job_id, json).await?;
-        print_status(&status, json);
+        print_status(&status, json, client);
         return Ok(outcome(&status));
     } else if !json {
         eprintln!("watch it with: sluice status {job_id} --watch");
@@ -1316,7 +1356,7 @@ fn print_review_stats(job: Uuid, s: &coordinator::model::ReviewStats) {
     }
 }
 
-fn print_status(s: &JobStatus, json: bool) {
+fn print_status(s: &JobStatus, json: bool, client: &Client) {
     if json {
         println!("{}", serde_json::to_string_pretty(s).expect("status serialises"));
         return;
@@ -1340,6 +1380,10 @@ fn print_status(s: &JobStatus, json: bool) {
     if s.needs_review > 0 || s.reviewed > 0 {
         let threshold = s.review_below.map(|t| format!(" (confidence below {t})")).unwrap_or_default();
         println!("review   {} waiting{threshold}, {} decided", s.needs_review, s.reviewed);
+        if s.needs_review > 0 {
+            println!("         review them at {}", client.review_page_url(s.job_id));
+            println!("         or export them: sluice review export {} --output review.jsonl", s.job_id);
+        }
     }
     println!("chunks   {}/{} done", s.chunks_done, s.chunks_total);
     for (i, st) in s.stages.iter().enumerate() {
@@ -1639,6 +1683,26 @@ pub fn render_error(err: &anyhow::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `--help` explains every argument and option of every command.
+    #[test]
+    fn every_argument_has_help_text() {
+        use clap::CommandFactory;
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id != "help" && id != "version" && arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "sluice", &mut missing);
+        assert!(missing.is_empty(), "arguments without help text: {missing:#?}");
+    }
 
     #[test]
     fn a_job_completed_with_failures_says_so() {
