@@ -1,7 +1,7 @@
 //! Model prices, from a TOML table: what each attempt cost and what a job will cost.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
@@ -66,6 +66,30 @@ pub enum PriceError {
     Invalid { path: String, model: String },
 }
 
+/// The price table's path when none is named: a checkout's.
+pub const DEFAULT_PATH: &str = "deploy/prices.toml";
+
+/// Where a price table is looked for when `SLUICE_PRICES_FILE` (or
+/// `--prices-file`) names none and the checkout's is not there, in order:
+/// the user's config directory (`$XDG_CONFIG_HOME/sluice/prices.toml`, or
+/// `~/.config/sluice/prices.toml`), `/etc/sluice/prices.toml`, and the
+/// binary's own directory.
+pub fn places(config_home: Option<PathBuf>, home: Option<PathBuf>, exe_dir: Option<PathBuf>) -> Vec<PathBuf> {
+    let config = config_home.or_else(|| home.map(|h| h.join(".config")));
+    let mut out: Vec<PathBuf> = config.map(|c| c.join("sluice/prices.toml")).into_iter().collect();
+    out.push(PathBuf::from("/etc/sluice/prices.toml"));
+    out.extend(exe_dir.map(|d| d.join("prices.toml")));
+    out
+}
+
+/// A price table and where it was found, or (`table` empty) where Sluice
+/// looked for one.
+#[derive(Debug)]
+pub struct Located {
+    pub table: Option<(PriceTable, PathBuf)>,
+    pub looked: Vec<PathBuf>,
+}
+
 impl PriceTable {
     /// Loads a table like:
     /// ```toml
@@ -98,14 +122,50 @@ impl PriceTable {
         self.models.get(&format!("{provider}/{model}")).or_else(|| self.models.get(model))
     }
 
-    /// Loads `path`; the shipped default path (`deploy/prices.toml`), when it
-    /// is missing, is an empty table: every model is then unpriced.
+    /// Loads `path`, or where it is the default (`deploy/prices.toml`, a
+    /// checkout's) and missing, the first table of [`places`]; with none
+    /// there either, an empty table: every model is then unpriced, and a
+    /// warning names where Sluice looked.
     pub fn load_or_empty(path: &Path) -> Result<Self, PriceError> {
-        if !path.exists() && path.ends_with("deploy/prices.toml") {
-            tracing::warn!(path = %path.display(), "no price table: every model is unpriced (set SLUICE_PRICES_FILE)");
-            return Ok(PriceTable::default());
+        let found = Self::locate(path)?;
+        if found.table.is_none() {
+            let looked: Vec<String> = found.looked.iter().map(|p| p.display().to_string()).collect();
+            tracing::warn!(looked = %looked.join(", "), "no price table: every model is unpriced (set SLUICE_PRICES_FILE)");
         }
-        Self::load(path)
+        Ok(found.table.map(|(t, _)| t).unwrap_or_default())
+    }
+
+    /// [`PriceTable::load_or_empty`], saying where the table was found, or
+    /// where Sluice looked.
+    pub fn locate(path: &Path) -> Result<Located, PriceError> {
+        if !path.ends_with(DEFAULT_PATH) || path.exists() {
+            return Ok(Located { table: Some((Self::load(path)?, path.to_path_buf())), looked: vec![] });
+        }
+        let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+        let exe_dir = std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf));
+        let mut looked = vec![path.to_path_buf()];
+        for place in places(env("XDG_CONFIG_HOME"), env("HOME"), exe_dir) {
+            if place.exists() {
+                return Ok(Located { table: Some((Self::load(&place)?, place)), looked });
+            }
+            looked.push(place);
+        }
+        Ok(Located { table: None, looked })
+    }
+
+    /// Priced models whose names are closest to `model` (a typo's fix),
+    /// best first, at most three.
+    pub fn closest(&self, model: &str) -> Vec<String> {
+        let bare = |k: &str| k.rsplit('/').next().unwrap_or(k).to_string();
+        let wanted = bare(model);
+        let mut near: Vec<(usize, String)> = self
+            .models
+            .keys()
+            .map(|k| (strsim::levenshtein(&wanted, &bare(k)), k.clone()))
+            .filter(|(d, k)| *d > 0 && *d <= (bare(k).len() / 4).max(2))
+            .collect();
+        near.sort();
+        near.into_iter().take(3).map(|(_, k)| k).collect()
     }
 
     /// Cost of one call in US dollars, `None` when the model has no price.
@@ -139,6 +199,46 @@ impl PriceTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_price_table_is_looked_for_in_one_documented_order() {
+        let p = |s: &str| Some(PathBuf::from(s));
+        // XDG_CONFIG_HOME, HOME, the binary's directory: the places, in order
+        for (xdg, home, exe, places_) in [
+            (p("/x"), p("/h"), p("/b"), vec!["/x/sluice/prices.toml", "/etc/sluice/prices.toml", "/b/prices.toml"]),
+            (
+                None,
+                p("/h"),
+                p("/b"),
+                vec!["/h/.config/sluice/prices.toml", "/etc/sluice/prices.toml", "/b/prices.toml"],
+            ),
+            (None, None, None, vec!["/etc/sluice/prices.toml"]),
+        ] {
+            let got: Vec<String> = places(xdg, home, exe).iter().map(|p| p.display().to_string()).collect();
+            assert_eq!(got, places_);
+        }
+    }
+
+    #[test]
+    fn a_missing_default_table_says_where_it_was_looked_for_and_a_named_one_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let default = dir.path().join(DEFAULT_PATH);
+        let found = PriceTable::locate(&default).unwrap();
+        if found.table.is_none() {
+            assert_eq!(found.looked[0], default);
+            assert!(found.looked.contains(&PathBuf::from("/etc/sluice/prices.toml")), "{:?}", found.looked);
+        }
+        assert!(PriceTable::locate(&dir.path().join("mine.toml")).is_err(), "a named table must exist");
+    }
+
+    #[test]
+    fn an_unknown_model_gets_the_closest_priced_names() {
+        let t = PriceTable::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/prices.toml")).unwrap();
+        assert_eq!(t.closest("gpt-4o-mni").first().map(String::as_str), Some("gpt-4o-mini"));
+        assert_eq!(t.closest("openai/gpt-4o-mni").first().map(String::as_str), Some("gpt-4o-mini"));
+        assert!(t.closest("gpt-4o-mini").iter().all(|m| m != "gpt-4o-mini"), "a priced name is no typo");
+        assert!(t.closest("something-else-entirely").is_empty());
+    }
 
     #[test]
     fn shipped_table_loads_and_prices_calls() {

@@ -143,8 +143,10 @@ pub fn check_models(catalog: &Catalog, prices: &PriceTable, job: &NewJob) -> Res
             if !job.allow_unpriced {
                 let mut priced: Vec<&str> = prices.models.keys().map(String::as_str).collect();
                 priced.sort_unstable();
+                let near = prices.closest(target.model);
+                let hint = if near.is_empty() { String::new() } else { format!(" Did you mean {}?", near.join(", ")) };
                 return Err(Error::Invalid(format!(
-                    "model {reference:?} has no price in the price table (priced: {}); add it to SLUICE_PRICES_FILE, or submit with --allow-unpriced and its cost will show as unknown",
+                    "model {reference:?} has no price in the price table (priced: {}); add it to SLUICE_PRICES_FILE, or submit with --allow-unpriced and its cost will show as unknown.{hint}",
                     if priced.is_empty() { "none".to_string() } else { priced.join(", ") }
                 )));
             }

@@ -179,6 +179,42 @@ async fn a_kind_at_odds_with_its_schema_is_refused_before_any_call() {
     assert!(stack.client.jobs_of(10, None).await.unwrap().is_empty(), "no job was created");
 }
 
+/// `estimate` run away from a checkout says where it looked for the price
+/// table instead of printing "unknown" silently, and a misspelt model gets
+/// the priced names closest to it.
+#[test]
+fn estimate_says_where_it_looked_for_prices_and_what_a_model_may_have_meant() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = input(&dir, 3, 5);
+    let kind = jobs_dir().join("classify").display().to_string();
+    let run = |cwd: &std::path::Path, args: &[&str]| {
+        Command::new(workspace_bin("sluice").unwrap())
+            .args(args)
+            .current_dir(cwd)
+            .env_remove("SLUICE_PRICES_FILE")
+            .env("HOME", dir.path())
+            .env_remove("XDG_CONFIG_HOME")
+            .output()
+            .unwrap()
+    };
+    let out = run(dir.path(), &["estimate", &kind, "-i", &file, "--offline"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(code(&out), Some(0), "{err}");
+    let home_table = dir.path().join(".config/sluice/prices.toml");
+    assert!(err.contains("no price table found (looked in deploy/prices.toml, "), "{err}");
+    assert!(err.contains(&home_table.display().to_string()) && err.contains("/etc/sluice/prices.toml"), "{err}");
+
+    // A table in the user's config directory is found from anywhere.
+    std::fs::create_dir_all(home_table.parent().unwrap()).unwrap();
+    std::fs::copy(jobs_dir().join("../deploy/prices.toml"), &home_table).unwrap();
+    let out = run(dir.path(), &["estimate", &kind, "-i", &file, "--offline", "--model", "gpt-4o-mni"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("model \"gpt-4o-mni\" has no price in") && err.contains("did you mean gpt-4o-mini"), "{err}");
+    let out = run(dir.path(), &["estimate", &kind, "-i", &file, "--offline", "--model", "gpt-4o-mini"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!text.contains("unknown") && text.contains("cost     at most $"), "{text}");
+}
+
 /// A wrong command line exits 64, apart from refused input (2); the codes
 /// are listed in the top-level help.
 #[test]

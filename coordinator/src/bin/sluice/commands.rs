@@ -1521,7 +1521,32 @@ async fn estimate(
         Some(p) => common::providers::Catalog::load(p)?,
         None => common::providers::Catalog::default(),
     };
-    let prices = common::prices::PriceTable::load_or_empty(prices_file)?;
+    let found = common::prices::PriceTable::locate(prices_file)?;
+    let prices = match found.table {
+        Some((table, path)) => {
+            let (provider, model) = kind.spec.model.rsplit_once('/').unwrap_or(("", &kind.spec.model));
+            if table.get(provider, model).is_none() {
+                let near = table.closest(&kind.spec.model);
+                let hint =
+                    if near.is_empty() { String::new() } else { format!(" (did you mean {}?)", near.join(", ")) };
+                eprintln!(
+                    "note: model {:?} has no price in {}{hint}: its cost is unknown",
+                    kind.spec.model,
+                    path.display()
+                );
+            }
+            table
+        }
+        None => {
+            let looked: Vec<String> = found.looked.iter().map(|p| p.display().to_string()).collect();
+            eprintln!(
+                "note: no price table found (looked in {}): costs are unknown; name one with --prices-file or \
+                 SLUICE_PRICES_FILE",
+                looked.join(", ")
+            );
+            common::prices::PriceTable::default()
+        }
+    };
     let file = std::fs::File::open(input).with_context(|| format!("cannot read input {}", input.display()))?;
     let reuse = !no_cache && kind.spec.reuses_answers();
     let mut e = coordinator::estimate::estimate(kind, std::io::BufReader::new(file), &catalog, &prices, reuse)?;
