@@ -215,6 +215,27 @@ fn estimate_says_where_it_looked_for_prices_and_what_a_model_may_have_meant() {
     assert!(!text.contains("unknown") && text.contains("cost     at most $"), "{text}");
 }
 
+/// An empty input file gets one clear message, with or without
+/// --skip-invalid, and nothing runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_input_file_is_refused_with_one_message_in_both_modes() {
+    let stack = Stack::start(SimConfig::default(), |_| {}).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("docs.jsonl");
+    std::fs::write(&empty, "\n\n").unwrap();
+    let kind = jobs_dir().join("classify").display().to_string();
+    for extra in [None, Some("--skip-invalid")] {
+        let mut args = vec!["submit", &kind, "--input", empty.to_str().unwrap()];
+        args.extend(extra);
+        let out = sluice(&stack, &args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(code(&out), Some(2), "{extra:?}: {err}");
+        assert_eq!(err.matches("empty").count(), 1, "{extra:?}: one message: {err}");
+        assert!(err.contains("the input is empty: no JSONL lines found in"), "{extra:?}: {err}");
+    }
+    assert!(stack.client.jobs_of(10, None).await.unwrap().is_empty(), "no job was made");
+}
+
 /// A wrong command line exits 64, apart from refused input (2); the codes
 /// are listed in the top-level help.
 #[test]

@@ -688,6 +688,9 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Estimate { job_dir, input, model, providers_file, prices_file, no_cache, offline, json } => {
             let client = if offline { None } else { api().ok() };
             let kind = load_kind(&job_dir, model, &input)?;
+            if refuse_empty(&input)? {
+                return Ok(ExitCode::from(2));
+            }
             let e = estimate(client.as_ref(), &kind, &input, providers_file, &prices_file, no_cache).await?;
             print_estimate(&e, json);
             if e.invalid_lines > 0 {
@@ -1077,6 +1080,9 @@ async fn submit(client: &Client, args: SubmitArgs) -> anyhow::Result<ExitCode> {
         .map(|(url, format)| coordinator::model::NewWebhook { url, format, project: None })
         .collect();
     let kind = load_kind(&job_dir, model, &input)?;
+    if refuse_empty(&input)? {
+        return Ok(ExitCode::from(2));
+    }
     if ask {
         let e = estimate(Some(client), &kind, &input, providers_file, &prices_file, no_cache).await?;
         print_estimate(&e, json);
@@ -1456,6 +1462,25 @@ fn print_status(s: &JobStatus, json: bool, client: &Client) {
         _ => String::new(),
     };
     println!("rate     {:.1} items/s{}{}", s.items_per_s, eta(s), elapsed);
+}
+
+/// Says so, once, when `input` holds no JSONL line (nothing, or blank
+/// lines only), before any job is made of it: true then. Reads up to the
+/// first byte that is not white space.
+fn refuse_empty(input: &std::path::Path) -> anyhow::Result<bool> {
+    use std::io::Read as _;
+    let file = std::fs::File::open(input).with_context(|| format!("cannot read input {}", input.display()))?;
+    for byte in std::io::BufReader::new(file).bytes() {
+        let byte = byte.with_context(|| format!("cannot read input {}", input.display()))?;
+        if !byte.is_ascii_whitespace() {
+            return Ok(false);
+        }
+    }
+    eprintln!(
+        "error: the input is empty: no JSONL lines found in {}: nothing was submitted (one JSON object a line)",
+        input.display()
+    );
+    Ok(true)
 }
 
 /// What `sluice kind check` says of a sound kind.
