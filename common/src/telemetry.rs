@@ -130,14 +130,22 @@ pub fn install_metrics(addr: &str) -> Result<Option<SocketAddr>, TelemetryError>
             upkeep.run_upkeep();
         }
     });
+    // The process's CPU, memory, open files, threads and start time, the
+    // standard Prometheus process metrics (`process_*`, as client_golang
+    // names them), read afresh at each scrape.
+    let process = std::sync::Arc::new(metrics_process::Collector::default());
+    process.describe();
     // Probes beside the metrics: `/healthz` answers while the process
     // serves at all (liveness), `/readyz` runs the readiness check.
     let app = axum::Router::new()
         .route(
             "/metrics",
             axum::routing::get(move || {
-                let handle = handle.clone();
-                async move { handle.render() }
+                let (handle, process) = (handle.clone(), process.clone());
+                async move {
+                    process.collect();
+                    handle.render()
+                }
             }),
         )
         .route("/healthz", axum::routing::get(|| async { "ok" }))

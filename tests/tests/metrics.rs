@@ -70,6 +70,17 @@ async fn coordinator_and_worker_processes_export_metrics() {
     assert!(c.contains("sluice_coordinator_leader 1"), "{c}");
     assert!(c.contains("sluice_build_info{version=\""), "{c}");
     assert!(w.contains("sluice_build_info{version=\""), "{w}");
+    // The process's own figures, on both.
+    for (who, text) in [("worker", &w), ("coordinator", &c)] {
+        for name in [
+            "process_cpu_seconds_total ",
+            "process_resident_memory_bytes ",
+            "process_open_fds ",
+            "process_start_time_seconds ",
+        ] {
+            assert!(text.contains(name), "{who} lacks {name}: {text}");
+        }
+    }
     // Nothing under way any more in the worker.
     assert!(w.contains("sluice_chunks_in_flight 0") && w.contains("sluice_calls_in_flight 0"), "{w}");
     assert!(w.contains("sluice_breaker_open{endpoint=\""), "{w}");
