@@ -419,7 +419,18 @@ impl JobKind {
             return Ok(());
         }
         let mut problems = answer_problems(&s.answer_field, &s.labels, &self.schema, &s.schema);
-        let unknown = Prompt::new(self)?.undeclared_fields(&s.input_fields);
+        let prompt = Prompt::new(self)?;
+        let unread = prompt.unread_fields(&s.input_fields);
+        if !unread.is_empty() {
+            problems.push(format!(
+                "input_fields declares {} but the prompt template ({}) never reads {}: every input line must \
+                 carry it for nothing; take it out of input_fields in job.toml, or use it in the template",
+                unread.join(", "),
+                s.template,
+                if unread.len() == 1 { "it" } else { "them" }
+            ));
+        }
+        let unknown = prompt.undeclared_fields(&s.input_fields);
         if !unknown.is_empty() {
             problems.push(format!(
                 "the prompt template uses {} but input_fields declares only [{}]: add them to input_fields in \
@@ -552,6 +563,14 @@ impl Prompt {
         env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
         env.add_template_owned("prompt", kind.template.clone()).map_err(SpecError::Template)?;
         Ok(Prompt { env, labels: kind.spec.labels.clone(), request: kind.spec.request })
+    }
+
+    /// The fields of `input_fields` the template never reads (each input
+    /// line must carry them all the same).
+    pub fn unread_fields(&self, input_fields: &[String]) -> Vec<String> {
+        let Ok(template) = self.env.get_template("prompt") else { return Vec::new() };
+        let read = template.undeclared_variables(false);
+        input_fields.iter().filter(|f| !read.contains(f.as_str())).cloned().collect()
     }
 
     /// The variables the template reads that are neither in `input_fields`
@@ -738,6 +757,16 @@ mod tests {
         assert!(err.contains("uses author, title but input_fields declares only [text]"), "{err}");
         kind.spec.input_fields = vec!["text".into(), "title".into(), "author".into()];
         kind.validate().unwrap();
+        // The other way: a declared field the template never reads, named
+        // together with a field it reads and nobody declared.
+        kind.spec.input_fields = vec!["text".into(), "title".into(), "summary".into()];
+        let err = kind.validate().unwrap_err().to_string();
+        assert!(err.contains("2 problems"), "{err}");
+        assert!(
+            err.contains("input_fields declares summary but the prompt template (prompt.j2) never reads it"),
+            "{err}"
+        );
+        assert!(err.contains("uses author but input_fields declares only [text, title, summary]"), "{err}");
     }
 
     #[test]
