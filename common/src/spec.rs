@@ -292,8 +292,6 @@ pub fn answer_problems(answer_field: &str, labels: &[String], schema: &Value, at
         let ours = sorted(labels.to_vec());
         let theirs = sorted(allowed.iter().map(|s| s.to_string()).collect());
         let lower = |v: &[String]| sorted(v.iter().map(|s| s.to_lowercase()).collect());
-        let quoted = |v: &[&str]| v.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join(", ");
-        let listed = |v: &[String]| v.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join(", ");
         if ours != theirs {
             let hint = if lower(&ours) == lower(&theirs) {
                 format!("they differ only in case: spell them as the schema does, labels = [{}]", quoted(&allowed))
@@ -303,12 +301,17 @@ pub fn answer_problems(answer_field: &str, labels: &[String], schema: &Value, at
             problems.push(format!(
                 "labels = [{}] (job.toml) are not the enum of {answer_field:?} in {at} ([{}]): confidence is \
                  scored over the labels and review accepts only them; {hint}",
-                listed(labels),
+                quoted(labels),
                 quoted(&allowed)
             ));
         }
     }
     problems
+}
+
+/// Names quoted and joined with commas, as job.toml writes a list.
+fn quoted(names: &[impl AsRef<str>]) -> String {
+    names.iter().map(|s| format!("{:?}", s.as_ref())).collect::<Vec<_>>().join(", ")
 }
 
 impl JobKind {
